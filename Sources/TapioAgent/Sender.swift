@@ -1,0 +1,210 @@
+import Foundation
+import Logging
+import Synchronization
+import TapioWire
+
+/// The agent's side of the wire, on its own thread: connect with backoff,
+/// hello, answer time syncs, send batches within the server's window, drop
+/// them from the outbox only when acknowledged, and resend from the first
+/// unacknowledged one after every reconnect.
+public final class Sender: Sendable {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: UInt16
+        public var serverName: String?
+        public var tls: AgentTLSFiles
+        public var node: String
+        public var bootId: String
+        public var capabilities: [String]
+        public var degraded: [String]
+        public var connectTimeoutMs: Int32 = 5000
+        public var initialBackoffMs: Int = 100
+        public var maximumBackoffMs: Int = 5000
+        public var heartbeatIntervalNs: Int64 = 15_000_000_000
+
+        public init(host: String, port: UInt16, serverName: String?, tls: AgentTLSFiles, node: String, bootId: String, capabilities: [String], degraded: [String]) {
+            self.host = host
+            self.port = port
+            self.serverName = serverName
+            self.tls = tls
+            self.node = node
+            self.bootId = bootId
+            self.capabilities = capabilities
+            self.degraded = degraded
+        }
+    }
+
+    public struct Status: Sendable {
+        public var connected = false
+        public var connects: UInt64 = 0
+        public var connectFailures: UInt64 = 0
+        public var batchesSent: UInt64 = 0
+        public var lastError = ""
+    }
+
+    private enum Phase: Sendable {
+        case running
+        /// Stop after everything is acknowledged or at the deadline (monotonic ns).
+        case draining(deadlineNs: Int64)
+        case stopped
+    }
+
+    public let configuration: Configuration
+    private let outbox: Outbox
+    private let logger: Logger
+    private let phase = Mutex(Phase.running)
+    private let statusBox = Mutex(Status())
+    private let finished = DispatchSemaphore(value: 0)
+
+    public init(configuration: Configuration, outbox: Outbox, logger: Logger) {
+        self.configuration = configuration
+        self.outbox = outbox
+        self.logger = logger
+    }
+
+    public var status: Status { statusBox.withLock { $0 } }
+
+    public func start() {
+        let thread = Thread { [self] in
+            self.run()
+            self.finished.signal()
+        }
+        thread.name = "tapio-sender"
+        thread.start()
+    }
+
+    /// Waits (up to `graceSeconds`) until every batch is acknowledged, then
+    /// says goodbye and stops.
+    public func drainAndStop(graceSeconds: Double) {
+        phase.withLock { $0 = .draining(deadlineNs: monotonicNs() + Int64(graceSeconds * 1e9)) }
+        finished.wait()
+    }
+
+    private var shouldStop: Bool {
+        phase.withLock { p in
+            switch p {
+            case .running: return false
+            case .stopped: return true
+            case .draining(let deadline):
+                return outbox.unacknowledged == 0 && outbox.pendingEvents == 0 || monotonicNs() >= deadline
+            }
+        }
+    }
+
+    private var isDraining: Bool {
+        phase.withLock { if case .running = $0 { return false } else { return true } }
+    }
+
+    private func run() {
+        var backoffMs = configuration.initialBackoffMs
+        while !shouldStop {
+            let endpoint = TLSConnection.Endpoint(host: configuration.host, port: configuration.port, serverName: configuration.serverName, tls: configuration.tls)
+            do {
+                let connection = try TLSConnection(endpoint: endpoint, timeoutMs: configuration.connectTimeoutMs)
+                statusBox.withLock { $0.connects += 1; $0.connected = true }
+                backoffMs = configuration.initialBackoffMs
+                try serve(connection)
+                statusBox.withLock { $0.connected = false }
+                return
+            } catch {
+                statusBox.withLock { s in
+                    s.connected = false
+                    s.connectFailures += 1
+                    s.lastError = "\(error)"
+                }
+                logger.warning("connection to server lost or refused", metadata: ["error": "\(error)", "retry_ms": "\(backoffMs)"])
+            }
+            // Backoff with jitter; waking early when shutdown begins.
+            let jittered = Double(backoffMs) * Double.random(in: 0.8...1.2)
+            let until = monotonicNs() + Int64(jittered * 1e6)
+            while monotonicNs() < until, !shouldStop { Thread.sleep(forTimeInterval: 0.02) }
+            backoffMs = min(backoffMs * 2, configuration.maximumBackoffMs)
+        }
+    }
+
+    /// One connection's life. Returns normally only when the agent is done.
+    private func serve(_ connection: TLSConnection) throws {
+        let hello = Hello(node: configuration.node, agentVersion: Agent.version, bootId: configuration.bootId,
+                          capabilities: configuration.capabilities, degraded: configuration.degraded, streamEpoch: outbox.epoch)
+        try connection.send(.hello, hello.encoded())
+        var helloAck: HelloAck?
+        let helloDeadline = monotonicNs() + 10_000_000_000
+        var firstSyncSeen = false
+        while helloAck == nil {
+            guard monotonicNs() < helloDeadline else { throw ConnectionError("no hello-ack within 10 s") }
+            if let frame = try connection.receive(timeoutMs: 100) {
+                switch frame.type {
+                case .helloAck: helloAck = try HelloAck.decode(frame.payload)
+                case .error: throw refusal(frame)
+                default: throw ConnectionError("expected hello-ack, got \(frame.type)")
+                }
+            }
+        }
+        let ack = helloAck!
+        outbox.acknowledge(epoch: outbox.epoch, sequence: ack.ackedSequence)
+        outbox.markAllUnsent()
+        let window = max(1, Int(ack.windowBatches))
+        logger.info("connected to server", metadata: ["server": "\(configuration.host):\(configuration.port)", "protocol": "\(connection.protocolName)",
+                                                       "acked": "\(ack.ackedSequence)", "window": "\(window)"])
+
+        // Let the first time-sync exchange finish before the first batch, so
+        // the server can place it on its clock (bounded wait).
+        let syncDeadline = monotonicNs() + 500_000_000
+        while !firstSyncSeen, monotonicNs() < syncDeadline {
+            if let frame = try connection.receive(timeoutMs: 50) {
+                firstSyncSeen = try handle(frame, on: connection) || firstSyncSeen
+            }
+        }
+
+        var lastWriteNs = monotonicNs()
+        while true {
+            if shouldStop {
+                try? connection.send(.goodbye, Goodbye(reason: isDraining ? "agent shutting down" : "stopped", lastSequence: outbox.lastSequence).encoded(), timeoutMs: 1000)
+                return
+            }
+            while let next = outbox.nextToSend(window: window) {
+                try connection.send(.eventBatch, next.payload)
+                statusBox.withLock { $0.batchesSent += 1 }
+                lastWriteNs = monotonicNs()
+            }
+            if monotonicNs() - lastWriteNs > configuration.heartbeatIntervalNs {
+                try connection.send(.heartbeat, Heartbeat(timeNs: wallClockNs()).encoded())
+                lastWriteNs = monotonicNs()
+            }
+            if let frame = try connection.receive(timeoutMs: 20) {
+                _ = try handle(frame, on: connection)
+            }
+        }
+    }
+
+    /// Handles a frame from the server; returns true for a time sync.
+    private func handle(_ frame: Frame, on connection: TLSConnection) throws -> Bool {
+        switch frame.type {
+        case .ack:
+            let ack = try Ack.decode(frame.payload)
+            outbox.acknowledge(epoch: ack.epoch, sequence: ack.sequence)
+        case .timeSync:
+            let t2 = wallClockNs()
+            var sync = try TimeSync.decode(frame.payload)
+            sync.t2 = t2
+            sync.t3 = wallClockNs()
+            try connection.send(.timeSync, sync.encoded())
+            return true
+        case .heartbeat:
+            break
+        case .error:
+            throw refusal(frame)
+        case .goodbye:
+            let bye = try Goodbye.decode(frame.payload)
+            throw ConnectionError("server said goodbye: \(bye.reason)")
+        default:
+            throw ConnectionError("unexpected \(frame.type) frame from the server")
+        }
+        return false
+    }
+
+    private func refusal(_ frame: Frame) -> ConnectionError {
+        let e = (try? WireError.decode(frame.payload)) ?? WireError(code: 0, message: "unreadable error frame")
+        return ConnectionError("server refused: \(e.message) (code \(e.code))")
+    }
+}

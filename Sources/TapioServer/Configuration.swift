@@ -1,0 +1,69 @@
+import Foundation
+import TapioWire
+
+/// Where a server listens and the limits it enforces. Defaults are documented
+/// in docs/operations.md.
+public struct ServerConfiguration: Sendable {
+    public struct Limits: Sendable {
+        /// Largest frame payload accepted, checked before buffering (4 MiB).
+        public var maxFrameBytes: UInt32 = FrameHeader.defaultMaximumPayload
+        /// Unacknowledged batches an agent may have in flight; the server stops
+        /// reading a connection that has this many batches waiting for storage.
+        public var windowBatches: UInt32 = 32
+        /// Agent and query connections open at once; more are closed on accept.
+        public var maxConnections: Int = 4096
+        /// A connection with no complete frame for this long is closed.
+        public var idleTimeout: TimeAmount = .seconds(60)
+        /// Hello must arrive within this time after the TCP accept.
+        public var helloTimeout: TimeAmount = .seconds(10)
+        /// At most this many events in one `events` query answer.
+        public var maxQueryEvents: Int = 100_000
+
+        public init() {}
+    }
+
+    /// A span of time in ns (kept free of NIO so the value type stays plain).
+    public struct TimeAmount: Sendable, Equatable {
+        public var nanoseconds: Int64
+        public static func seconds(_ s: Int64) -> TimeAmount { TimeAmount(nanoseconds: s * 1_000_000_000) }
+        public static func milliseconds(_ ms: Int64) -> TimeAmount { TimeAmount(nanoseconds: ms * 1_000_000) }
+    }
+
+    public var dataDirectory: String
+    public var tls: TLSFiles
+    public var ingestHost: String = "127.0.0.1"
+    public var ingestPort: Int = 7400
+    public var queryHost: String = "127.0.0.1"
+    public var queryPort: Int = 7401
+    /// nil turns the HTTP endpoint (/metrics, /healthz) off.
+    public var metricsHost: String? = "127.0.0.1"
+    public var metricsPort: Int = 9400
+    /// Time-sync exchanges per connection: a quick burst after hello, then this period.
+    public var timeSyncInterval: TimeAmount = .seconds(2)
+    public var limits = Limits()
+    /// How long a graceful shutdown waits for in-flight batches before closing.
+    public var shutdownGrace: TimeAmount = .seconds(5)
+
+    public init(dataDirectory: String, tls: TLSFiles) {
+        self.dataDirectory = dataDirectory
+        self.tls = tls
+    }
+}
+
+/// PEM files of one identity in the cert-manager secret layout.
+public struct TLSFiles: Sendable, Equatable {
+    public var ca: String
+    public var certificate: String
+    public var key: String
+
+    public init(ca: String, certificate: String, key: String) {
+        self.ca = ca
+        self.certificate = certificate
+        self.key = key
+    }
+
+    /// `dir/ca.crt`, `dir/tls.crt`, `dir/tls.key`.
+    public init(directory: String) {
+        self.init(ca: directory + "/ca.crt", certificate: directory + "/tls.crt", key: directory + "/tls.key")
+    }
+}

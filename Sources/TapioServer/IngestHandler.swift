@@ -1,0 +1,320 @@
+import Logging
+import NIOCore
+import NIOPosix
+import TapioStore
+import TapioWire
+
+/// Everything a connection handler needs from the server, shared and thread-safe.
+final class ServerContext: Sendable {
+    let configuration: ServerConfiguration
+    let store: any EventStore
+    let registry: NodeRegistry
+    let metrics: ServerMetrics
+    /// One thread: batches are stored in arrival order, so acknowledgements
+    /// leave in order and a cumulative ack is honest.
+    let storage: NIOThreadPool
+    let logger: Logger
+    let version: String
+
+    init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
+        self.configuration = configuration
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.storage = storage
+        self.logger = logger
+        self.version = version
+    }
+}
+
+/// The agent side of the protocol on one connection: hello (identity checked
+/// against the client certificate), then batches stored durably before each
+/// ack, time-sync exchanges, goodbye. Any violation closes this connection
+/// only.
+final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = Frame
+
+    private enum State {
+        case awaitingHello
+        case streaming(node: String, epoch: UInt64)
+        case closing
+    }
+
+    private let server: ServerContext
+    private var logger: Logger
+    private var state = State.awaitingHello
+    /// Batches handed to storage and not yet acknowledged.
+    private var pendingStores = 0
+    private var readsPaused = false
+    /// Highest sequence per epoch below which every batch is durable.
+    private var contiguous: [UInt64: UInt64] = [:]
+    private var helloTimeout: Scheduled<Void>?
+    private var timeSyncTask: RepeatedTask?
+    private var nextSyncID: UInt64 = 1
+    private var outstandingSyncs: [UInt64: Int64] = [:]
+    private var shutdownRequested = false
+
+    init(server: ServerContext) {
+        self.server = server
+        self.logger = server.logger
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        logger[metadataKey: "peer"] = "\(context.remoteAddress.map { "\($0)" } ?? "?")"
+        let timeout = server.configuration.limits.helloTimeout.nanoseconds
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        helloTimeout = context.eventLoop.scheduleTask(in: .nanoseconds(timeout)) {
+            let (handler, context) = loopBound.value
+            guard case .awaitingHello = handler.state else { return }
+            handler.reject(context: context, .unexpectedFrame, "no hello within \(timeout / 1_000_000) ms", metric: "hello_timeout")
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        helloTimeout?.cancel()
+        timeSyncTask?.cancel()
+        if case .streaming(let node, _) = state, let record = server.registry.disconnected(node: node, nowNs: wallClockNs()) {
+            persist(record)
+            logger.info("agent disconnected", metadata: ["node": "\(node)"])
+        }
+        state = .closing
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        do {
+            switch (state, frame.type) {
+            case (.awaitingHello, .hello):
+                try handleHello(context: context, hello: Hello.decode(frame.payload))
+            case (.streaming(let node, _), .eventBatch):
+                try handleBatch(context: context, node: node, batch: EventBatch.decode(frame.payload))
+            case (.streaming(let node, _), .timeSync):
+                let t4 = wallClockNs()
+                let sync = try TimeSync.decode(frame.payload)
+                guard let t1 = outstandingSyncs.removeValue(forKey: sync.id), t1 == sync.t1 else {
+                    throw WireError(.malformed, "time sync \(sync.id) was not asked for")
+                }
+                server.registry.addClockSample(node: node, t1: t1, t2: sync.t2, t3: sync.t3, t4: t4)
+            case (.streaming, .heartbeat):
+                _ = try Heartbeat.decode(frame.payload)
+            case (.streaming(let node, _), .goodbye):
+                let bye = try Goodbye.decode(frame.payload)
+                logger.info("agent said goodbye", metadata: ["node": "\(node)", "reason": "\(bye.reason)", "last_sequence": "\(bye.lastSequence)"])
+                state = .closing
+                closeWhenDrained(context: context)
+            case (.closing, _):
+                break
+            default:
+                throw WireError(.unexpectedFrame, "unexpected \(frame.type) frame")
+            }
+        } catch let error as WireError {
+            reject(context: context, WireErrorCode(rawValue: error.code) ?? .malformed, error.message, metric: "protocol")
+        } catch {
+            reject(context: context, .malformed, "\(error)", metric: "malformed")
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A malformed frame header, a TLS failure or a reset: this connection only.
+        if let frameError = error as? FrameError {
+            let reason: String
+            if case .tooLarge = frameError { reason = "too_large" } else { reason = "bad_header" }
+            reject(context: context, .malformed, frameError.description, metric: reason)
+        } else {
+            server.metrics.add("tapio_server_connection_errors_total")
+            logger.notice("connection error", metadata: ["error": "\(error)"])
+            context.close(promise: nil)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            reject(context: context, .unexpectedFrame, "idle for too long", metric: "idle")
+            return
+        }
+        if event is ServerShutdownEvent {
+            shutdownRequested = true
+            closeWhenDrained(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    // MARK: - Protocol steps
+
+    private func handleHello(context: ChannelHandlerContext, hello: Hello) throws {
+        helloTimeout?.cancel()
+        guard let peer = PeerIdentity.of(context) else {
+            throw WireError(.identityMismatch, "no verified client certificate")
+        }
+        guard peer.role == PeerIdentity.nodeRole else {
+            throw WireError(.forbidden, "certificate role \(peer.role) may not send events (needs \(PeerIdentity.nodeRole))")
+        }
+        guard peer.commonName == hello.node else {
+            throw WireError(.identityMismatch, "certificate names node \(peer.commonName) but hello says \(hello.node)")
+        }
+        guard hello.protocolVersion == 1 else {
+            throw WireError(.unexpectedFrame, "protocol version \(hello.protocolVersion) is not supported")
+        }
+        logger[metadataKey: "node"] = "\(hello.node)"
+        state = .streaming(node: hello.node, epoch: hello.streamEpoch)
+        // Stop reading until the ack state is known, so no batch overtakes the hello-ack.
+        pauseReads(context: context)
+
+        let store = server.store
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        server.storage.runIfActive(eventLoop: context.eventLoop) {
+            try store.highestSequence(node: hello.node, epoch: hello.streamEpoch)
+        }.whenComplete { result in
+            let (handler, context) = loopBound.value
+            switch result {
+            case .success(let acked):
+                handler.contiguous[hello.streamEpoch] = acked
+                let record = handler.server.registry.connected(hello: hello, nowNs: wallClockNs())
+                handler.persist(record)
+                handler.server.metrics.add("tapio_server_hellos_total")
+                handler.logger.info("agent connected", metadata: [
+                    "epoch": "\(hello.streamEpoch)", "acked": "\(acked)",
+                    "capabilities": "\(hello.capabilities.joined(separator: ","))",
+                    "degraded": "\(hello.degraded.joined(separator: ","))",
+                ])
+                let limits = handler.server.configuration.limits
+                let ack = HelloAck(maxFrameBytes: limits.maxFrameBytes, windowBatches: limits.windowBatches, ackedSequence: acked, serverVersion: handler.server.version)
+                context.writeAndFlush(handler.wrapOutboundOut(Frame(type: .helloAck, payload: ack.encoded())), promise: nil)
+                handler.startTimeSync(context: context)
+                handler.resumeReads(context: context)
+            case .failure(let error):
+                handler.reject(context: context, .storageFailed, "cannot read stream state: \(error)", metric: "storage")
+            }
+        }
+    }
+
+    private func handleBatch(context: ChannelHandlerContext, node: String, batch: EventBatch) throws {
+        guard batch.node == node else {
+            throw WireError(.identityMismatch, "batch for node \(batch.node) on the connection of \(node)")
+        }
+        guard batch.sequence > 0 else { throw WireError(.malformed, "batch sequence 0") }
+        pendingStores += 1
+        if pendingStores >= Int(server.configuration.limits.windowBatches) {
+            pauseReads(context: context)
+        }
+        let correction = server.registry.correction(node: node) ?? ClockCorrection(offsetNs: 0, errorNs: -1)
+        let store = server.store
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        server.storage.runIfActive(eventLoop: context.eventLoop) {
+            try store.append(batch, clock: correction, receivedNs: wallClockNs())
+        }.whenComplete { result in
+            let (handler, context) = loopBound.value
+            handler.pendingStores -= 1
+            switch result {
+            case .success(let stored):
+                handler.server.metrics.add(stored ? "tapio_server_batches_total" : "tapio_server_duplicate_batches_total")
+                if stored { handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count)) }
+                if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
+                   record.batchesReceived % 64 == 1 || !stored {
+                    handler.persist(record)
+                }
+                var mark = handler.contiguous[batch.epoch] ?? 0
+                if batch.sequence == mark + 1 {
+                    mark = batch.sequence
+                }
+                handler.contiguous[batch.epoch] = mark
+                if batch.sequence <= mark, context.channel.isActive {
+                    let ack = Ack(epoch: batch.epoch, sequence: mark)
+                    context.writeAndFlush(handler.wrapOutboundOut(Frame(type: .ack, payload: ack.encoded())), promise: nil)
+                }
+                if handler.pendingStores < Int(handler.server.configuration.limits.windowBatches) {
+                    handler.resumeReads(context: context)
+                }
+                handler.closeIfDrainedAndClosing(context: context)
+            case .failure(let error):
+                handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "sequence": "\(batch.sequence)"])
+                handler.reject(context: context, .storageFailed, "storage failed; resend later", metric: "storage")
+            }
+        }
+    }
+
+    private func startTimeSync(context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        // A quick burst so the first batches are already placed well, then the steady period.
+        for i in 0..<4 {
+            context.eventLoop.scheduleTask(in: .milliseconds(Int64(i) * 50)) {
+                let (handler, context) = loopBound.value
+                handler.sendTimeSync(context: context)
+            }
+        }
+        let period = TimeAmount.nanoseconds(server.configuration.timeSyncInterval.nanoseconds)
+        timeSyncTask = context.eventLoop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+            let (handler, context) = loopBound.value
+            handler.sendTimeSync(context: context)
+        }
+    }
+
+    private func sendTimeSync(context: ChannelHandlerContext) {
+        guard context.channel.isActive, case .streaming = state else { return }
+        let id = nextSyncID
+        nextSyncID += 1
+        // Unanswered exchanges do not pile up.
+        if outstandingSyncs.count > 16 { outstandingSyncs.removeAll() }
+        let t1 = wallClockNs()
+        outstandingSyncs[id] = t1
+        context.writeAndFlush(wrapOutboundOut(Frame(type: .timeSync, payload: TimeSync(id: id, t1: t1).encoded())), promise: nil)
+    }
+
+    // MARK: - Flow control and closing
+
+    private func pauseReads(context: ChannelHandlerContext) {
+        guard !readsPaused else { return }
+        readsPaused = true
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
+    }
+
+    private func resumeReads(context: ChannelHandlerContext) {
+        guard readsPaused, !shutdownRequested else { return }
+        readsPaused = false
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+        context.read()
+    }
+
+    /// Graceful end: stop reading, let every accepted batch be stored and
+    /// acknowledged, say goodbye, close.
+    private func closeWhenDrained(context: ChannelHandlerContext) {
+        pauseReads(context: context)
+        if case .streaming = state { state = .closing }
+        closeIfDrainedAndClosing(context: context)
+    }
+
+    private func closeIfDrainedAndClosing(context: ChannelHandlerContext) {
+        guard case .closing = state, pendingStores == 0, context.channel.isActive else { return }
+        let reason = shutdownRequested ? "server shutting down" : "goodbye"
+        writeThenClose(context: context, Frame(type: .goodbye, payload: Goodbye(reason: reason, lastSequence: 0).encoded()))
+    }
+
+    private func reject(context: ChannelHandlerContext, _ code: WireErrorCode, _ message: String, metric: String) {
+        server.metrics.add("tapio_server_connections_rejected_total{reason=\"\(metric)\"}")
+        logger.warning("closing connection", metadata: ["reason": "\(message)"])
+        state = .closing
+        guard context.channel.isActive else { return }
+        writeThenClose(context: context, Frame(type: .error, payload: WireError(code, message).encoded()))
+    }
+
+    private func writeThenClose(context: ChannelHandlerContext, _ frame: Frame) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in bound.value.close(promise: nil) }
+    }
+
+    private func persist(_ record: NodeRecord) {
+        let store = server.store
+        let logger = self.logger
+        server.storage.submit { state in
+            guard case .active = state else { return }
+            do { try store.saveNode(record) } catch { logger.error("saving node state failed", metadata: ["error": "\(error)"]) }
+        }
+    }
+}
+
+/// Sent down every connection's pipeline when the server begins a graceful shutdown.
+struct ServerShutdownEvent: Sendable {}

@@ -1,0 +1,160 @@
+import Logging
+import NIOCore
+import NIOPosix
+import TapioStore
+import TapioWire
+
+/// Answers the CLI on the query listener. Only certificates with the operator
+/// role may ask; each request is one `query` frame answered by one
+/// `query_response` frame carrying a JSON document (docs/protocol.md).
+final class QueryHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = Frame
+
+    private let server: ServerContext
+    private let queries: NIOThreadPool
+    private var authorized: Bool?
+
+    init(server: ServerContext, queries: NIOThreadPool) {
+        self.server = server
+        self.queries = queries
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        if authorized == nil {
+            let peer = PeerIdentity.of(context)
+            authorized = peer?.role == PeerIdentity.operatorRole
+            if authorized == false {
+                server.metrics.add("tapio_server_connections_rejected_total{reason=\"forbidden\"}")
+                respond(context: context, QueryResponse(status: WireErrorCode.forbidden.rawValue, error: "certificate role \(peer?.role ?? "none") may not query (needs \(PeerIdentity.operatorRole))"), close: true)
+                return
+            }
+        }
+        guard frame.type == .query else {
+            respond(context: context, QueryResponse(status: WireErrorCode.unexpectedFrame.rawValue, error: "expected a query frame, got \(frame.type)"), close: true)
+            return
+        }
+        let request: QueryRequest
+        do {
+            request = try QueryRequest.decode(frame.payload)
+        } catch {
+            respond(context: context, QueryResponse(status: WireErrorCode.malformed.rawValue, error: "\(error)"), close: true)
+            return
+        }
+        server.metrics.add("tapio_server_queries_total{method=\"\(labelValue(request.method))\"}")
+        let server = self.server
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        queries.runIfActive(eventLoop: context.eventLoop) {
+            try QueryExecutor(server: server).execute(request)
+        }.whenComplete { result in
+            let (handler, context) = loopBound.value
+            switch result {
+            case .success(let json):
+                handler.respond(context: context, QueryResponse(json: Array(json.serialized().utf8)), close: false)
+            case .failure(let error as WireError):
+                handler.respond(context: context, QueryResponse(status: error.code, error: error.message), close: false)
+            case .failure(let error):
+                handler.respond(context: context, QueryResponse(status: WireErrorCode.storageFailed.rawValue, error: "\(error)"), close: false)
+            }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        server.metrics.add("tapio_server_connection_errors_total")
+        server.logger.notice("query connection error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            context.close(promise: nil)
+            return
+        }
+        if event is ServerShutdownEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func respond(context: ChannelHandlerContext, _ response: QueryResponse, close: Bool) {
+        guard context.channel.isActive else { return }
+        let write = context.writeAndFlush(wrapOutboundOut(Frame(type: .queryResponse, payload: response.encoded())))
+        if close {
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            write.whenComplete { _ in bound.value.close(promise: nil) }
+        }
+    }
+}
+
+/// The query methods, free of I/O but for the store (so they are tested directly).
+struct QueryExecutor {
+    let server: ServerContext
+
+    func execute(_ request: QueryRequest) throws -> JSONValue {
+        switch request.method {
+        case "events": return try events(request.params)
+        case "nodes": return try nodes()
+        default: throw WireError(.badRequest, "unknown query method \(request.method)")
+        }
+    }
+
+    private func events(_ params: [String: String]) throws -> JSONValue {
+        var query = EventQuery()
+        func int64(_ key: String) throws -> Int64? {
+            guard let text = params[key] else { return nil }
+            guard let v = Int64(text) else { throw WireError(.badRequest, "\(key) must be an integer, got \(text)") }
+            return v
+        }
+        query.sinceNs = try int64("since_ns")
+        query.untilNs = try int64("until_ns")
+        query.node = params["node"]
+        if let kindName = params["kind"] {
+            guard let kind = EventKind(name: kindName) else { throw WireError(.badRequest, "unknown event kind \(kindName)") }
+            query.kind = kind
+        }
+        if let pid = try int64("pid") { query.pid = UInt32(truncatingIfNeeded: pid) }
+        if let limit = try int64("limit") {
+            guard limit > 0 else { throw WireError(.badRequest, "limit must be positive") }
+            query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
+        }
+        let events = try server.store.events(query)
+        return .object(["events": .array(events.map(\.json)), "count": .int(Int64(events.count))])
+    }
+
+    private func nodes() throws -> JSONValue {
+        let now = wallClockNs()
+        var out: [JSONValue] = []
+        for snap in server.registry.snapshot() {
+            let r = snap.record
+            let drops = try server.store.drops(node: r.node)
+            var dropObject: [String: JSONValue] = [:]
+            var total: Int64 = 0
+            for d in drops {
+                dropObject["\(d.kind.name)/\(d.reason)"] = .int(Int64(bitPattern: d.count))
+                total += Int64(bitPattern: d.count)
+            }
+            out.append(.object([
+                "node": .string(r.node),
+                "connected": .bool(snap.connected),
+                "agent_version": .string(r.agentVersion),
+                "boot_id": .string(r.bootId),
+                "capabilities": .array(r.capabilities.map { .string($0) }),
+                "degraded": .array(r.degraded.map { .string($0) }),
+                "first_seen": .string(rfc3339(ns: r.firstSeenNs)),
+                "last_seen": .string(rfc3339(ns: r.lastSeenNs)),
+                "last_seen_age_s": .double(Double(now - r.lastSeenNs) / 1e9),
+                "clock_offset_ns": .int(r.clockOffsetNs),
+                "clock_error_ns": .int(r.clockErrorNs),
+                "clock_samples": .int(Int64(snap.clockSamples)),
+                "events_received": .int(r.eventsReceived),
+                "batches_received": .int(r.batchesReceived),
+                "duplicate_batches": .int(r.duplicateBatches),
+                "drops": .object(dropObject),
+                "drops_total": .int(total),
+            ]))
+        }
+        return .object(["nodes": .array(out)])
+    }
+}

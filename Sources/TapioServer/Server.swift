@@ -1,0 +1,236 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+import TapioStore
+import TapioWire
+
+/// tapio-server: the ingest listener (agents), the query listener (operators)
+/// and /metrics, over one durable event store.
+///
+/// Start with `start()`; `shutdown()` stops accepting, lets every connection
+/// finish storing and acknowledging what it accepted, says goodbye, and closes.
+public final class TapioServer: Sendable {
+    public static let version = "0.1.0"
+
+    public let configuration: ServerConfiguration
+    public let metrics = ServerMetrics()
+    public let registry: NodeRegistry
+    public let store: any EventStore
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let storage = NIOThreadPool(numberOfThreads: 1)
+    private let queries = NIOThreadPool(numberOfThreads: 1)
+    private let state = Mutex<RunState>(RunState())
+
+    private struct RunState {
+        var listeners: [Channel] = []
+        var connections: [ObjectIdentifier: Channel] = [:]
+        var shuttingDown = false
+    }
+
+    /// Bound addresses after `start()` (port 0 in the configuration picks a free one).
+    public struct BoundAddresses: Sendable {
+        public var ingest: SocketAddress
+        public var query: SocketAddress
+        public var metrics: SocketAddress?
+    }
+
+    public init(configuration: ServerConfiguration, logger: Logger) throws {
+        self.configuration = configuration
+        self.logger = logger
+        self.store = try SQLiteEventStore(directory: configuration.dataDirectory)
+        self.registry = NodeRegistry(restoring: try store.nodes())
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
+    }
+
+    private func makeTLSContext() throws -> NIOSSLContext {
+        let tls = configuration.tls
+        var config = TLSConfiguration.makeServerConfigurationWithMTLS(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificate).map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.key, format: .pem)),
+            trustRoots: .file(tls.ca))
+        config.minimumTLSVersion = .tlsv13
+        // Clients are identified by certificate, not by host name.
+        config.certificateVerification = .noHostnameVerification
+        return try NIOSSLContext(configuration: config)
+    }
+
+    public func start() throws -> BoundAddresses {
+        storage.start()
+        queries.start()
+        let sslContext = try makeTLSContext()
+        let context = ServerContext(configuration: configuration, store: store, registry: registry, metrics: metrics, storage: storage, logger: logger, version: Self.version)
+        let limits = configuration.limits
+        let idle = TimeAmount.nanoseconds(limits.idleTimeout.nanoseconds)
+
+        let ingest = try bootstrap(sslContext: sslContext) { channel in
+            try channel.pipeline.syncOperations.addHandlers([
+                IdleStateHandler(readTimeout: idle),
+                ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
+                MessageToByteHandler(FrameEncoder()),
+                IngestHandler(server: context),
+            ])
+        }.bind(host: configuration.ingestHost, port: configuration.ingestPort).wait()
+
+        let query = try bootstrap(sslContext: sslContext) { [queries] channel in
+            try channel.pipeline.syncOperations.addHandlers([
+                IdleStateHandler(readTimeout: idle),
+                ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
+                MessageToByteHandler(FrameEncoder()),
+                QueryHandler(server: context, queries: queries),
+            ])
+        }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
+
+        var listeners = [ingest, query]
+        var metricsAddress: SocketAddress?
+        if let host = configuration.metricsHost {
+            let metricsChannel = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { [self] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                        try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
+                    }
+                }
+                .bind(host: host, port: configuration.metricsPort).wait()
+            listeners.append(metricsChannel)
+            metricsAddress = metricsChannel.localAddress
+        }
+        state.withLock { $0.listeners = listeners }
+        logger.info("tapio-server listening", metadata: [
+            "ingest": "\(ingest.localAddress!)", "query": "\(query.localAddress!)",
+            "metrics": "\(metricsAddress.map { "\($0)" } ?? "off")", "data_dir": "\(configuration.dataDirectory)",
+        ])
+        return BoundAddresses(ingest: ingest.localAddress!, query: query.localAddress!, metrics: metricsAddress)
+    }
+
+    private func bootstrap(sslContext: NIOSSLContext, _ handlers: @escaping @Sendable (Channel) throws -> Void) -> ServerBootstrap {
+        let maxConnections = configuration.limits.maxConnections
+        return ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { [self] channel in
+                let admitted = self.state.withLock { s -> Bool in
+                    guard !s.shuttingDown, s.connections.count < maxConnections else { return false }
+                    s.connections[ObjectIdentifier(channel)] = channel
+                    return true
+                }
+                guard admitted else {
+                    self.metrics.add("tapio_server_connections_rejected_total{reason=\"limit\"}")
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in
+                    _ = self.state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
+                    try handlers(channel)
+                }
+            }
+    }
+
+    public var connectionCount: Int {
+        state.withLock { $0.connections.count }
+    }
+
+    /// Graceful shutdown: close the listeners, ask every connection to drain
+    /// (store and acknowledge what it accepted, then goodbye), wait up to the
+    /// grace period, then stop the threads.
+    public func shutdown() {
+        let (listeners, connections) = state.withLock { s -> ([Channel], [Channel]) in
+            s.shuttingDown = true
+            return (s.listeners, Array(s.connections.values))
+        }
+        for l in listeners { try? l.close().wait() }
+        for c in connections { c.pipeline.fireUserInboundEventTriggered(ServerShutdownEvent()) }
+        let deadline = NIODeadline.now() + .nanoseconds(configuration.shutdownGrace.nanoseconds)
+        for c in connections {
+            let remaining = deadline - .now()
+            if remaining > .zero {
+                let timeout = c.eventLoop.scheduleTask(in: remaining) { c.close(promise: nil) }
+                try? c.closeFuture.wait()
+                timeout.cancel()
+            } else {
+                try? c.close().wait()
+            }
+        }
+        for snap in registry.snapshot() { try? store.saveNode(snap.record) }
+        try? storage.syncShutdownGracefully()
+        try? queries.syncShutdownGracefully()
+        try? group.syncShutdownGracefully()
+        logger.info("tapio-server stopped")
+    }
+
+    /// Prometheus text exposition of the server's counters and per-node state.
+    public func metricsText() -> String {
+        var lines: [String] = []
+        var byName: [String: [(String, Int64)]] = [:]
+        for (key, value) in metrics.all() {
+            let name = key.split(separator: "{", maxSplits: 1).first.map(String.init) ?? key
+            byName[name, default: []].append((key, value))
+        }
+        byName["tapio_server_connections"] = [("tapio_server_connections", Int64(connectionCount))]
+        for name in byName.keys.sorted() {
+            lines.append("# TYPE \(name) \(name.hasSuffix("_total") ? "counter" : "gauge")")
+            for (key, value) in byName[name]!.sorted(by: { $0.0 < $1.0 }) { lines.append("\(key) \(value)") }
+        }
+        let snaps = registry.snapshot()
+        lines.append("# TYPE tapio_node_connected gauge")
+        for s in snaps { lines.append("tapio_node_connected{node=\"\(labelValue(s.record.node))\"} \(s.connected ? 1 : 0)") }
+        lines.append("# TYPE tapio_node_events_received_total counter")
+        for s in snaps { lines.append("tapio_node_events_received_total{node=\"\(labelValue(s.record.node))\"} \(s.record.eventsReceived)") }
+        lines.append("# TYPE tapio_node_clock_offset_ns gauge")
+        for s in snaps { lines.append("tapio_node_clock_offset_ns{node=\"\(labelValue(s.record.node))\"} \(s.record.clockOffsetNs)") }
+        lines.append("# TYPE tapio_node_clock_error_ns gauge")
+        for s in snaps { lines.append("tapio_node_clock_error_ns{node=\"\(labelValue(s.record.node))\"} \(s.record.clockErrorNs)") }
+        lines.append("# TYPE tapio_node_dropped_events_total counter")
+        for s in snaps {
+            for d in (try? store.drops(node: s.record.node)) ?? [] {
+                lines.append("tapio_node_dropped_events_total{node=\"\(labelValue(s.record.node))\",kind=\"\(d.kind.name)\",reason=\"\(labelValue(d.reason))\"} \(d.count)")
+            }
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+/// GET /metrics (Prometheus text) and GET /healthz.
+final class MetricsHTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let server: TapioServer
+    private var path = ""
+
+    init(server: TapioServer) {
+        self.server = server
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            path = head.uri
+        case .body:
+            break
+        case .end:
+            let (status, body): (HTTPResponseStatus, String)
+            switch path {
+            case "/metrics": (status, body) = (.ok, server.metricsText())
+            case "/healthz": (status, body) = (.ok, "ok\n")
+            default: (status, body) = (.notFound, "not found\n")
+            }
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: path == "/metrics" ? "text/plain; version=0.0.4" : "text/plain")
+            headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+            headers.add(name: "Connection", value: "close")
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in bound.value.close(promise: nil) }
+        }
+    }
+}

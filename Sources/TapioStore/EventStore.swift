@@ -1,0 +1,349 @@
+import Foundation
+import Synchronization
+import TapioWire
+
+/// An event as stored: the agent's observation plus where and when the server
+/// placed it on the cluster clock.
+public struct StoredEvent: Sendable, Equatable {
+    public var node: String
+    public var kind: EventKind
+    /// Server-corrected wall time, ns since the Unix epoch.
+    public var timeNs: Int64
+    /// The agent's own wall time for the event, before correction.
+    public var agentTimeNs: Int64
+    /// Half the round-trip delay of the clock sample used: the true time lies
+    /// within timeNs ± timeErrorNs.
+    public var timeErrorNs: Int64
+    public var pid: UInt32
+    public var ppid: UInt32
+    public var uid: UInt32
+    public var comm: String
+    public var cgroupId: UInt64
+    public var detail: [String: JSONValue]
+    public var epoch: UInt64
+    public var sequence: UInt64
+
+    /// The JSON object of the `events` query (docs/events.md).
+    public var json: JSONValue {
+        var o = detail
+        o["kind"] = .string(kind.name)
+        o["time"] = .string(rfc3339(ns: timeNs))
+        o["time_ns"] = .int(timeNs)
+        o["time_error_ns"] = .int(timeErrorNs)
+        o["agent_time"] = .string(rfc3339(ns: agentTimeNs))
+        o["node"] = .string(node)
+        if pid != 0 { o["pid"] = .int(Int64(pid)) }
+        if ppid != 0 { o["ppid"] = .int(Int64(ppid)) }
+        if kind == .processExec || kind == .processExit || uid != 0 { o["uid"] = .int(Int64(uid)) }
+        if !comm.isEmpty { o["comm"] = .string(comm) }
+        if cgroupId != 0 { o["cgroup_id"] = .int(Int64(bitPattern: cgroupId)) }
+        return .object(o)
+    }
+}
+
+public struct EventQuery: Sendable, Equatable {
+    public var sinceNs: Int64?
+    public var untilNs: Int64?
+    public var node: String?
+    public var kind: EventKind?
+    public var pid: UInt32?
+    /// The most recent `limit` matching events are returned, oldest first.
+    public var limit: Int
+
+    public static let maximumLimit = 100_000
+
+    public init(sinceNs: Int64? = nil, untilNs: Int64? = nil, node: String? = nil, kind: EventKind? = nil, pid: UInt32? = nil, limit: Int = 1000) {
+        self.sinceNs = sinceNs
+        self.untilNs = untilNs
+        self.node = node
+        self.kind = kind
+        self.pid = pid
+        self.limit = limit
+    }
+}
+
+/// What the server remembers about an agent across connections and restarts.
+public struct NodeRecord: Sendable, Equatable {
+    public var node: String
+    public var agentVersion: String
+    public var bootId: String
+    public var capabilities: [String]
+    public var degraded: [String]
+    public var firstSeenNs: Int64
+    public var lastSeenNs: Int64
+    public var clockOffsetNs: Int64
+    public var clockErrorNs: Int64
+    public var eventsReceived: Int64
+    public var batchesReceived: Int64
+    public var duplicateBatches: Int64
+
+    public init(node: String, agentVersion: String = "", bootId: String = "", capabilities: [String] = [], degraded: [String] = [], firstSeenNs: Int64 = 0, lastSeenNs: Int64 = 0, clockOffsetNs: Int64 = 0, clockErrorNs: Int64 = 0, eventsReceived: Int64 = 0, batchesReceived: Int64 = 0, duplicateBatches: Int64 = 0) {
+        self.node = node
+        self.agentVersion = agentVersion
+        self.bootId = bootId
+        self.capabilities = capabilities
+        self.degraded = degraded
+        self.firstSeenNs = firstSeenNs
+        self.lastSeenNs = lastSeenNs
+        self.clockOffsetNs = clockOffsetNs
+        self.clockErrorNs = clockErrorNs
+        self.eventsReceived = eventsReceived
+        self.batchesReceived = batchesReceived
+        self.duplicateBatches = duplicateBatches
+    }
+}
+
+/// The clock placement the server applies to one batch.
+public struct ClockCorrection: Sendable, Equatable {
+    /// Agent clock minus server clock, ns.
+    public var offsetNs: Int64
+    /// Uncertainty of the offset, ns (half the best sample's round-trip delay).
+    public var errorNs: Int64
+
+    public init(offsetNs: Int64, errorNs: Int64) {
+        self.offsetNs = offsetNs
+        self.errorNs = errorNs
+    }
+
+    public static let none = ClockCorrection(offsetNs: 0, errorNs: 0)
+}
+
+/// The durable event log behind a narrow interface, so that moving raw events
+/// to a store built for volume is an adapter, not a rewrite.
+public protocol EventStore: Sendable {
+    /// Stores a batch durably (the call returns after the data is on disk).
+    /// Returns false when (node, epoch, sequence) was stored before: nothing
+    /// is written twice.
+    func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool
+    /// The highest stored sequence of (node, epoch), 0 when none.
+    func highestSequence(node: String, epoch: UInt64) throws -> UInt64
+    func events(_ query: EventQuery) throws -> [StoredEvent]
+    func saveNode(_ record: NodeRecord) throws
+    func nodes() throws -> [NodeRecord]
+    /// Drop counters per node, summed over stream epochs: (kind, reason) → count.
+    func drops(node: String) throws -> [DropCount]
+}
+
+/// SQLite in WAL mode with `synchronous=FULL`: a committed transaction has
+/// been fsynced, so acknowledging after commit acknowledges durable data.
+public final class SQLiteEventStore: EventStore {
+    /// Appends go through the writer; queries use their own connection, which
+    /// WAL lets read committed data while a write is under way.
+    private let db: Mutex<Connection>
+    private let reader: Mutex<ReadConnection>
+
+    private final class ReadConnection: @unchecked Sendable {
+        let db: SQLiteDatabase
+        init(db: SQLiteDatabase) { self.db = db }
+    }
+
+    private final class Connection: @unchecked Sendable {
+        let db: SQLiteDatabase
+        let insertBatch: SQLiteStatement
+        let insertEvent: SQLiteStatement
+        let upsertDrop: SQLiteStatement
+
+        init(db: SQLiteDatabase) throws {
+            self.db = db
+            insertBatch = try db.prepare("INSERT OR IGNORE INTO batches(node, epoch, seq, received_ns, events) VALUES (?, ?, ?, ?, ?)")
+            insertEvent = try db.prepare("""
+                INSERT INTO events(time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """)
+            upsertDrop = try db.prepare("""
+                INSERT INTO drops(node, epoch, kind, reason, count) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(node, epoch, kind, reason) DO UPDATE SET count = max(count, excluded.count)
+                """)
+        }
+    }
+
+    public let path: String
+
+    /// Opens (creating if needed) `directory/events.sqlite`.
+    public init(directory: String) throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        path = (directory as NSString).appendingPathComponent("events.sqlite")
+        let database = try SQLiteDatabase(path: path)
+        try database.execute("PRAGMA journal_mode=WAL")
+        try database.execute("PRAGMA synchronous=FULL")
+        try database.execute("""
+            CREATE TABLE IF NOT EXISTS batches(
+                node TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+                received_ns INTEGER NOT NULL, events INTEGER NOT NULL,
+                PRIMARY KEY(node, epoch, seq)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS events(
+                id INTEGER PRIMARY KEY,
+                time_ns INTEGER NOT NULL, agent_time_ns INTEGER NOT NULL, time_err_ns INTEGER NOT NULL,
+                node TEXT NOT NULL, kind INTEGER NOT NULL,
+                pid INTEGER NOT NULL, ppid INTEGER NOT NULL, uid INTEGER NOT NULL,
+                comm TEXT NOT NULL, cgroup_id INTEGER NOT NULL, detail TEXT NOT NULL,
+                epoch INTEGER NOT NULL, seq INTEGER NOT NULL);
+            CREATE INDEX IF NOT EXISTS events_time ON events(time_ns);
+            CREATE INDEX IF NOT EXISTS events_node_time ON events(node, time_ns);
+            CREATE INDEX IF NOT EXISTS events_kind_time ON events(kind, time_ns);
+            CREATE TABLE IF NOT EXISTS drops(
+                node TEXT NOT NULL, epoch INTEGER NOT NULL, kind INTEGER NOT NULL, reason TEXT NOT NULL,
+                count INTEGER NOT NULL, PRIMARY KEY(node, epoch, kind, reason)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS nodes(
+                node TEXT PRIMARY KEY, agent_version TEXT NOT NULL, boot_id TEXT NOT NULL,
+                capabilities TEXT NOT NULL, degraded TEXT NOT NULL,
+                first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL,
+                clock_offset_ns INTEGER NOT NULL, clock_error_ns INTEGER NOT NULL,
+                events_received INTEGER NOT NULL, batches_received INTEGER NOT NULL,
+                duplicate_batches INTEGER NOT NULL);
+            """)
+        db = Mutex(try Connection(db: database))
+        reader = Mutex(ReadConnection(db: try SQLiteDatabase(path: path)))
+    }
+
+    public func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
+        try db.withLock { c in
+            try c.db.transaction {
+                let b = c.insertBatch
+                b.reset()
+                b.bind(1, batch.node)
+                b.bind(2, Int64(bitPattern: batch.epoch))
+                b.bind(3, Int64(bitPattern: batch.sequence))
+                b.bind(4, receivedNs)
+                b.bind(5, Int64(batch.events.count))
+                try b.step()
+                if c.db.changes == 0 { return false }
+
+                let e = c.insertEvent
+                for event in batch.events {
+                    e.reset()
+                    e.bind(1, event.timeNs &- clock.offsetNs)
+                    e.bind(2, event.timeNs)
+                    e.bind(3, clock.errorNs)
+                    e.bind(4, batch.node)
+                    e.bind(5, Int64(event.kind.rawValue))
+                    e.bind(6, Int64(event.pid))
+                    e.bind(7, Int64(event.ppid))
+                    e.bind(8, Int64(event.uid))
+                    e.bind(9, event.comm)
+                    e.bind(10, Int64(bitPattern: event.cgroupId))
+                    e.bind(11, JSONValue.object(event.detailFields).serialized())
+                    e.bind(12, Int64(bitPattern: batch.epoch))
+                    e.bind(13, Int64(bitPattern: batch.sequence))
+                    try e.step()
+                }
+                let d = c.upsertDrop
+                for drop in batch.drops {
+                    d.reset()
+                    d.bind(1, batch.node)
+                    d.bind(2, Int64(bitPattern: batch.epoch))
+                    d.bind(3, Int64(drop.kind.rawValue))
+                    d.bind(4, drop.reason)
+                    d.bind(5, Int64(bitPattern: drop.count))
+                    try d.step()
+                }
+                return true
+            }
+        }
+    }
+
+    public func highestSequence(node: String, epoch: UInt64) throws -> UInt64 {
+        try reader.withLock { c in
+            let s = try c.db.prepare("SELECT coalesce(max(seq), 0) FROM batches WHERE node = ? AND epoch = ?")
+            s.bind(1, node)
+            s.bind(2, Int64(bitPattern: epoch))
+            guard try s.step() else { return 0 }
+            return UInt64(bitPattern: s.int64(0))
+        }
+    }
+
+    public func events(_ query: EventQuery) throws -> [StoredEvent] {
+        var clauses: [String] = []
+        var binds: [(Int32, Any)] = []
+        if let since = query.sinceNs { clauses.append("time_ns >= ?"); binds.append((Int32(binds.count + 1), since)) }
+        if let until = query.untilNs { clauses.append("time_ns < ?"); binds.append((Int32(binds.count + 1), until)) }
+        if let node = query.node { clauses.append("node = ?"); binds.append((Int32(binds.count + 1), node)) }
+        if let kind = query.kind { clauses.append("kind = ?"); binds.append((Int32(binds.count + 1), Int64(kind.rawValue))) }
+        if let pid = query.pid { clauses.append("pid = ?"); binds.append((Int32(binds.count + 1), Int64(pid))) }
+        let whereSQL = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+        let limit = max(1, min(query.limit, EventQuery.maximumLimit))
+        let sql = """
+            SELECT time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq
+            FROM events \(whereSQL) ORDER BY time_ns DESC, id DESC LIMIT \(limit)
+            """
+        return try reader.withLock { c in
+            let s = try c.db.prepare(sql)
+            for (index, value) in binds {
+                if let v = value as? Int64 { s.bind(index, v) } else if let v = value as? String { s.bind(index, v) }
+            }
+            var out: [StoredEvent] = []
+            while try s.step() {
+                let detailText = s.string(10)
+                var detail: [String: JSONValue] = [:]
+                if case .object(let o)? = try? JSONValue.parse(Array(detailText.utf8)) { detail = o }
+                out.append(StoredEvent(
+                    node: s.string(3), kind: EventKind(rawValue: UInt32(s.int64(4))) ?? .unspecified,
+                    timeNs: s.int64(0), agentTimeNs: s.int64(1), timeErrorNs: s.int64(2),
+                    pid: UInt32(truncatingIfNeeded: s.int64(5)), ppid: UInt32(truncatingIfNeeded: s.int64(6)), uid: UInt32(truncatingIfNeeded: s.int64(7)),
+                    comm: s.string(8), cgroupId: UInt64(bitPattern: s.int64(9)), detail: detail,
+                    epoch: UInt64(bitPattern: s.int64(11)), sequence: UInt64(bitPattern: s.int64(12))))
+            }
+            return out.reversed()
+        }
+    }
+
+    public func saveNode(_ r: NodeRecord) throws {
+        try db.withLock { c in
+            let s = try c.db.prepare("""
+                INSERT INTO nodes(node, agent_version, boot_id, capabilities, degraded, first_seen_ns, last_seen_ns,
+                                  clock_offset_ns, clock_error_ns, events_received, batches_received, duplicate_batches)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT(node) DO UPDATE SET agent_version = excluded.agent_version, boot_id = excluded.boot_id,
+                    capabilities = excluded.capabilities, degraded = excluded.degraded, last_seen_ns = excluded.last_seen_ns,
+                    clock_offset_ns = excluded.clock_offset_ns, clock_error_ns = excluded.clock_error_ns,
+                    events_received = excluded.events_received, batches_received = excluded.batches_received,
+                    duplicate_batches = excluded.duplicate_batches
+                """)
+            s.bind(1, r.node)
+            s.bind(2, r.agentVersion)
+            s.bind(3, r.bootId)
+            s.bind(4, r.capabilities.joined(separator: ","))
+            s.bind(5, r.degraded.joined(separator: ","))
+            s.bind(6, r.firstSeenNs)
+            s.bind(7, r.lastSeenNs)
+            s.bind(8, r.clockOffsetNs)
+            s.bind(9, r.clockErrorNs)
+            s.bind(10, r.eventsReceived)
+            s.bind(11, r.batchesReceived)
+            s.bind(12, r.duplicateBatches)
+            try s.step()
+        }
+    }
+
+    public func nodes() throws -> [NodeRecord] {
+        try reader.withLock { c in
+            let s = try c.db.prepare("""
+                SELECT node, agent_version, boot_id, capabilities, degraded, first_seen_ns, last_seen_ns,
+                       clock_offset_ns, clock_error_ns, events_received, batches_received, duplicate_batches
+                FROM nodes ORDER BY node
+                """)
+            var out: [NodeRecord] = []
+            while try s.step() {
+                func list(_ text: String) -> [String] { text.isEmpty ? [] : text.split(separator: ",").map(String.init) }
+                out.append(NodeRecord(
+                    node: s.string(0), agentVersion: s.string(1), bootId: s.string(2),
+                    capabilities: list(s.string(3)), degraded: list(s.string(4)),
+                    firstSeenNs: s.int64(5), lastSeenNs: s.int64(6), clockOffsetNs: s.int64(7), clockErrorNs: s.int64(8),
+                    eventsReceived: s.int64(9), batchesReceived: s.int64(10), duplicateBatches: s.int64(11)))
+            }
+            return out
+        }
+    }
+
+    public func drops(node: String) throws -> [DropCount] {
+        try reader.withLock { c in
+            let s = try c.db.prepare("SELECT kind, reason, sum(count) FROM drops WHERE node = ? GROUP BY kind, reason ORDER BY kind, reason")
+            s.bind(1, node)
+            var out: [DropCount] = []
+            while try s.step() {
+                out.append(DropCount(kind: EventKind(rawValue: UInt32(s.int64(0))) ?? .unspecified, reason: s.string(1), count: UInt64(bitPattern: s.int64(2))))
+            }
+            return out
+        }
+    }
+}

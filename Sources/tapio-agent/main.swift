@@ -1,0 +1,81 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import TapioAgent
+import TapioWire
+
+struct AgentCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tapio-agent",
+        abstract: "Watches this node's kernel with eBPF and streams events to tapio-server over mutual TLS.")
+
+    @Option(help: "Server ingest address, HOST:PORT.")
+    var server: String
+    @Option(help: "This node's name; must be the CN of the client certificate.")
+    var nodeName: String
+    @Option(help: "Directory with ca.crt, tls.crt, tls.key (cert-manager secret layout).")
+    var tlsDir: String?
+    @Option(help: "CA certificate (PEM) the server must chain to.")
+    var tlsCa: String?
+    @Option(help: "Client certificate (PEM).")
+    var tlsCert: String?
+    @Option(help: "Client private key (PEM).")
+    var tlsKey: String?
+    @Option(help: "Name the server certificate must carry (default: the host of --server).")
+    var serverName: String?
+    @Option(help: "Directory for unacknowledged batches that do not fit in memory or outlive the process.")
+    var spoolDir: String?
+    @Option(help: "Observe only tasks below this cgroup2 directory.")
+    var cgroupRoot: String?
+    @Option(help: "Events per batch at most.")
+    var batchMaxEvents = 512
+    @Option(help: "Milliseconds an event may wait for its batch.")
+    var batchMaxDelayMs = 200
+    @Option(help: "Seconds to wait for the last acknowledgement on shutdown.")
+    var shutdownGrace: Double = 5
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "tapio-agent")
+        let tls: AgentTLSFiles
+        if let dir = tlsDir {
+            tls = AgentTLSFiles(directory: dir)
+        } else if let ca = tlsCa, let cert = tlsCert, let key = tlsKey {
+            tls = AgentTLSFiles(ca: ca, certificate: cert, key: key)
+        } else {
+            throw ValidationError("give --tls-dir, or all of --tls-ca, --tls-cert and --tls-key")
+        }
+        let (host, port) = try parseHostPort(server)
+        var config = Agent.Configuration(node: nodeName, serverHost: host, serverPort: UInt16(port), tls: tls)
+        config.serverName = serverName
+        config.spoolDirectory = spoolDir
+        config.kernel.cgroupRoot = cgroupRoot
+        config.outbox.maxEvents = max(1, batchMaxEvents)
+        config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
+        config.shutdownGraceSeconds = shutdownGrace
+
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        signal(SIGPIPE, SIG_IGN)
+        let agent = try Agent(configuration: config, logger: logger)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { agent.requestStop() }
+            source.resume()
+            sources.append(source)
+        }
+        agent.run()
+        _ = sources
+    }
+}
+
+AgentCommand.main()

@@ -1,0 +1,94 @@
+/* Shared by every bpf/<name>.bpf.c: the settings, the ring buffer, the drop
+ * counters and the filter. Include after vmlinux.h and the libbpf headers.
+ *
+ * Each object that includes this file gets its own `events` and `drops` maps;
+ * the loader may point them at one shared ring buffer and counter array with
+ * bpf_map__reuse_fd() so the agent polls a single buffer.
+ */
+#ifndef TAPIO_COMMON_BPF_H
+#define TAPIO_COMMON_BPF_H
+
+#define __TAPIO_BPF__
+#include "tapio_events.h"
+
+/* Settings, written by the loader between open and load; the verifier sees
+ * them as constants and prunes the branches they switch off. */
+
+/* cgroup v2 id of the subtree to watch; 0 watches every cgroup. */
+const volatile __u64 cgroup_root_id = 0;
+/* Depth of cgroup_root_id below the cgroup2 root (the root is level 0). */
+const volatile __u32 cgroup_root_level = 0;
+/* Bit (1u << kind) set: events of that kind are never emitted. */
+const volatile __u32 kinds_disabled_mask = 0;
+
+/* Default 1 MiB; the loader may resize it (power of two, page multiple). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+/* Events lost in the kernel, at kind * TAPIO_DROP_REASON_MAX + reason. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+static __always_inline bool tapio_kind_enabled(__u32 kind)
+{
+	return (kinds_disabled_mask & (1u << kind)) == 0;
+}
+
+/* True when the current task is inside the watched cgroup v2 subtree. The
+ * helper returns 0 when the task sits above cgroup_root_level, so tasks
+ * outside the subtree never match. */
+static __always_inline bool tapio_current_in_scope(void)
+{
+	if (cgroup_root_id == 0)
+		return true;
+	return bpf_get_current_ancestor_cgroup_id(cgroup_root_level) == cgroup_root_id;
+}
+
+static __always_inline void tapio_count_drop(__u32 kind, __u32 reason)
+{
+	__u32 key = kind * TAPIO_DROP_REASON_MAX + reason;
+	__u64 *count = bpf_map_lookup_elem(&drops, &key);
+
+	/* Per-CPU, but BPF programs only disable migration, not preemption:
+	 * another program on this CPU may interleave, so add atomically. */
+	if (count)
+		__sync_fetch_and_add(count, 1);
+}
+
+/* Reserves a zeroed record (no stale bytes from earlier records reach user
+ * space) or counts the loss. */
+static __always_inline struct tapio_event *tapio_reserve(__u32 kind)
+{
+	struct tapio_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+
+	if (!event) {
+		tapio_count_drop(kind, TAPIO_DROP_RINGBUF_FULL);
+		return NULL;
+	}
+	__builtin_memset(event, 0, sizeof(*event));
+	event->kind = kind;
+	event->ts_ns = bpf_ktime_get_ns();
+	return event;
+}
+
+/* Fills pid, tid, ppid, uid, comm and cgroup_id from the current task. */
+static __always_inline void tapio_fill_current(struct tapio_event *event)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	event->pid = pid_tgid >> 32;
+	event->tid = (__u32)pid_tgid;
+	event->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	event->uid = (__u32)bpf_get_current_uid_gid();
+	event->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(event->comm, sizeof(event->comm));
+}
+
+#endif
