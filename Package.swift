@@ -96,13 +96,16 @@ let package = Package(
             ]
         ),
 
-        .testTarget(name: "TapioWireTests", dependencies: ["TapioWire"]),
-        .testTarget(name: "TapioStoreTests", dependencies: ["TapioStore", "TapioWire"]),
-        .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioWire", "CTapioBPF"]),
+        // Shared by the tests only: processes, certificates, the BPF skip rule.
+        .target(name: "TapioTestSupport", dependencies: ["TapioClient"]),
+
+        .testTarget(name: "TapioWireTests", dependencies: ["TapioWire", "TapioTestSupport"]),
+        .testTarget(name: "TapioStoreTests", dependencies: ["TapioStore", "TapioWire", "TapioTestSupport"]),
+        .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(
             name: "TapioServerTests",
-            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "CTapioTLS"]
+            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioTestSupport"]
         ),
-        .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]
 )

@@ -1,0 +1,73 @@
+# Tapio: `make demo`, `make test`, `make build`. Every target first installs
+# the Debian packages it needs when they are missing, so a fresh machine of
+# this kind (Debian 12, root, BTF kernel) needs nothing done by hand.
+
+SHELL := /bin/bash
+export PATH := /opt/swift/usr/bin:$(PATH)
+
+SWIFT ?= swift
+BPF_CLANG ?= $(firstword $(wildcard /opt/swift/usr/bin/clang) clang)
+BPFTOOL ?= $(firstword $(wildcard /usr/sbin/bpftool) bpftool)
+PROTOC_C ?= protoc-c
+
+# Build: C libraries and tools the C shims, the BPF build and the proto check use.
+BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-compiler \
+	libssl-dev libsqlite3-dev bpftool pkg-config openssl
+# Tests: the independent protobuf implementation for the interop test
+# (Debian's python3 + python3-protobuf, with protoc to generate its module),
+# iproute2/util-linux for namespaces and mounts.
+TEST_PACKAGES := python3 python3-protobuf protobuf-compiler iproute2 util-linux procps
+
+include bpf/build.mk
+
+.PHONY: all deps build debug test demo proto proto-check clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(BUILD_PACKAGES) $(TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Release build of the four programs (tapio-lab arrives with the fault lab).
+build: deps bpf
+	$(SWIFT) build -c release --product tapio
+	$(SWIFT) build -c release --product tapio-agent
+	$(SWIFT) build -c release --product tapio-server
+	@echo "binaries in $$($(SWIFT) build -c release --show-bin-path)"
+
+debug: deps bpf
+	$(SWIFT) build
+
+# Every test: Swift unit and integration tests (which need root and a BPF
+# kernel; with TAPIO_REQUIRE_BPF=1 they fail instead of skipping), and the
+# check that the committed protobuf-c code is what the .proto generates.
+test: deps bpf proto-check
+	$(SWIFT) build
+	$(SWIFT) test --disable-swift-testing
+
+demo: deps bpf
+	$(SWIFT) build
+	scripts/demo.sh "$$($(SWIFT) build --show-bin-path)"
+
+# Regenerate the committed protobuf-c code from proto/tapio.proto.
+proto:
+	cd proto && $(PROTOC_C) --c_out=../Sources/CTapioProto tapio.proto
+	mv Sources/CTapioProto/tapio.pb-c.h Sources/CTapioProto/include/tapio.pb-c.h
+
+# Fails when the committed generated code differs from a fresh generation.
+proto-check: deps
+	@tmp=$$(mktemp -d); \
+	(cd proto && $(PROTOC_C) --c_out=$$tmp tapio.proto) && \
+	diff -u Sources/CTapioProto/tapio.pb-c.c $$tmp/tapio.pb-c.c && \
+	diff -u Sources/CTapioProto/include/tapio.pb-c.h $$tmp/tapio.pb-c.h && \
+	echo "proto-check: generated code matches proto/tapio.proto"; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+clean: bpf-clean
+	rm -rf .build

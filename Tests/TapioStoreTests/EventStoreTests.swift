@@ -1,0 +1,76 @@
+import TapioStore
+import TapioTestSupport
+import TapioWire
+import XCTest
+
+final class EventStoreTests: XCTestCase {
+    private func batch(_ node: String, epoch: UInt64, seq: UInt64, base: Int64, count: Int = 3) -> EventBatch {
+        var events: [TapioEvent] = []
+        for i in 0..<count {
+            let time: Int64 = base + Int64(i) * 1000
+            if i % 2 == 0 {
+                events.append(TapioEvent(kind: .processExec, timeNs: time, pid: UInt32(100 + i), comm: "c\(i)", detail: .exec(filename: "/bin/c\(i)")))
+            } else {
+                events.append(TapioEvent(kind: .processExit, timeNs: time, pid: UInt32(100 + i), comm: "c\(i)", detail: .exit(exitCode: Int32(i), signal: 0, coreDumped: false)))
+            }
+        }
+        return EventBatch(node: node, epoch: epoch, sequence: seq, events: events)
+    }
+
+    func testDuplicateBatchIsStoredOnce() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        XCTAssertTrue(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
+        XCTAssertFalse(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
+        // Same sequence in another epoch or node is a different batch.
+        XCTAssertTrue(try store.append(batch("a", epoch: 2, seq: 1, base: 2_000), clock: .none, receivedNs: 0))
+        XCTAssertTrue(try store.append(batch("b", epoch: 1, seq: 1, base: 3_000), clock: .none, receivedNs: 0))
+        XCTAssertEqual(try store.events(EventQuery()).count, 9)
+        XCTAssertEqual(try store.highestSequence(node: "a", epoch: 1), 1)
+        XCTAssertEqual(try store.highestSequence(node: "a", epoch: 9), 0)
+    }
+
+    func testQueriesFilterByTimeNodeKindAndKeepTheMostRecent() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        for seq in 1...4 {
+            _ = try store.append(batch(seq % 2 == 0 ? "a" : "b", epoch: 1, seq: UInt64(seq), base: Int64(seq) * 1_000_000), clock: .none, receivedNs: 0)
+        }
+        XCTAssertEqual(try store.events(EventQuery(node: "a")).map(\.node), Array(repeating: "a", count: 6))
+        XCTAssertEqual(try store.events(EventQuery(kind: .processExit)).count, 4)
+        XCTAssertEqual(try store.events(EventQuery(sinceNs: 3_000_000)).count, 6)
+        XCTAssertEqual(try store.events(EventQuery(sinceNs: 2_000_000, untilNs: 3_000_000)).count, 3)
+        XCTAssertEqual(try store.events(EventQuery(pid: 101)).count, 4)
+        let recent = try store.events(EventQuery(limit: 2))
+        XCTAssertEqual(recent.map(\.timeNs), [4_001_000, 4_002_000], "the most recent two, oldest first")
+    }
+
+    func testClockCorrectionIsAppliedAndRecorded() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        // Agent clock 250 ms ahead of the server, known to ±2 ms.
+        _ = try store.append(batch("a", epoch: 1, seq: 1, base: 10_250_000_000, count: 1), clock: ClockCorrection(offsetNs: 250_000_000, errorNs: 2_000_000), receivedNs: 0)
+        let e = try XCTUnwrap(try store.events(EventQuery()).first)
+        XCTAssertEqual(e.timeNs, 10_000_000_000)
+        XCTAssertEqual(e.agentTimeNs, 10_250_000_000)
+        XCTAssertEqual(e.timeErrorNs, 2_000_000)
+        XCTAssertEqual(e.json["time"], .string("1970-01-01T00:00:10.000000000Z"))
+    }
+
+    func testReopeningKeepsEventsNodesAndDrops() throws {
+        let dir = try TestSupport.temporaryDirectory()
+        do {
+            let store = try SQLiteEventStore(directory: dir)
+            var b = batch("a", epoch: 5, seq: 1, base: 1_000)
+            b.drops = [DropCount(kind: .processExec, reason: "ringbuf_full", count: 4)]
+            _ = try store.append(b, clock: .none, receivedNs: 0)
+            b.sequence = 2
+            b.drops = [DropCount(kind: .processExec, reason: "ringbuf_full", count: 9)]
+            _ = try store.append(b, clock: .none, receivedNs: 0)
+            try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.0", capabilities: ["process_exec"], eventsReceived: 6))
+        }
+        let reopened = try SQLiteEventStore(directory: dir)
+        XCTAssertEqual(try reopened.events(EventQuery()).count, 6)
+        XCTAssertEqual(try reopened.highestSequence(node: "a", epoch: 5), 2)
+        XCTAssertEqual(try reopened.nodes().map(\.capabilities), [["process_exec"]])
+        // Drop counters are cumulative per epoch: the larger value wins, nothing is double counted.
+        XCTAssertEqual(try reopened.drops(node: "a"), [DropCount(kind: .processExec, reason: "ringbuf_full", count: 9)])
+    }
+}
