@@ -274,6 +274,18 @@ public final class Outbox: Sendable {
         }
     }
 
+    /// The encoded batches held now, oldest first (for tests and diagnostics).
+    public func sealedPayloadsForTesting() -> [[UInt8]] {
+        state.withLock { s in
+            s.entries.compactMap { e in
+                switch e.payload {
+                case .memory(let b): return b
+                case .disk(let path, _): return FileManager.default.contents(atPath: path).map { [UInt8]($0) }
+                }
+            }
+        }
+    }
+
     // MARK: - Waiting
 
     private func signal() {
