@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Offline checks of deploy/: every YAML file parses, every file a
+# kustomization.yaml names exists, and, where the tools are installed, the
+# overlays build (`kubectl kustomize`), the core objects match the Kubernetes
+# schema (`kubernetes-validate`, pip) and the scripts pass shellcheck.
+# No cluster is contacted. cert-manager objects are not schema-checked.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+status=0
+
+"$python" - <<'EOF' || status=1
+import pathlib, sys, yaml
+bad = 0
+for path in sorted(pathlib.Path("kubernetes").rglob("*.yaml")):
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except yaml.YAMLError as e:
+        print(f"FAIL {path}: {e}"); bad += 1; continue
+    if path.name != "kustomization.yaml":
+        continue
+    k = docs[0]
+    named = list(k.get("resources", [])) + list(k.get("components", []))
+    named += [p["path"] for p in k.get("patches", []) if "path" in p]
+    for ref in named:
+        if not (path.parent / ref).exists():
+            print(f"FAIL {path}: names {ref}, which does not exist"); bad += 1
+print(f"yaml: {'ok' if bad == 0 else f'{bad} problem(s)'}")
+sys.exit(1 if bad else 0)
+EOF
+
+if command -v kubectl >/dev/null; then
+	for dir in kubernetes/base kubernetes/overlays/*/; do
+		dir=${dir%/}
+		if out=$(kubectl kustomize "$dir" 2>&1); then
+			echo "kustomize: $dir ok ($(grep -c '^kind:' <<<"$out") objects)"
+			if command -v kubernetes-validate >/dev/null; then
+				kubernetes-validate --strict --quiet --no-warn - <<<"$out" || { echo "FAIL schema: $dir"; status=1; }
+			fi
+		else
+			echo "FAIL kustomize: $dir"; echo "$out"; status=1
+		fi
+	done
+else
+	echo "kustomize: skipped (no kubectl)"
+fi
+
+if command -v shellcheck >/dev/null; then
+	shellcheck scripts/*.sh && echo "shellcheck: ok" || status=1
+else
+	echo "shellcheck: skipped"
+fi
+exit $status
