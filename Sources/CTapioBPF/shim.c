@@ -441,6 +441,9 @@ int tapio_bpf_ensure_tracefs(void)
 	snprintf(events, sizeof(events), "%s/events", dir);
 	if (access(events, F_OK) == 0)
 		return 0;
+	/* Present but not reachable (EACCES, ...): mounting would not help. */
+	if (errno != ENOENT)
+		return -errno;
 	if (mount("tracefs", dir, "tracefs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0)
 		return 0;
 	rc = errno;

@@ -232,6 +232,456 @@ void   tapio__v1__oom_kill__free_unpacked
   assert(message->base.descriptor == &tapio__v1__oom_kill__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   tapio__v1__tcp_connect__init
+                     (Tapio__V1__TcpConnect         *message)
+{
+  static const Tapio__V1__TcpConnect init_value = TAPIO__V1__TCP_CONNECT__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__tcp_connect__get_packed_size
+                     (const Tapio__V1__TcpConnect *message)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_connect__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__tcp_connect__pack
+                     (const Tapio__V1__TcpConnect *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_connect__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__tcp_connect__pack_to_buffer
+                     (const Tapio__V1__TcpConnect *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_connect__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__TcpConnect *
+       tapio__v1__tcp_connect__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__TcpConnect *)
+     protobuf_c_message_unpack (&tapio__v1__tcp_connect__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__tcp_connect__free_unpacked
+                     (Tapio__V1__TcpConnect *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__tcp_connect__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__tcp_listen__init
+                     (Tapio__V1__TcpListen         *message)
+{
+  static const Tapio__V1__TcpListen init_value = TAPIO__V1__TCP_LISTEN__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__tcp_listen__get_packed_size
+                     (const Tapio__V1__TcpListen *message)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_listen__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__tcp_listen__pack
+                     (const Tapio__V1__TcpListen *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_listen__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__tcp_listen__pack_to_buffer
+                     (const Tapio__V1__TcpListen *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_listen__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__TcpListen *
+       tapio__v1__tcp_listen__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__TcpListen *)
+     protobuf_c_message_unpack (&tapio__v1__tcp_listen__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__tcp_listen__free_unpacked
+                     (Tapio__V1__TcpListen *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__tcp_listen__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__tcp_reset__init
+                     (Tapio__V1__TcpReset         *message)
+{
+  static const Tapio__V1__TcpReset init_value = TAPIO__V1__TCP_RESET__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__tcp_reset__get_packed_size
+                     (const Tapio__V1__TcpReset *message)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_reset__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__tcp_reset__pack
+                     (const Tapio__V1__TcpReset *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_reset__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__tcp_reset__pack_to_buffer
+                     (const Tapio__V1__TcpReset *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_reset__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__TcpReset *
+       tapio__v1__tcp_reset__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__TcpReset *)
+     protobuf_c_message_unpack (&tapio__v1__tcp_reset__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__tcp_reset__free_unpacked
+                     (Tapio__V1__TcpReset *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__tcp_reset__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__tcp_retransmit__init
+                     (Tapio__V1__TcpRetransmit         *message)
+{
+  static const Tapio__V1__TcpRetransmit init_value = TAPIO__V1__TCP_RETRANSMIT__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__tcp_retransmit__get_packed_size
+                     (const Tapio__V1__TcpRetransmit *message)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_retransmit__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__tcp_retransmit__pack
+                     (const Tapio__V1__TcpRetransmit *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_retransmit__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__tcp_retransmit__pack_to_buffer
+                     (const Tapio__V1__TcpRetransmit *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_retransmit__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__TcpRetransmit *
+       tapio__v1__tcp_retransmit__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__TcpRetransmit *)
+     protobuf_c_message_unpack (&tapio__v1__tcp_retransmit__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__tcp_retransmit__free_unpacked
+                     (Tapio__V1__TcpRetransmit *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__tcp_retransmit__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__tcp_latency__init
+                     (Tapio__V1__TcpLatency         *message)
+{
+  static const Tapio__V1__TcpLatency init_value = TAPIO__V1__TCP_LATENCY__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__tcp_latency__get_packed_size
+                     (const Tapio__V1__TcpLatency *message)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_latency__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__tcp_latency__pack
+                     (const Tapio__V1__TcpLatency *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_latency__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__tcp_latency__pack_to_buffer
+                     (const Tapio__V1__TcpLatency *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__tcp_latency__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__TcpLatency *
+       tapio__v1__tcp_latency__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__TcpLatency *)
+     protobuf_c_message_unpack (&tapio__v1__tcp_latency__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__tcp_latency__free_unpacked
+                     (Tapio__V1__TcpLatency *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__tcp_latency__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__packet_drop__init
+                     (Tapio__V1__PacketDrop         *message)
+{
+  static const Tapio__V1__PacketDrop init_value = TAPIO__V1__PACKET_DROP__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__packet_drop__get_packed_size
+                     (const Tapio__V1__PacketDrop *message)
+{
+  assert(message->base.descriptor == &tapio__v1__packet_drop__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__packet_drop__pack
+                     (const Tapio__V1__PacketDrop *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__packet_drop__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__packet_drop__pack_to_buffer
+                     (const Tapio__V1__PacketDrop *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__packet_drop__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__PacketDrop *
+       tapio__v1__packet_drop__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__PacketDrop *)
+     protobuf_c_message_unpack (&tapio__v1__packet_drop__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__packet_drop__free_unpacked
+                     (Tapio__V1__PacketDrop *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__packet_drop__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__dns__init
+                     (Tapio__V1__Dns         *message)
+{
+  static const Tapio__V1__Dns init_value = TAPIO__V1__DNS__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__dns__get_packed_size
+                     (const Tapio__V1__Dns *message)
+{
+  assert(message->base.descriptor == &tapio__v1__dns__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__dns__pack
+                     (const Tapio__V1__Dns *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__dns__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__dns__pack_to_buffer
+                     (const Tapio__V1__Dns *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__dns__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__Dns *
+       tapio__v1__dns__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__Dns *)
+     protobuf_c_message_unpack (&tapio__v1__dns__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__dns__free_unpacked
+                     (Tapio__V1__Dns *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__dns__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__cpu_throttle__init
+                     (Tapio__V1__CpuThrottle         *message)
+{
+  static const Tapio__V1__CpuThrottle init_value = TAPIO__V1__CPU_THROTTLE__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__cpu_throttle__get_packed_size
+                     (const Tapio__V1__CpuThrottle *message)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_throttle__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__cpu_throttle__pack
+                     (const Tapio__V1__CpuThrottle *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_throttle__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__cpu_throttle__pack_to_buffer
+                     (const Tapio__V1__CpuThrottle *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_throttle__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__CpuThrottle *
+       tapio__v1__cpu_throttle__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__CpuThrottle *)
+     protobuf_c_message_unpack (&tapio__v1__cpu_throttle__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__cpu_throttle__free_unpacked
+                     (Tapio__V1__CpuThrottle *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__cpu_throttle__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__memory_pressure__init
+                     (Tapio__V1__MemoryPressure         *message)
+{
+  static const Tapio__V1__MemoryPressure init_value = TAPIO__V1__MEMORY_PRESSURE__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__memory_pressure__get_packed_size
+                     (const Tapio__V1__MemoryPressure *message)
+{
+  assert(message->base.descriptor == &tapio__v1__memory_pressure__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__memory_pressure__pack
+                     (const Tapio__V1__MemoryPressure *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__memory_pressure__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__memory_pressure__pack_to_buffer
+                     (const Tapio__V1__MemoryPressure *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__memory_pressure__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__MemoryPressure *
+       tapio__v1__memory_pressure__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__MemoryPressure *)
+     protobuf_c_message_unpack (&tapio__v1__memory_pressure__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__memory_pressure__free_unpacked
+                     (Tapio__V1__MemoryPressure *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__memory_pressure__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__io_error__init
+                     (Tapio__V1__IoError         *message)
+{
+  static const Tapio__V1__IoError init_value = TAPIO__V1__IO_ERROR__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__io_error__get_packed_size
+                     (const Tapio__V1__IoError *message)
+{
+  assert(message->base.descriptor == &tapio__v1__io_error__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__io_error__pack
+                     (const Tapio__V1__IoError *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__io_error__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__io_error__pack_to_buffer
+                     (const Tapio__V1__IoError *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__io_error__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__IoError *
+       tapio__v1__io_error__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__IoError *)
+     protobuf_c_message_unpack (&tapio__v1__io_error__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__io_error__free_unpacked
+                     (Tapio__V1__IoError *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__io_error__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   tapio__v1__event__init
                      (Tapio__V1__Event         *message)
 {
@@ -365,6 +815,102 @@ void   tapio__v1__event_batch__free_unpacked
   if(!message)
     return;
   assert(message->base.descriptor == &tapio__v1__event_batch__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__pod__labels_entry__init
+                     (Tapio__V1__Pod__LabelsEntry         *message)
+{
+  static const Tapio__V1__Pod__LabelsEntry init_value = TAPIO__V1__POD__LABELS_ENTRY__INIT;
+  *message = init_value;
+}
+void   tapio__v1__pod__init
+                     (Tapio__V1__Pod         *message)
+{
+  static const Tapio__V1__Pod init_value = TAPIO__V1__POD__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__pod__get_packed_size
+                     (const Tapio__V1__Pod *message)
+{
+  assert(message->base.descriptor == &tapio__v1__pod__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__pod__pack
+                     (const Tapio__V1__Pod *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__pod__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__pod__pack_to_buffer
+                     (const Tapio__V1__Pod *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__pod__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__Pod *
+       tapio__v1__pod__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__Pod *)
+     protobuf_c_message_unpack (&tapio__v1__pod__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__pod__free_unpacked
+                     (Tapio__V1__Pod *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__pod__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__inventory__init
+                     (Tapio__V1__Inventory         *message)
+{
+  static const Tapio__V1__Inventory init_value = TAPIO__V1__INVENTORY__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__inventory__get_packed_size
+                     (const Tapio__V1__Inventory *message)
+{
+  assert(message->base.descriptor == &tapio__v1__inventory__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__inventory__pack
+                     (const Tapio__V1__Inventory *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__inventory__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__inventory__pack_to_buffer
+                     (const Tapio__V1__Inventory *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__inventory__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__Inventory *
+       tapio__v1__inventory__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__Inventory *)
+     protobuf_c_message_unpack (&tapio__v1__inventory__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__inventory__free_unpacked
+                     (Tapio__V1__Inventory *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__inventory__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   tapio__v1__ack__init
@@ -1086,7 +1632,1115 @@ const ProtobufCMessageDescriptor tapio__v1__oom_kill__descriptor =
   (ProtobufCMessageInit) tapio__v1__oom_kill__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor tapio__v1__event__field_descriptors[10] =
+static const ProtobufCFieldDescriptor tapio__v1__tcp_connect__field_descriptors[8] =
+{
+  {
+    "saddr",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, saddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "daddr",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, daddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sport",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, sport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dport",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, dport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "outcome",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, outcome),
+    &tapio__v1__connect_outcome__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "latency_ns",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, latency_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "error",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, error),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpConnect, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__tcp_connect__field_indices_by_name[] = {
+  7,   /* field[7] = count */
+  1,   /* field[1] = daddr */
+  3,   /* field[3] = dport */
+  6,   /* field[6] = error */
+  5,   /* field[5] = latency_ns */
+  4,   /* field[4] = outcome */
+  0,   /* field[0] = saddr */
+  2,   /* field[2] = sport */
+};
+static const ProtobufCIntRange tapio__v1__tcp_connect__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor tapio__v1__tcp_connect__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.TcpConnect",
+  "TcpConnect",
+  "Tapio__V1__TcpConnect",
+  "tapio.v1",
+  sizeof(Tapio__V1__TcpConnect),
+  8,
+  tapio__v1__tcp_connect__field_descriptors,
+  tapio__v1__tcp_connect__field_indices_by_name,
+  1,  tapio__v1__tcp_connect__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__tcp_connect__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__tcp_listen__field_descriptors[3] =
+{
+  {
+    "addr",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpListen, addr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "port",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpListen, port),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "open",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpListen, open),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__tcp_listen__field_indices_by_name[] = {
+  0,   /* field[0] = addr */
+  2,   /* field[2] = open */
+  1,   /* field[1] = port */
+};
+static const ProtobufCIntRange tapio__v1__tcp_listen__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor tapio__v1__tcp_listen__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.TcpListen",
+  "TcpListen",
+  "Tapio__V1__TcpListen",
+  "tapio.v1",
+  sizeof(Tapio__V1__TcpListen),
+  3,
+  tapio__v1__tcp_listen__field_descriptors,
+  tapio__v1__tcp_listen__field_indices_by_name,
+  1,  tapio__v1__tcp_listen__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__tcp_listen__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__tcp_reset__field_descriptors[7] =
+{
+  {
+    "saddr",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, saddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "daddr",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, daddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sport",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, sport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dport",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, dport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sent",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, sent),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "state",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, state),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpReset, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__tcp_reset__field_indices_by_name[] = {
+  6,   /* field[6] = count */
+  1,   /* field[1] = daddr */
+  3,   /* field[3] = dport */
+  0,   /* field[0] = saddr */
+  4,   /* field[4] = sent */
+  2,   /* field[2] = sport */
+  5,   /* field[5] = state */
+};
+static const ProtobufCIntRange tapio__v1__tcp_reset__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 7 }
+};
+const ProtobufCMessageDescriptor tapio__v1__tcp_reset__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.TcpReset",
+  "TcpReset",
+  "Tapio__V1__TcpReset",
+  "tapio.v1",
+  sizeof(Tapio__V1__TcpReset),
+  7,
+  tapio__v1__tcp_reset__field_descriptors,
+  tapio__v1__tcp_reset__field_indices_by_name,
+  1,  tapio__v1__tcp_reset__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__tcp_reset__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__tcp_retransmit__field_descriptors[6] =
+{
+  {
+    "saddr",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, saddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "daddr",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, daddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sport",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, sport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dport",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, dport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpRetransmit, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__tcp_retransmit__field_indices_by_name[] = {
+  4,   /* field[4] = count */
+  1,   /* field[1] = daddr */
+  3,   /* field[3] = dport */
+  5,   /* field[5] = interval_ns */
+  0,   /* field[0] = saddr */
+  2,   /* field[2] = sport */
+};
+static const ProtobufCIntRange tapio__v1__tcp_retransmit__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 6 }
+};
+const ProtobufCMessageDescriptor tapio__v1__tcp_retransmit__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.TcpRetransmit",
+  "TcpRetransmit",
+  "Tapio__V1__TcpRetransmit",
+  "tapio.v1",
+  sizeof(Tapio__V1__TcpRetransmit),
+  6,
+  tapio__v1__tcp_retransmit__field_descriptors,
+  tapio__v1__tcp_retransmit__field_indices_by_name,
+  1,  tapio__v1__tcp_retransmit__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__tcp_retransmit__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__tcp_latency__field_descriptors[9] =
+{
+  {
+    "saddr",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, saddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "daddr",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, daddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sport",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, sport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dport",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, dport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "srtt_us",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, srtt_us),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "responses",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, responses),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "response_ns_total",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, response_ns_total),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "response_ns_max",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, response_ns_max),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__TcpLatency, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__tcp_latency__field_indices_by_name[] = {
+  1,   /* field[1] = daddr */
+  3,   /* field[3] = dport */
+  8,   /* field[8] = interval_ns */
+  7,   /* field[7] = response_ns_max */
+  6,   /* field[6] = response_ns_total */
+  5,   /* field[5] = responses */
+  0,   /* field[0] = saddr */
+  2,   /* field[2] = sport */
+  4,   /* field[4] = srtt_us */
+};
+static const ProtobufCIntRange tapio__v1__tcp_latency__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 9 }
+};
+const ProtobufCMessageDescriptor tapio__v1__tcp_latency__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.TcpLatency",
+  "TcpLatency",
+  "Tapio__V1__TcpLatency",
+  "tapio.v1",
+  sizeof(Tapio__V1__TcpLatency),
+  9,
+  tapio__v1__tcp_latency__field_descriptors,
+  tapio__v1__tcp_latency__field_indices_by_name,
+  1,  tapio__v1__tcp_latency__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__tcp_latency__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__packet_drop__field_descriptors[9] =
+{
+  {
+    "reason",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, reason),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "saddr",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, saddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "daddr",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, daddr),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sport",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, sport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dport",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, dport),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "protocol",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, protocol),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ifindex",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, ifindex),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__PacketDrop, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__packet_drop__field_indices_by_name[] = {
+  1,   /* field[1] = count */
+  3,   /* field[3] = daddr */
+  5,   /* field[5] = dport */
+  7,   /* field[7] = ifindex */
+  8,   /* field[8] = interval_ns */
+  6,   /* field[6] = protocol */
+  0,   /* field[0] = reason */
+  2,   /* field[2] = saddr */
+  4,   /* field[4] = sport */
+};
+static const ProtobufCIntRange tapio__v1__packet_drop__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 9 }
+};
+const ProtobufCMessageDescriptor tapio__v1__packet_drop__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.PacketDrop",
+  "PacketDrop",
+  "Tapio__V1__PacketDrop",
+  "tapio.v1",
+  sizeof(Tapio__V1__PacketDrop),
+  9,
+  tapio__v1__packet_drop__field_descriptors,
+  tapio__v1__packet_drop__field_indices_by_name,
+  1,  tapio__v1__packet_drop__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__packet_drop__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__dns__field_descriptors[8] =
+{
+  {
+    "name",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, name),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "qtype",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, qtype),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "rcode",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, rcode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "latency_ns",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, latency_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "server",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, server),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "server_port",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, server_port),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "id",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Dns, id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "answers",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_BYTES,
+    offsetof(Tapio__V1__Dns, n_answers),
+    offsetof(Tapio__V1__Dns, answers),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__dns__field_indices_by_name[] = {
+  7,   /* field[7] = answers */
+  6,   /* field[6] = id */
+  3,   /* field[3] = latency_ns */
+  0,   /* field[0] = name */
+  1,   /* field[1] = qtype */
+  2,   /* field[2] = rcode */
+  4,   /* field[4] = server */
+  5,   /* field[5] = server_port */
+};
+static const ProtobufCIntRange tapio__v1__dns__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor tapio__v1__dns__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.Dns",
+  "Dns",
+  "Tapio__V1__Dns",
+  "tapio.v1",
+  sizeof(Tapio__V1__Dns),
+  8,
+  tapio__v1__dns__field_descriptors,
+  tapio__v1__dns__field_indices_by_name,
+  1,  tapio__v1__dns__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__dns__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__cpu_throttle__field_descriptors[5] =
+{
+  {
+    "periods",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, periods),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "throttled_periods",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, throttled_periods),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "throttled_ns",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, throttled_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "cgroup",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, cgroup),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__cpu_throttle__field_indices_by_name[] = {
+  4,   /* field[4] = cgroup */
+  3,   /* field[3] = interval_ns */
+  0,   /* field[0] = periods */
+  2,   /* field[2] = throttled_ns */
+  1,   /* field[1] = throttled_periods */
+};
+static const ProtobufCIntRange tapio__v1__cpu_throttle__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor tapio__v1__cpu_throttle__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.CpuThrottle",
+  "CpuThrottle",
+  "Tapio__V1__CpuThrottle",
+  "tapio.v1",
+  sizeof(Tapio__V1__CpuThrottle),
+  5,
+  tapio__v1__cpu_throttle__field_descriptors,
+  tapio__v1__cpu_throttle__field_indices_by_name,
+  1,  tapio__v1__cpu_throttle__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__cpu_throttle__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__memory_pressure__field_descriptors[7] =
+{
+  {
+    "source",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, source),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "usage_bytes",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, usage_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "limit_bytes",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, limit_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "psi_some_avg10_permille",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, psi_some_avg10_permille),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "cgroup",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__MemoryPressure, cgroup),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__memory_pressure__field_indices_by_name[] = {
+  6,   /* field[6] = cgroup */
+  1,   /* field[1] = count */
+  5,   /* field[5] = interval_ns */
+  3,   /* field[3] = limit_bytes */
+  4,   /* field[4] = psi_some_avg10_permille */
+  0,   /* field[0] = source */
+  2,   /* field[2] = usage_bytes */
+};
+static const ProtobufCIntRange tapio__v1__memory_pressure__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 7 }
+};
+const ProtobufCMessageDescriptor tapio__v1__memory_pressure__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.MemoryPressure",
+  "MemoryPressure",
+  "Tapio__V1__MemoryPressure",
+  "tapio.v1",
+  sizeof(Tapio__V1__MemoryPressure),
+  7,
+  tapio__v1__memory_pressure__field_descriptors,
+  tapio__v1__memory_pressure__field_indices_by_name,
+  1,  tapio__v1__memory_pressure__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__memory_pressure__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__io_error__field_descriptors[4] =
+{
+  {
+    "error",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__IoError, error),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "syscall",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__IoError, syscall),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__IoError, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "interval_ns",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__IoError, interval_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__io_error__field_indices_by_name[] = {
+  2,   /* field[2] = count */
+  0,   /* field[0] = error */
+  3,   /* field[3] = interval_ns */
+  1,   /* field[1] = syscall */
+};
+static const ProtobufCIntRange tapio__v1__io_error__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 4 }
+};
+const ProtobufCMessageDescriptor tapio__v1__io_error__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.IoError",
+  "IoError",
+  "Tapio__V1__IoError",
+  "tapio.v1",
+  sizeof(Tapio__V1__IoError),
+  4,
+  tapio__v1__io_error__field_descriptors,
+  tapio__v1__io_error__field_indices_by_name,
+  1,  tapio__v1__io_error__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__io_error__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__event__field_descriptors[24] =
 {
   {
     "kind",
@@ -1173,6 +2827,54 @@ static const ProtobufCFieldDescriptor tapio__v1__event__field_descriptors[10] =
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
+    "netns",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Event, netns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "container_id",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Event, container_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pod",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Event, pod),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "namespace",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Event, namespace_),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
     "exec",
     16,
     PROTOBUF_C_LABEL_NONE,
@@ -1208,24 +2910,158 @@ static const ProtobufCFieldDescriptor tapio__v1__event__field_descriptors[10] =
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "tcp_connect",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, tcp_connect),
+    &tapio__v1__tcp_connect__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tcp_listen",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, tcp_listen),
+    &tapio__v1__tcp_listen__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tcp_reset",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, tcp_reset),
+    &tapio__v1__tcp_reset__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tcp_retransmit",
+    22,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, tcp_retransmit),
+    &tapio__v1__tcp_retransmit__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tcp_latency",
+    23,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, tcp_latency),
+    &tapio__v1__tcp_latency__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "packet_drop",
+    24,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, packet_drop),
+    &tapio__v1__packet_drop__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dns",
+    25,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, dns),
+    &tapio__v1__dns__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "cpu_throttle",
+    26,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, cpu_throttle),
+    &tapio__v1__cpu_throttle__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "memory_pressure",
+    27,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, memory_pressure),
+    &tapio__v1__memory_pressure__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "io_error",
+    28,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Event, detail_case),
+    offsetof(Tapio__V1__Event, io_error),
+    &tapio__v1__io_error__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned tapio__v1__event__field_indices_by_name[] = {
   6,   /* field[6] = cgroup_id */
   5,   /* field[5] = comm */
-  7,   /* field[7] = exec */
-  8,   /* field[8] = exit */
+  8,   /* field[8] = container_id */
+  21,   /* field[21] = cpu_throttle */
+  20,   /* field[20] = dns */
+  11,   /* field[11] = exec */
+  12,   /* field[12] = exit */
+  23,   /* field[23] = io_error */
   0,   /* field[0] = kind */
-  9,   /* field[9] = oom_kill */
+  22,   /* field[22] = memory_pressure */
+  10,   /* field[10] = namespace */
+  7,   /* field[7] = netns */
+  13,   /* field[13] = oom_kill */
+  19,   /* field[19] = packet_drop */
   2,   /* field[2] = pid */
+  9,   /* field[9] = pod */
   3,   /* field[3] = ppid */
+  14,   /* field[14] = tcp_connect */
+  18,   /* field[18] = tcp_latency */
+  15,   /* field[15] = tcp_listen */
+  16,   /* field[16] = tcp_reset */
+  17,   /* field[17] = tcp_retransmit */
   1,   /* field[1] = time_delta_ns */
   4,   /* field[4] = uid */
 };
 static const ProtobufCIntRange tapio__v1__event__number_ranges[2 + 1] =
 {
   { 1, 0 },
-  { 16, 7 },
-  { 0, 10 }
+  { 16, 11 },
+  { 0, 24 }
 };
 const ProtobufCMessageDescriptor tapio__v1__event__descriptor =
 {
@@ -1235,7 +3071,7 @@ const ProtobufCMessageDescriptor tapio__v1__event__descriptor =
   "Tapio__V1__Event",
   "tapio.v1",
   sizeof(Tapio__V1__Event),
-  10,
+  24,
   tapio__v1__event__field_descriptors,
   tapio__v1__event__field_indices_by_name,
   2,  tapio__v1__event__number_ranges,
@@ -1420,6 +3256,250 @@ const ProtobufCMessageDescriptor tapio__v1__event_batch__descriptor =
   tapio__v1__event_batch__field_indices_by_name,
   1,  tapio__v1__event_batch__number_ranges,
   (ProtobufCMessageInit) tapio__v1__event_batch__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__pod__labels_entry__field_descriptors[2] =
+{
+  {
+    "key",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod__LabelsEntry, key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod__LabelsEntry, value),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__pod__labels_entry__field_indices_by_name[] = {
+  0,   /* field[0] = key */
+  1,   /* field[1] = value */
+};
+static const ProtobufCIntRange tapio__v1__pod__labels_entry__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor tapio__v1__pod__labels_entry__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.Pod.LabelsEntry",
+  "LabelsEntry",
+  "Tapio__V1__Pod__LabelsEntry",
+  "tapio.v1",
+  sizeof(Tapio__V1__Pod__LabelsEntry),
+  2,
+  tapio__v1__pod__labels_entry__field_descriptors,
+  tapio__v1__pod__labels_entry__field_indices_by_name,
+  1,  tapio__v1__pod__labels_entry__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__pod__labels_entry__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__pod__field_descriptors[10] =
+{
+  {
+    "uid",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, uid),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "name",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "namespace",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, namespace_),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "node",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, node),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ips",
+    5,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Tapio__V1__Pod, n_ips),
+    offsetof(Tapio__V1__Pod, ips),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "service",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, service),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "owner_kind",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, owner_kind),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "owner_name",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__Pod, owner_name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "labels",
+    9,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Pod, n_labels),
+    offsetof(Tapio__V1__Pod, labels),
+    &tapio__v1__pod__labels_entry__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "container_ids",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Tapio__V1__Pod, n_container_ids),
+    offsetof(Tapio__V1__Pod, container_ids),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__pod__field_indices_by_name[] = {
+  9,   /* field[9] = container_ids */
+  4,   /* field[4] = ips */
+  8,   /* field[8] = labels */
+  1,   /* field[1] = name */
+  2,   /* field[2] = namespace */
+  3,   /* field[3] = node */
+  6,   /* field[6] = owner_kind */
+  7,   /* field[7] = owner_name */
+  5,   /* field[5] = service */
+  0,   /* field[0] = uid */
+};
+static const ProtobufCIntRange tapio__v1__pod__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 10 }
+};
+const ProtobufCMessageDescriptor tapio__v1__pod__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.Pod",
+  "Pod",
+  "Tapio__V1__Pod",
+  "tapio.v1",
+  sizeof(Tapio__V1__Pod),
+  10,
+  tapio__v1__pod__field_descriptors,
+  tapio__v1__pod__field_indices_by_name,
+  1,  tapio__v1__pod__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__pod__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__inventory__field_descriptors[1] =
+{
+  {
+    "pods",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Tapio__V1__Inventory, n_pods),
+    offsetof(Tapio__V1__Inventory, pods),
+    &tapio__v1__pod__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__inventory__field_indices_by_name[] = {
+  0,   /* field[0] = pods */
+};
+static const ProtobufCIntRange tapio__v1__inventory__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor tapio__v1__inventory__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.Inventory",
+  "Inventory",
+  "Tapio__V1__Inventory",
+  "tapio.v1",
+  sizeof(Tapio__V1__Inventory),
+  1,
+  tapio__v1__inventory__field_descriptors,
+  tapio__v1__inventory__field_indices_by_name,
+  1,  tapio__v1__inventory__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__inventory__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor tapio__v1__ack__field_descriptors[2] =
@@ -1906,5 +3986,41 @@ const ProtobufCEnumDescriptor tapio__v1__event_kind__descriptor =
   tapio__v1__event_kind__enum_values_by_name,
   1,
   tapio__v1__event_kind__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue tapio__v1__connect_outcome__enum_values_by_number[6] =
+{
+  { "CONNECT_OUTCOME_UNSPECIFIED", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_UNSPECIFIED", 0 },
+  { "CONNECT_OUTCOME_ESTABLISHED", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_ESTABLISHED", 1 },
+  { "CONNECT_OUTCOME_REFUSED", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_REFUSED", 2 },
+  { "CONNECT_OUTCOME_TIMEOUT", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_TIMEOUT", 3 },
+  { "CONNECT_OUTCOME_RESET", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_RESET", 4 },
+  { "CONNECT_OUTCOME_ERROR", "TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_ERROR", 5 },
+};
+static const ProtobufCIntRange tapio__v1__connect_outcome__value_ranges[] = {
+{0, 0},{0, 6}
+};
+static const ProtobufCEnumValueIndex tapio__v1__connect_outcome__enum_values_by_name[6] =
+{
+  { "CONNECT_OUTCOME_ERROR", 5 },
+  { "CONNECT_OUTCOME_ESTABLISHED", 1 },
+  { "CONNECT_OUTCOME_REFUSED", 2 },
+  { "CONNECT_OUTCOME_RESET", 4 },
+  { "CONNECT_OUTCOME_TIMEOUT", 3 },
+  { "CONNECT_OUTCOME_UNSPECIFIED", 0 },
+};
+const ProtobufCEnumDescriptor tapio__v1__connect_outcome__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "tapio.v1.ConnectOutcome",
+  "ConnectOutcome",
+  "Tapio__V1__ConnectOutcome",
+  "tapio.v1",
+  6,
+  tapio__v1__connect_outcome__enum_values_by_number,
+  6,
+  tapio__v1__connect_outcome__enum_values_by_name,
+  1,
+  tapio__v1__connect_outcome__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };

@@ -15,11 +15,13 @@ final class ServerContext: Sendable {
     let storage: NIOThreadPool
     let logger: Logger
     let version: String
+    let pods: PodDirectory
 
-    init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
+    init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
         self.configuration = configuration
         self.store = store
         self.registry = registry
+        self.pods = pods
         self.metrics = metrics
         self.storage = storage
         self.logger = logger
@@ -90,7 +92,9 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             case (.awaitingHello, .hello):
                 try handleHello(context: context, hello: Hello.decode(frame.payload))
             case (.streaming(let node, _), .eventBatch):
-                try handleBatch(context: context, node: node, batch: EventBatch.decode(frame.payload))
+                try handleBatch(context: context, node: node, batch: EventBatch.decode(frame.payload), payload: frame.payload)
+            case (.streaming(let node, _), .inventory):
+                try handleInventory(node: node, inventory: Inventory.decode(frame.payload))
             case (.streaming(let node, _), .timeSync):
                 let t4 = wallClockNs()
                 let sync = try TimeSync.decode(frame.payload)
@@ -192,7 +196,23 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func handleBatch(context: ChannelHandlerContext, node: String, batch: EventBatch) throws {
+    private func handleInventory(node: String, inventory: Inventory) throws {
+        // Pods belong to the node that reports them.
+        let pods = inventory.pods.map { p -> PodInfo in
+            var p = p
+            p.node = node
+            return p
+        }
+        server.pods.replace(node: node, pods: pods)
+        let store = server.store
+        let logger = self.logger
+        server.storage.submit { state in
+            guard case .active = state else { return }
+            do { try store.savePods(node: node, pods: pods) } catch { logger.error("saving pods failed", metadata: ["error": "\(error)"]) }
+        }
+    }
+
+    private func handleBatch(context: ChannelHandlerContext, node: String, batch: EventBatch, payload: [UInt8]) throws {
         guard batch.node == node else {
             throw WireError(.identityMismatch, "batch for node \(batch.node) on the connection of \(node)")
         }
@@ -205,7 +225,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         server.storage.runIfActive(eventLoop: context.eventLoop) {
-            try store.append(batch, clock: correction, receivedNs: wallClockNs())
+            try store.append(batch, payload: payload, clock: correction, receivedNs: wallClockNs())
         }.whenComplete { result in
             let (handler, context) = loopBound.value
             handler.pendingStores -= 1

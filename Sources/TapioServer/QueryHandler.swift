@@ -96,6 +96,7 @@ struct QueryExecutor {
         switch request.method {
         case "events": return try events(request.params)
         case "nodes": return try nodes()
+        case "pods": return pods()
         default: throw WireError(.badRequest, "unknown query method \(request.method)")
         }
     }
@@ -115,12 +116,40 @@ struct QueryExecutor {
             query.kind = kind
         }
         if let pid = try int64("pid") { query.pid = UInt32(truncatingIfNeeded: pid) }
+        query.pod = params["pod"]
+        query.namespace = params["namespace"]
         if let limit = try int64("limit") {
             guard limit > 0 else { throw WireError(.badRequest, "limit must be positive") }
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
         let events = try server.store.events(query)
-        return .object(["events": .array(events.map(\.json)), "count": .int(Int64(events.count))])
+        return .object(["events": .array(events.map { peerAttributed($0.json) }), "count": .int(Int64(events.count))])
+    }
+
+    /// Adds the pod, namespace and service behind `src_ip`/`dst_ip` (and a DNS
+    /// server) from the cluster-wide inventory: the other end of a connection
+    /// is usually on another node.
+    private func peerAttributed(_ event: JSONValue) -> JSONValue {
+        guard case .object(var o) = event else { return event }
+        for (field, prefix) in [("dst_ip", "dst"), ("src_ip", "src"), ("server", "server")] {
+            guard let ip = o[field]?.stringValue, let pod = server.pods.pod(ip: ip) else { continue }
+            o[prefix + "_pod"] = .string(pod.name)
+            o[prefix + "_namespace"] = .string(pod.namespace)
+            if !pod.service.isEmpty { o[prefix + "_service"] = .string(pod.service) }
+            o[prefix + "_node"] = .string(pod.node)
+        }
+        return .object(o)
+    }
+
+    private func pods() -> JSONValue {
+        .object(["pods": .array(server.pods.all().map { p in
+            .object([
+                "uid": .string(p.uid), "name": .string(p.name), "namespace": .string(p.namespace), "node": .string(p.node),
+                "ips": .array(p.ips.map { .string($0) }), "service": .string(p.service),
+                "owner_kind": .string(p.ownerKind), "owner_name": .string(p.ownerName),
+                "labels": .object(p.labels.mapValues { .string($0) }), "container_ids": .array(p.containerIds.map { .string($0) }),
+            ])
+        })])
     }
 
     private func nodes() throws -> JSONValue {

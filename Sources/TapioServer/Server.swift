@@ -19,6 +19,7 @@ public final class TapioServer: Sendable {
     public let configuration: ServerConfiguration
     public let metrics = ServerMetrics()
     public let registry: NodeRegistry
+    public let pods: PodDirectory
     public let store: any EventStore
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
@@ -44,6 +45,7 @@ public final class TapioServer: Sendable {
         self.logger = logger
         self.store = try SQLiteEventStore(directory: configuration.dataDirectory)
         self.registry = NodeRegistry(restoring: try store.nodes())
+        self.pods = PodDirectory(restoring: try store.pods())
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
     }
 
@@ -63,7 +65,7 @@ public final class TapioServer: Sendable {
         storage.start()
         queries.start()
         let sslContext = try makeTLSContext()
-        let context = ServerContext(configuration: configuration, store: store, registry: registry, metrics: metrics, storage: storage, logger: logger, version: Self.version)
+        let context = ServerContext(configuration: configuration, store: store, registry: registry, pods: pods, metrics: metrics, storage: storage, logger: logger, version: Self.version)
         let limits = configuration.limits
         let idle = TimeAmount.nanoseconds(limits.idleTimeout.nanoseconds)
 

@@ -19,6 +19,10 @@ public struct StoredEvent: Sendable, Equatable {
     public var uid: UInt32
     public var comm: String
     public var cgroupId: UInt64
+    public var netns: UInt32
+    public var containerId: String
+    public var pod: String
+    public var namespace: String
     public var detail: [String: JSONValue]
     public var epoch: UInt64
     public var sequence: UInt64
@@ -37,6 +41,10 @@ public struct StoredEvent: Sendable, Equatable {
         if kind == .processExec || kind == .processExit || uid != 0 { o["uid"] = .int(Int64(uid)) }
         if !comm.isEmpty { o["comm"] = .string(comm) }
         if cgroupId != 0 { o["cgroup_id"] = .int(Int64(bitPattern: cgroupId)) }
+        if netns != 0 { o["netns"] = .int(Int64(netns)) }
+        if !containerId.isEmpty { o["container_id"] = .string(containerId) }
+        if !pod.isEmpty { o["pod"] = .string(pod) }
+        if !namespace.isEmpty { o["namespace"] = .string(namespace) }
         return .object(o)
     }
 }
@@ -47,17 +55,22 @@ public struct EventQuery: Sendable, Equatable {
     public var node: String?
     public var kind: EventKind?
     public var pid: UInt32?
+    public var pod: String?
+    public var namespace: String?
     /// The most recent `limit` matching events are returned, oldest first.
     public var limit: Int
 
     public static let maximumLimit = 100_000
 
-    public init(sinceNs: Int64? = nil, untilNs: Int64? = nil, node: String? = nil, kind: EventKind? = nil, pid: UInt32? = nil, limit: Int = 1000) {
+    public init(sinceNs: Int64? = nil, untilNs: Int64? = nil, node: String? = nil, kind: EventKind? = nil, pid: UInt32? = nil,
+                pod: String? = nil, namespace: String? = nil, limit: Int = 1000) {
         self.sinceNs = sinceNs
         self.untilNs = untilNs
         self.node = node
         self.kind = kind
         self.pid = pid
+        self.pod = pod
+        self.namespace = namespace
         self.limit = limit
     }
 }
@@ -112,9 +125,9 @@ public struct ClockCorrection: Sendable, Equatable {
 /// to a store built for volume is an adapter, not a rewrite.
 public protocol EventStore: Sendable {
     /// Stores a batch durably (the call returns after the data is on disk).
-    /// Returns false when (node, epoch, sequence) was stored before: nothing
-    /// is written twice.
-    func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool
+    /// `payload` is the batch as it arrived, kept for replay. Returns false
+    /// when (node, epoch, sequence) was stored before: nothing is written twice.
+    func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64) throws -> Bool
     /// The highest stored sequence of (node, epoch), 0 when none.
     func highestSequence(node: String, epoch: UInt64) throws -> UInt64
     func events(_ query: EventQuery) throws -> [StoredEvent]
@@ -122,6 +135,27 @@ public protocol EventStore: Sendable {
     func nodes() throws -> [NodeRecord]
     /// Drop counters per node, summed over stream epochs: (kind, reason) → count.
     func drops(node: String) throws -> [DropCount]
+    /// Replaces the pods a node reported.
+    func savePods(node: String, pods: [PodInfo]) throws
+    /// Every pod any node reported, for the cluster-wide IP → pod map.
+    func pods() throws -> [PodInfo]
+    /// The durable log in arrival order: batches received at or after
+    /// `sinceNs`, as stored, with the clock placement applied at the time.
+    func batches(sinceNs: Int64, limit: Int) throws -> [RecordedBatch]
+}
+
+extension EventStore {
+    /// Stores a batch built in this process (encodes it for the log).
+    public func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
+        try append(batch, payload: batch.encoded(), clock: clock, receivedNs: receivedNs)
+    }
+}
+
+/// One batch as the log holds it, for replay.
+public struct RecordedBatch: Sendable, Equatable {
+    public var receivedNs: Int64
+    public var clock: ClockCorrection
+    public var batch: EventBatch
 }
 
 /// SQLite in WAL mode with `synchronous=FULL`: a committed transaction has
@@ -145,10 +179,14 @@ public final class SQLiteEventStore: EventStore {
 
         init(db: SQLiteDatabase) throws {
             self.db = db
-            insertBatch = try db.prepare("INSERT OR IGNORE INTO batches(node, epoch, seq, received_ns, events) VALUES (?, ?, ?, ?, ?)")
+            insertBatch = try db.prepare("""
+                INSERT OR IGNORE INTO batches(node, epoch, seq, received_ns, events, clock_offset_ns, clock_error_ns, payload)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """)
             insertEvent = try db.prepare("""
-                INSERT INTO events(time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                INSERT INTO events(time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq,
+                                   netns, container_id, pod, namespace)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """)
             upsertDrop = try db.prepare("""
                 INSERT INTO drops(node, epoch, kind, reason, count) VALUES (?, ?, ?, ?, ?)
@@ -170,15 +208,23 @@ public final class SQLiteEventStore: EventStore {
             CREATE TABLE IF NOT EXISTS batches(
                 node TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
                 received_ns INTEGER NOT NULL, events INTEGER NOT NULL,
-                PRIMARY KEY(node, epoch, seq)) WITHOUT ROWID;
+                clock_offset_ns INTEGER NOT NULL, clock_error_ns INTEGER NOT NULL, payload BLOB NOT NULL,
+                PRIMARY KEY(node, epoch, seq));
+            CREATE INDEX IF NOT EXISTS batches_received ON batches(received_ns);
             CREATE TABLE IF NOT EXISTS events(
                 id INTEGER PRIMARY KEY,
                 time_ns INTEGER NOT NULL, agent_time_ns INTEGER NOT NULL, time_err_ns INTEGER NOT NULL,
                 node TEXT NOT NULL, kind INTEGER NOT NULL,
                 pid INTEGER NOT NULL, ppid INTEGER NOT NULL, uid INTEGER NOT NULL,
                 comm TEXT NOT NULL, cgroup_id INTEGER NOT NULL, detail TEXT NOT NULL,
-                epoch INTEGER NOT NULL, seq INTEGER NOT NULL);
+                epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+                netns INTEGER NOT NULL, container_id TEXT NOT NULL, pod TEXT NOT NULL, namespace TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS events_time ON events(time_ns);
+            CREATE INDEX IF NOT EXISTS events_pod_time ON events(pod, time_ns);
+            CREATE TABLE IF NOT EXISTS pods(
+                node TEXT NOT NULL, uid TEXT NOT NULL, name TEXT NOT NULL, namespace TEXT NOT NULL,
+                ips TEXT NOT NULL, service TEXT NOT NULL, owner_kind TEXT NOT NULL, owner_name TEXT NOT NULL,
+                labels TEXT NOT NULL, container_ids TEXT NOT NULL, PRIMARY KEY(node, uid));
             CREATE INDEX IF NOT EXISTS events_node_time ON events(node, time_ns);
             CREATE INDEX IF NOT EXISTS events_kind_time ON events(kind, time_ns);
             CREATE TABLE IF NOT EXISTS drops(
@@ -196,7 +242,7 @@ public final class SQLiteEventStore: EventStore {
         reader = Mutex(ReadConnection(db: try SQLiteDatabase(path: path)))
     }
 
-    public func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
+    public func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
         try db.withLock { c in
             try c.db.transaction {
                 let b = c.insertBatch
@@ -206,6 +252,9 @@ public final class SQLiteEventStore: EventStore {
                 b.bind(3, Int64(bitPattern: batch.sequence))
                 b.bind(4, receivedNs)
                 b.bind(5, Int64(batch.events.count))
+                b.bind(6, clock.offsetNs)
+                b.bind(7, clock.errorNs)
+                b.bind(8, payload)
                 try b.step()
                 if c.db.changes == 0 { return false }
 
@@ -225,6 +274,10 @@ public final class SQLiteEventStore: EventStore {
                     e.bind(11, JSONValue.object(event.detailFields).serialized())
                     e.bind(12, Int64(bitPattern: batch.epoch))
                     e.bind(13, Int64(bitPattern: batch.sequence))
+                    e.bind(14, Int64(event.netns))
+                    e.bind(15, event.containerId)
+                    e.bind(16, event.pod)
+                    e.bind(17, event.namespace)
                     try e.step()
                 }
                 let d = c.upsertDrop
@@ -260,10 +313,13 @@ public final class SQLiteEventStore: EventStore {
         if let node = query.node { clauses.append("node = ?"); binds.append((Int32(binds.count + 1), node)) }
         if let kind = query.kind { clauses.append("kind = ?"); binds.append((Int32(binds.count + 1), Int64(kind.rawValue))) }
         if let pid = query.pid { clauses.append("pid = ?"); binds.append((Int32(binds.count + 1), Int64(pid))) }
+        if let pod = query.pod { clauses.append("pod = ?"); binds.append((Int32(binds.count + 1), pod)) }
+        if let namespace = query.namespace { clauses.append("namespace = ?"); binds.append((Int32(binds.count + 1), namespace)) }
         let whereSQL = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
         let limit = max(1, min(query.limit, EventQuery.maximumLimit))
         let sql = """
-            SELECT time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq
+            SELECT time_ns, agent_time_ns, time_err_ns, node, kind, pid, ppid, uid, comm, cgroup_id, detail, epoch, seq,
+                   netns, container_id, pod, namespace
             FROM events \(whereSQL) ORDER BY time_ns DESC, id DESC LIMIT \(limit)
             """
         return try reader.withLock { c in
@@ -280,7 +336,8 @@ public final class SQLiteEventStore: EventStore {
                     node: s.string(3), kind: EventKind(rawValue: UInt32(s.int64(4))) ?? .unspecified,
                     timeNs: s.int64(0), agentTimeNs: s.int64(1), timeErrorNs: s.int64(2),
                     pid: UInt32(truncatingIfNeeded: s.int64(5)), ppid: UInt32(truncatingIfNeeded: s.int64(6)), uid: UInt32(truncatingIfNeeded: s.int64(7)),
-                    comm: s.string(8), cgroupId: UInt64(bitPattern: s.int64(9)), detail: detail,
+                    comm: s.string(8), cgroupId: UInt64(bitPattern: s.int64(9)),
+                    netns: UInt32(truncatingIfNeeded: s.int64(13)), containerId: s.string(14), pod: s.string(15), namespace: s.string(16), detail: detail,
                     epoch: UInt64(bitPattern: s.int64(11)), sequence: UInt64(bitPattern: s.int64(12))))
             }
             return out.reversed()
@@ -342,6 +399,70 @@ public final class SQLiteEventStore: EventStore {
             var out: [DropCount] = []
             while try s.step() {
                 out.append(DropCount(kind: EventKind(rawValue: UInt32(s.int64(0))) ?? .unspecified, reason: s.string(1), count: UInt64(bitPattern: s.int64(2))))
+            }
+            return out
+        }
+    }
+
+    public func savePods(node: String, pods: [PodInfo]) throws {
+        try db.withLock { c in
+            try c.db.transaction {
+                let del = try c.db.prepare("DELETE FROM pods WHERE node = ?")
+                del.bind(1, node)
+                try del.step()
+                let ins = try c.db.prepare("""
+                    INSERT OR REPLACE INTO pods(node, uid, name, namespace, ips, service, owner_kind, owner_name, labels, container_ids)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """)
+                for p in pods {
+                    ins.reset()
+                    ins.bind(1, node)
+                    ins.bind(2, p.uid)
+                    ins.bind(3, p.name)
+                    ins.bind(4, p.namespace)
+                    ins.bind(5, p.ips.joined(separator: ","))
+                    ins.bind(6, p.service)
+                    ins.bind(7, p.ownerKind)
+                    ins.bind(8, p.ownerName)
+                    ins.bind(9, JSONValue.object(p.labels.mapValues { .string($0) }).serialized())
+                    ins.bind(10, p.containerIds.joined(separator: ","))
+                    try ins.step()
+                }
+            }
+        }
+    }
+
+    public func pods() throws -> [PodInfo] {
+        try reader.withLock { c in
+            let s = try c.db.prepare("""
+                SELECT node, uid, name, namespace, ips, service, owner_kind, owner_name, labels, container_ids FROM pods ORDER BY namespace, name
+                """)
+            var out: [PodInfo] = []
+            while try s.step() {
+                func list(_ text: String) -> [String] { text.isEmpty ? [] : text.split(separator: ",").map(String.init) }
+                var labels: [String: String] = [:]
+                if case .object(let o)? = try? JSONValue.parse(Array(s.string(8).utf8)) {
+                    for (k, v) in o { if let v = v.stringValue { labels[k] = v } }
+                }
+                out.append(PodInfo(uid: s.string(1), name: s.string(2), namespace: s.string(3), node: s.string(0), ips: list(s.string(4)),
+                                   service: s.string(5), ownerKind: s.string(6), ownerName: s.string(7), labels: labels, containerIds: list(s.string(9))))
+            }
+            return out
+        }
+    }
+
+    public func batches(sinceNs: Int64, limit: Int) throws -> [RecordedBatch] {
+        try reader.withLock { c in
+            let s = try c.db.prepare("""
+                SELECT received_ns, clock_offset_ns, clock_error_ns, payload FROM batches
+                WHERE received_ns >= ? ORDER BY received_ns, rowid LIMIT ?
+                """)
+            s.bind(1, sinceNs)
+            s.bind(2, Int64(max(1, limit)))
+            var out: [RecordedBatch] = []
+            while try s.step() {
+                out.append(RecordedBatch(receivedNs: s.int64(0), clock: ClockCorrection(offsetNs: s.int64(1), errorNs: s.int64(2)),
+                                         batch: try EventBatch.decode(s.blob(3))))
             }
             return out
         }

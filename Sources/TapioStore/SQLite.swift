@@ -90,6 +90,14 @@ final class SQLiteStatement {
         tapio_sqlite_bind_text(stmt, index, value, -1)
     }
 
+    func bind(_ index: Int32, _ value: [UInt8]) {
+        if value.isEmpty {
+            sqlite3_bind_zeroblob(stmt, index, 0)
+        } else {
+            _ = value.withUnsafeBytes { tapio_sqlite_bind_blob(stmt, index, $0.baseAddress, Int32($0.count)) }
+        }
+    }
+
     func bindNull(_ index: Int32) {
         sqlite3_bind_null(stmt, index)
     }
@@ -107,6 +115,12 @@ final class SQLiteStatement {
 
     func int64(_ column: Int32) -> Int64 {
         sqlite3_column_int64(stmt, column)
+    }
+
+    func blob(_ column: Int32) -> [UInt8] {
+        let n = Int(sqlite3_column_bytes(stmt, column))
+        guard n > 0, let p = sqlite3_column_blob(stmt, column) else { return [] }
+        return [UInt8](UnsafeRawBufferPointer(start: p, count: n))
     }
 
     func string(_ column: Int32) -> String {

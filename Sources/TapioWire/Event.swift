@@ -50,6 +50,16 @@ public struct TapioEvent: Sendable, Equatable {
         case exec(filename: String)
         case exit(exitCode: Int32, signal: Int32, coreDumped: Bool)
         case oomKill(victimPid: UInt32, victimComm: String, victimUid: UInt32, totalVmKb: UInt64, anonRssKb: UInt64, fileRssKb: UInt64)
+        case tcpConnect(flow: Flow, outcome: ConnectOutcome, latencyNs: UInt64, error: Int32, count: UInt32)
+        case tcpListen(address: IPAddress?, port: UInt16, open: Bool)
+        case tcpReset(flow: Flow, sent: Bool, state: UInt32, count: UInt32)
+        case tcpRetransmit(flow: Flow, count: UInt32, intervalNs: UInt64)
+        case tcpLatency(flow: Flow, srttUs: UInt32, responses: UInt32, responseNsTotal: UInt64, responseNsMax: UInt64, intervalNs: UInt64)
+        case packetDrop(reason: String, count: UInt32, flow: Flow, ipProtocol: UInt32, ifindex: UInt32, intervalNs: UInt64)
+        case dns(name: String, qtype: UInt32, rcode: Int32, latencyNs: UInt64, server: IPAddress?, serverPort: UInt16, id: UInt16, answers: [IPAddress])
+        case cpuThrottle(periods: UInt64, throttledPeriods: UInt64, throttledNs: UInt64, intervalNs: UInt64, cgroup: String)
+        case memoryPressure(source: String, count: UInt64, usageBytes: UInt64, limitBytes: UInt64, psiSomeAvg10Permille: UInt32, intervalNs: UInt64, cgroup: String)
+        case ioError(error: Int32, syscall: String, count: UInt32, intervalNs: UInt64)
     }
 
     public var kind: EventKind
@@ -61,9 +71,16 @@ public struct TapioEvent: Sendable, Equatable {
     public var comm: String
     /// cgroup v2 id (the inode number of the cgroup directory).
     public var cgroupId: UInt64
+    /// Network namespace inode, 0 when unknown.
+    public var netns: UInt32
+    /// Attribution, empty when unknown (a host process, or no metadata).
+    public var containerId: String
+    public var pod: String
+    public var namespace: String
     public var detail: Detail
 
-    public init(kind: EventKind, timeNs: Int64, pid: UInt32 = 0, ppid: UInt32 = 0, uid: UInt32 = 0, comm: String = "", cgroupId: UInt64 = 0, detail: Detail = .none) {
+    public init(kind: EventKind, timeNs: Int64, pid: UInt32 = 0, ppid: UInt32 = 0, uid: UInt32 = 0, comm: String = "", cgroupId: UInt64 = 0,
+                netns: UInt32 = 0, containerId: String = "", pod: String = "", namespace: String = "", detail: Detail = .none) {
         self.kind = kind
         self.timeNs = timeNs
         self.pid = pid
@@ -71,6 +88,10 @@ public struct TapioEvent: Sendable, Equatable {
         self.uid = uid
         self.comm = comm
         self.cgroupId = cgroupId
+        self.netns = netns
+        self.containerId = containerId
+        self.pod = pod
+        self.namespace = namespace
         self.detail = detail
     }
 
@@ -93,6 +114,62 @@ public struct TapioEvent: Sendable, Equatable {
                 "victim_pid": .int(Int64(victimPid)), "victim_comm": .string(victimComm), "victim_uid": .int(Int64(victimUid)),
                 "total_vm_kb": .int(Int64(totalVmKb)), "anon_rss_kb": .int(Int64(anonRssKb)), "file_rss_kb": .int(Int64(fileRssKb)),
             ]
+        case .tcpConnect(let flow, let outcome, let latencyNs, let error, let count):
+            var o = flow.jsonFields
+            o["outcome"] = .string(outcome.name)
+            o["latency_ns"] = .int(Int64(latencyNs))
+            o["count"] = .int(Int64(count))
+            if error != 0 { o["errno"] = .string(errnoName(error)) }
+            return o
+        case .tcpListen(let address, let port, let open):
+            var o: [String: JSONValue] = ["port": .int(Int64(port)), "state": .string(open ? "open" : "closed")]
+            if let address { o["ip"] = .string(address.description) }
+            return o
+        case .tcpReset(let flow, let sent, let state, let count):
+            var o = flow.jsonFields
+            o["direction"] = .string(sent ? "sent" : "received")
+            o["tcp_state"] = .int(Int64(state))
+            o["count"] = .int(Int64(count))
+            return o
+        case .tcpRetransmit(let flow, let count, let intervalNs):
+            var o = flow.jsonFields
+            o["count"] = .int(Int64(count))
+            o["interval_ns"] = .int(Int64(intervalNs))
+            return o
+        case .tcpLatency(let flow, let srttUs, let responses, let total, let maxNs, let intervalNs):
+            var o = flow.jsonFields
+            o["srtt_us"] = .int(Int64(srttUs))
+            o["responses"] = .int(Int64(responses))
+            o["response_ns_avg"] = .int(responses == 0 ? 0 : Int64(total / UInt64(responses)))
+            o["response_ns_max"] = .int(Int64(maxNs))
+            o["interval_ns"] = .int(Int64(intervalNs))
+            return o
+        case .packetDrop(let reason, let count, let flow, let proto, let ifindex, let intervalNs):
+            var o = flow.jsonFields
+            o["reason"] = .string(reason)
+            o["count"] = .int(Int64(count))
+            o["protocol"] = .string(ipProtocolName(proto))
+            o["ifindex"] = .int(Int64(ifindex))
+            o["interval_ns"] = .int(Int64(intervalNs))
+            return o
+        case .dns(let name, let qtype, let rcode, let latencyNs, let server, let serverPort, let id, let answers):
+            var o: [String: JSONValue] = [
+                "name": .string(name), "qtype": .string(dnsTypeName(qtype)), "rcode": .string(dnsRcodeName(rcode)),
+                "outcome": .string(rcode < 0 ? "timeout" : "answer"), "latency_ns": .int(Int64(latencyNs)),
+                "id": .int(Int64(id)), "answers": .array(answers.map { .string($0.description) }),
+            ]
+            if let server { o["server"] = .string(server.description); o["server_port"] = .int(Int64(serverPort)) }
+            return o
+        case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup):
+            return ["periods": .int(Int64(periods)), "throttled_periods": .int(Int64(throttledPeriods)),
+                    "throttled_ns": .int(Int64(throttledNs)), "interval_ns": .int(Int64(intervalNs)), "cgroup": .string(cgroup)]
+        case .memoryPressure(let source, let count, let usage, let limit, let psi, let intervalNs, let cgroup):
+            return ["source": .string(source), "count": .int(Int64(count)), "usage_bytes": .int(Int64(usage)),
+                    "limit_bytes": .int(Int64(limit)), "psi_some_avg10": .double(Double(psi) / 10), "interval_ns": .int(Int64(intervalNs)),
+                    "cgroup": .string(cgroup)]
+        case .ioError(let error, let syscall, let count, let intervalNs):
+            return ["errno": .string(errnoName(error)), "error_code": .int(Int64(error)), "syscall": .string(syscall),
+                    "count": .int(Int64(count)), "interval_ns": .int(Int64(intervalNs))]
         }
     }
 }

@@ -24,6 +24,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case queryResponse = 8
     case error = 9
     case goodbye = 10
+    case inventory = 11
 }
 
 public enum FrameError: Error, Equatable, CustomStringConvertible {

@@ -25,6 +25,18 @@ final class CArena {
         return raw.bindMemory(to: T.self, capacity: max(count, 1))
     }
 
+    /// A protobuf `bytes` value pointing into arena memory.
+    func bytes(_ b: [UInt8]) -> ProtobufCBinaryData {
+        guard !b.isEmpty else { return ProtobufCBinaryData(len: 0, data: nil) }
+        let p = allocate(UInt8.self, count: b.count)
+        p.initialize(from: b, count: b.count)
+        return ProtobufCBinaryData(len: b.count, data: p)
+    }
+
+    func flow(_ f: Flow) -> (ProtobufCBinaryData, ProtobufCBinaryData, UInt32, UInt32) {
+        (bytes(f.source?.bytes ?? []), bytes(f.destination?.bytes ?? []), UInt32(f.sourcePort), UInt32(f.destinationPort))
+    }
+
     deinit {
         for b in blocks { free(b) }
     }
@@ -194,6 +206,10 @@ public struct EventBatch: Sendable, Equatable {
             ce.pointee.uid = e.uid
             ce.pointee.comm = ref(e.comm)
             ce.pointee.cgroup_id = e.cgroupId
+            ce.pointee.netns = e.netns
+            ce.pointee.container_id = ref(e.containerId)
+            ce.pointee.pod = ref(e.pod)
+            ce.pointee.namespace_ = ref(e.namespace)
             switch e.detail {
             case .none:
                 ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL__NOT_SET
@@ -219,6 +235,110 @@ public struct EventBatch: Sendable, Equatable {
                 ooms[i].file_rss_kb = fileRss
                 ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_OOM_KILL
                 ce.pointee.oom_kill = ooms + i
+            case .tcpConnect(let flow, let outcome, let latencyNs, let error, let count):
+                let d = arena.allocate(Tapio__V1__TcpConnect.self, count: 1)
+                tapio__v1__tcp_connect__init(d)
+                (d.pointee.saddr, d.pointee.daddr, d.pointee.sport, d.pointee.dport) = arena.flow(flow)
+                d.pointee.outcome = Tapio__V1__ConnectOutcome(rawValue: outcome.rawValue)
+                d.pointee.latency_ns = latencyNs
+                d.pointee.error = error
+                d.pointee.count = count
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_TCP_CONNECT
+                ce.pointee.tcp_connect = d
+            case .tcpListen(let address, let port, let open):
+                let d = arena.allocate(Tapio__V1__TcpListen.self, count: 1)
+                tapio__v1__tcp_listen__init(d)
+                d.pointee.addr = arena.bytes(address?.bytes ?? [])
+                d.pointee.port = UInt32(port)
+                d.pointee.open = open ? 1 : 0
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_TCP_LISTEN
+                ce.pointee.tcp_listen = d
+            case .tcpReset(let flow, let sent, let state, let count):
+                let d = arena.allocate(Tapio__V1__TcpReset.self, count: 1)
+                tapio__v1__tcp_reset__init(d)
+                (d.pointee.saddr, d.pointee.daddr, d.pointee.sport, d.pointee.dport) = arena.flow(flow)
+                d.pointee.sent = sent ? 1 : 0
+                d.pointee.state = state
+                d.pointee.count = count
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_TCP_RESET
+                ce.pointee.tcp_reset = d
+            case .tcpRetransmit(let flow, let count, let intervalNs):
+                let d = arena.allocate(Tapio__V1__TcpRetransmit.self, count: 1)
+                tapio__v1__tcp_retransmit__init(d)
+                (d.pointee.saddr, d.pointee.daddr, d.pointee.sport, d.pointee.dport) = arena.flow(flow)
+                d.pointee.count = count
+                d.pointee.interval_ns = intervalNs
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_TCP_RETRANSMIT
+                ce.pointee.tcp_retransmit = d
+            case .tcpLatency(let flow, let srttUs, let responses, let total, let maxNs, let intervalNs):
+                let d = arena.allocate(Tapio__V1__TcpLatency.self, count: 1)
+                tapio__v1__tcp_latency__init(d)
+                (d.pointee.saddr, d.pointee.daddr, d.pointee.sport, d.pointee.dport) = arena.flow(flow)
+                d.pointee.srtt_us = srttUs
+                d.pointee.responses = responses
+                d.pointee.response_ns_total = total
+                d.pointee.response_ns_max = maxNs
+                d.pointee.interval_ns = intervalNs
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_TCP_LATENCY
+                ce.pointee.tcp_latency = d
+            case .packetDrop(let reason, let count, let flow, let proto, let ifindex, let intervalNs):
+                let d = arena.allocate(Tapio__V1__PacketDrop.self, count: 1)
+                tapio__v1__packet_drop__init(d)
+                d.pointee.reason = ref(reason)
+                d.pointee.count = count
+                (d.pointee.saddr, d.pointee.daddr, d.pointee.sport, d.pointee.dport) = arena.flow(flow)
+                d.pointee.protocol = proto
+                d.pointee.ifindex = ifindex
+                d.pointee.interval_ns = intervalNs
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_PACKET_DROP
+                ce.pointee.packet_drop = d
+            case .dns(let name, let qtype, let rcode, let latencyNs, let server, let serverPort, let id, let answers):
+                let d = arena.allocate(Tapio__V1__Dns.self, count: 1)
+                tapio__v1__dns__init(d)
+                d.pointee.name = ref(name)
+                d.pointee.qtype = qtype
+                d.pointee.rcode = rcode
+                d.pointee.latency_ns = latencyNs
+                d.pointee.server = arena.bytes(server?.bytes ?? [])
+                d.pointee.server_port = UInt32(serverPort)
+                d.pointee.id = UInt32(id)
+                let list = arena.allocate(ProtobufCBinaryData.self, count: answers.count)
+                for (j, a) in answers.enumerated() { list[j] = arena.bytes(a.bytes) }
+                d.pointee.n_answers = answers.count
+                d.pointee.answers = list
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_DNS
+                ce.pointee.dns = d
+            case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup):
+                let d = arena.allocate(Tapio__V1__CpuThrottle.self, count: 1)
+                tapio__v1__cpu_throttle__init(d)
+                d.pointee.periods = periods
+                d.pointee.throttled_periods = throttledPeriods
+                d.pointee.throttled_ns = throttledNs
+                d.pointee.interval_ns = intervalNs
+                d.pointee.cgroup = ref(cgroup)
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_CPU_THROTTLE
+                ce.pointee.cpu_throttle = d
+            case .memoryPressure(let source, let count, let usage, let limit, let psi, let intervalNs, let cgroup):
+                let d = arena.allocate(Tapio__V1__MemoryPressure.self, count: 1)
+                tapio__v1__memory_pressure__init(d)
+                d.pointee.source = ref(source)
+                d.pointee.count = count
+                d.pointee.usage_bytes = usage
+                d.pointee.limit_bytes = limit
+                d.pointee.psi_some_avg10_permille = psi
+                d.pointee.interval_ns = intervalNs
+                d.pointee.cgroup = ref(cgroup)
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_MEMORY_PRESSURE
+                ce.pointee.memory_pressure = d
+            case .ioError(let error, let syscall, let count, let intervalNs):
+                let d = arena.allocate(Tapio__V1__IoError.self, count: 1)
+                tapio__v1__io_error__init(d)
+                d.pointee.error = error
+                d.pointee.syscall = ref(syscall)
+                d.pointee.count = count
+                d.pointee.interval_ns = intervalNs
+                ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_IO_ERROR
+                ce.pointee.io_error = d
             }
             cEventPtrs[i] = ce
         }
@@ -253,6 +373,20 @@ public struct EventBatch: Sendable, Equatable {
     public static func decode(_ bytes: [UInt8]) throws -> EventBatch {
         try unpackMessage(bytes, name: "EventBatch", unpack: { tapio__v1__event_batch__unpack(nil, $0, $1) }, free: { tapio__v1__event_batch__free_unpacked($0, nil) }) { m in
             let strings = (0..<m.n_strings).map { swiftString(m.strings[$0]) }
+            func address(_ b: ProtobufCBinaryData) throws -> IPAddress? {
+                if b.len == 0 { return nil }
+                guard let a = IPAddress(bytes: [UInt8](UnsafeBufferPointer(start: b.data, count: b.len))) else {
+                    throw MessageDecodeError("address of \(b.len) bytes")
+                }
+                return a
+            }
+            func port(_ p: UInt32) throws -> UInt16 {
+                guard let v = UInt16(exactly: p) else { throw MessageDecodeError("port \(p) out of range") }
+                return v
+            }
+            func flow(_ s: ProtobufCBinaryData, _ d: ProtobufCBinaryData, _ sp: UInt32, _ dp: UInt32) throws -> Flow {
+                Flow(source: try address(s), destination: try address(d), sourcePort: try port(sp), destinationPort: try port(dp))
+            }
             func lookup(_ r: UInt32) throws -> String {
                 if r == 0 { return "" }
                 guard Int(r) <= strings.count else { throw MessageDecodeError("string reference \(r) outside the table of \(strings.count)") }
@@ -275,10 +409,52 @@ public struct EventBatch: Sendable, Equatable {
                 case TAPIO__V1__EVENT__DETAIL_OOM_KILL:
                     let o = ce.oom_kill.pointee
                     detail = .oomKill(victimPid: o.victim_pid, victimComm: try lookup(o.victim_comm), victimUid: o.victim_uid, totalVmKb: o.total_vm_kb, anonRssKb: o.anon_rss_kb, fileRssKb: o.file_rss_kb)
+                case TAPIO__V1__EVENT__DETAIL_TCP_CONNECT:
+                    let d = ce.tcp_connect.pointee
+                    guard let outcome = ConnectOutcome(rawValue: d.outcome.rawValue) else { throw MessageDecodeError("unknown connect outcome \(d.outcome.rawValue)") }
+                    detail = .tcpConnect(flow: try flow(d.saddr, d.daddr, d.sport, d.dport), outcome: outcome, latencyNs: d.latency_ns, error: d.error, count: d.count)
+                case TAPIO__V1__EVENT__DETAIL_TCP_LISTEN:
+                    let d = ce.tcp_listen.pointee
+                    detail = .tcpListen(address: try address(d.addr), port: try port(d.port), open: d.open != 0)
+                case TAPIO__V1__EVENT__DETAIL_TCP_RESET:
+                    let d = ce.tcp_reset.pointee
+                    detail = .tcpReset(flow: try flow(d.saddr, d.daddr, d.sport, d.dport), sent: d.sent != 0, state: d.state, count: d.count)
+                case TAPIO__V1__EVENT__DETAIL_TCP_RETRANSMIT:
+                    let d = ce.tcp_retransmit.pointee
+                    detail = .tcpRetransmit(flow: try flow(d.saddr, d.daddr, d.sport, d.dport), count: d.count, intervalNs: d.interval_ns)
+                case TAPIO__V1__EVENT__DETAIL_TCP_LATENCY:
+                    let d = ce.tcp_latency.pointee
+                    detail = .tcpLatency(flow: try flow(d.saddr, d.daddr, d.sport, d.dport), srttUs: d.srtt_us, responses: d.responses,
+                                         responseNsTotal: d.response_ns_total, responseNsMax: d.response_ns_max, intervalNs: d.interval_ns)
+                case TAPIO__V1__EVENT__DETAIL_PACKET_DROP:
+                    let d = ce.packet_drop.pointee
+                    detail = .packetDrop(reason: try lookup(d.reason), count: d.count, flow: try flow(d.saddr, d.daddr, d.sport, d.dport),
+                                         ipProtocol: d.protocol, ifindex: d.ifindex, intervalNs: d.interval_ns)
+                case TAPIO__V1__EVENT__DETAIL_DNS:
+                    let d = ce.dns.pointee
+                    var answers: [IPAddress] = []
+                    for j in 0..<d.n_answers {
+                        guard let a = try address(d.answers[j]) else { throw MessageDecodeError("empty DNS answer address") }
+                        answers.append(a)
+                    }
+                    detail = .dns(name: try lookup(d.name), qtype: d.qtype, rcode: d.rcode, latencyNs: d.latency_ns, server: try address(d.server),
+                                  serverPort: try port(d.server_port), id: UInt16(truncatingIfNeeded: d.id), answers: answers)
+                case TAPIO__V1__EVENT__DETAIL_CPU_THROTTLE:
+                    let d = ce.cpu_throttle.pointee
+                    detail = .cpuThrottle(periods: d.periods, throttledPeriods: d.throttled_periods, throttledNs: d.throttled_ns, intervalNs: d.interval_ns, cgroup: try lookup(d.cgroup))
+                case TAPIO__V1__EVENT__DETAIL_MEMORY_PRESSURE:
+                    let d = ce.memory_pressure.pointee
+                    detail = .memoryPressure(source: try lookup(d.source), count: d.count, usageBytes: d.usage_bytes, limitBytes: d.limit_bytes,
+                                             psiSomeAvg10Permille: d.psi_some_avg10_permille, intervalNs: d.interval_ns, cgroup: try lookup(d.cgroup))
+                case TAPIO__V1__EVENT__DETAIL_IO_ERROR:
+                    let d = ce.io_error.pointee
+                    detail = .ioError(error: d.error, syscall: try lookup(d.syscall), count: d.count, intervalNs: d.interval_ns)
                 default:
                     detail = .none
                 }
-                events.append(TapioEvent(kind: kind, timeNs: time, pid: ce.pid, ppid: ce.ppid, uid: ce.uid, comm: try lookup(ce.comm), cgroupId: ce.cgroup_id, detail: detail))
+                events.append(TapioEvent(kind: kind, timeNs: time, pid: ce.pid, ppid: ce.ppid, uid: ce.uid, comm: try lookup(ce.comm), cgroupId: ce.cgroup_id,
+                                         netns: ce.netns, containerId: try lookup(ce.container_id), pod: try lookup(ce.pod), namespace: try lookup(ce.namespace_),
+                                         detail: detail))
             }
             var drops: [DropCount] = []
             for i in 0..<m.n_drops {
@@ -501,6 +677,105 @@ public struct QueryResponse: Sendable, Equatable {
         try unpackMessage(bytes, name: "QueryResponse", unpack: { tapio__v1__query_response__unpack(nil, $0, $1) }, free: { tapio__v1__query_response__free_unpacked($0, nil) }) { m in
             let json = m.json.len == 0 ? [] : [UInt8](UnsafeBufferPointer(start: m.json.data, count: m.json.len))
             return QueryResponse(status: m.status, error: swiftString(m.error), json: json)
+        }
+    }
+}
+
+// MARK: - Inventory
+
+/// A pod as the agent of its node knows it (from the Kubernetes API or a metadata file).
+public struct PodInfo: Sendable, Equatable, Hashable {
+    public var uid: String
+    public var name: String
+    public var namespace: String
+    public var node: String
+    public var ips: [String]
+    public var service: String
+    public var ownerKind: String
+    public var ownerName: String
+    public var labels: [String: String]
+    public var containerIds: [String]
+
+    public init(uid: String, name: String, namespace: String, node: String, ips: [String] = [], service: String = "", ownerKind: String = "", ownerName: String = "",
+                labels: [String: String] = [:], containerIds: [String] = []) {
+        self.uid = uid
+        self.name = name
+        self.namespace = namespace
+        self.node = node
+        self.ips = ips
+        self.service = service
+        self.ownerKind = ownerKind
+        self.ownerName = ownerName
+        self.labels = labels
+        self.containerIds = containerIds
+    }
+}
+
+/// Agent -> server: the complete set of pods on the agent's node.
+public struct Inventory: Sendable, Equatable {
+    public var pods: [PodInfo]
+
+    public init(pods: [PodInfo]) { self.pods = pods }
+
+    public func encoded() -> [UInt8] {
+        let arena = CArena()
+        var m = Tapio__V1__Inventory()
+        tapio__v1__inventory__init(&m)
+        let cPods = arena.allocate(Tapio__V1__Pod.self, count: pods.count)
+        let cPodPtrs = arena.allocate(UnsafeMutablePointer<Tapio__V1__Pod>?.self, count: pods.count)
+        func strings(_ list: [String]) -> UnsafeMutablePointer<UnsafeMutablePointer<CChar>?> {
+            let out = arena.allocate(UnsafeMutablePointer<CChar>?.self, count: list.count)
+            for (i, s) in list.enumerated() { out[i] = arena.string(s) }
+            return out
+        }
+        for (i, p) in pods.enumerated() {
+            let c = cPods + i
+            tapio__v1__pod__init(c)
+            c.pointee.uid = arena.string(p.uid)
+            c.pointee.name = arena.string(p.name)
+            c.pointee.namespace_ = arena.string(p.namespace)
+            c.pointee.node = arena.string(p.node)
+            c.pointee.n_ips = p.ips.count
+            c.pointee.ips = strings(p.ips)
+            c.pointee.service = arena.string(p.service)
+            c.pointee.owner_kind = arena.string(p.ownerKind)
+            c.pointee.owner_name = arena.string(p.ownerName)
+            let keys = p.labels.keys.sorted()
+            let entries = arena.allocate(Tapio__V1__Pod__LabelsEntry.self, count: keys.count)
+            let entryPtrs = arena.allocate(UnsafeMutablePointer<Tapio__V1__Pod__LabelsEntry>?.self, count: keys.count)
+            for (j, k) in keys.enumerated() {
+                tapio__v1__pod__labels_entry__init(entries + j)
+                entries[j].key = arena.string(k)
+                entries[j].value = arena.string(p.labels[k]!)
+                entryPtrs[j] = entries + j
+            }
+            c.pointee.n_labels = keys.count
+            c.pointee.labels = entryPtrs
+            c.pointee.n_container_ids = p.containerIds.count
+            c.pointee.container_ids = strings(p.containerIds)
+            cPodPtrs[i] = c
+        }
+        m.n_pods = pods.count
+        m.pods = cPodPtrs
+        return packMessage(&m, size: { tapio__v1__inventory__get_packed_size($0) }, pack: { tapio__v1__inventory__pack($0, $1) })
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws -> Inventory {
+        try unpackMessage(bytes, name: "Inventory", unpack: { tapio__v1__inventory__unpack(nil, $0, $1) }, free: { tapio__v1__inventory__free_unpacked($0, nil) }) { m in
+            var pods: [PodInfo] = []
+            for i in 0..<m.n_pods {
+                guard let p = m.pods[i]?.pointee else { throw MessageDecodeError("null pod") }
+                var labels: [String: String] = [:]
+                for j in 0..<p.n_labels {
+                    if let e = p.labels[j]?.pointee { labels[swiftString(e.key)] = swiftString(e.value) }
+                }
+                pods.append(PodInfo(
+                    uid: swiftString(p.uid), name: swiftString(p.name), namespace: swiftString(p.namespace_), node: swiftString(p.node),
+                    ips: (0..<p.n_ips).map { swiftString(p.ips[$0]) }, service: swiftString(p.service),
+                    ownerKind: swiftString(p.owner_kind), ownerName: swiftString(p.owner_name), labels: labels,
+                    containerIds: (0..<p.n_container_ids).map { swiftString(p.container_ids[$0]) }))
+            }
+            return Inventory(pods: pods)
         }
     }
 }

@@ -76,6 +76,57 @@ struct tapio_oom_info {
 	__u8 victim_comm[TAPIO_COMM_LEN];
 };
 
+/* Connection-level TCP facts. Addresses are in network order in the first 4
+ * (AF_INET) or 16 (AF_INET6) bytes; ports in host order. */
+enum tapio_tcp_op {
+	TAPIO_TCP_CONNECT = 1,  /* kind TCP_CONNECT: outcome, latency_ns, error */
+	TAPIO_TCP_LISTEN = 2,   /* kind TCP_LISTEN: state 1 open, 0 closed (saddr/sport = listen address) */
+	TAPIO_TCP_RESET = 3,    /* kind TCP_RESET: direction 1 sent, 0 received; state = socket state */
+};
+
+enum tapio_connect_outcome {
+	TAPIO_CONNECT_ESTABLISHED = 1,
+	TAPIO_CONNECT_REFUSED = 2,
+	TAPIO_CONNECT_TIMEOUT = 3,
+	TAPIO_CONNECT_RESET = 4,
+	TAPIO_CONNECT_ERROR = 5,
+};
+
+struct tapio_tcp_info {
+	__u16 family;    /* AF_INET 2, AF_INET6 10 */
+	__u16 sport;
+	__u16 dport;
+	__u8 op;         /* enum tapio_tcp_op */
+	__u8 outcome;    /* enum tapio_connect_outcome (connect) */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u64 latency_ns;
+	__s32 error;     /* sk_err (errno) at the end of a handshake */
+	__u32 netns;     /* network namespace inode */
+	__u32 count;     /* attempts folded into this record, >= 1 */
+	__u8 state;      /* listen: 1 open / 0 closed; reset: TCP state of the socket */
+	__u8 direction;  /* reset: 1 sent, 0 received */
+	__u16 _pad;
+};
+
+#define TAPIO_DNS_NAME_LEN 128
+
+/* One DNS answer matched to its query (or a query that got none). */
+struct tapio_dns_info {
+	__u16 family;
+	__u16 server_port;
+	__u16 id;
+	__u16 qtype;
+	__s32 rcode;     /* -1: no answer (timeout) */
+	__u32 netns;
+	__u64 latency_ns;
+	__u8 server[16];
+	__u8 answers[4][16]; /* up to four A/AAAA answers */
+	__u8 answer_families[4]; /* 0 unused, 2 A, 10 AAAA */
+	__u32 _pad;
+	__u8 name[TAPIO_DNS_NAME_LEN]; /* dotted, NUL-terminated */
+};
+
 struct tapio_event {
 	__u32 kind;      /* enum tapio_event_kind */
 	__u32 pid;       /* tgid of the task the event is about */
@@ -90,6 +141,8 @@ struct tapio_event {
 		struct tapio_exec_info exec;
 		struct tapio_exit_info exit;
 		struct tapio_oom_info oom;
+		struct tapio_tcp_info tcp;
+		struct tapio_dns_info dns;
 	} u;
 };
 
@@ -98,6 +151,8 @@ struct tapio_event {
 
 _Static_assert(sizeof(struct tapio_exit_info) == 16, "tapio_exit_info layout");
 _Static_assert(sizeof(struct tapio_oom_info) == 48, "tapio_oom_info layout");
+_Static_assert(sizeof(struct tapio_tcp_info) == 64, "tapio_tcp_info layout");
+_Static_assert(sizeof(struct tapio_dns_info) == 240, "tapio_dns_info layout");
 _Static_assert(__builtin_offsetof(struct tapio_event, comm) == 40, "tapio_event.comm offset");
 _Static_assert(__builtin_offsetof(struct tapio_event, u) == TAPIO_EVENT_HEADER_SIZE, "tapio_event.u offset");
 _Static_assert(sizeof(struct tapio_event) == TAPIO_EVENT_SIZE, "tapio_event size");

@@ -20,9 +20,22 @@ typedef struct Tapio__V1__HelloAck Tapio__V1__HelloAck;
 typedef struct Tapio__V1__ProcessExec Tapio__V1__ProcessExec;
 typedef struct Tapio__V1__ProcessExit Tapio__V1__ProcessExit;
 typedef struct Tapio__V1__OomKill Tapio__V1__OomKill;
+typedef struct Tapio__V1__TcpConnect Tapio__V1__TcpConnect;
+typedef struct Tapio__V1__TcpListen Tapio__V1__TcpListen;
+typedef struct Tapio__V1__TcpReset Tapio__V1__TcpReset;
+typedef struct Tapio__V1__TcpRetransmit Tapio__V1__TcpRetransmit;
+typedef struct Tapio__V1__TcpLatency Tapio__V1__TcpLatency;
+typedef struct Tapio__V1__PacketDrop Tapio__V1__PacketDrop;
+typedef struct Tapio__V1__Dns Tapio__V1__Dns;
+typedef struct Tapio__V1__CpuThrottle Tapio__V1__CpuThrottle;
+typedef struct Tapio__V1__MemoryPressure Tapio__V1__MemoryPressure;
+typedef struct Tapio__V1__IoError Tapio__V1__IoError;
 typedef struct Tapio__V1__Event Tapio__V1__Event;
 typedef struct Tapio__V1__DropCount Tapio__V1__DropCount;
 typedef struct Tapio__V1__EventBatch Tapio__V1__EventBatch;
+typedef struct Tapio__V1__Pod Tapio__V1__Pod;
+typedef struct Tapio__V1__Pod__LabelsEntry Tapio__V1__Pod__LabelsEntry;
+typedef struct Tapio__V1__Inventory Tapio__V1__Inventory;
 typedef struct Tapio__V1__Ack Tapio__V1__Ack;
 typedef struct Tapio__V1__TimeSync Tapio__V1__TimeSync;
 typedef struct Tapio__V1__Heartbeat Tapio__V1__Heartbeat;
@@ -56,6 +69,31 @@ typedef enum _Tapio__V1__EventKind {
   TAPIO__V1__EVENT_KIND__EVENT_KIND_IO_ERROR = 13
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(TAPIO__V1__EVENT_KIND)
 } Tapio__V1__EventKind;
+/*
+ * Addresses are 4 bytes (IPv4) or 16 bytes (IPv6), network order; ports are
+ * host-order integers.
+ */
+typedef enum _Tapio__V1__ConnectOutcome {
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_UNSPECIFIED = 0,
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_ESTABLISHED = 1,
+  /*
+   * RST answered the SYN (ECONNREFUSED)
+   */
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_REFUSED = 2,
+  /*
+   * SYN_SENT -> CLOSE without a RST (ETIMEDOUT, or the caller gave up)
+   */
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_TIMEOUT = 3,
+  /*
+   * ECONNRESET during the handshake
+   */
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_RESET = 4,
+  /*
+   * any other error, see TcpConnect.error
+   */
+  TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_ERROR = 5
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(TAPIO__V1__CONNECT_OUTCOME)
+} Tapio__V1__ConnectOutcome;
 
 /* --- messages --- */
 
@@ -173,11 +211,253 @@ struct  Tapio__V1__OomKill
     , 0, 0, 0, 0, 0, 0 }
 
 
+struct  Tapio__V1__TcpConnect
+{
+  ProtobufCMessage base;
+  ProtobufCBinaryData saddr;
+  ProtobufCBinaryData daddr;
+  uint32_t sport;
+  uint32_t dport;
+  Tapio__V1__ConnectOutcome outcome;
+  /*
+   * SYN sent -> outcome
+   */
+  uint64_t latency_ns;
+  /*
+   * sk_err at the end of the handshake (errno), 0 if none
+   */
+  int32_t error;
+  /*
+   * attempts folded into this event (same key, one interval); 1 when not aggregated
+   */
+  uint32_t count;
+};
+#define TAPIO__V1__TCP_CONNECT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__tcp_connect__descriptor) \
+    , {0,NULL}, {0,NULL}, 0, 0, TAPIO__V1__CONNECT_OUTCOME__CONNECT_OUTCOME_UNSPECIFIED, 0, 0, 0 }
+
+
+struct  Tapio__V1__TcpListen
+{
+  ProtobufCMessage base;
+  ProtobufCBinaryData addr;
+  uint32_t port;
+  /*
+   * true: now listening; false: listener closed
+   */
+  protobuf_c_boolean open;
+};
+#define TAPIO__V1__TCP_LISTEN__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__tcp_listen__descriptor) \
+    , {0,NULL}, 0, 0 }
+
+
+struct  Tapio__V1__TcpReset
+{
+  ProtobufCMessage base;
+  /*
+   * local
+   */
+  ProtobufCBinaryData saddr;
+  /*
+   * remote
+   */
+  ProtobufCBinaryData daddr;
+  uint32_t sport;
+  uint32_t dport;
+  /*
+   * true: we sent the RST; false: we received it
+   */
+  protobuf_c_boolean sent;
+  /*
+   * TCP state of the socket (linux/tcp_states.h), 0 when no socket
+   */
+  uint32_t state;
+  uint32_t count;
+};
+#define TAPIO__V1__TCP_RESET__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__tcp_reset__descriptor) \
+    , {0,NULL}, {0,NULL}, 0, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__TcpRetransmit
+{
+  ProtobufCMessage base;
+  ProtobufCBinaryData saddr;
+  ProtobufCBinaryData daddr;
+  uint32_t sport;
+  uint32_t dport;
+  /*
+   * retransmitted segments in the interval
+   */
+  uint32_t count;
+  uint64_t interval_ns;
+};
+#define TAPIO__V1__TCP_RETRANSMIT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__tcp_retransmit__descriptor) \
+    , {0,NULL}, {0,NULL}, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__TcpLatency
+{
+  ProtobufCMessage base;
+  ProtobufCBinaryData saddr;
+  ProtobufCBinaryData daddr;
+  uint32_t sport;
+  uint32_t dport;
+  /*
+   * smoothed RTT at the end of the interval
+   */
+  uint32_t srtt_us;
+  /*
+   * request -> response pairs seen in the interval
+   */
+  uint32_t responses;
+  /*
+   * their summed time (mean = total / responses)
+   */
+  uint64_t response_ns_total;
+  uint64_t response_ns_max;
+  uint64_t interval_ns;
+};
+#define TAPIO__V1__TCP_LATENCY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__tcp_latency__descriptor) \
+    , {0,NULL}, {0,NULL}, 0, 0, 0, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__PacketDrop
+{
+  ProtobufCMessage base;
+  /*
+   * string ref: the kernel's drop-reason name, e.g. NETFILTER_DROP
+   */
+  uint32_t reason;
+  uint32_t count;
+  ProtobufCBinaryData saddr;
+  ProtobufCBinaryData daddr;
+  uint32_t sport;
+  uint32_t dport;
+  /*
+   * IP protocol number
+   */
+  uint32_t protocol;
+  uint32_t ifindex;
+  uint64_t interval_ns;
+};
+#define TAPIO__V1__PACKET_DROP__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__packet_drop__descriptor) \
+    , 0, 0, {0,NULL}, {0,NULL}, 0, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__Dns
+{
+  ProtobufCMessage base;
+  /*
+   * string ref: the queried name
+   */
+  uint32_t name;
+  /*
+   * 1 A, 28 AAAA, ...
+   */
+  uint32_t qtype;
+  /*
+   * 0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN; -1 no answer (timeout)
+   */
+  int32_t rcode;
+  uint64_t latency_ns;
+  ProtobufCBinaryData server;
+  uint32_t server_port;
+  uint32_t id;
+  /*
+   * A/AAAA addresses in the answer
+   */
+  size_t n_answers;
+  ProtobufCBinaryData *answers;
+};
+#define TAPIO__V1__DNS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__dns__descriptor) \
+    , 0, 0, 0, 0, {0,NULL}, 0, 0, 0,NULL }
+
+
+struct  Tapio__V1__CpuThrottle
+{
+  ProtobufCMessage base;
+  /*
+   * CFS periods elapsed in the interval
+   */
+  uint64_t periods;
+  uint64_t throttled_periods;
+  uint64_t throttled_ns;
+  uint64_t interval_ns;
+  /*
+   * string ref: cgroup path
+   */
+  uint32_t cgroup;
+};
+#define TAPIO__V1__CPU_THROTTLE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__cpu_throttle__descriptor) \
+    , 0, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__MemoryPressure
+{
+  ProtobufCMessage base;
+  /*
+   * string ref: "limit" (failcnt/max events), "high", "reclaim", "psi"
+   */
+  uint32_t source;
+  /*
+   * events of that source in the interval
+   */
+  uint64_t count;
+  uint64_t usage_bytes;
+  uint64_t limit_bytes;
+  uint32_t psi_some_avg10_permille;
+  uint64_t interval_ns;
+  /*
+   * string ref: cgroup path
+   */
+  uint32_t cgroup;
+};
+#define TAPIO__V1__MEMORY_PRESSURE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__memory_pressure__descriptor) \
+    , 0, 0, 0, 0, 0, 0, 0 }
+
+
+struct  Tapio__V1__IoError
+{
+  ProtobufCMessage base;
+  /*
+   * errno, e.g. 28 ENOSPC
+   */
+  int32_t error;
+  /*
+   * string ref: write, pwrite64, writev, fsync, fdatasync, openat, ...
+   */
+  uint32_t syscall;
+  uint32_t count;
+  uint64_t interval_ns;
+};
+#define TAPIO__V1__IO_ERROR__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__io_error__descriptor) \
+    , 0, 0, 0, 0 }
+
+
 typedef enum {
   TAPIO__V1__EVENT__DETAIL__NOT_SET = 0,
   TAPIO__V1__EVENT__DETAIL_EXEC = 16,
   TAPIO__V1__EVENT__DETAIL_EXIT = 17,
-  TAPIO__V1__EVENT__DETAIL_OOM_KILL = 18
+  TAPIO__V1__EVENT__DETAIL_OOM_KILL = 18,
+  TAPIO__V1__EVENT__DETAIL_TCP_CONNECT = 19,
+  TAPIO__V1__EVENT__DETAIL_TCP_LISTEN = 20,
+  TAPIO__V1__EVENT__DETAIL_TCP_RESET = 21,
+  TAPIO__V1__EVENT__DETAIL_TCP_RETRANSMIT = 22,
+  TAPIO__V1__EVENT__DETAIL_TCP_LATENCY = 23,
+  TAPIO__V1__EVENT__DETAIL_PACKET_DROP = 24,
+  TAPIO__V1__EVENT__DETAIL_DNS = 25,
+  TAPIO__V1__EVENT__DETAIL_CPU_THROTTLE = 26,
+  TAPIO__V1__EVENT__DETAIL_MEMORY_PRESSURE = 27,
+  TAPIO__V1__EVENT__DETAIL_IO_ERROR = 28
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(TAPIO__V1__EVENT__DETAIL__CASE)
 } Tapio__V1__Event__DetailCase;
 
@@ -204,16 +484,42 @@ struct  Tapio__V1__Event
    * cgroup v2 id (inode of the cgroup directory)
    */
   uint64_t cgroup_id;
+  /*
+   * network namespace inode, 0 when unknown
+   */
+  uint32_t netns;
+  /*
+   * string ref
+   */
+  uint32_t container_id;
+  /*
+   * string ref: pod name
+   */
+  uint32_t pod;
+  /*
+   * string ref: Kubernetes namespace
+   */
+  uint32_t namespace_;
   Tapio__V1__Event__DetailCase detail_case;
   union {
     Tapio__V1__ProcessExec *exec;
     Tapio__V1__ProcessExit *exit;
     Tapio__V1__OomKill *oom_kill;
+    Tapio__V1__TcpConnect *tcp_connect;
+    Tapio__V1__TcpListen *tcp_listen;
+    Tapio__V1__TcpReset *tcp_reset;
+    Tapio__V1__TcpRetransmit *tcp_retransmit;
+    Tapio__V1__TcpLatency *tcp_latency;
+    Tapio__V1__PacketDrop *packet_drop;
+    Tapio__V1__Dns *dns;
+    Tapio__V1__CpuThrottle *cpu_throttle;
+    Tapio__V1__MemoryPressure *memory_pressure;
+    Tapio__V1__IoError *io_error;
   };
 };
 #define TAPIO__V1__EVENT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__event__descriptor) \
-    , TAPIO__V1__EVENT_KIND__EVENT_KIND_UNSPECIFIED, 0, 0, 0, 0, 0, 0, TAPIO__V1__EVENT__DETAIL__NOT_SET, {0} }
+    , TAPIO__V1__EVENT_KIND__EVENT_KIND_UNSPECIFIED, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, TAPIO__V1__EVENT__DETAIL__NOT_SET, {0} }
 
 
 /*
@@ -267,6 +573,61 @@ struct  Tapio__V1__EventBatch
 #define TAPIO__V1__EVENT_BATCH__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__event_batch__descriptor) \
     , (char *)protobuf_c_empty_string, 0, 0, 0, 0,NULL, 0,NULL, 0,NULL }
+
+
+struct  Tapio__V1__Pod__LabelsEntry
+{
+  ProtobufCMessage base;
+  char *key;
+  char *value;
+};
+#define TAPIO__V1__POD__LABELS_ENTRY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__pod__labels_entry__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+/*
+ * What an agent knows about the pods on its node, sent after hello and
+ * whenever it changes, so the server can map any pod IP in the cluster to its
+ * pod and service.
+ */
+struct  Tapio__V1__Pod
+{
+  ProtobufCMessage base;
+  char *uid;
+  char *name;
+  char *namespace_;
+  char *node;
+  size_t n_ips;
+  char **ips;
+  /*
+   * the Service (or app label) the pod serves, when known
+   */
+  char *service;
+  char *owner_kind;
+  char *owner_name;
+  size_t n_labels;
+  Tapio__V1__Pod__LabelsEntry **labels;
+  size_t n_container_ids;
+  char **container_ids;
+};
+#define TAPIO__V1__POD__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__pod__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL }
+
+
+struct  Tapio__V1__Inventory
+{
+  ProtobufCMessage base;
+  /*
+   * the complete set for this node (replaces the previous one)
+   */
+  size_t n_pods;
+  Tapio__V1__Pod **pods;
+};
+#define TAPIO__V1__INVENTORY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__inventory__descriptor) \
+    , 0,NULL }
 
 
 /*
@@ -478,6 +839,196 @@ Tapio__V1__OomKill *
 void   tapio__v1__oom_kill__free_unpacked
                      (Tapio__V1__OomKill *message,
                       ProtobufCAllocator *allocator);
+/* Tapio__V1__TcpConnect methods */
+void   tapio__v1__tcp_connect__init
+                     (Tapio__V1__TcpConnect         *message);
+size_t tapio__v1__tcp_connect__get_packed_size
+                     (const Tapio__V1__TcpConnect   *message);
+size_t tapio__v1__tcp_connect__pack
+                     (const Tapio__V1__TcpConnect   *message,
+                      uint8_t             *out);
+size_t tapio__v1__tcp_connect__pack_to_buffer
+                     (const Tapio__V1__TcpConnect   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__TcpConnect *
+       tapio__v1__tcp_connect__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__tcp_connect__free_unpacked
+                     (Tapio__V1__TcpConnect *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__TcpListen methods */
+void   tapio__v1__tcp_listen__init
+                     (Tapio__V1__TcpListen         *message);
+size_t tapio__v1__tcp_listen__get_packed_size
+                     (const Tapio__V1__TcpListen   *message);
+size_t tapio__v1__tcp_listen__pack
+                     (const Tapio__V1__TcpListen   *message,
+                      uint8_t             *out);
+size_t tapio__v1__tcp_listen__pack_to_buffer
+                     (const Tapio__V1__TcpListen   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__TcpListen *
+       tapio__v1__tcp_listen__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__tcp_listen__free_unpacked
+                     (Tapio__V1__TcpListen *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__TcpReset methods */
+void   tapio__v1__tcp_reset__init
+                     (Tapio__V1__TcpReset         *message);
+size_t tapio__v1__tcp_reset__get_packed_size
+                     (const Tapio__V1__TcpReset   *message);
+size_t tapio__v1__tcp_reset__pack
+                     (const Tapio__V1__TcpReset   *message,
+                      uint8_t             *out);
+size_t tapio__v1__tcp_reset__pack_to_buffer
+                     (const Tapio__V1__TcpReset   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__TcpReset *
+       tapio__v1__tcp_reset__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__tcp_reset__free_unpacked
+                     (Tapio__V1__TcpReset *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__TcpRetransmit methods */
+void   tapio__v1__tcp_retransmit__init
+                     (Tapio__V1__TcpRetransmit         *message);
+size_t tapio__v1__tcp_retransmit__get_packed_size
+                     (const Tapio__V1__TcpRetransmit   *message);
+size_t tapio__v1__tcp_retransmit__pack
+                     (const Tapio__V1__TcpRetransmit   *message,
+                      uint8_t             *out);
+size_t tapio__v1__tcp_retransmit__pack_to_buffer
+                     (const Tapio__V1__TcpRetransmit   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__TcpRetransmit *
+       tapio__v1__tcp_retransmit__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__tcp_retransmit__free_unpacked
+                     (Tapio__V1__TcpRetransmit *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__TcpLatency methods */
+void   tapio__v1__tcp_latency__init
+                     (Tapio__V1__TcpLatency         *message);
+size_t tapio__v1__tcp_latency__get_packed_size
+                     (const Tapio__V1__TcpLatency   *message);
+size_t tapio__v1__tcp_latency__pack
+                     (const Tapio__V1__TcpLatency   *message,
+                      uint8_t             *out);
+size_t tapio__v1__tcp_latency__pack_to_buffer
+                     (const Tapio__V1__TcpLatency   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__TcpLatency *
+       tapio__v1__tcp_latency__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__tcp_latency__free_unpacked
+                     (Tapio__V1__TcpLatency *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__PacketDrop methods */
+void   tapio__v1__packet_drop__init
+                     (Tapio__V1__PacketDrop         *message);
+size_t tapio__v1__packet_drop__get_packed_size
+                     (const Tapio__V1__PacketDrop   *message);
+size_t tapio__v1__packet_drop__pack
+                     (const Tapio__V1__PacketDrop   *message,
+                      uint8_t             *out);
+size_t tapio__v1__packet_drop__pack_to_buffer
+                     (const Tapio__V1__PacketDrop   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__PacketDrop *
+       tapio__v1__packet_drop__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__packet_drop__free_unpacked
+                     (Tapio__V1__PacketDrop *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__Dns methods */
+void   tapio__v1__dns__init
+                     (Tapio__V1__Dns         *message);
+size_t tapio__v1__dns__get_packed_size
+                     (const Tapio__V1__Dns   *message);
+size_t tapio__v1__dns__pack
+                     (const Tapio__V1__Dns   *message,
+                      uint8_t             *out);
+size_t tapio__v1__dns__pack_to_buffer
+                     (const Tapio__V1__Dns   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__Dns *
+       tapio__v1__dns__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__dns__free_unpacked
+                     (Tapio__V1__Dns *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__CpuThrottle methods */
+void   tapio__v1__cpu_throttle__init
+                     (Tapio__V1__CpuThrottle         *message);
+size_t tapio__v1__cpu_throttle__get_packed_size
+                     (const Tapio__V1__CpuThrottle   *message);
+size_t tapio__v1__cpu_throttle__pack
+                     (const Tapio__V1__CpuThrottle   *message,
+                      uint8_t             *out);
+size_t tapio__v1__cpu_throttle__pack_to_buffer
+                     (const Tapio__V1__CpuThrottle   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__CpuThrottle *
+       tapio__v1__cpu_throttle__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__cpu_throttle__free_unpacked
+                     (Tapio__V1__CpuThrottle *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__MemoryPressure methods */
+void   tapio__v1__memory_pressure__init
+                     (Tapio__V1__MemoryPressure         *message);
+size_t tapio__v1__memory_pressure__get_packed_size
+                     (const Tapio__V1__MemoryPressure   *message);
+size_t tapio__v1__memory_pressure__pack
+                     (const Tapio__V1__MemoryPressure   *message,
+                      uint8_t             *out);
+size_t tapio__v1__memory_pressure__pack_to_buffer
+                     (const Tapio__V1__MemoryPressure   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__MemoryPressure *
+       tapio__v1__memory_pressure__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__memory_pressure__free_unpacked
+                     (Tapio__V1__MemoryPressure *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__IoError methods */
+void   tapio__v1__io_error__init
+                     (Tapio__V1__IoError         *message);
+size_t tapio__v1__io_error__get_packed_size
+                     (const Tapio__V1__IoError   *message);
+size_t tapio__v1__io_error__pack
+                     (const Tapio__V1__IoError   *message,
+                      uint8_t             *out);
+size_t tapio__v1__io_error__pack_to_buffer
+                     (const Tapio__V1__IoError   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__IoError *
+       tapio__v1__io_error__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__io_error__free_unpacked
+                     (Tapio__V1__IoError *message,
+                      ProtobufCAllocator *allocator);
 /* Tapio__V1__Event methods */
 void   tapio__v1__event__init
                      (Tapio__V1__Event         *message);
@@ -534,6 +1085,47 @@ Tapio__V1__EventBatch *
                       const uint8_t       *data);
 void   tapio__v1__event_batch__free_unpacked
                      (Tapio__V1__EventBatch *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__Pod__LabelsEntry methods */
+void   tapio__v1__pod__labels_entry__init
+                     (Tapio__V1__Pod__LabelsEntry         *message);
+/* Tapio__V1__Pod methods */
+void   tapio__v1__pod__init
+                     (Tapio__V1__Pod         *message);
+size_t tapio__v1__pod__get_packed_size
+                     (const Tapio__V1__Pod   *message);
+size_t tapio__v1__pod__pack
+                     (const Tapio__V1__Pod   *message,
+                      uint8_t             *out);
+size_t tapio__v1__pod__pack_to_buffer
+                     (const Tapio__V1__Pod   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__Pod *
+       tapio__v1__pod__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__pod__free_unpacked
+                     (Tapio__V1__Pod *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__Inventory methods */
+void   tapio__v1__inventory__init
+                     (Tapio__V1__Inventory         *message);
+size_t tapio__v1__inventory__get_packed_size
+                     (const Tapio__V1__Inventory   *message);
+size_t tapio__v1__inventory__pack
+                     (const Tapio__V1__Inventory   *message,
+                      uint8_t             *out);
+size_t tapio__v1__inventory__pack_to_buffer
+                     (const Tapio__V1__Inventory   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__Inventory *
+       tapio__v1__inventory__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__inventory__free_unpacked
+                     (Tapio__V1__Inventory *message,
                       ProtobufCAllocator *allocator);
 /* Tapio__V1__Ack methods */
 void   tapio__v1__ack__init
@@ -688,6 +1280,36 @@ typedef void (*Tapio__V1__ProcessExit_Closure)
 typedef void (*Tapio__V1__OomKill_Closure)
                  (const Tapio__V1__OomKill *message,
                   void *closure_data);
+typedef void (*Tapio__V1__TcpConnect_Closure)
+                 (const Tapio__V1__TcpConnect *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__TcpListen_Closure)
+                 (const Tapio__V1__TcpListen *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__TcpReset_Closure)
+                 (const Tapio__V1__TcpReset *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__TcpRetransmit_Closure)
+                 (const Tapio__V1__TcpRetransmit *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__TcpLatency_Closure)
+                 (const Tapio__V1__TcpLatency *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__PacketDrop_Closure)
+                 (const Tapio__V1__PacketDrop *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__Dns_Closure)
+                 (const Tapio__V1__Dns *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__CpuThrottle_Closure)
+                 (const Tapio__V1__CpuThrottle *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__MemoryPressure_Closure)
+                 (const Tapio__V1__MemoryPressure *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__IoError_Closure)
+                 (const Tapio__V1__IoError *message,
+                  void *closure_data);
 typedef void (*Tapio__V1__Event_Closure)
                  (const Tapio__V1__Event *message,
                   void *closure_data);
@@ -696,6 +1318,15 @@ typedef void (*Tapio__V1__DropCount_Closure)
                   void *closure_data);
 typedef void (*Tapio__V1__EventBatch_Closure)
                  (const Tapio__V1__EventBatch *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__Pod__LabelsEntry_Closure)
+                 (const Tapio__V1__Pod__LabelsEntry *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__Pod_Closure)
+                 (const Tapio__V1__Pod *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__Inventory_Closure)
+                 (const Tapio__V1__Inventory *message,
                   void *closure_data);
 typedef void (*Tapio__V1__Ack_Closure)
                  (const Tapio__V1__Ack *message,
@@ -728,14 +1359,28 @@ typedef void (*Tapio__V1__QueryResponse_Closure)
 /* --- descriptors --- */
 
 extern const ProtobufCEnumDescriptor    tapio__v1__event_kind__descriptor;
+extern const ProtobufCEnumDescriptor    tapio__v1__connect_outcome__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__hello__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__hello_ack__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__process_exec__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__process_exit__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__oom_kill__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__tcp_connect__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__tcp_listen__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__tcp_reset__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__tcp_retransmit__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__tcp_latency__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__packet_drop__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__dns__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__cpu_throttle__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__memory_pressure__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__io_error__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__event__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__drop_count__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__event_batch__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__pod__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__pod__labels_entry__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__inventory__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__ack__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__time_sync__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__heartbeat__descriptor;
