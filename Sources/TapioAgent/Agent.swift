@@ -20,6 +20,8 @@ public final class Agent: Sendable {
         public var outbox = Outbox.Limits()
         /// How long shutdown waits for the last acknowledgement.
         public var shutdownGraceSeconds: Double = 5
+        /// The agent's clock; skewed only by the fault lab.
+        public var clock = AgentClock()
 
         public init(node: String, serverHost: String, serverPort: UInt16, tls: AgentTLSFiles) {
             self.node = node
@@ -39,7 +41,9 @@ public final class Agent: Sendable {
     public init(configuration: Configuration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
-        kernel = try KernelSource(configuration: configuration.kernel, logger: logger)
+        var kernelConfig = configuration.kernel
+        kernelConfig.clock = configuration.clock
+        kernel = try KernelSource(configuration: kernelConfig, logger: logger)
         for p in kernel.programs {
             if p.attached {
                 logger.info("BPF program running", metadata: ["program": "\(p.name)", "signal": "\(p.capability)"])
@@ -52,6 +56,7 @@ public final class Agent: Sendable {
             host: configuration.serverHost, port: configuration.serverPort, serverName: configuration.serverName, tls: configuration.tls,
             node: configuration.node, bootId: Agent.bootId(), capabilities: kernel.capabilities, degraded: kernel.degraded)
         senderConfig.connectTimeoutMs = 5000
+        senderConfig.clock = configuration.clock
         sender = Sender(configuration: senderConfig, outbox: outbox, logger: logger)
     }
 
@@ -61,7 +66,7 @@ public final class Agent: Sendable {
         stopRequested.wait()
         logger.info("stopping: draining the ring buffer and the outbox")
         kernel.stop()
-        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        outbox.sealIfDue(nowNs: configuration.clock.now(), force: true)
         sender.drainAndStop(graceSeconds: configuration.shutdownGraceSeconds)
         let left = outbox.unacknowledged
         if left > 0 {

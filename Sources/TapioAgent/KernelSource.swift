@@ -24,6 +24,10 @@ public final class KernelSource: @unchecked Sendable {
         public var cgroupRoot: String?
         public var disabledKinds: Set<EventKind> = []
         public var ringBufferBytes: UInt32 = 0
+        /// How often aggregated signals (maps, cgroup files) are harvested.
+        public var intervalNs: Int64 = 1_000_000_000
+        /// The agent's clock (the lab may skew it).
+        public var clock = AgentClock()
 
         public init(cgroupRoot: String? = nil) {
             self.cgroupRoot = cgroupRoot
@@ -31,16 +35,26 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     private let bpf: OpaquePointer
+    /// io_error; nil when it could not load (then reported as degraded).
+    private let io: OpaquePointer?
+    private let cgroups: CgroupWatcher
+    private let configuration: Configuration
     public let programs: [Program]
+    /// Fills attribution (container, pod, namespace) before an event is queued.
+    public let enrich: @Sendable (inout TapioEvent) -> Void
     private let stopFlag = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
-    private var clock = MonotonicToWall()
+    private var clock: MonotonicToWall
     private let logger: Logger
     private let eventCount = Atomic<UInt64>(0)
 
-    public init(configuration: Configuration, logger: Logger) throws {
+    public init(configuration: Configuration, logger: Logger, enrich: @escaping @Sendable (inout TapioEvent) -> Void = { _ in }) throws {
         self.logger = logger
+        self.configuration = configuration
+        self.enrich = enrich
+        clock = MonotonicToWall(offsetNs: configuration.clock.offsetNs)
         var config = tapio_bpf_config()
+        var relativeRoot = ""
         if let root = configuration.cgroupRoot {
             var id: UInt64 = 0
             var level: UInt32 = 0
@@ -48,7 +62,11 @@ public final class KernelSource: @unchecked Sendable {
             guard rc == 0 else { throw KernelSourceError("--cgroup-root \(root): not a cgroup2 directory (\(String(cString: strerror(-rc))))") }
             config.cgroup_root_id = id
             config.cgroup_root_level = level
+            relativeRoot = CgroupWatcher.Configuration.discover(relativeRoot: "").v2Mount.map { mount in
+                root.hasPrefix(mount) ? String(root.dropFirst(mount.count)) : ""
+            } ?? ""
         }
+        cgroups = CgroupWatcher(configuration: .discover(relativeRoot: relativeRoot))
         for kind in configuration.disabledKinds { config.kinds_disabled_mask |= 1 << kind.rawValue }
         config.ringbuf_bytes = configuration.ringBufferBytes
         let tracefs = tapio_bpf_ensure_tracefs()
@@ -68,10 +86,28 @@ public final class KernelSource: @unchecked Sendable {
                 attached: tapio_bpf_program_attached(handle, i) == 1,
                 error: String(cString: tapio_bpf_program_error(handle, i))))
         }
+        var ioConfig = tapio_io_config()
+        ioConfig.cgroup_root_id = config.cgroup_root_id
+        ioConfig.cgroup_root_level = config.cgroup_root_level
+        if configuration.disabledKinds.contains(.ioError) {
+            io = nil
+            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: false, error: "disabled by configuration"))
+        } else {
+            var ioErr = [CChar](repeating: 0, count: 1024)
+            io = tapio_io_open(&ioConfig, &ioErr, ioErr.count)
+            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: io != nil, error: io == nil ? String(cString: ioErr) : ""))
+        }
+        // Not BPF: counters the kernel keeps in cgroup files.
+        let watcher = cgroups.configuration
+        let cpuSource = watcher.v2Mount != nil || watcher.v1CPUMount != nil
+        let memorySource = watcher.v2Mount != nil || watcher.v1MemoryMount != nil
+        programs.append(Program(name: "cgroup cpu.stat", capability: "cpu_throttle", attached: cpuSource, error: cpuSource ? "" : "no cgroup cpu controller mounted"))
+        programs.append(Program(name: "cgroup memory files", capability: "memory_pressure", attached: memorySource, error: memorySource ? "" : "no cgroup memory controller mounted"))
         self.programs = programs
     }
 
     deinit {
+        tapio_io_close(io)
         tapio_bpf_close(bpf)
     }
 
@@ -79,16 +115,18 @@ public final class KernelSource: @unchecked Sendable {
     public var degraded: [String] { programs.filter { !$0.attached }.map { "\($0.capability): \($0.error)" } }
     public var eventsRead: UInt64 { eventCount.load(ordering: .relaxed) }
 
-    /// The kernel's cumulative drop counters.
+    /// The kernel's cumulative drop counters, summed over every BPF object.
     public func drops() -> [DropCount] {
         let slots = Int(TAPIO_KIND_MAX.rawValue) * Int(TAPIO_DROP_REASON_MAX.rawValue)
+        var total = [UInt64](repeating: 0, count: slots)
         var counts = [UInt64](repeating: 0, count: slots)
-        guard tapio_bpf_read_drops(bpf, &counts, slots) == 0 else { return [] }
+        if tapio_bpf_read_drops(bpf, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
+        if let io, tapio_io_read_drops(io, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         var out: [DropCount] = []
         for kindIndex in 0..<Int(TAPIO_KIND_MAX.rawValue) {
             guard let kind = EventKind(rawValue: UInt32(kindIndex)) else { continue }
-            for (reason, name) in [(TAPIO_DROP_RINGBUF_FULL, "ringbuf_full"), (TAPIO_DROP_RATE_LIMITED, "rate_limited")] {
-                let c = counts[kindIndex * Int(TAPIO_DROP_REASON_MAX.rawValue) + Int(reason.rawValue)]
+            for (reason, name) in [(TAPIO_DROP_RINGBUF_FULL, "ringbuf_full"), (TAPIO_DROP_RATE_LIMITED, "rate_limited"), (TAPIO_DROP_MAP_FULL, "map_full")] {
+                let c = total[kindIndex * Int(TAPIO_DROP_REASON_MAX.rawValue) + Int(reason.rawValue)]
                 if c > 0 { out.append(DropCount(kind: kind, reason: name, count: c)) }
             }
         }
@@ -126,6 +164,8 @@ public final class KernelSource: @unchecked Sendable {
         let opaque = Unmanaged.passUnretained(context).toOpaque()
         var lastResampleNs: Int64 = 0
         var lastDropsNs: Int64 = 0
+        var lastHarvestNs: Int64 = 0
+        _ = cgroups.scan(nowNs: configuration.clock.now())
         while true {
             let stopping = stopFlag.load(ordering: .relaxed)
             let now = monotonicNs()
@@ -140,14 +180,53 @@ public final class KernelSource: @unchecked Sendable {
                 logger.error("ring buffer poll failed", metadata: ["errno": "\(-rc)"])
                 Thread.sleep(forTimeInterval: 0.1)
             }
+            if now - lastHarvestNs >= configuration.intervalNs || stopping {
+                harvest(into: context, intervalNs: lastHarvestNs == 0 ? configuration.intervalNs : now - lastHarvestNs)
+                lastHarvestNs = now
+            }
             if now - lastDropsNs > 1_000_000_000 || stopping {
                 outbox.setKernelDrops(drops())
                 lastDropsNs = now
             }
-            outbox.sealIfDue(nowNs: wallClockNs())
+            outbox.sealIfDue(nowNs: configuration.clock.now())
             if stopping { break }
         }
         withExtendedLifetime(context) {}
+    }
+
+    /// Aggregated signals: the io_error map and the cgroup counters.
+    private func harvest(into context: PollContext, intervalNs: Int64) {
+        if let io {
+            let opaque = Unmanaged.passUnretained(context).toOpaque()
+            _ = tapio_io_harvest(io, { ctx, agg in
+                guard let ctx, let agg else { return 0 }
+                let context = Unmanaged<PollContext>.fromOpaque(ctx).takeUnretainedValue()
+                context.deliverIO(agg.pointee)
+                return 0
+            }, opaque)
+        }
+        for var event in cgroups.scan(nowNs: configuration.clock.now()) {
+            enrich(&event)
+            eventCount.add(1, ordering: .relaxed)
+            context.outbox.add(event)
+        }
+        lastIntervalNs = intervalNs
+    }
+
+    /// Length of the last harvest interval (ns), for aggregates' interval_ns.
+    fileprivate var lastIntervalNs: Int64 = 1_000_000_000
+
+    fileprivate func convertIO(_ agg: tapio_io_aggregate) -> TapioEvent {
+        var comm = agg.comm
+        let name = withUnsafeBytes(of: &comm) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        eventCount.add(1, ordering: .relaxed)
+        var event = TapioEvent(kind: .ioError, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: agg.first_ns)), pid: agg.pid, uid: agg.uid,
+                               comm: name, cgroupId: agg.cgroup_id,
+                               detail: .ioError(error: agg.error, syscall: String(cString: agg.syscall), count: agg.count, intervalNs: UInt64(lastIntervalNs)))
+        enrich(&event)
+        return event
     }
 
     fileprivate func convert(_ record: UnsafePointer<tapio_event>) -> TapioEvent? {
@@ -167,8 +246,10 @@ public final class KernelSource: @unchecked Sendable {
             break
         }
         eventCount.add(1, ordering: .relaxed)
-        return TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
-                          comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id, detail: detail)
+        var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
+                               comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id, detail: detail)
+        enrich(&event)
+        return event
     }
 }
 
@@ -201,21 +282,43 @@ extension KernelSource.PollContext: KernelSourcePollBridge {
     func deliver(_ record: UnsafePointer<tapio_event>) {
         if let event = source.convert(record) { outbox.add(event) }
     }
+
+    func deliverIO(_ aggregate: tapio_io_aggregate) {
+        outbox.add(source.convertIO(aggregate))
+    }
 }
 
 /// Converts CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time with an offset
 /// re-sampled every second, so a stepped or slewed wall clock is followed.
 struct MonotonicToWall {
     private var offsetNs: Int64 = 0
+    /// Added on top: the agent clock's deliberate skew (lab only).
+    private let skewNs: Int64
 
-    init() { resample() }
+    init(offsetNs skew: Int64 = 0) {
+        skewNs = skew
+        resample()
+    }
 
     mutating func resample() {
         var mono: Int64 = 0
         var real: Int64 = 0
         tapio_bpf_clock_pair(&mono, &real)
-        offsetNs = real - mono
+        offsetNs = real - mono + skewNs
     }
 
     func wall(fromMonotonic ns: Int64) -> Int64 { ns + offsetNs }
+}
+
+/// The agent's wall clock. `offsetNs` is zero in production; the fault lab
+/// sets it to make a node's clock wrong on purpose, so that the server's
+/// clock estimation can be seen to put events back in their true order.
+public struct AgentClock: Sendable {
+    public var offsetNs: Int64
+
+    public init(offsetNs: Int64 = 0) {
+        self.offsetNs = offsetNs
+    }
+
+    public func now() -> Int64 { wallClockNs() + offsetNs }
 }

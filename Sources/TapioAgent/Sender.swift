@@ -21,6 +21,8 @@ public final class Sender: Sendable {
         public var initialBackoffMs: Int = 100
         public var maximumBackoffMs: Int = 5000
         public var heartbeatIntervalNs: Int64 = 15_000_000_000
+        /// The clock stamped into time-sync answers (skewed only in the lab).
+        public var clock = AgentClock()
 
         public init(host: String, port: UInt16, serverName: String?, tls: AgentTLSFiles, node: String, bootId: String, capabilities: [String], degraded: [String]) {
             self.host = host
@@ -168,7 +170,7 @@ public final class Sender: Sendable {
                 lastWriteNs = monotonicNs()
             }
             if monotonicNs() - lastWriteNs > configuration.heartbeatIntervalNs {
-                try connection.send(.heartbeat, Heartbeat(timeNs: wallClockNs()).encoded())
+                try connection.send(.heartbeat, Heartbeat(timeNs: configuration.clock.now()).encoded())
                 lastWriteNs = monotonicNs()
             }
             if let frame = try connection.receive(timeoutMs: 20) {
@@ -184,10 +186,10 @@ public final class Sender: Sendable {
             let ack = try Ack.decode(frame.payload)
             outbox.acknowledge(epoch: ack.epoch, sequence: ack.sequence)
         case .timeSync:
-            let t2 = wallClockNs()
+            let t2 = configuration.clock.now()
             var sync = try TimeSync.decode(frame.payload)
             sync.t2 = t2
-            sync.t3 = wallClockNs()
+            sync.t3 = configuration.clock.now()
             try connection.send(.timeSync, sync.encoded())
             return true
         case .heartbeat:

@@ -34,6 +34,8 @@ struct AgentCommand: ParsableCommand {
     var batchMaxDelayMs = 200
     @Option(help: "Seconds to wait for the last acknowledgement on shutdown.")
     var shutdownGrace: Double = 5
+    @Option(help: ArgumentHelp("Shift this agent's clock by this many ms (fault lab only).", visibility: .hidden))
+    var labClockOffsetMs: Int64 = 0
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -61,6 +63,7 @@ struct AgentCommand: ParsableCommand {
         config.outbox.maxEvents = max(1, batchMaxEvents)
         config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
         config.shutdownGraceSeconds = shutdownGrace
+        config.clock = AgentClock(offsetNs: labClockOffsetMs * 1_000_000)
 
         signal(SIGTERM, SIG_IGN)
         signal(SIGINT, SIG_IGN)

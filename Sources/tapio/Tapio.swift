@@ -39,7 +39,7 @@ struct Tapio: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio",
         abstract: "Ask tapio-server about events, nodes and incidents; manage the development PKI.",
-        subcommands: [Events.self, Nodes.self, Certs.self])
+        subcommands: [Events.self, Nodes.self, Pods.self, Certs.self])
 
     /// `tapio --server X --tls-dir D events` is the documented form, with the
     /// connection options before the command; the parser wants them after it.
@@ -66,6 +66,10 @@ struct Events: ParsableCommand {
     var kind: String?
     @Option(help: "Only events of this pid.")
     var pid: UInt32?
+    @Option(help: "Only events attributed to this pod.")
+    var pod: String?
+    @Option(help: "Only events attributed to this Kubernetes namespace.")
+    var namespace: String?
     @Option(help: "At most this many (the most recent).")
     var limit = 1000
 
@@ -83,6 +87,8 @@ struct Events: ParsableCommand {
             params["kind"] = kind
         }
         if let pid { params["pid"] = String(pid) }
+        if let pod { params["pod"] = pod }
+        if let namespace { params["namespace"] = namespace }
         let doc = try connection.client().json("events", params)
         switch connection.output {
         case .json:
@@ -90,9 +96,10 @@ struct Events: ParsableCommand {
         case .table:
             let rows = (doc["events"]?.arrayValue ?? []).map { e -> [String] in
                 [e["time"]?.stringValue ?? "", e["node"]?.stringValue ?? "", e["kind"]?.stringValue ?? "",
-                 e["pid"]?.intValue.map(String.init) ?? "", e["comm"]?.stringValue ?? "", eventDetail(e)]
+                 e["pid"]?.intValue.map(String.init) ?? "", e["comm"]?.stringValue ?? "",
+                 e["pod"]?.stringValue.map { "\(e["namespace"]?.stringValue ?? "")/\($0)" } ?? "", eventDetail(e)]
             }
-            print(table(["TIME", "NODE", "KIND", "PID", "COMM", "DETAIL"], rows))
+            print(table(["TIME", "NODE", "KIND", "PID", "COMM", "POD", "DETAIL"], rows))
         }
     }
 }
@@ -118,6 +125,26 @@ struct Nodes: ParsableCommand {
                         (n["capabilities"]?.arrayValue?.count).map { "\($0) running, \(degraded) degraded" } ?? ""]
             }
             print(table(["NODE", "CONNECTED", "LAST SEEN", "CLOCK OFFSET", "EVENTS", "DROPS", "PROGRAMS"], rows))
+        }
+    }
+}
+
+struct Pods: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Pods the agents reported, with their IPs and services.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() throws {
+        let doc = try connection.client().json("pods")
+        switch connection.output {
+        case .json:
+            print(doc.serialized())
+        case .table:
+            let rows = (doc["pods"]?.arrayValue ?? []).map { p -> [String] in
+                [p["namespace"]?.stringValue ?? "", p["name"]?.stringValue ?? "", p["service"]?.stringValue ?? "", p["node"]?.stringValue ?? "",
+                 (p["ips"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")]
+            }
+            print(table(["NAMESPACE", "POD", "SERVICE", "NODE", "IPS"], rows))
         }
     }
 }
@@ -160,8 +187,41 @@ func eventDetail(_ e: JSONValue) -> String {
         return signal != 0 ? "signal=\(signal)" : "exit_code=\(e["exit_code"]?.intValue ?? 0)"
     case "oom_kill":
         return "victim=\(e["victim_pid"]?.intValue ?? 0) (\(e["victim_comm"]?.stringValue ?? "")) anon_rss=\(e["anon_rss_kb"]?.intValue ?? 0)kB"
+    case "tcp_connect":
+        let count = e["count"]?.intValue ?? 1
+        return "\(peer(e)) \(e["outcome"]?.stringValue ?? "")\(count > 1 ? " x\(count)" : "") \(ms(e["latency_ns"]))"
+    case "tcp_listen":
+        return "\(e["ip"]?.stringValue ?? "*"):\(e["port"]?.intValue ?? 0) \(e["state"]?.stringValue ?? "")"
+    case "tcp_reset":
+        return "\(peer(e)) \(e["direction"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 1)"
+    case "tcp_retransmit":
+        return "\(peer(e)) retransmits=\(e["count"]?.intValue ?? 0)"
+    case "tcp_latency":
+        return "\(peer(e)) srtt=\(e["srtt_us"]?.intValue ?? 0)us responses=\(e["responses"]?.intValue ?? 0) avg=\(ms(e["response_ns_avg"])) max=\(ms(e["response_ns_max"]))"
+    case "packet_drop":
+        return "\(e["reason"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0) \(e["protocol"]?.stringValue ?? "") \(peer(e))"
+    case "dns":
+        return "\(e["qtype"]?.stringValue ?? "") \(e["name"]?.stringValue ?? "") \(e["rcode"]?.stringValue ?? "") \(ms(e["latency_ns"]))"
+    case "cpu_throttle":
+        return "\(e["cgroup"]?.stringValue ?? "") throttled \(e["throttled_periods"]?.intValue ?? 0)/\(e["periods"]?.intValue ?? 0) periods, \(ms(e["throttled_ns"]))"
+    case "memory_pressure":
+        return "\(e["cgroup"]?.stringValue ?? "") \(e["source"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0) usage=\((e["usage_bytes"]?.intValue ?? 0) >> 20)MiB limit=\((e["limit_bytes"]?.intValue ?? 0) >> 20)MiB"
+    case "io_error":
+        return "\(e["syscall"]?.stringValue ?? "") \(e["errno"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0)"
     default: return ""
     }
+}
+
+/// "10.0.1.5:41000 → 10.0.2.7:6379 (redis)".
+func peer(_ e: JSONValue) -> String {
+    let src = "\(e["src_ip"]?.stringValue ?? "?"):\(e["src_port"]?.intValue ?? 0)"
+    var dst = "\(e["dst_ip"]?.stringValue ?? "?"):\(e["dst_port"]?.intValue ?? 0)"
+    if let service = e["dst_service"]?.stringValue ?? e["dst_pod"]?.stringValue { dst += " (\(service))" }
+    return "\(src) → \(dst)"
+}
+
+func ms(_ v: JSONValue?) -> String {
+    String(format: "%.3fms", Double(v?.intValue ?? 0) / 1e6)
 }
 
 /// "500ms", "30s", "5m", "2h", "1d" → ns.

@@ -22,7 +22,8 @@ final class KernelSourceTests: XCTestCase {
     func testProgramsLoadAndAttachInThisKernel() throws {
         try TestSupport.requireBPF()
         let source = try KernelSource(configuration: .init(), logger: Logger(label: "test"))
-        XCTAssertEqual(Set(source.capabilities), ["process_exec", "process_exit", "oom_kill"], "degraded: \(source.degraded)")
+        XCTAssertEqual(Set(source.capabilities), ["process_exec", "process_exit", "oom_kill", "io_error", "cpu_throttle", "memory_pressure"],
+                       "degraded: \(source.degraded)")
         XCTAssertTrue(source.degraded.isEmpty, "\(source.degraded)")
     }
 

@@ -53,7 +53,8 @@ enum tapio_event_kind {
 enum tapio_drop_reason {
 	TAPIO_DROP_RINGBUF_FULL = 0,
 	TAPIO_DROP_RATE_LIMITED = 1,
-	TAPIO_DROP_REASON_MAX = 2,
+	TAPIO_DROP_MAP_FULL = 2,       /* an aggregation map had no room for a new key */
+	TAPIO_DROP_REASON_MAX = 3,
 };
 
 struct tapio_exec_info {

@@ -1,0 +1,220 @@
+/* Loader for bpf/io.bpf.c (io_error). See include/tapio_io.h. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "tapio_io.h"
+#include "tapio_bpf.h"
+#include "io.skel.h"
+
+struct tapio_io_loader {
+	struct tapio_io *skel;
+};
+
+/* Storage syscalls of the architecture this agent was built for. */
+static const struct {
+	long nr;
+	const char *name;
+} tapio_io_syscalls[] = {
+#ifdef SYS_write
+	{SYS_write, "write"},
+#endif
+#ifdef SYS_pwrite64
+	{SYS_pwrite64, "pwrite64"},
+#endif
+#ifdef SYS_writev
+	{SYS_writev, "writev"},
+#endif
+#ifdef SYS_pwritev
+	{SYS_pwritev, "pwritev"},
+#endif
+#ifdef SYS_pwritev2
+	{SYS_pwritev2, "pwritev2"},
+#endif
+#ifdef SYS_fsync
+	{SYS_fsync, "fsync"},
+#endif
+#ifdef SYS_fdatasync
+	{SYS_fdatasync, "fdatasync"},
+#endif
+#ifdef SYS_sync_file_range
+	{SYS_sync_file_range, "sync_file_range"},
+#endif
+#ifdef SYS_fallocate
+	{SYS_fallocate, "fallocate"},
+#endif
+#ifdef SYS_open
+	{SYS_open, "open"},
+#endif
+#ifdef SYS_openat
+	{SYS_openat, "openat"},
+#endif
+#ifdef SYS_openat2
+	{SYS_openat2, "openat2"},
+#endif
+#ifdef SYS_creat
+	{SYS_creat, "creat"},
+#endif
+#ifdef SYS_mkdir
+	{SYS_mkdir, "mkdir"},
+#endif
+#ifdef SYS_mkdirat
+	{SYS_mkdirat, "mkdirat"},
+#endif
+#ifdef SYS_rename
+	{SYS_rename, "rename"},
+#endif
+#ifdef SYS_renameat2
+	{SYS_renameat2, "renameat2"},
+#endif
+#ifdef SYS_copy_file_range
+	{SYS_copy_file_range, "copy_file_range"},
+#endif
+#ifdef SYS_sendfile
+	{SYS_sendfile, "sendfile"},
+#endif
+#ifdef SYS_close
+	{SYS_close, "close"},
+#endif
+};
+
+static const char *tapio_io_syscall_name(uint32_t nr)
+{
+	size_t i;
+
+	for (i = 0; i < sizeof(tapio_io_syscalls) / sizeof(tapio_io_syscalls[0]); i++)
+		if ((uint32_t)tapio_io_syscalls[i].nr == nr)
+			return tapio_io_syscalls[i].name;
+	return "unknown";
+}
+
+tapio_io_loader *tapio_io_open(const tapio_io_config *config, char *err, size_t err_len)
+{
+	tapio_io_loader *io;
+	size_t i;
+	int rc;
+
+	io = calloc(1, sizeof(*io));
+	if (!io) {
+		snprintf(err, err_len, "out of memory");
+		return NULL;
+	}
+	io->skel = tapio_io__open();
+	if (!io->skel) {
+		snprintf(err, err_len, "open io.bpf.o: %s", strerror(errno));
+		free(io);
+		return NULL;
+	}
+	io->skel->rodata->cgroup_root_id = config->cgroup_root_id;
+	io->skel->rodata->cgroup_root_level = config->cgroup_root_level;
+	/* This object never uses the shared ring buffer: keep it one page. */
+	bpf_map__set_max_entries(io->skel->maps.events, 4096);
+	rc = tapio_io__load(io->skel);
+	if (rc) {
+		snprintf(err, err_len, "load io.bpf.o: %s", strerror(-rc));
+		goto fail;
+	}
+	for (i = 0; i < sizeof(tapio_io_syscalls) / sizeof(tapio_io_syscalls[0]); i++) {
+		uint32_t nr = (uint32_t)tapio_io_syscalls[i].nr;
+		uint8_t on = 1;
+
+		rc = bpf_map_update_elem(bpf_map__fd(io->skel->maps.io_syscalls), &nr, &on, BPF_ANY);
+		if (rc) {
+			snprintf(err, err_len, "register syscall %s: %s", tapio_io_syscalls[i].name, strerror(errno));
+			goto fail;
+		}
+	}
+	rc = tapio_io__attach(io->skel);
+	if (rc) {
+		snprintf(err, err_len, "attach tracepoint/raw_syscalls/sys_exit: %s", strerror(-rc));
+		goto fail;
+	}
+	return io;
+fail:
+	tapio_io__destroy(io->skel);
+	free(io);
+	return NULL;
+}
+
+int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
+{
+	int map = bpf_map__fd(io->skel->maps.io_errors);
+	struct tapio_io_key key, next, keys[256];
+	struct tapio_io_value value;
+	bool first;
+	int delivered = 0;
+	int n;
+
+	/* Collect a batch of keys, then move them out: deleting while walking
+	 * would restart the walk. Repeat while batches come back full. */
+	do {
+		n = 0;
+		first = true;
+		while (n < (int)(sizeof(keys) / sizeof(keys[0]))) {
+			if (bpf_map_get_next_key(map, first ? NULL : &key, &next))
+				break;
+			keys[n++] = next;
+			key = next;
+			first = false;
+		}
+		for (int i = 0; i < n; i++) {
+			struct tapio_io_aggregate agg;
+
+			/* Atomic on kernels >= 5.14; before that, look up then delete. */
+			if (bpf_map_lookup_and_delete_elem(map, &keys[i], &value) &&
+			    (bpf_map_lookup_elem(map, &keys[i], &value) || bpf_map_delete_elem(map, &keys[i])))
+				continue;
+			memset(&agg, 0, sizeof(agg));
+			agg.cgroup_id = keys[i].cgroup_id;
+			agg.pid = keys[i].pid;
+			agg.uid = value.uid;
+			agg.error = keys[i].error;
+			agg.count = value.count > UINT32_MAX ? UINT32_MAX : (uint32_t)value.count;
+			agg.first_ns = value.first_ns;
+			agg.last_ns = value.last_ns;
+			agg.syscall = tapio_io_syscall_name(keys[i].syscall_nr);
+			memcpy(agg.comm, value.comm, TAPIO_COMM_LEN);
+			delivered++;
+			if (fn(ctx, &agg))
+				return delivered;
+		}
+	} while (n == (int)(sizeof(keys) / sizeof(keys[0])));
+	return delivered;
+}
+
+int tapio_io_read_drops(tapio_io_loader *io, uint64_t *out, size_t slots)
+{
+	int fd = bpf_map__fd(io->skel->maps.drops);
+	int ncpu = libbpf_num_possible_cpus();
+	uint64_t *percpu;
+	uint32_t key;
+
+	if (ncpu <= 0)
+		return -EINVAL;
+	percpu = calloc((size_t)ncpu, sizeof(uint64_t));
+	if (!percpu)
+		return -ENOMEM;
+	for (key = 0; key < slots && key < TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX; key++) {
+		out[key] = 0;
+		if (bpf_map_lookup_elem(fd, &key, percpu))
+			continue;
+		for (int c = 0; c < ncpu; c++)
+			out[key] += percpu[c];
+	}
+	free(percpu);
+	return 0;
+}
+
+void tapio_io_close(tapio_io_loader *io)
+{
+	if (!io)
+		return;
+	tapio_io__destroy(io->skel);
+	free(io);
+}
