@@ -41,12 +41,14 @@ let package = Package(
 
         // Framing, messages and the event model shared by agent, server and CLI.
         .target(name: "TapioWire", dependencies: ["CTapioProto"]),
+        // Pod attribution: cgroup id/path → container → pod, from a PodList file or the Kubernetes API.
+        .target(name: "TapioAttribution", dependencies: ["TapioWire"]),
         // Durable event store behind a narrow interface (SQLite today).
         .target(name: "TapioStore", dependencies: ["TapioWire", "CSQLite"]),
         .target(
             name: "TapioAgent",
             dependencies: [
-                "TapioWire", "CTapioBPF", "CTapioTLS",
+                "TapioWire", "CTapioBPF", "CTapioTLS", "TapioAttribution",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -100,6 +102,7 @@ let package = Package(
         .target(name: "TapioTestSupport", dependencies: ["TapioClient"]),
 
         .testTarget(name: "TapioWireTests", dependencies: ["TapioWire", "TapioTestSupport"]),
+        .testTarget(name: "TapioAttributionTests", dependencies: ["TapioAttribution", "TapioWire", "TapioTestSupport"], resources: [.copy("Fixtures")]),
         .testTarget(name: "TapioStoreTests", dependencies: ["TapioStore", "TapioWire", "TapioTestSupport"]),
         .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(

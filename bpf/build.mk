@@ -5,7 +5,7 @@
 # root, where make runs. To add a program, create bpf/<name>.bpf.c and append
 # <name> to BPF_PROGRAMS.
 
-BPF_PROGRAMS := process dns io net
+BPF_PROGRAMS := process io net
 
 BPF_CLANG ?= clang
 BPFTOOL ?= bpftool
@@ -20,7 +20,7 @@ BPF_OUTPUT := bpf/.output
 BPF_SKEL_DIR := Sources/CTapioBPF/generated
 BPF_OBJECTS := $(patsubst %,$(BPF_OUTPUT)/%.bpf.o,$(BPF_PROGRAMS))
 BPF_SKELETONS := $(patsubst %,$(BPF_SKEL_DIR)/%.skel.h,$(BPF_PROGRAMS))
-BPF_HEADERS := $(wildcard bpf/*.h) Sources/CTapioBPF/include/tapio_events.h
+BPF_HEADERS := $(wildcard bpf/*.h) $(wildcard Sources/CTapioBPF/include/*.h)
 
 .PHONY: bpf bpf-clean
 

@@ -1,5 +1,7 @@
 import Foundation
 import Logging
+import TapioAttribution
+import Synchronization
 import TapioWire
 
 /// tapio-agent: kernel programs → outbox → sender. `run()` blocks until
@@ -22,6 +24,8 @@ public final class Agent: Sendable {
         public var shutdownGraceSeconds: Double = 5
         /// The agent's clock; skewed only by the fault lab.
         public var clock = AgentClock()
+        /// Pod metadata from a file in the Kubernetes API's PodList format.
+        public var metadataFile: String?
 
         public init(node: String, serverHost: String, serverPort: UInt16, tls: AgentTLSFiles) {
             self.node = node
@@ -35,6 +39,9 @@ public final class Agent: Sendable {
     public let kernel: KernelSource
     public let outbox: Outbox
     public let sender: Sender
+    public let pods: PodIndex
+    public let attributor: Attributor
+    private let metadata: MetadataFileSource?
     private let logger: Logger
     private let stopRequested = DispatchSemaphore(value: 0)
 
@@ -43,7 +50,30 @@ public final class Agent: Sendable {
         self.logger = logger
         var kernelConfig = configuration.kernel
         kernelConfig.clock = configuration.clock
-        kernel = try KernelSource(configuration: kernelConfig, logger: logger)
+        pods = PodIndex()
+        var resolver: CgroupIDResolver?
+        if let mount = CgroupMount.cgroup2MountPoint() {
+            var scope = "/"
+            if let root = configuration.kernel.cgroupRoot, root.hasPrefix(mount) { scope = String(root.dropFirst(mount.count)) }
+            resolver = CgroupIDResolver(configuration: .init(mountPoint: mount, scope: scope.isEmpty ? "/" : scope))
+        }
+        let attributor = Attributor(index: pods, resolver: resolver)
+        self.attributor = attributor
+        if let file = configuration.metadataFile {
+            let source = MetadataFileSource(path: file, index: pods)
+            do {
+                _ = try source.reloadIfChanged()
+            } catch {
+                throw KernelSourceError("--metadata-file \(file): \(error)")
+            }
+            metadata = source
+        } else {
+            metadata = nil
+        }
+        kernel = try KernelSource(configuration: kernelConfig, logger: logger) { event in
+            attributor.attribute(&event)
+            if event.kind == .processExit { attributor.processExited(pid: event.pid) }
+        }
         for p in kernel.programs {
             if p.attached {
                 logger.info("BPF program running", metadata: ["program": "\(p.name)", "signal": "\(p.capability)"])
@@ -61,9 +91,16 @@ public final class Agent: Sendable {
     }
 
     public func run() {
+        metadata?.start(interval: 1)
+        publishInventory()
         kernel.start(into: outbox)
         sender.start()
-        stopRequested.wait()
+        // Housekeeping until asked to stop: attribution caches, the inventory.
+        while stopRequested.wait(timeout: .now() + 1) == .timedOut {
+            attributor.sweep()
+            publishInventory()
+        }
+        metadata?.stop()
         logger.info("stopping: draining the ring buffer and the outbox")
         kernel.stop()
         outbox.sealIfDue(nowNs: configuration.clock.now(), force: true)
@@ -75,6 +112,25 @@ public final class Agent: Sendable {
         }
         let stats = outbox.stats
         logger.info("stopped", metadata: ["events_read": "\(kernel.eventsRead)", "batches_sealed": "\(stats.sealedBatches)", "batches_acked": "\(stats.ackedBatches)"])
+    }
+
+    private let inventoryGeneration = Mutex<UInt64>(.max)
+
+    /// Hands the sender this node's pods when they changed.
+    private func publishInventory() {
+        let generation = pods.generation
+        let changed = inventoryGeneration.withLock { last -> Bool in
+            defer { last = generation }
+            return last != generation
+        }
+        guard changed else { return }
+        let node = configuration.node
+        let list = pods.allPods.filter { $0.node.isEmpty || $0.node == node }.map { p in
+            TapioWire.PodInfo(uid: p.uid, name: p.name, namespace: p.namespace, node: node, ips: p.hostNetwork ? [] : p.ips,
+                              service: p.service, ownerKind: p.workload?.kind ?? p.owner?.kind ?? "", ownerName: p.workload?.name ?? p.owner?.name ?? "",
+                              labels: p.labels, containerIds: p.containers.compactMap(\.id))
+        }
+        sender.setInventory(Inventory(pods: list))
     }
 
     public func requestStop() {

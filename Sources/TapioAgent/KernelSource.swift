@@ -28,6 +28,8 @@ public final class KernelSource: @unchecked Sendable {
         public var intervalNs: Int64 = 1_000_000_000
         /// The agent's clock (the lab may skew it).
         public var clock = AgentClock()
+        /// Per-CPU, per-kind token bucket for network records and new aggregation keys (0: none).
+        public var netEventsPerSecond: UInt32 = 20_000
 
         public init(cgroupRoot: String? = nil) {
             self.cgroupRoot = cgroupRoot
@@ -37,6 +39,10 @@ public final class KernelSource: @unchecked Sendable {
     private let bpf: OpaquePointer
     /// io_error; nil when it could not load (then reported as degraded).
     private let io: OpaquePointer?
+    /// The TCP and packet-drop programs; nil when none could load.
+    private let net: OpaquePointer?
+    /// Network namespaces already allowed through the net programs' filter.
+    private var allowedNetns = Set<UInt32>()
     private let cgroups: CgroupWatcher
     private let configuration: Configuration
     public let programs: [Program]
@@ -75,7 +81,7 @@ public final class KernelSource: @unchecked Sendable {
         }
         var err = [CChar](repeating: 0, count: 1024)
         guard let handle = tapio_bpf_open(&config, &err, err.count) else {
-            throw KernelSourceError("loading BPF programs failed: \(String(cString: err))")
+            throw KernelSourceError("loading BPF programs failed: \(String(cBuffer: err))")
         }
         bpf = handle
         var programs: [Program] = []
@@ -95,7 +101,31 @@ public final class KernelSource: @unchecked Sendable {
         } else {
             var ioErr = [CChar](repeating: 0, count: 1024)
             io = tapio_io_open(&ioConfig, &ioErr, ioErr.count)
-            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: io != nil, error: io == nil ? String(cString: ioErr) : ""))
+            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: io != nil, error: io == nil ? String(cBuffer: ioErr) : ""))
+        }
+        var netConfig = tapio_net_config()
+        netConfig.cgroup_root_id = config.cgroup_root_id
+        netConfig.cgroup_root_level = config.cgroup_root_level
+        netConfig.kinds_disabled_mask = config.kinds_disabled_mask
+        // A node that is a cgroup subtree (the lab, or a pod-scoped agent) sees
+        // only the network namespaces its processes live in; drops without a
+        // socket are attributed by namespace alone.
+        netConfig.netns_filter = configuration.cgroupRoot == nil ? 0 : 1
+        netConfig.events_per_sec = configuration.netEventsPerSecond
+        netConfig.interval_ns = UInt64(configuration.intervalNs)
+        var netErr = [CChar](repeating: 0, count: 4096)
+        net = tapio_net_open(&netConfig, &netErr, netErr.count)
+        if let net {
+            for i in 0..<tapio_net_program_count(net) {
+                programs.append(Program(
+                    name: String(cString: tapio_net_program_name(net, i)), capability: String(cString: tapio_net_program_capability(net, i)),
+                    attached: tapio_net_program_attached(net, i) == 1, error: String(cString: tapio_net_program_error(net, i))))
+            }
+        } else {
+            let reason = String(cBuffer: netErr)
+            for capability in ["tcp_connect", "tcp_listen", "tcp_reset", "tcp_retransmit", "tcp_latency", "packet_drop"] {
+                programs.append(Program(name: "net.bpf.o", capability: capability, attached: false, error: reason))
+            }
         }
         // Not BPF: counters the kernel keeps in cgroup files.
         let watcher = cgroups.configuration
@@ -107,6 +137,7 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     deinit {
+        tapio_net_close(net)
         tapio_io_close(io)
         tapio_bpf_close(bpf)
     }
@@ -122,6 +153,7 @@ public final class KernelSource: @unchecked Sendable {
         var counts = [UInt64](repeating: 0, count: slots)
         if tapio_bpf_read_drops(bpf, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         if let io, tapio_io_read_drops(io, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
+        if let net, tapio_net_read_drops(net, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         var out: [DropCount] = []
         for kindIndex in 0..<Int(TAPIO_KIND_MAX.rawValue) {
             guard let kind = EventKind(rawValue: UInt32(kindIndex)) else { continue }
@@ -180,6 +212,13 @@ public final class KernelSource: @unchecked Sendable {
                 logger.error("ring buffer poll failed", metadata: ["errno": "\(-rc)"])
                 Thread.sleep(forTimeInterval: 0.1)
             }
+            if let net {
+                // Never waits: the process ring buffer above paced this loop.
+                let nrc = stopping
+                    ? tapio_net_harvest(net, kernelEventCallback, netAggregateCallback, opaque)
+                    : tapio_net_poll(net, 0, kernelEventCallback, netAggregateCallback, opaque)
+                if nrc < 0, nrc != -EINTR { logger.error("network poll failed", metadata: ["errno": "\(-nrc)"]) }
+            }
             if now - lastHarvestNs >= configuration.intervalNs || stopping {
                 harvest(into: context, intervalNs: lastHarvestNs == 0 ? configuration.intervalNs : now - lastHarvestNs)
                 lastHarvestNs = now
@@ -205,12 +244,65 @@ public final class KernelSource: @unchecked Sendable {
                 return 0
             }, opaque)
         }
+        if let net, configuration.cgroupRoot != nil { allowNetworkNamespaces(net) }
         for var event in cgroups.scan(nowNs: configuration.clock.now()) {
             enrich(&event)
             eventCount.add(1, ordering: .relaxed)
             context.outbox.add(event)
         }
         lastIntervalNs = intervalNs
+    }
+
+    /// Lets the net programs report the network namespaces that processes of
+    /// the watched subtree live in (read from cgroup.procs and /proc/PID/ns/net).
+    private func allowNetworkNamespaces(_ net: OpaquePointer) {
+        guard let root = configuration.cgroupRoot else { return }
+        var dirs = [root]
+        var visited = 0
+        while let dir = dirs.popLast(), visited < 4000 {
+            visited += 1
+            if let procs = try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8) {
+                for line in procs.split(separator: "\n") {
+                    var st = stat()
+                    guard stat("/proc/\(line)/ns/net", &st) == 0 else { continue }
+                    let inum = UInt32(truncatingIfNeeded: st.st_ino)
+                    if allowedNetns.insert(inum).inserted { _ = tapio_net_allow_netns(net, inum) }
+                }
+            }
+            if let children = try? FileManager.default.contentsOfDirectory(atPath: dir) {
+                for c in children {
+                    var isDir: ObjCBool = false
+                    if FileManager.default.fileExists(atPath: dir + "/" + c, isDirectory: &isDir), isDir.boolValue { dirs.append(dir + "/" + c) }
+                }
+            }
+        }
+    }
+
+    fileprivate func convertNet(_ a: tapio_net_aggregate) -> TapioEvent? {
+        guard let kind = EventKind(rawValue: a.kind) else { return nil }
+        let flow = Flow(source: IPAddress(family: a.family, raw: withUnsafeBytes(of: a.saddr) { Array($0) }),
+                        destination: IPAddress(family: a.family, raw: withUnsafeBytes(of: a.daddr) { Array($0) }),
+                        sourcePort: a.sport, destinationPort: a.dport)
+        let interval = a.interval_end_ns >= a.interval_start_ns ? a.interval_end_ns - a.interval_start_ns : 0
+        let count = UInt32(clamping: a.count)
+        let detail: TapioEvent.Detail
+        switch kind {
+        case .tcpRetransmit:
+            detail = .tcpRetransmit(flow: flow, count: count, intervalNs: interval)
+        case .tcpLatency:
+            detail = .tcpLatency(flow: flow, srttUs: UInt32(clamping: a.srtt_us), responses: UInt32(clamping: a.responses),
+                                 responseNsTotal: a.response_ns_total, responseNsMax: a.response_ns_max, intervalNs: interval)
+        case .packetDrop:
+            var name = a.drop_reason_name
+            let reason = withUnsafeBytes(of: &name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            detail = .packetDrop(reason: reason, count: count, flow: flow, ipProtocol: UInt32(a.protocol), ifindex: 0, intervalNs: interval)
+        default:
+            return nil
+        }
+        eventCount.add(1, ordering: .relaxed)
+        var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: a.first_ts_ns)), cgroupId: a.cgroup_id, netns: a.netns, detail: detail)
+        enrich(&event)
+        return event
     }
 
     /// Length of the last harvest interval (ns), for aggregates' interval_ns.
@@ -238,6 +330,20 @@ public final class KernelSource: @unchecked Sendable {
             detail = .exec(filename: cString(record, offset: unionOffset, size: Int(TAPIO_PATH_LEN)))
         case .processExit:
             detail = .exit(exitCode: r.u.exit.exit_code, signal: r.u.exit.signal, coreDumped: r.u.exit.core_dumped != 0)
+        case .tcpConnect, .tcpListen, .tcpReset:
+            let t = r.u.tcp
+            let flow = Flow(source: IPAddress(family: t.family, raw: withUnsafeBytes(of: t.saddr) { Array($0) }),
+                            destination: IPAddress(family: t.family, raw: withUnsafeBytes(of: t.daddr) { Array($0) }),
+                            sourcePort: t.sport, destinationPort: t.dport)
+            switch UInt32(t.op) {
+            case TAPIO_TCP_CONNECT.rawValue:
+                detail = .tcpConnect(flow: flow, outcome: ConnectOutcome(rawValue: UInt32(t.outcome)) ?? .error, latencyNs: t.latency_ns,
+                                     error: t.error, count: max(1, t.count))
+            case TAPIO_TCP_LISTEN.rawValue:
+                detail = .tcpListen(address: flow.source, port: t.sport, open: t.state == 1)
+            default:
+                detail = .tcpReset(flow: flow, sent: t.direction == 1, state: UInt32(t.state), count: max(1, t.count))
+            }
         case .oomKill:
             let o = r.u.oom
             detail = .oomKill(victimPid: o.victim_pid, victimComm: cString(record, offset: unionOffset + MemoryLayout<tapio_oom_info>.offset(of: \.victim_comm)!, size: Int(TAPIO_COMM_LEN)), victimUid: o.victim_uid,
@@ -246,8 +352,10 @@ public final class KernelSource: @unchecked Sendable {
             break
         }
         eventCount.add(1, ordering: .relaxed)
+        let netns: UInt32 = (kind == .tcpConnect || kind == .tcpListen || kind == .tcpReset) ? r.u.tcp.netns : 0
         var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
-                               comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id, detail: detail)
+                               comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id,
+                               netns: netns, detail: detail)
         enrich(&event)
         return event
     }
@@ -265,6 +373,13 @@ private func cString(_ record: UnsafePointer<tapio_event>, offset: Int, size: In
     return String(decoding: buffer[0..<end], as: UTF8.self)
 }
 
+private func netAggregateCallback(_ ctx: UnsafeMutableRawPointer?, _ aggregate: UnsafePointer<tapio_net_aggregate>?) -> Int32 {
+    guard let ctx, let aggregate else { return 0 }
+    let context = Unmanaged<AnyObject>.fromOpaque(ctx).takeUnretainedValue()
+    (context as? KernelSourcePollBridge)?.deliverNet(aggregate.pointee)
+    return 0
+}
+
 private func kernelEventCallback(_ ctx: UnsafeMutableRawPointer?, _ record: UnsafePointer<tapio_event>?) -> Int32 {
     guard let ctx, let record else { return 0 }
     let context = Unmanaged<AnyObject>.fromOpaque(ctx).takeUnretainedValue()
@@ -276,11 +391,16 @@ private func kernelEventCallback(_ ctx: UnsafeMutableRawPointer?, _ record: Unsa
 /// Lets the C callback reach the poll context without generic gymnastics.
 protocol KernelSourcePollBridge: AnyObject {
     func deliver(_ record: UnsafePointer<tapio_event>)
+    func deliverNet(_ aggregate: tapio_net_aggregate)
 }
 
 extension KernelSource.PollContext: KernelSourcePollBridge {
     func deliver(_ record: UnsafePointer<tapio_event>) {
         if let event = source.convert(record) { outbox.add(event) }
+    }
+
+    func deliverNet(_ aggregate: tapio_net_aggregate) {
+        if let event = source.convertNet(aggregate) { outbox.add(event) }
     }
 
     func deliverIO(_ aggregate: tapio_io_aggregate) {

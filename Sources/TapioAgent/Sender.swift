@@ -57,6 +57,8 @@ public final class Sender: Sendable {
     private let phase = Mutex(Phase.running)
     private let statusBox = Mutex(Status())
     private let finished = DispatchSemaphore(value: 0)
+    /// The latest inventory and its version; sent after every hello and when it changes.
+    private let inventory = Mutex<(version: UInt64, payload: [UInt8])?>(nil)
 
     public init(configuration: Configuration, outbox: Outbox, logger: Logger) {
         self.configuration = configuration
@@ -65,6 +67,12 @@ public final class Sender: Sendable {
     }
 
     public var status: Status { statusBox.withLock { $0 } }
+
+    /// Replaces the pods this node reports to the server.
+    public func setInventory(_ value: Inventory) {
+        let payload = value.encoded()
+        inventory.withLock { current in current = ((current?.version ?? 0) + 1, payload) }
+    }
 
     public func start() {
         let thread = Thread { [self] in
@@ -159,7 +167,12 @@ public final class Sender: Sendable {
         }
 
         var lastWriteNs = monotonicNs()
+        var sentInventory: UInt64 = 0
         while true {
+            if let (version, payload) = inventory.withLock({ $0 }), version != sentInventory {
+                try connection.send(.inventory, payload)
+                sentInventory = version
+            }
             if shouldStop {
                 try? connection.send(.goodbye, Goodbye(reason: isDraining ? "agent shutting down" : "stopped", lastSequence: outbox.lastSequence).encoded(), timeoutMs: 1000)
                 return

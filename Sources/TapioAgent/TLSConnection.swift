@@ -25,7 +25,7 @@ final class TLSConnection {
     init(endpoint: Endpoint, timeoutMs: Int32, maximumPayload: UInt32 = FrameHeader.defaultMaximumPayload) throws {
         var err = [CChar](repeating: 0, count: 512)
         guard let handle = tapio_tls_connect(endpoint.host, endpoint.port, endpoint.serverName, endpoint.tls.ca, endpoint.tls.certificate, endpoint.tls.key, timeoutMs, &err, err.count) else {
-            throw ConnectionError(String(cString: err))
+            throw ConnectionError(String(cBuffer: err))
         }
         tls = handle
         assembler = FrameAssembler(maximumPayload: maximumPayload)

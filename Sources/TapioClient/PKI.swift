@@ -1,5 +1,6 @@
 import CTapioTLS
 import Foundation
+import TapioWire
 
 public struct PKIError: Error, CustomStringConvertible {
     public var description: String
@@ -65,7 +66,7 @@ public enum DevelopmentPKI {
     private static func call(_ body: (UnsafeMutablePointer<CChar>, Int) -> Int32) throws {
         var err = [CChar](repeating: 0, count: 512)
         let rc = err.withUnsafeMutableBufferPointer { body($0.baseAddress!, $0.count) }
-        guard rc == 0 else { throw PKIError(String(cString: err)) }
+        guard rc == 0 else { throw PKIError(String(cBuffer: err)) }
     }
 
     private static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>?) throws -> R) throws -> R {

@@ -28,6 +28,10 @@ struct AgentCommand: ParsableCommand {
     var spoolDir: String?
     @Option(help: "Observe only tasks below this cgroup2 directory.")
     var cgroupRoot: String?
+    @Option(help: "HTTP /metrics and /healthz listener, HOST:PORT, or 'off'.")
+    var metricsListen = "off"
+    @Option(help: "Pod metadata from this file (Kubernetes PodList JSON), re-read when it changes.")
+    var metadataFile: String?
     @Option(help: "Events per batch at most.")
     var batchMaxEvents = 512
     @Option(help: "Milliseconds an event may wait for its batch.")
@@ -60,6 +64,7 @@ struct AgentCommand: ParsableCommand {
         config.serverName = serverName
         config.spoolDirectory = spoolDir
         config.kernel.cgroupRoot = cgroupRoot
+        config.metadataFile = metadataFile
         config.outbox.maxEvents = max(1, batchMaxEvents)
         config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
         config.shutdownGraceSeconds = shutdownGrace
@@ -76,7 +81,15 @@ struct AgentCommand: ParsableCommand {
             source.resume()
             sources.append(source)
         }
+        var endpoint: MetricsEndpoint?
+        if metricsListen != "off" {
+            let (mhost, mport) = try parseHostPort(metricsListen)
+            endpoint = try MetricsEndpoint(host: mhost, port: UInt16(mport), render: { agent.metricsText() }, healthy: { agent.sender.status.connected })
+            endpoint?.start()
+            logger.info("metrics listening", metadata: ["address": "\(mhost):\(endpoint!.port)"])
+        }
         agent.run()
+        endpoint?.stop()
         _ = sources
     }
 }

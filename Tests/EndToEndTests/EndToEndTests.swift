@@ -11,6 +11,7 @@ final class EndToEndTests: XCTestCase {
     private var pki = ""
     private var ingestPort = 0
     private var queryPort = 0
+    private var agentMetricsPort = 0
     private var server: ChildProcess?
     private var agent: ChildProcess?
     private var cleanups: [() -> Void] = []
@@ -21,6 +22,7 @@ final class EndToEndTests: XCTestCase {
         pki = try TestSupport.makePKI(in: dir, nodes: ["e2e-node"])
         ingestPort = TestSupport.freePort()
         queryPort = TestSupport.freePort()
+        agentMetricsPort = TestSupport.freePort()
     }
 
     override func tearDown() {
@@ -37,10 +39,11 @@ final class EndToEndTests: XCTestCase {
         ], logPath: dir + "/server-\(Date().timeIntervalSince1970).log")
     }
 
-    private func startAgent() throws {
-        agent = try ChildProcess(try TestSupport.product("tapio-agent"), [
+    private func startAgent(_ extra: [String] = []) throws {
+        agent = try ChildProcess(try TestSupport.product("tapio-agent"), extra + [
             "--server", "127.0.0.1:\(ingestPort)", "--node-name", "e2e-node", "--tls-dir", pki + "/nodes/e2e-node",
             "--server-name", "localhost", "--spool-dir", dir + "/spool", "--batch-max-delay-ms", "100",
+            "--metrics-listen", "127.0.0.1:\(agentMetricsPort)",
         ], logPath: dir + "/agent.log")
         // Running once the server lists the node as connected with its programs.
         let up = eventually(timeout: 30) {
@@ -109,6 +112,12 @@ final class EndToEndTests: XCTestCase {
         XCTAssertEqual(exit9?["pid"]?.intValue, Int64(pid9))
         // RFC 3339 with nanoseconds, server-corrected.
         XCTAssertNotNil(exit3?["time"]?.stringValue?.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$"#, options: .regularExpression))
+        // The agent's own /metrics shows what runs and what it read.
+        let metrics = try TestSupport.httpGet(port: agentMetricsPort, path: "/metrics")
+        XCTAssertEqual(metrics.status, 200)
+        XCTAssertTrue(metrics.body.contains("tapio_agent_program_attached{program=\"handle_exit\",signal=\"process_exit\"} 1"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("tapio_agent_connected 1"), metrics.body)
+        XCTAssertEqual(try TestSupport.httpGet(port: agentMetricsPort, path: "/healthz").status, 200)
         // SIGTERM: the agent flushes, waits for its last ack and says goodbye.
         XCTAssertEqual(agent!.stop(), 0, agent!.log)
         XCTAssertTrue(agent!.log.contains("stopped"), agent!.log)
@@ -168,5 +177,56 @@ final class EndToEndTests: XCTestCase {
         }
         XCTAssertTrue(complete, "got \(codes.count) of \(total); agent log:\n\(agent!.log)")
         XCTAssertEqual(codes.sorted(), Array(1...Int64(total)), "every exit exactly once")
+    }
+
+    /// A process in a kubelet-style cgroup is attributed to its pod from a
+    /// --metadata-file in the API's PodList format, and the pod list reaches
+    /// the server.
+    func testEventsAreAttributedToPodsFromAMetadataFile() throws {
+        let unified = "/sys/fs/cgroup/unified"
+        let uid = "6f1c2d3e-0000-4000-8000-\(String(format: "%012d", getpid()))"
+        let containerId = String(repeating: "ab", count: 32)
+        let base = unified + "/tapio-e2e-\(getpid())"
+        let group = base + "/kubepods/burstable/pod\(uid)/\(containerId)"
+        try FileManager.default.createDirectory(atPath: group, withIntermediateDirectories: true)
+        cleanups.append {
+            var dirs = [group]
+            var d = group
+            while d != base { d = (d as NSString).deletingLastPathComponent; dirs.append(d) }
+            for x in dirs { rmdir(x) }
+        }
+        let podList = """
+            {"kind": "PodList", "apiVersion": "v1", "items": [{
+              "metadata": {"name": "checkout-7d9f8b6c5-x2x9q", "namespace": "shop", "uid": "\(uid)",
+                           "labels": {"app": "checkout", "pod-template-hash": "7d9f8b6c5"},
+                           "ownerReferences": [{"kind": "ReplicaSet", "name": "checkout-7d9f8b6c5", "controller": true}]},
+              "spec": {"nodeName": "e2e-node", "containers": [{"name": "checkout"}]},
+              "status": {"phase": "Running", "podIP": "10.42.0.17", "podIPs": [{"ip": "10.42.0.17"}], "qosClass": "Burstable",
+                         "containerStatuses": [{"name": "checkout", "containerID": "containerd://\(containerId)"}]}
+            }]}
+            """
+        try podList.write(toFile: dir + "/pods.json", atomically: true, encoding: .utf8)
+        try startServer()
+        try startAgent(["--metadata-file", dir + "/pods.json"])
+
+        let shell = try uniqueShell("tppod-")
+        let pid = try runToExit(shell.path, ["-c", "echo $$ > \(group)/cgroup.procs && exit 4"])
+        var exit: JSONValue?
+        XCTAssertTrue(try eventually {
+            exit = try events(pid: pid).first { $0["kind"] == .string("process_exit") }
+            return exit != nil
+        }, "agent log:\n\(agent!.log)")
+        XCTAssertEqual(exit?["pod"], .string("checkout-7d9f8b6c5-x2x9q"))
+        XCTAssertEqual(exit?["namespace"], .string("shop"))
+        XCTAssertEqual(exit?["container_id"], .string(containerId))
+        let byPod = try query(["events", "--pod", "checkout-7d9f8b6c5-x2x9q", "--namespace", "shop"])["events"]?.arrayValue ?? []
+        XCTAssertTrue(byPod.contains { $0["pid"]?.intValue == Int64(pid) })
+
+        let pods = try query(["pods"])["pods"]?.arrayValue ?? []
+        let pod = try XCTUnwrap(pods.first { $0["uid"] == .string(uid) })
+        XCTAssertEqual(pod["node"], .string("e2e-node"))
+        XCTAssertEqual(pod["ips"], .array([.string("10.42.0.17")]))
+        XCTAssertEqual(pod["service"], .string("checkout"))
+        XCTAssertEqual(pod["owner_kind"], .string("Deployment"))
     }
 }

@@ -1,0 +1,190 @@
+import Foundation
+import Synchronization
+import TapioWire
+
+/// Who an event belongs to. Empty strings mean unknown: a host process, or a
+/// container whose pod the metadata does not (yet) know.
+public struct Attribution: Sendable, Equatable {
+    /// The bare 64-hex container id.
+    public var containerId: String = ""
+    public var containerName: String = ""
+    public var pod: String = ""
+    public var namespace: String = ""
+    public var podUID: String = ""
+    /// See `PodInfo.serviceName`; for a host process, its systemd unit.
+    public var service: String = ""
+    /// The cgroup path (relative to the hierarchy root), "" if unknown.
+    public var cgroupPath: String = ""
+
+    public init(containerId: String = "", containerName: String = "", pod: String = "", namespace: String = "", podUID: String = "",
+                service: String = "", cgroupPath: String = "") {
+        self.containerId = containerId
+        self.containerName = containerName
+        self.pod = pod
+        self.namespace = namespace
+        self.podUID = podUID
+        self.service = service
+        self.cgroupPath = cgroupPath
+    }
+
+    /// True when neither a container nor a pod is known.
+    public var isHost: Bool { containerId.isEmpty && podUID.isEmpty }
+}
+
+/// Attributes kernel events to containers and pods.
+///
+/// The cgroup id is the primary key: it is resolved to a path once
+/// (`CgroupIDResolver`), the path is parsed once (`CgroupPathInfo`), and both
+/// are cached by id. When the id names no container — 0, unresolvable, or a
+/// host cgroup such as the root on a hybrid v1/v2 host where containers live in
+/// the v1 hierarchies — the pid's `/proc/<pid>/cgroup` is read instead and
+/// cached by pid until `processExited(pid:)` or `sweep()` finds the process
+/// gone (a host answer only for `hostPidTTL` seconds). The pod itself is
+/// looked up in the `PodIndex` on every call (by container id, else by pod
+/// UID), so metadata that arrives after a container's first event still
+/// attributes its later events.
+public final class Attributor: Sendable {
+    public struct Configuration: Sendable {
+        /// procfs of the host PID namespace (the agent runs with hostPID).
+        public var procRoot: String
+        /// Bounds on the caches; when full they are cleared (then refilled on demand). Defaults 65 536.
+        public var maximumCgroupEntries: Int
+        public var maximumPidEntries: Int
+        /// Seconds a pid found outside any container is remembered as such, so
+        /// a host process's events do not each read procfs, yet a process that
+        /// then moves into a container (a runtime's init) is seen there soon. Default 2.
+        public var hostPidTTL: Double
+
+        public init(procRoot: String = "/proc", maximumCgroupEntries: Int = 65_536, maximumPidEntries: Int = 65_536, hostPidTTL: Double = 2) {
+            self.procRoot = procRoot
+            self.maximumCgroupEntries = maximumCgroupEntries
+            self.maximumPidEntries = maximumPidEntries
+            self.hostPidTTL = hostPidTTL
+        }
+    }
+
+    private struct Identity: Sendable {
+        var path: String
+        var info: CgroupPathInfo
+    }
+
+    private struct State {
+        var byCgroup: [UInt64: Identity] = [:]
+        /// A pid's identity, and for a host result when to read procfs again.
+        var byPid: [UInt32: (identity: Identity, expires: ContinuousClock.Instant?)] = [:]
+    }
+
+    public let index: PodIndex
+    public let resolver: CgroupIDResolver?
+    public let configuration: Configuration
+    private let state = Mutex(State())
+
+    /// - Parameter resolver: nil on a host without cgroup v2; pids are used then.
+    public init(index: PodIndex, resolver: CgroupIDResolver?, configuration: Configuration = Configuration()) {
+        self.index = index
+        self.resolver = resolver
+        self.configuration = configuration
+    }
+
+    /// The container and pod of a process, from its cgroup id and/or pid (0 when unknown).
+    public func attribute(cgroupId: UInt64, pid: UInt32) -> Attribution {
+        var identity: Identity?
+        if cgroupId != 0 {
+            identity = state.withLock { $0.byCgroup[cgroupId] }
+            if identity == nil, let path = resolver?.path(for: cgroupId) {
+                let found = Identity(path: path, info: CgroupPathInfo.parse(path))
+                identity = found
+                state.withLock { s in
+                    if s.byCgroup.count >= configuration.maximumCgroupEntries { s.byCgroup.removeAll(keepingCapacity: true) }
+                    s.byCgroup[cgroupId] = found
+                }
+            }
+        }
+        if (identity == nil || identity!.info.isHost), pid != 0, let byPid = pidIdentity(pid) {
+            if identity == nil || !byPid.info.isHost { identity = byPid }
+        }
+        guard let identity else { return Attribution() }
+        return attribution(for: identity)
+    }
+
+    /// Fills `containerId`, `pod` and `namespace` of an event that has none.
+    public func attribute(_ event: inout TapioEvent) {
+        guard event.pod.isEmpty && event.containerId.isEmpty else { return }
+        let a = attribute(cgroupId: event.cgroupId, pid: event.pid)
+        event.containerId = a.containerId
+        event.pod = a.pod
+        event.namespace = a.namespace
+    }
+
+    /// The attribution of a cgroup path, as a pid's `/proc/<pid>/cgroup` or a
+    /// resolver gives it.
+    public func attribute(cgroupPath: String) -> Attribution {
+        attribution(for: Identity(path: cgroupPath, info: CgroupPathInfo.parse(cgroupPath)))
+    }
+
+    /// The live pod that owns a pod IP (for the peer side of a connection).
+    public func pod(ip: IPAddress) -> PodInfo? { index.pod(ip: ip.description) }
+    public func pod(ip: String) -> PodInfo? { index.pod(ip: ip) }
+
+    /// Forgets a pid (on its `process_exit`): the number may be reused.
+    public func processExited(pid: UInt32) {
+        _ = state.withLock { $0.byPid.removeValue(forKey: pid) }
+    }
+
+    /// Drops cached pids whose process is gone and cgroup ids whose directory
+    /// is gone, and deleted pods past their retention. Call it every few seconds.
+    public func sweep() {
+        let (pids, cgroups) = state.withLock { (Array($0.byPid.keys), $0.byCgroup.map { ($0.key, $0.value.path) }) }
+        let deadPids = pids.filter { !FileManager.default.fileExists(atPath: "\(configuration.procRoot)/\($0)") }
+        var deadCgroups: [UInt64] = []
+        if let resolver {
+            deadCgroups = cgroups.filter { CgroupIDResolver.inode(of: resolver.absolute($0.1)) != $0.0 }.map(\.0)
+            resolver.forgetRemoved()
+        }
+        state.withLock { s in
+            for pid in deadPids { s.byPid[pid] = nil }
+            for id in deadCgroups { s.byCgroup[id] = nil }
+        }
+        index.sweep()
+    }
+
+    /// Cache sizes, for /metrics and tests.
+    public var cachedEntries: (cgroups: Int, pids: Int) { state.withLock { ($0.byCgroup.count, $0.byPid.count) } }
+
+    private func pidIdentity(_ pid: UInt32) -> Identity? {
+        let now = ContinuousClock.now
+        if let cached = state.withLock({ $0.byPid[pid] }), cached.expires.map({ $0 > now }) ?? true { return cached.identity }
+        guard let entries = ProcCgroup.read(pid: Int32(bitPattern: pid), procRoot: configuration.procRoot),
+              let (path, info) = ProcCgroup.identify(entries) else { return nil }
+        let found = Identity(path: path, info: info)
+        // A host result expires soon: the process may be a runtime's init
+        // about to move into its container's cgroup.
+        let expires: ContinuousClock.Instant? = info.isHost ? now + .milliseconds(Int64(configuration.hostPidTTL * 1000)) : nil
+        state.withLock { s in
+            if s.byPid.count >= configuration.maximumPidEntries { s.byPid.removeAll(keepingCapacity: true) }
+            s.byPid[pid] = (found, expires)
+        }
+        return found
+    }
+
+    private func attribution(for identity: Identity) -> Attribution {
+        let info = identity.info
+        var a = Attribution(containerId: info.containerId ?? "", podUID: info.podUID ?? "", cgroupPath: identity.path)
+        var pod: PodInfo?
+        if let id = info.containerId, let found = index.pod(containerId: id) {
+            pod = found.pod
+            a.containerName = found.container.name
+        } else if let uid = info.podUID {
+            pod = index.pod(uid: uid)
+        }
+        if let pod {
+            a.pod = pod.name
+            a.namespace = pod.namespace
+            a.podUID = pod.uid
+            a.service = pod.service
+        } else if info.isHost, let unit = info.systemdUnit {
+            a.service = unit
+        }
+        return a
+    }
+}
