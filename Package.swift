@@ -43,6 +43,8 @@ let package = Package(
         .target(name: "TapioWire", dependencies: ["CTapioProto"]),
         // Pod attribution: cgroup id/path → container → pod, from a PodList file or the Kubernetes API.
         .target(name: "TapioAttribution", dependencies: ["TapioWire"]),
+        // The correlation engine: no I/O, deterministic, replayable (docs/correlation.md).
+        .target(name: "TapioCorrelation", dependencies: ["TapioWire"]),
         // Durable event store behind a narrow interface (SQLite today).
         .target(name: "TapioStore", dependencies: ["TapioWire", "CSQLite"]),
         .target(
@@ -103,6 +105,7 @@ let package = Package(
 
         .testTarget(name: "TapioWireTests", dependencies: ["TapioWire", "TapioTestSupport"]),
         .testTarget(name: "TapioAttributionTests", dependencies: ["TapioAttribution", "TapioWire", "TapioTestSupport"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "TapioCorrelationTests", dependencies: ["TapioCorrelation", "TapioWire"]),
         .testTarget(name: "TapioStoreTests", dependencies: ["TapioStore", "TapioWire", "TapioTestSupport"]),
         .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(

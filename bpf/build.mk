@@ -5,7 +5,7 @@
 # root, where make runs. To add a program, create bpf/<name>.bpf.c and append
 # <name> to BPF_PROGRAMS.
 
-BPF_PROGRAMS := process io net
+BPF_PROGRAMS := process dns io net
 
 BPF_CLANG ?= clang
 BPFTOOL ?= bpftool

@@ -41,6 +41,8 @@ public final class KernelSource: @unchecked Sendable {
     private let io: OpaquePointer?
     /// The TCP and packet-drop programs; nil when none could load.
     private let net: OpaquePointer?
+    /// DNS answers and timeouts (cgroup_skb); nil when it could not attach.
+    private let dns: OpaquePointer?
     /// Network namespaces already allowed through the net programs' filter.
     private var allowedNetns = Set<UInt32>()
     private let cgroups: CgroupWatcher
@@ -127,6 +129,21 @@ public final class KernelSource: @unchecked Sendable {
                 programs.append(Program(name: "net.bpf.o", capability: capability, attached: false, error: reason))
             }
         }
+        if configuration.disabledKinds.contains(.dns) {
+            dns = nil
+            programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: false, error: "disabled by configuration"))
+        } else {
+            var dnsConfig = tapio_dns_config()
+            var dnsErr = [CChar](repeating: 0, count: 4096)
+            let opened: OpaquePointer? = configuration.cgroupRoot.map { root in
+                root.withCString { path in
+                    dnsConfig.cgroup_path = path
+                    return tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
+                }
+            } ?? tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
+            dns = opened
+            programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: opened != nil, error: opened == nil ? String(cBuffer: dnsErr) : ""))
+        }
         // Not BPF: counters the kernel keeps in cgroup files.
         let watcher = cgroups.configuration
         let cpuSource = watcher.v2Mount != nil || watcher.v1CPUMount != nil
@@ -137,6 +154,7 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     deinit {
+        tapio_dns_close(dns)
         tapio_net_close(net)
         tapio_io_close(io)
         tapio_bpf_close(bpf)
@@ -154,6 +172,7 @@ public final class KernelSource: @unchecked Sendable {
         if tapio_bpf_read_drops(bpf, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         if let io, tapio_io_read_drops(io, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         if let net, tapio_net_read_drops(net, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
+        if let dns, tapio_dns_read_drops(dns, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
         var out: [DropCount] = []
         for kindIndex in 0..<Int(TAPIO_KIND_MAX.rawValue) {
             guard let kind = EventKind(rawValue: UInt32(kindIndex)) else { continue }
@@ -218,6 +237,10 @@ public final class KernelSource: @unchecked Sendable {
                     ? tapio_net_harvest(net, kernelEventCallback, netAggregateCallback, opaque)
                     : tapio_net_poll(net, 0, kernelEventCallback, netAggregateCallback, opaque)
                 if nrc < 0, nrc != -EINTR { logger.error("network poll failed", metadata: ["errno": "\(-nrc)"]) }
+            }
+            if let dns {
+                let drc = tapio_dns_poll(dns, 0, kernelEventCallback, opaque)
+                if drc < 0, drc != -EINTR { logger.error("dns poll failed", metadata: ["errno": "\(-drc)"]) }
             }
             if now - lastHarvestNs >= configuration.intervalNs || stopping {
                 harvest(into: context, intervalNs: lastHarvestNs == 0 ? configuration.intervalNs : now - lastHarvestNs)
@@ -344,6 +367,18 @@ public final class KernelSource: @unchecked Sendable {
             default:
                 detail = .tcpReset(flow: flow, sent: t.direction == 1, state: UInt32(t.state), count: max(1, t.count))
             }
+        case .dns:
+            let d = r.u.dns
+            var answers: [IPAddress] = []
+            let families = withUnsafeBytes(of: d.answer_families) { Array($0) }
+            let raw = withUnsafeBytes(of: d.answers) { Array($0) }
+            for i in 0..<4 where families[i] != 0 {
+                if let a = IPAddress(family: UInt16(families[i]), raw: Array(raw[(i * 16)..<(i * 16 + 16)])) { answers.append(a) }
+            }
+            let nameOffset = unionOffset + MemoryLayout<tapio_dns_info>.offset(of: \.name)!
+            detail = .dns(name: cString(record, offset: nameOffset, size: Int(TAPIO_DNS_NAME_LEN)), qtype: UInt32(d.qtype), rcode: d.rcode,
+                          latencyNs: d.latency_ns, server: IPAddress(family: d.family, raw: withUnsafeBytes(of: d.server) { Array($0) }),
+                          serverPort: d.server_port, id: d.id, answers: answers)
         case .oomKill:
             let o = r.u.oom
             detail = .oomKill(victimPid: o.victim_pid, victimComm: cString(record, offset: unionOffset + MemoryLayout<tapio_oom_info>.offset(of: \.victim_comm)!, size: Int(TAPIO_COMM_LEN)), victimUid: o.victim_uid,
@@ -352,7 +387,12 @@ public final class KernelSource: @unchecked Sendable {
             break
         }
         eventCount.add(1, ordering: .relaxed)
-        let netns: UInt32 = (kind == .tcpConnect || kind == .tcpListen || kind == .tcpReset) ? r.u.tcp.netns : 0
+        let netns: UInt32
+        switch kind {
+        case .tcpConnect, .tcpListen, .tcpReset: netns = r.u.tcp.netns
+        case .dns: netns = r.u.dns.netns
+        default: netns = 0
+        }
         var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
                                comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id,
                                netns: netns, detail: detail)

@@ -286,6 +286,11 @@ public final class Outbox: Sendable {
         }
     }
 
+    /// Acknowledges as a server would (for tests that read batches themselves).
+    public func acknowledgeForTesting(epoch: UInt64, sequence: UInt64) {
+        acknowledge(epoch: epoch, sequence: sequence)
+    }
+
     // MARK: - Waiting
 
     private func signal() {

@@ -125,39 +125,68 @@ public struct TestSupportError: Error, CustomStringConvertible {
 
 /// A long-running program started by a test, with its output in a file; killed
 /// (SIGKILL) if the test forgets to stop it.
+///
+/// Spawned with posix_spawn and reaped with waitpid, not Foundation's Process:
+/// Foundation decides a child has exited when a pipe it shares closes, and a
+/// daemon such as dnsmasq closes every inherited descriptor at start, which
+/// leaves Foundation blocked in waitpid and every later Process stuck.
 public final class ChildProcess: @unchecked Sendable {
-    public let process = Process()
+    public let pid: pid_t
     public let logPath: String
-    private var stopped = false
+    private var exitStatus: Int32?
 
     public init(_ path: String, _ arguments: [String], logPath: String) throws {
         self.logPath = logPath
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
+        let fd = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TestSupportError("cannot create \(logPath)") }
+        defer { close(fd) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, fd, 1)
+        posix_spawn_file_actions_adddup2(&actions, fd, 2)
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, path, &actions, nil, argv, environ)
+        guard rc == 0 else { throw TestSupportError("cannot start \(path): \(String(cString: strerror(rc)))") }
+        pid = child
     }
 
     deinit {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+        if isRunning { kill(pid, SIGKILL); _ = reap(block: true) }
     }
 
-    public var pid: Int32 { process.processIdentifier }
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
-    /// Sends `signal` and waits up to `timeout` seconds for the exit; SIGKILL after that.
+    public var isRunning: Bool { reap(block: false) == nil }
+
+    /// The wait status once the child has exited (reaping it), nil while it runs.
+    private func reap(block: Bool) -> Int32? {
+        if let exitStatus { return exitStatus }
+        var status: Int32 = 0
+        let r = waitpid(pid, &status, block ? 0 : WNOHANG)
+        guard r == pid else { return nil }
+        // Exit code, or 128 + signal like a shell.
+        let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        exitStatus = code
+        return code
+    }
+
+    /// Sends `signal` and waits up to `timeout` seconds for the exit; SIGKILL after
+    /// that. Returns the exit code (128 + signal when killed).
     @discardableResult
     public func stop(signal: Int32 = SIGTERM, timeout: TimeInterval = 15) -> Int32 {
-        guard process.isRunning else { return process.terminationStatus }
-        kill(process.processIdentifier, signal)
+        if let done = reap(block: false) { return done }
+        kill(pid, signal)
         let deadline = Date(timeIntervalSinceNow: timeout)
-        while process.isRunning, Date() < deadline { usleep(10_000) }
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-        return process.terminationStatus
+        while Date() < deadline {
+            if let done = reap(block: false) { return done }
+            usleep(10_000)
+        }
+        kill(pid, SIGKILL)
+        return reap(block: true) ?? -1
     }
 }
 

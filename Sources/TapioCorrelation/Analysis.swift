@@ -1,0 +1,400 @@
+import Foundation
+import TapioWire
+
+/// A root-cause candidate before scoring.
+struct Candidate: Sendable {
+    var entity: String
+    var kind: CauseKind
+    /// Its cause events, absorbed ones included, in time order.
+    var events: [CauseEvent]
+    /// Kinds folded into this one (an OOM kill's exit and closed listener).
+    var absorbed: [CauseKind] = []
+    var quality: Double
+    var inferred = false
+    /// For an inferred candidate: the symptoms' events it stands on.
+    var symptomEvents: [ObservedEvent] = []
+    var inferredSince: Int64 = 0
+
+    var firstSeenNs: Int64 { events.first?.timeNs ?? inferredSince }
+    var nodes: Set<String> { inferred ? Set(symptomEvents.map(\.node)) : Set(events.map(\.node)) }
+    var addresses: Set<String> { events.reduce(into: Set<String>()) { $0.formUnion($1.addresses) } }
+    var ports: Set<UInt16> { Set(events.map(\.port).filter { $0 != 0 }) }
+}
+
+/// One evaluation of an incident: candidates from cause events along the
+/// failing paths, links to symptoms, factors, confidence, timeline.
+struct Analysis {
+    let engine: CorrelationEngine
+    var cfg: CorrelationConfiguration { engine.configuration }
+
+    private struct Link {
+        var symptom: SymptomState
+        var relation: String
+        var topology: Double
+        var time: Double
+        var prior: Double
+    }
+
+    func evaluate(_ inc: IncidentState, at end: Int64) -> Incident {
+        let symptoms = inc.symptoms.values.sorted { ($0.sinceNs, $0.key) < ($1.sinceNs, $1.key) }
+        let detected = symptoms.map(\.sinceNs).min() ?? inc.openedNs
+        let from = detected - cfg.causeLookbackNs
+
+        // The failing paths: client → server edges of the symptoms.
+        var adjacency: [String: Set<String>] = [:]
+        for s in symptoms {
+            if let f = s.edgeFrom, let t = s.edgeTo, f != t { adjacency[f, default: []].insert(t) }
+        }
+        func depth(_ a: String, _ b: String) -> Int? {
+            if a == b { return 0 }
+            var seen: Set<String> = [a]
+            var frontier = [a]
+            var d = 0
+            while !frontier.isEmpty {
+                d += 1
+                var next: [String] = []
+                for x in frontier {
+                    for y in (adjacency[x] ?? []).sorted() where !seen.contains(y) {
+                        if y == b { return d }
+                        seen.insert(y)
+                        next.append(y)
+                    }
+                }
+                frontier = next
+            }
+            return nil
+        }
+        let pathEntities = Set(adjacency.keys).union(adjacency.values.flatMap { $0 })
+        let selfObservers = Set(symptoms.filter { $0.edgeTo == nil }.map(\.key.observer))
+
+        // Observed candidates on the paths and one hop further down the graph.
+        var examine = pathEntities.union(selfObservers)
+        for t in symptoms.compactMap(\.edgeTo) { examine.formUnion(engine.graph.dependencies(of: t)) }
+        var candidates: [Candidate] = []
+        for e in examine.sorted() {
+            candidates += structured(engine.causes.events(of: e, from: from, to: end).filter { $0.signal != .workloadStart })
+        }
+
+        // Noisy neighbours: other workloads with CPU or memory signals on a
+        // victim's node.
+        let victimSymptoms = symptoms.filter { [.latency, .connectTimeout, .retransmits, .throttling].contains($0.key.kind) }
+        var victimNodes: [String: Set<String>] = [:]
+        for s in victimSymptoms {
+            // A workload throttled by its own quota off the failing paths is
+            // not a victim (it may be the neighbour).
+            if s.edgeTo == nil && !pathEntities.contains(s.key.observer) { continue }
+            let v = s.edgeTo ?? s.key.observer
+            var nodes = engine.topology.nodes(of: v)
+            if s.key.observer == v { nodes.formUnion(s.events.map(\.node)) }
+            victimNodes[v, default: []].formUnion(nodes)
+        }
+        let victims = Set(victimNodes.keys)
+        for node in Set(victimNodes.values.flatMap { $0 }).sorted() {
+            for x in (engine.causes.entitiesByNode[node] ?? []).sorted() where !pathEntities.contains(x) && !victims.contains(x) {
+                let evs = engine.causes.events(of: x, from: from, to: end).filter { c in
+                    guard c.node == node else { return false }
+                    switch c.signal {
+                    case .cpuThrottle, .memoryPressure: return true
+                    case .workloadStart:
+                        let exit = engine.causes.exitTime(node: c.node, pid: c.observed.event.pid)
+                        return exit == nil || exit! > detected
+                    default: return false
+                    }
+                }
+                guard !evs.isEmpty, !candidates.contains(where: { $0.entity == x && $0.kind == .noisyNeighbour }) else { continue }
+                let onlyStarts = evs.allSatisfy { $0.signal == .workloadStart }
+                let q = evs.map(\.quality).max() ?? 0
+                candidates.append(Candidate(entity: x, kind: .noisyNeighbour, events: evs, quality: onlyStarts ? q * 0.5 : q))
+            }
+        }
+
+        func relation(_ c: Candidate, _ s: SymptomState) -> (String, Double)? {
+            let e = c.entity
+            if c.kind == .noisyNeighbour {
+                if s.edgeTo == nil && s.key.observer == e { return ("self", 0.9) }
+                let v = s.edgeTo ?? s.key.observer
+                if victims.contains(v), !(victimNodes[v] ?? []).isDisjoint(with: c.nodes), victimSymptoms.contains(s) { return ("same_node", 0.6) }
+                return nil
+            }
+            if let to = s.edgeTo {
+                if to == e { return ("direct", addressMatch(c, s) ? 1.0 : 0.8) }
+                if let d = depth(to, e) { return ("cascade", 0.75 * pow(0.95, Double(d - 1))) }
+                if engine.graph.hasEdge(to, e) { return ("graph", 0.4) }
+                if c.kind == .dnsFailure, engine.topology.service(ofName: e) == to { return ("dns", 0.6) }
+                if s.edgeFrom == e, [.firewallDrop, .packetLoss].contains(c.kind) { return ("client_side", 0.6) }
+                return nil
+            }
+            if s.key.observer == e { return ("self", 0.9) }
+            if let d = depth(s.key.observer, e), d > 0 { return ("cascade", 0.7 * pow(0.95, Double(d - 1))) }
+            return nil
+        }
+
+        func links(_ c: Candidate) -> [Link] {
+            symptoms.compactMap { s in
+                guard let (rel, topo) = relation(c, s) else { return nil }
+                return Link(symptom: s, relation: rel, topology: topo, time: c.inferred ? 0.5 : proximity(c, s), prior: cfg.priors.prior(c.kind, s.key.kind))
+            }
+        }
+
+        var scored: [(Candidate, [Link])] = candidates.map { ($0, links($0)) }.filter { !$0.1.isEmpty }
+
+        // Symptoms' ends with no cause seen: an inferred candidate there.
+        let observedEntities = Set(scored.map(\.0.entity))
+        var sinks = Set(symptoms.compactMap(\.edgeTo)).union(selfObservers).filter { (adjacency[$0] ?? []).isEmpty }
+        sinks.subtract(observedEntities)
+        for t in sinks.sorted() {
+            let into = symptoms.filter { $0.edgeTo == t || ($0.edgeTo == nil && $0.key.observer == t) }
+            var votes: [CauseKind: Int] = [:]
+            for s in into { votes[inferredKind(s.key.kind), default: 0] += 1 }
+            guard let kind = votes.keys.sorted().max(by: { votes[$0]! < votes[$1]! }) else { continue }
+            var c = Candidate(entity: t, kind: kind, events: [], quality: 0, inferred: true)
+            c.symptomEvents = into.flatMap(\.events).sorted(by: ObservedEvent.precedes)
+            c.inferredSince = into.map(\.sinceNs).min() ?? detected
+            let l = links(c)
+            if !l.isEmpty { scored.append((c, l)) }
+        }
+
+        // Score.
+        let w = cfg.weights
+        var causes: [(RootCause, [CausalLink])] = []
+        for (c, ls) in scored {
+            let outs = adjacency[c.entity] ?? []
+            var deepest = 1.0
+            if !outs.isEmpty {
+                let below = scored.contains { other in
+                    !other.0.inferred && other.0.entity != c.entity && (depth(c.entity, other.0.entity) ?? 0) > 0
+                }
+                deepest = below ? 0 : 0.5
+            }
+            let factors = [
+                Factor(name: "time_proximity", value: ls.map(\.time).max() ?? 0, weight: w.timeProximity),
+                Factor(name: "topology_match", value: ls.map(\.topology).max() ?? 0, weight: w.topologyMatch),
+                Factor(name: "metadata_match", value: c.quality, weight: w.metadataMatch),
+                Factor(name: "symptoms_explained", value: Double(ls.count) / Double(max(symptoms.count, 1)), weight: w.symptomsExplained),
+                Factor(name: "pattern_prior", value: ls.map(\.prior).reduce(0, +) / Double(ls.count), weight: w.patternPrior),
+                Factor(name: "deepest", value: deepest, weight: w.deepest),
+                Factor(name: "observed_cause", value: c.inferred ? 0 : 1, weight: w.observedCause),
+            ]
+            let p = confidence(of: factors, bias: w.bias)
+            let evidence: [String]
+            if c.inferred {
+                evidence = c.symptomEvents.prefix(cfg.maxEvidence).map { evidenceLine($0, summarize($0, entity: symptomEntity(of: $0, in: symptoms))) }
+            } else {
+                var evs = Array(c.events.prefix(cfg.maxEvidence - 1))
+                if let last = c.events.last, c.events.count >= cfg.maxEvidence { evs.append(last) }
+                evidence = evs.map { evidenceLine($0.observed, $0.summary) }
+            }
+            let root = RootCause(entity: c.entity, kind: c.kind, confidence: p, factors: factors, firstSeenNs: c.firstSeenNs,
+                                 evidence: evidence, nodes: c.nodes.sorted(), inferred: c.inferred)
+            let causal = ls.map { l -> CausalLink in
+                let lf = [
+                    Factor(name: "time_proximity", value: l.time, weight: w.timeProximity),
+                    Factor(name: "topology_match", value: l.topology, weight: w.topologyMatch),
+                    Factor(name: "metadata_match", value: c.quality, weight: w.metadataMatch),
+                    Factor(name: "symptoms_explained", value: 1, weight: w.symptomsExplained),
+                    Factor(name: "pattern_prior", value: l.prior, weight: w.patternPrior),
+                    Factor(name: "deepest", value: deepest, weight: w.deepest),
+                    Factor(name: "observed_cause", value: c.inferred ? 0 : 1, weight: w.observedCause),
+                ]
+                return CausalLink(causeEntity: c.entity, causeKind: c.kind, symptomEntity: l.symptom.key.observer, symptomKind: l.symptom.key.kind,
+                                  symptomPeer: l.symptom.key.peer.isEmpty ? nil : l.symptom.key.peer, relation: l.relation,
+                                  confidence: confidence(of: lf, bias: w.bias), factors: lf)
+            }
+            causes.append((root, causal))
+        }
+        causes.sort { a, b in
+            if a.0.confidence != b.0.confidence { return a.0.confidence > b.0.confidence }
+            if a.0.inferred != b.0.inferred { return !a.0.inferred }
+            return (a.0.entity, a.0.kind.rawValue) < (b.0.entity, b.0.kind.rawValue)
+        }
+        let kept = Array(causes.prefix(cfg.maxCandidates))
+
+        var out = Incident(id: inc.id, status: .open, title: "", openedNs: inc.openedNs, updatedNs: end, detectedNs: detected)
+        out.mergedIds = inc.mergedIds
+        out.symptoms = symptoms.map { s in
+            let k = s.key.kind
+            let unit = cfg.bucketNs
+            let baseline = k.isLevel ? s.baseline : s.baseline * 1e9 / Double(unit)
+            return Symptom(entity: s.key.observer, kind: k, peer: s.key.peer.isEmpty ? nil : s.key.peer, sinceNs: s.sinceNs, lastNs: s.lastNs,
+                           count: Int64(s.count.rounded()), baseline: baseline, active: s.lastNs == end)
+        }
+        out.rootCauses = kept.map(\.0)
+        out.links = kept.flatMap(\.1).sorted { a, b in
+            if a.confidence != b.confidence { return a.confidence > b.confidence }
+            return (a.causeEntity, a.causeKind.rawValue, a.symptomEntity, a.symptomKind.rawValue, a.symptomPeer ?? "")
+                < (b.causeEntity, b.causeKind.rawValue, b.symptomEntity, b.symptomKind.rawValue, b.symptomPeer ?? "")
+        }
+        out.title = title(out)
+
+        // Timeline and what is affected: the symptoms' events and those of the leading candidates.
+        var entries: [(ObservedEvent, String, String, String)] = []  // event, entity, summary, role
+        for s in symptoms {
+            for e in s.events { entries.append((e, s.key.observer, summarize(e, entity: s.key.observer), "symptom")) }
+        }
+        let leading = scored.filter { c in kept.prefix(3).contains { !$0.0.inferred && $0.0.entity == c.0.entity && $0.0.kind == c.0.kind } }.map(\.0)
+        for c in leading {
+            var evs = Array(c.events.prefix(cfg.maxEvidence - 1))
+            if let last = c.events.last, c.events.count >= cfg.maxEvidence { evs.append(last) }
+            for ce in evs { entries.append((ce.observed, ce.entity, ce.summary, "cause")) }
+        }
+        entries.sort { a, b in
+            if a.0 != b.0 { return ObservedEvent.precedes(a.0, b.0) }
+            return (a.3, a.1) < (b.3, b.1)
+        }
+        // One entry per event; an event that is both a symptom's and a cause's is shown as the cause.
+        var unique: [(ObservedEvent, String, String, String)] = []
+        for e in entries {
+            if let i = unique.firstIndex(where: { $0.0 == e.0 }) {
+                if e.3 == "cause" { unique[i] = e }
+            } else {
+                unique.append(e)
+            }
+        }
+        var timeline = unique.enumerated().map { i, e in
+            TimelineEntry(id: "t\(i + 1)", timeNs: e.0.timeNs, errorNs: e.0.errorNs, node: e.0.node, kind: e.0.event.kind.name, entity: e.1,
+                          summary: e.2, role: e.3, concurrentWith: [])
+        }
+        for i in timeline.indices {
+            for j in timeline.indices where i != j && timeline[i].node != timeline[j].node {
+                let ei = err(timeline[i].errorNs), ej = err(timeline[j].errorNs)
+                if timeline[i].timeNs - ei <= timeline[j].timeNs + ej && timeline[j].timeNs - ej <= timeline[i].timeNs + ei {
+                    timeline[i].concurrentWith.append(timeline[j].id)
+                }
+            }
+        }
+        out.timeline = timeline
+
+        var nodes = Set<String>(), pods = Set<String>(), services = Set<String>()
+        for e in unique {
+            nodes.insert(e.0.node)
+            let ev = e.0.event
+            if !ev.pod.isEmpty { pods.insert(ev.pod) } else if let p = engine.topology.entity(of: e.0).pod { pods.insert(p.name) }
+            if let dst = flowOf(ev)?.destination, let p = engine.topology.pod(ip: dst.description) { pods.insert(p.name) }
+        }
+        var named = Set(symptoms.map(\.key.observer)).union(symptoms.compactMap(\.edgeTo))
+        if let top = out.rootCauses.first { named.insert(top.entity) }
+        for n in named where engine.topology.isService(n) { services.insert(n) }
+        out.affected = Incident.Affected(nodes: nodes.sorted(), pods: pods.sorted(), services: services.sorted())
+        return out
+    }
+
+    /// An entity's cause events as candidates: the deepest of OOM kill,
+    /// disk full, crash loop, crash and closed listener absorbs those that
+    /// came with or after it (the exit and closed listener of an OOM-killed
+    /// process are the OOM kill); network, DNS and resource signals stand alone.
+    private func structured(_ events: [CauseEvent]) -> [Candidate] {
+        guard !events.isEmpty else { return [] }
+        var by: [Signal: [CauseEvent]] = [:]
+        for e in events { by[e.signal, default: []].append(e) }
+        func make(_ kind: CauseKind, _ evs: [CauseEvent]) -> Candidate {
+            Candidate(entity: evs[0].entity, kind: kind, events: evs, quality: evs.map(\.quality).max() ?? 0)
+        }
+        var chain: [Candidate] = []
+        if let d = by[.diskFull] { chain.append(make(.diskFull, d)) }
+        if let o = by[.oomKill] { chain.append(make(.oomKill, o)) }
+        if let x = by[.exit] { chain.append(make(isCrashLoop(x) ? .crashLoop : .crash, x)) }
+        if let l = by[.listenerClosed] { chain.append(make(.listenerClosed, l)) }
+        var out: [Candidate] = []
+        if var top = chain.first {
+            let start = top.firstSeenNs - 1_000_000_000
+            for c in chain.dropFirst() {
+                if (c.events.last?.timeNs ?? .min) >= start {
+                    top.events += c.events
+                    top.absorbed.append(c.kind)
+                } else {
+                    out.append(c)
+                }
+            }
+            if top.kind == .oomKill, let m = by[.memoryPressure] {
+                top.events += m
+                top.absorbed.append(.memoryPressure)
+                by[.memoryPressure] = nil
+            }
+            top.events.sort { ObservedEvent.precedes($0.observed, $1.observed) }
+            out.insert(top, at: 0)
+        }
+        let standalone: [(Signal, CauseKind)] = [(.firewallDrop, .firewallDrop), (.packetLoss, .packetLoss), (.dnsFailure, .dnsFailure),
+                                                 (.cpuThrottle, .cpuThrottle), (.memoryPressure, .memoryPressure)]
+        for (sig, kind) in standalone {
+            if let evs = by[sig] { out.append(make(kind, evs)) }
+        }
+        return out
+    }
+
+    private func isCrashLoop(_ exits: [CauseEvent]) -> Bool {
+        let n = cfg.crashLoopExits
+        guard exits.count >= n else { return false }
+        for i in 0...(exits.count - n) where exits[i + n - 1].timeNs - exits[i].timeNs <= cfg.crashLoopWindowNs { return true }
+        return false
+    }
+
+    private func err(_ e: Int64) -> Int64 { e < 0 ? cfg.unknownClockErrorNs : e }
+
+    /// How close the cause is before the symptom, allowing for both clocks'
+    /// uncertainty (none between events of one node: they share a clock).
+    private func proximity(_ c: Candidate, _ s: SymptomState) -> Double {
+        let first = s.events.first
+        let errS = err(first?.errorNs ?? -1)
+        var best = 0.0
+        for ce in c.events {
+            let allowance = first?.node == ce.node ? 0 : errS + err(ce.observed.errorNs)
+            let gap = Double(s.sinceNs - ce.timeNs)
+            let a = Double(allowance)
+            let v = gap >= -a ? exp(-max(0, gap - a) / Double(cfg.timeDecayNs)) : 0.2 * exp(-(-gap - a) / 1e9)
+            best = max(best, v)
+        }
+        return best
+    }
+
+    private func addressMatch(_ c: Candidate, _ s: SymptomState) -> Bool {
+        let addrs = c.addresses
+        var ports = c.ports
+        if [.oomKill, .crash, .crashLoop, .listenerClosed, .diskFull].contains(c.kind) {
+            ports.formUnion(engine.topology.listenPorts[c.entity] ?? [])
+        }
+        for e in s.events {
+            guard let f = flowOf(e.event) else { continue }
+            if let d = f.destination?.description, addrs.contains(d) { return true }
+            if [.firewallDrop, .packetLoss].contains(c.kind), let src = f.source?.description, addrs.contains(src) { return true }
+            if f.destinationPort != 0 && ports.contains(f.destinationPort) { return true }
+        }
+        return false
+    }
+
+    private func inferredKind(_ k: SymptomKind) -> CauseKind {
+        switch k {
+        case .connectRefused: return .listenerClosed
+        case .connectTimeout: return .firewallDrop
+        case .connectErrors, .resets: return .crash
+        case .retransmits, .packetDrops: return .packetLoss
+        case .dnsErrors: return .dnsFailure
+        case .latency, .throttling: return .cpuThrottle
+        case .exits: return .crashLoop
+        case .ioErrors: return .diskFull
+        }
+    }
+
+    private func symptomEntity(of e: ObservedEvent, in symptoms: [SymptomState]) -> String {
+        symptoms.first { $0.events.contains(e) }?.key.observer ?? e.node
+    }
+
+    private func title(_ inc: Incident) -> String {
+        let kinds = Array(Set(inc.symptoms.map(\.kind.rawValue))).sorted().joined(separator: ", ")
+        let at = Array(Set(inc.symptoms.map(\.entity))).sorted().joined(separator: ", ")
+        if let top = inc.rootCauses.first {
+            return "\(top.kind.rawValue) at \(top.entity): \(kinds) at \(at)"
+        }
+        return "\(kinds) at \(at)"
+    }
+}
+
+func flowOf(_ e: TapioEvent) -> Flow? {
+    switch e.detail {
+    case .tcpConnect(let f, _, _, _, _), .tcpReset(let f, _, _, _), .tcpRetransmit(let f, _, _), .tcpLatency(let f, _, _, _, _, _):
+        return f
+    case .packetDrop(_, _, let f, _, _, _):
+        return f
+    default:
+        return nil
+    }
+}

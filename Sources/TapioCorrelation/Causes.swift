@@ -1,0 +1,113 @@
+import TapioWire
+
+/// A kernel observation that can be a cause (before it is linked to anything).
+enum Signal: String, Sendable, Comparable {
+    case oomKill, exit, listenerClosed, firewallDrop, packetLoss, dnsFailure, cpuThrottle, memoryPressure, diskFull
+    /// A process started: weak evidence of a noisy neighbour.
+    case workloadStart
+
+    static func < (a: Signal, b: Signal) -> Bool { a.rawValue < b.rawValue }
+}
+
+struct CauseEvent: Sendable {
+    var signal: Signal
+    var entity: String
+    /// How the entity was resolved (metadata factor).
+    var quality: Double
+    var observed: ObservedEvent
+    /// Addresses that identify the cause on the wire: the pod's IPs, a
+    /// listener's address, a dropped packet's endpoints.
+    var addresses: Set<String>
+    /// A listener's port, a dropped packet's destination port; 0 unknown.
+    var port: UInt16
+    var summary: String
+
+    var timeNs: Int64 { observed.timeNs }
+    var node: String { observed.node }
+}
+
+/// Recent cause events per entity, bounded by count and age.
+struct CauseStore: Sendable {
+    private(set) var byEntity: [String: [CauseEvent]] = [:]
+    /// Entities with signals per node (noisy neighbour search).
+    private(set) var entitiesByNode: [String: Set<String>] = [:]
+    /// (node, pid) → time of the process's exit, any status.
+    private(set) var exits: [String: Int64] = [:]
+
+    mutating func add(_ c: CauseEvent, limit: Int) {
+        var list = byEntity[c.entity] ?? []
+        // Usually in time order; a late event is inserted in place.
+        if let last = list.last, ObservedEvent.precedes(c.observed, last.observed) {
+            let i = list.firstIndex { ObservedEvent.precedes(c.observed, $0.observed) } ?? list.count
+            list.insert(c, at: i)
+        } else {
+            list.append(c)
+        }
+        if list.count > limit { list.removeFirst(list.count - limit) }
+        byEntity[c.entity] = list
+        if entitiesByNode[c.node]?.contains(c.entity) != true { entitiesByNode[c.node, default: []].insert(c.entity) }
+    }
+
+    mutating func exited(node: String, pid: UInt32, timeNs: Int64) {
+        exits["\(node)/\(pid)"] = timeNs
+    }
+
+    func exitTime(node: String, pid: UInt32) -> Int64? { exits["\(node)/\(pid)"] }
+
+    func events(of entity: String, from: Int64, to: Int64) -> [CauseEvent] {
+        (byEntity[entity] ?? []).filter { $0.timeNs >= from && $0.timeNs <= to }
+    }
+
+    mutating func prune(before t: Int64) {
+        for k in byEntity.keys.sorted() {
+            let kept = byEntity[k]!.filter { $0.timeNs >= t }
+            if kept.isEmpty { byEntity[k] = nil } else if kept.count != byEntity[k]!.count { byEntity[k] = kept }
+        }
+        for (node, ents) in entitiesByNode {
+            let kept = ents.filter { byEntity[$0] != nil }
+            entitiesByNode[node] = kept.isEmpty ? nil : kept
+        }
+        exits = exits.filter { $0.value >= t }
+    }
+}
+
+/// One line naming an event: `<time> <node> <kind> <summary>`.
+func evidenceLine(_ e: ObservedEvent, _ summary: String) -> String {
+    "\(rfc3339(ns: e.timeNs)) \(e.node) \(e.event.kind.name) \(summary)"
+}
+
+/// A short human description of an event, for timelines and evidence.
+func summarize(_ o: ObservedEvent, entity: String) -> String {
+    let e = o.event
+    let who = e.comm.isEmpty ? entity : "\(entity) (\(e.comm)\(e.pid != 0 ? " pid \(e.pid)" : ""))"
+    func peer(_ f: Flow) -> String { "\(f.destination?.description ?? "?"):\(f.destinationPort)" }
+    switch e.detail {
+    case .none: return who
+    case .exec(let filename): return "\(who) started \(filename)"
+    case .exit(let code, let signal, _):
+        return signal != 0 ? "\(who) killed by signal \(signal)" : "\(who) exited with code \(code)"
+    case .oomKill(_, let victimComm, _, _, let anon, _):
+        return "\(entity): OOM killer chose \(victimComm.isEmpty ? e.comm : victimComm)\(anon > 0 ? " (anon rss \(anon / 1024) MiB)" : "")"
+    case .tcpConnect(let f, let outcome, _, _, let count):
+        return "\(who) connect to \(peer(f)) \(outcome.name)\(count > 1 ? " ×\(count)" : "")"
+    case .tcpListen(let a, let port, let open):
+        return "\(who) \(open ? "listens on" : "stopped listening on") \(a?.description ?? "*"):\(port)"
+    case .tcpReset(let f, let sent, _, let count):
+        return "\(who) \(sent ? "sent" : "received") reset \(sent ? "to" : "from") \(peer(f))\(count > 1 ? " ×\(count)" : "")"
+    case .tcpRetransmit(let f, let count, _):
+        return "\(who) retransmitted \(count) segments to \(peer(f))"
+    case .tcpLatency(let f, let srtt, let responses, let total, _, _):
+        let avg = responses == 0 ? 0 : Double(total / UInt64(responses)) / 1e6
+        return "\(who) to \(peer(f)): response \(round3(avg)) ms, srtt \(Double(srtt) / 1000) ms"
+    case .packetDrop(let reason, let count, let f, _, _, _):
+        return "\(count) packets \(f.source?.description ?? "?") → \(peer(f)) dropped: \(reason)"
+    case .dns(let name, _, let rcode, _, _, _, _, _):
+        return "\(who) lookup \(name): \(dnsRcodeName(rcode))"
+    case .cpuThrottle(let periods, let throttled, _, _, _):
+        return "\(who) throttled in \(throttled)/\(periods) periods"
+    case .memoryPressure(let source, _, let usage, let limit, let psi, _, _):
+        return "\(who) memory pressure (\(source)): \(usage / 1_048_576)/\(limit / 1_048_576) MiB, psi \(Double(psi) / 10)%"
+    case .ioError(let error, let syscall, let count, _):
+        return "\(who) \(syscall) failed \(errnoName(error))\(count > 1 ? " ×\(count)" : "")"
+    }
+}

@@ -1,0 +1,159 @@
+/// Every tunable of the engine, with documented defaults. The confidence
+/// weights and pattern priors are what calibration on lab runs sets
+/// (docs/correlation.md, "Calibration").
+public struct CorrelationConfiguration: Sendable, Equatable {
+    /// Width of one rate bucket. Symptoms are decided when a bucket closes.
+    public var bucketNs: Int64 = 2_000_000_000
+    /// How far behind the newest time events may arrive and still be placed
+    /// in order (agents batch, clocks are skewed). The watermark is
+    /// `advance(toNs:)` minus this.
+    public var allowedLatenessNs: Int64 = 2_000_000_000
+    /// Buckets after the first event during which baselines learn and no
+    /// symptom fires.
+    public var warmupBuckets: Int = 5
+    /// An incident resolves after this long without any of its symptoms firing.
+    public var quietPeriodNs: Int64 = 30_000_000_000
+    /// Causes are looked for this far before the incident's first symptom.
+    public var causeLookbackNs: Int64 = 120_000_000_000
+    /// Abnormal exits of one entity within `crashLoopWindowNs` that make a
+    /// crash loop rather than a crash.
+    public var crashLoopExits: Int = 3
+    public var crashLoopWindowNs: Int64 = 120_000_000_000
+    /// The clock uncertainty assumed for events whose node has no sample yet.
+    public var unknownClockErrorNs: Int64 = 1_000_000_000
+    /// Time proximity decays as exp(−gap / timeDecayNs) once the gap between
+    /// a cause and its symptom exceeds their clock uncertainty.
+    public var timeDecayNs: Int64 = 10_000_000_000
+    /// A cpu_throttle sample with this share of throttled periods is a cause.
+    public var throttleCauseRatio: Double = 0.2
+    /// A memory_pressure sample is a cause at this PSI some avg10 (percent)
+    /// or this usage/limit ratio.
+    public var memoryPressureCausePsi: Double = 10
+    public var memoryPressureCauseUsage: Double = 0.9
+    /// Root-cause candidates kept per incident.
+    public var maxCandidates: Int = 5
+    /// Evidence events kept per candidate and representative events per symptom.
+    public var maxEvidence: Int = 5
+    /// Resolved incidents kept (oldest dropped first).
+    public var maxResolvedIncidents: Int = 1000
+    /// A series with no event for this long is dropped (memory stays bounded
+    /// by the entities active recently).
+    public var forgetSeriesAfterNs: Int64 = 3_600_000_000_000
+    /// Cause events kept per entity (older ones dropped first).
+    public var maxCauseEventsPerEntity: Int = 512
+
+    public var thresholds: [SymptomKind: SymptomThreshold] = SymptomThreshold.defaults
+    public var weights = ConfidenceWeights()
+    public var priors = PatternPriors()
+
+    public init() {}
+
+    func threshold(_ kind: SymptomKind) -> SymptomThreshold {
+        thresholds[kind] ?? SymptomThreshold(floor: 3)
+    }
+}
+
+/// When a rate or level is a symptom: the value in the last window must
+/// reach `floor` and exceed both `factor` × baseline and baseline +
+/// `deviations` × its standard deviation. The baseline is an exponentially
+/// weighted mean and variance per bucket (weight `alpha`, with a running mean
+/// while fewer than 1/alpha buckets have been seen).
+public struct SymptomThreshold: Sendable, Equatable {
+    /// Absolute floor: events per window for counts, the level itself for
+    /// levels (latency in ms, throttled share 0…1).
+    public var floor: Double
+    public var factor: Double
+    public var deviations: Double
+    /// Buckets summed for counts (levels use one bucket).
+    public var windowBuckets: Int
+    public var alpha: Double
+
+    public init(floor: Double, factor: Double = 3, deviations: Double = 4, windowBuckets: Int = 1, alpha: Double = 0.05) {
+        self.floor = floor
+        self.factor = factor
+        self.deviations = deviations
+        self.windowBuckets = windowBuckets
+        self.alpha = alpha
+    }
+
+    public static let defaults: [SymptomKind: SymptomThreshold] = [
+        .connectRefused: SymptomThreshold(floor: 3),
+        .connectTimeout: SymptomThreshold(floor: 2),
+        .connectErrors: SymptomThreshold(floor: 3),
+        .resets: SymptomThreshold(floor: 5),
+        .retransmits: SymptomThreshold(floor: 10),
+        .packetDrops: SymptomThreshold(floor: 10),
+        .dnsErrors: SymptomThreshold(floor: 3),
+        .latency: SymptomThreshold(floor: 20, factor: 3),
+        // Exits are rare: counted over 30 s so a crash loop of one exit every
+        // few seconds is seen, one crash alone is not.
+        .exits: SymptomThreshold(floor: 3, windowBuckets: 15, alpha: 0.01),
+        .throttling: SymptomThreshold(floor: 0.25, factor: 2),
+        .ioErrors: SymptomThreshold(floor: 3),
+    ]
+}
+
+/// The weights of the logistic combination:
+/// confidence = 1 / (1 + exp(−(bias + Σ weight·value))).
+public struct ConfidenceWeights: Sendable, Equatable {
+    public var bias: Double = -9.0
+    public var timeProximity: Double = 1.5
+    public var topologyMatch: Double = 2.5
+    public var metadataMatch: Double = 0.5
+    public var symptomsExplained: Double = 1.5
+    public var patternPrior: Double = 1.0
+    public var deepest: Double = 4.0
+    public var observedCause: Double = 1.5
+
+    public init() {}
+
+    public init(vector: [Double]) {
+        precondition(vector.count == ConfidenceWeights.factorNames.count + 1)
+        bias = vector[0]
+        timeProximity = vector[1]
+        topologyMatch = vector[2]
+        metadataMatch = vector[3]
+        symptomsExplained = vector[4]
+        patternPrior = vector[5]
+        deepest = vector[6]
+        observedCause = vector[7]
+    }
+
+    /// The factor names, in the order of `vector` after the bias.
+    public static let factorNames = ["time_proximity", "topology_match", "metadata_match", "symptoms_explained", "pattern_prior", "deepest", "observed_cause"]
+
+    /// bias, then the weights in `factorNames` order.
+    public var vector: [Double] {
+        [bias, timeProximity, topologyMatch, metadataMatch, symptomsExplained, patternPrior, deepest, observedCause]
+    }
+
+    public func weight(_ name: String) -> Double {
+        guard let i = ConfidenceWeights.factorNames.firstIndex(of: name) else { return 0 }
+        return vector[i + 1]
+    }
+}
+
+/// How typical a cause kind is for a symptom kind (0…1). A pair not listed
+/// has `unlisted`.
+public struct PatternPriors: Sendable, Equatable {
+    public var table: [CauseKind: [SymptomKind: Double]] = [
+        .oomKill: [.connectRefused: 0.9, .connectErrors: 0.7, .resets: 0.7, .exits: 0.8, .connectTimeout: 0.3, .latency: 0.3],
+        .crash: [.connectRefused: 0.8, .connectErrors: 0.6, .resets: 0.6, .exits: 0.7, .connectTimeout: 0.2],
+        .crashLoop: [.connectRefused: 0.85, .connectErrors: 0.6, .resets: 0.6, .exits: 0.9, .connectTimeout: 0.2],
+        .listenerClosed: [.connectRefused: 0.9, .connectErrors: 0.4, .resets: 0.4],
+        .firewallDrop: [.connectTimeout: 0.9, .retransmits: 0.7, .packetDrops: 0.8, .connectErrors: 0.5, .latency: 0.3, .dnsErrors: 0.3],
+        .packetLoss: [.retransmits: 0.9, .latency: 0.7, .packetDrops: 0.8, .connectTimeout: 0.5, .resets: 0.3],
+        .dnsFailure: [.dnsErrors: 0.95],
+        .cpuThrottle: [.latency: 0.85, .throttling: 0.9, .connectTimeout: 0.3],
+        .memoryPressure: [.latency: 0.6, .exits: 0.4, .throttling: 0.2],
+        .diskFull: [.ioErrors: 0.95, .exits: 0.6, .connectErrors: 0.6, .resets: 0.6, .latency: 0.5, .connectRefused: 0.5],
+        .noisyNeighbour: [.latency: 0.8, .throttling: 0.7, .connectTimeout: 0.4, .retransmits: 0.2],
+    ]
+    public var unlisted: Double = 0.05
+
+    public init() {}
+
+    public func prior(_ cause: CauseKind, _ symptom: SymptomKind) -> Double {
+        table[cause]?[symptom] ?? unlisted
+    }
+}

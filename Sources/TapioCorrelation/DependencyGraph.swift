@@ -1,0 +1,131 @@
+import TapioWire
+
+/// Who talks to whom, learned from observed connections and DNS answers:
+/// edges client entity → server entity (what `tapio services` shows).
+public struct DependencyGraph: Sendable, Equatable {
+    /// One client → server dependency.
+    public struct Edge: Sendable, Equatable {
+        public var client: String
+        public var server: String
+        /// Connection attempts seen (established and failed).
+        public var connects: UInt64 = 0
+        /// Failed attempts by outcome name (`refused`, `timeout`, …).
+        public var failures: [String: UInt64] = [:]
+        /// Server ports connected to.
+        public var ports: Set<UInt16> = []
+        /// Connect latency of established connections, ns.
+        public var connectLatency = LatencySummary()
+        /// Request → response time, ns (from tcp_latency).
+        public var responseLatency = LatencySummary()
+        public var firstSeenNs: Int64
+        public var lastSeenNs: Int64
+
+        public var failureCount: UInt64 { failures.values.reduce(0, +) }
+
+        public var json: JSONValue {
+            var f: [String: JSONValue] = [:]
+            for (k, v) in failures { f[k] = .int(Int64(v)) }
+            return .object([
+                "client": .string(client), "server": .string(server),
+                "connects": .int(Int64(connects)), "failures": .int(Int64(failureCount)), "failures_by_outcome": .object(f),
+                "failure_ratio": .double(connects == 0 ? 0 : round3(Double(failureCount) / Double(connects))),
+                "ports": .array(ports.sorted().map { .int(Int64($0)) }),
+                "connect_latency": connectLatency.json, "response_latency": responseLatency.json,
+                "first_seen": .string(rfc3339(ns: firstSeenNs)), "last_seen": .string(rfc3339(ns: lastSeenNs)),
+            ])
+        }
+    }
+
+    /// Count, mean, max and quantiles from a log2 histogram (buckets of
+    /// powers of two ns): deterministic, bounded memory.
+    public struct LatencySummary: Sendable, Equatable {
+        public var count: UInt64 = 0
+        public var totalNs: Double = 0
+        public var maxNs: UInt64 = 0
+        var histogram = [UInt64](repeating: 0, count: 64)
+
+        public init() {}
+
+        public mutating func add(_ ns: UInt64, weight: UInt64 = 1) {
+            guard weight > 0 else { return }
+            count += weight
+            totalNs += Double(ns) * Double(weight)
+            maxNs = max(maxNs, ns)
+            histogram[ns == 0 ? 0 : 63 - ns.leadingZeroBitCount] += weight
+        }
+
+        public var meanNs: Double { count == 0 ? 0 : totalNs / Double(count) }
+
+        /// Upper bound of the histogram bucket holding quantile `q`.
+        public func quantileNs(_ q: Double) -> UInt64 {
+            guard count > 0 else { return 0 }
+            let target = UInt64((Double(count) * q).rounded(.up))
+            var seen: UInt64 = 0
+            for (i, c) in histogram.enumerated() {
+                seen += c
+                if seen >= max(target, 1) { return min(i >= 63 ? UInt64.max : (UInt64(1) << (i + 1)) - 1, maxNs) }
+            }
+            return maxNs
+        }
+
+        var json: JSONValue {
+            .object(["count": .int(Int64(count)), "mean_ms": .double(round3(meanNs / 1e6)), "p50_ms": .double(round3(Double(quantileNs(0.5)) / 1e6)),
+                     "p99_ms": .double(round3(Double(quantileNs(0.99)) / 1e6)), "max_ms": .double(round3(Double(maxNs) / 1e6))])
+        }
+    }
+
+    private(set) var edgeMap: [String: Edge] = [:]
+    /// DNS name → the service its answers pointed to.
+    public private(set) var names: [String: String] = [:]
+
+    public init() {}
+
+    private static func key(_ client: String, _ server: String) -> String { client + "\u{1}" + server }
+
+    /// Every edge, sorted by client then server.
+    public var edges: [Edge] {
+        edgeMap.keys.sorted().map { edgeMap[$0]! }
+    }
+
+    public func edge(client: String, server: String) -> Edge? { edgeMap[DependencyGraph.key(client, server)] }
+
+    public func hasEdge(_ client: String, _ server: String) -> Bool { edgeMap[DependencyGraph.key(client, server)] != nil }
+
+    /// Servers `client` depends on.
+    public func dependencies(of client: String) -> [String] {
+        edges.filter { $0.client == client }.map(\.server)
+    }
+
+    mutating func connect(client: String, server: String, port: UInt16, outcome: ConnectOutcome, latencyNs: UInt64, count: UInt32, timeNs: Int64) {
+        let k = DependencyGraph.key(client, server)
+        var e = edgeMap[k] ?? Edge(client: client, server: server, firstSeenNs: timeNs, lastSeenNs: timeNs)
+        let n = UInt64(max(count, 1))
+        e.connects += n
+        if outcome.isFailure { e.failures[outcome.name, default: 0] += n } else { e.connectLatency.add(latencyNs, weight: 1) }
+        if port != 0 { e.ports.insert(port) }
+        e.firstSeenNs = min(e.firstSeenNs, timeNs)
+        e.lastSeenNs = max(e.lastSeenNs, timeNs)
+        edgeMap[k] = e
+    }
+
+    mutating func response(client: String, server: String, port: UInt16, meanNs: UInt64, responses: UInt32, timeNs: Int64) {
+        let k = DependencyGraph.key(client, server)
+        var e = edgeMap[k] ?? Edge(client: client, server: server, firstSeenNs: timeNs, lastSeenNs: timeNs)
+        e.responseLatency.add(meanNs, weight: UInt64(max(responses, 1)))
+        if port != 0 { e.ports.insert(port) }
+        e.firstSeenNs = min(e.firstSeenNs, timeNs)
+        e.lastSeenNs = max(e.lastSeenNs, timeNs)
+        edgeMap[k] = e
+    }
+
+    mutating func resolved(name: String, service: String) {
+        names[name] = service
+    }
+
+    /// `{"services": [edges…], "names": {dns name: service}}`.
+    public func toJSON() -> JSONValue {
+        var n: [String: JSONValue] = [:]
+        for (k, v) in names { n[k] = .string(v) }
+        return .object(["services": .array(edges.map(\.json)), "names": .object(n)])
+    }
+}

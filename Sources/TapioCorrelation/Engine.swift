@@ -1,0 +1,482 @@
+import TapioWire
+
+/// The correlation engine: no I/O, deterministic, replayable. Feed it the
+/// merged event stream (`ingest`) and the pod inventories
+/// (`updateInventory`), move time forward (`advance(toNs:)`), read
+/// `incidents`. The same events give the same incidents whatever order they
+/// arrived in, as long as none is later than `allowedLatenessNs`.
+///
+/// A value type: the server keeps one behind a lock.
+public struct CorrelationEngine: Sendable {
+    /// Counters of what the engine did with its input.
+    public struct Statistics: Sendable, Equatable {
+        public var processed: UInt64 = 0
+        /// Events older than the bucket being filled when they were processed:
+        /// they count as causes and topology but not in rates.
+        public var late: UInt64 = 0
+        public var pending: Int = 0
+        public var series: Int = 0
+    }
+
+    public let configuration: CorrelationConfiguration
+    public private(set) var graph = DependencyGraph()
+    public private(set) var statistics = Statistics()
+    /// Everything at or before this corrected time has been processed.
+    public private(set) var watermarkNs: Int64 = .min
+
+    var topology = Topology()
+    var causes = CauseStore()
+    private var pending: [ObservedEvent] = []
+    private var maxSeenNs: Int64 = .min
+    private var series: [SeriesKey: Series] = [:]
+    private var touched: Set<SeriesKey> = []
+    private var currentBucket: Int64?
+    private var firstBucket: Int64 = 0
+    private var openIncidents: [IncidentState] = []
+    private var resolvedIncidents: [Incident] = []
+    private var aliases: [String: String] = [:]
+
+    public init(configuration: CorrelationConfiguration = CorrelationConfiguration()) {
+        self.configuration = configuration
+    }
+
+    // MARK: Input
+
+    /// Replaces what is known of `node`'s pods (its agent's inventory).
+    public mutating func updateInventory(node: String, pods: [PodInfo]) {
+        topology.replace(node: node, pods: pods)
+    }
+
+    public mutating func ingest(_ event: ObservedEvent) {
+        pending.append(event)
+        maxSeenNs = max(maxSeenNs, event.timeNs)
+        statistics.pending = pending.count
+    }
+
+    public mutating func ingest(_ events: [ObservedEvent]) {
+        for e in events { ingest(e) }
+    }
+
+    /// Processes, in corrected-time order, every buffered event at or before
+    /// `nowNs − allowedLatenessNs` (the watermark), and decides every bucket
+    /// that ends by then: symptoms, incidents, candidates, resolution.
+    public mutating func advance(toNs nowNs: Int64) {
+        let mark = nowNs - configuration.allowedLatenessNs
+        guard mark > watermarkNs else { return }
+        pending.sort(by: ObservedEvent.precedes)
+        let split = pending.firstIndex { $0.timeNs > mark } ?? pending.count
+        for e in pending[..<split] { process(e) }
+        pending.removeFirst(split)
+        statistics.pending = pending.count
+        if var b = currentBucket {
+            while (b + 1) * configuration.bucketNs <= mark {
+                closeBucket(b)
+                b += 1
+                if touched.isEmpty && openIncidents.isEmpty {
+                    b = max(b, floorDiv(mark, configuration.bucketNs))
+                }
+            }
+            currentBucket = b
+        }
+        watermarkNs = mark
+    }
+
+    /// Processes everything buffered and decides the bucket of the newest
+    /// event: the end of a replay.
+    public mutating func finish() {
+        guard maxSeenNs > .min else { return }
+        let end = (floorDiv(maxSeenNs, configuration.bucketNs) + 1) * configuration.bucketNs
+        advance(toNs: end + configuration.allowedLatenessNs)
+    }
+
+    /// Runs `events` through a fresh engine: the offline replay of a stored log.
+    public static func replay(_ events: [ObservedEvent], inventory: [String: [PodInfo]] = [:],
+                              configuration: CorrelationConfiguration = CorrelationConfiguration()) -> CorrelationEngine {
+        var engine = CorrelationEngine(configuration: configuration)
+        for node in inventory.keys.sorted() { engine.updateInventory(node: node, pods: inventory[node]!) }
+        engine.ingest(events)
+        engine.finish()
+        return engine
+    }
+
+    // MARK: Output
+
+    /// Every incident, open and resolved, oldest first.
+    public var incidents: [Incident] {
+        (resolvedIncidents + openIncidents.map(\.snapshot)).sorted { ($0.openedNs, $0.id) < ($1.openedNs, $1.id) }
+    }
+
+    /// The incidents of the `incidents` query: `status` nil for all, and
+    /// those updated at or after `sinceNs`.
+    public func incidents(status: Incident.Status? = nil, sinceNs: Int64? = nil) -> [Incident] {
+        incidents.filter { (status == nil || $0.status == status) && (sinceNs == nil || $0.updatedNs >= sinceNs!) }
+    }
+
+    /// One incident by id; an id merged into another answers the survivor.
+    public func incident(id: String) -> Incident? {
+        var id = id
+        while let next = aliases[id] { id = next }
+        return incidents.first { $0.id == id }
+    }
+
+    /// `{"incidents": [...]}` as the query answers it.
+    public func incidentsJSON(status: Incident.Status? = nil, sinceNs: Int64? = nil) -> JSONValue {
+        .object(["incidents": .array(incidents(status: status, sinceNs: sinceNs).map { $0.toJSON() })])
+    }
+
+    // MARK: Processing
+
+    private mutating func process(_ e: ObservedEvent) {
+        statistics.processed += 1
+        let b = floorDiv(e.timeNs, configuration.bucketNs)
+        if currentBucket == nil {
+            currentBucket = b
+            firstBucket = b
+        }
+        var late = false
+        if b < currentBucket! {
+            late = true
+            statistics.late += 1
+        } else {
+            while currentBucket! < b {
+                closeBucket(currentBucket!)
+                currentBucket! += 1
+                if touched.isEmpty && openIncidents.isEmpty { currentBucket = b }
+            }
+        }
+        classify(e, bucket: late ? nil : b)
+    }
+
+    private mutating func observe(_ key: SeriesKey, from: String?, to: String?, bucket: Int64?, count: Double, level: Double? = nil, event: ObservedEvent) {
+        guard let bucket else { return }
+        var s = series[key] ?? Series(key: key, edgeFrom: from, edgeTo: to, bucket: bucket, quietBuckets: bucket - firstBucket)
+        s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
+        series[key] = s
+        touched.insert(key)
+        statistics.series = series.count
+    }
+
+    private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0) {
+        var addrs = addresses
+        if let p = ref.pod { addrs.formUnion(p.ips) }
+        causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
+                              summary: summarize(e, entity: ref.name)), limit: configuration.maxCauseEventsPerEntity)
+    }
+
+    /// Orders the two ends of a flow as client → server: a zero port is the
+    /// ephemeral (client) side; otherwise the dependency graph decides, and
+    /// the local side is the client by default.
+    private func orient(local: EntityRef, remote: EntityRef, flow: Flow) -> (client: EntityRef, server: EntityRef) {
+        if flow.sourcePort == 0 && flow.destinationPort != 0 { return (local, remote) }
+        if flow.destinationPort == 0 && flow.sourcePort != 0 { return (remote, local) }
+        if graph.hasEdge(remote.name, local.name) && !graph.hasEdge(local.name, remote.name) { return (remote, local) }
+        return (local, remote)
+    }
+
+    private mutating func classify(_ e: ObservedEvent, bucket: Int64?) {
+        let ev = e.event
+        switch ev.detail {
+        case .none:
+            topology.sawEntity(topology.entity(of: e).name, node: e.node)
+        case .exec:
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            addCause(.workloadStart, me, e)
+        case .exit(let code, let signal, _):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            causes.exited(node: e.node, pid: ev.pid, timeNs: e.timeNs)
+            if code != 0 || signal != 0 {
+                addCause(.exit, me, e, port: 0)
+                observe(SeriesKey(observer: me.name, kind: .exits, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, event: e)
+            }
+        case .oomKill:
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            addCause(.oomKill, me, e)
+        case .tcpConnect(let flow, let outcome, let latencyNs, _, let count):
+            let client = topology.entity(of: e, localAddress: flow.source)
+            let server = topology.entity(address: flow.destination)
+            topology.sawEntity(client.name, node: e.node)
+            graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
+            let kind: SymptomKind?
+            switch outcome {
+            case .established: kind = nil
+            case .refused: kind = .connectRefused
+            case .timeout: kind = .connectTimeout
+            case .reset, .error: kind = .connectErrors
+            }
+            if let kind {
+                observe(SeriesKey(observer: client.name, kind: kind, peer: server.name), from: client.name, to: server.name, bucket: bucket,
+                        count: Double(max(count, 1)), event: e)
+            }
+        case .tcpListen(let address, let port, let open):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            topology.sawListener(me.name, port: port)
+            if open { topology.sawServer(me.name, address: address) }
+            if !open {
+                var addrs = Set<String>()
+                if let a = address, a.bytes.contains(where: { $0 != 0 }) { addrs.insert(a.description) }
+                addCause(.listenerClosed, me, e, addresses: addrs, port: port)
+            }
+        case .tcpReset(let flow, _, _, let count):
+            let local = topology.entity(of: e, localAddress: flow.source)
+            let remote = topology.entity(address: flow.destination)
+            topology.sawEntity(local.name, node: e.node)
+            let (c, s) = orient(local: local, remote: remote, flow: flow)
+            observe(SeriesKey(observer: local.name, kind: .resets, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
+                    count: Double(max(count, 1)), event: e)
+        case .tcpRetransmit(let flow, let count, _):
+            let local = topology.entity(of: e, localAddress: flow.source)
+            let remote = topology.entity(address: flow.destination)
+            topology.sawEntity(local.name, node: e.node)
+            let (c, s) = orient(local: local, remote: remote, flow: flow)
+            observe(SeriesKey(observer: local.name, kind: .retransmits, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
+                    count: Double(max(count, 1)), event: e)
+        case .tcpLatency(let flow, let srttUs, let responses, let total, _, _):
+            let local = topology.entity(of: e, localAddress: flow.source)
+            let remote = topology.entity(address: flow.destination)
+            topology.sawEntity(local.name, node: e.node)
+            let (c, s) = orient(local: local, remote: remote, flow: flow)
+            if flow.destinationPort == 0 && flow.sourcePort != 0 { topology.sawServer(local.name, address: flow.source) }
+            let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
+            graph.response(client: c.name, server: s.name, port: c.name == local.name ? flow.destinationPort : flow.sourcePort,
+                           meanNs: meanNs, responses: responses, timeNs: e.timeNs)
+            observe(SeriesKey(observer: local.name, kind: .latency, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
+                    count: 1, level: Double(meanNs) / 1e6, event: e)
+        case .packetDrop(let reason, let count, let flow, _, _, _):
+            let src = flow.source.map { topology.entity(address: $0) } ?? topology.entity(of: e)
+            let dst = topology.entity(address: flow.destination)
+            let (c, s) = orient(local: src, remote: dst, flow: flow)
+            let upper = reason.uppercased()
+            var addrs = Set<String>()
+            if let a = flow.source { addrs.insert(a.description) }
+            if let a = flow.destination { addrs.insert(a.description) }
+            let serverPort = c.name == src.name ? flow.destinationPort : flow.sourcePort
+            if upper.contains("NETFILTER") {
+                addCause(.firewallDrop, s, e, addresses: addrs, port: serverPort)
+            } else if !(upper == "NO_SOCKET" || upper.hasPrefix("TCP_") || upper.hasPrefix("SOCKET_")) {
+                addCause(.packetLoss, s, e, addresses: addrs, port: serverPort)
+            }
+            observe(SeriesKey(observer: c.name, kind: .packetDrops, peer: s.name), from: c.name, to: s.name, bucket: bucket,
+                    count: Double(max(count, 1)), event: e)
+        case .dns(let name, _, let rcode, _, _, _, _, let answers):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            if rcode == 0 {
+                topology.learnAnswer(name: name, answers: answers)
+                if let svc = topology.service(ofName: name) { graph.resolved(name: name, service: svc) }
+            } else {
+                addCause(.dnsFailure, EntityRef(name: name, quality: 1, pod: nil, isService: false), e)
+                observe(SeriesKey(observer: me.name, kind: .dnsErrors, peer: name), from: me.name, to: name, bucket: bucket, count: 1, event: e)
+            }
+        case .cpuThrottle(let periods, let throttled, _, _, _):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)
+            if ratio >= configuration.throttleCauseRatio { addCause(.cpuThrottle, me, e) }
+            observe(SeriesKey(observer: me.name, kind: .throttling, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, level: ratio, event: e)
+        case .memoryPressure(_, _, let usage, let limit, let psi, _, _):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            let full = limit > 0 && Double(usage) >= configuration.memoryPressureCauseUsage * Double(limit)
+            if Double(psi) / 10 >= configuration.memoryPressureCausePsi || full { addCause(.memoryPressure, me, e) }
+        case .ioError(let error, _, let count, _):
+            let me = topology.entity(of: e)
+            topology.sawEntity(me.name, node: e.node)
+            if error == 28 || error == 122 { addCause(.diskFull, me, e) }  // ENOSPC, EDQUOT
+            observe(SeriesKey(observer: me.name, kind: .ioErrors, peer: ""), from: nil, to: nil, bucket: bucket, count: Double(max(count, 1)), event: e)
+        }
+    }
+
+    // MARK: Buckets and incidents
+
+    private mutating func closeBucket(_ b: Int64) {
+        let end = (b + 1) * configuration.bucketNs
+        let mayFire = b >= firstBucket + Int64(configuration.warmupBuckets)
+        var fired: [(Series, BucketVerdict, Double)] = []
+        for key in touched.sorted() {
+            var s = series[key]!
+            let t = configuration.threshold(key.kind)
+            let currentCount = s.buckets.last.map { $0.index == b ? ($0.samples > 0 ? Double($0.samples) : $0.count) : 0 } ?? 0
+            if let v = s.close(b, threshold: t, mayFire: mayFire), v.firing { fired.append((s, v, currentCount)) }
+            if s.idle(at: b, threshold: t) { touched.remove(key) }
+            series[key] = s
+        }
+        for (s, v, current) in fired { record(s, v, current: current, end: end) }
+        for i in openIncidents.indices { refresh(i, end: end) }
+        mergeIncidents(end: end)
+        resolveIncidents(end: end)
+        if b % 30 == 0 {
+            causes.prune(before: end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs)
+            // A series silent for a long time forgets its baseline (it would have decayed to zero).
+            let horizon = b - Int64(configuration.forgetSeriesAfterNs / configuration.bucketNs)
+            for key in series.keys.sorted() where !touched.contains(key) && series[key]!.lastTouched < horizon { series[key] = nil }
+            statistics.series = series.count
+        }
+    }
+
+    private mutating func record(_ s: Series, _ v: BucketVerdict, current: Double, end: Int64) {
+        let key = s.key
+        if let i = openIncidents.firstIndex(where: { $0.symptoms[key] != nil }) {
+            var st = openIncidents[i].symptoms[key]!
+            st.count += st.lastNs == end - configuration.bucketNs ? current : v.count
+            st.lastNs = end
+            for e in v.events where st.events.count < configuration.maxEvidence && !st.events.contains(e) { st.events.append(e) }
+            openIncidents[i].symptoms[key] = st
+            return
+        }
+        let st = SymptomState(key: key, edgeFrom: s.edgeFrom, edgeTo: s.edgeTo, sinceNs: v.events.first?.timeNs ?? end - configuration.bucketNs,
+                              lastNs: end, count: v.count, baseline: v.baseline, events: Array(v.events.prefix(configuration.maxEvidence)))
+        if let i = openIncidents.firstIndex(where: { $0.joins(st) }) {
+            openIncidents[i].symptoms[key] = st
+            return
+        }
+        let id = "inc-" + hex16(fnv1a("\(key.text)|\(st.sinceNs)"))
+        var inc = IncidentState(id: id, openedNs: end)
+        inc.symptoms[key] = st
+        openIncidents.append(inc)
+    }
+
+    private mutating func refresh(_ i: Int, end: Int64) {
+        var inc = openIncidents[i]
+        let fresh = Analysis(engine: self).evaluate(inc, at: end)
+        if fresh.contentDiffers(from: inc.snapshot) || inc.snapshot.id.isEmpty {
+            inc.snapshot = fresh
+            inc.snapshot.updatedNs = end
+        } else {
+            // Times of active symptoms move on without counting as an update.
+            let updated = inc.snapshot.updatedNs
+            inc.snapshot = fresh
+            inc.snapshot.updatedNs = updated
+        }
+        openIncidents[i] = inc
+    }
+
+    private mutating func mergeIncidents(end: Int64) {
+        var changed = true
+        while changed {
+            changed = false
+            let order = openIncidents.indices.sorted { (openIncidents[$0].openedNs, openIncidents[$0].id) < (openIncidents[$1].openedNs, openIncidents[$1].id) }
+            search: for a in order {
+                for b in order where b != a && (openIncidents[a].openedNs, openIncidents[a].id) < (openIncidents[b].openedNs, openIncidents[b].id) {
+                    if openIncidents[a].related(to: openIncidents[b]) {
+                        let other = openIncidents[b]
+                        let survivor = openIncidents[a].id
+                        for (k, v) in other.symptoms where openIncidents[a].symptoms[k] == nil { openIncidents[a].symptoms[k] = v }
+                        openIncidents[a].mergedIds = (openIncidents[a].mergedIds + [other.id] + other.mergedIds).sorted()
+                        aliases[other.id] = survivor
+                        openIncidents.remove(at: b)
+                        let ia = openIncidents.firstIndex { $0.id == survivor }!
+                        openIncidents[ia].snapshot.id = ""
+                        refresh(ia, end: end)
+                        changed = true
+                        break search
+                    }
+                }
+            }
+        }
+    }
+
+    private mutating func resolveIncidents(end: Int64) {
+        var keep: [IncidentState] = []
+        for var inc in openIncidents {
+            let last = inc.symptoms.values.map(\.lastNs).max() ?? inc.openedNs
+            if last + configuration.quietPeriodNs <= end {
+                var done = inc.snapshot
+                done.status = .resolved
+                done.resolvedNs = end
+                done.updatedNs = end
+                for j in done.symptoms.indices { done.symptoms[j].active = false }
+                inc.snapshot = done
+                resolvedIncidents.append(done)
+            } else {
+                keep.append(inc)
+            }
+        }
+        openIncidents = keep
+        if resolvedIncidents.count > configuration.maxResolvedIncidents {
+            resolvedIncidents.removeFirst(resolvedIncidents.count - configuration.maxResolvedIncidents)
+        }
+    }
+}
+
+/// Floor division (Swift's `/` truncates toward zero).
+func floorDiv(_ a: Int64, _ b: Int64) -> Int64 {
+    let q = a / b
+    return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q
+}
+
+/// One symptom as an incident holds it.
+struct SymptomState: Sendable, Equatable {
+    var key: SeriesKey
+    var edgeFrom: String?
+    var edgeTo: String?
+    var sinceNs: Int64
+    var lastNs: Int64
+    var count: Double
+    var baseline: Double
+    var events: [ObservedEvent]
+}
+
+struct IncidentState: Sendable {
+    var id: String
+    var openedNs: Int64
+    var symptoms: [SeriesKey: SymptomState] = [:]
+    var mergedIds: [String] = []
+    var snapshot: Incident
+
+    init(id: String, openedNs: Int64) {
+        self.id = id
+        self.openedNs = openedNs
+        snapshot = Incident(id: "", status: .open, title: "", openedNs: openedNs, updatedNs: openedNs, detectedNs: openedNs)
+    }
+
+    /// Observers and both ends of every symptom.
+    var entities: Set<String> {
+        var s = Set<String>()
+        for v in symptoms.values {
+            s.insert(v.key.observer)
+            if let f = v.edgeFrom { s.insert(f) }
+            if let t = v.edgeTo { s.insert(t) }
+        }
+        return s
+    }
+
+    /// Servers of its symptoms and its leading candidates' entities.
+    var upstream: Set<String> {
+        var s = Set(symptoms.values.compactMap(\.edgeTo))
+        for c in snapshot.rootCauses.prefix(3) where !c.inferred { s.insert(c.entity) }
+        return s
+    }
+
+    /// A symptom belongs here when it concerns an entity already involved:
+    /// its server is one of ours, or its client is one of our servers or
+    /// causes (a cascade seen from either end), or it is a symptom of one of
+    /// our entities itself.
+    func joins(_ s: SymptomState) -> Bool {
+        if symptoms[s.key] != nil { return true }
+        if let to = s.edgeTo {
+            return entities.contains(to) || upstream.contains(s.edgeFrom ?? s.key.observer)
+        }
+        return entities.contains(s.key.observer) || upstream.contains(s.key.observer)
+    }
+
+    func related(to other: IncidentState) -> Bool {
+        if other.symptoms.values.contains(where: joins) || symptoms.values.contains(where: other.joins) { return true }
+        if let a = snapshot.rootCauses.first, let b = other.snapshot.rootCauses.first, !a.inferred, !b.inferred, a.entity == b.entity { return true }
+        return false
+    }
+}
+
+extension Incident {
+    /// Whether anything but the moving times of active symptoms changed.
+    func contentDiffers(from old: Incident) -> Bool {
+        if id != old.id || status != old.status || title != old.title || affected != old.affected || mergedIds != old.mergedIds { return true }
+        if symptoms.count != old.symptoms.count || rootCauses.count != old.rootCauses.count { return true }
+        for (a, b) in zip(symptoms, old.symptoms) where a.entity != b.entity || a.kind != b.kind || a.peer != b.peer || a.sinceNs != b.sinceNs { return true }
+        for (a, b) in zip(rootCauses, old.rootCauses) where a.entity != b.entity || a.kind != b.kind || round3(a.confidence) != round3(b.confidence) { return true }
+        return false
+    }
+}

@@ -1,0 +1,149 @@
+import TapioWire
+
+/// An entity as resolved from an event or an address, with how sure the
+/// resolution is (the metadata factor).
+struct EntityRef: Sendable, Equatable {
+    var name: String
+    /// 1 resolved through the inventory, lower for weaker evidence (a pod
+    /// name without inventory, a DNS name, a host process, a bare address).
+    var quality: Double
+    var pod: PodInfo?
+    var isService: Bool
+}
+
+/// What the engine knows of the cluster's shape, fed as data: pods from the
+/// agents' inventories, names from DNS answers, listeners seen opening.
+struct Topology: Sendable {
+    private var podsByNode: [String: [PodInfo]] = [:]
+    private var byIP: [String: PodInfo] = [:]
+    private var byContainer: [String: PodInfo] = [:]
+    private var byNamespacedName: [String: PodInfo] = [:]
+    private var byName: [String: PodInfo] = [:]
+    /// Address → the DNS name that last answered it.
+    private(set) var nameByIP: [String: String] = [:]
+    /// DNS name → addresses of its last answer.
+    private(set) var addressesByName: [String: [String]] = [:]
+    /// Entity → nodes it was seen on (events, inventory).
+    private(set) var entityNodes: [String: Set<String>] = [:]
+    /// Address → the entity seen serving on it, for addresses outside the
+    /// inventory (host processes, the lab without pod metadata).
+    private(set) var ownerByIP: [String: String] = [:]
+    /// Entity → ports it listened on.
+    private(set) var listenPorts: [String: Set<UInt16>] = [:]
+
+    mutating func replace(node: String, pods: [PodInfo]) {
+        podsByNode[node] = pods
+        byIP.removeAll(keepingCapacity: true)
+        byContainer.removeAll(keepingCapacity: true)
+        byNamespacedName.removeAll(keepingCapacity: true)
+        byName.removeAll(keepingCapacity: true)
+        for n in podsByNode.keys.sorted() {
+            for p in podsByNode[n]! {
+                for ip in p.ips { byIP[ip] = p }
+                for c in p.containerIds { byContainer[Topology.shortContainerId(c)] = p }
+                byNamespacedName[p.namespace + "/" + p.name] = p
+                byName[p.name] = p
+                let entity = Topology.serviceName(p)
+                entityNodes[entity, default: []].insert(p.node.isEmpty ? n : p.node)
+            }
+        }
+    }
+
+    /// The contract's entity of a pod: its service, else labels, else owner, else its name.
+    static func serviceName(_ p: PodInfo) -> String {
+        if !p.service.isEmpty { return p.service }
+        if let s = p.labels["app.kubernetes.io/name"], !s.isEmpty { return s }
+        if let s = p.labels["app"], !s.isEmpty { return s }
+        if !p.ownerName.isEmpty { return p.ownerName }
+        return p.name
+    }
+
+    /// `containerd://abc…` and `abc…` name the same container.
+    static func shortContainerId(_ id: String) -> String {
+        if let r = id.range(of: "://") { return String(id[r.upperBound...]) }
+        return id
+    }
+
+    func pod(ip: String) -> PodInfo? { byIP[ip] }
+
+    func isService(_ entity: String) -> Bool {
+        podsByNode.values.contains { $0.contains { Topology.serviceName($0) == entity } }
+    }
+
+    /// Addresses of the pods of `entity` (a service or pod name).
+    func addresses(of entity: String) -> Set<String> {
+        var out = Set<String>()
+        for pods in podsByNode.values {
+            for p in pods where Topology.serviceName(p) == entity || p.name == entity { out.formUnion(p.ips) }
+        }
+        return out
+    }
+
+    func nodes(of entity: String) -> Set<String> { entityNodes[entity] ?? [] }
+
+    /// The entity the event is about: the process's pod's service, else the
+    /// pod, else `<comm>@<node>`; for a socket event without attribution,
+    /// the owner of its local address.
+    func entity(of e: ObservedEvent, localAddress: IPAddress? = nil) -> EntityRef {
+        let ev = e.event
+        if !ev.containerId.isEmpty, let p = byContainer[Topology.shortContainerId(ev.containerId)] {
+            return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true)
+        }
+        if !ev.pod.isEmpty {
+            if let p = byNamespacedName[ev.namespace + "/" + ev.pod] {
+                return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true)
+            }
+            if let p = byName[ev.pod] {
+                return EntityRef(name: Topology.serviceName(p), quality: 0.9, pod: p, isService: true)
+            }
+            return EntityRef(name: ev.pod, quality: 0.6, pod: nil, isService: false)
+        }
+        if let a = localAddress, let p = byIP[a.description] {
+            return EntityRef(name: Topology.serviceName(p), quality: 0.8, pod: p, isService: true)
+        }
+        let comm = ev.comm.isEmpty ? "host" : ev.comm
+        return EntityRef(name: "\(comm)@\(e.node)", quality: 0.3, pod: nil, isService: false)
+    }
+
+    /// The entity behind a peer address: its pod's service, else the DNS name
+    /// that answered it, else the address itself.
+    func entity(address: IPAddress?) -> EntityRef {
+        guard let a = address else { return EntityRef(name: "unknown", quality: 0, pod: nil, isService: false) }
+        let text = a.description
+        if let p = byIP[text] { return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true) }
+        if let o = ownerByIP[text] { return EntityRef(name: o, quality: 0.6, pod: nil, isService: false) }
+        if let n = nameByIP[text] { return EntityRef(name: n, quality: 0.5, pod: nil, isService: false) }
+        return EntityRef(name: text, quality: 0.3, pod: nil, isService: false)
+    }
+
+    /// The service a DNS name points to (through its last answer), if any.
+    func service(ofName name: String) -> String? {
+        for ip in (addressesByName[name] ?? []).sorted() {
+            if let p = byIP[ip] { return Topology.serviceName(p) }
+        }
+        return nil
+    }
+
+    mutating func learnAnswer(name: String, answers: [IPAddress]) {
+        guard !answers.isEmpty else { return }
+        let ips = answers.map(\.description)
+        addressesByName[name] = ips
+        for ip in ips { nameByIP[ip] = name }
+    }
+
+    mutating func sawEntity(_ entity: String, node: String) {
+        if entityNodes[entity]?.contains(node) != true { entityNodes[entity, default: []].insert(node) }
+    }
+
+    /// `entity` serves on `address` (a listener bound to it, the server end
+    /// of a measured flow); addresses in the inventory keep their pod.
+    mutating func sawServer(_ entity: String, address: IPAddress?) {
+        guard let a = address, a.bytes.contains(where: { $0 != 0 }) else { return }
+        let text = a.description
+        if byIP[text] == nil && ownerByIP[text] != entity { ownerByIP[text] = entity }
+    }
+
+    mutating func sawListener(_ entity: String, port: UInt16) {
+        if port != 0 { listenPorts[entity, default: []].insert(port) }
+    }
+}
