@@ -57,7 +57,7 @@ let package = Package(
         .target(
             name: "TapioServer",
             dependencies: [
-                "TapioWire", "TapioStore", "CTapioTLS",
+                "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -94,7 +94,7 @@ let package = Package(
         .executableTarget(
             name: "tapio-server",
             dependencies: [
-                "TapioServer",
+                "TapioServer", "TapioStore", "TapioCorrelation", "TapioWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

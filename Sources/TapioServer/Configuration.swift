@@ -43,6 +43,7 @@ public struct ServerConfiguration: Sendable {
     public var limits = Limits()
     /// How long a graceful shutdown waits for in-flight batches before closing.
     public var shutdownGrace: TimeAmount = .seconds(5)
+    public var correlation = CorrelationService.Configuration()
 
     public init(dataDirectory: String, tls: TLSFiles) {
         self.dataDirectory = dataDirectory

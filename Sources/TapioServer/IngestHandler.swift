@@ -16,8 +16,11 @@ final class ServerContext: Sendable {
     let logger: Logger
     let version: String
     let pods: PodDirectory
+    let correlation: CorrelationService
 
-    init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
+    init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, correlation: CorrelationService,
+         metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
+        self.correlation = correlation
         self.configuration = configuration
         self.store = store
         self.registry = registry
@@ -204,6 +207,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             return p
         }
         server.pods.replace(node: node, pods: pods)
+        server.correlation.updateInventory(node: node, pods: pods)
         let store = server.store
         let logger = self.logger
         server.storage.submit { state in
@@ -232,7 +236,10 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             switch result {
             case .success(let stored):
                 handler.server.metrics.add(stored ? "tapio_server_batches_total" : "tapio_server_duplicate_batches_total")
-                if stored { handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count)) }
+                if stored {
+                    handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
+                    handler.server.correlation.ingest(batch, clock: correction)
+                }
                 if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
                    record.batchesReceived % 64 == 1 || !stored {
                     handler.persist(record)

@@ -97,6 +97,19 @@ struct QueryExecutor {
         case "events": return try events(request.params)
         case "nodes": return try nodes()
         case "pods": return pods()
+        case "incidents":
+            if let status = request.params["status"], !["open", "resolved", "all"].contains(status) {
+                throw WireError(.badRequest, "status must be open, resolved or all")
+            }
+            let status = request.params["status"] == "all" ? nil : request.params["status"]
+            return try server.correlation.incidentsJSON(status: status, sinceNs: request.params["since_ns"].flatMap { Int64($0) })
+        case "timeline", "explain":
+            guard let id = request.params["id"] else { throw WireError(.badRequest, "\(request.method) needs an incident id") }
+            guard let doc = try server.correlation.incidentJSON(id: id, explain: request.method == "explain") else {
+                throw WireError(.badRequest, "no incident \(id)")
+            }
+            return doc
+        case "services": return server.correlation.servicesJSON()
         default: throw WireError(.badRequest, "unknown query method \(request.method)")
         }
     }

@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import Synchronization
+import TapioCorrelation
 import TapioStore
 import TapioWire
 
@@ -20,17 +21,20 @@ public final class TapioServer: Sendable {
     public let metrics = ServerMetrics()
     public let registry: NodeRegistry
     public let pods: PodDirectory
+    public let correlation: CorrelationService
     public let store: any EventStore
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
     private let storage = NIOThreadPool(numberOfThreads: 1)
     private let queries = NIOThreadPool(numberOfThreads: 1)
+    private let correlationThread = NIOThreadPool(numberOfThreads: 1)
     private let state = Mutex<RunState>(RunState())
 
     private struct RunState {
         var listeners: [Channel] = []
         var connections: [ObjectIdentifier: Channel] = [:]
         var shuttingDown = false
+        var tick: RepeatedTask?
     }
 
     /// Bound addresses after `start()` (port 0 in the configuration picks a free one).
@@ -46,6 +50,7 @@ public final class TapioServer: Sendable {
         self.store = try SQLiteEventStore(directory: configuration.dataDirectory)
         self.registry = NodeRegistry(restoring: try store.nodes())
         self.pods = PodDirectory(restoring: try store.pods())
+        self.correlation = CorrelationService(configuration: configuration.correlation, store: store, logger: logger)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
     }
 
@@ -64,8 +69,10 @@ public final class TapioServer: Sendable {
     public func start() throws -> BoundAddresses {
         storage.start()
         queries.start()
+        correlationThread.start()
+        try correlation.restore(nowNs: wallClockNs())
         let sslContext = try makeTLSContext()
-        let context = ServerContext(configuration: configuration, store: store, registry: registry, pods: pods, metrics: metrics, storage: storage, logger: logger, version: Self.version)
+        let context = ServerContext(configuration: configuration, store: store, registry: registry, pods: pods, correlation: correlation, metrics: metrics, storage: storage, logger: logger, version: Self.version)
         let limits = configuration.limits
         let idle = TimeAmount.nanoseconds(limits.idleTimeout.nanoseconds)
 
@@ -103,6 +110,16 @@ public final class TapioServer: Sendable {
             metricsAddress = metricsChannel.localAddress
         }
         state.withLock { $0.listeners = listeners }
+        // The engine decides once a second, on its own thread.
+        let correlation = self.correlation
+        let pool = correlationThread
+        let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+            pool.submit { state in
+                guard case .active = state else { return }
+                correlation.tick(nowNs: wallClockNs())
+            }
+        }
+        state.withLock { $0.tick = tick }
         logger.info("tapio-server listening", metadata: [
             "ingest": "\(ingest.localAddress!)", "query": "\(query.localAddress!)",
             "metrics": "\(metricsAddress.map { "\($0)" } ?? "off")", "data_dir": "\(configuration.dataDirectory)",
@@ -144,10 +161,11 @@ public final class TapioServer: Sendable {
     /// (store and acknowledge what it accepted, then goodbye), wait up to the
     /// grace period, then stop the threads.
     public func shutdown() {
-        let (listeners, connections) = state.withLock { s -> ([Channel], [Channel]) in
+        let (listeners, connections, tick) = state.withLock { s -> ([Channel], [Channel], RepeatedTask?) in
             s.shuttingDown = true
-            return (s.listeners, Array(s.connections.values))
+            return (s.listeners, Array(s.connections.values), s.tick)
         }
+        tick?.cancel()
         for l in listeners { try? l.close().wait() }
         for c in connections { c.pipeline.fireUserInboundEventTriggered(ServerShutdownEvent()) }
         let deadline = NIODeadline.now() + .nanoseconds(configuration.shutdownGrace.nanoseconds)
@@ -162,6 +180,8 @@ public final class TapioServer: Sendable {
             }
         }
         for snap in registry.snapshot() { try? store.saveNode(snap.record) }
+        try? correlationThread.syncShutdownGracefully()
+        correlation.tick(nowNs: wallClockNs())
         try? storage.syncShutdownGracefully()
         try? queries.syncShutdownGracefully()
         try? group.syncShutdownGracefully()

@@ -142,6 +142,28 @@ public protocol EventStore: Sendable {
     /// The durable log in arrival order: batches received at or after
     /// `sinceNs`, as stored, with the clock placement applied at the time.
     func batches(sinceNs: Int64, limit: Int) throws -> [RecordedBatch]
+    /// Upserts an incident as the engine last described it.
+    func saveIncident(_ incident: StoredIncident) throws
+    /// Every stored incident, oldest first.
+    func incidents() throws -> [StoredIncident]
+}
+
+/// An incident as persisted: its identity and lifecycle times, and its full
+/// JSON (with timeline and explanation) as the engine produced it.
+public struct StoredIncident: Sendable, Equatable {
+    public var id: String
+    public var status: String
+    public var openedNs: Int64
+    public var updatedNs: Int64
+    public var json: String
+
+    public init(id: String, status: String, openedNs: Int64, updatedNs: Int64, json: String) {
+        self.id = id
+        self.status = status
+        self.openedNs = openedNs
+        self.updatedNs = updatedNs
+        self.json = json
+    }
 }
 
 extension EventStore {
@@ -225,6 +247,9 @@ public final class SQLiteEventStore: EventStore {
                 node TEXT NOT NULL, uid TEXT NOT NULL, name TEXT NOT NULL, namespace TEXT NOT NULL,
                 ips TEXT NOT NULL, service TEXT NOT NULL, owner_kind TEXT NOT NULL, owner_name TEXT NOT NULL,
                 labels TEXT NOT NULL, container_ids TEXT NOT NULL, PRIMARY KEY(node, uid));
+            CREATE TABLE IF NOT EXISTS incidents(
+                id TEXT PRIMARY KEY, status TEXT NOT NULL, opened_ns INTEGER NOT NULL,
+                updated_ns INTEGER NOT NULL, json TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS events_node_time ON events(node, time_ns);
             CREATE INDEX IF NOT EXISTS events_kind_time ON events(kind, time_ns);
             CREATE TABLE IF NOT EXISTS drops(
@@ -463,6 +488,32 @@ public final class SQLiteEventStore: EventStore {
             while try s.step() {
                 out.append(RecordedBatch(receivedNs: s.int64(0), clock: ClockCorrection(offsetNs: s.int64(1), errorNs: s.int64(2)),
                                          batch: try EventBatch.decode(s.blob(3))))
+            }
+            return out
+        }
+    }
+
+    public func saveIncident(_ i: StoredIncident) throws {
+        try db.withLock { c in
+            let s = try c.db.prepare("""
+                INSERT INTO incidents(id, status, opened_ns, updated_ns, json) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated_ns = excluded.updated_ns, json = excluded.json
+                """)
+            s.bind(1, i.id)
+            s.bind(2, i.status)
+            s.bind(3, i.openedNs)
+            s.bind(4, i.updatedNs)
+            s.bind(5, i.json)
+            try s.step()
+        }
+    }
+
+    public func incidents() throws -> [StoredIncident] {
+        try reader.withLock { c in
+            let s = try c.db.prepare("SELECT id, status, opened_ns, updated_ns, json FROM incidents ORDER BY opened_ns, id")
+            var out: [StoredIncident] = []
+            while try s.step() {
+                out.append(StoredIncident(id: s.string(0), status: s.string(1), openedNs: s.int64(2), updatedNs: s.int64(3), json: s.string(4)))
             }
             return out
         }

@@ -2,13 +2,54 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import TapioCorrelation
 import TapioServer
+import TapioStore
 import TapioWire
 
 struct ServerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-server",
-        abstract: "Receives agents' event batches over mutual TLS, stores them durably, answers queries.")
+        abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
+        subcommands: [Serve.self, Replay.self],
+        defaultSubcommand: Serve.self)
+}
+
+/// Runs the correlation engine offline over a stored event log and prints the
+/// incidents it finds: the same engine, the same answer, no agents needed.
+struct Replay: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Replay a stored event log through the correlation engine and print its incidents as JSON.")
+
+    @Option(help: "Data directory of a (stopped or running) server.")
+    var dataDir: String
+    @Option(help: "Only batches received in the last N seconds (default: all).")
+    var lastSeconds: Int64?
+    @Flag(help: "Print each incident with its timeline and explanation.")
+    var explain = false
+
+    func run() throws {
+        let store = try SQLiteEventStore(directory: dataDir)
+        var inventory: [String: [PodInfo]] = [:]
+        for p in try store.pods() { inventory[p.node, default: []].append(p) }
+        var events: [ObservedEvent] = []
+        var since: Int64 = lastSeconds.map { wallClockNs() - $0 * 1_000_000_000 } ?? .min
+        while true {
+            let page = try store.batches(sinceNs: since, limit: 5000)
+            for r in page {
+                events += r.batch.events.map { ObservedEvent(node: r.batch.node, agentEvent: $0, clockOffsetNs: r.clock.offsetNs, clockErrorNs: r.clock.errorNs) }
+            }
+            guard page.count == 5000, let last = page.last else { break }
+            since = last.receivedNs + 1
+        }
+        let config = CorrelationConfiguration()
+        let engine = CorrelationEngine.replay(events, inventory: inventory, configuration: config)
+        let incidents = engine.incidents.map { explain ? $0.explainJSON(weights: config.weights) : $0.toJSON() }
+        print(JSONValue.object(["incidents": .array(incidents), "events": .int(Int64(events.count))]).serialized())
+    }
+}
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the server (the default).")
 
     @Option(help: "Directory of the durable event store.")
     var dataDir: String

@@ -1,0 +1,121 @@
+import Logging
+import NIOPosix
+import Synchronization
+import TapioCorrelation
+import TapioStore
+import TapioWire
+
+/// The correlation engine inside the server: fed every stored batch (with the
+/// clock correction it was stored with) and every inventory, advanced once a
+/// second on its own thread, its incidents persisted to the store whenever they
+/// change. At start it replays the recent log, so a restart loses no incident
+/// state that the log can rebuild; older incidents come back from the store.
+public final class CorrelationService: Sendable {
+    public struct Configuration: Sendable {
+        public var engine = CorrelationConfiguration()
+        /// How much of the stored log is replayed at start.
+        public var replayWindowNs: Int64 = 3_600_000_000_000
+        public init() {}
+    }
+
+    private let engine: Mutex<CorrelationEngine>
+    private let persisted = Mutex<[String: Int64]>([:])  // id → updatedNs stored
+    private let store: any EventStore
+    private let logger: Logger
+    public let configuration: Configuration
+
+    public init(configuration: Configuration, store: any EventStore, logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.logger = logger
+        engine = Mutex(CorrelationEngine(configuration: configuration.engine))
+    }
+
+    /// Rebuilds the engine from the last `replayWindowNs` of the log.
+    public func restore(nowNs: Int64) throws {
+        var byNode: [String: [TapioWire.PodInfo]] = [:]
+        for p in try store.pods() { byNode[p.node, default: []].append(p) }
+        var replayed = 0
+        try engine.withLock { e in
+            for node in byNode.keys.sorted() { e.updateInventory(node: node, pods: byNode[node]!) }
+            var since = nowNs - configuration.replayWindowNs
+            while true {
+                let page = try store.batches(sinceNs: since, limit: 2000)
+                for r in page { for o in Self.observed(r.batch, clock: r.clock) { e.ingest(o) } }
+                replayed += page.count
+                guard page.count == 2000, let last = page.last else { break }
+                since = last.receivedNs + 1
+            }
+            e.advance(toNs: nowNs)
+        }
+        for (id, updated) in try store.incidents().map({ ($0.id, $0.updatedNs) }) {
+            persisted.withLock { $0[id] = updated }
+        }
+        logger.info("correlation engine restored", metadata: ["batches_replayed": "\(replayed)"])
+    }
+
+    static func observed(_ batch: EventBatch, clock: ClockCorrection) -> [ObservedEvent] {
+        batch.events.map { ObservedEvent(node: batch.node, agentEvent: $0, clockOffsetNs: clock.offsetNs, clockErrorNs: clock.errorNs) }
+    }
+
+    public func ingest(_ batch: EventBatch, clock: ClockCorrection) {
+        let events = Self.observed(batch, clock: clock)
+        engine.withLock { $0.ingest(events) }
+    }
+
+    public func updateInventory(node: String, pods: [TapioWire.PodInfo]) {
+        engine.withLock { $0.updateInventory(node: node, pods: pods) }
+    }
+
+    /// Advances the engine to `nowNs` and persists the incidents that changed.
+    public func tick(nowNs: Int64) {
+        let changed: [Incident] = engine.withLock { e in
+            e.advance(toNs: nowNs)
+            return e.incidents
+        }.filter { i in persisted.withLock { $0[i.id] != i.updatedNs || ($0[i.id] == nil) } }
+        for i in changed {
+            do {
+                try store.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
+                                                      json: i.explainJSON(weights: configuration.engine.weights).serialized()))
+                persisted.withLock { $0[i.id] = i.updatedNs }
+            } catch {
+                logger.error("saving an incident failed", metadata: ["incident": "\(i.id)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// The `incidents` answer: live incidents from the engine, then stored ones
+    /// it no longer holds (older than the replay window).
+    public func incidentsJSON(status: String?, sinceNs: Int64?) throws -> JSONValue {
+        let wanted = status.flatMap(Incident.Status.init(rawValue:))
+        let live = engine.withLock { $0.incidents(status: wanted, sinceNs: sinceNs) }
+        var out = live.map { $0.toJSON() }
+        let liveIds = Set(live.map(\.id))
+        for s in try store.incidents() where !liveIds.contains(s.id) {
+            guard wanted == nil || s.status == wanted!.rawValue, sinceNs == nil || s.updatedNs >= sinceNs! else { continue }
+            if case .object(var o)? = try? JSONValue.parse(Array(s.json.utf8)) {
+                o.removeValue(forKey: "timeline")
+                o.removeValue(forKey: "links")
+                out.append(.object(o))
+            }
+        }
+        return .object(["incidents": .array(out)])
+    }
+
+    /// One incident with its timeline (`explain`: also every link's factors and the weights).
+    public func incidentJSON(id: String, explain: Bool) throws -> JSONValue? {
+        if let i = engine.withLock({ $0.incident(id: id) }) {
+            return explain ? i.explainJSON(weights: configuration.engine.weights) : i.timelineJSON()
+        }
+        guard let s = try store.incidents().first(where: { $0.id == id }) else { return nil }
+        return try JSONValue.parse(Array(s.json.utf8))
+    }
+
+    public func servicesJSON() -> JSONValue {
+        engine.withLock { $0.graph.toJSON() }
+    }
+
+    public var statistics: CorrelationEngine.Statistics {
+        engine.withLock { $0.statistics }
+    }
+}
