@@ -17,15 +17,17 @@ BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-
 # (Debian's python3 + python3-protobuf, with protoc to generate its module),
 # iproute2/util-linux for namespaces and mounts.
 TEST_PACKAGES := python3 python3-protobuf protobuf-compiler iproute2 util-linux procps dnsmasq-base
+# Lab: the real services and tools the fault lab runs and injects faults with.
+LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-linux coreutils
 
 include bpf/build.mk
 
-.PHONY: all deps build debug test demo proto proto-check clean
+.PHONY: all deps build debug test demo lab proto proto-check clean
 
 all: build
 
 deps:
-	@missing=""; for p in $(BUILD_PACKAGES) $(TEST_PACKAGES); do \
+	@missing=""; for p in $(BUILD_PACKAGES) $(TEST_PACKAGES) $(LAB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -34,11 +36,12 @@ deps:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# Release build of the four programs (tapio-lab arrives with the fault lab).
+# Release build of the four programs.
 build: deps bpf
 	$(SWIFT) build -c release --product tapio
 	$(SWIFT) build -c release --product tapio-agent
 	$(SWIFT) build -c release --product tapio-server
+	$(SWIFT) build -c release --product tapio-lab
 	@echo "binaries in $$($(SWIFT) build -c release --show-bin-path)"
 
 debug: deps bpf
@@ -51,9 +54,17 @@ test: deps bpf proto-check
 	$(SWIFT) build
 	$(SWIFT) test --disable-swift-testing
 
+# The fault lab's OOM-kill scenario: three nodes, real services, a memory
+# limit that kills Redis, and the root-cause timeline the server reports.
 demo: deps bpf
 	$(SWIFT) build
 	scripts/demo.sh "$$($(SWIFT) build --show-bin-path)"
+
+# Every scenario of lab/scenarios against a local server and agents; runs
+# recorded in lab-runs/. LAB_RUNS=3 repeats each.
+lab: deps bpf
+	$(SWIFT) build
+	"$$($(SWIFT) build --show-bin-path)/tapio-lab" bench --runs $${LAB_RUNS:-1}
 
 # Regenerate the committed protobuf-c code from proto/tapio.proto.
 proto:

@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "tapio", targets: ["tapio"]),
         .executable(name: "tapio-agent", targets: ["tapio-agent"]),
         .executable(name: "tapio-server", targets: ["tapio-server"]),
+        .executable(name: "tapio-lab", targets: ["tapio-lab"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -100,6 +101,16 @@ let package = Package(
             ]
         ),
 
+        // The fault lab: nodes from network namespaces and cgroups, real services, faults, scoring.
+        .target(name: "TapioLab", dependencies: ["TapioClient", "TapioWire"]),
+        .executableTarget(
+            name: "tapio-lab",
+            dependencies: [
+                "TapioLab",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
         // Shared by the tests only: processes, certificates, the BPF skip rule.
         .target(name: "TapioTestSupport", dependencies: ["TapioClient"]),
 
@@ -112,6 +123,7 @@ let package = Package(
             name: "TapioServerTests",
             dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioTestSupport"]
         ),
+        .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]
 )

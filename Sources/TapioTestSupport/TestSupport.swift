@@ -74,34 +74,23 @@ public enum TestSupport {
         return Int(UInt16(bigEndian: addr.sin_port))
     }
 
-    /// Runs a program to completion.
+    /// Runs a program to completion (posix_spawn, see `ChildProcess`): a child
+    /// that leaves a background process behind does not hold this call up.
     @discardableResult
     public static func run(_ path: String, _ arguments: [String], timeout: TimeInterval = 60) throws -> (status: Int32, stdout: String, stderr: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        // Files, not pipes: a chatty child can never stall on a full pipe.
         let dir = try temporaryDirectory("tapio-run")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        _ = FileManager.default.createFile(atPath: dir + "/out", contents: nil)
-        _ = FileManager.default.createFile(atPath: dir + "/err", contents: nil)
-        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/out"))
-        let err = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/err"))
-        defer { try? out.close(); try? err.close() }
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
+        let child = try ChildProcess(path, arguments, logPath: dir + "/out", errorPath: dir + "/err")
         let deadline = Date(timeIntervalSinceNow: timeout)
-        while p.isRunning, Date() < deadline { usleep(10_000) }
-        if p.isRunning {
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+        while child.isRunning, Date() < deadline { usleep(5_000) }
+        if child.isRunning {
+            child.stop(signal: SIGKILL)
             throw TestSupportError("\(path) \(arguments.joined(separator: " ")) did not finish within \(timeout) s")
         }
-        p.waitUntilExit()
-        let outData = FileManager.default.contents(atPath: dir + "/out") ?? Data()
-        let errData = FileManager.default.contents(atPath: dir + "/err") ?? Data()
-        return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+        let status = child.stop()
+        let out = FileManager.default.contents(atPath: dir + "/out") ?? Data()
+        let err = FileManager.default.contents(atPath: dir + "/err") ?? Data()
+        return (status, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
     }
 
     /// Debian's python3 with python3-protobuf (not a virtualenv's).
@@ -135,17 +124,21 @@ public final class ChildProcess: @unchecked Sendable {
     public let logPath: String
     private var exitStatus: Int32?
 
-    public init(_ path: String, _ arguments: [String], logPath: String) throws {
+    /// Output and errors go to `logPath`, or errors to `errorPath` when given.
+    public init(_ path: String, _ arguments: [String], logPath: String, errorPath: String? = nil) throws {
         self.logPath = logPath
         let fd = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw TestSupportError("cannot create \(logPath)") }
         defer { close(fd) }
+        let errFd = errorPath.map { open($0, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) } ?? fd
+        guard errFd >= 0 else { throw TestSupportError("cannot create \(errorPath!)") }
+        defer { if errFd != fd { close(errFd) } }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, fd, 1)
-        posix_spawn_file_actions_adddup2(&actions, fd, 2)
+        posix_spawn_file_actions_adddup2(&actions, errFd, 2)
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var child: pid_t = 0

@@ -1,0 +1,83 @@
+import Foundation
+import TapioLab
+import TapioTestSupport
+import TapioWire
+import XCTest
+
+final class ScenarioTests: XCTestCase {
+    private let lab = TestSupport.packageRoot + "/lab"
+
+    func testEveryBuiltInScenarioLoadsAndNamesContractKinds() throws {
+        let names = LabFiles.scenarioNames(labDirectory: lab)
+        XCTAssertGreaterThanOrEqual(names.count, 3)
+        for name in names {
+            let s = try LabFiles.resolve(name, labDirectory: lab)
+            XCTAssertEqual(s.name, name, "a scenario's name is its file name")
+            XCTAssertFalse(s.requestPath.services.isEmpty)
+            for c in s.expected { XCTAssertTrue(Cause.kinds.contains(c.kind), "\(name): \(c.kind)") }
+        }
+        let smoke = try LabFiles.resolve(lab + "/smoke/oom-kill-short.json", labDirectory: lab)
+        XCTAssertLessThanOrEqual(smoke.timing.warmupS + smoke.timing.observeS, 20, "the test suite's scenario stays short")
+    }
+
+    func testExtendsMergesServicesByNameAndAppendsNewOnes() throws {
+        let dir = try TestSupport.temporaryDirectory("tapio-lab-scenario")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/x.json"
+        try """
+            {"extends": "three-tier",
+             "services": [{"name": "redis", "memory_limit_mb": 32},
+                          {"name": "hog", "type": "command", "node": "node3", "argv": ["/bin/true"], "start": "on_fault"}],
+             "faults": [{"type": "start", "target": "hog", "at_s": 1}],
+             "expected": [{"entity": "hog", "kind": "noisy_neighbour"}]}
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let s = try Scenario.load(path: path, labDirectory: lab)
+        XCTAssertEqual(s.name, "x")
+        XCTAssertEqual(s.service("redis")?.memoryLimitMb, 32)
+        XCTAssertEqual(s.service("redis")?.type, .redis, "fields the scenario does not set come from the base")
+        XCTAssertEqual(s.services.map(\.name), ["frontend", "api", "redis", "hog"])
+        XCTAssertEqual(s.requestPath.services, ["frontend", "api", "redis"])
+        XCTAssertEqual(s.requestPath.dnsNames, ["api.tapio.lab", "redis.tapio.lab"])
+    }
+
+    func testValidationRejectsUnknownFaultsAndKinds() throws {
+        let dir = try TestSupport.temporaryDirectory("tapio-lab-scenario")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for (body, message) in [
+            (#"{"extends": "three-tier", "faults": [{"type": "meteor", "target": "redis", "at_s": 1}]}"#, "unknown fault type"),
+            (#"{"extends": "three-tier", "expected": [{"entity": "redis", "kind": "sadness"}]}"#, "not a root-cause kind"),
+            (#"{"extends": "three-tier", "faults": [{"type": "stop", "target": "nope", "at_s": 1}]}"#, "unknown service"),
+        ] {
+            try body.write(toFile: dir + "/bad.json", atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try Scenario.load(path: dir + "/bad.json", labDirectory: lab)) { error in
+                XCTAssertTrue("\(error)".contains(message), "\(error)")
+            }
+        }
+    }
+
+    func testPodListIsKubernetesShapedAndMatchesTheCgroupLayout() throws {
+        let s = try LabFiles.resolve("oom-kill", labDirectory: lab)
+        let plan = LabPlan(scenario: s, id: "abc123", runDirectory: "/tmp/r", labDirectory: lab)
+        let list = plan.podList(node: "node3", createdAt: "2026-01-01T00:00:00Z")
+        XCTAssertEqual(list["kind"]?.stringValue, "List")
+        let items = try XCTUnwrap(list["items"]?.arrayValue)
+        XCTAssertEqual(items.count, 1)
+        let pod = items[0]
+        let redis = plan.pod("redis")
+        XCTAssertEqual(pod["metadata"]?["name"]?.stringValue, redis.name)
+        XCTAssertEqual(pod["metadata"]?["labels"]?["app"]?.stringValue, "redis")
+        XCTAssertEqual(pod["metadata"]?["uid"]?.stringValue, redis.uid)
+        XCTAssertEqual(pod["spec"]?["nodeName"]?.stringValue, "node3")
+        XCTAssertEqual(pod["status"]?["podIP"]?.stringValue, plan.serviceIP("redis"))
+        let cid = pod["status"]?["containerStatuses"]?.arrayValue?.first?["containerID"]?.stringValue
+        XCTAssertEqual(cid, "containerd://" + redis.containerId)
+        // The kubelet's cgroupfs layout: the pod uid and the container id are in the path.
+        XCTAssertEqual(plan.containerCgroup("redis"), "tapio-lab/abc123/node3/kubepods/pod\(redis.uid)/\(redis.containerId)")
+        XCTAssertEqual(redis.containerId.count, 64)
+        XCTAssertTrue(redis.uid.range(of: #"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"#, options: .regularExpression) != nil)
+        // Deterministic from the scenario and its seed, different per service.
+        XCTAssertEqual(LabPlan(scenario: s, id: "other", runDirectory: "/x", labDirectory: lab).pod("redis"), redis)
+        XCTAssertNotEqual(plan.pod("api").containerId, redis.containerId)
+        XCTAssertTrue(plan.hostsFile.contains("\(plan.serviceIP("redis")) redis.tapio.lab\n"))
+    }
+}
