@@ -56,7 +56,10 @@ public final class QueryClient: Sendable {
                 }
                 .connect(host: host, port: port).wait()
         } catch {
-            throw QueryError("cannot connect to \(host):\(port): \(error)")
+            // Every promise must be completed, or NIO reports it as leaked.
+            let failure = QueryError("cannot connect to \(host):\(port): \(error)")
+            promise.fail(failure)
+            throw failure
         }
         defer { channel.close(promise: nil) }
         let frame = Frame(type: .query, payload: request.encoded()).encoded()

@@ -230,3 +230,52 @@ final class EndToEndTests: XCTestCase {
         XCTAssertEqual(pod["owner_kind"], .string("Deployment"))
     }
 }
+
+/// Two agents on one kernel, each limited to its own cgroup2 subtree (how the
+/// lab runs several nodes): each reports only its own processes.
+final class CgroupRootEndToEndTests: XCTestCase {
+    func testTwoAgentsWithDifferentCgroupRootsSeeOnlyTheirOwnSubtree() throws {
+        try TestSupport.requireBPF()
+        let dir = try TestSupport.temporaryDirectory("tapio-two-roots")
+        let pki = try TestSupport.makePKI(in: dir, nodes: ["left", "right"])
+        let base = "/sys/fs/cgroup/unified/tapio-two-roots-\(getpid())"
+        for side in ["left", "right"] { try FileManager.default.createDirectory(atPath: base + "/" + side, withIntermediateDirectories: true) }
+        defer { rmdir(base + "/left"); rmdir(base + "/right"); rmdir(base) }
+        let ingest = TestSupport.freePort(), query = TestSupport.freePort()
+        let server = try ChildProcess(try TestSupport.product("tapio-server"), [
+            "--data-dir", dir + "/data", "--tls-dir", pki + "/server", "--listen", "127.0.0.1:\(ingest)",
+            "--query-listen", "127.0.0.1:\(query)", "--metrics-listen", "off",
+        ], logPath: dir + "/server.log")
+        defer { server.stop() }
+        var agents: [ChildProcess] = []
+        defer { for a in agents { a.stop() } }
+        for side in ["left", "right"] {
+            agents.append(try ChildProcess(try TestSupport.product("tapio-agent"), [
+                "--server", "127.0.0.1:\(ingest)", "--node-name", side, "--tls-dir", pki + "/nodes/" + side, "--server-name", "localhost",
+                "--cgroup-root", base + "/" + side, "--batch-max-delay-ms", "100",
+            ], logPath: dir + "/agent-\(side).log"))
+        }
+        func events(_ node: String) throws -> [JSONValue] {
+            let r = try TestSupport.run(try TestSupport.product("tapio"), ["--server", "127.0.0.1:\(query)", "--tls-dir", pki + "/operators/alice",
+                                                                           "events", "--node", node, "--kind", "process_exit", "-o", "json"])
+            guard r.status == 0 else { throw TestSupportError(r.stderr) }
+            return try JSONValue.parse(Array(r.stdout.utf8))["events"]?.arrayValue ?? []
+        }
+        XCTAssertTrue(eventually(timeout: 30) {
+            let r = try? TestSupport.run(try TestSupport.product("tapio"), ["--server", "127.0.0.1:\(query)", "--tls-dir", pki + "/operators/alice", "nodes", "-o", "json"])
+            let nodes = r.flatMap { try? JSONValue.parse(Array($0.stdout.utf8)) }?["nodes"]?.arrayValue ?? []
+            return nodes.filter { $0["connected"] == .bool(true) }.count == 2
+        })
+        _ = try TestSupport.run("/bin/sh", ["-c", "echo $$ > \(base)/left/cgroup.procs && exit 41"])
+        _ = try TestSupport.run("/bin/sh", ["-c", "echo $$ > \(base)/right/cgroup.procs && exit 42"])
+        _ = try TestSupport.run("/bin/sh", ["-c", "exit 43"])
+        var left: [Int64] = [], right: [Int64] = []
+        XCTAssertTrue(try eventually {
+            left = try events("left").compactMap { $0["exit_code"]?.intValue }
+            right = try events("right").compactMap { $0["exit_code"]?.intValue }
+            return left.contains(41) && right.contains(42)
+        })
+        XCTAssertFalse(left.contains(42) || left.contains(43), "left saw others' exits: \(left)")
+        XCTAssertFalse(right.contains(41) || right.contains(43), "right saw others' exits: \(right)")
+    }
+}

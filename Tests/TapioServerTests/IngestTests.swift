@@ -110,3 +110,14 @@ final class IngestTests: XCTestCase {
         server.shutdown()
     }
 }
+
+final class QueryClientTests: XCTestCase {
+    /// A server that is not there is an error, not a crash.
+    func testConnectingToNothingThrows() throws {
+        let dir = try TestSupport.temporaryDirectory()
+        let pki = try TestSupport.makePKI(in: dir, nodes: [])
+        let client = try QueryClient(host: "127.0.0.1", port: TestSupport.freePort(), ca: pki + "/operators/alice/ca.crt",
+                                     certificate: pki + "/operators/alice/tls.crt", key: pki + "/operators/alice/tls.key")
+        XCTAssertThrowsError(try client.json("nodes")) { XCTAssertTrue("\($0)".contains("cannot connect"), "\($0)") }
+    }
+}
