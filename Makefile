@@ -22,7 +22,7 @@ LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-lin
 
 include bpf/build.mk
 
-.PHONY: all deps build debug test demo lab proto proto-check clean
+.PHONY: all deps build debug test demo lab bench proto proto-check clean
 
 all: build
 
@@ -65,6 +65,10 @@ demo: deps bpf
 lab: deps bpf
 	$(SWIFT) build
 	"$$($(SWIFT) build --show-bin-path)/tapio-lab" bench --runs $${LAB_RUNS:-1}
+
+# The agent under a connection storm, release build (docs/performance.md).
+bench: build
+	scripts/bench.sh "$$($(SWIFT) build -c release --show-bin-path)" $${BENCH_CLIENTS:-4} $${BENCH_SECONDS:-10}
 
 # Regenerate the committed protobuf-c code from proto/tapio.proto.
 proto:

@@ -8,6 +8,11 @@
  * that folds them per (cgroup, process, syscall, errno). The agent harvests the
  * map every interval, so a process failing 100k writes a second costs one
  * event per interval, not 100k.
+ *
+ * The map is double buffered (io_errors0/io_errors1, agg_gen says which one
+ * the program adds to) so the harvest empties a generation nothing writes any
+ * more: an increment can never land in an entry user space already copied.
+ * The protocol is the one of bpf/net.bpf.c (tapio_gen_enter()).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -25,14 +30,21 @@ char LICENSE[] SEC("license") = "GPL";
 #define TAPIO_ENOSPC 28
 #define TAPIO_EROFS 30
 #define TAPIO_EDQUOT 122
-#define TAPIO_E2BIG 7
+#define TAPIO_EEXIST 17
 
+/* One per generation; TAPIO_IO_MAX_KEYS is per generation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TAPIO_IO_MAX_KEYS);
 	__type(key, struct tapio_io_key);
 	__type(value, struct tapio_io_value);
-} io_errors SEC(".maps");
+} io_errors0 SEC(".maps"), io_errors1 SEC(".maps");
+
+/* The generation the program adds to (0 or 1), and per generation the
+ * programs using it right now; the loader reads and writes them through the
+ * mmapped .bss. */
+__u32 agg_gen __attribute__((aligned(64)));
+__u64 agg_busy[2] __attribute__((aligned(64)));
 
 /* Syscall numbers (of this architecture) whose failures are reported; the
  * loader fills it so the program itself holds no per-architecture table. */
@@ -42,6 +54,41 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } io_syscalls SEC(".maps");
+
+/* Counts this program in the active generation and re-checks it (full
+ * barrier in between), so the loader, which stores the new generation and
+ * then waits for the old one's count to reach 0, either waits for this event
+ * or this event moves to the new generation. NULL: lost, counted. */
+static __always_inline __u64 *tapio_gen_enter(__u32 *gen)
+{
+	__u32 g = *(volatile __u32 *)&agg_gen & 1;
+	__u32 now;
+	__u64 *busy, prev;
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		busy = g ? &agg_busy[1] : &agg_busy[0];
+		prev = __sync_fetch_and_add(busy, 1);
+		asm volatile("" : : "r"(prev) : "memory");
+		now = *(volatile __u32 *)&agg_gen & 1;
+		if (now == g) {
+			*gen = g;
+			return busy;
+		}
+		prev = __sync_fetch_and_sub(busy, 1);
+		asm volatile("" : : "r"(prev) : "memory");
+		g = now;
+	}
+	tapio_count_drop(TAPIO_KIND_IO_ERROR, TAPIO_DROP_MAP_FULL);
+	return NULL;
+}
+
+static __always_inline void tapio_gen_exit(__u64 *busy)
+{
+	__u64 prev = __sync_fetch_and_sub(busy, 1);
+
+	asm volatile("" : : "r"(prev) : "memory");
+}
 
 static __always_inline bool tapio_storage_errno(long ret)
 {
@@ -55,7 +102,10 @@ int handle_sys_exit(struct trace_event_raw_sys_exit *ctx)
 	struct tapio_io_value *value, init = {};
 	struct tapio_io_key key = {};
 	long ret = ctx->ret;
-	__u32 nr;
+	__u64 *busy;
+	__u32 nr, gen;
+	void *map;
+	long err;
 
 	if (!tapio_storage_errno(ret))
 		return 0;
@@ -69,21 +119,28 @@ int handle_sys_exit(struct trace_event_raw_sys_exit *ctx)
 	key.pid = bpf_get_current_pid_tgid() >> 32;
 	key.syscall_nr = nr;
 	key.error = (__s32)-ret;
-	value = bpf_map_lookup_elem(&io_errors, &key);
+
+	busy = tapio_gen_enter(&gen);
+	if (!busy)
+		return 0;
+	map = gen ? (void *)&io_errors1 : (void *)&io_errors0;
+	value = bpf_map_lookup_elem(map, &key);
+	if (!value) {
+		init.count = 1;
+		init.first_ns = bpf_ktime_get_ns();
+		init.last_ns = init.first_ns;
+		init.uid = (__u32)bpf_get_current_uid_gid();
+		bpf_get_current_comm(init.comm, sizeof(init.comm));
+		err = bpf_map_update_elem(map, &key, &init, BPF_NOEXIST);
+		if (err == -TAPIO_EEXIST) /* another CPU inserted it first */
+			value = bpf_map_lookup_elem(map, &key);
+		else if (err) /* a full map loses the new key: counted, never silent */
+			tapio_count_drop(TAPIO_KIND_IO_ERROR, TAPIO_DROP_MAP_FULL);
+	}
 	if (value) {
 		__sync_fetch_and_add(&value->count, 1);
 		value->last_ns = bpf_ktime_get_ns();
-		return 0;
 	}
-	init.count = 1;
-	init.first_ns = bpf_ktime_get_ns();
-	init.last_ns = init.first_ns;
-	init.uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(init.comm, sizeof(init.comm));
-	/* A full map loses the new key: counted, never silent. (-EEXIST means
-	 * another CPU inserted it first; that failure is then lost to a race
-	 * this rare path accepts.) */
-	if (bpf_map_update_elem(&io_errors, &key, &init, BPF_NOEXIST) == -TAPIO_E2BIG)
-		tapio_count_drop(TAPIO_KIND_IO_ERROR, TAPIO_DROP_MAP_FULL);
+	tapio_gen_exit(busy);
 	return 0;
 }

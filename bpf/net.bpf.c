@@ -8,8 +8,8 @@
  * tracepoint (tcp_send_reset changed in 6.10) costs nothing.
  *
  * Everything frequent is folded in hash maps per key and interval (the
- * loader empties them every interval); only listener changes use the ring
- * buffer. Events of softirq context (a RST, a retransmit, a drop) have no
+ * loader empties them every interval, double buffered: see "Generations");
+ * only listener changes use the ring buffer. Events of softirq context (a RST, a retransmit, a drop) have no
  * meaningful current task: they are attributed to the socket's cgroup, and
  * tcp_connect to the task that called connect(), remembered per socket.
  */
@@ -106,40 +106,34 @@ struct {
 	__type(value, struct conn_state);
 } conns SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TAPIO_NET_AGG_ENTRIES);
-	__type(key, struct tapio_net_connect_key);
-	__type(value, struct tapio_net_connect_value);
-} connect_agg SEC(".maps");
+/* Every aggregation map exists twice, one per generation: the programs fold
+ * into the active generation (agg_gen) while the loader empties the other,
+ * which nothing writes any more. TAPIO_NET_AGG_ENTRIES is per generation. */
+#define TAPIO_NET_AGG_MAP(name, key_type, value_type)           \
+	struct {                                                 \
+		__uint(type, BPF_MAP_TYPE_HASH);                 \
+		__uint(max_entries, TAPIO_NET_AGG_ENTRIES);      \
+		__type(key, key_type);                           \
+		__type(value, value_type);                       \
+	} name SEC(".maps")
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TAPIO_NET_AGG_ENTRIES);
-	__type(key, struct tapio_net_flow_key);
-	__type(value, struct tapio_net_count_value);
-} reset_agg SEC(".maps");
+TAPIO_NET_AGG_MAP(connect_agg0, struct tapio_net_connect_key, struct tapio_net_connect_value);
+TAPIO_NET_AGG_MAP(connect_agg1, struct tapio_net_connect_key, struct tapio_net_connect_value);
+TAPIO_NET_AGG_MAP(reset_agg0, struct tapio_net_flow_key, struct tapio_net_count_value);
+TAPIO_NET_AGG_MAP(reset_agg1, struct tapio_net_flow_key, struct tapio_net_count_value);
+TAPIO_NET_AGG_MAP(retransmit_agg0, struct tapio_net_flow_key, struct tapio_net_count_value);
+TAPIO_NET_AGG_MAP(retransmit_agg1, struct tapio_net_flow_key, struct tapio_net_count_value);
+TAPIO_NET_AGG_MAP(latency_agg0, struct tapio_net_flow_key, struct tapio_net_latency_value);
+TAPIO_NET_AGG_MAP(latency_agg1, struct tapio_net_flow_key, struct tapio_net_latency_value);
+TAPIO_NET_AGG_MAP(drop_agg0, struct tapio_net_drop_key, struct tapio_net_count_value);
+TAPIO_NET_AGG_MAP(drop_agg1, struct tapio_net_drop_key, struct tapio_net_count_value);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TAPIO_NET_AGG_ENTRIES);
-	__type(key, struct tapio_net_flow_key);
-	__type(value, struct tapio_net_count_value);
-} retransmit_agg SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TAPIO_NET_AGG_ENTRIES);
-	__type(key, struct tapio_net_flow_key);
-	__type(value, struct tapio_net_latency_value);
-} latency_agg SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TAPIO_NET_AGG_ENTRIES);
-	__type(key, struct tapio_net_drop_key);
-	__type(value, struct tapio_net_count_value);
-} drop_agg SEC(".maps");
+/* The generation the programs write into (0 or 1), and per generation the
+ * programs that are using it right now. Written and read by the loader
+ * through the mmapped .bss; apart on their own cache lines so the counters'
+ * traffic does not evict the flag every program reads. */
+__u32 agg_gen __attribute__((aligned(64)));
+__u64 agg_busy[2] __attribute__((aligned(64)));
 
 /* Kernels before 5.15: sock_cgroup_data was a u64 that held the cgroup
  * pointer when its low bit was clear. */
@@ -356,6 +350,57 @@ static __always_inline __u32 tapio_skb_netns(struct sk_buff *skb, struct sock *s
 	return 0;
 }
 
+/* ---- Generations ---- */
+
+/* Enters the active generation for one event: counts this program in
+ * agg_busy of the generation it read from agg_gen, then reads agg_gen again.
+ * The loader does the mirror image: it stores the new agg_gen, then waits for
+ * agg_busy of the old one to reach 0 before it empties the old maps. Both
+ * sides put a full barrier between their store and their load (a fetching
+ * BPF atomic here, a seq_cst store and load there), so they cannot both miss
+ * each other: either the loader sees this program's count and waits for it,
+ * or this program sees the new agg_gen and moves over to it. The generation
+ * returned is therefore never emptied while the event is being added.
+ * Moving again only happens if the loader flips twice within one event (two
+ * harvests); after a few tries the event is counted as lost, never silent.
+ * NULL when lost (counted). */
+static __always_inline __u64 *tapio_gen_enter(__u32 *gen, __u32 kind)
+{
+	__u32 g = *(volatile __u32 *)&agg_gen & 1;
+	__u32 now;
+	__u64 *busy, prev;
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		busy = g ? &agg_busy[1] : &agg_busy[0];
+		/* The fetching form is fully ordered on every JIT; its result
+		 * is kept so the compiler cannot use the plain add. */
+		prev = __sync_fetch_and_add(busy, 1);
+		asm volatile("" : : "r"(prev) : "memory");
+		now = *(volatile __u32 *)&agg_gen & 1;
+		if (now == g) {
+			*gen = g;
+			return busy;
+		}
+		prev = __sync_fetch_and_sub(busy, 1);
+		asm volatile("" : : "r"(prev) : "memory");
+		g = now;
+	}
+	tapio_count_drop(kind, TAPIO_DROP_MAP_FULL);
+	return NULL;
+}
+
+/* Leaves the generation: every update of its maps is visible before the
+ * loader can see the count drop (fully ordered atomic). */
+static __always_inline void tapio_gen_exit(__u64 *busy)
+{
+	__u64 prev = __sync_fetch_and_sub(busy, 1);
+
+	asm volatile("" : : "r"(prev) : "memory");
+}
+
+#define TAPIO_GEN_MAP(name, gen) ((gen) ? (void *)&name##1 : (void *)&name##0)
+
 /* ---- Aggregation ---- */
 
 /* Adds one occurrence: creates the entry from `init` (count already 1) when
@@ -395,7 +440,8 @@ static __always_inline void tapio_connect_done(struct trace_event_raw_inet_sock_
 	struct tapio_net_connect_value *value;
 	struct connect_start *start;
 	__u64 skey = (__u64)sk;
-	__u64 now, latency;
+	__u64 now, latency, *busy;
+	__u32 gen;
 
 	start = bpf_map_lookup_elem(&connecting, &skey);
 	if (!start)
@@ -425,12 +471,16 @@ static __always_inline void tapio_connect_done(struct trace_event_raw_inet_sock_
 	__builtin_memcpy(init.comm, start->comm, sizeof(init.comm));
 	bpf_map_delete_elem(&connecting, &skey);
 
-	value = tapio_agg(&connect_agg, &key, &init, TAPIO_KIND_TCP_CONNECT);
-	if (!value)
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_TCP_CONNECT);
+	if (!busy)
 		return;
-	__sync_fetch_and_add(&value->count, 1);
-	__sync_fetch_and_add(&value->latency_ns_total, latency);
-	tapio_max(&value->latency_ns_max, latency);
+	value = tapio_agg(TAPIO_GEN_MAP(connect_agg, gen), &key, &init, TAPIO_KIND_TCP_CONNECT);
+	if (value) {
+		__sync_fetch_and_add(&value->count, 1);
+		__sync_fetch_and_add(&value->latency_ns_total, latency);
+		tapio_max(&value->latency_ns_max, latency);
+	}
+	tapio_gen_exit(busy);
 }
 
 /* connect(): CLOSE -> SYN_SENT in the caller's context; the handshake ends
@@ -543,17 +593,23 @@ static __always_inline void tapio_reset_add(struct tapio_net_flow_key *key, __u3
 {
 	struct tapio_net_count_value init = {};
 	struct tapio_net_count_value *value;
+	__u64 *busy;
+	__u32 gen;
 
 	if (!tapio_netns_ok(key->netns))
 		return;
 	init.count = 1;
 	init.first_ts_ns = bpf_ktime_get_ns();
 	init.state = state;
-	value = tapio_agg(&reset_agg, key, &init, TAPIO_KIND_TCP_RESET);
-	if (!value)
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_TCP_RESET);
+	if (!busy)
 		return;
-	__sync_fetch_and_add(&value->count, 1);
-	value->state = state;
+	value = tapio_agg(TAPIO_GEN_MAP(reset_agg, gen), key, &init, TAPIO_KIND_TCP_RESET);
+	if (value) {
+		__sync_fetch_and_add(&value->count, 1);
+		value->state = state;
+	}
+	tapio_gen_exit(busy);
 }
 
 /* A RST sent: for a segment of a connection (sk set, tuple from it), or for
@@ -626,7 +682,8 @@ int handle_retransmit(struct tapio_tp_skb_sk *ctx)
 	struct tapio_net_flow_key key = {};
 	struct tapio_net_count_value init = {};
 	struct tapio_net_count_value *value;
-	__u32 state;
+	__u32 state, gen;
+	__u64 *busy;
 
 	if (!tapio_kind_enabled(TAPIO_KIND_TCP_RETRANSMIT) || !sk)
 		return 0;
@@ -640,11 +697,15 @@ int handle_retransmit(struct tapio_tp_skb_sk *ctx)
 	init.count = 1;
 	init.first_ts_ns = bpf_ktime_get_ns();
 	init.state = state;
-	value = tapio_agg(&retransmit_agg, &key, &init, TAPIO_KIND_TCP_RETRANSMIT);
-	if (!value)
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_TCP_RETRANSMIT);
+	if (!busy)
 		return 0;
-	__sync_fetch_and_add(&value->count, 1);
-	value->state = state;
+	value = tapio_agg(TAPIO_GEN_MAP(retransmit_agg, gen), &key, &init, TAPIO_KIND_TCP_RETRANSMIT);
+	if (value) {
+		__sync_fetch_and_add(&value->count, 1);
+		value->state = state;
+	}
+	tapio_gen_exit(busy);
 	return 0;
 }
 
@@ -686,7 +747,8 @@ static __always_inline void tapio_latency_response(struct sock *sk, __u8 role, _
 	struct tapio_net_flow_key key = {};
 	struct tapio_net_latency_value init = {};
 	struct tapio_net_latency_value *value;
-	__u64 srtt;
+	__u64 srtt, *busy;
+	__u32 gen;
 
 	tapio_sk_scope(sk, &key.cgroup_id);
 	key.netns = tapio_sk_netns(sk);
@@ -703,14 +765,18 @@ static __always_inline void tapio_latency_response(struct sock *sk, __u8 role, _
 	init.srtt_us_total = srtt;
 	init.srtt_samples = 1;
 	init.first_ts_ns = bpf_ktime_get_ns();
-	value = tapio_agg(&latency_agg, &key, &init, TAPIO_KIND_TCP_LATENCY);
-	if (!value)
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_TCP_LATENCY);
+	if (!busy)
 		return;
-	__sync_fetch_and_add(&value->responses, 1);
-	__sync_fetch_and_add(&value->response_ns_total, response_ns);
-	tapio_max(&value->response_ns_max, response_ns);
-	__sync_fetch_and_add(&value->srtt_us_total, srtt);
-	__sync_fetch_and_add(&value->srtt_samples, 1);
+	value = tapio_agg(TAPIO_GEN_MAP(latency_agg, gen), &key, &init, TAPIO_KIND_TCP_LATENCY);
+	if (value) {
+		__sync_fetch_and_add(&value->responses, 1);
+		__sync_fetch_and_add(&value->response_ns_total, response_ns);
+		tapio_max(&value->response_ns_max, response_ns);
+		__sync_fetch_and_add(&value->srtt_us_total, srtt);
+		__sync_fetch_and_add(&value->srtt_samples, 1);
+	}
+	tapio_gen_exit(busy);
 }
 
 /* The request/response rule, per socket: the side that asks (client) starts
@@ -771,7 +837,8 @@ int handle_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
 	struct tapio_net_count_value *value;
 	struct tapio_pkt pkt = {};
 	struct sock *sk = NULL;
-	__u32 reason;
+	__u32 reason, gen;
+	__u64 *busy;
 	__u8 *ignored;
 
 	if (!tapio_kind_enabled(TAPIO_KIND_PACKET_DROP))
@@ -806,8 +873,12 @@ int handle_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
 	}
 	init.count = 1;
 	init.first_ts_ns = bpf_ktime_get_ns();
-	value = tapio_agg(&drop_agg, &key, &init, TAPIO_KIND_PACKET_DROP);
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_PACKET_DROP);
+	if (!busy)
+		return 0;
+	value = tapio_agg(TAPIO_GEN_MAP(drop_agg, gen), &key, &init, TAPIO_KIND_PACKET_DROP);
 	if (value)
 		__sync_fetch_and_add(&value->count, 1);
+	tapio_gen_exit(busy);
 	return 0;
 }

@@ -3,8 +3,10 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -13,8 +15,17 @@
 #include "tapio_bpf.h"
 #include "io.skel.h"
 
+/* How long a harvest waits for the program to leave the generation it
+ * retired (normally microseconds); after that the generation is emptied by
+ * a later harvest, never early. */
+#define TAPIO_IO_RETIRE_WAIT_NS 1000000000ull
+
 struct tapio_io_loader {
 	struct tapio_io *skel;
+	/* Double buffering (see tapio_io_harvest()): the generation the
+	 * program adds to, and whether the other one still holds entries. */
+	uint32_t gen;
+	bool retired_pending;
 };
 
 /* Storage syscalls of the architecture this agent was built for. */
@@ -120,6 +131,10 @@ tapio_io_loader *tapio_io_open(const tapio_io_config *config, char *err, size_t 
 		snprintf(err, err_len, "load io.bpf.o: %s", strerror(-rc));
 		goto fail;
 	}
+	if (!io->skel->bss) {
+		snprintf(err, err_len, "load io.bpf.o: .bss not mmapped");
+		goto fail;
+	}
 	for (i = 0; i < sizeof(tapio_io_syscalls) / sizeof(tapio_io_syscalls[0]); i++) {
 		uint32_t nr = (uint32_t)tapio_io_syscalls[i].nr;
 		uint8_t on = 1;
@@ -142,15 +157,55 @@ fail:
 	return NULL;
 }
 
-int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
+static uint64_t tapio_io_now(void)
 {
-	int map = bpf_map__fd(io->skel->maps.io_errors);
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Waits until the program no longer adds to generation `gen`; the caller
+ * made the other one active with a seq_cst store (the mirror image of
+ * tapio_gen_enter() in bpf/io.bpf.c). false on timeout. */
+static bool tapio_io_wait_retired(tapio_io_loader *io, uint32_t gen)
+{
+	__u64 *busy = &io->skel->bss->agg_busy[gen & 1];
+	uint64_t deadline = 0;
+	unsigned spins = 0;
+
+	while (__atomic_load_n(busy, __ATOMIC_SEQ_CST) != 0) {
+		uint64_t now = tapio_io_now();
+
+		if (deadline == 0)
+			deadline = now + TAPIO_IO_RETIRE_WAIT_NS;
+		else if (now >= deadline)
+			return false;
+		if (++spins < 64) {
+			sched_yield();
+		} else {
+			struct timespec ts = { 0, 50000 };
+
+			nanosleep(&ts, NULL);
+		}
+	}
+	return true;
+}
+
+/* Moves every entry of a retired generation into fn. Nothing writes to it,
+ * so it is walked and emptied without races. *stopped when fn asked to stop
+ * (entries may remain). */
+static int tapio_io_drain(tapio_io_loader *io, uint32_t gen, tapio_io_fn fn, void *ctx, bool *stopped)
+{
+	struct bpf_map *m = gen & 1 ? io->skel->maps.io_errors1 : io->skel->maps.io_errors0;
+	int map = bpf_map__fd(m);
 	struct tapio_io_key key, next, keys[256];
 	struct tapio_io_value value;
 	bool first;
 	int delivered = 0;
 	int n;
 
+	*stopped = false;
 	/* Collect a batch of keys, then move them out: deleting while walking
 	 * would restart the walk. Repeat while batches come back full. */
 	do {
@@ -181,10 +236,46 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 			agg.syscall = tapio_io_syscall_name(keys[i].syscall_nr);
 			memcpy(agg.comm, value.comm, TAPIO_COMM_LEN);
 			delivered++;
-			if (fn(ctx, &agg))
+			if (fn(ctx, &agg)) {
+				*stopped = true;
 				return delivered;
+			}
 		}
 	} while (n == (int)(sizeof(keys) / sizeof(keys[0])));
+	return delivered;
+}
+
+/* Double buffering: the program adds to the active generation of io_errors;
+ * a harvest makes the other one active, waits until the program no longer
+ * adds to the retired one, then empties it. No failure is added to an entry
+ * after it was copied, so counts add up exactly. */
+int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
+{
+	uint32_t retired;
+	bool stopped;
+	int delivered = 0;
+
+	if (!io || !fn)
+		return -EINVAL;
+	/* The inactive generation must be empty before it becomes active
+	 * again: finish what an earlier harvest left (timeout, or fn stopped). */
+	if (io->retired_pending) {
+		if (!tapio_io_wait_retired(io, io->gen ^ 1))
+			return -EBUSY;
+		delivered = tapio_io_drain(io, io->gen ^ 1, fn, ctx, &stopped);
+		if (stopped)
+			return delivered;
+		io->retired_pending = false;
+	}
+	retired = io->gen;
+	io->gen ^= 1;
+	__atomic_store_n(&io->skel->bss->agg_gen, io->gen, __ATOMIC_SEQ_CST);
+	if (!tapio_io_wait_retired(io, retired)) {
+		io->retired_pending = true;
+		return delivered;
+	}
+	delivered += tapio_io_drain(io, retired, fn, ctx, &stopped);
+	io->retired_pending = stopped;
 	return delivered;
 }
 

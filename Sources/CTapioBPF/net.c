@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -24,6 +25,11 @@
 #define TAPIO_NET_PROG_LOG 16384
 /* Entries moved per bpf_map_lookup_and_delete_batch() call. */
 #define TAPIO_NET_BATCH 256u
+/* How long a harvest waits for programs still adding to the generation it
+ * retired. They take microseconds; only a program preempted mid-event (on a
+ * kernel that runs tracepoint programs preemptible) can take longer. After
+ * this the generation is left for the next harvest, never emptied early. */
+#define TAPIO_NET_RETIRE_WAIT_NS 1000000000ull
 
 /* What each BPF program provides. Several programs may serve one kind. */
 static const struct {
@@ -80,6 +86,12 @@ struct tapio_net_handle {
 	/* Harvest buffers, sized for the largest key and value. */
 	void *keys;
 	void *values;
+
+	/* Double buffering (see tapio_net_harvest()): the generation the
+	 * programs write into, and whether the other one still holds entries
+	 * (its retirement timed out, or its drain failed). */
+	uint32_t gen;
+	bool retired_pending;
 
 	/* State of the poll in progress. */
 	tapio_bpf_event_fn event_fn;
@@ -356,6 +368,12 @@ tapio_net *tapio_net_open(const tapio_net_config *config, char *err, size_t err_
 	}
 	if (tapio_net_load(net, cfg, ringbuf_bytes, err, err_len))
 		goto fail;
+	if (!net->skel->bss) {
+		/* The generation flag and busy counters live there (mmapped
+		 * .bss, kernel 5.5+; the ring buffer already needs 5.8). */
+		tapio_net_err(err, err_len, "map BPF .bss", -ENOTSUP);
+		goto fail;
+	}
 	rc = tapio_net_load_reasons(net);
 	if (rc) {
 		tapio_net_err(err, err_len, "read skb_drop_reason from kernel BTF", rc);
@@ -653,6 +671,64 @@ static int tapio_net_drain(struct tapio_net_harvest_ctx *h, struct bpf_map *map,
 	}
 }
 
+/* Waits until no program is adding to generation `gen` (see
+ * tapio_gen_enter() in bpf/net.bpf.c). The caller has already made the other
+ * generation active with a seq_cst store; this load is seq_cst too, so a
+ * program that still uses `gen` is seen here. false on timeout. */
+static bool tapio_net_wait_retired(tapio_net *net, uint32_t gen)
+{
+	__u64 *busy = &net->skel->bss->agg_busy[gen & 1];
+	uint64_t deadline = 0;
+	unsigned spins = 0;
+
+	while (__atomic_load_n(busy, __ATOMIC_SEQ_CST) != 0) {
+		uint64_t now = tapio_net_now();
+
+		if (deadline == 0)
+			deadline = now + TAPIO_NET_RETIRE_WAIT_NS;
+		else if (now >= deadline)
+			return false;
+		if (++spins < 64) {
+			sched_yield();
+		} else {
+			struct timespec ts = { 0, 50000 };
+
+			nanosleep(&ts, NULL);
+		}
+	}
+	return true;
+}
+
+/* Drains every map of one generation. 0 or the first error. */
+static int tapio_net_drain_gen(struct tapio_net_harvest_ctx *h, uint32_t gen)
+{
+	struct tapio_net *skel = h->net->skel;
+	const struct {
+		struct bpf_map *map[2];
+		tapio_net_deliver_fn deliver;
+	} maps[] = {
+		{ { skel->maps.connect_agg0, skel->maps.connect_agg1 }, tapio_net_deliver_connect },
+		{ { skel->maps.reset_agg0, skel->maps.reset_agg1 }, tapio_net_deliver_reset },
+		{ { skel->maps.retransmit_agg0, skel->maps.retransmit_agg1 }, tapio_net_deliver_retransmit },
+		{ { skel->maps.latency_agg0, skel->maps.latency_agg1 }, tapio_net_deliver_latency },
+		{ { skel->maps.drop_agg0, skel->maps.drop_agg1 }, tapio_net_deliver_drop },
+	};
+	size_t i;
+	int rc, first_error = 0;
+
+	for (i = 0; i < sizeof(maps) / sizeof(maps[0]); i++) {
+		rc = tapio_net_drain(h, maps[i].map[gen & 1], maps[i].deliver);
+		if (rc && !first_error)
+			first_error = rc;
+	}
+	return first_error;
+}
+
+/* Double buffering: the programs add to the active generation of each map;
+ * a harvest makes the other one active, waits until no program is still
+ * adding to the one it retired, then empties that one, which nothing writes
+ * any more. An event is thus in exactly one harvest: none is added to an
+ * entry after user space has copied it. */
 int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_aggregate_fn aggregate_fn, void *ctx)
 {
 	struct tapio_net_harvest_ctx h = {
@@ -661,28 +737,37 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_agg
 		.aggregate_fn = aggregate_fn,
 		.ctx = ctx,
 	};
-	const struct {
-		struct bpf_map *map;
-		tapio_net_deliver_fn deliver;
-	} maps[] = {
-		{ net ? net->skel->maps.connect_agg : NULL, tapio_net_deliver_connect },
-		{ net ? net->skel->maps.reset_agg : NULL, tapio_net_deliver_reset },
-		{ net ? net->skel->maps.retransmit_agg : NULL, tapio_net_deliver_retransmit },
-		{ net ? net->skel->maps.latency_agg : NULL, tapio_net_deliver_latency },
-		{ net ? net->skel->maps.drop_agg : NULL, tapio_net_deliver_drop },
-	};
-	size_t i;
+	uint32_t retired;
 	int rc, first_error = 0;
 
 	if (!net)
 		return -EINVAL;
 	h.start_ns = net->interval_start_ns;
 	h.end_ns = tapio_net_now();
+
+	/* The inactive generation must be empty before it becomes active
+	 * again: finish what an earlier harvest could not. */
+	if (net->retired_pending) {
+		if (!tapio_net_wait_retired(net, net->gen ^ 1))
+			return -EBUSY;
+		rc = tapio_net_drain_gen(&h, net->gen ^ 1);
+		if (rc)
+			return rc;
+		net->retired_pending = false;
+	}
+
 	net->interval_start_ns = h.end_ns;
-	for (i = 0; i < sizeof(maps) / sizeof(maps[0]); i++) {
-		rc = tapio_net_drain(&h, maps[i].map, maps[i].deliver);
-		if (rc && !first_error)
-			first_error = rc;
+	retired = net->gen;
+	net->gen ^= 1;
+	__atomic_store_n(&net->skel->bss->agg_gen, net->gen, __ATOMIC_SEQ_CST);
+	if (!tapio_net_wait_retired(net, retired)) {
+		net->retired_pending = true;
+		return h.delivered;
+	}
+	rc = tapio_net_drain_gen(&h, retired);
+	if (rc) {
+		net->retired_pending = true;
+		first_error = rc;
 	}
 	return first_error ? first_error : h.delivered;
 }

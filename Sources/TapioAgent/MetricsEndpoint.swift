@@ -113,6 +113,7 @@ extension Agent {
         metric("tapio_agent_batches_sealed_total", "counter", [("", "\(stats.sealedBatches)")])
         metric("tapio_agent_batches_acked_total", "counter", [("", "\(stats.ackedBatches)")])
         metric("tapio_agent_batches_sent_total", "counter", [("", "\(status.batchesSent)")])
+        metric("tapio_agent_batch_bytes_sent_total", "counter", [("", "\(status.batchBytesSent)")])
         metric("tapio_agent_unacknowledged_batches", "gauge", [("", "\(stats.unacknowledged)")])
         metric("tapio_agent_outbox_memory_bytes", "gauge", [("", "\(stats.memoryBytes)")])
         metric("tapio_agent_spool_bytes", "gauge", [("", "\(stats.spoolBytes)")])

@@ -41,6 +41,8 @@ public final class Sender: Sendable {
         public var connects: UInt64 = 0
         public var connectFailures: UInt64 = 0
         public var batchesSent: UInt64 = 0
+        /// Frame bytes of event batches written (resends included).
+        public var batchBytesSent: UInt64 = 0
         public var lastError = ""
     }
 
@@ -179,7 +181,10 @@ public final class Sender: Sendable {
             }
             while let next = outbox.nextToSend(window: window) {
                 try connection.send(.eventBatch, next.payload)
-                statusBox.withLock { $0.batchesSent += 1 }
+                statusBox.withLock {
+                    $0.batchesSent += 1
+                    $0.batchBytesSent += UInt64(FrameHeader.size + next.payload.count)
+                }
                 lastWriteNs = monotonicNs()
             }
             if monotonicNs() - lastWriteNs > configuration.heartbeatIntervalNs {

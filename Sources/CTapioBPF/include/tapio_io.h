@@ -6,6 +6,7 @@
 
 #include "tapio_events.h"
 
+/* Per generation: the kernel keeps two maps of this size (double buffering). */
 #define TAPIO_IO_MAX_KEYS 4096
 
 struct tapio_io_key {
@@ -60,7 +61,11 @@ typedef int (*tapio_io_fn)(void *ctx, const struct tapio_io_aggregate *aggregate
  * syscalls of this architecture. NULL with a message in err on failure (the
  * agent then reports io_error as degraded). */
 tapio_io_loader *tapio_io_open(const tapio_io_config *config, char *err, size_t err_len);
-/* Moves every aggregate out of the kernel map into fn. Returns how many, or -errno. */
+/* Moves every aggregate out of the kernel map into fn. Returns how many, or -errno.
+ * Exact: the map is double buffered; the harvest switches the program to the
+ * other generation, waits (at most 1 s, normally microseconds) until it no
+ * longer adds to the retired one, and empties that. What a timeout or fn
+ * returning non-zero leaves behind is delivered by the next harvest. */
 int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx);
 /* Cumulative drops (map full), as tapio_bpf_read_drops. */
 int tapio_io_read_drops(tapio_io_loader *io, uint64_t *out, size_t slots);

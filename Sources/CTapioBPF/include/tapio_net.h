@@ -229,7 +229,14 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
  * go to event_fn as struct tapio_event, the others to aggregate_fn (NULL:
  * they are discarded). Starts a new interval. Returns aggregates delivered,
  * or -errno. Callbacks' return values are ignored here: an entry leaves the
- * kernel map when it is read, so a harvest delivers all it took. */
+ * kernel map when it is read, so a harvest delivers all it took.
+ *
+ * Exact: the maps are double buffered. The harvest switches the programs to
+ * the other generation, waits (at most 1 s, normally microseconds) until no
+ * program is still adding to the one it retired, and empties that one, so
+ * every event is in exactly one harvest. Should the wait time out (a program
+ * preempted mid-event), the retired generation is emptied by the next
+ * harvest instead (-EBUSY if it is still busy then); nothing is lost. */
 int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn,
 		      tapio_net_aggregate_fn aggregate_fn, void *ctx);
 
