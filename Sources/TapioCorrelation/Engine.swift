@@ -1,3 +1,4 @@
+import Foundation
 import TapioWire
 
 /// The correlation engine: no I/O, deterministic, replayable. Feed it the
@@ -186,7 +187,10 @@ public struct CorrelationEngine: Sendable {
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             causes.exited(node: e.node, pid: ev.pid, timeNs: e.timeNs)
-            if code != 0 || signal != 0 {
+            // SIGTERM and SIGINT are requests to stop (a rollout, a scale-down,
+            // an operator): exits by them are churn, not crashes.
+            let stopRequested = signal == SIGTERM || signal == SIGINT
+            if (code != 0 || signal != 0) && !stopRequested {
                 addCause(.exit, me, e, port: 0)
                 observe(SeriesKey(observer: me.name, kind: .exits, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, event: e)
             }

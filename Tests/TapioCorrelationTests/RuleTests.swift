@@ -1,3 +1,4 @@
+import Foundation
 import TapioCorrelation
 import TapioWire
 import XCTest
@@ -239,6 +240,22 @@ final class RuleTests: XCTestCase {
         c.exit(30.001, "worker", signal: 9)
         c.exit(40, "worker", code: 2)
         XCTAssertEqual(c.engine().incidents.count, 0)
+    }
+
+    /// A rollout stops a pod with SIGTERM and its clients see refusals while it
+    /// restarts: not a crash. The same stream with SIGSEGV is one.
+    func testAnExitBySIGTERMIsNotACrash() {
+        func stream(_ signal: Int32) -> [RootCause] {
+            var c = SyntheticCluster()
+            c.healthy(until: 30)
+            c.healthy(from: 30, until: 45, skip: ["frontend>cart"])
+            c.exit(29.9, "cart", signal: signal)
+            for t in stride(from: 30.0, to: 45, by: 0.5) { c.connect(t, "frontend", "cart", .refused, count: 5) }
+            return c.engine().incidents.flatMap(\.rootCauses).filter { $0.entity == "cart" && ($0.kind == .crash || $0.kind == .crashLoop) }
+        }
+        XCTAssertFalse(stream(SIGSEGV).isEmpty, "SIGSEGV is a crash")
+        XCTAssertTrue(stream(SIGTERM).isEmpty, "SIGTERM is a stop request")
+        XCTAssertTrue(stream(SIGINT).isEmpty, "SIGINT is a stop request")
     }
 
     func testRedHerringIsNotRankedFirst() {
