@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "tapio_dns.h"
+#include "percpu.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -429,38 +430,12 @@ int tapio_dns_poll(tapio_dns *dns, int timeout_ms, tapio_bpf_event_fn fn, void *
 }
 
 /* Sums a per-CPU array of u64 counters into out[0 .. filled). */
-static int tapio_dns_sum_percpu(int fd, uint64_t *out, size_t filled)
-{
-	uint64_t *values;
-	int cpus, rc = 0;
-	uint32_t key;
-
-	cpus = libbpf_num_possible_cpus();
-	if (cpus <= 0)
-		return cpus < 0 ? cpus : -EINVAL;
-	values = calloc((size_t)cpus, sizeof(*values));
-	if (!values)
-		return -ENOMEM;
-	for (key = 0; key < filled; key++) {
-		int cpu;
-
-		if (bpf_map_lookup_elem(fd, &key, values)) {
-			rc = -errno;
-			break;
-		}
-		for (cpu = 0; cpu < cpus; cpu++)
-			out[key] += values[cpu];
-	}
-	free(values);
-	return rc;
-}
-
 int tapio_dns_read_drops(tapio_dns *dns, uint64_t *out, size_t slots)
 {
 	if (!dns || !out)
 		return -EINVAL;
 	memset(out, 0, slots * sizeof(*out));
-	return tapio_dns_sum_percpu(bpf_map__fd(dns->skel->maps.drops), out,
+	return tapio_sum_percpu(bpf_map__fd(dns->skel->maps.drops), out,
 				    slots < TAPIO_DNS_DROP_SLOTS ? slots : TAPIO_DNS_DROP_SLOTS);
 }
 
@@ -472,7 +447,7 @@ int tapio_dns_read_stats(tapio_dns *dns, uint64_t *out, size_t slots)
 		return -EINVAL;
 	memset(out, 0, slots * sizeof(*out));
 	/* The kernel's array stops before the user-space counters. */
-	rc = tapio_dns_sum_percpu(bpf_map__fd(dns->skel->maps.dns_stats), out,
+	rc = tapio_sum_percpu(bpf_map__fd(dns->skel->maps.dns_stats), out,
 				  slots < TAPIO_DNS_STAT_TIMEOUTS ? slots : TAPIO_DNS_STAT_TIMEOUTS);
 	if (slots > TAPIO_DNS_STAT_TIMEOUTS)
 		out[TAPIO_DNS_STAT_TIMEOUTS] = __atomic_load_n(&dns->timeouts, __ATOMIC_RELAXED);

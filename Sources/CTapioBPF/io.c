@@ -12,6 +12,7 @@
 #include <bpf/libbpf.h>
 
 #include "tapio_io.h"
+#include "percpu.h"
 #include "tapio_bpf.h"
 #include "io.skel.h"
 
@@ -281,25 +282,12 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 
 int tapio_io_read_drops(tapio_io_loader *io, uint64_t *out, size_t slots)
 {
-	int fd = bpf_map__fd(io->skel->maps.drops);
-	int ncpu = libbpf_num_possible_cpus();
-	uint64_t *percpu;
-	uint32_t key;
+	size_t filled = TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX;
 
-	if (ncpu <= 0)
+	if (!io || !out)
 		return -EINVAL;
-	percpu = calloc((size_t)ncpu, sizeof(uint64_t));
-	if (!percpu)
-		return -ENOMEM;
-	for (key = 0; key < slots && key < TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX; key++) {
-		out[key] = 0;
-		if (bpf_map_lookup_elem(fd, &key, percpu))
-			continue;
-		for (int c = 0; c < ncpu; c++)
-			out[key] += percpu[c];
-	}
-	free(percpu);
-	return 0;
+	memset(out, 0, slots * sizeof(*out));
+	return tapio_sum_percpu(bpf_map__fd(io->skel->maps.drops), out, slots < filled ? slots : filled);
 }
 
 void tapio_io_close(tapio_io_loader *io)

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "tapio_net.h"
+#include "percpu.h"
 
 #include <errno.h>
 #include <stdbool.h>
@@ -812,33 +813,10 @@ int tapio_net_epoll_fd(const tapio_net *net)
 
 int tapio_net_read_drops(tapio_net *net, uint64_t *out, size_t slots)
 {
-	size_t filled = slots < TAPIO_NET_DROP_SLOTS ? slots : TAPIO_NET_DROP_SLOTS;
-	uint64_t *values;
-	int cpus, fd, rc = 0;
-	uint32_t key;
-
 	if (!net || !out)
 		return -EINVAL;
-	cpus = libbpf_num_possible_cpus();
-	if (cpus <= 0)
-		return cpus < 0 ? cpus : -EINVAL;
-	values = calloc((size_t)cpus, sizeof(*values));
-	if (!values)
-		return -ENOMEM;
-	fd = bpf_map__fd(net->skel->maps.drops);
 	memset(out, 0, slots * sizeof(*out));
-	for (key = 0; key < filled; key++) {
-		int cpu;
-
-		if (bpf_map_lookup_elem(fd, &key, values)) {
-			rc = -errno;
-			break;
-		}
-		for (cpu = 0; cpu < cpus; cpu++)
-			out[key] += values[cpu];
-	}
-	free(values);
-	return rc;
+	return tapio_sum_percpu(bpf_map__fd(net->skel->maps.drops), out, slots < TAPIO_NET_DROP_SLOTS ? slots : TAPIO_NET_DROP_SLOTS);
 }
 
 void tapio_net_close(tapio_net *net)

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "tapio_bpf.h"
+#include "percpu.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -384,34 +385,11 @@ int tapio_bpf_epoll_fd(const tapio_bpf *bpf)
 
 int tapio_bpf_read_drops(tapio_bpf *bpf, uint64_t *out, size_t slots)
 {
-	uint64_t *values;
-	size_t filled = slots < TAPIO_BPF_DROP_SLOTS ? slots : TAPIO_BPF_DROP_SLOTS;
-	int cpus, fd, rc = 0;
-	uint32_t key;
-
 	if (!bpf || !out)
 		return -EINVAL;
-	cpus = libbpf_num_possible_cpus();
-	if (cpus <= 0)
-		return cpus < 0 ? cpus : -EINVAL;
-	/* A lookup in a per-CPU array returns one 8-byte slot per possible CPU. */
-	values = calloc((size_t)cpus, sizeof(*values));
-	if (!values)
-		return -ENOMEM;
-	fd = bpf_map__fd(bpf->process->maps.drops);
 	memset(out, 0, slots * sizeof(*out));
-	for (key = 0; key < filled; key++) {
-		int cpu;
-
-		if (bpf_map_lookup_elem(fd, &key, values)) {
-			rc = -errno;
-			break;
-		}
-		for (cpu = 0; cpu < cpus; cpu++)
-			out[key] += values[cpu];
-	}
-	free(values);
-	return rc;
+	return tapio_sum_percpu(bpf_map__fd(bpf->process->maps.drops), out,
+				slots < TAPIO_BPF_DROP_SLOTS ? slots : TAPIO_BPF_DROP_SLOTS);
 }
 
 void tapio_bpf_close(tapio_bpf *bpf)

@@ -28,6 +28,24 @@ final class KernelSourceTests: XCTestCase {
         XCTAssertTrue(source.degraded.isEmpty, "\(source.degraded)")
     }
 
+    /// A ring buffer nobody reads fills up; every record that did not fit is
+    /// counted per kind as ringbuf_full, none silently lost.
+    func testAFullRingBufferIsCountedPerKind() throws {
+        try TestSupport.requireBPF()
+        var config = KernelSource.Configuration()
+        config.ringBufferBytes = 4096
+        let source = try KernelSource(configuration: config, logger: Logger(label: "test"))
+        for _ in 0..<50 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/bin/true")
+            try p.run()
+            p.waitUntilExit()
+        }
+        let drops = Dictionary(source.drops().map { ("\($0.kind.name)/\($0.reason)", $0.count) }, uniquingKeysWith: +)
+        XCTAssertGreaterThanOrEqual(drops["process_exec/ringbuf_full"] ?? 0, 30, "\(drops)")
+        XCTAssertGreaterThanOrEqual(drops["process_exit/ringbuf_full"] ?? 0, 30, "\(drops)")
+    }
+
     func testExecAndExitArriveWithPidCommAndExitCode() throws {
         try TestSupport.requireBPF()
         let source = try KernelSource(configuration: .init(), logger: Logger(label: "test"))
