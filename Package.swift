@@ -87,7 +87,7 @@ let package = Package(
         .executableTarget(
             name: "tapio-agent",
             dependencies: [
-                "TapioAgent",
+                "TapioAgent", "TapioAttribution",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -118,7 +118,7 @@ let package = Package(
         .testTarget(name: "TapioAttributionTests", dependencies: ["TapioAttribution", "TapioWire", "TapioTestSupport"], resources: [.copy("Fixtures")]),
         .testTarget(name: "TapioCorrelationTests", dependencies: ["TapioCorrelation", "TapioWire"]),
         .testTarget(name: "TapioStoreTests", dependencies: ["TapioStore", "TapioWire", "TapioTestSupport"]),
-        .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
+        .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioAttribution", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(
             name: "TapioServerTests",
             dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioTestSupport"]

@@ -250,6 +250,8 @@ static SSL_CTX *make_ctx(const char *ca_file, const char *cert_file, const char 
 		tt_err(err, err_len, "cannot load CA certificates from '%s'", ca_file);
 		goto fail;
 	}
+	if (cert_file == NULL) /* server authentication only (e.g. the Kubernetes API) */
+		goto verify;
 	if (!SSL_CTX_use_certificate_chain_file(ctx, cert_file)) {
 		tt_err(err, err_len, "cannot load client certificate from '%s'", cert_file);
 		goto fail;
@@ -263,6 +265,7 @@ static SSL_CTX *make_ctx(const char *ca_file, const char *cert_file, const char 
 		       cert_file);
 		goto fail;
 	}
+verify:
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	/* Each connection starts a full handshake; tickets are read and dropped. */
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
@@ -448,8 +451,8 @@ tapio_tls *tapio_tls_connect(const char *host, uint16_t port, const char *server
 	tapio_tls *tls;
 
 	tt_err(err, err_len, "%s", "");
-	if (host == NULL || ca_file == NULL || cert_file == NULL || key_file == NULL) {
-		tt_err(err, err_len, "tapio_tls_connect: host and TLS files are required");
+	if (host == NULL || ca_file == NULL || (cert_file == NULL) != (key_file == NULL)) {
+		tt_err(err, err_len, "tapio_tls_connect: host, CA and both or neither of certificate and key are required");
 		return NULL;
 	}
 	if (unbracket(host, hostbuf, sizeof hostbuf) != 0 ||

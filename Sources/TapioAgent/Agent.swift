@@ -26,6 +26,8 @@ public final class Agent: Sendable {
         public var clock = AgentClock()
         /// Pod metadata from a file in the Kubernetes API's PodList format.
         public var metadataFile: String?
+        /// Pod metadata from the Kubernetes API (in a pod: service account, this node's pods, watched).
+        public var kubernetesAPI: KubernetesAPIConfiguration?
 
         public init(node: String, serverHost: String, serverPort: UInt16, tls: AgentTLSFiles) {
             self.node = node
@@ -42,6 +44,7 @@ public final class Agent: Sendable {
     public let pods: PodIndex
     public let attributor: Attributor
     private let metadata: MetadataFileSource?
+    private let kubernetes: KubernetesAPISource?
     private let logger: Logger
     private let stopRequested = DispatchSemaphore(value: 0)
 
@@ -70,6 +73,8 @@ public final class Agent: Sendable {
         } else {
             metadata = nil
         }
+        let index = pods
+        kubernetes = configuration.kubernetesAPI.map { KubernetesAPISource(configuration: $0, index: index) }
         kernel = try KernelSource(configuration: kernelConfig, logger: logger) { event in
             attributor.attribute(&event)
             if event.kind == .processExit { attributor.processExited(pid: event.pid) }
@@ -92,6 +97,7 @@ public final class Agent: Sendable {
 
     public func run() {
         metadata?.start(interval: 1)
+        kubernetes?.start()
         publishInventory()
         kernel.start(into: outbox)
         sender.start()
@@ -101,6 +107,7 @@ public final class Agent: Sendable {
             publishInventory()
         }
         metadata?.stop()
+        kubernetes?.stop()
         logger.info("stopping: draining the ring buffer and the outbox")
         kernel.stop()
         outbox.sealIfDue(nowNs: configuration.clock.now(), force: true)

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import TapioAgent
+import TapioAttribution
 import TapioWire
 
 struct AgentCommand: ParsableCommand {
@@ -32,6 +33,8 @@ struct AgentCommand: ParsableCommand {
     var metricsListen = "off"
     @Option(help: "Pod metadata from this file (Kubernetes PodList JSON), re-read when it changes.")
     var metadataFile: String?
+    @Flag(inversion: .prefixedNo, help: "Pod metadata from the Kubernetes API (default: on in a pod when there is no --metadata-file).")
+    var kubernetesApi: Bool?
     @Option(help: "Events per batch at most.")
     var batchMaxEvents = 512
     @Option(help: "Milliseconds an event may wait for its batch.")
@@ -65,6 +68,10 @@ struct AgentCommand: ParsableCommand {
         config.spoolDirectory = spoolDir
         config.kernel.cgroupRoot = cgroupRoot
         config.metadataFile = metadataFile
+        let inPod = ProcessInfo.processInfo.environment["KUBERNETES_SERVICE_HOST"] != nil
+        if kubernetesApi ?? (inPod && metadataFile == nil) {
+            config.kubernetesAPI = try KubernetesAPIConfiguration.inCluster(nodeName: nodeName, connector: Agent.kubernetesConnector)
+        }
         config.outbox.maxEvents = max(1, batchMaxEvents)
         config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
         config.shutdownGraceSeconds = shutdownGrace

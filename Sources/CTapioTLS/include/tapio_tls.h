@@ -44,6 +44,10 @@ typedef struct tapio_tls tapio_tls;
 /// entry for a name, an IP entry for a literal. SNI is sent for names only.
 /// The subject CN is never used as a fallback identity.
 ///
+/// cert_file and key_file may both be NULL: the client then presents no
+/// certificate and only authenticates the server (how the agent reaches the
+/// Kubernetes API with the service account's CA and a bearer token).
+///
 /// The files are read on every call, so renewed certificates are picked up on
 /// the next reconnect.
 ///

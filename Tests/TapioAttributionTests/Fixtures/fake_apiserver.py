@@ -156,10 +156,17 @@ def main():
     p.add_argument("--fixtures", required=True)
     p.add_argument("--log", required=True)
     p.add_argument("--token", required=True)
+    p.add_argument("--tls-cert", help="serve https with this certificate (PEM)")
+    p.add_argument("--tls-key", help="and this key (PEM)")
     args = p.parse_args()
     load_fixtures(args.fixtures)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
+    if args.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print("listening on 127.0.0.1:%d" % args.port, flush=True)
     server.serve_forever()
 
