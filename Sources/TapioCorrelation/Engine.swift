@@ -259,7 +259,13 @@ public struct CorrelationEngine: Sendable {
             if let a = flow.destination { addrs.insert(a.description) }
             let serverPort = c.name == src.name ? flow.destinationPort : flow.sourcePort
             if upper.contains("NETFILTER") {
-                addCause(.firewallDrop, s, e, addresses: addrs, port: serverPort)
+                // The agent zeroes the client port of dropped connection
+                // attempts (SYNs); a segment of an established flow keeps both
+                // ports. A rule that drops established traffic is loss (random
+                // or rate-based filtering); one that only ever meets SYNs is a
+                // firewall closing the port.
+                let established = flow.sourcePort != 0 && flow.destinationPort != 0
+                addCause(established ? .packetLoss : .firewallDrop, s, e, addresses: addrs, port: serverPort)
             } else if !(upper == "NO_SOCKET" || upper.hasPrefix("TCP_") || upper.hasPrefix("SOCKET_")) {
                 addCause(.packetLoss, s, e, addresses: addrs, port: serverPort)
             }

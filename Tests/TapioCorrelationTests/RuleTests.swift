@@ -98,6 +98,27 @@ final class RuleTests: XCTestCase {
         XCTAssertTrue(inc.symptoms.contains { $0.kind == .connectTimeout })
     }
 
+    /// Random loss made by netfilter (iptables statistic) has the same kernel
+    /// reason as a firewall DROP; segments of established flows tell it apart.
+    func testNetfilterDropsOfEstablishedFlowsArePacketLoss() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        var t = 30.0
+        while t < 45 {
+            let segment = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 40000, destinationPort: 6379)
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "NETFILTER_DROP", count: 12, flow: segment, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000),
+                  pid: 0, attributed: false, comm: "")
+            c.add(t + 0.02, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 10, intervalNs: 500_000_000))
+            c.connect(t + 0.03, "api", "redis", .established, count: 4)
+            c.latency(t + 0.04, "api", "redis", ms: 60)
+            t += 0.5
+        }
+        guard let (_, rc) = top(c) else { return }
+        XCTAssertEqual(rc.entity, "redis")
+        XCTAssertEqual(rc.kind, .packetLoss)
+    }
+
     func testQdiscDropsExplainRetransmitsAndLatency() {
         var c = SyntheticCluster()
         c.healthy(until: 30)
