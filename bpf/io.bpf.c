@@ -12,7 +12,7 @@
  * The map is double buffered (io_errors0/io_errors1, agg_gen says which one
  * the program adds to) so the harvest empties a generation nothing writes any
  * more: an increment can never land in an entry user space already copied.
- * The protocol is the one of bpf/net.bpf.c (tapio_gen_enter()).
+ * The protocol is in bpf/generations.bpf.h (shared with bpf/net.bpf.c).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -20,6 +20,7 @@
 #include <bpf/bpf_tracing.h>
 
 #include "common.bpf.h"
+#include "generations.bpf.h"
 #include "tapio_io.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -40,11 +41,6 @@ struct {
 	__type(value, struct tapio_io_value);
 } io_errors0 SEC(".maps"), io_errors1 SEC(".maps");
 
-/* The generation the program adds to (0 or 1), and per generation the
- * programs using it right now; the loader reads and writes them through the
- * mmapped .bss. */
-__u32 agg_gen __attribute__((aligned(64)));
-__u64 agg_busy[2] __attribute__((aligned(64)));
 
 /* Syscall numbers (of this architecture) whose failures are reported; the
  * loader fills it so the program itself holds no per-architecture table. */
@@ -54,41 +50,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } io_syscalls SEC(".maps");
-
-/* Counts this program in the active generation and re-checks it (full
- * barrier in between), so the loader, which stores the new generation and
- * then waits for the old one's count to reach 0, either waits for this event
- * or this event moves to the new generation. NULL: lost, counted. */
-static __always_inline __u64 *tapio_gen_enter(__u32 *gen)
-{
-	__u32 g = *(volatile __u32 *)&agg_gen & 1;
-	__u32 now;
-	__u64 *busy, prev;
-	int i;
-
-	for (i = 0; i < 4; i++) {
-		busy = g ? &agg_busy[1] : &agg_busy[0];
-		prev = __sync_fetch_and_add(busy, 1);
-		asm volatile("" : : "r"(prev) : "memory");
-		now = *(volatile __u32 *)&agg_gen & 1;
-		if (now == g) {
-			*gen = g;
-			return busy;
-		}
-		prev = __sync_fetch_and_sub(busy, 1);
-		asm volatile("" : : "r"(prev) : "memory");
-		g = now;
-	}
-	tapio_count_drop(TAPIO_KIND_IO_ERROR, TAPIO_DROP_MAP_FULL);
-	return NULL;
-}
-
-static __always_inline void tapio_gen_exit(__u64 *busy)
-{
-	__u64 prev = __sync_fetch_and_sub(busy, 1);
-
-	asm volatile("" : : "r"(prev) : "memory");
-}
 
 static __always_inline bool tapio_storage_errno(long ret)
 {
@@ -120,7 +81,7 @@ int handle_sys_exit(struct trace_event_raw_sys_exit *ctx)
 	key.syscall_nr = nr;
 	key.error = (__s32)-ret;
 
-	busy = tapio_gen_enter(&gen);
+	busy = tapio_gen_enter(&gen, TAPIO_KIND_IO_ERROR);
 	if (!busy)
 		return 0;
 	map = gen ? (void *)&io_errors1 : (void *)&io_errors0;

@@ -12,6 +12,7 @@
 #include <bpf/libbpf.h>
 
 #include "tapio_io.h"
+#include "generations.h"
 #include "percpu.h"
 #include "tapio_bpf.h"
 #include "io.skel.h"
@@ -158,41 +159,6 @@ fail:
 	return NULL;
 }
 
-static uint64_t tapio_io_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-/* Waits until the program no longer adds to generation `gen`; the caller
- * made the other one active with a seq_cst store (the mirror image of
- * tapio_gen_enter() in bpf/io.bpf.c). false on timeout. */
-static bool tapio_io_wait_retired(tapio_io_loader *io, uint32_t gen)
-{
-	__u64 *busy = &io->skel->bss->agg_busy[gen & 1];
-	uint64_t deadline = 0;
-	unsigned spins = 0;
-
-	while (__atomic_load_n(busy, __ATOMIC_SEQ_CST) != 0) {
-		uint64_t now = tapio_io_now();
-
-		if (deadline == 0)
-			deadline = now + TAPIO_IO_RETIRE_WAIT_NS;
-		else if (now >= deadline)
-			return false;
-		if (++spins < 64) {
-			sched_yield();
-		} else {
-			struct timespec ts = { 0, 50000 };
-
-			nanosleep(&ts, NULL);
-		}
-	}
-	return true;
-}
-
 /* Moves every entry of a retired generation into fn. Nothing writes to it,
  * so it is walked and emptied without races. *stopped when fn asked to stop
  * (entries may remain). */
@@ -261,7 +227,7 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 	/* The inactive generation must be empty before it becomes active
 	 * again: finish what an earlier harvest left (timeout, or fn stopped). */
 	if (io->retired_pending) {
-		if (!tapio_io_wait_retired(io, io->gen ^ 1))
+		if (!tapio_wait_retired(&io->skel->bss->agg_busy[(io->gen ^ 1) & 1], TAPIO_IO_RETIRE_WAIT_NS))
 			return -EBUSY;
 		delivered = tapio_io_drain(io, io->gen ^ 1, fn, ctx, &stopped);
 		if (stopped)
@@ -271,7 +237,7 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 	retired = io->gen;
 	io->gen ^= 1;
 	__atomic_store_n(&io->skel->bss->agg_gen, io->gen, __ATOMIC_SEQ_CST);
-	if (!tapio_io_wait_retired(io, retired)) {
+	if (!tapio_wait_retired(&io->skel->bss->agg_busy[(retired) & 1], TAPIO_IO_RETIRE_WAIT_NS)) {
 		io->retired_pending = true;
 		return delivered;
 	}

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "tapio_net.h"
+#include "generations.h"
 #include "percpu.h"
 
 #include <errno.h>
@@ -672,34 +673,6 @@ static int tapio_net_drain(struct tapio_net_harvest_ctx *h, struct bpf_map *map,
 	}
 }
 
-/* Waits until no program is adding to generation `gen` (see
- * tapio_gen_enter() in bpf/net.bpf.c). The caller has already made the other
- * generation active with a seq_cst store; this load is seq_cst too, so a
- * program that still uses `gen` is seen here. false on timeout. */
-static bool tapio_net_wait_retired(tapio_net *net, uint32_t gen)
-{
-	__u64 *busy = &net->skel->bss->agg_busy[gen & 1];
-	uint64_t deadline = 0;
-	unsigned spins = 0;
-
-	while (__atomic_load_n(busy, __ATOMIC_SEQ_CST) != 0) {
-		uint64_t now = tapio_net_now();
-
-		if (deadline == 0)
-			deadline = now + TAPIO_NET_RETIRE_WAIT_NS;
-		else if (now >= deadline)
-			return false;
-		if (++spins < 64) {
-			sched_yield();
-		} else {
-			struct timespec ts = { 0, 50000 };
-
-			nanosleep(&ts, NULL);
-		}
-	}
-	return true;
-}
-
 /* Drains every map of one generation. 0 or the first error. */
 static int tapio_net_drain_gen(struct tapio_net_harvest_ctx *h, uint32_t gen)
 {
@@ -749,7 +722,7 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_agg
 	/* The inactive generation must be empty before it becomes active
 	 * again: finish what an earlier harvest could not. */
 	if (net->retired_pending) {
-		if (!tapio_net_wait_retired(net, net->gen ^ 1))
+		if (!tapio_wait_retired(&net->skel->bss->agg_busy[(net->gen ^ 1) & 1], TAPIO_NET_RETIRE_WAIT_NS))
 			return -EBUSY;
 		rc = tapio_net_drain_gen(&h, net->gen ^ 1);
 		if (rc)
@@ -761,7 +734,7 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_agg
 	retired = net->gen;
 	net->gen ^= 1;
 	__atomic_store_n(&net->skel->bss->agg_gen, net->gen, __ATOMIC_SEQ_CST);
-	if (!tapio_net_wait_retired(net, retired)) {
+	if (!tapio_wait_retired(&net->skel->bss->agg_busy[(retired) & 1], TAPIO_NET_RETIRE_WAIT_NS)) {
 		net->retired_pending = true;
 		return h.delivered;
 	}
