@@ -111,6 +111,7 @@ final class SignalsEndToEndTests: XCTestCase {
               d=c.recv(65536)
               if not d: break
               time.sleep(0.02); c.sendall(d)
+            time.sleep(120)
             "' > /dev/null 2>&1 & echo $! > \(dir)/listener.pid
             sh -c 'for h in unified cpu memory; do echo $$ > /sys/fs/cgroup/$h/\(podCgroup(serverUID))/cgroup.procs; done;
               exec ip netns exec \(serverNS) /usr/sbin/dnsmasq --no-daemon --port=53 --listen-address=\(serverIP) --bind-interfaces --no-resolv --no-hosts --address=/gone.signals.test/ --user=root --pid-file=\(dir)/dns.pid' > /dev/null 2>&1 &
