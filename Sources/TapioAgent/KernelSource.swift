@@ -258,6 +258,8 @@ public final class KernelSource: @unchecked Sendable {
 
     /// Aggregated signals: the io_error map and the cgroup counters.
     private func harvest(into context: PollContext, intervalNs: Int64) {
+        // The aggregates read now cover this interval.
+        lastIntervalNs = intervalNs
         if let io {
             let opaque = Unmanaged.passUnretained(context).toOpaque()
             _ = tapio_io_harvest(io, { ctx, agg in
@@ -273,7 +275,6 @@ public final class KernelSource: @unchecked Sendable {
             eventCount.add(1, ordering: .relaxed)
             context.outbox.add(event)
         }
-        lastIntervalNs = intervalNs
     }
 
     /// Lets the net programs report the network namespaces that processes of
@@ -328,7 +329,7 @@ public final class KernelSource: @unchecked Sendable {
         return event
     }
 
-    /// Length of the last harvest interval (ns), for aggregates' interval_ns.
+    /// Length of the interval being harvested (ns), for aggregates' interval_ns.
     fileprivate var lastIntervalNs: Int64 = 1_000_000_000
 
     fileprivate func convertIO(_ agg: tapio_io_aggregate) -> TapioEvent {

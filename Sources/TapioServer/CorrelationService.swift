@@ -72,7 +72,7 @@ public final class CorrelationService: Sendable {
         let changed: [Incident] = engine.withLock { e in
             e.advance(toNs: nowNs)
             return e.incidents
-        }.filter { i in persisted.withLock { $0[i.id] != i.updatedNs || ($0[i.id] == nil) } }
+        }.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
         for i in changed {
             do {
                 try store.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
