@@ -14,6 +14,9 @@ struct Candidate: Sendable {
     /// For an inferred candidate: the symptoms' events it stands on.
     var symptomEvents: [ObservedEvent] = []
     var inferredSince: Int64 = 0
+    /// For a closed listener: every close was on purpose (a stop request or
+    /// a graceful shutdown), and when the entity listened again on that port.
+    var plannedStop: PlannedStop?
 
     var firstSeenNs: Int64 { events.first?.timeNs ?? inferredSince }
     var nodes: Set<String> { inferred ? Set(symptomEvents.map(\.node)) : Set(events.map(\.node)) }
@@ -39,6 +42,9 @@ struct Analysis {
         let symptoms = inc.symptoms.values.sorted { ($0.sinceNs, $0.key) < ($1.sinceNs, $1.key) }
         let detected = symptoms.map(\.sinceNs).min() ?? inc.openedNs
         let from = detected - cfg.causeLookbackNs
+        // A cause comes before what it explains: one that began after the
+        // last symptom's onset (plus the lag of sampled signals) is no candidate.
+        let until = min(end, (symptoms.map(\.sinceNs).max() ?? detected) + cfg.causeLagNs)
 
         // The failing paths: client → server edges of the symptoms.
         var adjacency: [String: Set<String>] = [:]
@@ -72,7 +78,9 @@ struct Analysis {
         for t in symptoms.compactMap(\.edgeTo) { examine.formUnion(engine.graph.dependencies(of: t)) }
         var candidates: [Candidate] = []
         for e in examine.sorted() {
-            candidates += structured(engine.causes.events(of: e, from: from, to: end).filter { $0.signal != .workloadStart })
+            let all = engine.causes.events(of: e, from: from, to: end)
+            candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention].contains($0.signal) },
+                                     opened: all.filter { $0.signal == .listenerOpened }).filter { $0.firstSeenNs <= until }
         }
 
         // Noisy neighbours: other workloads with CPU or memory signals on a
@@ -90,8 +98,14 @@ struct Analysis {
         }
         let victims = Set(victimNodes.keys)
         for node in Set(victimNodes.values.flatMap { $0 }).sorted() {
-            for x in (engine.causes.entitiesByNode[node] ?? []).sorted() where !pathEntities.contains(x) && !victims.contains(x) {
-                let evs = engine.causes.events(of: x, from: from, to: end).filter { c in
+            let onNode = (engine.causes.entitiesByNode[node] ?? []).sorted()
+            // The node itself short of CPU or memory (a cgroup above the pods).
+            let contention = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }
+                .filter { $0.signal == .nodeContention && $0.node == node }
+                .sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            var named = false
+            for x in onNode where !pathEntities.contains(x) && !victims.contains(x) {
+                let evs = engine.causes.events(of: x, from: from, to: until).filter { c in
                     guard c.node == node else { return false }
                     switch c.signal {
                     case .cpuThrottle, .memoryPressure: return true
@@ -102,9 +116,19 @@ struct Analysis {
                     }
                 }
                 guard !evs.isEmpty, !candidates.contains(where: { $0.entity == x && $0.kind == .noisyNeighbour }) else { continue }
+                // A workload that only started is weak evidence, unless the
+                // node was short of the resource at the time.
                 let onlyStarts = evs.allSatisfy { $0.signal == .workloadStart }
                 let q = evs.map(\.quality).max() ?? 0
-                candidates.append(Candidate(entity: x, kind: .noisyNeighbour, events: evs, quality: onlyStarts ? q * 0.5 : q))
+                let all = (evs + contention).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+                candidates.append(Candidate(entity: x, kind: .noisyNeighbour, events: all, quality: onlyStarts && contention.isEmpty ? q * 0.5 : q))
+                named = true
+            }
+            // No neighbour to name: the node's own shortage is the candidate.
+            if !named, let first = contention.first, !candidates.contains(where: { $0.entity == first.entity }) {
+                let cpu = contention.contains { if case .cpuThrottle = $0.observed.event.detail { return true } else { return false } }
+                candidates.append(Candidate(entity: first.entity, kind: cpu ? .cpuThrottle : .memoryPressure, events: contention,
+                                            quality: contention.map(\.quality).max() ?? 0))
             }
         }
 
@@ -208,6 +232,7 @@ struct Analysis {
             return (a.0.entity, a.0.kind.rawValue) < (b.0.entity, b.0.kind.rawValue)
         }
         let kept = Array(causes.prefix(cfg.maxCandidates))
+        let top = kept.first.flatMap { k in scored.first { !$0.0.inferred && $0.0.entity == k.0.entity && $0.0.kind == k.0.kind }?.0 }
 
         var out = Incident(id: inc.id, status: .open, title: "", openedNs: inc.openedNs, updatedNs: end, detectedNs: detected)
         out.mergedIds = inc.mergedIds
@@ -225,6 +250,7 @@ struct Analysis {
                 < (b.causeEntity, b.causeKind.rawValue, b.symptomEntity, b.symptomKind.rawValue, b.symptomPeer ?? "")
         }
         out.title = title(out)
+        out.plannedStop = top?.plannedStop
 
         // Timeline and what is affected: the symptoms' events and those of the leading candidates.
         var entries: [(ObservedEvent, String, String, String)] = []  // event, entity, summary, role
@@ -282,7 +308,7 @@ struct Analysis {
     /// disk full, crash loop, crash and closed listener absorbs those that
     /// came with or after it (the exit and closed listener of an OOM-killed
     /// process are the OOM kill); network, DNS and resource signals stand alone.
-    private func structured(_ events: [CauseEvent]) -> [Candidate] {
+    private func structured(_ events: [CauseEvent], opened: [CauseEvent]) -> [Candidate] {
         guard !events.isEmpty else { return [] }
         var by: [Signal: [CauseEvent]] = [:]
         for e in events { by[e.signal, default: []].append(e) }
@@ -293,7 +319,15 @@ struct Analysis {
         if let d = by[.diskFull] { chain.append(make(.diskFull, d)) }
         if let o = by[.oomKill] { chain.append(make(.oomKill, o)) }
         if let x = by[.exit] { chain.append(make(isCrashLoop(x) ? .crashLoop : .crash, x)) }
-        if let l = by[.listenerClosed] { chain.append(make(.listenerClosed, l)) }
+        if let l = by[.listenerClosed] {
+            var c = make(.listenerClosed, l)
+            if l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }), let last = l.last {
+                let ports = Set(l.map(\.port))
+                let reopened = opened.first { $0.timeNs > last.timeNs && ports.contains($0.port) }
+                c.plannedStop = PlannedStop(closedNs: last.timeNs, reopenedNs: reopened?.timeNs)
+            }
+            chain.append(c)
+        }
         var out: [Candidate] = []
         if var top = chain.first {
             let start = top.firstSeenNs - 1_000_000_000

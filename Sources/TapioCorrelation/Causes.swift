@@ -5,6 +5,12 @@ enum Signal: String, Sendable, Comparable {
     case oomKill, exit, listenerClosed, firewallDrop, packetLoss, dnsFailure, cpuThrottle, memoryPressure, diskFull
     /// A process started: weak evidence of a noisy neighbour.
     case workloadStart
+    /// A listener opened: not a cause, but how a restart is told from an outage.
+    case listenerOpened
+    /// CPU throttling or memory pressure of a cgroup that is no pod's (a
+    /// node-level or system cgroup): the node is short of the resource. Not
+    /// a candidate of its own while a neighbour on the node can be named.
+    case nodeContention
 
     static func < (a: Signal, b: Signal) -> Bool { a.rawValue < b.rawValue }
 }
@@ -31,8 +37,9 @@ struct CauseStore: Sendable {
     private(set) var byEntity: [String: [CauseEvent]] = [:]
     /// Entities with signals per node (noisy neighbour search).
     private(set) var entitiesByNode: [String: Set<String>] = [:]
-    /// (node, pid) → time of the process's exit, any status.
-    private(set) var exits: [String: Int64] = [:]
+    /// (node, pid) → time of the process's exit, any status, and whether it
+    /// was asked to stop (SIGTERM, SIGINT) or exited with 0.
+    private(set) var exits: [String: (timeNs: Int64, planned: Bool)] = [:]
 
     mutating func add(_ c: CauseEvent, limit: Int) {
         var list = byEntity[c.entity] ?? []
@@ -43,16 +50,28 @@ struct CauseStore: Sendable {
         } else {
             list.append(c)
         }
-        if list.count > limit { list.removeFirst(list.count - limit) }
+        // Over the limit, the oldest events after the first quarter go: a
+        // long-running cause keeps when it began and what it does now.
+        if list.count > limit {
+            let head = limit / 4
+            list.removeSubrange(head..<(head + list.count - limit))
+        }
         byEntity[c.entity] = list
         if entitiesByNode[c.node]?.contains(c.entity) != true { entitiesByNode[c.node, default: []].insert(c.entity) }
     }
 
-    mutating func exited(node: String, pid: UInt32, timeNs: Int64) {
-        exits["\(node)/\(pid)"] = timeNs
+    mutating func exited(node: String, pid: UInt32, timeNs: Int64, planned: Bool) {
+        exits["\(node)/\(pid)"] = (timeNs, planned)
     }
 
-    func exitTime(node: String, pid: UInt32) -> Int64? { exits["\(node)/\(pid)"] }
+    func exitTime(node: String, pid: UInt32) -> Int64? { exits["\(node)/\(pid)"]?.timeNs }
+
+    /// Whether a process closed its listener on purpose: it was still running
+    /// (it closed the socket itself, a graceful shutdown) or it exited on a
+    /// stop request. A crash, an OOM kill or SIGKILL is not on purpose.
+    func closedOnPurpose(node: String, pid: UInt32) -> Bool {
+        exits["\(node)/\(pid)"]?.planned ?? true
+    }
 
     func events(of entity: String, from: Int64, to: Int64) -> [CauseEvent] {
         (byEntity[entity] ?? []).filter { $0.timeNs >= from && $0.timeNs <= to }
@@ -67,7 +86,7 @@ struct CauseStore: Sendable {
             let kept = ents.filter { byEntity[$0] != nil }
             entitiesByNode[node] = kept.isEmpty ? nil : kept
         }
-        exits = exits.filter { $0.value >= t }
+        exits = exits.filter { $0.value.timeNs >= t }
     }
 }
 

@@ -13,6 +13,14 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     public var warmupBuckets: Int = 5
     /// An incident resolves after this long without any of its symptoms firing.
     public var quietPeriodNs: Int64 = 30_000_000_000
+    /// A listener closed on purpose (SIGTERM, SIGINT, exit 0, or closed by
+    /// the running process) and open again within this long is a restart:
+    /// the refusals in between are churn and open no incident. An incident
+    /// led by such a close is held back this long while a restart may come.
+    public var restartGraceNs: Int64 = 3_000_000_000
+    /// Cause events are taken up to this long after the last symptom's onset
+    /// (sampled signals such as cgroup counters are read once a second).
+    public var causeLagNs: Int64 = 5_000_000_000
     /// Causes are looked for this far before the incident's first symptom.
     public var causeLookbackNs: Int64 = 120_000_000_000
     /// Abnormal exits of one entity within `crashLoopWindowNs` that make a

@@ -17,6 +17,9 @@ public struct CorrelationEngine: Sendable {
         public var late: UInt64 = 0
         public var pending: Int = 0
         public var series: Int = 0
+        /// Incidents never shown because a restart explained them (a listener
+        /// closed on purpose and open again within the grace, the symptoms over).
+        public var restartsSuppressed: UInt64 = 0
     }
 
     public let configuration: CorrelationConfiguration
@@ -104,7 +107,7 @@ public struct CorrelationEngine: Sendable {
 
     /// Every incident, open and resolved, oldest first.
     public var incidents: [Incident] {
-        (resolvedIncidents + openIncidents.map(\.snapshot)).sorted { ($0.openedNs, $0.id) < ($1.openedNs, $1.id) }
+        (resolvedIncidents + openIncidents.filter(\.published).map(\.snapshot)).sorted { ($0.openedNs, $0.id) < ($1.openedNs, $1.id) }
     }
 
     /// The incidents of the `incidents` query: `status` nil for all, and
@@ -186,10 +189,10 @@ public struct CorrelationEngine: Sendable {
         case .exit(let code, let signal, _):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
-            causes.exited(node: e.node, pid: ev.pid, timeNs: e.timeNs)
             // SIGTERM and SIGINT are requests to stop (a rollout, a scale-down,
             // an operator): exits by them are churn, not crashes.
             let stopRequested = signal == SIGTERM || signal == SIGINT
+            causes.exited(node: e.node, pid: ev.pid, timeNs: e.timeNs, planned: stopRequested || (code == 0 && signal == 0))
             if (code != 0 || signal != 0) && !stopRequested {
                 addCause(.exit, me, e, port: 0)
                 observe(SeriesKey(observer: me.name, kind: .exits, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, event: e)
@@ -218,7 +221,10 @@ public struct CorrelationEngine: Sendable {
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             topology.sawListener(me.name, port: port)
-            if open { topology.sawServer(me.name, address: address) }
+            if open {
+                topology.sawServer(me.name, address: address)
+                addCause(.listenerOpened, me, e, port: port)
+            }
             if !open {
                 var addrs = Set<String>()
                 if let a = address, a.bytes.contains(where: { $0 != 0 }) { addrs.insert(a.description) }
@@ -285,13 +291,19 @@ public struct CorrelationEngine: Sendable {
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)
-            if ratio >= configuration.throttleCauseRatio { addCause(.cpuThrottle, me, e) }
-            observe(SeriesKey(observer: me.name, kind: .throttling, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, level: ratio, event: e)
+            // A cgroup that is no pod's (the node's, a system slice) is the
+            // node short of CPU: evidence for a neighbour, not a symptom.
+            if me.pod == nil {
+                if ratio >= configuration.throttleCauseRatio { addCause(.nodeContention, me, e) }
+            } else {
+                if ratio >= configuration.throttleCauseRatio { addCause(.cpuThrottle, me, e) }
+                observe(SeriesKey(observer: me.name, kind: .throttling, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, level: ratio, event: e)
+            }
         case .memoryPressure(_, _, let usage, let limit, let psi, _, _):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             let full = limit > 0 && Double(usage) >= configuration.memoryPressureCauseUsage * Double(limit)
-            if Double(psi) / 10 >= configuration.memoryPressureCausePsi || full { addCause(.memoryPressure, me, e) }
+            if Double(psi) / 10 >= configuration.memoryPressureCausePsi || full { addCause(me.pod == nil ? .nodeContention : .memoryPressure, me, e) }
         case .ioError(let error, _, let count, _):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
@@ -361,7 +373,22 @@ public struct CorrelationEngine: Sendable {
             inc.snapshot = fresh
             inc.snapshot.updatedNs = updated
         }
+        if !inc.published { inc.published = publishable(fresh, end: end) }
         openIncidents[i] = inc
+    }
+
+    /// Whether an incident may be shown: unless its leading candidate is a
+    /// listener closed on purpose, at once; otherwise once the restart grace
+    /// has passed without the listener coming back, or when the symptoms go
+    /// on after it came back.
+    private func publishable(_ i: Incident, end: Int64) -> Bool {
+        guard let stop = i.plannedStop else { return true }
+        let b = configuration.bucketNs
+        if let r = stop.reopenedNs, r - stop.closedNs <= configuration.restartGraceNs {
+            let settled = (floorDiv(r, b) + 2) * b
+            return i.symptoms.contains { $0.lastNs > settled }
+        }
+        return end >= stop.closedNs + configuration.restartGraceNs
     }
 
     private mutating func mergeIncidents(end: Int64) {
@@ -376,6 +403,7 @@ public struct CorrelationEngine: Sendable {
                         let survivor = openIncidents[a].id
                         for (k, v) in other.symptoms where openIncidents[a].symptoms[k] == nil { openIncidents[a].symptoms[k] = v }
                         openIncidents[a].mergedIds = (openIncidents[a].mergedIds + [other.id] + other.mergedIds).sorted()
+                        openIncidents[a].published = openIncidents[a].published || other.published
                         aliases[other.id] = survivor
                         openIncidents.remove(at: b)
                         let ia = openIncidents.firstIndex { $0.id == survivor }!
@@ -393,7 +421,9 @@ public struct CorrelationEngine: Sendable {
         var keep: [IncidentState] = []
         for var inc in openIncidents {
             let last = inc.symptoms.values.map(\.lastNs).max() ?? inc.openedNs
-            if last + configuration.quietPeriodNs <= end {
+            if last + configuration.quietPeriodNs <= end, !inc.published {
+                statistics.restartsSuppressed += 1
+            } else if last + configuration.quietPeriodNs <= end {
                 var done = inc.snapshot
                 done.status = .resolved
                 done.resolvedNs = end
@@ -436,6 +466,8 @@ struct IncidentState: Sendable {
     var symptoms: [SeriesKey: SymptomState] = [:]
     var mergedIds: [String] = []
     var snapshot: Incident
+    /// Shown in `incidents` (held back while a planned stop may be a restart).
+    var published = false
 
     init(id: String, openedNs: Int64) {
         self.id = id

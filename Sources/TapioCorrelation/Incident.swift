@@ -31,6 +31,9 @@ public struct Incident: Sendable, Equatable {
     public var timeline: [TimelineEntry] = []
     /// Ids of incidents merged into this one.
     public var mergedIds: [String] = []
+    /// Set when the leading candidate is a listener closed on purpose: the
+    /// engine holds such an incident back while a restart may follow.
+    var plannedStop: PlannedStop?
 
     /// The entry of the `incidents` answer.
     public func toJSON() -> JSONValue {
@@ -173,4 +176,11 @@ public struct TimelineEntry: Sendable, Equatable {
             "role": .string(role), "concurrent_with": .array(concurrentWith.map { .string($0) }),
         ])
     }
+}
+
+/// A listener closed on purpose (a stop request, a graceful shutdown) and
+/// when its entity listened on the port again, if it has.
+struct PlannedStop: Sendable, Equatable {
+    var closedNs: Int64
+    var reopenedNs: Int64?
 }

@@ -201,6 +201,15 @@ public final class TapioServer: Sendable {
             lines.append("# TYPE \(name) \(name.hasSuffix("_total") ? "counter" : "gauge")")
             for (key, value) in byName[name]!.sorted(by: { $0.0 < $1.0 }) { lines.append("\(key) \(value)") }
         }
+        let c = correlation.statistics
+        for (name, value) in [("tapio_correlation_events_processed_total", Int64(c.processed)),
+                              ("tapio_correlation_late_events_total", Int64(c.late)),
+                              ("tapio_correlation_pending_events", Int64(c.pending)),
+                              ("tapio_correlation_series", Int64(c.series)),
+                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed))] {
+            lines.append("# TYPE \(name) \(name.hasSuffix("_total") ? "counter" : "gauge")")
+            lines.append("\(name) \(value)")
+        }
         let snaps = registry.snapshot()
         lines.append("# TYPE tapio_node_connected gauge")
         for s in snaps { lines.append("tapio_node_connected{node=\"\(labelValue(s.record.node))\"} \(s.connected ? 1 : 0)") }

@@ -279,6 +279,123 @@ final class RuleTests: XCTestCase {
         XCTAssertTrue(stream(SIGINT).isEmpty, "SIGINT is a stop request")
     }
 
+    /// A rolling restart: redis is asked to stop (SIGTERM), its listener
+    /// closes, the api is refused for a second, a new redis listens again.
+    static func redisRestart(_ c: inout SyntheticCluster, refusalsUntil: Double, reopenAt: Double? = 31.2) {
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 60, skip: ["api>redis"])
+        c.exit(30, "redis", signal: SIGTERM)
+        c.listen(30.001, "redis", open: false)
+        var t = 30.05
+        while t < refusalsUntil {
+            c.connect(t, "api", "redis", .refused, count: 5)
+            t += 0.25
+        }
+        if let r = reopenAt {
+            c.exec(r - 0.1, "redis", pid: 311, comm: "redis-server", file: "/usr/bin/redis-server")
+            c.add(r, "redis", .tcpListen, .tcpListen(address: IPAddress("0.0.0.0"), port: 6379, open: true), pid: 311)
+        }
+        t = max(refusalsUntil, r0(reopenAt))
+        while t < 60 {
+            c.connect(t, "api", "redis", .established, count: 4)
+            t += 0.5
+        }
+    }
+
+    private static func r0(_ r: Double?) -> Double { r ?? 60 }
+
+    func testRestartAfterAStopRequestOpensNothing() {
+        var c = SyntheticCluster()
+        RuleTests.redisRestart(&c, refusalsUntil: 31.1)
+        c.healthy(from: 60, until: 100)  // past the quiet period: the held-back incident resolves unseen
+        let engine = c.engine()
+        XCTAssertEqual(engine.incidents.count, 0, "\(engine.incidents.map(\.title))")
+        XCTAssertEqual(engine.statistics.restartsSuppressed, 1, "the held-back incident is counted")
+    }
+
+    func testARestartThatKeepsFailingIsAnIncident() {
+        var c = SyntheticCluster()
+        RuleTests.redisRestart(&c, refusalsUntil: 45)
+        guard let (_, rc) = top(c) else { return }
+        XCTAssertEqual(rc.entity, "redis")
+        XCTAssertEqual(rc.kind, .listenerClosed)
+    }
+
+    /// A stop with no restart is an outage: held back for the restart grace,
+    /// then shown, opened at the bucket whose symptom opened it.
+    func testAStopWithoutRestartIsShownAfterTheGrace() {
+        var c = SyntheticCluster()
+        RuleTests.redisRestart(&c, refusalsUntil: 60, reopenAt: nil)
+        let cfg = CorrelationConfiguration()
+        var engine = CorrelationEngine(configuration: cfg)
+        for (node, pods) in c.inventory { engine.updateInventory(node: node, pods: pods) }
+        engine.ingest(c.events)
+        // The first refusals' bucket has closed, the grace has not passed.
+        engine.advance(toNs: SyntheticCluster.ns(32) + cfg.allowedLatenessNs)
+        XCTAssertEqual(engine.incidents.count, 0, "held back while a restart may come")
+        engine.advance(toNs: SyntheticCluster.ns(36) + cfg.allowedLatenessNs)
+        XCTAssertEqual(engine.incidents.count, 1)
+        XCTAssertEqual(engine.incidents.first?.rootCauses.first?.entity, "redis")
+        XCTAssertEqual(engine.incidents.first?.rootCauses.first?.kind, .listenerClosed)
+        XCTAssertLessThanOrEqual(engine.incidents.first?.openedNs ?? .max, SyntheticCluster.ns(32))
+    }
+
+    /// A listener closed by a crash is never held back.
+    func testACrashedListenerIsShownAtOnce() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        c.exit(30, "redis", signal: SIGSEGV)
+        c.listen(30.001, "redis", open: false)
+        for t in stride(from: 30.05, to: 45, by: 0.25) { c.connect(t, "api", "redis", .refused, count: 5) }
+        var engine = CorrelationEngine()
+        for (node, pods) in c.inventory { engine.updateInventory(node: node, pods: pods) }
+        engine.ingest(c.events)
+        engine.advance(toNs: SyntheticCluster.ns(32) + engine.configuration.allowedLatenessNs)
+        XCTAssertEqual(engine.incidents.first?.rootCauses.first?.kind, .crash)
+    }
+
+    /// The node's own cgroup is throttled (a node-wide CPU limit) and a batch
+    /// pod started just before: the pod is the neighbour, not the node.
+    func testNodeContentionNamesTheNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["frontend>api"])
+        c.exec(29.5, "batch", file: "/usr/bin/python3")
+        var t = 30.0
+        while t < 45 {
+            // A cgroup no pod owns: the node's.
+            c.add(t + 0.25, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000,
+                                                              cgroup: "/kubepods"), pid: 0, attributed: false, comm: "")
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: 100)
+            t += 0.5
+        }
+        guard let (inc, rc) = top(c) else { return }
+        XCTAssertEqual(rc.entity, "batch")
+        XCTAssertEqual(rc.kind, .noisyNeighbour)
+        XCTAssertFalse(inc.rootCauses.contains { $0.entity == "host@node2" && $0.kind == .noisyNeighbour }, "a node is not its pods' neighbour")
+    }
+
+    /// What happens after the symptoms began (a teardown's closed listeners)
+    /// is not their cause.
+    func testALaterEventIsNoCandidate() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        for t in stride(from: 30.0, to: 45, by: 0.5) {
+            let syn = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 0, destinationPort: 6379)
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "NETFILTER_DROP", count: 4, flow: syn, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000),
+                  pid: 0, attributed: false, comm: "")
+            if t >= 31 { c.connect(t + 0.01, "api", "redis", .timeout, count: 2) }
+        }
+        c.exit(44, "redis", signal: SIGTERM)
+        c.listen(44.001, "redis", open: false)
+        guard let (inc, rc) = top(c) else { return }
+        XCTAssertEqual(rc.kind, .firewallDrop)
+        XCTAssertFalse(inc.rootCauses.contains { $0.kind == .listenerClosed })
+    }
+
     func testRedHerringIsNotRankedFirst() {
         var c = SyntheticCluster()
         c.healthy(until: 30)
