@@ -144,10 +144,9 @@ public final class LabRun: @unchecked Sendable {
             top1S = max(0, Double(endNs - expectedFaultNs) / 1e9)
         }
         let events = queryEvents(sinceNs: state.current.items.isEmpty ? 0 : runStartNs, untilNs: endNs)
-        let path = s.requestPath
         let entities = entityMap()
         let baseline = Scoring.baseline(events: events.filter { ($0["time_ns"]?.intValue ?? 0) >= loadStartNs },
-                                        pathServices: Set(path.services)) { e in
+                                        scope: s.baselineScope) { e in
             entities.entity(of: e)
         }
         var serverTimeline: [JSONValue] = []

@@ -270,6 +270,14 @@ extension Scenario {
         }
         return (path, names)
     }
+
+    /// What the rule baseline looks at: every service on a node the request
+    /// path crosses. A rule knows where the failing requests run, not which
+    /// of the workloads there serve them (that graph is what the engine learns).
+    public var baselineScope: Set<String> {
+        let nodes = Set(requestPath.services.compactMap { service($0)?.node })
+        return Set(services.filter { nodes.contains($0.node) }.map(\.name))
+    }
 }
 
 /// Where the lab's files live: scenarios, topologies, service scripts.

@@ -76,12 +76,13 @@ public enum Scoring {
     }
 
     /// The trivial rule the engine must beat: the most recent OOM kill, bad
-    /// exit (non-zero code or a signal) or packet drop of a service on the
-    /// failing path (the request path), most recent first. Three or more bad
+    /// exit (non-zero code or a signal) or packet drop of a service in
+    /// `scope` (`Scenario.baselineScope`: the services on the nodes the
+    /// failing path crosses), most recent first. Three or more bad
     /// exits of one service make it a crash loop; a drop whose kernel reason
     /// names netfilter is a firewall drop, any other a packet loss.
     /// `entityOf` names an event's service (nil: not a lab service).
-    public static func baseline(events: [JSONValue], pathServices: Set<String>,
+    public static func baseline(events: [JSONValue], scope: Set<String>,
                                 entityOf: (JSONValue) -> String?) -> [RankedCause] {
         var evidence: [(time: Int64, cause: Cause)] = []
         var oomPids: [Int64: Int64] = [:]
@@ -89,7 +90,7 @@ public enum Scoring {
         for e in events.sorted(by: { ($0["time_ns"]?.intValue ?? 0) < ($1["time_ns"]?.intValue ?? 0) }) {
             let t = e["time_ns"]?.intValue ?? 0
             let kind = e["kind"]?.stringValue ?? ""
-            guard let entity = entityOf(e), pathServices.contains(entity) else { continue }
+            guard let entity = entityOf(e), scope.contains(entity) else { continue }
             switch kind {
             case "oom_kill":
                 oomPids[e["victim_pid"]?.intValue ?? e["pid"]?.intValue ?? -1] = t

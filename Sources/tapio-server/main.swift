@@ -11,7 +11,7 @@ struct ServerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-server",
         abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
-        subcommands: [Serve.self, Replay.self],
+        subcommands: [Serve.self, Replay.self, Calibrate.self],
         defaultSubcommand: Serve.self)
 }
 
@@ -28,23 +28,76 @@ struct Replay: ParsableCommand {
     var explain = false
 
     func run() throws {
-        let store = try SQLiteEventStore(directory: dataDir)
-        var inventory: [String: [PodInfo]] = [:]
-        for p in try store.pods() { inventory[p.node, default: []].append(p) }
-        var events: [ObservedEvent] = []
-        var since: Int64 = lastSeconds.map { wallClockNs() - $0 * 1_000_000_000 } ?? .min
-        while true {
-            let page = try store.batches(sinceNs: since, limit: 5000)
-            for r in page {
-                events += r.batch.events.map { ObservedEvent(node: r.batch.node, agentEvent: $0, clockOffsetNs: r.clock.offsetNs, clockErrorNs: r.clock.errorNs) }
-            }
-            guard page.count == 5000, let last = page.last else { break }
-            since = last.receivedNs + 1
-        }
+        let log = try EventLog.load(dataDirectory: dataDir, sinceNs: lastSeconds.map { wallClockNs() - $0 * 1_000_000_000 } ?? .min)
         let config = CorrelationConfiguration()
-        let engine = CorrelationEngine.replay(events, inventory: inventory, configuration: config)
+        let engine = log.replay(configuration: config)
         let incidents = engine.incidents.map { explain ? $0.explainJSON(weights: config.weights) : $0.toJSON() }
-        print(JSONValue.object(["incidents": .array(incidents), "events": .int(Int64(events.count))]).serialized())
+        print(JSONValue.object(["incidents": .array(incidents), "events": .int(Int64(log.events.count))]).serialized())
+    }
+}
+
+/// Fits the confidence weights on recorded lab runs (logistic regression of
+/// every candidate's factors against the known answer) and reports the Brier
+/// score of the top-1 confidence with the current weights, with the fitted
+/// ones, and leaving each scenario out of its own fit.
+struct Calibrate: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Fit the confidence weights on recorded lab runs and report Brier scores.")
+
+    @Option(help: "Directory of recordings (<scenario>.json + .sqlite.gz).")
+    var recordings = "lab/recordings"
+    @Option(help: "Gradient steps of the fit.")
+    var iterations = 4000
+
+    func run() throws {
+        let runs = try RecordedRun.loadAll(directory: recordings)
+        let current = CorrelationConfiguration()
+        func evaluate(_ run: RecordedRun, _ weights: ConfidenceWeights) -> (ranked: [RootCause], engine: CorrelationEngine) {
+            var c = current
+            c.weights = weights
+            let engine = run.log.replay(configuration: c)
+            return (run.ranked(engine), engine)
+        }
+        func brier(_ run: RecordedRun, _ ranked: [RootCause]) -> Double {
+            guard let top = ranked.first else { return run.isHealthy ? 0 : 1 }
+            let y = run.expected.contains { $0.entity == top.entity && $0.kind == top.kind } ? 1.0 : 0.0
+            return (top.confidence - y) * (top.confidence - y)
+        }
+        var samples: [[Calibration.Sample]] = []
+        var rows: [(String, Double, Double, Double, String)] = []
+        for run in runs {
+            let (ranked, engine) = evaluate(run, current.weights)
+            samples.append(run.samples(engine))
+            rows.append((run.scenario, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), brier(run, ranked),
+                         ranked.first.map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" } ?? "-"))
+        }
+        let fitted = Calibration.fit(samples.flatMap { $0 }, start: current.weights, iterations: iterations)
+        var fittedBrier = 0.0, fittedAc1 = 0.0, looBrier = 0.0, looAc1 = 0.0
+        for (i, run) in runs.enumerated() {
+            let (ranked, _) = evaluate(run, fitted)
+            fittedBrier += brier(run, ranked)
+            fittedAc1 += run.accuracy(ranked, k: 1)
+            let others = samples.enumerated().filter { $0.offset != i }.flatMap(\.element)
+            let (looRanked, _) = evaluate(run, Calibration.fit(others, start: current.weights, iterations: iterations))
+            looBrier += brier(run, looRanked)
+            looAc1 += run.accuracy(looRanked, k: 1)
+        }
+        let n = Double(runs.count)
+        print("scenario          AC@1  AC@3  brier  top-1 (current weights)")
+        for r in rows { print(r.0.padding(toLength: 16, withPad: " ", startingAt: 0), String(format: "%5.2f %5.2f %6.3f", r.1, r.2, r.3), " ", r.4) }
+        print(String(format: "current weights:   macro AC@1 %.2f  AC@3 %.2f  Brier %.3f", rows.map(\.1).reduce(0, +) / n, rows.map(\.2).reduce(0, +) / n,
+                     rows.map(\.3).reduce(0, +) / n))
+        print(String(format: "fitted weights:    macro AC@1 %.2f  Brier %.3f (fitted on all runs)", fittedAc1 / n, fittedBrier / n))
+        print(String(format: "leave one out:     macro AC@1 %.2f  Brier %.3f (each run scored with weights fitted on the others)", looAc1 / n, looBrier / n))
+        let all = samples.flatMap { $0 }
+        func candidateBrier(_ w: ConfidenceWeights) -> Double {
+            Calibration.brierScore(all.map { s in
+                (confidence(of: ConfidenceWeights.factorNames.map { Factor(name: $0, value: s.values[$0] ?? 0, weight: w.weight($0)) }, bias: w.bias), s.correct)
+            })
+        }
+        print("candidates: \(all.count), right: \(all.filter(\.correct).count); Brier over every candidate: current " +
+              String(format: "%.3f", candidateBrier(current.weights)) + ", fitted " + String(format: "%.3f", candidateBrier(fitted)))
+        print("fitted: bias " + String(format: "%.2f", fitted.bias) + ", " +
+              ConfidenceWeights.factorNames.map { "\($0) " + String(format: "%.2f", fitted.weight($0)) }.joined(separator: ", "))
     }
 }
 

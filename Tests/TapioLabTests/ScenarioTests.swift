@@ -20,6 +20,14 @@ final class ScenarioTests: XCTestCase {
         XCTAssertLessThanOrEqual(smoke.timing.warmupS + smoke.timing.observeS, 20, "the test suite's scenario stays short")
     }
 
+    /// The baseline sees every service on the nodes the failing path crosses:
+    /// the red herring's crashing cron job on node1 too.
+    func testBaselineScopeIsTheServicesOnThePathsNodes() throws {
+        let s = try LabFiles.resolve("red-herring", labDirectory: lab)
+        XCTAssertEqual(Set(s.requestPath.services), ["frontend", "api", "redis"])
+        XCTAssertEqual(s.baselineScope, ["frontend", "api", "redis", "cron-cleanup"])
+    }
+
     func testExtendsMergesServicesByNameAndAppendsNewOnes() throws {
         let dir = try TestSupport.temporaryDirectory("tapio-lab-scenario")
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -54,16 +54,16 @@ final class ScoringTests: XCTestCase {
         return .object(o)
     }
 
-    func testBaselineTakesTheMostRecentOOMExitOrDropOnThePath() {
+    func testBaselineTakesTheMostRecentOOMExitOrDropInScope() {
         let services: [Int64: String] = [1: "api", 2: "redis", 3: "batch"]
         let events = [
-            event("process_exit", 10, 3, ["exit_code": .int(1)]),  // off the path
+            event("process_exit", 10, 3, ["exit_code": .int(1)]),  // out of scope
             event("oom_kill", 20, 2, ["victim_pid": .int(102)]),
             event("process_exit", 21, 2, ["signal": .int(9)]),  // the OOM victim's exit: same cause
             event("process_exit", 22, 1, ["exit_code": .int(0)]),  // a clean exit is no cause
             event("process_exit", 25, 3, ["exit_code": .int(2)]),
         ]
-        let b = Scoring.baseline(events: events, pathServices: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
+        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
         XCTAssertEqual(b.map(\.cause), [redisOOM])
     }
 
@@ -71,7 +71,7 @@ final class ScoringTests: XCTestCase {
         let services: [Int64: String] = [1: "api", 2: "redis"]
         var events = (0..<3).map { event("process_exit", Int64($0), 1, ["exit_code": .int(1)]) }
         events.append(event("packet_drop", 1, 2, ["reason": .string("NETFILTER_DROP")]))
-        let b = Scoring.baseline(events: events, pathServices: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
+        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
         XCTAssertEqual(b.map(\.cause), [Cause(entity: "api", kind: "crash_loop"), Cause(entity: "redis", kind: "firewall_drop")])
     }
 }

@@ -1,0 +1,151 @@
+import Foundation
+import TapioCorrelation
+import TapioStore
+import TapioWire
+
+/// A stored event log read back for the engine: every batch's events with
+/// the clock correction they were received with, and the pods the agents
+/// reported. What `tapio-server replay` and `calibrate` run the engine over.
+public struct EventLog: Sendable {
+    public var events: [ObservedEvent] = []
+    public var inventory: [String: [PodInfo]] = [:]
+
+    /// The log of a server's data directory, batches received at or after `sinceNs`.
+    public static func load(dataDirectory: String, sinceNs: Int64 = .min) throws -> EventLog {
+        let store = try SQLiteEventStore(directory: dataDirectory)
+        var log = EventLog()
+        for p in try store.pods() { log.inventory[p.node, default: []].append(p) }
+        var since = sinceNs
+        while true {
+            let page = try store.batches(sinceNs: since, limit: 5000)
+            for r in page {
+                log.events += r.batch.events.map {
+                    ObservedEvent(node: r.batch.node, agentEvent: $0, clockOffsetNs: r.clock.offsetNs, clockErrorNs: r.clock.errorNs)
+                }
+            }
+            guard page.count == 5000, let last = page.last else { break }
+            since = last.receivedNs + 1
+        }
+        return log
+    }
+
+    /// Runs the log through a fresh engine.
+    public func replay(configuration: CorrelationConfiguration = CorrelationConfiguration()) -> CorrelationEngine {
+        CorrelationEngine.replay(events, inventory: inventory, configuration: configuration)
+    }
+}
+
+/// A lab run kept as a regression case (`lab/recordings/<scenario>.json` and
+/// `.sqlite.gz`, written by scripts/record-lab-run.py): its event log, the
+/// known answer and when the fault began.
+public struct RecordedRun: Sendable {
+    public var scenario: String
+    public var expected: [KnownAnswer]
+    /// Wall time of the first fault; incidents opened before `faultNs − 5 s`
+    /// are not the fault's (the lab scores the same way).
+    public var faultNs: Int64?
+    public var log: EventLog
+
+    public var isHealthy: Bool { expected.isEmpty }
+
+    public enum LoadError: Error, CustomStringConvertible {
+        case unreadable(String)
+        public var description: String {
+            switch self {
+            case .unreadable(let why): return why
+            }
+        }
+    }
+
+    /// Every recording in `directory`, by scenario name.
+    public static func loadAll(directory: String) throws -> [RecordedRun] {
+        let names = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".json") }.sorted()
+        return try names.map { try load(directory + "/" + $0) }
+    }
+
+    /// One recording, from its `.json`; the log is unpacked with gzip into a
+    /// temporary directory that is removed again.
+    public static func load(_ jsonPath: String) throws -> RecordedRun {
+        guard let data = FileManager.default.contents(atPath: jsonPath), let meta = try? JSONValue.parse([UInt8](data)) else {
+            throw LoadError.unreadable("\(jsonPath): not a recording")
+        }
+        guard let scenario = meta["scenario"]?.stringValue else { throw LoadError.unreadable("\(jsonPath): no scenario") }
+        var expected: [KnownAnswer] = []
+        for e in meta["expected"]?.arrayValue ?? [] {
+            guard let entity = e["entity"]?.stringValue, let k = e["kind"]?.stringValue, let kind = CauseKind(rawValue: k) else {
+                throw LoadError.unreadable("\(jsonPath): bad expected entry")
+            }
+            expected.append(KnownAnswer(entity: entity, kind: kind))
+        }
+        let packed = String(jsonPath.dropLast(".json".count)) + ".sqlite.gz"
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("tapio-recording-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        try gunzip(packed, to: tmp + "/events.sqlite")
+        let log = try EventLog.load(dataDirectory: tmp)
+        return RecordedRun(scenario: scenario, expected: expected, faultNs: meta["fault_ns"]?.intValue, log: log)
+    }
+
+    private static func gunzip(_ from: String, to: String) throws {
+        guard FileManager.default.fileExists(atPath: from) else { throw LoadError.unreadable("\(from): missing") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/gzip")
+        p.arguments = ["-dc", from]
+        FileManager.default.createFile(atPath: to, contents: nil)
+        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: to))
+        defer { try? out.close() }
+        p.standardOutput = out
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw LoadError.unreadable("\(from): gzip exited \(p.terminationStatus)") }
+    }
+
+    /// The incidents that count for the run: for a fault, those opened from
+    /// 5 s before it; for a healthy run, all.
+    public func scoredIncidents(_ engine: CorrelationEngine) -> [Incident] {
+        guard let f = faultNs, !isHealthy else { return engine.incidents }
+        return engine.incidents.filter { $0.openedNs >= f - 5_000_000_000 }
+    }
+
+    /// The candidates of the scored incidents, each (entity, kind) once with
+    /// its highest confidence, best first (the lab's ranking).
+    public func ranked(_ engine: CorrelationEngine) -> [RootCause] {
+        var best: [String: RootCause] = [:]
+        var order: [String] = []
+        for inc in scoredIncidents(engine) {
+            for rc in inc.rootCauses {
+                let key = rc.entity + "|" + rc.kind.rawValue
+                if let old = best[key] {
+                    if rc.confidence > old.confidence { best[key] = rc }
+                } else {
+                    best[key] = rc
+                    order.append(key)
+                }
+            }
+        }
+        return order.enumerated().sorted { a, b in
+            let (ca, cb) = (best[a.element]!.confidence, best[b.element]!.confidence)
+            return ca != cb ? ca > cb : a.offset < b.offset
+        }.map { best[$0.element]! }
+    }
+
+    /// AC@k as the lab computes it: |top-k ∩ expected| / min(k, |expected|);
+    /// a healthy run scores 1 with nothing reported, else 0.
+    public func accuracy(_ ranked: [RootCause], k: Int) -> Double {
+        if expected.isEmpty { return ranked.isEmpty ? 1 : 0 }
+        let top = ranked.prefix(k)
+        let hits = expected.filter { e in top.contains { $0.entity == e.entity && $0.kind == e.kind } }.count
+        return Double(hits) / Double(min(k, expected.count))
+    }
+
+    /// Labelled candidates for fitting the weights: every candidate of the
+    /// scored incidents, right when it is one of the expected answers.
+    public func samples(_ engine: CorrelationEngine) -> [Calibration.Sample] {
+        scoredIncidents(engine).flatMap { inc in
+            inc.rootCauses.map { rc in
+                Calibration.Sample(values: Dictionary(uniqueKeysWithValues: rc.factors.map { ($0.name, $0.value) }),
+                                   correct: expected.contains { $0.entity == rc.entity && $0.kind == rc.kind })
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Keeps a lab run as a replay recording: lab/recordings/<scenario>.sqlite.gz
+(the server's event log: batches and pods, without the derived tables) and
+lab/recordings/<scenario>.json (the known answer and when the fault began).
+
+    scripts/record-lab-run.py lab-runs/oom-kill-20261127-163302 [...]
+
+The replay tests (Tests/TapioServerTests/RecordedRunTests.swift) and
+`tapio-server calibrate` read them."""
+import datetime, gzip, json, os, re, shutil, sqlite3, sys, tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "lab", "recordings")
+
+
+def fault_ns(run_dir, day):
+    """Wall time of the first FAULT line of report.txt (the lab prints UTC)."""
+    for line in open(os.path.join(run_dir, "report.txt")):
+        m = re.match(r"\s*(\d\d):(\d\d):(\d\d)\.(\d\d\d)\s+\+\s*[\d.]+s\s+FAULT", line)
+        if m:
+            h, mi, s, ms = map(int, m.groups())
+            t = datetime.datetime(day.year, day.month, day.day, h, mi, s, ms * 1000, tzinfo=datetime.timezone.utc)
+            return int(t.timestamp()) * 1_000_000_000 + ms * 1_000_000
+    return None
+
+
+def record(run_dir):
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    scenario = report["scenario"]
+    stamp = re.search(r"(\d{8})-(\d{6})$", os.path.basename(os.path.normpath(run_dir)))
+    day = datetime.datetime.strptime(stamp.group(1), "%Y%m%d")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "events.sqlite")
+        shutil.copy(os.path.join(run_dir, "data", "events.sqlite"), db)
+        con = sqlite3.connect(db)
+        con.executescript("DELETE FROM events; DELETE FROM incidents; VACUUM;")
+        con.close()
+        with open(db, "rb") as src, gzip.open(os.path.join(OUT, scenario + ".sqlite.gz"), "wb", 9) as dst:
+            shutil.copyfileobj(src, dst)
+    meta = {
+        "scenario": scenario,
+        "expected": report["expected"],
+        "fault_ns": fault_ns(run_dir, day),
+        "run": os.path.basename(os.path.normpath(run_dir)),
+        "live": {"reported": report["reported"][:3], "ac1": report["ac1"], "ac3": report["ac3"]},
+    }
+    with open(os.path.join(OUT, scenario + ".json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print(f"{scenario}: {os.path.getsize(os.path.join(OUT, scenario + '.sqlite.gz'))} bytes, fault at {meta['fault_ns']}")
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    for d in sys.argv[1:]:
+        record(d)
