@@ -321,7 +321,10 @@ struct Analysis {
         if let x = by[.exit] { chain.append(make(isCrashLoop(x) ? .crashLoop : .crash, x)) }
         if let l = by[.listenerClosed] {
             var c = make(.listenerClosed, l)
-            if l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }), let last = l.last {
+            // On purpose, and no process of the entity crashed after it (a
+            // restart that crashes is no restart).
+            let crashedAfter = (by[.exit] ?? []).contains { $0.timeNs > (l.last?.timeNs ?? .max) }
+            if !crashedAfter, l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }), let last = l.last {
                 let ports = Set(l.map(\.port))
                 let reopened = opened.first { $0.timeNs > last.timeNs && ports.contains($0.port) }
                 c.plannedStop = PlannedStop(closedNs: last.timeNs, reopenedNs: reopened?.timeNs)

@@ -7,7 +7,10 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// How far behind the newest time events may arrive and still be placed
     /// in order (agents batch, clocks are skewed). The watermark is
     /// `advance(toNs:)` minus this.
-    public var allowedLatenessNs: Int64 = 2_000_000_000
+    /// Measured over the lab's runs (server arrival minus corrected event
+    /// time, 33,289 events): median 0.17 s, p99 1.02 s, max 1.30 s — the
+    /// agents harvest aggregates once a second and batch for 0.2 s.
+    public var allowedLatenessNs: Int64 = 1_500_000_000
     /// Buckets after the first event during which baselines learn and no
     /// symptom fires.
     public var warmupBuckets: Int = 5
@@ -24,8 +27,9 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// Causes are looked for this far before the incident's first symptom.
     public var causeLookbackNs: Int64 = 120_000_000_000
     /// Abnormal exits of one entity within `crashLoopWindowNs` that make a
-    /// crash loop rather than a crash.
-    public var crashLoopExits: Int = 3
+    /// crash loop rather than a crash: restarted and crashed again (when
+    /// Kubernetes, too, reports CrashLoopBackOff).
+    public var crashLoopExits: Int = 2
     public var crashLoopWindowNs: Int64 = 120_000_000_000
     /// The clock uncertainty assumed for events whose node has no sample yet.
     public var unknownClockErrorNs: Int64 = 1_000_000_000

@@ -6,8 +6,8 @@ import TapioStore
 import TapioWire
 
 /// The correlation engine inside the server: fed every stored batch (with the
-/// clock correction it was stored with) and every inventory, advanced once a
-/// second on its own thread, its incidents persisted to the store whenever they
+/// clock correction it was stored with) and every inventory, advanced every
+/// 250 ms on its own thread, its incidents persisted to the store whenever they
 /// change. At start it replays the recent log, so a restart loses no incident
 /// state that the log can rebuild; older incidents come back from the store.
 public final class CorrelationService: Sendable {

@@ -110,10 +110,11 @@ public final class TapioServer: Sendable {
             metricsAddress = metricsChannel.localAddress
         }
         state.withLock { $0.listeners = listeners }
-        // The engine decides once a second, on its own thread.
+        // The engine moves on four times a second, on its own thread: a
+        // bucket is decided within 250 ms of its watermark passing.
         let correlation = self.correlation
         let pool = correlationThread
-        let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+        let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .milliseconds(250)) { _ in
             pool.submit { state in
                 guard case .active = state else { return }
                 correlation.tick(nowNs: wallClockNs())

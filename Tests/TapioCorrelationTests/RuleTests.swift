@@ -340,6 +340,21 @@ final class RuleTests: XCTestCase {
         XCTAssertLessThanOrEqual(engine.incidents.first?.openedNs ?? .max, SyntheticCluster.ns(32))
     }
 
+    /// A stop request followed by a restart that crashes (a bad configuration
+    /// rollout) is not held back as a restart.
+    func testARestartIntoCrashesIsNotHeldBack() {
+        var c = SyntheticCluster()
+        RuleTests.redisRestart(&c, refusalsUntil: 45, reopenAt: nil)
+        c.exec(30.9, "redis", pid: 312, comm: "redis-server", file: "/usr/bin/redis-server")
+        c.exit(31.0, "redis", code: 1, pid: 312, comm: "redis-server")
+        var engine = CorrelationEngine()
+        for (node, pods) in c.inventory { engine.updateInventory(node: node, pods: pods) }
+        engine.ingest(c.events)
+        engine.advance(toNs: SyntheticCluster.ns(32) + engine.configuration.allowedLatenessNs)
+        XCTAssertEqual(engine.incidents.count, 1, "shown at once")
+        XCTAssertEqual(engine.incidents.first?.rootCauses.first?.entity, "redis")
+    }
+
     /// A listener closed by a crash is never held back.
     func testACrashedListenerIsShownAtOnce() {
         var c = SyntheticCluster()

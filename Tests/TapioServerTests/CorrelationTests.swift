@@ -57,6 +57,11 @@ final class CorrelationTests: XCTestCase {
         XCTAssertFalse(explain["links"]?.arrayValue?.isEmpty ?? true, "explain lists the causal links with their factors")
         let services = try h.operatorClient().json("services")["services"]?.arrayValue ?? []
         XCTAssertTrue(services.contains { $0["client"] == .string("api") && $0["server"] == .string("redis") }, "\(services)")
+        // The engine's counters are on /metrics.
+        let metrics = h.server.metricsText()
+        let processed = metrics.split(separator: "\n").first { $0.hasPrefix("tapio_correlation_events_processed_total ") }
+        XCTAssertGreaterThan(Int(processed?.split(separator: " ").last ?? "") ?? 0, 0, metrics)
+        XCTAssertTrue(metrics.contains("tapio_correlation_late_events_total "), metrics)
 
         apiSender.drainAndStop(graceSeconds: 1)
         redisSender.drainAndStop(graceSeconds: 1)
