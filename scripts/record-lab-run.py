@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Keeps a lab run as a replay recording: lab/recordings/<scenario>.sqlite.gz
-(the server's event log: batches and pods, without the derived tables) and
-lab/recordings/<scenario>.json (the known answer and when the fault began).
+"""Keeps a lab run as a replay recording: lab/recordings/<run>.sqlite.gz (the
+server's event log: batches and pods, without the derived tables) and
+lab/recordings/<run>.json (the scenario, its known answer and when the fault
+began), <run> being the run directory's name (<scenario>-<date>-<time>).
 
     scripts/record-lab-run.py lab-runs/oom-kill-20261127-163302 [...]
 
@@ -27,6 +28,7 @@ def fault_ns(run_dir, day):
 def record(run_dir):
     report = json.load(open(os.path.join(run_dir, "report.json")))
     scenario = report["scenario"]
+    name = os.path.basename(os.path.normpath(run_dir))
     stamp = re.search(r"(\d{8})-(\d{6})$", os.path.basename(os.path.normpath(run_dir)))
     day = datetime.datetime.strptime(stamp.group(1), "%Y%m%d")
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,7 +37,7 @@ def record(run_dir):
         con = sqlite3.connect(db)
         con.executescript("DELETE FROM events; DELETE FROM incidents; VACUUM;")
         con.close()
-        with open(db, "rb") as src, gzip.open(os.path.join(OUT, scenario + ".sqlite.gz"), "wb", 9) as dst:
+        with open(db, "rb") as src, gzip.open(os.path.join(OUT, name + ".sqlite.gz"), "wb", 9) as dst:
             shutil.copyfileobj(src, dst)
     meta = {
         "scenario": scenario,
@@ -44,10 +46,10 @@ def record(run_dir):
         "run": os.path.basename(os.path.normpath(run_dir)),
         "live": {"reported": report["reported"][:3], "ac1": report["ac1"], "ac3": report["ac3"]},
     }
-    with open(os.path.join(OUT, scenario + ".json"), "w") as f:
+    with open(os.path.join(OUT, name + ".json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-    print(f"{scenario}: {os.path.getsize(os.path.join(OUT, scenario + '.sqlite.gz'))} bytes, fault at {meta['fault_ns']}")
+    print(f"{name}: {os.path.getsize(os.path.join(OUT, name + '.sqlite.gz'))} bytes, fault at {meta['fault_ns']}")
 
 
 if __name__ == "__main__":

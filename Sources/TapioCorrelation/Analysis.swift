@@ -319,15 +319,18 @@ struct Analysis {
         if let d = by[.diskFull] { chain.append(make(.diskFull, d)) }
         if let o = by[.oomKill] { chain.append(make(.oomKill, o)) }
         if let x = by[.exit] { chain.append(make(isCrashLoop(x) ? .crashLoop : .crash, x)) }
+        var listenerReopenedNs: Int64?
         if let l = by[.listenerClosed] {
             var c = make(.listenerClosed, l)
             // On purpose, and no process of the entity crashed after it (a
             // restart that crashes is no restart).
             let crashedAfter = (by[.exit] ?? []).contains { $0.timeNs > (l.last?.timeNs ?? .max) }
-            if !crashedAfter, l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }), let last = l.last {
+            if let last = l.last {
                 let ports = Set(l.map(\.port))
-                let reopened = opened.first { $0.timeNs > last.timeNs && ports.contains($0.port) }
-                c.plannedStop = PlannedStop(closedNs: last.timeNs, reopenedNs: reopened?.timeNs)
+                listenerReopenedNs = opened.first { $0.timeNs > last.timeNs && ports.contains($0.port) }?.timeNs
+                if !crashedAfter, l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }) {
+                    c.plannedStop = PlannedStop(closedNs: last.timeNs, reopenedNs: listenerReopenedNs)
+                }
             }
             chain.append(c)
         }
@@ -335,7 +338,13 @@ struct Analysis {
         if var top = chain.first {
             let start = top.firstSeenNs - 1_000_000_000
             for c in chain.dropFirst() {
-                if (c.events.last?.timeNs ?? .min) >= start {
+                // A listener closed by a stop shortly before the restarted
+                // process crashed (a rollout into a bad configuration) is the
+                // crash's too: it never came back.
+                let restartedIntoCrash = c.kind == .listenerClosed && [.crash, .crashLoop].contains(top.kind)
+                    && (listenerReopenedNs.map { $0 > top.firstSeenNs } ?? true)
+                    && (c.events.last?.timeNs ?? .min) >= top.firstSeenNs - cfg.restartGraceNs
+                if (c.events.last?.timeNs ?? .min) >= start || restartedIntoCrash {
                     top.events += c.events
                     top.absorbed.append(c.kind)
                 } else {
@@ -369,15 +378,19 @@ struct Analysis {
 
     /// How close the cause is before the symptom, allowing for both clocks'
     /// uncertainty (none between events of one node: they share a clock).
+    /// A symptom's onset is known to its bucket: it began somewhere between
+    /// its first event in the firing bucket and the bucket's end, so a cause
+    /// up to that end is not "after" it.
     private func proximity(_ c: Candidate, _ s: SymptomState) -> Double {
         let first = s.events.first
         let errS = err(first?.errorNs ?? -1)
+        let onsetSlack = Double((floorDiv(s.sinceNs, cfg.bucketNs) + 1) * cfg.bucketNs - s.sinceNs)
         var best = 0.0
         for ce in c.events {
             let allowance = first?.node == ce.node ? 0 : errS + err(ce.observed.errorNs)
             let gap = Double(s.sinceNs - ce.timeNs)
             let a = Double(allowance)
-            let v = gap >= -a ? exp(-max(0, gap - a) / Double(cfg.timeDecayNs)) : 0.2 * exp(-(-gap - a) / 1e9)
+            let v = gap >= -(a + onsetSlack) ? exp(-max(0, gap - a) / Double(cfg.timeDecayNs)) : 0.2 * exp(-(-gap - a - onsetSlack) / 1e9)
             best = max(best, v)
         }
         return best

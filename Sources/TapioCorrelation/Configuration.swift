@@ -108,14 +108,14 @@ public struct SymptomThreshold: Sendable, Equatable {
 /// The weights of the logistic combination:
 /// confidence = 1 / (1 + exp(−(bias + Σ weight·value))).
 public struct ConfidenceWeights: Sendable, Equatable {
-    public var bias: Double = -9.0
-    public var timeProximity: Double = 1.5
-    public var topologyMatch: Double = 2.5
-    public var metadataMatch: Double = 0.5
-    public var symptomsExplained: Double = 1.5
-    public var patternPrior: Double = 1.0
-    public var deepest: Double = 4.0
-    public var observedCause: Double = 1.5
+    public var bias: Double = -5.98
+    public var timeProximity: Double = 1.54
+    public var topologyMatch: Double = 0.11
+    public var metadataMatch: Double = 2.44
+    public var symptomsExplained: Double = 1.05
+    public var patternPrior: Double = 0.93
+    public var deepest: Double = 1.14
+    public var observedCause: Double = 1.36
 
     public init() {}
 

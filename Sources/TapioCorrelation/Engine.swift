@@ -355,6 +355,10 @@ public struct CorrelationEngine: Sendable {
             openIncidents[i].symptoms[key] = st
             return
         }
+        // A process exiting again and again with nobody failing because of
+        // it (a cron job off every request path) is no incident: exits only
+        // join an incident that something else opened.
+        if key.kind == .exits { return }
         let id = "inc-" + hex16(fnv1a("\(key.text)|\(st.sinceNs)"))
         var inc = IncidentState(id: id, openedNs: end)
         inc.symptoms[key] = st
@@ -486,10 +490,11 @@ struct IncidentState: Sendable {
         return s
     }
 
-    /// Servers of its symptoms and its leading candidates' entities.
+    /// Servers of its symptoms and its leading candidates' entities (not a
+    /// noisy neighbour's: its own troubles are not this incident's).
     var upstream: Set<String> {
         var s = Set(symptoms.values.compactMap(\.edgeTo))
-        for c in snapshot.rootCauses.prefix(3) where !c.inferred { s.insert(c.entity) }
+        for c in snapshot.rootCauses.prefix(3) where !c.inferred && c.kind != .noisyNeighbour { s.insert(c.entity) }
         return s
     }
 

@@ -68,6 +68,40 @@ public enum Calibration {
         }
     }
 
+    /// Platt scaling: fits `a` and `b` in σ(a·z + b), z being the logit the
+    /// weights give each sample, and returns the weights scaled by `a` with
+    /// the bias moved by `b`. Two parameters instead of eight, and the order
+    /// of candidates (so every ranking) is kept when `a` > 0: what few lab
+    /// runs can support.
+    public static func fitScale(_ samples: [Sample], weights: ConfidenceWeights, iterations: Int = 4000,
+                                learningRate: Double = 0.5) -> ConfidenceWeights {
+        guard !samples.isEmpty else { return weights }
+        let names = ConfidenceWeights.factorNames
+        let z: [Double] = samples.map { s in names.reduce(weights.bias) { $0 + weights.weight($1) * (s.values[$1] ?? 0) } }
+        let y: [Double] = samples.map { $0.correct ? 1 : 0 }
+        // Standardize z for a well-conditioned descent, then map back.
+        let mean = z.reduce(0, +) / Double(z.count)
+        let sd = max(1e-6, (z.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(z.count)).squareRoot())
+        var a = 1.0, b = 0.0
+        let n = Double(z.count)
+        for _ in 0..<iterations {
+            var ga = 0.0, gb = 0.0
+            for i in z.indices {
+                let x = (z[i] - mean) / sd
+                let p = 1 / (1 + exp(-(a * x + b)))
+                ga += (p - y[i]) * x
+                gb += p - y[i]
+            }
+            a -= learningRate * ga / n
+            b -= learningRate * gb / n
+        }
+        // σ(a·(z − mean)/sd + b) = σ(A·z + B) with A = a/sd, B = b − a·mean/sd.
+        let scale = a / sd
+        var out = ConfidenceWeights(vector: weights.vector.map { $0 * scale })
+        out.bias = weights.bias * scale + b - a * mean / sd
+        return out
+    }
+
     /// Fits the weights by logistic regression (batch gradient descent on the
     /// log loss with a small L2 penalty, from `start`): what calibration on
     /// lab runs does. Deterministic: fixed steps, no randomness.

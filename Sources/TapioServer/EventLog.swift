@@ -35,10 +35,12 @@ public struct EventLog: Sendable {
     }
 }
 
-/// A lab run kept as a regression case (`lab/recordings/<scenario>.json` and
+/// A lab run kept as a regression case (`lab/recordings/<run>.json` and
 /// `.sqlite.gz`, written by scripts/record-lab-run.py): its event log, the
 /// known answer and when the fault began.
 public struct RecordedRun: Sendable {
+    /// The recording's file name without extension (`<scenario>-<date>-<time>`).
+    public var name: String
     public var scenario: String
     public var expected: [KnownAnswer]
     /// Wall time of the first fault; incidents opened before `faultNs − 5 s`
@@ -57,7 +59,7 @@ public struct RecordedRun: Sendable {
         }
     }
 
-    /// Every recording in `directory`, by scenario name.
+    /// Every recording in `directory`, by file name.
     public static func loadAll(directory: String) throws -> [RecordedRun] {
         let names = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".json") }.sorted()
         return try names.map { try load(directory + "/" + $0) }
@@ -83,7 +85,8 @@ public struct RecordedRun: Sendable {
         defer { try? FileManager.default.removeItem(atPath: tmp) }
         try gunzip(packed, to: tmp + "/events.sqlite")
         let log = try EventLog.load(dataDirectory: tmp)
-        return RecordedRun(scenario: scenario, expected: expected, faultNs: meta["fault_ns"]?.intValue, log: log)
+        let name = String((jsonPath.split(separator: "/").last ?? "").dropLast(".json".count))
+        return RecordedRun(name: name, scenario: scenario, expected: expected, faultNs: meta["fault_ns"]?.intValue, log: log)
     }
 
     private static func gunzip(_ from: String, to: String) throws {

@@ -43,7 +43,7 @@ struct Replay: ParsableCommand {
 struct Calibrate: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Fit the confidence weights on recorded lab runs and report Brier scores.")
 
-    @Option(help: "Directory of recordings (<scenario>.json + .sqlite.gz).")
+    @Option(help: "Directory of recordings (<run>.json + <run>.sqlite.gz).")
     var recordings = "lab/recordings"
     @Option(help: "Gradient steps of the fit.")
     var iterations = 4000
@@ -67,37 +67,49 @@ struct Calibrate: ParsableCommand {
         for run in runs {
             let (ranked, engine) = evaluate(run, current.weights)
             samples.append(run.samples(engine))
-            rows.append((run.scenario, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), brier(run, ranked),
+            rows.append((run.name, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), brier(run, ranked),
                          ranked.first.map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" } ?? "-"))
         }
-        let fitted = Calibration.fit(samples.flatMap { $0 }, start: current.weights, iterations: iterations)
-        var fittedBrier = 0.0, fittedAc1 = 0.0, looBrier = 0.0, looAc1 = 0.0
-        for (i, run) in runs.enumerated() {
-            let (ranked, _) = evaluate(run, fitted)
-            fittedBrier += brier(run, ranked)
-            fittedAc1 += run.accuracy(ranked, k: 1)
-            let others = samples.enumerated().filter { $0.offset != i }.flatMap(\.element)
-            let (looRanked, _) = evaluate(run, Calibration.fit(others, start: current.weights, iterations: iterations))
-            looBrier += brier(run, looRanked)
-            looAc1 += run.accuracy(looRanked, k: 1)
-        }
-        let n = Double(runs.count)
-        print("scenario          AC@1  AC@3  brier  top-1 (current weights)")
-        for r in rows { print(r.0.padding(toLength: 16, withPad: " ", startingAt: 0), String(format: "%5.2f %5.2f %6.3f", r.1, r.2, r.3), " ", r.4) }
-        print(String(format: "current weights:   macro AC@1 %.2f  AC@3 %.2f  Brier %.3f", rows.map(\.1).reduce(0, +) / n, rows.map(\.2).reduce(0, +) / n,
-                     rows.map(\.3).reduce(0, +) / n))
-        print(String(format: "fitted weights:    macro AC@1 %.2f  Brier %.3f (fitted on all runs)", fittedAc1 / n, fittedBrier / n))
-        print(String(format: "leave one out:     macro AC@1 %.2f  Brier %.3f (each run scored with weights fitted on the others)", looAc1 / n, looBrier / n))
         let all = samples.flatMap { $0 }
-        func candidateBrier(_ w: ConfidenceWeights) -> Double {
-            Calibration.brierScore(all.map { s in
+        func candidateBrier(_ pairs: [Calibration.Sample], _ w: ConfidenceWeights) -> Double {
+            Calibration.brierScore(pairs.map { s in
                 (confidence(of: ConfidenceWeights.factorNames.map { Factor(name: $0, value: s.values[$0] ?? 0, weight: w.weight($0)) }, bias: w.bias), s.correct)
             })
         }
-        print("candidates: \(all.count), right: \(all.filter(\.correct).count); Brier over every candidate: current " +
-              String(format: "%.3f", candidateBrier(current.weights)) + ", fitted " + String(format: "%.3f", candidateBrier(fitted)))
-        print("fitted: bias " + String(format: "%.2f", fitted.bias) + ", " +
-              ConfidenceWeights.factorNames.map { "\($0) " + String(format: "%.2f", fitted.weight($0)) }.joined(separator: ", "))
+        let n = Double(runs.count)
+        print("recording                         AC@1  AC@3  brier  top-1 (current weights)")
+        for r in rows { print(r.0.padding(toLength: 32, withPad: " ", startingAt: 0), String(format: "%5.2f %5.2f %6.3f", r.1, r.2, r.3), " ", r.4) }
+        print("recordings: \(runs.count) of \(Set(runs.map(\.scenario)).count) scenarios; candidates: \(all.count), right: \(all.filter(\.correct).count)")
+        print("                    AC@1   top-1 Brier  candidate Brier   (means over recordings)")
+        print(String(format: "current weights     %.2f   %.3f        %.3f", rows.map(\.1).reduce(0, +) / n, rows.map(\.3).reduce(0, +) / n,
+                     candidateBrier(all, current.weights)))
+        // Two ways to fit, each also scored leaving the recording's whole
+        // scenario out of its own fit (its other recordings would leak the answer).
+        let fits: [(String, ([Calibration.Sample]) -> ConfidenceWeights)] = [
+            ("scaled (Platt)", { Calibration.fitScale($0, weights: current.weights, iterations: iterations) }),
+            ("all weights", { Calibration.fit($0, start: current.weights, iterations: iterations) }),
+        ]
+        for (name, fit) in fits {
+            let w = fit(all)
+            var ac1 = 0.0, top1 = 0.0, looAc1 = 0.0, looTop1 = 0.0
+            var looPairs: [(confidence: Double, correct: Bool)] = []
+            for (i, run) in runs.enumerated() {
+                let (ranked, _) = evaluate(run, w)
+                ac1 += run.accuracy(ranked, k: 1)
+                top1 += brier(run, ranked)
+                let lw = fit(samples.enumerated().filter { runs[$0.offset].scenario != run.scenario }.flatMap(\.element))
+                let (looRanked, _) = evaluate(run, lw)
+                looAc1 += run.accuracy(looRanked, k: 1)
+                looTop1 += brier(run, looRanked)
+                looPairs += samples[i].map { s in
+                    (confidence(of: ConfidenceWeights.factorNames.map { Factor(name: $0, value: s.values[$0] ?? 0, weight: lw.weight($0)) }, bias: lw.bias), s.correct)
+                }
+            }
+            print(String(format: "%@ fitted on all      %.2f   %.3f        %.3f", name, ac1 / n, top1 / n, candidateBrier(all, w)))
+            print(String(format: "%@ leave one out      %.2f   %.3f        %.3f", name, looAc1 / n, looTop1 / n, Calibration.brierScore(looPairs)))
+            print("  weights: bias " + String(format: "%.2f", w.bias) + ", " +
+                  ConfidenceWeights.factorNames.map { "\($0) " + String(format: "%.2f", w.weight($0)) }.joined(separator: ", "))
+        }
     }
 }
 

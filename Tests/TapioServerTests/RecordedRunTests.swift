@@ -14,25 +14,29 @@ final class RecordedRunTests: XCTestCase {
 
     func loadAll() throws -> [RecordedRun] {
         let runs = try RecordedRun.loadAll(directory: RecordedRunTests.directory)
-        XCTAssertGreaterThanOrEqual(runs.count, 16, "one recording per lab scenario in \(RecordedRunTests.directory)")
+        let scenarios = URL(fileURLWithPath: RecordedRunTests.directory).deletingLastPathComponent().appendingPathComponent("scenarios").path
+        let names = try FileManager.default.contentsOfDirectory(atPath: scenarios).filter { $0.hasSuffix(".json") }.map { String($0.dropLast(5)) }
+        XCTAssertGreaterThanOrEqual(names.count, 16)
+        for name in names { XCTAssertTrue(runs.contains { $0.scenario == name }, "no recording of scenario \(name) in \(RecordedRunTests.directory)") }
         return runs
     }
 
     func testEveryRecordedFaultIsAnsweredAtTheTop() throws {
         for run in try loadAll() {
-            XCTAssertGreaterThan(run.log.events.count, 500, "\(run.scenario): the recording has its events")
+            XCTAssertGreaterThan(run.log.events.count, 500, "\(name): the recording has its events")
             let engine = run.log.replay()
             let ranked = run.ranked(engine)
+            let name = run.name
             let shown = ranked.prefix(3).map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" }
             if run.isHealthy {
-                XCTAssertEqual(engine.incidents.count, 0, "\(run.scenario): \(engine.incidents.map(\.title))")
+                XCTAssertEqual(engine.incidents.count, 0, "\(name): \(engine.incidents.map(\.title))")
                 continue
             }
-            XCTAssertEqual(run.accuracy(ranked, k: 1), 1, "\(run.scenario): top-1 \(shown), expected \(run.expected)")
-            XCTAssertEqual(run.accuracy(ranked, k: 3), 1, "\(run.scenario): top-3 \(shown), expected \(run.expected)")
+            XCTAssertEqual(run.accuracy(ranked, k: 1), 1, "\(name): top-1 \(shown), expected \(run.expected)")
+            XCTAssertEqual(run.accuracy(ranked, k: 3), 1, "\(name): top-3 \(shown), expected \(run.expected)")
             let early = engine.incidents.filter { $0.openedNs < (run.faultNs ?? .min) - 5_000_000_000 }
-            XCTAssertEqual(early.count, 0, "\(run.scenario): incidents before the fault: \(early.map(\.title))")
-            if let top = ranked.first { XCTAssertGreaterThan(top.confidence, 0.5, "\(run.scenario): \(shown)") }
+            XCTAssertEqual(early.count, 0, "\(name): incidents before the fault: \(early.map(\.title))")
+            if let top = ranked.first { XCTAssertGreaterThan(top.confidence, 0.5, "\(name): \(shown)") }
         }
     }
 
