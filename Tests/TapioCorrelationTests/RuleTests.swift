@@ -263,6 +263,21 @@ final class RuleTests: XCTestCase {
         XCTAssertEqual(c.engine().incidents.count, 0)
     }
 
+    /// A job off every request path that crashes every two seconds (the lab's
+    /// red herring) fails nobody: no incident, however often it exits.
+    func testACrashLoopOffEveryPathOpensNothing() {
+        var c = SyntheticCluster()
+        c.healthy(until: 90)
+        var pid: UInt32 = 2000
+        for t in stride(from: 30.0, to: 60, by: 2) {
+            pid += 1
+            c.exec(t, "worker", pid: pid, comm: "cleanup", file: "/bin/sh")
+            c.exit(t + 1.9, "worker", code: 1, pid: pid, comm: "cleanup")
+        }
+        let incidents = c.engine().incidents
+        XCTAssertEqual(incidents.count, 0, "\(incidents.map(\.title))")
+    }
+
     /// A rollout stops a pod with SIGTERM and its clients see refusals while it
     /// restarts: not a crash. The same stream with SIGSEGV is one.
     func testAnExitBySIGTERMIsNotACrash() {
