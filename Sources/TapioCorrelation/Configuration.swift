@@ -1,3 +1,5 @@
+import Foundation
+
 /// Every tunable of the engine, with documented defaults. The confidence
 /// weights and pattern priors are what calibration on lab runs sets
 /// (docs/correlation.md, "Calibration").
@@ -142,6 +144,16 @@ public struct ConfidenceWeights: Sendable, Equatable {
     public func weight(_ name: String) -> Double {
         guard let i = ConfidenceWeights.factorNames.firstIndex(of: name) else { return 0 }
         return vector[i + 1]
+    }
+
+    /// bias + Σ weight·value over factor values by name (a missing one is 0).
+    public func logit(_ values: [String: Double]) -> Double {
+        ConfidenceWeights.factorNames.reduce(bias) { $0 + weight($1) * (values[$1] ?? 0) }
+    }
+
+    /// The confidence these weights give factor values by name.
+    public func confidence(_ values: [String: Double]) -> Double {
+        1 / (1 + exp(-logit(values)))
     }
 }
 

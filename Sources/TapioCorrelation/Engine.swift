@@ -423,20 +423,20 @@ public struct CorrelationEngine: Sendable {
 
     private mutating func resolveIncidents(end: Int64) {
         var keep: [IncidentState] = []
-        for var inc in openIncidents {
+        for inc in openIncidents {
             let last = inc.symptoms.values.map(\.lastNs).max() ?? inc.openedNs
-            if last + configuration.quietPeriodNs <= end, !inc.published {
+            if last + configuration.quietPeriodNs > end {
+                keep.append(inc)
+            } else if !inc.published {
+                // Held back and never shown: a restart explained it.
                 statistics.restartsSuppressed += 1
-            } else if last + configuration.quietPeriodNs <= end {
+            } else {
                 var done = inc.snapshot
                 done.status = .resolved
                 done.resolvedNs = end
                 done.updatedNs = end
                 for j in done.symptoms.indices { done.symptoms[j].active = false }
-                inc.snapshot = done
                 resolvedIncidents.append(done)
-            } else {
-                keep.append(inc)
             }
         }
         openIncidents = keep

@@ -39,6 +39,11 @@ public enum Calibration {
         return total / Double(runs.count)
     }
 
+    /// The Brier score every sample's confidence under `weights` gets.
+    public static func brierScore(_ samples: [Sample], weights: ConfidenceWeights) -> Double {
+        brierScore(samples.map { (weights.confidence($0.values), $0.correct) })
+    }
+
     /// The Brier score of (probability, outcome) pairs.
     public static func brierScore(_ pairs: [(confidence: Double, correct: Bool)]) -> Double {
         guard !pairs.isEmpty else { return 0 }
@@ -76,8 +81,7 @@ public enum Calibration {
     public static func fitScale(_ samples: [Sample], weights: ConfidenceWeights, iterations: Int = 4000,
                                 learningRate: Double = 0.5) -> ConfidenceWeights {
         guard !samples.isEmpty else { return weights }
-        let names = ConfidenceWeights.factorNames
-        let z: [Double] = samples.map { s in names.reduce(weights.bias) { $0 + weights.weight($1) * (s.values[$1] ?? 0) } }
+        let z: [Double] = samples.map { weights.logit($0.values) }
         let y: [Double] = samples.map { $0.correct ? 1 : 0 }
         // Standardize z for a well-conditioned descent, then map back.
         let mean = z.reduce(0, +) / Double(z.count)

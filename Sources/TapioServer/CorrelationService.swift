@@ -33,25 +33,15 @@ public final class CorrelationService: Sendable {
 
     /// Rebuilds the engine from the last `replayWindowNs` of the log.
     public func restore(nowNs: Int64) throws {
-        var byNode: [String: [TapioWire.PodInfo]] = [:]
-        for p in try store.pods() { byNode[p.node, default: []].append(p) }
-        var replayed = 0
-        try engine.withLock { e in
-            for node in byNode.keys.sorted() { e.updateInventory(node: node, pods: byNode[node]!) }
-            var since = nowNs - configuration.replayWindowNs
-            while true {
-                let page = try store.batches(sinceNs: since, limit: 2000)
-                for r in page { for o in Self.observed(r.batch, clock: r.clock) { e.ingest(o) } }
-                replayed += page.count
-                guard page.count == 2000, let last = page.last else { break }
-                since = last.receivedNs + 1
-            }
+        let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs)
+        engine.withLock { e in
+            log.feed(&e)
             e.advance(toNs: nowNs)
         }
         for (id, updated) in try store.incidents().map({ ($0.id, $0.updatedNs) }) {
             persisted.withLock { $0[id] = updated }
         }
-        logger.info("correlation engine restored", metadata: ["batches_replayed": "\(replayed)"])
+        logger.info("correlation engine restored", metadata: ["batches_replayed": "\(log.batches)"])
     }
 
     static func observed(_ batch: EventBatch, clock: ClockCorrection) -> [ObservedEvent] {

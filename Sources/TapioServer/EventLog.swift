@@ -9,21 +9,26 @@ import TapioWire
 public struct EventLog: Sendable {
     public var events: [ObservedEvent] = []
     public var inventory: [String: [PodInfo]] = [:]
+    /// Batches the events came in.
+    public var batches = 0
 
     /// The log of a server's data directory, batches received at or after `sinceNs`.
     public static func load(dataDirectory: String, sinceNs: Int64 = .min) throws -> EventLog {
-        let store = try SQLiteEventStore(directory: dataDirectory)
+        try load(store: SQLiteEventStore(directory: dataDirectory), sinceNs: sinceNs)
+    }
+
+    /// The log of an open store, batches received at or after `sinceNs`, read
+    /// a page at a time.
+    public static func load(store: any EventStore, sinceNs: Int64 = .min) throws -> EventLog {
         var log = EventLog()
         for p in try store.pods() { log.inventory[p.node, default: []].append(p) }
         var since = sinceNs
+        let pageSize = 2000
         while true {
-            let page = try store.batches(sinceNs: since, limit: 5000)
-            for r in page {
-                log.events += r.batch.events.map {
-                    ObservedEvent(node: r.batch.node, agentEvent: $0, clockOffsetNs: r.clock.offsetNs, clockErrorNs: r.clock.errorNs)
-                }
-            }
-            guard page.count == 5000, let last = page.last else { break }
+            let page = try store.batches(sinceNs: since, limit: pageSize)
+            for r in page { log.events += CorrelationService.observed(r.batch, clock: r.clock) }
+            log.batches += page.count
+            guard page.count == pageSize, let last = page.last else { break }
             since = last.receivedNs + 1
         }
         return log
@@ -32,6 +37,12 @@ public struct EventLog: Sendable {
     /// Runs the log through a fresh engine.
     public func replay(configuration: CorrelationConfiguration = CorrelationConfiguration()) -> CorrelationEngine {
         CorrelationEngine.replay(events, inventory: inventory, configuration: configuration)
+    }
+
+    /// Feeds the log into `engine` (inventories first), without advancing it.
+    public func feed(_ engine: inout CorrelationEngine) {
+        for node in inventory.keys.sorted() { engine.updateInventory(node: node, pods: inventory[node]!) }
+        engine.ingest(events)
     }
 }
 
@@ -139,6 +150,14 @@ public struct RecordedRun: Sendable {
         let top = ranked.prefix(k)
         let hits = expected.filter { e in top.contains { $0.entity == e.entity && $0.kind == e.kind } }.count
         return Double(hits) / Double(min(k, expected.count))
+    }
+
+    /// (confidence − right)² of the first of `ranked`; a fault run with
+    /// nothing ranked counts 1, a healthy run with nothing 0.
+    public func topOneBrier(_ ranked: [RootCause]) -> Double {
+        guard let top = ranked.first else { return isHealthy ? 0 : 1 }
+        let y = expected.contains { $0.entity == top.entity && $0.kind == top.kind } ? 1.0 : 0.0
+        return (top.confidence - y) * (top.confidence - y)
     }
 
     /// Labelled candidates for fitting the weights: every candidate of the

@@ -57,32 +57,22 @@ struct Calibrate: ParsableCommand {
             let engine = run.log.replay(configuration: c)
             return (run.ranked(engine), engine)
         }
-        func brier(_ run: RecordedRun, _ ranked: [RootCause]) -> Double {
-            guard let top = ranked.first else { return run.isHealthy ? 0 : 1 }
-            let y = run.expected.contains { $0.entity == top.entity && $0.kind == top.kind } ? 1.0 : 0.0
-            return (top.confidence - y) * (top.confidence - y)
-        }
         var samples: [[Calibration.Sample]] = []
         var rows: [(String, Double, Double, Double, String)] = []
         for run in runs {
             let (ranked, engine) = evaluate(run, current.weights)
             samples.append(run.samples(engine))
-            rows.append((run.name, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), brier(run, ranked),
+            rows.append((run.name, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), run.topOneBrier(ranked),
                          ranked.first.map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" } ?? "-"))
         }
         let all = samples.flatMap { $0 }
-        func candidateBrier(_ pairs: [Calibration.Sample], _ w: ConfidenceWeights) -> Double {
-            Calibration.brierScore(pairs.map { s in
-                (confidence(of: ConfidenceWeights.factorNames.map { Factor(name: $0, value: s.values[$0] ?? 0, weight: w.weight($0)) }, bias: w.bias), s.correct)
-            })
-        }
         let n = Double(runs.count)
         print("recording                         AC@1  AC@3  brier  top-1 (current weights)")
         for r in rows { print(r.0.padding(toLength: 32, withPad: " ", startingAt: 0), String(format: "%5.2f %5.2f %6.3f", r.1, r.2, r.3), " ", r.4) }
         print("recordings: \(runs.count) of \(Set(runs.map(\.scenario)).count) scenarios; candidates: \(all.count), right: \(all.filter(\.correct).count)")
         print("                    AC@1   top-1 Brier  candidate Brier   (means over recordings)")
         print(String(format: "current weights     %.2f   %.3f        %.3f", rows.map(\.1).reduce(0, +) / n, rows.map(\.3).reduce(0, +) / n,
-                     candidateBrier(all, current.weights)))
+                     Calibration.brierScore(all, weights: current.weights)))
         // Two ways to fit, each also scored leaving the recording's whole
         // scenario out of its own fit (its other recordings would leak the answer).
         let fits: [(String, ([Calibration.Sample]) -> ConfidenceWeights)] = [
@@ -92,20 +82,18 @@ struct Calibrate: ParsableCommand {
         for (name, fit) in fits {
             let w = fit(all)
             var ac1 = 0.0, top1 = 0.0, looAc1 = 0.0, looTop1 = 0.0
-            var looPairs: [(confidence: Double, correct: Bool)] = []
+            var looPairs: [(confidence: Double, correct: Bool)] = []  // each scored with the fold's weights
             for (i, run) in runs.enumerated() {
                 let (ranked, _) = evaluate(run, w)
                 ac1 += run.accuracy(ranked, k: 1)
-                top1 += brier(run, ranked)
+                top1 += run.topOneBrier(ranked)
                 let lw = fit(samples.enumerated().filter { runs[$0.offset].scenario != run.scenario }.flatMap(\.element))
                 let (looRanked, _) = evaluate(run, lw)
                 looAc1 += run.accuracy(looRanked, k: 1)
-                looTop1 += brier(run, looRanked)
-                looPairs += samples[i].map { s in
-                    (confidence(of: ConfidenceWeights.factorNames.map { Factor(name: $0, value: s.values[$0] ?? 0, weight: lw.weight($0)) }, bias: lw.bias), s.correct)
-                }
+                looTop1 += run.topOneBrier(looRanked)
+                looPairs += samples[i].map { (lw.confidence($0.values), $0.correct) }
             }
-            print(String(format: "%@ fitted on all      %.2f   %.3f        %.3f", name, ac1 / n, top1 / n, candidateBrier(all, w)))
+            print(String(format: "%@ fitted on all      %.2f   %.3f        %.3f", name, ac1 / n, top1 / n, Calibration.brierScore(all, weights: w)))
             print(String(format: "%@ leave one out      %.2f   %.3f        %.3f", name, looAc1 / n, looTop1 / n, Calibration.brierScore(looPairs)))
             print("  weights: bias " + String(format: "%.2f", w.bias) + ", " +
                   ConfidenceWeights.factorNames.map { "\($0) " + String(format: "%.2f", w.weight($0)) }.joined(separator: ", "))
