@@ -7,7 +7,8 @@ import TapioWire
 /// tapio-agent: kernel programs → outbox → sender. `run()` blocks until
 /// `requestStop()`, then shuts down in reverse order: stop reading the ring
 /// buffer (draining what it holds), seal the last batch, wait (bounded) for
-/// the server to acknowledge everything, say goodbye, spool what is left.
+/// the server to acknowledge everything, say goodbye, spool what is left
+/// (and count what does not fit).
 public final class Agent: Sendable {
     public static let version = "0.1.0"
 
@@ -112,10 +113,15 @@ public final class Agent: Sendable {
         kernel.stop()
         outbox.sealIfDue(nowNs: configuration.clock.now(), force: true)
         sender.drainAndStop(graceSeconds: configuration.shutdownGraceSeconds)
+        // Whatever is not acknowledged stays in the spool for the next start;
+        // events that do not fit are counted, and counts no kept batch carries
+        // are saved for the next start to report.
         let left = outbox.unacknowledged
+        let lostEvents = outbox.spoolRemaining()
         if left > 0 {
-            let unsaved = outbox.spoolRemaining()
-            logger.warning("batches not acknowledged at shutdown", metadata: ["batches": "\(left)", "spooled": "\(left - unsaved)", "lost": "\(unsaved)"])
+            logger.warning("batches not acknowledged at shutdown", metadata: [
+                "batches": "\(left)", "spooled": "\(outbox.unacknowledged)", "lost_events": "\(lostEvents)",
+                "spool": "\(configuration.spoolDirectory ?? "none: lost events are counted only in this log")"])
         }
         let stats = outbox.stats
         logger.info("stopped", metadata: ["events_read": "\(kernel.eventsRead)", "batches_sealed": "\(stats.sealedBatches)", "batches_acked": "\(stats.ackedBatches)"])

@@ -2,18 +2,36 @@ import Foundation
 import Synchronization
 import TapioWire
 
-/// Batches events and keeps every batch until the server acknowledges it.
+/// Batches events and keeps every batch until the server acknowledges it;
+/// every event it cannot keep is counted as dropped.
 ///
 /// Events accumulate until `maxEvents`, until the oldest is `maxDelayNs` old,
 /// or until a critical event (an OOM kill) arrives; then they are sealed into
-/// a numbered, encoded batch. Sealed batches stay in memory up to
-/// `maxMemoryBytes`; beyond that the oldest go to the spool directory (up to
-/// `maxSpoolBytes`), and beyond that the oldest are dropped and counted
-/// (`spool_full`). Unacknowledged batches left at shutdown are spooled so the
-/// next start sends them; the server deduplicates by (node, epoch, sequence).
+/// numbered, encoded batches of at most `maxEvents` events and `maxBatchBytes`
+/// bytes (tightened to the limits the server announces in its hello-ack).
+///
+/// With a spool directory, each batch is written to it as a checksummed
+/// record (`SpoolRecord`, fsynced with its directory) as soon as it is
+/// sealed, and its file is deleted when the server acknowledges exactly that
+/// batch; a crash loses only what the kernel had not handed over yet. An
+/// in-memory copy is kept for sending up to `maxMemoryBytes`. A batch that
+/// does not fit the spool (`maxSpoolBytes`) stays in memory; when memory is
+/// full too, the oldest such batch is dropped and its events counted
+/// (`spool_full`, or `queue_full` without a spool directory).
+///
+/// At start, the records a previous process left are loaded and sent again
+/// with their own epoch (the server deduplicates by node, epoch, sequence). A
+/// record that cannot be read is moved to `quarantine/` and its events are
+/// counted (`spool_corrupt`). A batch larger than the server accepts is
+/// dropped and counted (`batch_too_large`) instead of blocking the rest.
+/// Counts that no durable batch carries when the process stops are kept in
+/// the spool's `carried-drops` file and added to the next process's counters.
 public final class Outbox: Sendable {
     public struct Limits: Sendable {
         public var maxEvents = 512
+        /// Encoded bytes of one batch at most: well under the server's
+        /// default frame limit of 4 MiB.
+        public var maxBatchBytes = 1 << 20
         public var maxDelayNs: Int64 = 200_000_000
         public var maxMemoryBytes = 64 << 20
         public var maxSpoolBytes = 256 << 20
@@ -22,23 +40,22 @@ public final class Outbox: Sendable {
     }
 
     struct Entry {
-        enum Payload {
-            case memory([UInt8])
-            case disk(path: String, bytes: Int)
-        }
-
         var epoch: UInt64
         var sequence: UInt64
         var events: Int
-        var payload: Payload
+        /// Bytes of the encoded batch (the frame payload).
+        var payloadBytes: Int
+        /// The encoded batch, while memory allows.
+        var memory: [UInt8]?
+        /// Its spool record, once written and synced.
+        var file: String?
+        /// Spool bytes reserved or used by its record.
+        var fileBytes = 0
+        /// A spool write is under way (outside the lock).
+        var writing = false
         var sent = false
-
-        var byteCount: Int {
-            switch payload {
-            case .memory(let b): return b.count
-            case .disk(_, let n): return n
-            }
-        }
+        /// The drop counters the batch carries (batches of this process only).
+        var drops: [DropKey: UInt64]?
     }
 
     struct State {
@@ -47,15 +64,34 @@ public final class Outbox: Sendable {
         var nextSequence: UInt64 = 1
         var memoryBytes = 0
         var spoolBytes = 0
-        /// Cumulative drops by (kind, reason); the kernel's counts are set, local ones added.
-        var drops: [DropKey: UInt64] = [:]
+        /// The kernel's cumulative counts (replaced on every update).
+        var kernelDrops: [DropKey: UInt64] = [:]
+        /// Events lost in the agent itself, and counts carried over from an earlier process (added up).
+        var localDrops: [DropKey: UInt64] = [:]
+        /// The counters of the newest acknowledged batch of this epoch.
+        var ackedDrops: [DropKey: UInt64] = [:]
+        var ackedSequence: UInt64 = 0
+        /// The carried-drops file holds counts no durable batch carries yet.
+        var carriedFilePresent = false
+        /// Limits the server announced (0: none).
+        var serverMaxEvents = 0
+        var serverMaxPayloadBytes = 0
         var sealedBatches: UInt64 = 0
         var ackedBatches: UInt64 = 0
+
+        var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: +) }
     }
 
     struct DropKey: Hashable {
         var kind: EventKind
         var reason: String
+    }
+
+    /// A sealed batch to be written to the spool outside the lock.
+    private struct SpoolWrite {
+        var epoch: UInt64
+        var sequence: UInt64
+        var record: [UInt8]
     }
 
     public let node: String
@@ -76,123 +112,290 @@ public final class Outbox: Sendable {
         }
     }
 
-    /// Batches a previous run left in the spool go first, in (epoch, sequence) order.
+    private func recordPath(_ dir: String, _ epoch: UInt64, _ sequence: UInt64) -> String { "\(dir)/\(epoch)-\(sequence).batch" }
+    private var carriedPath: String? { spoolDirectory.map { $0 + "/carried-drops" } }
+
+    /// Batches a previous run left in the spool go first, in (epoch, sequence)
+    /// order. Unreadable records are quarantined and counted, and the count is
+    /// saved before they are moved, so that a crash now counts them twice at
+    /// worst, never not at all.
     private func loadSpool(_ dir: String) throws {
         var found: [Entry] = []
-        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where name.hasSuffix(".batch") {
-            let parts = name.dropLast(6).split(separator: "-")
-            guard parts.count == 2, let e = UInt64(parts[0]), let s = UInt64(parts[1]) else { continue }
+        var bad: [String] = []
+        var corruptEvents: UInt64 = 0
+        var seen = Set<String>()
+        let names = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        for name in names where name.hasSuffix(".batch") || name.hasSuffix(".batch.tmp") {
             let path = dir + "/" + name
-            let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
-            found.append(Entry(epoch: e, sequence: s, events: 0, payload: .disk(path: path, bytes: size)))
+            guard let data = FileManager.default.contents(atPath: path) else {
+                // Unreadable: nothing is known about it, not even its event count.
+                bad.append(path)
+                corruptEvents += 1
+                continue
+            }
+            let bytes = [UInt8](data)
+            var record: SpoolRecord
+            do {
+                record = try SpoolRecord.decode(bytes)
+            } catch let error as SpoolRecord.DecodeError {
+                if !name.hasSuffix(".tmp"), let legacy = try? EventBatch.decode(bytes), !legacy.events.isEmpty {
+                    // A batch an older agent spooled without a record around it.
+                    record = SpoolRecord(epoch: legacy.epoch, sequence: legacy.sequence, eventCount: UInt32(clamping: legacy.events.count), payload: bytes)
+                    guard (try? writeDurably(recordPath(dir, record.epoch, record.sequence), record.encode())) != nil else {
+                        bad.append(path)
+                        corruptEvents += UInt64(legacy.events.count)
+                        continue
+                    }
+                } else {
+                    bad.append(path)
+                    // Every sealed batch holds at least one event.
+                    corruptEvents += UInt64(max(1, error.eventCount ?? 1))
+                    continue
+                }
+            }
+            let final = recordPath(dir, record.epoch, record.sequence)
+            guard !seen.contains(final) else {
+                // A completed write whose rename was interrupted, next to its renamed copy.
+                try? FileManager.default.removeItem(atPath: path)
+                continue
+            }
+            if path != final {
+                // A complete record left under its temporary (or another) name: keep it under its own.
+                guard rename(path, final) == 0 else { bad.append(path); corruptEvents += UInt64(max(1, record.eventCount)); continue }
+            }
+            seen.insert(final)
+            found.append(Entry(epoch: record.epoch, sequence: record.sequence, events: Int(record.eventCount), payloadBytes: record.payload.count,
+                               memory: nil, file: final, fileBytes: SpoolRecord.headerSize + record.payload.count))
         }
         found.sort { ($0.epoch, $0.sequence) < ($1.epoch, $1.sequence) }
-        state.withLock { s in
+        let carried = readCarriedDrops()
+        try state.withLock { s in
             s.entries = found
-            s.spoolBytes = found.reduce(0) { $0 + $1.byteCount }
+            s.spoolBytes = found.reduce(0) { $0 + $1.fileBytes }
+            s.localDrops = carried
+            if corruptEvents > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "spool_corrupt"), default: 0] += corruptEvents }
+            if corruptEvents > 0 { try writeCarriedDrops(s.localDrops) }
+            s.carriedFilePresent = !s.localDrops.isEmpty
+        }
+        if !bad.isEmpty {
+            let quarantine = dir + "/quarantine"
+            try? FileManager.default.createDirectory(atPath: quarantine, withIntermediateDirectories: true)
+            for path in bad {
+                let target = quarantine + "/" + (path as NSString).lastPathComponent + ".\(wallClockNs())"
+                if rename(path, target) != 0 { unlink(path) }
+            }
+            syncDirectory(dir)
         }
     }
 
     // MARK: - Producer side
 
     public func add(_ event: TapioEvent) {
-        let sealed = state.withLock { s -> Bool in
+        let writes = state.withLock { s -> [SpoolWrite]? in
             s.pending.append(event)
-            if s.pending.count >= limits.maxEvents || event.isCritical {
-                seal(&s)
-                return true
-            }
-            return false
+            guard s.pending.count >= maxEvents(s) || event.isCritical else { return nil }
+            return seal(&s)
         }
-        if sealed { signal() }
+        if let writes { finishSeal(writes) }
     }
 
     /// Seals the pending events if the oldest has waited `maxDelayNs` (or `force`).
     public func sealIfDue(nowNs: Int64, force: Bool = false) {
-        let sealed = state.withLock { s -> Bool in
-            guard let first = s.pending.first else { return false }
-            guard force || nowNs - first.timeNs >= limits.maxDelayNs else { return false }
-            seal(&s)
-            return true
+        let writes = state.withLock { s -> [SpoolWrite]? in
+            guard let first = s.pending.first else { return nil }
+            guard force || nowNs - first.timeNs >= limits.maxDelayNs else { return nil }
+            return seal(&s)
         }
-        if sealed { signal() }
+        if let writes { finishSeal(writes) }
     }
 
     /// The kernel's cumulative drop counters (they replace the previous values).
     public func setKernelDrops(_ drops: [DropCount]) {
         state.withLock { s in
-            for d in drops { s.drops[DropKey(kind: d.kind, reason: d.reason)] = d.count }
+            for d in drops { s.kernelDrops[DropKey(kind: d.kind, reason: d.reason)] = d.count }
         }
     }
 
     /// Counts an event lost in the agent itself.
     public func countDrop(kind: EventKind, reason: String, count: UInt64 = 1) {
-        state.withLock { s in s.drops[DropKey(kind: kind, reason: reason), default: 0] += count }
+        state.withLock { s in s.localDrops[DropKey(kind: kind, reason: reason), default: 0] += count }
     }
 
-    private func seal(_ s: inout State) {
-        let drops = s.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
+    /// The limits the server announced in its hello-ack (0: not announced).
+    /// Later batches are sealed within them; a batch sealed earlier that
+    /// exceeds them is dropped and counted when its turn to be sent comes.
+    public func applyServerLimits(maxBatchEvents: Int, maxFrameBytes: Int) {
+        state.withLock { s in
+            s.serverMaxEvents = max(0, maxBatchEvents)
+            s.serverMaxPayloadBytes = max(0, maxFrameBytes)
+        }
+    }
+
+    private func maxEvents(_ s: State) -> Int {
+        let own = max(1, limits.maxEvents)
+        return s.serverMaxEvents > 0 ? min(own, s.serverMaxEvents) : own
+    }
+
+    private func maxPayloadBytes(_ s: State) -> Int {
+        let own = max(1, limits.maxBatchBytes)
+        return s.serverMaxPayloadBytes > 0 ? min(own, s.serverMaxPayloadBytes) : own
+    }
+
+    private func exceedsServerLimits(_ e: Entry, _ s: State) -> Bool {
+        (s.serverMaxEvents > 0 && e.events > s.serverMaxEvents) || (s.serverMaxPayloadBytes > 0 && e.payloadBytes > s.serverMaxPayloadBytes)
+    }
+
+    /// Seals the pending events into as many batches as the limits need and
+    /// returns the spool writes to do outside the lock.
+    private func seal(_ s: inout State) -> [SpoolWrite] {
+        let events = s.pending
+        s.pending.removeAll(keepingCapacity: true)
+        let perBatch = maxEvents(s)
+        var start = events.startIndex
+        while start < events.endIndex {
+            let end = min(start + perBatch, events.endIndex)
+            sealChunk(events[start..<end], &s)
+            start = end
+        }
+        enforceMemoryLimit(&s)
+        return reserveSpoolWrites(&s)
+    }
+
+    /// One batch, halved until it fits the byte budget. A single event larger
+    /// than the budget on its own is dropped and counted.
+    private func sealChunk(_ events: ArraySlice<TapioEvent>, _ s: inout State) {
+        guard !events.isEmpty else { return }
+        let drops = s.drops
+        let counts = drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
             .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
-        let batch = EventBatch(node: node, epoch: epoch, sequence: s.nextSequence, events: s.pending, drops: drops)
-        let bytes = batch.encoded()
-        s.entries.append(Entry(epoch: epoch, sequence: s.nextSequence, events: s.pending.count, payload: .memory(bytes)))
+        let bytes = EventBatch(node: node, epoch: epoch, sequence: s.nextSequence, events: Array(events), drops: counts).encoded()
+        if bytes.count > maxPayloadBytes(s) {
+            if events.count == 1 {
+                s.localDrops[DropKey(kind: events.first!.kind, reason: "batch_too_large"), default: 0] += 1
+                return
+            }
+            let middle = events.startIndex + events.count / 2
+            sealChunk(events[..<middle], &s)
+            sealChunk(events[middle...], &s)
+            return
+        }
+        s.entries.append(Entry(epoch: epoch, sequence: s.nextSequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops))
         s.memoryBytes += bytes.count
         s.nextSequence += 1
         s.sealedBatches += 1
-        s.pending.removeAll(keepingCapacity: true)
-        enforceMemoryLimit(&s)
     }
 
-    /// Moves the oldest unsent in-memory batches to the spool, or drops them
-    /// (counted) when there is no room.
+    /// Releases in-memory copies of batches that are safe in the spool, oldest
+    /// first; when that is not enough, drops the oldest batch held only in
+    /// memory and counts its events.
     private func enforceMemoryLimit(_ s: inout State) {
-        var index = 0
-        while s.memoryBytes > limits.maxMemoryBytes, index < s.entries.count {
-            let entry = s.entries[index]
-            guard case .memory(let bytes) = entry.payload, !entry.sent else { index += 1; continue }
-            s.memoryBytes -= bytes.count
-            if let dir = spoolDirectory, s.spoolBytes + bytes.count <= limits.maxSpoolBytes,
-               let path = try? writeSpool(dir: dir, epoch: entry.epoch, sequence: entry.sequence, bytes: bytes) {
-                s.entries[index].payload = .disk(path: path, bytes: bytes.count)
-                s.spoolBytes += bytes.count
-                index += 1
+        while s.memoryBytes > limits.maxMemoryBytes {
+            if let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file != nil }) {
+                s.memoryBytes -= s.entries[i].payloadBytes
+                s.entries[i].memory = nil
+            } else if let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file == nil && !$0.writing && !$0.sent }) {
+                let e = s.entries.remove(at: i)
+                s.memoryBytes -= e.payloadBytes
+                s.localDrops[DropKey(kind: .unspecified, reason: spoolDirectory == nil ? "queue_full" : "spool_full"), default: 0] += UInt64(e.events)
             } else {
-                s.entries.remove(at: index)
-                s.drops[DropKey(kind: .unspecified, reason: spoolDirectory == nil ? "queue_full" : "spool_full"), default: 0] += UInt64(entry.events)
+                return
             }
         }
     }
 
-    private func writeSpool(dir: String, epoch: UInt64, sequence: UInt64, bytes: [UInt8]) throws -> String {
-        let path = "\(dir)/\(epoch)-\(sequence).batch"
-        let tmp = path + ".tmp"
-        try Data(bytes).write(to: URL(fileURLWithPath: tmp), options: .atomic)
-        try FileManager.default.moveItem(atPath: tmp, toPath: path)
-        return path
+    /// Picks the batches held only in memory that fit the spool, oldest first,
+    /// and reserves their room.
+    private func reserveSpoolWrites(_ s: inout State) -> [SpoolWrite] {
+        guard spoolDirectory != nil else { return [] }
+        var writes: [SpoolWrite] = []
+        for i in s.entries.indices {
+            let e = s.entries[i]
+            guard e.file == nil, !e.writing, let bytes = e.memory else { continue }
+            let size = SpoolRecord.headerSize + bytes.count
+            guard s.spoolBytes + size <= limits.maxSpoolBytes else { continue }
+            s.spoolBytes += size
+            s.entries[i].writing = true
+            s.entries[i].fileBytes = size
+            writes.append(SpoolWrite(epoch: e.epoch, sequence: e.sequence,
+                                     record: SpoolRecord(epoch: e.epoch, sequence: e.sequence, eventCount: UInt32(clamping: e.events), payload: bytes).encode()))
+        }
+        return writes
+    }
+
+    /// Writes the records (each synced, then the directory once) and records
+    /// which batches are now safe on disk.
+    private func finishSeal(_ writes: [SpoolWrite]) {
+        if let dir = spoolDirectory, !writes.isEmpty {
+            var written: [(SpoolWrite, String?)] = []
+            for w in writes {
+                let path = recordPath(dir, w.epoch, w.sequence)
+                written.append((w, (try? writeDurably(path, w.record, syncDirectory: false)) != nil ? path : nil))
+            }
+            syncDirectory(dir)
+            var orphans: [String] = []
+            state.withLock { s in
+                for (w, path) in written {
+                    guard let i = s.entries.firstIndex(where: { $0.epoch == w.epoch && $0.sequence == w.sequence }) else {
+                        // Acknowledged or dropped while it was being written.
+                        s.spoolBytes -= w.record.count
+                        if let path { orphans.append(path) }
+                        continue
+                    }
+                    s.entries[i].writing = false
+                    if let path {
+                        s.entries[i].file = path
+                    } else {
+                        s.spoolBytes -= s.entries[i].fileBytes
+                        s.entries[i].fileBytes = 0
+                    }
+                }
+                // Counts carried over from an earlier process are now in a batch on disk.
+                if s.carriedFilePresent, written.contains(where: { $0.1 != nil && $0.0.epoch == epoch }) {
+                    if let path = carriedPath { unlink(path) }
+                    s.carriedFilePresent = false
+                }
+                enforceMemoryLimit(&s)
+            }
+            for path in orphans { unlink(path) }
+        }
+        signal()
     }
 
     // MARK: - Sender side
 
     /// The oldest batch not yet sent on the current connection, as frame
-    /// payload, if fewer than `window` are in flight.
-    func nextToSend(window: Int) -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? {
-        state.withLock { s in
+    /// payload, if fewer than `window` are in flight. Batches that cannot be
+    /// sent (too large for the server, unreadable or vanished from the spool)
+    /// are dropped, counted, and skipped.
+    public func nextToSend(window: Int) -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? {
+        var doomed: [String] = []
+        defer { for path in doomed { unlink(path) } }
+        return state.withLock { s in
             var inFlight = 0
-            for i in s.entries.indices {
-                if s.entries[i].sent { inFlight += 1; continue }
+            var i = 0
+            while i < s.entries.count {
+                if s.entries[i].sent { inFlight += 1; i += 1; continue }
                 guard inFlight < window else { return nil }
                 let e = s.entries[i]
-                let payload: [UInt8]
-                switch e.payload {
-                case .memory(let b): payload = b
-                case .disk(let path, _):
-                    guard let data = FileManager.default.contents(atPath: path) else {
-                        // The spool file vanished: count it and go on.
-                        s.entries.remove(at: i)
-                        s.drops[DropKey(kind: .unspecified, reason: "spool_lost"), default: 0] += 1
-                        return nil
+                var reason: String?
+                var payload = e.memory
+                if exceedsServerLimits(e, s) {
+                    reason = "batch_too_large"
+                } else if payload == nil, let path = e.file {
+                    switch readRecord(path, e) {
+                    case .success(let bytes): payload = bytes
+                    case .failure(let why): reason = why.reason
                     }
-                    payload = [UInt8](data)
+                }
+                guard let payload, reason == nil else {
+                    let reason = reason ?? "spool_lost"
+                    s.entries.remove(at: i)
+                    release(e, &s)
+                    if let path = e.file {
+                        if reason == "spool_corrupt", let dir = spoolDirectory { quarantine(path, dir) } else { doomed.append(path) }
+                    }
+                    s.localDrops[DropKey(kind: .unspecified, reason: reason), default: 0] += UInt64(e.events)
+                    continue
                 }
                 s.entries[i].sent = true
                 return (e.epoch, e.sequence, payload)
@@ -201,30 +404,74 @@ public final class Outbox: Sendable {
         }
     }
 
-    /// Everything of `epoch` up to `sequence` is durable on the server.
-    func acknowledge(epoch: UInt64, sequence: UInt64) {
-        let removed = state.withLock { s -> [Entry] in
-            var removed: [Entry] = []
-            s.entries.removeAll { e in
-                guard e.epoch == epoch, e.sequence <= sequence else { return false }
-                removed.append(e)
-                return true
-            }
-            for e in removed {
-                switch e.payload {
-                case .memory(let b): s.memoryBytes -= b.count
-                case .disk(_, let n): s.spoolBytes -= n
+    private func readRecord(_ path: String, _ e: Entry) -> Result<[UInt8], DropReason> {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            return .failure(DropReason(FileManager.default.fileExists(atPath: path) ? "spool_corrupt" : "spool_lost"))
+        }
+        guard let record = try? SpoolRecord.decode([UInt8](data)), record.epoch == e.epoch, record.sequence == e.sequence else {
+            return .failure(DropReason("spool_corrupt"))
+        }
+        return .success(record.payload)
+    }
+
+    private struct DropReason: Error {
+        var reason: String
+        init(_ reason: String) { self.reason = reason }
+    }
+
+    private func quarantine(_ path: String, _ dir: String) {
+        let q = dir + "/quarantine"
+        try? FileManager.default.createDirectory(atPath: q, withIntermediateDirectories: true)
+        if rename(path, q + "/" + (path as NSString).lastPathComponent + ".\(wallClockNs())") != 0 { unlink(path) }
+    }
+
+    private func release(_ e: Entry, _ s: inout State) {
+        if e.memory != nil { s.memoryBytes -= e.payloadBytes }
+        if e.file != nil { s.spoolBytes -= e.fileBytes }
+    }
+
+    /// The server holds exactly the batch (epoch, sequence) durably.
+    public func acknowledge(epoch: UInt64, sequence: UInt64) {
+        remove { $0.epoch == epoch && $0.sequence == sequence }
+    }
+
+    /// The server holds every batch of `epoch` from 1 through `sequence`
+    /// durably (the hello-ack). Meaningful only for this process's epoch:
+    /// batches of earlier epochs are resent and acknowledged one by one.
+    public func acknowledgePrefix(epoch: UInt64, through sequence: UInt64) {
+        guard sequence > 0 else { return }
+        remove { $0.epoch == epoch && $0.sequence <= sequence }
+    }
+
+    private func remove(where match: (Entry) -> Bool) {
+        let (removed, files) = state.withLock { s -> (Int, [String]) in
+            var removed = 0
+            var files: [String] = []
+            var i = 0
+            while i < s.entries.count {
+                guard match(s.entries[i]) else { i += 1; continue }
+                let e = s.entries.remove(at: i)
+                release(e, &s)
+                removed += 1
+                if let f = e.file { files.append(f) }
+                s.ackedBatches += 1
+                if e.epoch == epoch, e.sequence > s.ackedSequence, let drops = e.drops {
+                    s.ackedSequence = e.sequence
+                    s.ackedDrops = drops
+                    if s.carriedFilePresent, let path = carriedPath {
+                        unlink(path)
+                        s.carriedFilePresent = false
+                    }
                 }
             }
-            s.ackedBatches += UInt64(removed.count)
-            return removed
+            return (removed, files)
         }
-        for case .disk(let path, _) in removed.map(\.payload) { try? FileManager.default.removeItem(atPath: path) }
-        if !removed.isEmpty { signal() }
+        for path in files { unlink(path) }
+        if removed > 0 { signal() }
     }
 
     /// A new connection resends everything not yet acknowledged.
-    func markAllUnsent() {
+    public func markAllUnsent() {
         state.withLock { s in
             for i in s.entries.indices { s.entries[i].sent = false }
         }
@@ -248,29 +495,50 @@ public final class Outbox: Sendable {
         state.withLock { s in
             Stats(sealedBatches: s.sealedBatches, ackedBatches: s.ackedBatches, unacknowledged: s.entries.count,
                   memoryBytes: s.memoryBytes, spoolBytes: s.spoolBytes,
-                  drops: s.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) })
+                  drops: s.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
+                      .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) })
         }
     }
 
-    /// Writes every unacknowledged in-memory batch to the spool (at shutdown).
-    /// Returns how many batches were left unsaved (no spool directory or no room).
+    /// At shutdown: writes every unacknowledged batch still held only in
+    /// memory to the spool; the batches that do not fit are dropped and their
+    /// events counted (`spool_full`). Counts that no batch on disk or
+    /// acknowledged carries are saved in the spool's `carried-drops` file for
+    /// the next start. Returns how many events were lost (without a spool
+    /// directory: every unacknowledged one).
     @discardableResult
     public func spoolRemaining() -> Int {
-        guard let dir = spoolDirectory else { return unacknowledged }
-        return state.withLock { s in
-            var unsaved = 0
-            for i in s.entries.indices {
-                guard case .memory(let bytes) = s.entries[i].payload else { continue }
-                if s.spoolBytes + bytes.count <= limits.maxSpoolBytes,
-                   let path = try? writeSpool(dir: dir, epoch: s.entries[i].epoch, sequence: s.entries[i].sequence, bytes: bytes) {
-                    s.entries[i].payload = .disk(path: path, bytes: bytes.count)
-                    s.spoolBytes += bytes.count
-                    s.memoryBytes -= bytes.count
-                } else {
-                    unsaved += 1
-                }
+        guard spoolDirectory != nil else {
+            return state.withLock { s in
+                let lost = s.entries.reduce(0) { $0 + $1.events }
+                if lost > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "queue_full"), default: 0] += UInt64(lost) }
+                return lost
             }
-            return unsaved
+        }
+        finishSeal(state.withLock { reserveSpoolWrites(&$0) })
+        return state.withLock { s in
+            var lost = 0
+            s.entries.removeAll { e in
+                guard e.file == nil else { return false }
+                lost += e.events
+                if e.memory != nil { s.memoryBytes -= e.payloadBytes }
+                return true
+            }
+            if lost > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "spool_full"), default: 0] += UInt64(lost) }
+            // Counts already in a batch that is acknowledged or on disk reach the server with it.
+            var reported = s.ackedDrops
+            if let newest = s.entries.last(where: { $0.epoch == epoch && $0.file != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
+                reported = newest.drops!
+            }
+            var unreported: [DropKey: UInt64] = [:]
+            for (key, count) in s.drops where count > reported[key, default: 0] { unreported[key] = count - reported[key, default: 0] }
+            if unreported.isEmpty {
+                if s.carriedFilePresent, let path = carriedPath { unlink(path) }
+                s.carriedFilePresent = false
+            } else if (try? writeCarriedDrops(unreported)) != nil {
+                s.carriedFilePresent = true
+            }
+            return lost
         }
     }
 
@@ -278,17 +546,78 @@ public final class Outbox: Sendable {
     public func sealedPayloadsForTesting() -> [[UInt8]] {
         state.withLock { s in
             s.entries.compactMap { e in
-                switch e.payload {
-                case .memory(let b): return b
-                case .disk(let path, _): return FileManager.default.contents(atPath: path).map { [UInt8]($0) }
-                }
+                if let b = e.memory { return b }
+                guard let path = e.file, let data = FileManager.default.contents(atPath: path) else { return nil }
+                return try? SpoolRecord.decode([UInt8](data)).payload
             }
         }
     }
 
-    /// Acknowledges as a server would (for tests that read batches themselves).
+    /// Acknowledges exactly one batch as a server would (for tests that read batches themselves).
     public func acknowledgeForTesting(epoch: UInt64, sequence: UInt64) {
         acknowledge(epoch: epoch, sequence: sequence)
+    }
+
+    // MARK: - Files
+
+    /// Counts carried over from an earlier process: one `kind reason count` line each.
+    private func readCarriedDrops() -> [DropKey: UInt64] {
+        guard let path = carriedPath, let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [:] }
+        var drops: [DropKey: UInt64] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            guard parts.count == 3, let raw = UInt32(parts[0]), let kind = EventKind(rawValue: raw), let count = UInt64(parts[2]) else { continue }
+            let key = DropKey(kind: kind, reason: String(parts[1]))
+            let (sum, overflow) = drops[key, default: 0].addingReportingOverflow(count)
+            drops[key] = overflow ? .max : sum
+        }
+        return drops
+    }
+
+    private func writeCarriedDrops(_ drops: [DropKey: UInt64]) throws {
+        guard let path = carriedPath else { return }
+        let text = drops.sorted { ($0.key.kind.rawValue, $0.key.reason) < ($1.key.kind.rawValue, $1.key.reason) }
+            .map { "\($0.key.kind.rawValue) \($0.key.reason) \($0.value)\n" }.joined()
+        try writeDurably(path, Array(text.utf8))
+    }
+
+    /// Writes a file under a temporary name, syncs it, renames it into place
+    /// and (unless the caller batches that) syncs the directory.
+    private func writeDurably(_ path: String, _ bytes: [UInt8], syncDirectory syncDir: Bool = true) throws {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SpoolError("cannot create \(tmp): errno \(errno)") }
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else {
+                let e = errno
+                close(fd)
+                unlink(tmp)
+                throw SpoolError("cannot write \(tmp): errno \(e)")
+            }
+            offset += n
+        }
+        guard fsync(fd) == 0 else {
+            let e = errno
+            close(fd)
+            unlink(tmp)
+            throw SpoolError("cannot sync \(tmp): errno \(e)")
+        }
+        close(fd)
+        guard rename(tmp, path) == 0 else {
+            unlink(tmp)
+            throw SpoolError("cannot rename \(tmp): errno \(errno)")
+        }
+        if syncDir { syncDirectory((path as NSString).deletingLastPathComponent) }
+    }
+
+    private func syncDirectory(_ dir: String) {
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = fsync(fd)
+        close(fd)
     }
 
     // MARK: - Waiting
@@ -305,4 +634,9 @@ public final class Outbox: Sendable {
         _ = changed.wait(until: Date(timeIntervalSinceNow: timeoutSeconds))
         changed.unlock()
     }
+}
+
+struct SpoolError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }

@@ -4,9 +4,10 @@ import Synchronization
 import TapioWire
 
 /// The agent's side of the wire, on its own thread: connect with backoff,
-/// hello, answer time syncs, send batches within the server's window, drop
-/// them from the outbox only when acknowledged, and resend from the first
-/// unacknowledged one after every reconnect.
+/// hello, answer time syncs, send batches within the server's window and
+/// limits, drop each from the outbox only when the server acknowledges
+/// exactly that batch (or, in the hello-ack, the durable prefix of this
+/// process's epoch), and resend every unacknowledged one after a reconnect.
 public final class Sender: Sendable {
     public struct Configuration: Sendable {
         public var host: String
@@ -153,11 +154,15 @@ public final class Sender: Sendable {
             }
         }
         let ack = helloAck!
-        outbox.acknowledge(epoch: outbox.epoch, sequence: ack.ackedSequence)
+        // Only this epoch's prefix is known; batches of earlier epochs are
+        // resent and acknowledged one by one.
+        outbox.acknowledgePrefix(epoch: outbox.epoch, through: ack.ackedSequence)
+        outbox.applyServerLimits(maxBatchEvents: Int(ack.maxBatchEvents), maxFrameBytes: Int(ack.maxFrameBytes))
         outbox.markAllUnsent()
         let window = max(1, Int(ack.windowBatches))
         logger.info("connected to server", metadata: ["server": "\(configuration.host):\(configuration.port)", "protocol": "\(connection.protocolName)",
-                                                       "acked": "\(ack.ackedSequence)", "window": "\(window)"])
+                                                       "acked": "\(ack.ackedSequence)", "window": "\(window)",
+                                                       "max_batch_events": "\(ack.maxBatchEvents)", "max_frame_bytes": "\(ack.maxFrameBytes)"])
 
         // Let the first time-sync exchange finish before the first batch, so
         // the server can place it on its clock (bounded wait).

@@ -60,3 +60,266 @@ final class OutboxTests: XCTestCase {
         XCTAssertEqual(UInt64(kept) + dropped, 2_000, "every event is either kept or counted as dropped")
     }
 }
+
+/// Defects of issue 14, agent side: each test fails on the outbox as it was at 8a06dfd.
+final class OutboxDeliveryTests: XCTestCase {
+    private func exitEvent(_ pid: UInt32, comm: String = "c") -> TapioEvent {
+        TapioEvent(kind: .processExit, timeNs: 1_000, pid: pid, comm: comm)
+    }
+
+    private func limits(events: Int) -> Outbox.Limits {
+        var limits = Outbox.Limits()
+        limits.maxEvents = events
+        return limits
+    }
+
+    private func drops(_ outbox: Outbox, _ reason: String) -> UInt64 {
+        outbox.stats.drops.filter { $0.reason == reason }.reduce(0) { $0 + $1.count }
+    }
+
+    private func batches(_ outbox: Outbox) throws -> [EventBatch] {
+        try outbox.sealedPayloadsForTesting().map { try EventBatch.decode($0) }
+    }
+
+    private func files(_ dir: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+    }
+
+    // MARK: 7: batches the server refuses
+
+    func testSealedBatchesStayWithinTheByteBudgetAndKeepEveryEventInOrder() throws {
+        var limits = Outbox.Limits()
+        limits.maxBatchBytes = 4_000
+        let outbox = try Outbox(node: "n", epoch: 1, limits: limits, spoolDirectory: nil)
+        // Distinct strings: the batch's string table would share equal ones.
+        for pid in 1...300 { outbox.add(exitEvent(UInt32(pid), comm: String(repeating: "x", count: 200) + "\(pid)")) }
+        outbox.sealIfDue(nowNs: 0, force: true)
+        let payloads = outbox.sealedPayloadsForTesting()
+        XCTAssertGreaterThan(payloads.count, 10, "about 66 kB of events in batches of at most 4 kB")
+        XCTAssertTrue(payloads.allSatisfy { $0.count <= 4_000 }, "\(payloads.map(\.count).max() ?? 0) bytes")
+        let all = try batches(outbox)
+        XCTAssertEqual(all.map(\.sequence), Array(1...UInt64(all.count)))
+        XCTAssertEqual(all.flatMap(\.events).map(\.pid), Array(1...300).map(UInt32.init))
+    }
+
+    func testABatchOverTheLimitsTheServerAnnouncedIsDroppedAndCountedInsteadOfBlockingTheRest() throws {
+        let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 100), spoolDirectory: nil)
+        for pid in 1...100 { outbox.add(exitEvent(UInt32(pid))) }
+        for pid in 101...105 { outbox.add(exitEvent(UInt32(pid))) }
+        outbox.sealIfDue(nowNs: 0, force: true)
+        XCTAssertEqual(outbox.unacknowledged, 2)
+
+        outbox.applyServerLimits(maxBatchEvents: 50, maxFrameBytes: 4 << 20)
+        let next = try XCTUnwrap(outbox.nextToSend(window: 32))
+        XCTAssertEqual(next.sequence, 2, "the batch of 100 is not sent to be refused forever")
+        XCTAssertEqual(drops(outbox, "batch_too_large"), 100, "its events are counted")
+        outbox.acknowledge(epoch: 1, sequence: 2)
+        XCTAssertEqual(outbox.unacknowledged, 0)
+
+        // Later batches are sealed within the announced limit.
+        for pid in 201...320 { outbox.add(exitEvent(UInt32(pid))) }
+        outbox.sealIfDue(nowNs: 0, force: true)
+        XCTAssertEqual(try batches(outbox).map(\.events.count), [50, 50, 20])
+        let counted = try XCTUnwrap(try batches(outbox).first?.drops.first { $0.reason == "batch_too_large" })
+        XCTAssertEqual(counted.count, 100, "the count reaches the server in the next batches")
+    }
+
+    func testABatchLargerThanTheServersFrameLimitIsDroppedAndCounted() throws {
+        let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 200), spoolDirectory: nil)
+        for pid in 1...200 { outbox.add(exitEvent(UInt32(pid), comm: String(repeating: "y", count: 100) + "\(pid)")) }
+        outbox.add(exitEvent(999))
+        outbox.sealIfDue(nowNs: 0, force: true)
+        outbox.applyServerLimits(maxBatchEvents: 0, maxFrameBytes: 8_000)
+        XCTAssertEqual(outbox.nextToSend(window: 32)?.sequence, 2)
+        XCTAssertEqual(drops(outbox, "batch_too_large"), 200)
+    }
+
+    // MARK: 8: unreadable spool records
+
+    func testSpoolRecordsRoundTripAndEveryTruncationOrFlippedBitIsRefusedWithoutTrapping() throws {
+        let record = SpoolRecord(epoch: 7, sequence: 9, eventCount: 3, payload: Array("payload bytes".utf8))
+        let bytes = record.encode()
+        XCTAssertEqual(try SpoolRecord.decode(bytes), record)
+        for n in 0..<bytes.count {
+            XCTAssertThrowsError(try SpoolRecord.decode(Array(bytes[0..<n])), "truncated to \(n)")
+        }
+        for i in 0..<bytes.count {
+            for bit in 0..<8 {
+                var damaged = bytes
+                damaged[i] ^= 1 << UInt8(bit)
+                XCTAssertThrowsError(try SpoolRecord.decode(damaged), "byte \(i) bit \(bit)")
+            }
+        }
+        XCTAssertThrowsError(try SpoolRecord.decode(bytes + [0]), "trailing bytes")
+        var random = SystemRandomNumberGenerator()
+        for _ in 0..<2_000 {
+            let garbage = (0..<Int.random(in: 0...80, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) }
+            _ = try? SpoolRecord.decode(garbage)
+            _ = try? SpoolRecord.decode(Array(bytes[0..<8]) + garbage)
+        }
+        // A damaged payload behind an intact header still tells how many events were lost.
+        var payloadDamaged = bytes
+        payloadDamaged[bytes.count - 1] ^= 0xFF
+        XCTAssertThrowsError(try SpoolRecord.decode(payloadDamaged)) { error in
+            XCTAssertEqual((error as? SpoolRecord.DecodeError)?.eventCount, 3)
+        }
+        XCTAssertThrowsError(try SpoolRecord.decode(Array(bytes.dropLast(4)))) { error in
+            XCTAssertEqual((error as? SpoolRecord.DecodeError)?.eventCount, 3, "a torn write")
+        }
+    }
+
+    func testAnUnreadableSpoolRecordIsQuarantinedAndCountedAndTheOthersAreStillSent() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...30 { outbox.add(exitEvent(UInt32(pid))) }
+        }
+        // Sequence 2's payload damaged, a garbage file, and a "file" that cannot be read at all.
+        let damaged = spool + "/5-2.batch"
+        var bytes = [UInt8](try XCTUnwrap(FileManager.default.contents(atPath: damaged)))
+        bytes[bytes.count - 3] ^= 0x40
+        try Data(bytes).write(to: URL(fileURLWithPath: damaged))
+        try Data("not a batch".utf8).write(to: URL(fileURLWithPath: spool + "/5-7.batch"))
+        try FileManager.default.createDirectory(atPath: spool + "/5-8.batch", withIntermediateDirectories: false)
+
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        XCTAssertEqual(restarted.unacknowledged, 2)
+        XCTAssertEqual(drops(restarted, "spool_corrupt"), 12, "10 events of the damaged record, at least 1 for each unreadable one")
+        XCTAssertEqual(files(spool + "/quarantine").count, 3)
+        XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 1)
+        XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 3)
+        XCTAssertNil(restarted.nextToSend(window: 32))
+
+        // Until a batch carries the count, it survives another restart.
+        let again = try Outbox(node: "n", epoch: 7, spoolDirectory: spool)
+        XCTAssertEqual(drops(again, "spool_corrupt"), 12)
+        XCTAssertEqual(again.unacknowledged, 2)
+    }
+
+    func testARecordDamagedWhileSpooledIsQuarantinedWhenItsTurnComes() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...20 { outbox.add(exitEvent(UInt32(pid))) }
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        try Data("overwritten".utf8).write(to: URL(fileURLWithPath: spool + "/5-1.batch"))
+        XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 2)
+        XCTAssertEqual(drops(restarted, "spool_corrupt"), 10)
+        XCTAssertEqual(files(spool + "/quarantine").count, 1)
+    }
+
+    func testAnInterruptedSpoolWriteIsKeptWhenCompleteAndCountedWhenTorn() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        let complete = SpoolRecord(epoch: 3, sequence: 1, eventCount: 1,
+                                   payload: EventBatch(node: "n", epoch: 3, sequence: 1, events: [exitEvent(1)]).encoded()).encode()
+        let torn = SpoolRecord(epoch: 3, sequence: 2, eventCount: 4,
+                               payload: EventBatch(node: "n", epoch: 3, sequence: 2, events: (1...4).map { exitEvent($0) }).encoded()).encode()
+        try Data(complete).write(to: URL(fileURLWithPath: spool + "/3-1.batch.tmp"))
+        try Data(torn.dropLast(5)).write(to: URL(fileURLWithPath: spool + "/3-2.batch.tmp"))
+        let outbox = try Outbox(node: "n", epoch: 4, spoolDirectory: spool)
+        XCTAssertEqual(try batches(outbox).map(\.sequence), [1])
+        XCTAssertEqual(drops(outbox, "spool_corrupt"), 4)
+        XCTAssertTrue(files(spool).contains("3-1.batch"))
+    }
+
+    // MARK: 9: losses at shutdown reach the server
+
+    func testEventsThatDoNotFitTheSpoolAtShutdownAreCountedAndReportedByTheNextStart() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        var small = limits(events: 10)
+        let probe = try Outbox(node: "n", epoch: 5, limits: small, spoolDirectory: nil)
+        for pid in 1...10 { probe.add(exitEvent(UInt32(pid))) }
+        let recordBytes = SpoolRecord.headerSize + (probe.sealedPayloadsForTesting().first?.count ?? 0)
+        small.maxSpoolBytes = recordBytes * 3 / 2
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: small, spoolDirectory: spool)
+            for pid in 1...30 { outbox.add(exitEvent(UInt32(pid))) }
+            XCTAssertEqual(outbox.spoolRemaining(), 20, "one batch fits the spool, two do not")
+            XCTAssertEqual(drops(outbox, "spool_full"), 20)
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, limits: small, spoolDirectory: spool)
+        XCTAssertEqual(drops(restarted, "spool_full"), 20, "carried over into the new epoch's counters")
+        XCTAssertTrue(files(spool).contains("carried-drops"))
+        // The previous run's batch is acknowledged; the next batch carries the count and is kept on disk.
+        restarted.acknowledge(epoch: 5, sequence: 1)
+        restarted.add(exitEvent(99))
+        restarted.sealIfDue(nowNs: 0, force: true)
+        let batch = try XCTUnwrap(try batches(restarted).first)
+        XCTAssertEqual(batch.drops.first { $0.reason == "spool_full" }?.count, 20)
+        XCTAssertFalse(files(spool).contains("carried-drops"), "cleared once a kept batch carries it")
+
+        let third = try Outbox(node: "n", epoch: 7, limits: small, spoolDirectory: spool)
+        XCTAssertEqual(drops(third, "spool_full"), 0, "not counted twice")
+        XCTAssertEqual(try batches(third).map(\.epoch), [6], "the batch carrying it is resent instead")
+    }
+
+    func testCountsNoBatchCarriesYetAreSavedAtShutdown() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...10 { outbox.add(exitEvent(UInt32(pid))) }
+            outbox.acknowledge(epoch: 5, sequence: 1)
+            outbox.countDrop(kind: .processExec, reason: "queue_full", count: 3)
+            outbox.setKernelDrops([DropCount(kind: .processExec, reason: "ringbuf_full", count: 4)])
+            XCTAssertEqual(outbox.spoolRemaining(), 0)
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        XCTAssertEqual(Set(restarted.stats.drops), [DropCount(kind: .processExec, reason: "queue_full", count: 3),
+                                                     DropCount(kind: .processExec, reason: "ringbuf_full", count: 4)])
+        restarted.setKernelDrops([DropCount(kind: .processExec, reason: "ringbuf_full", count: 2)])
+        XCTAssertEqual(restarted.stats.drops.first { $0.reason == "ringbuf_full" }?.count, 6, "the new kernel count adds to the carried one")
+    }
+
+    // MARK: 10: a crash loses nothing sealed
+
+    func testEverySealedBatchIsOnDiskAtOnceSoAKilledAgentLosesNone() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...25 { outbox.add(exitEvent(UInt32(pid))) }
+            outbox.sealIfDue(nowNs: 0, force: true)
+            outbox.acknowledge(epoch: 5, sequence: 2)
+            // No shutdown: the process dies here.
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        let kept = try batches(restarted)
+        XCTAssertEqual(kept.map(\.sequence), [1, 3], "the acknowledged batch's file is gone")
+        XCTAssertEqual(kept.flatMap(\.events).map(\.pid), Array(1...10).map(UInt32.init) + Array(21...25).map(UInt32.init))
+    }
+
+    // MARK: 11: spool losses count events
+
+    func testASpooledBatchThatVanishesCountsItsEventsNotOne() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...20 { outbox.add(exitEvent(UInt32(pid))) }
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        try FileManager.default.removeItem(atPath: spool + "/5-1.batch")
+        XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 2)
+        XCTAssertEqual(drops(restarted, "spool_lost"), 10)
+    }
+
+    // MARK: Acknowledgements (protocol version 2)
+
+    func testAnAckRemovesExactlyItsBatchAndTheHelloAckPrefixOnlyThisEpochs() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let old = try Outbox(node: "n", epoch: 5, limits: limits(events: 1), spoolDirectory: spool)
+            for pid in 1...3 { old.add(exitEvent(UInt32(pid))) }
+        }
+        let outbox = try Outbox(node: "n", epoch: 6, limits: limits(events: 1), spoolDirectory: spool)
+        for pid in 4...7 { outbox.add(exitEvent(UInt32(pid))) }
+        func held() throws -> [String] { try batches(outbox).map { "\($0.epoch)-\($0.sequence)" } }
+        XCTAssertEqual(try held(), ["5-1", "5-2", "5-3", "6-1", "6-2", "6-3", "6-4"])
+        outbox.acknowledge(epoch: 6, sequence: 2)
+        XCTAssertEqual(try held(), ["5-1", "5-2", "5-3", "6-1", "6-3", "6-4"], "an ack says nothing about the batches before it")
+        outbox.acknowledge(epoch: 5, sequence: 3)
+        XCTAssertEqual(try held(), ["5-1", "5-2", "6-1", "6-3", "6-4"])
+        outbox.acknowledgePrefix(epoch: 6, through: 3)
+        XCTAssertEqual(try held(), ["5-1", "5-2", "6-4"])
+        XCTAssertEqual(files(spool).filter { $0.hasSuffix(".batch") }, ["5-1.batch", "5-2.batch", "6-4.batch"])
+    }
+}

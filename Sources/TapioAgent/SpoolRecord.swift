@@ -1,0 +1,116 @@
+/// One sealed batch as the agent keeps it on disk, checksummed so that a torn
+/// write, a truncated file or flipped bits are recognised instead of being
+/// sent (and refused) forever.
+///
+/// ```
+/// offset  size  field
+///      0     4  magic "TPSR"
+///      4     1  version: 1
+///      5     3  reserved: 0 0 0
+///      8     8  stream epoch, unsigned big-endian
+///     16     8  sequence, unsigned big-endian
+///     24     4  events in the batch, unsigned big-endian
+///     28     4  payload length n, unsigned big-endian
+///     32     4  CRC-32 of bytes 0..<32 (the header)
+///     36     4  CRC-32 of the payload
+///     40     n  payload: the encoded EventBatch, exactly as sent
+/// ```
+///
+/// The header has its own checksum so that the event count is still known
+/// (and counted as dropped) when only the payload is damaged. `decode` never
+/// traps: any input either decodes or throws.
+public struct SpoolRecord: Sendable, Equatable {
+    public static let magic: [UInt8] = [0x54, 0x50, 0x53, 0x52]
+    public static let version: UInt8 = 1
+    public static let headerSize = 40
+
+    public var epoch: UInt64
+    public var sequence: UInt64
+    public var eventCount: UInt32
+    public var payload: [UInt8]
+
+    public init(epoch: UInt64, sequence: UInt64, eventCount: UInt32, payload: [UInt8]) {
+        self.epoch = epoch
+        self.sequence = sequence
+        self.eventCount = eventCount
+        self.payload = payload
+    }
+
+    /// Why a record could not be read, and how many events it held when that
+    /// much is still known (its header checksum holds).
+    public struct DecodeError: Error, Sendable, Equatable, CustomStringConvertible {
+        public var message: String
+        public var eventCount: UInt32?
+
+        public var description: String { message }
+    }
+
+    public func encode() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(Self.headerSize + payload.count)
+        out += Self.magic
+        out += [Self.version, 0, 0, 0]
+        Self.append(epoch, to: &out)
+        Self.append(sequence, to: &out)
+        Self.append(eventCount, to: &out)
+        Self.append(UInt32(truncatingIfNeeded: payload.count), to: &out)
+        Self.append(CRC32.checksum(out[0..<32]), to: &out)
+        Self.append(CRC32.checksum(payload[...]), to: &out)
+        out += payload
+        return out
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws -> SpoolRecord {
+        guard bytes.count >= headerSize else {
+            throw DecodeError(message: "spool record of \(bytes.count) bytes is shorter than its header", eventCount: nil)
+        }
+        guard Array(bytes[0..<4]) == magic else { throw DecodeError(message: "not a spool record (bad magic)", eventCount: nil) }
+        guard CRC32.checksum(bytes[0..<32]) == uint32(bytes, at: 32) else {
+            throw DecodeError(message: "spool record header checksum mismatch", eventCount: nil)
+        }
+        let events = uint32(bytes, at: 24)
+        guard bytes[4] == version else { throw DecodeError(message: "spool record version \(bytes[4]) is not supported", eventCount: events) }
+        guard bytes[5] == 0, bytes[6] == 0, bytes[7] == 0 else { throw DecodeError(message: "spool record reserved bytes are not zero", eventCount: events) }
+        let length = Int(uint32(bytes, at: 28))
+        guard bytes.count - headerSize == length else {
+            throw DecodeError(message: "spool record payload is \(bytes.count - headerSize) bytes, header says \(length)", eventCount: events)
+        }
+        let payload = bytes[headerSize...]
+        guard CRC32.checksum(payload) == uint32(bytes, at: 36) else {
+            throw DecodeError(message: "spool record payload checksum mismatch", eventCount: events)
+        }
+        return SpoolRecord(epoch: uint64(bytes, at: 8), sequence: uint64(bytes, at: 16), eventCount: events, payload: Array(payload))
+    }
+
+    private static func append(_ value: UInt64, to out: inout [UInt8]) {
+        for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
+    }
+
+    private static func append(_ value: UInt32, to out: inout [UInt8]) {
+        for shift in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: value >> UInt32(shift))) }
+    }
+
+    /// Callers have checked that `offset + 8 <= bytes.count`.
+    private static func uint64(_ bytes: [UInt8], at offset: Int) -> UInt64 {
+        bytes[offset..<offset + 8].reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    private static func uint32(_ bytes: [UInt8], at offset: Int) -> UInt32 {
+        bytes[offset..<offset + 4].reduce(0) { $0 << 8 | UInt32($1) }
+    }
+}
+
+/// CRC-32 as zlib computes it (IEEE 802.3, reflected, polynomial 0xEDB88320).
+enum CRC32 {
+    private static let table: [UInt32] = (0..<256).map { n -> UInt32 in
+        var c = UInt32(n)
+        for _ in 0..<8 { c = c & 1 != 0 ? 0xEDB8_8320 ^ (c >> 1) : c >> 1 }
+        return c
+    }
+
+    static func checksum(_ bytes: ArraySlice<UInt8>) -> UInt32 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        for b in bytes { crc = table[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
+        return crc ^ 0xFFFF_FFFF
+    }
+}
