@@ -1350,7 +1350,7 @@ const ProtobufCMessageDescriptor tapio__v1__hello__descriptor =
   (ProtobufCMessageInit) tapio__v1__hello__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor tapio__v1__hello_ack__field_descriptors[4] =
+static const ProtobufCFieldDescriptor tapio__v1__hello_ack__field_descriptors[5] =
 {
   {
     "max_frame_bytes",
@@ -1400,9 +1400,22 @@ static const ProtobufCFieldDescriptor tapio__v1__hello_ack__field_descriptors[4]
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "max_batch_events",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__HelloAck, max_batch_events),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned tapio__v1__hello_ack__field_indices_by_name[] = {
   2,   /* field[2] = acked_sequence */
+  4,   /* field[4] = max_batch_events */
   0,   /* field[0] = max_frame_bytes */
   3,   /* field[3] = server_version */
   1,   /* field[1] = window_batches */
@@ -1410,7 +1423,7 @@ static const unsigned tapio__v1__hello_ack__field_indices_by_name[] = {
 static const ProtobufCIntRange tapio__v1__hello_ack__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor tapio__v1__hello_ack__descriptor =
 {
@@ -1420,7 +1433,7 @@ const ProtobufCMessageDescriptor tapio__v1__hello_ack__descriptor =
   "Tapio__V1__HelloAck",
   "tapio.v1",
   sizeof(Tapio__V1__HelloAck),
-  4,
+  5,
   tapio__v1__hello_ack__field_descriptors,
   tapio__v1__hello_ack__field_indices_by_name,
   1,  tapio__v1__hello_ack__number_ranges,

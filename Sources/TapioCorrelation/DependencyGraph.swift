@@ -24,12 +24,12 @@ public struct DependencyGraph: Sendable, Equatable {
 
         public var json: JSONValue {
             var f: [String: JSONValue] = [:]
-            for (k, v) in failures { f[k] = .int(Int64(v)) }
+            for (k, v) in failures { f[k] = .int(Int64(clamping: v)) }
             return .object([
                 "client": .string(client), "server": .string(server),
-                "connects": .int(Int64(connects)), "failures": .int(Int64(failureCount)), "failures_by_outcome": .object(f),
+                "connects": .int(Int64(clamping: connects)), "failures": .int(Int64(clamping: failureCount)), "failures_by_outcome": .object(f),
                 "failure_ratio": .double(connects == 0 ? 0 : round3(Double(failureCount) / Double(connects))),
-                "ports": .array(ports.sorted().map { .int(Int64($0)) }),
+                "ports": .array(ports.sorted().map { .int(Int64(clamping: $0)) }),
                 "connect_latency": connectLatency.json, "response_latency": responseLatency.json,
                 "first_seen": .string(rfc3339(ns: firstSeenNs)), "last_seen": .string(rfc3339(ns: lastSeenNs)),
             ])
@@ -69,7 +69,7 @@ public struct DependencyGraph: Sendable, Equatable {
         }
 
         var json: JSONValue {
-            .object(["count": .int(Int64(count)), "mean_ms": .double(round3(meanNs / 1e6)), "p50_ms": .double(round3(Double(quantileNs(0.5)) / 1e6)),
+            .object(["count": .int(Int64(clamping: count)), "mean_ms": .double(round3(meanNs / 1e6)), "p50_ms": .double(round3(Double(quantileNs(0.5)) / 1e6)),
                      "p99_ms": .double(round3(Double(quantileNs(0.99)) / 1e6)), "max_ms": .double(round3(Double(maxNs) / 1e6))])
         }
     }

@@ -37,11 +37,12 @@ struct Topology: Sendable {
         byContainer.removeAll(keepingCapacity: true)
         byNamespacedName.removeAll(keepingCapacity: true)
         byName.removeAll(keepingCapacity: true)
+        // A node speaks only for its own pods: keys two nodes claim map to none.
+        byIP = PodClaims(podsByNode, keys: \.ips).index
+        byContainer = PodClaims(podsByNode, keys: { $0.containerIds.map(Topology.shortContainerId) }).index
+        byNamespacedName = PodClaims(podsByNode, keys: { [$0.namespace + "/" + $0.name] }).index
         for n in podsByNode.keys.sorted() {
             for p in podsByNode[n]! {
-                for ip in p.ips { byIP[ip] = p }
-                for c in p.containerIds { byContainer[Topology.shortContainerId(c)] = p }
-                byNamespacedName[p.namespace + "/" + p.name] = p
                 byName[p.name] = p
                 let entity = Topology.serviceName(p)
                 entityNodes[entity, default: []].insert(p.node.isEmpty ? n : p.node)

@@ -18,6 +18,13 @@ public struct ServerConfiguration: Sendable {
         public var helloTimeout: TimeAmount = .seconds(10)
         /// At most this many events in one `events` query answer.
         public var maxQueryEvents: Int = 100_000
+        /// Events one batch may hold (the agent seals at 512); counted from the
+        /// encoded batch before decoding allocates anything.
+        public var maxBatchEvents: Int = 8192
+        /// How far ahead of the server's clock (after the node's clock
+        /// correction) an event may be dated. Later events are stored but not
+        /// correlated, and counted per node as dropped with reason `future_time`.
+        public var maxFutureSkew: TimeAmount = .seconds(300)
 
         public init() {}
     }

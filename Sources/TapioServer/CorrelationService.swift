@@ -32,8 +32,8 @@ public final class CorrelationService: Sendable {
     }
 
     /// Rebuilds the engine from the last `replayWindowNs` of the log.
-    public func restore(nowNs: Int64) throws {
-        let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs)
+    public func restore(nowNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws {
+        let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs, maxFutureSkewNs: maxFutureSkewNs)
         engine.withLock { e in
             log.feed(&e)
             e.advance(toNs: nowNs)
@@ -44,12 +44,40 @@ public final class CorrelationService: Sendable {
         logger.info("correlation engine restored", metadata: ["batches_replayed": "\(log.batches)"])
     }
 
-    static func observed(_ batch: EventBatch, clock: ClockCorrection) -> [ObservedEvent] {
-        batch.events.map { ObservedEvent(node: batch.node, agentEvent: $0, clockOffsetNs: clock.offsetNs, clockErrorNs: clock.errorNs) }
+    /// The drop reason under which events dated too far ahead are counted.
+    public static let futureDropReason = "future_time"
+    public static let defaultMaxFutureSkewNs = ServerConfiguration.Limits().maxFutureSkew.nanoseconds
+
+    /// Whether an event, placed on the server's clock, is dated more than
+    /// `maxFutureSkewNs` after the batch arrived. Such an event would wait in
+    /// the engine for its watermark for as long as it claims, costing memory
+    /// and CPU (and, dated decades ahead, forever): it is stored, not
+    /// correlated, and counted.
+    @inline(__always)
+    static func isFuture(_ event: TapioEvent, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64) -> Bool {
+        (event.timeNs &- clock.offsetNs) > receivedNs &+ maxFutureSkewNs
     }
 
-    public func ingest(_ batch: EventBatch, clock: ClockCorrection) {
-        let events = Self.observed(batch, clock: clock)
+    /// How many events of `batch` are dated too far ahead.
+    static func futureEvents(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64) -> Int {
+        var n = 0
+        for e in batch.events where isFuture(e, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs) { n += 1 }
+        return n
+    }
+
+    /// The events of a batch as the engine sees them: placed on the server's
+    /// clock once, without those dated too far ahead of their arrival.
+    static func observed(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64) -> [ObservedEvent] {
+        var out: [ObservedEvent] = []
+        out.reserveCapacity(batch.events.count)
+        for e in batch.events where !isFuture(e, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs) {
+            out.append(ObservedEvent(node: batch.node, agentEvent: e, clockOffsetNs: clock.offsetNs, clockErrorNs: clock.errorNs))
+        }
+        return out
+    }
+
+    public func ingest(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) {
+        let events = Self.observed(batch, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs)
         engine.withLock { $0.ingest(events) }
     }
 

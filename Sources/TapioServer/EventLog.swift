@@ -13,20 +13,26 @@ public struct EventLog: Sendable {
     public var batches = 0
 
     /// The log of a server's data directory, batches received at or after `sinceNs`.
-    public static func load(dataDirectory: String, sinceNs: Int64 = .min) throws -> EventLog {
-        try load(store: SQLiteEventStore(directory: dataDirectory), sinceNs: sinceNs)
+    public static func load(dataDirectory: String, sinceNs: Int64 = .min,
+                            maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws -> EventLog {
+        try load(store: SQLiteEventStore(directory: dataDirectory), sinceNs: sinceNs, maxFutureSkewNs: maxFutureSkewNs)
     }
 
     /// The log of an open store, batches received at or after `sinceNs`, read
     /// a page at a time.
-    public static func load(store: any EventStore, sinceNs: Int64 = .min) throws -> EventLog {
+    /// Events dated more than `maxFutureSkewNs` after their batch arrived are
+    /// left out, as live ingest leaves them out.
+    public static func load(store: any EventStore, sinceNs: Int64 = .min,
+                            maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws -> EventLog {
         var log = EventLog()
         for p in try store.pods() { log.inventory[p.node, default: []].append(p) }
         var since = sinceNs
         let pageSize = 2000
         while true {
             let page = try store.batches(sinceNs: since, limit: pageSize)
-            for r in page { log.events += CorrelationService.observed(r.batch, clock: r.clock) }
+            for r in page {
+                log.events += CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs)
+            }
             log.batches += page.count
             guard page.count == pageSize, let last = page.last else { break }
             since = last.receivedNs + 1

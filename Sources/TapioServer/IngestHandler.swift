@@ -36,6 +36,11 @@ final class ServerContext: Sendable {
 /// against the client certificate), then batches stored durably before each
 /// ack, time-sync exchanges, goodbye. Any violation closes this connection
 /// only.
+///
+/// Acknowledgements (protocol 2, docs/protocol.md): an `Ack` names exactly
+/// the one batch that is durable; the hello-ack's `acked_sequence` is the
+/// contiguous durable prefix of the hello's epoch. Neither ever claims a batch
+/// that is not stored, whatever gaps, store errors or epochs came before.
 final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = Frame
     typealias OutboundOut = Frame
@@ -52,8 +57,9 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Batches handed to storage and not yet acknowledged.
     private var pendingStores = 0
     private var readsPaused = false
-    /// Highest sequence per epoch below which every batch is durable.
-    private var contiguous: [UInt64: UInt64] = [:]
+    /// The node this connection registered in the registry (after a valid
+    /// hello), unregistered when the connection ends however it ends.
+    private var registeredNode: String?
     private var helloTimeout: Scheduled<Void>?
     private var timeSyncTask: RepeatedTask?
     private var nextSyncID: UInt64 = 1
@@ -80,8 +86,9 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         helloTimeout?.cancel()
         timeSyncTask?.cancel()
-        if case .streaming(let node, _) = state, let record = server.registry.disconnected(node: node, nowNs: wallClockNs()) {
-            persist(record)
+        if let node = registeredNode {
+            registeredNode = nil
+            if let record = server.registry.disconnected(node: node, nowNs: wallClockNs()) { persist(record) }
             logger.info("agent disconnected", metadata: ["node": "\(node)"])
         }
         state = .closing
@@ -95,7 +102,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             case (.awaitingHello, .hello):
                 try handleHello(context: context, hello: Hello.decode(frame.payload))
             case (.streaming(let node, _), .eventBatch):
-                try handleBatch(context: context, node: node, batch: EventBatch.decode(frame.payload), payload: frame.payload)
+                try handleBatch(context: context, node: node, batch: EventBatch.decode(frame.payload, maxEvents: server.configuration.limits.maxBatchEvents),
+                                payload: frame.payload)
             case (.streaming(let node, _), .inventory):
                 try handleInventory(node: node, inventory: Inventory.decode(frame.payload))
             case (.streaming(let node, _), .timeSync):
@@ -163,8 +171,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard peer.commonName == hello.node else {
             throw WireError(.identityMismatch, "certificate names node \(peer.commonName) but hello says \(hello.node)")
         }
-        guard hello.protocolVersion == 1 else {
-            throw WireError(.unexpectedFrame, "protocol version \(hello.protocolVersion) is not supported")
+        guard hello.protocolVersion == Hello.currentProtocolVersion else {
+            throw WireError(.unexpectedFrame, "protocol version \(hello.protocolVersion) is not supported (this server speaks \(Hello.currentProtocolVersion); upgrade the agent)")
         }
         logger[metadataKey: "node"] = "\(hello.node)"
         state = .streaming(node: hello.node, epoch: hello.streamEpoch)
@@ -174,13 +182,15 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         server.storage.runIfActive(eventLoop: context.eventLoop) {
-            try store.highestSequence(node: hello.node, epoch: hello.streamEpoch)
+            try store.durablePrefix(node: hello.node, epoch: hello.streamEpoch)
         }.whenComplete { result in
             let (handler, context) = loopBound.value
+            // The peer may have gone while the store answered.
+            guard context.channel.isActive, case .streaming = handler.state else { return }
             switch result {
             case .success(let acked):
-                handler.contiguous[hello.streamEpoch] = acked
                 let record = handler.server.registry.connected(hello: hello, nowNs: wallClockNs())
+                handler.registeredNode = hello.node
                 handler.persist(record)
                 handler.server.metrics.add("tapio_server_hellos_total")
                 handler.logger.info("agent connected", metadata: [
@@ -189,7 +199,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                     "degraded": "\(hello.degraded.joined(separator: ","))",
                 ])
                 let limits = handler.server.configuration.limits
-                let ack = HelloAck(maxFrameBytes: limits.maxFrameBytes, windowBatches: limits.windowBatches, ackedSequence: acked, serverVersion: handler.server.version)
+                let ack = HelloAck(maxFrameBytes: limits.maxFrameBytes, windowBatches: limits.windowBatches, ackedSequence: acked, serverVersion: handler.server.version,
+                                   maxBatchEvents: UInt32(clamping: limits.maxBatchEvents))
                 context.writeAndFlush(handler.wrapOutboundOut(Frame(type: .helloAck, payload: ack.encoded())), promise: nil)
                 handler.startTimeSync(context: context)
                 handler.resumeReads(context: context)
@@ -206,7 +217,11 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             p.node = node
             return p
         }
-        server.pods.replace(node: node, pods: pods)
+        let conflicts = server.pods.replace(node: node, pods: pods)
+        server.metrics.set("tapio_server_pod_address_conflicts", Int64(conflicts.count))
+        if !conflicts.isEmpty {
+            logger.warning("pod addresses claimed by more than one node are left unattributed", metadata: ["addresses": "\(conflicts.sorted().prefix(8).joined(separator: ","))"])
+        }
         server.correlation.updateInventory(node: node, pods: pods)
         let store = server.store
         let logger = self.logger
@@ -216,20 +231,30 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    /// The largest sequence a batch may carry: sequences are stored as
+    /// SQLite integers and the durable prefix looks at sequence + 1.
+    static let maximumSequence = UInt64(Int64.max) - 1
+
     private func handleBatch(context: ChannelHandlerContext, node: String, batch: EventBatch, payload: [UInt8]) throws {
         guard batch.node == node else {
             throw WireError(.identityMismatch, "batch for node \(batch.node) on the connection of \(node)")
         }
-        guard batch.sequence > 0 else { throw WireError(.malformed, "batch sequence 0") }
+        guard batch.sequence > 0, batch.sequence <= Self.maximumSequence else {
+            throw WireError(.malformed, "batch sequence \(batch.sequence) outside 1...\(Self.maximumSequence)")
+        }
         pendingStores += 1
         if pendingStores >= Int(server.configuration.limits.windowBatches) {
             pauseReads(context: context)
         }
         let correction = server.registry.correction(node: node) ?? ClockCorrection(offsetNs: 0, errorNs: -1)
+        let receivedNs = wallClockNs()
+        let future = CorrelationService.futureEvents(batch, clock: correction, receivedNs: receivedNs,
+                                                     maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
+        let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
         let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         server.storage.runIfActive(eventLoop: context.eventLoop) {
-            try store.append(batch, payload: payload, clock: correction, receivedNs: wallClockNs())
+            try store.append(batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops)
         }.whenComplete { result in
             let (handler, context) = loopBound.value
             handler.pendingStores -= 1
@@ -238,19 +263,18 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 handler.server.metrics.add(stored ? "tapio_server_batches_total" : "tapio_server_duplicate_batches_total")
                 if stored {
                     handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
-                    handler.server.correlation.ingest(batch, clock: correction)
+                    if future > 0 { handler.server.metrics.add("tapio_server_events_future_total", Int64(future)) }
+                    handler.server.correlation.ingest(batch, clock: correction, receivedNs: receivedNs,
+                                                      maxFutureSkewNs: handler.server.configuration.limits.maxFutureSkew.nanoseconds)
                 }
+                // The store counted the batch in the node's row; this is the live view.
                 if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
-                   record.batchesReceived % 64 == 1 || !stored {
+                   record.batchesReceived % 64 == 1 {
                     handler.persist(record)
                 }
-                var mark = handler.contiguous[batch.epoch] ?? 0
-                if batch.sequence == mark + 1 {
-                    mark = batch.sequence
-                }
-                handler.contiguous[batch.epoch] = mark
-                if batch.sequence <= mark, context.channel.isActive {
-                    let ack = Ack(epoch: batch.epoch, sequence: mark)
+                // Exactly this batch is durable (stored now or before).
+                if context.channel.isActive {
+                    let ack = Ack(epoch: batch.epoch, sequence: batch.sequence)
                     context.writeAndFlush(handler.wrapOutboundOut(Frame(type: .ack, payload: ack.encoded())), promise: nil)
                 }
                 if handler.pendingStores < Int(handler.server.configuration.limits.windowBatches) {
@@ -258,6 +282,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 handler.closeIfDrainedAndClosing(context: context)
             case .failure(let error):
+                // Not acknowledged: the agent keeps the batch and resends it;
+                // the hello-ack after reconnecting ends before it.
                 handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "sequence": "\(batch.sequence)"])
                 handler.reject(context: context, .storageFailed, "storage failed; resend later", metric: "storage")
             }
@@ -328,9 +354,17 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         writeThenClose(context: context, Frame(type: .error, payload: WireError(code, message).encoded()))
     }
 
+    /// Writes a last frame, then closes; closes anyway after two seconds if
+    /// the write never completes (a peer that never finished its TLS
+    /// handshake, or stopped reading).
     private func writeThenClose(context: ChannelHandlerContext, _ frame: Frame) {
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in bound.value.close(promise: nil) }
+        let channel = context.channel
+        let deadline = context.eventLoop.scheduleTask(in: .seconds(2)) { channel.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in
+            deadline.cancel()
+            bound.value.close(promise: nil)
+        }
     }
 
     private func persist(_ record: NodeRecord) {

@@ -3,11 +3,12 @@ import TapioWire
 
 /// The cluster-wide map from pod IP to pod, built from every agent's
 /// inventory, so that a connection from node A to an address on node B is
-/// attributed at both ends.
+/// attributed at both ends. An address claimed by pods of two nodes maps to
+/// no pod (`PodClaims`): a node speaks only for its own pods.
 public final class PodDirectory: Sendable {
     private struct State {
         var byNode: [String: [PodInfo]] = [:]
-        var byIP: [String: PodInfo] = [:]
+        var byIP = PodClaims([:], keys: { _ in [] })
     }
 
     private let state: Mutex<State>
@@ -19,10 +20,14 @@ public final class PodDirectory: Sendable {
         state = Mutex(s)
     }
 
-    public func replace(node: String, pods: [PodInfo]) {
+    /// Replaces `node`'s pods; returns the addresses now claimed by more
+    /// than one node (left unattributed).
+    @discardableResult
+    public func replace(node: String, pods: [PodInfo]) -> Set<String> {
         state.withLock { s in
             s.byNode[node] = pods
             PodDirectory.reindex(&s)
+            return s.byIP.conflicts
         }
     }
 
@@ -37,9 +42,6 @@ public final class PodDirectory: Sendable {
     }
 
     private static func reindex(_ s: inout State) {
-        s.byIP.removeAll(keepingCapacity: true)
-        for node in s.byNode.keys.sorted() {
-            for p in s.byNode[node]! { for ip in p.ips { s.byIP[ip] = p } }
-        }
+        s.byIP = PodClaims(s.byNode, keys: \.ips)
     }
 }

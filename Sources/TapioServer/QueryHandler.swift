@@ -174,8 +174,11 @@ struct QueryExecutor {
             var dropObject: [String: JSONValue] = [:]
             var total: Int64 = 0
             for d in drops {
-                dropObject["\(d.kind.name)/\(d.reason)"] = .int(Int64(bitPattern: d.count))
-                total += Int64(bitPattern: d.count)
+                // Counts are reported saturated at Int64.max, never wrapped or trapped.
+                let count = Int64(clamping: d.count)
+                dropObject["\(d.kind.name)/\(d.reason)"] = .int(count)
+                let (sum, overflow) = total.addingReportingOverflow(count)
+                total = overflow ? .max : sum
             }
             out.append(.object([
                 "node": .string(r.node),

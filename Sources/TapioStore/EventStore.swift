@@ -125,11 +125,17 @@ public struct ClockCorrection: Sendable, Equatable {
 /// to a store built for volume is an adapter, not a rewrite.
 public protocol EventStore: Sendable {
     /// Stores a batch durably (the call returns after the data is on disk).
-    /// `payload` is the batch as it arrived, kept for replay. Returns false
-    /// when (node, epoch, sequence) was stored before: nothing is written twice.
-    func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64) throws -> Bool
-    /// The highest stored sequence of (node, epoch), 0 when none.
-    func highestSequence(node: String, epoch: UInt64) throws -> UInt64
+    /// `payload` is the batch as it arrived, kept for replay. `serverDrops`
+    /// are events of this batch the server itself set aside (e.g. dated too
+    /// far ahead), added to the node's drop counters in the same transaction.
+    /// The node's received counters are updated in that transaction too, so
+    /// they never lag what was acknowledged. Returns false when (node, epoch,
+    /// sequence) was stored before: nothing is written twice.
+    func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64, serverDrops: [DropCount]) throws -> Bool
+    /// The contiguous durable prefix of (node, epoch): the largest n such that
+    /// every sequence 1...n is stored, 0 when sequence 1 is not. A gap (a
+    /// batch whose store failed while a later one succeeded) ends the prefix.
+    func durablePrefix(node: String, epoch: UInt64) throws -> UInt64
     func events(_ query: EventQuery) throws -> [StoredEvent]
     func saveNode(_ record: NodeRecord) throws
     func nodes() throws -> [NodeRecord]
@@ -169,7 +175,11 @@ public struct StoredIncident: Sendable, Equatable {
 extension EventStore {
     /// Stores a batch built in this process (encodes it for the log).
     public func append(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
-        try append(batch, payload: batch.encoded(), clock: clock, receivedNs: receivedNs)
+        try append(batch, payload: batch.encoded(), clock: clock, receivedNs: receivedNs, serverDrops: [])
+    }
+
+    public func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
+        try append(batch, payload: payload, clock: clock, receivedNs: receivedNs, serverDrops: [])
     }
 }
 
@@ -198,6 +208,8 @@ public final class SQLiteEventStore: EventStore {
         let insertBatch: SQLiteStatement
         let insertEvent: SQLiteStatement
         let upsertDrop: SQLiteStatement
+        let addServerDrop: SQLiteStatement
+        let countBatch: SQLiteStatement
 
         init(db: SQLiteDatabase) throws {
             self.db = db
@@ -214,6 +226,34 @@ public final class SQLiteEventStore: EventStore {
                 INSERT INTO drops(node, epoch, kind, reason, count) VALUES (?, ?, ?, ?, ?)
                 ON CONFLICT(node, epoch, kind, reason) DO UPDATE SET count = max(count, excluded.count)
                 """)
+            // Server-side drops are not cumulative counters of the agent's: they add up.
+            addServerDrop = try db.prepare("""
+                INSERT INTO drops(node, epoch, kind, reason, count) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(node, epoch, kind, reason) DO UPDATE SET count = min(count + excluded.count, 9223372036854775807)
+                """)
+            countBatch = try db.prepare("""
+                INSERT INTO nodes(node, agent_version, boot_id, capabilities, degraded, first_seen_ns, last_seen_ns,
+                                  clock_offset_ns, clock_error_ns, events_received, batches_received, duplicate_batches)
+                VALUES (?, '', '', '', '', ?, ?, 0, 0, ?, ?, ?)
+                ON CONFLICT(node) DO UPDATE SET
+                    events_received = min(events_received + excluded.events_received, 9223372036854775807),
+                    batches_received = batches_received + excluded.batches_received,
+                    duplicate_batches = duplicate_batches + excluded.duplicate_batches,
+                    last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)
+                """)
+        }
+
+        /// Counts a stored or duplicate batch in the node's row.
+        func count(node: String, events: Int, duplicate: Bool, nowNs: Int64) throws {
+            let s = countBatch
+            s.reset()
+            s.bind(1, node)
+            s.bind(2, nowNs)
+            s.bind(3, nowNs)
+            s.bind(4, duplicate ? 0 : Int64(events))
+            s.bind(5, duplicate ? 0 : 1)
+            s.bind(6, duplicate ? 1 : 0)
+            try s.step()
         }
     }
 
@@ -267,7 +307,7 @@ public final class SQLiteEventStore: EventStore {
         reader = Mutex(ReadConnection(db: try SQLiteDatabase(path: path)))
     }
 
-    public func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64) throws -> Bool {
+    public func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64, serverDrops: [DropCount]) throws -> Bool {
         try db.withLock { c in
             try c.db.transaction {
                 let b = c.insertBatch
@@ -281,7 +321,11 @@ public final class SQLiteEventStore: EventStore {
                 b.bind(7, clock.errorNs)
                 b.bind(8, payload)
                 try b.step()
-                if c.db.changes == 0 { return false }
+                if c.db.changes == 0 {
+                    try c.count(node: batch.node, events: batch.events.count, duplicate: true, nowNs: receivedNs)
+                    return false
+                }
+                try c.count(node: batch.node, events: batch.events.count, duplicate: false, nowNs: receivedNs)
 
                 let e = c.insertEvent
                 for event in batch.events {
@@ -312,21 +356,39 @@ public final class SQLiteEventStore: EventStore {
                     d.bind(2, Int64(bitPattern: batch.epoch))
                     d.bind(3, Int64(drop.kind.rawValue))
                     d.bind(4, drop.reason)
-                    d.bind(5, Int64(bitPattern: drop.count))
+                    d.bind(5, Int64(clamping: drop.count))
                     try d.step()
+                }
+                let a = c.addServerDrop
+                for drop in serverDrops where drop.count > 0 {
+                    a.reset()
+                    a.bind(1, batch.node)
+                    a.bind(2, Int64(bitPattern: batch.epoch))
+                    a.bind(3, Int64(drop.kind.rawValue))
+                    a.bind(4, drop.reason)
+                    a.bind(5, Int64(clamping: drop.count))
+                    try a.step()
                 }
                 return true
             }
         }
     }
 
-    public func highestSequence(node: String, epoch: UInt64) throws -> UInt64 {
+    public func durablePrefix(node: String, epoch: UInt64) throws -> UInt64 {
+        // Sequences are 1...Int64.max (the server refuses larger ones), so
+        // seq + 1 never overflows. The first stored sequence whose successor
+        // is missing ends the prefix, provided sequence 1 is stored at all.
         try reader.withLock { c in
-            let s = try c.db.prepare("SELECT coalesce(max(seq), 0) FROM batches WHERE node = ? AND epoch = ?")
+            let s = try c.db.prepare("""
+                SELECT CASE WHEN EXISTS(SELECT 1 FROM batches WHERE node = ?1 AND epoch = ?2 AND seq = 1)
+                    THEN (SELECT min(b.seq) FROM batches b WHERE b.node = ?1 AND b.epoch = ?2 AND b.seq >= 1
+                          AND NOT EXISTS(SELECT 1 FROM batches n WHERE n.node = ?1 AND n.epoch = ?2 AND n.seq = b.seq + 1))
+                    ELSE 0 END
+                """)
             s.bind(1, node)
             s.bind(2, Int64(bitPattern: epoch))
             guard try s.step() else { return 0 }
-            return UInt64(bitPattern: s.int64(0))
+            return UInt64(clamping: s.int64(0))
         }
     }
 
@@ -376,10 +438,9 @@ public final class SQLiteEventStore: EventStore {
                                   clock_offset_ns, clock_error_ns, events_received, batches_received, duplicate_batches)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT(node) DO UPDATE SET agent_version = excluded.agent_version, boot_id = excluded.boot_id,
-                    capabilities = excluded.capabilities, degraded = excluded.degraded, last_seen_ns = excluded.last_seen_ns,
-                    clock_offset_ns = excluded.clock_offset_ns, clock_error_ns = excluded.clock_error_ns,
-                    events_received = excluded.events_received, batches_received = excluded.batches_received,
-                    duplicate_batches = excluded.duplicate_batches
+                    capabilities = excluded.capabilities, degraded = excluded.degraded,
+                    last_seen_ns = max(last_seen_ns, excluded.last_seen_ns),
+                    clock_offset_ns = excluded.clock_offset_ns, clock_error_ns = excluded.clock_error_ns
                 """)
             s.bind(1, r.node)
             s.bind(2, r.agentVersion)
@@ -419,11 +480,21 @@ public final class SQLiteEventStore: EventStore {
 
     public func drops(node: String) throws -> [DropCount] {
         try reader.withLock { c in
-            let s = try c.db.prepare("SELECT kind, reason, sum(count) FROM drops WHERE node = ? GROUP BY kind, reason ORDER BY kind, reason")
+            // Summed here, saturating: SQLite's sum() fails for good once the
+            // epochs of one node add up past Int64.max.
+            let s = try c.db.prepare("SELECT kind, reason, count FROM drops WHERE node = ? ORDER BY kind, reason")
             s.bind(1, node)
             var out: [DropCount] = []
             while try s.step() {
-                out.append(DropCount(kind: EventKind(rawValue: UInt32(s.int64(0))) ?? .unspecified, reason: s.string(1), count: UInt64(bitPattern: s.int64(2))))
+                let kind = EventKind(rawValue: UInt32(truncatingIfNeeded: s.int64(0))) ?? .unspecified
+                let reason = s.string(1)
+                let count = UInt64(clamping: s.int64(2))
+                if let last = out.last, last.kind == kind, last.reason == reason {
+                    let (sum, overflow) = last.count.addingReportingOverflow(count)
+                    out[out.count - 1].count = overflow ? .max : sum
+                } else {
+                    out.append(DropCount(kind: kind, reason: reason, count: count))
+                }
             }
             return out
         }

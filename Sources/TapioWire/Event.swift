@@ -108,68 +108,68 @@ public struct TapioEvent: Sendable, Equatable {
         case .exec(let filename):
             return ["filename": .string(filename)]
         case .exit(let exitCode, let signal, let coreDumped):
-            return ["exit_code": .int(Int64(exitCode)), "signal": .int(Int64(signal)), "core_dumped": .bool(coreDumped)]
+            return ["exit_code": .int(Int64(clamping: exitCode)), "signal": .int(Int64(clamping: signal)), "core_dumped": .bool(coreDumped)]
         case .oomKill(let victimPid, let victimComm, let victimUid, let totalVmKb, let anonRssKb, let fileRssKb):
             return [
-                "victim_pid": .int(Int64(victimPid)), "victim_comm": .string(victimComm), "victim_uid": .int(Int64(victimUid)),
-                "total_vm_kb": .int(Int64(totalVmKb)), "anon_rss_kb": .int(Int64(anonRssKb)), "file_rss_kb": .int(Int64(fileRssKb)),
+                "victim_pid": .int(Int64(clamping: victimPid)), "victim_comm": .string(victimComm), "victim_uid": .int(Int64(clamping: victimUid)),
+                "total_vm_kb": .int(Int64(clamping: totalVmKb)), "anon_rss_kb": .int(Int64(clamping: anonRssKb)), "file_rss_kb": .int(Int64(clamping: fileRssKb)),
             ]
         case .tcpConnect(let flow, let outcome, let latencyNs, let error, let count):
             var o = flow.jsonFields
             o["outcome"] = .string(outcome.name)
-            o["latency_ns"] = .int(Int64(latencyNs))
-            o["count"] = .int(Int64(count))
+            o["latency_ns"] = .int(Int64(clamping: latencyNs))
+            o["count"] = .int(Int64(clamping: count))
             if error != 0 { o["errno"] = .string(errnoName(error)) }
             return o
         case .tcpListen(let address, let port, let open):
-            var o: [String: JSONValue] = ["port": .int(Int64(port)), "state": .string(open ? "open" : "closed")]
+            var o: [String: JSONValue] = ["port": .int(Int64(clamping: port)), "state": .string(open ? "open" : "closed")]
             if let address { o["ip"] = .string(address.description) }
             return o
         case .tcpReset(let flow, let sent, let state, let count):
             var o = flow.jsonFields
             o["direction"] = .string(sent ? "sent" : "received")
-            o["tcp_state"] = .int(Int64(state))
-            o["count"] = .int(Int64(count))
+            o["tcp_state"] = .int(Int64(clamping: state))
+            o["count"] = .int(Int64(clamping: count))
             return o
         case .tcpRetransmit(let flow, let count, let intervalNs):
             var o = flow.jsonFields
-            o["count"] = .int(Int64(count))
-            o["interval_ns"] = .int(Int64(intervalNs))
+            o["count"] = .int(Int64(clamping: count))
+            o["interval_ns"] = .int(Int64(clamping: intervalNs))
             return o
         case .tcpLatency(let flow, let srttUs, let responses, let total, let maxNs, let intervalNs):
             var o = flow.jsonFields
-            o["srtt_us"] = .int(Int64(srttUs))
-            o["responses"] = .int(Int64(responses))
-            o["response_ns_avg"] = .int(responses == 0 ? 0 : Int64(total / UInt64(responses)))
-            o["response_ns_max"] = .int(Int64(maxNs))
-            o["interval_ns"] = .int(Int64(intervalNs))
+            o["srtt_us"] = .int(Int64(clamping: srttUs))
+            o["responses"] = .int(Int64(clamping: responses))
+            o["response_ns_avg"] = .int(responses == 0 ? 0 : Int64(clamping: total / UInt64(responses)))
+            o["response_ns_max"] = .int(Int64(clamping: maxNs))
+            o["interval_ns"] = .int(Int64(clamping: intervalNs))
             return o
         case .packetDrop(let reason, let count, let flow, let proto, let ifindex, let intervalNs):
             var o = flow.jsonFields
             o["reason"] = .string(reason)
-            o["count"] = .int(Int64(count))
+            o["count"] = .int(Int64(clamping: count))
             o["protocol"] = .string(ipProtocolName(proto))
-            o["ifindex"] = .int(Int64(ifindex))
-            o["interval_ns"] = .int(Int64(intervalNs))
+            o["ifindex"] = .int(Int64(clamping: ifindex))
+            o["interval_ns"] = .int(Int64(clamping: intervalNs))
             return o
         case .dns(let name, let qtype, let rcode, let latencyNs, let server, let serverPort, let id, let answers):
             var o: [String: JSONValue] = [
                 "name": .string(name), "qtype": .string(dnsTypeName(qtype)), "rcode": .string(dnsRcodeName(rcode)),
-                "outcome": .string(rcode < 0 ? "timeout" : "answer"), "latency_ns": .int(Int64(latencyNs)),
-                "id": .int(Int64(id)), "answers": .array(answers.map { .string($0.description) }),
+                "outcome": .string(rcode < 0 ? "timeout" : "answer"), "latency_ns": .int(Int64(clamping: latencyNs)),
+                "id": .int(Int64(clamping: id)), "answers": .array(answers.map { .string($0.description) }),
             ]
-            if let server { o["server"] = .string(server.description); o["server_port"] = .int(Int64(serverPort)) }
+            if let server { o["server"] = .string(server.description); o["server_port"] = .int(Int64(clamping: serverPort)) }
             return o
         case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup):
-            return ["periods": .int(Int64(periods)), "throttled_periods": .int(Int64(throttledPeriods)),
-                    "throttled_ns": .int(Int64(throttledNs)), "interval_ns": .int(Int64(intervalNs)), "cgroup": .string(cgroup)]
+            return ["periods": .int(Int64(clamping: periods)), "throttled_periods": .int(Int64(clamping: throttledPeriods)),
+                    "throttled_ns": .int(Int64(clamping: throttledNs)), "interval_ns": .int(Int64(clamping: intervalNs)), "cgroup": .string(cgroup)]
         case .memoryPressure(let source, let count, let usage, let limit, let psi, let intervalNs, let cgroup):
-            return ["source": .string(source), "count": .int(Int64(count)), "usage_bytes": .int(Int64(usage)),
-                    "limit_bytes": .int(Int64(limit)), "psi_some_avg10": .double(Double(psi) / 10), "interval_ns": .int(Int64(intervalNs)),
+            return ["source": .string(source), "count": .int(Int64(clamping: count)), "usage_bytes": .int(Int64(clamping: usage)),
+                    "limit_bytes": .int(Int64(clamping: limit)), "psi_some_avg10": .double(Double(psi) / 10), "interval_ns": .int(Int64(clamping: intervalNs)),
                     "cgroup": .string(cgroup)]
         case .ioError(let error, let syscall, let count, let intervalNs):
-            return ["errno": .string(errnoName(error)), "error_code": .int(Int64(error)), "syscall": .string(syscall),
-                    "count": .int(Int64(count)), "interval_ns": .int(Int64(intervalNs))]
+            return ["errno": .string(errnoName(error)), "error_code": .int(Int64(clamping: error)), "syscall": .string(syscall),
+                    "count": .int(Int64(clamping: count)), "interval_ns": .int(Int64(clamping: intervalNs))]
         }
     }
 }

@@ -74,6 +74,11 @@ private func unpackMessage<M, R>(_ bytes: [UInt8], name: String, unpack: (Int, U
 // MARK: - Hello / HelloAck
 
 public struct Hello: Sendable, Equatable {
+    /// 2: an `Ack` names exactly one durable batch and `HelloAck.ackedSequence`
+    /// is the contiguous durable prefix. Version 1 acknowledged cumulatively,
+    /// which lost batches behind a gap (docs/protocol.md).
+    public static let currentProtocolVersion: UInt32 = 2
+
     public var node: String
     public var agentVersion: String
     public var bootId: String
@@ -82,7 +87,7 @@ public struct Hello: Sendable, Equatable {
     public var streamEpoch: UInt64
     public var protocolVersion: UInt32
 
-    public init(node: String, agentVersion: String, bootId: String, capabilities: [String], degraded: [String] = [], streamEpoch: UInt64, protocolVersion: UInt32 = 1) {
+    public init(node: String, agentVersion: String, bootId: String, capabilities: [String], degraded: [String] = [], streamEpoch: UInt64, protocolVersion: UInt32 = Hello.currentProtocolVersion) {
         self.node = node
         self.agentVersion = agentVersion
         self.bootId = bootId
@@ -126,14 +131,18 @@ public struct Hello: Sendable, Equatable {
 public struct HelloAck: Sendable, Equatable {
     public var maxFrameBytes: UInt32
     public var windowBatches: UInt32
+    /// Every batch of the hello's epoch from sequence 1 to this one is durable.
     public var ackedSequence: UInt64
     public var serverVersion: String
+    /// The most events one batch may hold; 0 when the server announced none.
+    public var maxBatchEvents: UInt32
 
-    public init(maxFrameBytes: UInt32, windowBatches: UInt32, ackedSequence: UInt64, serverVersion: String) {
+    public init(maxFrameBytes: UInt32, windowBatches: UInt32, ackedSequence: UInt64, serverVersion: String, maxBatchEvents: UInt32 = 0) {
         self.maxFrameBytes = maxFrameBytes
         self.windowBatches = windowBatches
         self.ackedSequence = ackedSequence
         self.serverVersion = serverVersion
+        self.maxBatchEvents = maxBatchEvents
     }
 
     public func encoded() -> [UInt8] {
@@ -144,12 +153,14 @@ public struct HelloAck: Sendable, Equatable {
         m.window_batches = windowBatches
         m.acked_sequence = ackedSequence
         m.server_version = arena.string(serverVersion)
+        m.max_batch_events = maxBatchEvents
         return packMessage(&m, size: { tapio__v1__hello_ack__get_packed_size($0) }, pack: { tapio__v1__hello_ack__pack($0, $1) })
     }
 
     public static func decode(_ bytes: [UInt8]) throws -> HelloAck {
         try unpackMessage(bytes, name: "HelloAck", unpack: { tapio__v1__hello_ack__unpack(nil, $0, $1) }, free: { tapio__v1__hello_ack__free_unpacked($0, nil) }) { m in
-            HelloAck(maxFrameBytes: m.max_frame_bytes, windowBatches: m.window_batches, ackedSequence: m.acked_sequence, serverVersion: swiftString(m.server_version))
+            HelloAck(maxFrameBytes: m.max_frame_bytes, windowBatches: m.window_batches, ackedSequence: m.acked_sequence, serverVersion: swiftString(m.server_version),
+                     maxBatchEvents: m.max_batch_events)
         }
     }
 }
@@ -368,6 +379,52 @@ public struct EventBatch: Sendable, Equatable {
         m.n_drops = drops.count
         m.drops = cDropPtrs
         return packMessage(&m, size: { tapio__v1__event_batch__get_packed_size($0) }, pack: { tapio__v1__event_batch__pack($0, $1) })
+    }
+
+    /// Counts the events of an encoded batch from its top-level fields alone,
+    /// without allocating: a batch is refused on its size before protobuf-c
+    /// builds one structure per event. Throws on a truncated or invalid
+    /// top-level encoding.
+    public static func eventCount(encoded bytes: [UInt8]) throws -> Int {
+        var i = 0
+        var count = 0
+        func varint() throws -> UInt64 {
+            var value: UInt64 = 0
+            var shift: UInt64 = 0
+            while true {
+                guard i < bytes.count, shift < 64 else { throw MessageDecodeError("truncated varint in EventBatch") }
+                let b = bytes[i]
+                i += 1
+                value |= UInt64(b & 0x7f) << shift
+                if b & 0x80 == 0 { return value }
+                shift += 7
+            }
+        }
+        while i < bytes.count {
+            let key = try varint()
+            let field = key >> 3
+            switch key & 7 {
+            case 0: _ = try varint()
+            case 1: i += 8
+            case 5: i += 4
+            case 2:
+                let n = try varint()
+                guard n <= UInt64(bytes.count - i) else { throw MessageDecodeError("field \(field) longer than the EventBatch") }
+                i += Int(n)
+                if field == 6 { count += 1 }
+            default: throw MessageDecodeError("wire type \(key & 7) in EventBatch")
+            }
+            guard i <= bytes.count else { throw MessageDecodeError("truncated EventBatch") }
+        }
+        return count
+    }
+
+    /// Decodes a batch after checking, without allocating, that it holds at
+    /// most `maxEvents` events.
+    public static func decode(_ bytes: [UInt8], maxEvents: Int) throws -> EventBatch {
+        let n = try eventCount(encoded: bytes)
+        guard n <= maxEvents else { throw MessageDecodeError("batch of \(n) events exceeds the limit of \(maxEvents)") }
+        return try decode(bytes)
     }
 
     public static func decode(_ bytes: [UInt8]) throws -> EventBatch {

@@ -25,8 +25,8 @@ final class EventStoreTests: XCTestCase {
         XCTAssertTrue(try store.append(batch("a", epoch: 2, seq: 1, base: 2_000), clock: .none, receivedNs: 0))
         XCTAssertTrue(try store.append(batch("b", epoch: 1, seq: 1, base: 3_000), clock: .none, receivedNs: 0))
         XCTAssertEqual(try store.events(EventQuery()).count, 9)
-        XCTAssertEqual(try store.highestSequence(node: "a", epoch: 1), 1)
-        XCTAssertEqual(try store.highestSequence(node: "a", epoch: 9), 0)
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 1)
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 9), 0)
     }
 
     func testQueriesFilterByTimeNodeKindAndKeepTheMostRecent() throws {
@@ -68,9 +68,79 @@ final class EventStoreTests: XCTestCase {
         }
         let reopened = try SQLiteEventStore(directory: dir)
         XCTAssertEqual(try reopened.events(EventQuery()).count, 6)
-        XCTAssertEqual(try reopened.highestSequence(node: "a", epoch: 5), 2)
+        XCTAssertEqual(try reopened.durablePrefix(node: "a", epoch: 5), 2)
         XCTAssertEqual(try reopened.nodes().map(\.capabilities), [["process_exec"]])
         // Drop counters are cumulative per epoch: the larger value wins, nothing is double counted.
         XCTAssertEqual(try reopened.drops(node: "a"), [DropCount(kind: .processExec, reason: "ringbuf_full", count: 9)])
+    }
+
+    // Issue 14, defect 6: a gap (a batch whose store failed) ends what the
+    // server may call durable, whatever was stored after it.
+    func testTheDurablePrefixStopsAtTheFirstMissingSequence() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 0)
+        for seq: UInt64 in [2, 3] { _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), clock: .none, receivedNs: 0) }
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 0, "without sequence 1 nothing is a prefix")
+        _ = try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0)
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 3)
+        for seq: UInt64 in [5, 6, 9] { _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), clock: .none, receivedNs: 0) }
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 3, "4 is missing: 5, 6 and 9 are stored but not a prefix")
+        _ = try store.append(batch("a", epoch: 1, seq: 4, base: 1_000), clock: .none, receivedNs: 0)
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 6)
+        // The largest sequence the server accepts does not overflow the query.
+        _ = try store.append(batch("b", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0)
+        _ = try store.append(batch("b", epoch: 1, seq: UInt64(Int64.max), base: 1_000), clock: .none, receivedNs: 0)
+        XCTAssertEqual(try store.durablePrefix(node: "b", epoch: 1), 1)
+    }
+
+    // Issue 14, defect 3: drop counters near and past Int64.max sum without
+    // failing, for this node and every other.
+    func testDropCountersSumWithoutOverflowAcrossEpochs() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        for epoch: UInt64 in 1...3 {
+            var b = batch("a", epoch: epoch, seq: 1, base: 1_000, count: 1)
+            b.drops = [DropCount(kind: .dns, reason: "ringbuf_full", count: UInt64.max - 5)]
+            _ = try store.append(b, clock: .none, receivedNs: 0)
+        }
+        var b = batch("b", epoch: 1, seq: 1, base: 1_000, count: 1)
+        b.drops = [DropCount(kind: .dns, reason: "ringbuf_full", count: 7)]
+        _ = try store.append(b, clock: .none, receivedNs: 0)
+        XCTAssertEqual(try store.drops(node: "a"), [DropCount(kind: .dns, reason: "ringbuf_full", count: .max)])
+        XCTAssertEqual(try store.drops(node: "b"), [DropCount(kind: .dns, reason: "ringbuf_full", count: 7)])
+    }
+
+    // Issue 14, defect 11: what a node was acknowledged is what `nodes`
+    // shows after a crash: counters move in the batch's own transaction, and
+    // a later save of the node's description never sets them back.
+    func testNodeCountersAreDurableWithTheBatchesTheyCount() throws {
+        let dir = try TestSupport.temporaryDirectory()
+        do {
+            let store = try SQLiteEventStore(directory: dir)
+            try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.0"))
+            for seq: UInt64 in 1...5 { _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), clock: .none, receivedNs: 0) }
+            _ = try store.append(batch("a", epoch: 1, seq: 2, base: 1_000), clock: .none, receivedNs: 0)
+            // A stale snapshot of the node saved afterwards.
+            try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.1", eventsReceived: 3, batchesReceived: 1))
+        }
+        let reopened = try SQLiteEventStore(directory: dir)
+        let node = try XCTUnwrap(try reopened.nodes().first)
+        XCTAssertEqual(node.agentVersion, "0.1.1")
+        XCTAssertEqual(node.eventsReceived, 15)
+        XCTAssertEqual(node.batchesReceived, 5)
+        XCTAssertEqual(node.duplicateBatches, 1)
+    }
+
+    // Events the server set aside are counted per node, added up, never
+    // taken as the agent's cumulative counters.
+    func testServerDropsAddUpPerBatch() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        for seq: UInt64 in 1...2 {
+            _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), payload: batch("a", epoch: 1, seq: seq, base: 1_000).encoded(), clock: .none, receivedNs: 0,
+                                 serverDrops: [DropCount(kind: .unspecified, reason: "future_time", count: 2)])
+        }
+        // A resend is a duplicate: its drops are not counted again.
+        _ = try store.append(batch("a", epoch: 1, seq: 2, base: 1_000), payload: batch("a", epoch: 1, seq: 2, base: 1_000).encoded(), clock: .none, receivedNs: 0,
+                             serverDrops: [DropCount(kind: .unspecified, reason: "future_time", count: 2)])
+        XCTAssertEqual(try store.drops(node: "a"), [DropCount(kind: .unspecified, reason: "future_time", count: 4)])
     }
 }

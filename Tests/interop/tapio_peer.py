@@ -102,7 +102,7 @@ def send_batch(pb_dir, host, port, ca, cert, key, node, seq):
     sock = tls_connect(host, port, ca, cert, key)
     epoch = 4242
     hello = pb.Hello(node=node, agent_version="python-interop", boot_id="interop",
-                     capabilities=["process_exit"], stream_epoch=epoch, protocol_version=1)
+                     capabilities=["process_exit"], stream_epoch=epoch, protocol_version=2)
     sock.sendall(frame("hello", hello.SerializeToString()))
     ftype, payload = read_frame(sock)
     if ftype != "hello_ack":
@@ -128,7 +128,7 @@ def send_batch(pb_dir, host, port, ca, cert, key, node, seq):
         elif ftype == "ack":
             ack = pb.Ack()
             ack.ParseFromString(payload)
-            if ack.sequence >= int(seq):
+            if ack.sequence == int(seq):
                 sock.sendall(frame("goodbye", pb.Goodbye(reason="done", last_sequence=int(seq)).SerializeToString()))
                 print(json.dumps({"acked": ack.sequence, "epoch": ack.epoch}))
                 return

@@ -122,7 +122,7 @@ struct  Tapio__V1__Hello
    */
   uint64_t stream_epoch;
   /*
-   * 1
+   * 2 (docs/protocol.md: version 1 acknowledged cumulatively)
    */
   uint32_t protocol_version;
   /*
@@ -151,14 +151,19 @@ struct  Tapio__V1__HelloAck
    */
   uint32_t window_batches;
   /*
-   * highest durable sequence for (node, stream_epoch); 0 if none
+   * Every batch of (node, stream_epoch) with a sequence from 1 to this one is
+   * durable: the contiguous durable prefix, never the highest stored sequence.
    */
   uint64_t acked_sequence;
   char *server_version;
+  /*
+   * a batch with more events is refused; 0 means no limit announced
+   */
+  uint32_t max_batch_events;
 };
 #define TAPIO__V1__HELLO_ACK__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__hello_ack__descriptor) \
-    , 0, 0, 0, (char *)protobuf_c_empty_string }
+    , 0, 0, 0, (char *)protobuf_c_empty_string, 0 }
 
 
 /*
@@ -631,7 +636,8 @@ struct  Tapio__V1__Inventory
 
 
 /*
- * Server -> agent: every batch of this epoch up to `sequence` is durable.
+ * Server -> agent: the batch (epoch, sequence) is durable, stored now or
+ * before (a resend). It says nothing about any other batch.
  */
 struct  Tapio__V1__Ack
 {
