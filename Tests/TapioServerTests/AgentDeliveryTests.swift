@@ -1,0 +1,147 @@
+import Foundation
+import TapioAgent
+import TapioServer
+import TapioStore
+import TapioTestSupport
+import TapioWire
+import XCTest
+
+/// The agent's outbox and sender against a real server: whatever the agent
+/// held is either stored once or counted as dropped on the server.
+final class AgentDeliveryTests: XCTestCase {
+    private let node = "node-a"
+
+    /// An agent process that sealed batches and then ended (killed, or stopped
+    /// while the server was away): only its spool is left.
+    private func earlierRun(spool: String, limits: Outbox.Limits = Outbox.Limits(), epoch: UInt64 = UInt64(wallClockNs()) - 60_000_000_000,
+                            _ body: (Outbox) throws -> Void) throws {
+        let outbox = try Outbox(node: node, epoch: epoch, limits: limits, spoolDirectory: spool)
+        try body(outbox)
+    }
+
+    private func stored(_ h: ServerHarness) throws -> [StoredEvent] {
+        try h.server.store.events(EventQuery(node: node, limit: 100_000))
+    }
+
+    private func storedComms(_ h: ServerHarness, prefix: String) throws -> [String] {
+        try stored(h).map(\.comm).filter { $0.hasPrefix(prefix) }
+    }
+
+    private func serverDrops(_ h: ServerHarness, _ reason: String) throws -> UInt64 {
+        try h.server.store.drops(node: node).filter { $0.reason == reason }.reduce(0) { $0 + $1.count }
+    }
+
+    private func limits(events: Int) -> Outbox.Limits {
+        var limits = Outbox.Limits()
+        limits.maxEvents = events
+        return limits
+    }
+
+    // 7
+    func testABatchLargerThanTheServersFrameLimitIsCountedAndEverythingElseArrives() throws {
+        let h = try ServerHarness { $0.limits.maxFrameBytes = 16_384 }
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        try earlierRun(spool: spool, limits: limits(events: 1000)) { outbox in
+            // About 25 kB: more than the server takes in one frame.
+            for pid in 1...400 { outbox.add(event(UInt32(pid), comm: "big-\(pid)-" + String(repeating: "b", count: 40))) }
+            outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+            for pid in 401...410 { outbox.add(event(UInt32(pid), comm: "small-\(pid)")) }
+            outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        }
+        let (outbox, sender) = try h.agent(node: node, spool: spool)
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 }, "the oversized batch does not block the one behind it")
+
+        // After the hello-ack, new batches are sealed within the server's limit.
+        for pid in 1001...2000 { outbox.add(event(UInt32(pid), comm: "fresh-\(pid)-" + String(repeating: "f", count: 40))) }
+        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        XCTAssertEqual(try storedComms(h, prefix: "small-").count, 10)
+        XCTAssertEqual(try storedComms(h, prefix: "fresh-").count, 1000)
+        XCTAssertEqual(try storedComms(h, prefix: "big-").count, 0)
+        XCTAssertTrue(try eventually { try serverDrops(h, "batch_too_large") == 400 }, "stored + counted = generated")
+    }
+
+    // 8
+    func testACorruptSpoolRecordIsCountedOnTheServerAndTheOthersArrive() throws {
+        let h = try ServerHarness()
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        var epoch: UInt64 = 0
+        try earlierRun(spool: spool, limits: limits(events: 10)) { outbox in
+            epoch = outbox.epoch
+            for pid in 1...30 { outbox.add(event(UInt32(pid), comm: "spooled")) }
+        }
+        let damaged = spool + "/\(epoch)-2.batch"
+        var bytes = [UInt8](try XCTUnwrap(FileManager.default.contents(atPath: damaged)))
+        bytes[bytes.count / 2] ^= 0x01
+        try Data(bytes).write(to: URL(fileURLWithPath: damaged))
+
+        let (outbox, sender) = try h.agent(node: node, spool: spool)
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 }, "one bad record does not block the agent")
+        // The count travels in this run's batches.
+        outbox.add(event(99, comm: "after"))
+        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        XCTAssertEqual(try storedComms(h, prefix: "spooled").count, 20)
+        XCTAssertTrue(try eventually { try serverDrops(h, "spool_corrupt") == 10 })
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: spool + "/quarantine").count, 1)
+    }
+
+    // 9
+    func testEventsThatDidNotFitTheSpoolAtShutdownReachTheServerAsDropsAfterTheNextStart() throws {
+        let h = try ServerHarness()
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        var small = limits(events: 10)
+        small.maxSpoolBytes = 600
+        var lost = 0
+        try earlierRun(spool: spool, limits: small) { outbox in
+            for pid in 1...30 { outbox.add(event(UInt32(pid), comm: "before")) }
+            lost = outbox.spoolRemaining()
+        }
+        XCTAssertGreaterThan(lost, 0)
+        let (outbox, sender) = try h.agent(node: node, spool: spool)
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        outbox.add(event(99, comm: "after"))
+        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        let kept = try storedComms(h, prefix: "before").count
+        XCTAssertEqual(kept + lost, 30)
+        XCTAssertTrue(try eventually { try serverDrops(h, "spool_full") == UInt64(lost) }, "stored + counted = generated")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: spool + "/carried-drops"), "cleared once a batch carrying it is kept")
+    }
+
+    // 10
+    func testWhatAKilledAgentHadSealedArrivesAfterItRestarts() throws {
+        let h = try ServerHarness()
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        try earlierRun(spool: spool, limits: limits(events: 10)) { outbox in
+            for pid in 1...95 { outbox.add(event(UInt32(pid), comm: "before-kill")) }
+            outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+            // No shutdown, no spoolRemaining(): the process is gone.
+        }
+        let (outbox, sender) = try h.agent(node: node, spool: spool)
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        let pids = try stored(h).filter { $0.comm == "before-kill" }.map(\.pid)
+        XCTAssertEqual(pids.sorted(), Array(1...95).map(UInt32.init), "each once")
+        let left = try FileManager.default.contentsOfDirectory(atPath: spool).filter { $0.hasSuffix(".batch") }
+        XCTAssertEqual(left, [], "acknowledged records are deleted")
+    }
+
+    // 4, agent side: an earlier epoch that does not start at sequence 1.
+    func testAnEarlierRunsBatchesAreAllDeliveredWhateverSequenceTheyStartAt() throws {
+        let h = try ServerHarness()
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        try earlierRun(spool: spool, limits: limits(events: 10)) { outbox in
+            for pid in 1...50 { outbox.add(event(UInt32(pid), comm: "earlier")) }
+            // The server had acknowledged 1 and 2 before the process stopped.
+            outbox.acknowledge(epoch: outbox.epoch, sequence: 1)
+            outbox.acknowledge(epoch: outbox.epoch, sequence: 2)
+        }
+        let (outbox, sender) = try h.agent(node: node, spool: spool)
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        XCTAssertEqual(try stored(h).filter { $0.comm == "earlier" }.map(\.pid).sorted(), Array(21...50).map(UInt32.init))
+    }
+}
