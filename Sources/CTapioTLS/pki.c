@@ -514,45 +514,85 @@ out:
 	return rc;
 }
 
-/// Copies the nid entry of name as UTF-8. Only one CN is accepted: with two,
-/// which one names the peer would be a guess. Returns 0 (out "" if absent and
-/// not required) or -1.
-static int name_entry(const X509_NAME *name, int nid, int unique, int required, char *out,
-                      size_t out_len)
+/// Copies the nid entry of name as UTF-8. At most one is accepted: with two,
+/// which one names the peer (or gives its role) would be a guess. Returns
+/// TAPIO_IDENTITY_OK (out "" if absent and not required), or why not.
+static int name_entry(const X509_NAME *name, int nid, int required, int duplicate_reason,
+                      char *out, size_t out_len)
 {
 	int idx = X509_NAME_get_index_by_NID(name, nid, -1);
 	unsigned char *utf8 = NULL;
 	int len;
 
 	if (idx < 0)
-		return required ? -1 : 0;
-	if (unique && X509_NAME_get_index_by_NID(name, nid, idx) >= 0)
-		return -1;
+		return required ? duplicate_reason : TAPIO_IDENTITY_OK;
+	if (X509_NAME_get_index_by_NID(name, nid, idx) >= 0)
+		return duplicate_reason;
 	len = ASN1_STRING_to_UTF8(&utf8, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, idx)));
 	if (len < 0)
-		return -1;
+		return TAPIO_IDENTITY_BAD_VALUE;
 	if (memchr(utf8, '\0', (size_t)len) != NULL || (size_t)len >= out_len) {
 		OPENSSL_free(utf8);
-		return -1;
+		return TAPIO_IDENTITY_BAD_VALUE;
 	}
 	memcpy(out, utf8, (size_t)len);
 	out[len] = '\0';
 	OPENSSL_free(utf8);
-	return 0;
+	return TAPIO_IDENTITY_OK;
 }
 
-static int identity(const X509 *cert, char *cn, size_t cn_len, char *org, size_t org_len)
+/// A certificate that may sign others is an issuer, never a peer: marked a CA
+/// in basicConstraints, or allowed keyCertSign in keyUsage.
+static int is_issuer(X509 *cert)
+{
+	uint32_t flags = X509_get_extension_flags(cert); /* also computes the cached extensions */
+
+	if (flags & EXFLAG_INVALID)
+		return 1;
+	if (flags & EXFLAG_CA)
+		return 1;
+	return (flags & EXFLAG_KUSAGE) && (X509_get_key_usage(cert) & KU_KEY_CERT_SIGN);
+}
+
+static int count_entries(const X509_NAME *name, int nid)
+{
+	int n = 0;
+
+	for (int idx = -1; (idx = X509_NAME_get_index_by_NID(name, nid, idx)) >= 0;)
+		n++;
+	return n;
+}
+
+static int identity(X509 *cert, int leaf, char *cn, size_t cn_len, char *org, size_t org_len,
+                    char *err, size_t err_len)
 {
 	const X509_NAME *subject = X509_get_subject_name(cert);
+	int rc = TAPIO_IDENTITY_OK;
 
-	if (name_entry(subject, NID_commonName, 1, 1, cn, cn_len) != 0 ||
-	    (org != NULL && name_entry(subject, NID_organizationName, 0, 0, org, org_len) != 0)) {
+	if (leaf && is_issuer(cert)) {
+		rc = TAPIO_IDENTITY_CA;
+		tt_err(err, err_len,
+		       "the certificate may sign others (basicConstraints CA:TRUE or keyUsage keyCertSign): a CA is not a peer");
+	} else if ((rc = name_entry(subject, NID_commonName, 1, TAPIO_IDENTITY_CN, cn, cn_len)) != 0) {
+		if (rc == TAPIO_IDENTITY_CN)
+			tt_err(err, err_len, "the subject has %d CNs (exactly one names the peer)",
+			       count_entries(subject, NID_commonName));
+		else
+			tt_err(err, err_len, "the subject CN holds a NUL byte or is too long");
+	} else if (org != NULL &&
+	           (rc = name_entry(subject, NID_organizationName, 0, TAPIO_IDENTITY_O, org, org_len)) != 0) {
+		if (rc == TAPIO_IDENTITY_O)
+			tt_err(err, err_len, "the subject has %d O values (at most one gives the role)",
+			       count_entries(subject, NID_organizationName));
+		else
+			tt_err(err, err_len, "the subject O holds a NUL byte or is too long");
+	}
+	if (rc != TAPIO_IDENTITY_OK) {
 		cn[0] = '\0';
 		if (org != NULL && org_len > 0)
 			org[0] = '\0';
-		return -1;
 	}
-	return 0;
+	return rc;
 }
 
 static int prepare_outputs(char *cn, size_t cn_len, char *org, size_t org_len)
@@ -565,25 +605,35 @@ static int prepare_outputs(char *cn, size_t cn_len, char *org, size_t org_len)
 	return 0;
 }
 
-int tapio_cert_identity(const uint8_t *der, size_t der_len, char *cn, size_t cn_len,
-                        char *org, size_t org_len)
+int tapio_cert_peer_identity(const uint8_t *der, size_t der_len, char *cn, size_t cn_len,
+                             char *org, size_t org_len, char *err, size_t err_len)
 {
 	const unsigned char *p = der;
 	X509 *cert;
 	int rc;
 
+	tt_err(err, err_len, "%s", "");
 	if (prepare_outputs(cn, cn_len, org, org_len) != 0 || der == NULL || der_len == 0 ||
-	    der_len > LONG_MAX)
-		return -1;
+	    der_len > LONG_MAX) {
+		tt_err(err, err_len, "no certificate");
+		return TAPIO_IDENTITY_UNPARSABLE;
+	}
 	cert = d2i_X509(NULL, &p, (long)der_len);
 	if (cert == NULL) {
 		ERR_clear_error();
-		return -1;
+		tt_err(err, err_len, "the certificate does not parse");
+		return TAPIO_IDENTITY_UNPARSABLE;
 	}
-	rc = identity(cert, cn, cn_len, org, org_len);
+	rc = identity(cert, 1, cn, cn_len, org, org_len, err, err_len);
 	X509_free(cert);
 	ERR_clear_error();
 	return rc;
+}
+
+int tapio_cert_identity(const uint8_t *der, size_t der_len, char *cn, size_t cn_len,
+                        char *org, size_t org_len)
+{
+	return tapio_cert_peer_identity(der, der_len, cn, cn_len, org, org_len, NULL, 0) == 0 ? 0 : -1;
 }
 
 int tapio_cert_identity_file(const char *pem_path, char *cn, size_t cn_len, char *org,
@@ -599,8 +649,8 @@ int tapio_cert_identity_file(const char *pem_path, char *cn, size_t cn_len, char
 		ERR_clear_error();
 		return -1;
 	}
-	rc = identity(cert, cn, cn_len, org, org_len);
+	rc = identity(cert, 0, cn, cn_len, org, org_len, NULL, 0);
 	X509_free(cert);
 	ERR_clear_error();
-	return rc;
+	return rc == 0 ? 0 : -1;
 }

@@ -129,17 +129,40 @@ int tapio_pki_issue(const char *ca_dir, const char *out_dir, const char *common_
                     const char *organization, const char *const *sans, size_t n_sans,
                     int is_server, int days, char *err, size_t err_len);
 
-/// Reads the identity from a DER certificate (as a TLS stack hands over the
-/// peer's): the subject's CN into cn and its first O into org (UTF-8,
-/// NUL-terminated). org may be NULL to skip it; a missing O gives "".
-/// Returns 0, or -1 (and "" in both) if the DER does not parse, there is not
-/// exactly one CN, a value holds a NUL byte, or a value does not fit (values are
-/// never truncated). This does not verify the certificate: use it only on a
-/// certificate the TLS stack has already verified.
+/// Why a peer certificate names no identity (tapio_cert_peer_identity).
+enum {
+	TAPIO_IDENTITY_OK = 0,
+	/// The DER does not parse (or there is none).
+	TAPIO_IDENTITY_UNPARSABLE = -1,
+	/// The certificate may sign others: basicConstraints CA:TRUE, or keyUsage
+	/// with keyCertSign. An issuer is never a peer.
+	TAPIO_IDENTITY_CA = -2,
+	/// The subject has no CN, or more than one.
+	TAPIO_IDENTITY_CN = -3,
+	/// The subject has more than one O (the role would be a guess).
+	TAPIO_IDENTITY_O = -4,
+	/// A CN or O value holds a NUL byte or does not fit its buffer.
+	TAPIO_IDENTITY_BAD_VALUE = -5,
+};
+
+/// Reads the identity of a peer from its leaf certificate in DER (as a TLS
+/// stack hands it over): the subject's only CN into cn and its only O into org
+/// (UTF-8, NUL-terminated). org may be NULL to skip it; a missing O gives "".
+/// Returns TAPIO_IDENTITY_OK, or one of the reasons above with "" in both and
+/// a sentence in err (err may be NULL): a certificate that is a CA, a subject
+/// with no or several CNs or several O values, or a value holding a NUL byte
+/// or too long for its buffer (values are never truncated) names no one.
+/// This does not verify the certificate: use it only on a certificate the TLS
+/// stack has already verified.
+int tapio_cert_peer_identity(const uint8_t *der, size_t der_len, char *cn, size_t cn_len,
+                             char *org, size_t org_len, char *err, size_t err_len);
+
+/// tapio_cert_peer_identity without the reason: 0, or -1.
 int tapio_cert_identity(const uint8_t *der, size_t der_len, char *cn, size_t cn_len,
                         char *org, size_t org_len);
 
-/// The same from the first certificate in a PEM file.
+/// The CN and O of the first certificate in a PEM file, by the same rules but
+/// for the CA check (so it also reads a CA certificate's name).
 int tapio_cert_identity_file(const char *pem_path, char *cn, size_t cn_len, char *org,
                              size_t org_len);
 
