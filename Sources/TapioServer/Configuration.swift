@@ -10,7 +10,9 @@ public struct ServerConfiguration: Sendable {
         /// Unacknowledged batches an agent may have in flight; the server stops
         /// reading a connection that has this many batches waiting for storage.
         public var windowBatches: UInt32 = 32
-        /// Agent and query connections open at once; more are closed on accept.
+        /// Agent connections open at once on the ingest listener; more are
+        /// closed on accept. Each listener has its own limit, so abuse of one
+        /// port cannot keep agents, operators or scrapers off another.
         public var maxConnections: Int = 4096
         /// A connection with no complete frame for this long is closed.
         public var idleTimeout: TimeAmount = .seconds(60)
@@ -25,6 +27,26 @@ public struct ServerConfiguration: Sendable {
         /// correction) an event may be dated. Later events are stored but not
         /// correlated, and counted per node as dropped with reason `future_time`.
         public var maxFutureSkew: TimeAmount = .seconds(300)
+        /// Operator connections open at once on the query listener.
+        public var maxQueryConnections: Int = 64
+        /// Connections open at once on the HTTP /metrics listener.
+        public var maxMetricsConnections: Int = 64
+        /// The TLS handshake must complete within this time after the TCP
+        /// accept; the client certificate's role is checked right then.
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// A frame whose first byte has arrived must be complete within this
+        /// time (bytes trickled one at a time do not keep a connection open).
+        public var frameTimeout: TimeAmount = .seconds(30)
+        /// Largest frame payload on the query listener (a query is a few
+        /// parameters; answers are not limited by this).
+        public var maxQueryFrameBytes: UInt32 = 64 << 10
+        /// An HTTP /metrics connection is closed this long after its accept,
+        /// answered or not.
+        public var metricsTimeout: TimeAmount = .seconds(10)
+        /// After the server decides to close a connection (a refusal, a
+        /// deadline), how long a last message to the peer may take before the
+        /// connection is closed without it.
+        public var closeGrace: TimeAmount = .seconds(2)
 
         public init() {}
     }

@@ -32,7 +32,10 @@ public final class TapioServer: Sendable {
 
     private struct RunState {
         var listeners: [Channel] = []
+        /// Ingest and query connections (drained on shutdown).
         var connections: [ObjectIdentifier: Channel] = [:]
+        /// Open connections per listener, each against its own limit.
+        var open: [Listener: Int] = [:]
         var shuttingDown = false
         var tick: RepeatedTask?
     }
@@ -63,6 +66,8 @@ public final class TapioServer: Sendable {
         config.minimumTLSVersion = .tlsv13
         // Clients are identified by certificate, not by host name.
         config.certificateVerification = .noHostnameVerification
+        // A close_notify the peer does not answer holds the socket no longer than this.
+        config.shutdownTimeout = .nanoseconds(configuration.limits.closeGrace.nanoseconds)
         return try NIOSSLContext(configuration: config)
     }
 
@@ -70,25 +75,31 @@ public final class TapioServer: Sendable {
         storage.start()
         queries.start()
         correlationThread.start()
-        try correlation.restore(nowNs: wallClockNs())
+        try correlation.restore(nowNs: wallClockNs(), maxFutureSkewNs: configuration.limits.maxFutureSkew.nanoseconds)
         let sslContext = try makeTLSContext()
         let context = ServerContext(configuration: configuration, store: store, registry: registry, pods: pods, correlation: correlation, metrics: metrics, storage: storage, logger: logger, version: Self.version)
         let limits = configuration.limits
-        let idle = TimeAmount.nanoseconds(limits.idleTimeout.nanoseconds)
+        let logger = self.logger
 
-        let ingest = try bootstrap(sslContext: sslContext) { channel in
+        let ingestPolicy = ConnectionPolicy(listener: .ingest, role: PeerIdentity.nodeRole, action: "send events", limits: limits) { code, message in
+            Frame(type: .error, payload: WireError(code, message).encoded())
+        }
+        let ingest = try bootstrap(sslContext: sslContext, listener: .ingest, maxConnections: limits.maxConnections) { [metrics] channel in
             try channel.pipeline.syncOperations.addHandlers([
-                IdleStateHandler(readTimeout: idle),
+                ConnectionGuard(policy: ingestPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
                 MessageToByteHandler(FrameEncoder()),
                 IngestHandler(server: context),
             ])
         }.bind(host: configuration.ingestHost, port: configuration.ingestPort).wait()
 
-        let query = try bootstrap(sslContext: sslContext) { [queries] channel in
+        let queryPolicy = ConnectionPolicy(listener: .query, role: PeerIdentity.operatorRole, action: "query", limits: limits) { code, message in
+            Frame(type: .queryResponse, payload: QueryResponse(status: code.rawValue, error: message).encoded())
+        }
+        let query = try bootstrap(sslContext: sslContext, listener: .query, maxConnections: limits.maxQueryConnections) { [queries, metrics] channel in
             try channel.pipeline.syncOperations.addHandlers([
-                IdleStateHandler(readTimeout: idle),
-                ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
+                ConnectionGuard(policy: queryPolicy, metrics: metrics, logger: logger),
+                ByteToMessageHandler(FrameDecoder(maximumPayload: min(limits.maxQueryFrameBytes, limits.maxFrameBytes))),
                 MessageToByteHandler(FrameEncoder()),
                 QueryHandler(server: context, queries: queries),
             ])
@@ -97,10 +108,16 @@ public final class TapioServer: Sendable {
         var listeners = [ingest, query]
         var metricsAddress: SocketAddress?
         if let host = configuration.metricsHost {
+            let metricsTimeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
             let metricsChannel = try ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.backlog, value: 256)
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { [self] channel in
-                    channel.eventLoop.makeCompletedFuture {
+                    guard admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
+                        return channel.close()
+                    }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: metricsTimeout, metric: "metrics_timeout", metrics: metrics))
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                         try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
                     }
@@ -128,30 +145,48 @@ public final class TapioServer: Sendable {
         return BoundAddresses(ingest: ingest.localAddress!, query: query.localAddress!, metrics: metricsAddress)
     }
 
-    private func bootstrap(sslContext: NIOSSLContext, _ handlers: @escaping @Sendable (Channel) throws -> Void) -> ServerBootstrap {
-        let maxConnections = configuration.limits.maxConnections
-        return ServerBootstrap(group: group)
+    private func bootstrap(sslContext: NIOSSLContext, listener: Listener, maxConnections: Int,
+                           _ handlers: @escaping @Sendable (Channel) throws -> Void) -> ServerBootstrap {
+        ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] channel in
-                let admitted = self.state.withLock { s -> Bool in
-                    guard !s.shuttingDown, s.connections.count < maxConnections else { return false }
-                    s.connections[ObjectIdentifier(channel)] = channel
-                    return true
-                }
-                guard admitted else {
-                    self.metrics.add("tapio_server_connections_rejected_total{reason=\"limit\"}")
+                guard admit(channel, listener: listener, maxConnections: maxConnections, drain: true) else {
                     return channel.close()
-                }
-                channel.closeFuture.whenComplete { _ in
-                    _ = self.state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
                     try handlers(channel)
                 }
             }
+    }
+
+    /// Counts a new connection against its listener's limit, or refuses it.
+    /// `drain`: the connection is asked to finish its work on shutdown.
+    private func admit(_ channel: Channel, listener: Listener, maxConnections: Int, drain: Bool) -> Bool {
+        let admitted = state.withLock { s -> Bool in
+            guard !s.shuttingDown, s.open[listener, default: 0] < maxConnections else { return false }
+            s.open[listener, default: 0] += 1
+            if drain { s.connections[ObjectIdentifier(channel)] = channel }
+            return true
+        }
+        guard admitted else {
+            metrics.add("tapio_server_connections_rejected_total{reason=\"limit\",listener=\"\(listener.rawValue)\"}")
+            return false
+        }
+        channel.closeFuture.whenComplete { _ in
+            self.state.withLock { s in
+                s.open[listener, default: 1] -= 1
+                if drain { s.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+            }
+        }
+        return true
+    }
+
+    /// Open connections on one listener.
+    func openConnections(on listener: Listener) -> Int {
+        state.withLock { $0.open[listener, default: 0] }
     }
 
     public var connectionCount: Int {
@@ -198,6 +233,9 @@ public final class TapioServer: Sendable {
             byName[name, default: []].append((key, value))
         }
         byName["tapio_server_connections"] = [("tapio_server_connections", Int64(connectionCount))]
+        byName["tapio_server_listener_connections"] = Listener.allCases.map {
+            ("tapio_server_listener_connections{listener=\"\($0.rawValue)\"}", Int64(openConnections(on: $0)))
+        }
         for name in byName.keys.sorted() {
             lines.append("# TYPE \(name) \(name.hasSuffix("_total") ? "counter" : "gauge")")
             for (key, value) in byName[name]!.sorted(by: { $0.0 < $1.0 }) { lines.append("\(key) \(value)") }

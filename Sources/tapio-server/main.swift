@@ -127,6 +127,18 @@ struct Serve: ParsableCommand {
     var maxFrameBytes: UInt32 = FrameHeader.defaultMaximumPayload
     @Option(help: "Unacknowledged batches an agent may have in flight.")
     var windowBatches: UInt32 = 32
+    @Option(help: "Agent connections open at once on the ingest listener.")
+    var maxConnections = 4096
+    @Option(help: "Operator connections open at once on the query listener.")
+    var maxQueryConnections = 64
+    @Option(help: "Connections open at once on the /metrics listener.")
+    var maxMetricsConnections = 64
+    @Option(help: "Seconds a TLS handshake may take after the TCP accept.")
+    var handshakeTimeout: Double = 10
+    @Option(help: "Seconds a frame may take from its first byte to its last.")
+    var frameTimeout: Double = 30
+    @Option(help: "Seconds without a complete frame before a connection is closed.")
+    var idleTimeout: Double = 60
     @Option(help: "Seconds between time-sync exchanges on each agent connection.")
     var timeSyncInterval: Double = 2
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
@@ -161,6 +173,19 @@ struct Serve: ParsableCommand {
         }
         config.limits.maxFrameBytes = maxFrameBytes
         config.limits.windowBatches = windowBatches
+        guard maxConnections > 0, maxQueryConnections > 0, maxMetricsConnections > 0 else {
+            throw ValidationError("connection limits must be positive")
+        }
+        config.limits.maxConnections = maxConnections
+        config.limits.maxQueryConnections = maxQueryConnections
+        config.limits.maxMetricsConnections = maxMetricsConnections
+        for (name, seconds) in [("--handshake-timeout", handshakeTimeout), ("--frame-timeout", frameTimeout), ("--idle-timeout", idleTimeout)]
+        where !(seconds > 0 && seconds <= 86_400) {
+            throw ValidationError("\(name) must be between 0 and 86400 seconds, got \(seconds)")
+        }
+        config.limits.handshakeTimeout = .milliseconds(Int64(handshakeTimeout * 1000))
+        config.limits.frameTimeout = .milliseconds(Int64(frameTimeout * 1000))
+        config.limits.idleTimeout = .milliseconds(Int64(idleTimeout * 1000))
         config.timeSyncInterval = .milliseconds(Int64(timeSyncInterval * 1000))
 
         let server = try TapioServer(configuration: config, logger: logger)
