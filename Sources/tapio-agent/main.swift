@@ -25,7 +25,7 @@ struct AgentCommand: ParsableCommand {
     var tlsKey: String?
     @Option(help: "Name the server certificate must carry (default: the host of --server).")
     var serverName: String?
-    @Option(help: "Directory for unacknowledged batches that do not fit in memory or outlive the process.")
+    @Option(help: "Directory where every sealed batch is kept (checksummed, synced) until the server acknowledges it, across crashes and restarts.")
     var spoolDir: String?
     @Option(help: "Observe only tasks below this cgroup2 directory.")
     var cgroupRoot: String?
@@ -35,8 +35,10 @@ struct AgentCommand: ParsableCommand {
     var metadataFile: String?
     @Flag(inversion: .prefixedNo, help: "Pod metadata from the Kubernetes API (default: on in a pod when there is no --metadata-file).")
     var kubernetesApi: Bool?
-    @Option(help: "Events per batch at most.")
+    @Option(help: "Events per batch at most (lowered to the server's limit when it announces one).")
     var batchMaxEvents = 512
+    @Option(help: "Encoded bytes per batch at most (lowered to the server's frame limit).")
+    var batchMaxBytes = 1 << 20
     @Option(help: "Milliseconds an event may wait for its batch.")
     var batchMaxDelayMs = 200
     @Option(help: "Seconds to wait for the last acknowledgement on shutdown.")
@@ -73,6 +75,7 @@ struct AgentCommand: ParsableCommand {
             config.kubernetesAPI = try KubernetesAPIConfiguration.inCluster(nodeName: nodeName, connector: Agent.kubernetesConnector)
         }
         config.outbox.maxEvents = max(1, batchMaxEvents)
+        config.outbox.maxBatchBytes = max(4096, batchMaxBytes)
         config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
         config.shutdownGraceSeconds = shutdownGrace
         config.clock = AgentClock(offsetNs: labClockOffsetMs * 1_000_000)
