@@ -73,13 +73,25 @@ public final class Outbox: Sendable {
         var ackedSequence: UInt64 = 0
         /// The carried-drops file holds counts no durable batch carries yet.
         var carriedFilePresent = false
+        /// The last spool write failed (disk full?): retry one batch per seal, not all.
+        var spoolFailing = false
         /// Limits the server announced (0: none).
         var serverMaxEvents = 0
         var serverMaxPayloadBytes = 0
         var sealedBatches: UInt64 = 0
         var ackedBatches: UInt64 = 0
 
-        var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: +) }
+        var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: saturatingAdd) }
+
+        /// Counts events lost in the agent (saturating: a count read from disk may be anything).
+        mutating func count(_ n: Int, _ reason: String, kind: EventKind = .unspecified) {
+            count(UInt64(max(0, n)), reason, kind: kind)
+        }
+
+        mutating func count(_ n: UInt64, _ reason: String, kind: EventKind = .unspecified) {
+            let key = DropKey(kind: kind, reason: reason)
+            localDrops[key] = saturatingAdd(localDrops[key, default: 0], n)
+        }
     }
 
     struct DropKey: Hashable {
@@ -91,7 +103,10 @@ public final class Outbox: Sendable {
     private struct SpoolWrite {
         var epoch: UInt64
         var sequence: UInt64
-        var record: [UInt8]
+        var events: Int
+        var payload: [UInt8]
+
+        var recordBytes: Int { SpoolRecord.headerSize + payload.count }
     }
 
     public let node: String
@@ -124,8 +139,10 @@ public final class Outbox: Sendable {
         var bad: [String] = []
         var corruptEvents: UInt64 = 0
         var seen = Set<String>()
-        let names = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
-        for name in names where name.hasSuffix(".batch") || name.hasSuffix(".batch.tmp") {
+        let names = try FileManager.default.contentsOfDirectory(atPath: dir)
+        // Renamed records first, then those a crash left under their temporary name.
+        let ordered = names.filter { $0.hasSuffix(".batch") }.sorted() + names.filter { $0.hasSuffix(".batch.tmp") }.sorted()
+        for name in ordered {
             let path = dir + "/" + name
             guard let data = FileManager.default.contents(atPath: path) else {
                 // Unreadable: nothing is known about it, not even its event count.
@@ -135,17 +152,21 @@ public final class Outbox: Sendable {
             }
             let bytes = [UInt8](data)
             var record: SpoolRecord
+            var keptAt = path
             do {
                 record = try SpoolRecord.decode(bytes)
             } catch let error as SpoolRecord.DecodeError {
                 if !name.hasSuffix(".tmp"), let legacy = try? EventBatch.decode(bytes), !legacy.events.isEmpty {
-                    // A batch an older agent spooled without a record around it.
+                    // A batch an older agent spooled as a bare EventBatch: wrap it in a record.
                     record = SpoolRecord(epoch: legacy.epoch, sequence: legacy.sequence, eventCount: UInt32(clamping: legacy.events.count), payload: bytes)
-                    guard (try? writeDurably(recordPath(dir, record.epoch, record.sequence), record.encode())) != nil else {
+                    keptAt = recordPath(dir, record.epoch, record.sequence)
+                    if seen.contains(keptAt) { unlink(path); continue }
+                    guard (try? writeDurably(keptAt, record.encode())) != nil else {
                         bad.append(path)
                         corruptEvents += UInt64(legacy.events.count)
                         continue
                     }
+                    if keptAt != path { unlink(path) }
                 } else {
                     bad.append(path)
                     // Every sealed batch holds at least one event.
@@ -154,28 +175,30 @@ public final class Outbox: Sendable {
                 }
             }
             let final = recordPath(dir, record.epoch, record.sequence)
-            guard !seen.contains(final) else {
-                // A completed write whose rename was interrupted, next to its renamed copy.
-                try? FileManager.default.removeItem(atPath: path)
+            if seen.contains(final) {
+                // The same batch twice: a completed write whose rename was interrupted, next to its renamed copy.
+                unlink(path)
                 continue
             }
-            if path != final {
-                // A complete record left under its temporary (or another) name: keep it under its own.
-                guard rename(path, final) == 0 else { bad.append(path); corruptEvents += UInt64(max(1, record.eventCount)); continue }
+            if keptAt != final, !bad.contains(final), rename(keptAt, final) == 0 {
+                keptAt = final
             }
             seen.insert(final)
             found.append(Entry(epoch: record.epoch, sequence: record.sequence, events: Int(record.eventCount), payloadBytes: record.payload.count,
-                               memory: nil, file: final, fileBytes: SpoolRecord.headerSize + record.payload.count))
+                               memory: nil, file: keptAt, fileBytes: SpoolRecord.headerSize + record.payload.count))
         }
         found.sort { ($0.epoch, $0.sequence) < ($1.epoch, $1.sequence) }
         let carried = readCarriedDrops()
-        try state.withLock { s in
+        state.withLock { s in
             s.entries = found
             s.spoolBytes = found.reduce(0) { $0 + $1.fileBytes }
             s.localDrops = carried
-            if corruptEvents > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "spool_corrupt"), default: 0] += corruptEvents }
-            if corruptEvents > 0 { try writeCarriedDrops(s.localDrops) }
-            s.carriedFilePresent = !s.localDrops.isEmpty
+            if corruptEvents > 0 {
+                s.count(corruptEvents, "spool_corrupt")
+                // If this fails the count is still in memory, and in this run's batches.
+                try? writeCarriedDrops(s.localDrops)
+            }
+            s.carriedFilePresent = carriedPath.map { FileManager.default.fileExists(atPath: $0) } ?? false
         }
         if !bad.isEmpty {
             let quarantine = dir + "/quarantine"
@@ -218,7 +241,7 @@ public final class Outbox: Sendable {
 
     /// Counts an event lost in the agent itself.
     public func countDrop(kind: EventKind, reason: String, count: UInt64 = 1) {
-        state.withLock { s in s.localDrops[DropKey(kind: kind, reason: reason), default: 0] += count }
+        state.withLock { s in s.count(count, reason, kind: kind) }
     }
 
     /// The limits the server announced in its hello-ack (0: not announced).
@@ -257,8 +280,10 @@ public final class Outbox: Sendable {
             sealChunk(events[start..<end], &s)
             start = end
         }
+        // Reserved writes first: a batch about to reach the spool is not dropped for lack of memory.
+        let writes = reserveSpoolWrites(&s)
         enforceMemoryLimit(&s)
-        return reserveSpoolWrites(&s)
+        return writes
     }
 
     /// One batch, halved until it fits the byte budget. A single event larger
@@ -271,7 +296,7 @@ public final class Outbox: Sendable {
         let bytes = EventBatch(node: node, epoch: epoch, sequence: s.nextSequence, events: Array(events), drops: counts).encoded()
         if bytes.count > maxPayloadBytes(s) {
             if events.count == 1 {
-                s.localDrops[DropKey(kind: events.first!.kind, reason: "batch_too_large"), default: 0] += 1
+                s.count(1, "batch_too_large", kind: events.first!.kind)
                 return
             }
             let middle = events.startIndex + events.count / 2
@@ -296,7 +321,7 @@ public final class Outbox: Sendable {
             } else if let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file == nil && !$0.writing && !$0.sent }) {
                 let e = s.entries.remove(at: i)
                 s.memoryBytes -= e.payloadBytes
-                s.localDrops[DropKey(kind: .unspecified, reason: spoolDirectory == nil ? "queue_full" : "spool_full"), default: 0] += UInt64(e.events)
+                s.count(e.events, spoolDirectory == nil ? "queue_full" : "spool_full")
             } else {
                 return
             }
@@ -304,11 +329,11 @@ public final class Outbox: Sendable {
     }
 
     /// Picks the batches held only in memory that fit the spool, oldest first,
-    /// and reserves their room.
-    private func reserveSpoolWrites(_ s: inout State) -> [SpoolWrite] {
+    /// and reserves their room. While writes fail, only the newest is tried.
+    private func reserveSpoolWrites(_ s: inout State, all: Bool = false) -> [SpoolWrite] {
         guard spoolDirectory != nil else { return [] }
         var writes: [SpoolWrite] = []
-        for i in s.entries.indices {
+        for i in s.entries.indices.reversed() {
             let e = s.entries[i]
             guard e.file == nil, !e.writing, let bytes = e.memory else { continue }
             let size = SpoolRecord.headerSize + bytes.count
@@ -316,10 +341,10 @@ public final class Outbox: Sendable {
             s.spoolBytes += size
             s.entries[i].writing = true
             s.entries[i].fileBytes = size
-            writes.append(SpoolWrite(epoch: e.epoch, sequence: e.sequence,
-                                     record: SpoolRecord(epoch: e.epoch, sequence: e.sequence, eventCount: UInt32(clamping: e.events), payload: bytes).encode()))
+            writes.append(SpoolWrite(epoch: e.epoch, sequence: e.sequence, events: e.events, payload: bytes))
+            if s.spoolFailing, !all { break }
         }
-        return writes
+        return writes.reversed()
     }
 
     /// Writes the records (each synced, then the directory once) and records
@@ -329,7 +354,8 @@ public final class Outbox: Sendable {
             var written: [(SpoolWrite, String?)] = []
             for w in writes {
                 let path = recordPath(dir, w.epoch, w.sequence)
-                written.append((w, (try? writeDurably(path, w.record, syncDirectory: false)) != nil ? path : nil))
+                let record = SpoolRecord(epoch: w.epoch, sequence: w.sequence, eventCount: UInt32(clamping: w.events), payload: w.payload).encode()
+                written.append((w, (try? writeDurably(path, record, syncDirectory: false)) != nil ? path : nil))
             }
             syncDirectory(dir)
             var orphans: [String] = []
@@ -337,11 +363,12 @@ public final class Outbox: Sendable {
                 for (w, path) in written {
                     guard let i = s.entries.firstIndex(where: { $0.epoch == w.epoch && $0.sequence == w.sequence }) else {
                         // Acknowledged or dropped while it was being written.
-                        s.spoolBytes -= w.record.count
+                        s.spoolBytes -= w.recordBytes
                         if let path { orphans.append(path) }
                         continue
                     }
                     s.entries[i].writing = false
+                    s.spoolFailing = path == nil
                     if let path {
                         s.entries[i].file = path
                     } else {
@@ -394,7 +421,7 @@ public final class Outbox: Sendable {
                     if let path = e.file {
                         if reason == "spool_corrupt", let dir = spoolDirectory { quarantine(path, dir) } else { doomed.append(path) }
                     }
-                    s.localDrops[DropKey(kind: .unspecified, reason: reason), default: 0] += UInt64(e.events)
+                    s.count(e.events, reason)
                     continue
                 }
                 s.entries[i].sent = true
@@ -511,11 +538,11 @@ public final class Outbox: Sendable {
         guard spoolDirectory != nil else {
             return state.withLock { s in
                 let lost = s.entries.reduce(0) { $0 + $1.events }
-                if lost > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "queue_full"), default: 0] += UInt64(lost) }
+                if lost > 0 { s.count(lost, "queue_full") }
                 return lost
             }
         }
-        finishSeal(state.withLock { reserveSpoolWrites(&$0) })
+        finishSeal(state.withLock { reserveSpoolWrites(&$0, all: true) })
         return state.withLock { s in
             var lost = 0
             s.entries.removeAll { e in
@@ -524,7 +551,7 @@ public final class Outbox: Sendable {
                 if e.memory != nil { s.memoryBytes -= e.payloadBytes }
                 return true
             }
-            if lost > 0 { s.localDrops[DropKey(kind: .unspecified, reason: "spool_full"), default: 0] += UInt64(lost) }
+            if lost > 0 { s.count(lost, "spool_full") }
             // Counts already in a batch that is acknowledged or on disk reach the server with it.
             var reported = s.ackedDrops
             if let newest = s.entries.last(where: { $0.epoch == epoch && $0.file != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
@@ -568,8 +595,7 @@ public final class Outbox: Sendable {
             let parts = line.split(separator: " ")
             guard parts.count == 3, let raw = UInt32(parts[0]), let kind = EventKind(rawValue: raw), let count = UInt64(parts[2]) else { continue }
             let key = DropKey(kind: kind, reason: String(parts[1]))
-            let (sum, overflow) = drops[key, default: 0].addingReportingOverflow(count)
-            drops[key] = overflow ? .max : sum
+            drops[key] = saturatingAdd(drops[key, default: 0], count)
         }
         return drops
     }
@@ -634,6 +660,11 @@ public final class Outbox: Sendable {
         _ = changed.wait(until: Date(timeIntervalSinceNow: timeoutSeconds))
         changed.unlock()
     }
+}
+
+private func saturatingAdd(_ a: UInt64, _ b: UInt64) -> UInt64 {
+    let (sum, overflow) = a.addingReportingOverflow(b)
+    return overflow ? .max : sum
 }
 
 struct SpoolError: Error, CustomStringConvertible {

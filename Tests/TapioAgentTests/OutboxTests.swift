@@ -223,6 +223,24 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertTrue(files(spool).contains("3-1.batch"))
     }
 
+    func testABatchSpooledBeforeRecordsExistedIsKept() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        let bare = EventBatch(node: "n", epoch: 3, sequence: 4, events: (1...5).map { exitEvent($0) }).encoded()
+        try Data(bare).write(to: URL(fileURLWithPath: spool + "/3-4.batch"))
+        let outbox = try Outbox(node: "n", epoch: 4, spoolDirectory: spool)
+        XCTAssertEqual(try batches(outbox).map(\.events.count), [5])
+        XCTAssertEqual(drops(outbox, "spool_corrupt"), 0)
+        XCTAssertEqual(try SpoolRecord.decode([UInt8](try XCTUnwrap(FileManager.default.contents(atPath: spool + "/3-4.batch")))).payload, bare)
+    }
+
+    func testAnyCarriedCountFileIsReadWithoutTrapping() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        try Data("0 spool_corrupt 18446744073709551615\ngarbage\n99 x 1\n1 queue_full -3\n\n".utf8).write(to: URL(fileURLWithPath: spool + "/carried-drops"))
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: spool + "/1-1.batch"))
+        let outbox = try Outbox(node: "n", epoch: 2, spoolDirectory: spool)
+        XCTAssertEqual(outbox.stats.drops, [DropCount(kind: .unspecified, reason: "spool_corrupt", count: .max)], "saturated, not overflowed")
+    }
+
     // MARK: 9: losses at shutdown reach the server
 
     func testEventsThatDoNotFitTheSpoolAtShutdownAreCountedAndReportedByTheNextStart() throws {
