@@ -354,13 +354,14 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         writeThenClose(context: context, Frame(type: .error, payload: WireError(code, message).encoded()))
     }
 
-    /// Writes a last frame, then closes; closes anyway after two seconds if
+    /// Writes a last frame, then closes; closes anyway after `closeGrace` if
     /// the write never completes (a peer that never finished its TLS
     /// handshake, or stopped reading).
     private func writeThenClose(context: ChannelHandlerContext, _ frame: Frame) {
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
         let channel = context.channel
-        let deadline = context.eventLoop.scheduleTask(in: .seconds(2)) { channel.close(promise: nil) }
+        let grace = TimeAmount.nanoseconds(server.configuration.limits.closeGrace.nanoseconds)
+        let deadline = context.eventLoop.scheduleTask(in: grace) { channel.close(promise: nil) }
         context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in
             deadline.cancel()
             bound.value.close(promise: nil)
