@@ -102,6 +102,15 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(all.flatMap(\.events).map(\.pid), Array(1...300).map(UInt32.init))
     }
 
+    func testWithDefaultLimitsNoBatchIsLargerThanTheServersDefaultFrameLimit() throws {
+        let outbox = try Outbox(node: "n", epoch: 1, spoolDirectory: nil)
+        // 512 events of 10 kB each: one 5 MB batch would be refused forever.
+        for pid in 1...512 { outbox.add(exitEvent(UInt32(pid), comm: String(repeating: "z", count: 10_000) + "\(pid)")) }
+        let sizes = outbox.sealedPayloadsForTesting().map(\.count)
+        XCTAssertTrue(sizes.allSatisfy { $0 <= Outbox.Limits().maxBatchBytes && $0 < Int(FrameHeader.defaultMaximumPayload) }, "\(sizes)")
+        XCTAssertEqual(try batches(outbox).reduce(0) { $0 + $1.events.count }, 512)
+    }
+
     func testABatchOverTheLimitsTheServerAnnouncedIsDroppedAndCountedInsteadOfBlockingTheRest() throws {
         let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 100), spoolDirectory: nil)
         for pid in 1...100 { outbox.add(exitEvent(UInt32(pid))) }
