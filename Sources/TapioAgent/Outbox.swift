@@ -22,8 +22,10 @@ import TapioWire
 /// At start, the records a previous process left are loaded and sent again
 /// with their own epoch (the server deduplicates by node, epoch, sequence). A
 /// record that cannot be read is moved to `quarantine/` and its events are
-/// counted (`spool_corrupt`). A batch larger than the server accepts is
-/// dropped and counted (`batch_too_large`) instead of blocking the rest.
+/// counted (`spool_corrupt`). A batch larger than the server accepts never
+/// blocks the rest: if this process never sent it, its events are sealed
+/// again within the limits; otherwise the server may hold it already, and it
+/// is dropped and its events counted (`batch_too_large`).
 /// Counts that no durable batch carries when the process stops are kept in
 /// the spool's `carried-drops` file and added to the next process's counters.
 public final class Outbox: Sendable {
@@ -53,7 +55,10 @@ public final class Outbox: Sendable {
         var fileBytes = 0
         /// A spool write is under way (outside the lock).
         var writing = false
+        /// Sent on the current connection.
         var sent = false
+        /// Ever sent by this process: until then it cannot have been stored.
+        var everSent = false
         /// The drop counters the batch carries (batches of this process only).
         var drops: [DropKey: UInt64]?
     }
@@ -273,41 +278,56 @@ public final class Outbox: Sendable {
     private func seal(_ s: inout State) -> [SpoolWrite] {
         let events = s.pending
         s.pending.removeAll(keepingCapacity: true)
-        let perBatch = maxEvents(s)
-        var start = events.startIndex
-        while start < events.endIndex {
-            let end = min(start + perBatch, events.endIndex)
-            sealChunk(events[start..<end], &s)
-            start = end
-        }
+        sealEvents(events, &s)
         // Reserved writes first: a batch about to reach the spool is not dropped for lack of memory.
         let writes = reserveSpoolWrites(&s)
         enforceMemoryLimit(&s)
         return writes
     }
 
+    /// Seals events into batches within the limits, appended to the outbox;
+    /// or, re-sealing a batch that was never sent, in its place, the first
+    /// taking over its sequence.
+    private func sealEvents(_ events: [TapioEvent], _ s: inout State, replacing: (index: Int, sequence: UInt64)? = nil) {
+        var sealed: [Entry] = []
+        var reuse = replacing?.sequence
+        let perBatch = maxEvents(s)
+        var start = 0
+        while start < events.count {
+            let end = min(start + perBatch, events.count)
+            sealChunk(events[start..<end], &s, into: &sealed, reusing: &reuse)
+            start = end
+        }
+        s.entries.insert(contentsOf: sealed, at: replacing?.index ?? s.entries.count)
+    }
+
     /// One batch, halved until it fits the byte budget. A single event larger
     /// than the budget on its own is dropped and counted.
-    private func sealChunk(_ events: ArraySlice<TapioEvent>, _ s: inout State) {
+    private func sealChunk(_ events: ArraySlice<TapioEvent>, _ s: inout State, into sealed: inout [Entry], reusing: inout UInt64?) {
         guard !events.isEmpty else { return }
+        let sequence = reusing ?? s.nextSequence
         let drops = s.drops
         let counts = drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
             .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
-        let bytes = EventBatch(node: node, epoch: epoch, sequence: s.nextSequence, events: Array(events), drops: counts).encoded()
+        let bytes = EventBatch(node: node, epoch: epoch, sequence: sequence, events: Array(events), drops: counts).encoded()
         if bytes.count > maxPayloadBytes(s) {
             if events.count == 1 {
                 s.count(1, "batch_too_large", kind: events.first!.kind)
                 return
             }
             let middle = events.startIndex + events.count / 2
-            sealChunk(events[..<middle], &s)
-            sealChunk(events[middle...], &s)
+            sealChunk(events[..<middle], &s, into: &sealed, reusing: &reusing)
+            sealChunk(events[middle...], &s, into: &sealed, reusing: &reusing)
             return
         }
-        s.entries.append(Entry(epoch: epoch, sequence: s.nextSequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops))
+        sealed.append(Entry(epoch: epoch, sequence: sequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops))
         s.memoryBytes += bytes.count
-        s.nextSequence += 1
-        s.sealedBatches += 1
+        if reusing != nil {
+            reusing = nil
+        } else {
+            s.nextSequence += 1
+            s.sealedBatches += 1
+        }
     }
 
     /// Releases in-memory copies of batches that are safe in the spool, oldest
@@ -359,6 +379,7 @@ public final class Outbox: Sendable {
             }
             syncDirectory(dir)
             var orphans: [String] = []
+            var failed: [String] = []
             state.withLock { s in
                 for (w, path) in written {
                     guard let i = s.entries.firstIndex(where: { $0.epoch == w.epoch && $0.sequence == w.sequence }) else {
@@ -374,6 +395,8 @@ public final class Outbox: Sendable {
                     } else {
                         s.spoolBytes -= s.entries[i].fileBytes
                         s.entries[i].fileBytes = 0
+                        // A batch re-sealed in place of another must not leave the other behind.
+                        failed.append(recordPath(dir, w.epoch, w.sequence))
                     }
                 }
                 // Counts carried over from an earlier process are now in a batch on disk.
@@ -383,7 +406,7 @@ public final class Outbox: Sendable {
                 }
                 enforceMemoryLimit(&s)
             }
-            for path in orphans { unlink(path) }
+            for path in orphans + failed { unlink(path) }
         }
         signal()
     }
@@ -396,8 +419,8 @@ public final class Outbox: Sendable {
     /// are dropped, counted, and skipped.
     public func nextToSend(window: Int) -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? {
         var doomed: [String] = []
-        defer { for path in doomed { unlink(path) } }
-        return state.withLock { s in
+        var writes: [SpoolWrite] = []
+        let next = state.withLock { s -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? in
             var inFlight = 0
             var i = 0
             while i < s.entries.count {
@@ -406,13 +429,26 @@ public final class Outbox: Sendable {
                 let e = s.entries[i]
                 var reason: String?
                 var payload = e.memory
-                if exceedsServerLimits(e, s) {
-                    reason = "batch_too_large"
-                } else if payload == nil, let path = e.file {
+                if payload == nil, let path = e.file {
                     switch readRecord(path, e) {
                     case .success(let bytes): payload = bytes
                     case .failure(let why): reason = why.reason
                     }
+                }
+                if reason == nil, exceedsServerLimits(e, s) {
+                    // Never sent, so never stored: its events are sealed again within
+                    // the limits. Otherwise the server may hold it already, and its
+                    // events under new sequences would be stored twice: dropped, counted.
+                    if e.epoch == epoch, !e.everSent, let payload, let events = try? EventBatch.decode(payload).events, !events.isEmpty {
+                        guard !e.writing else { return nil }
+                        s.entries.remove(at: i)
+                        release(e, &s)
+                        sealEvents(events, &s, replacing: (i, e.sequence))
+                        writes += reserveSpoolWrites(&s)
+                        enforceMemoryLimit(&s)
+                        continue
+                    }
+                    reason = "batch_too_large"
                 }
                 guard let payload, reason == nil else {
                     let reason = reason ?? "spool_lost"
@@ -425,10 +461,14 @@ public final class Outbox: Sendable {
                     continue
                 }
                 s.entries[i].sent = true
+                s.entries[i].everSent = true
                 return (e.epoch, e.sequence, payload)
             }
             return nil
         }
+        for path in doomed { unlink(path) }
+        if !writes.isEmpty { finishSeal(writes) }
+        return next
     }
 
     private func readRecord(_ path: String, _ e: Entry) -> Result<[UInt8], DropReason> {

@@ -111,12 +111,36 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(try batches(outbox).reduce(0) { $0 + $1.events.count }, 512)
     }
 
-    func testABatchOverTheLimitsTheServerAnnouncedIsDroppedAndCountedInsteadOfBlockingTheRest() throws {
+    func testABatchNeverSentIsSealedAgainWithinTheLimitsTheServerAnnounced() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        do {
+            let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 100), spoolDirectory: spool)
+            for pid in 1...105 { outbox.add(exitEvent(UInt32(pid))) }
+            outbox.sealIfDue(nowNs: 0, force: true)
+            outbox.applyServerLimits(maxBatchEvents: 40, maxFrameBytes: 4 << 20)
+            var sent: [UInt64] = []
+            while let next = outbox.nextToSend(window: 32) {
+                sent.append(next.sequence)
+                XCTAssertLessThanOrEqual(try EventBatch.decode(next.payload).events.count, 40)
+            }
+            XCTAssertEqual(sent, [1, 3, 4, 2], "the first part keeps the sequence, which was never used")
+            XCTAssertEqual(drops(outbox, "batch_too_large"), 0)
+        }
+        let restarted = try Outbox(node: "n", epoch: 2, spoolDirectory: spool)
+        let kept = try batches(restarted)
+        XCTAssertEqual(kept.map(\.sequence), [1, 2, 3, 4], "the spool holds the parts, not the refused whole")
+        XCTAssertEqual(kept.flatMap(\.events).map(\.pid).sorted(), Array(1...105).map(UInt32.init))
+    }
+
+    func testABatchSentBeforeTheServerAnnouncedLowerLimitsIsDroppedAndCountedInsteadOfBlockingTheRest() throws {
         let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 100), spoolDirectory: nil)
         for pid in 1...100 { outbox.add(exitEvent(UInt32(pid))) }
         for pid in 101...105 { outbox.add(exitEvent(UInt32(pid))) }
         outbox.sealIfDue(nowNs: 0, force: true)
         XCTAssertEqual(outbox.unacknowledged, 2)
+        // Sent once without an ack (a server with other limits, then a reconnect): it may be stored.
+        XCTAssertEqual(outbox.nextToSend(window: 1)?.sequence, 1)
+        outbox.markAllUnsent()
 
         outbox.applyServerLimits(maxBatchEvents: 50, maxFrameBytes: 4 << 20)
         let next = try XCTUnwrap(outbox.nextToSend(window: 32))
@@ -133,11 +157,13 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(counted.count, 100, "the count reaches the server in the next batches")
     }
 
-    func testABatchLargerThanTheServersFrameLimitIsDroppedAndCounted() throws {
+    func testABatchSentBeforeAndLargerThanTheServersFrameLimitIsDroppedAndCounted() throws {
         let outbox = try Outbox(node: "n", epoch: 1, limits: limits(events: 200), spoolDirectory: nil)
         for pid in 1...200 { outbox.add(exitEvent(UInt32(pid), comm: String(repeating: "y", count: 100) + "\(pid)")) }
         outbox.add(exitEvent(999))
         outbox.sealIfDue(nowNs: 0, force: true)
+        XCTAssertEqual(outbox.nextToSend(window: 1)?.sequence, 1)
+        outbox.markAllUnsent()
         outbox.applyServerLimits(maxBatchEvents: 0, maxFrameBytes: 8_000)
         XCTAssertEqual(outbox.nextToSend(window: 32)?.sequence, 2)
         XCTAssertEqual(drops(outbox, "batch_too_large"), 200)

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import TapioAgent
 import TapioServer
 import TapioStore
@@ -60,6 +61,27 @@ final class AgentDeliveryTests: XCTestCase {
         XCTAssertEqual(try storedComms(h, prefix: "fresh-").count, 1000)
         XCTAssertEqual(try storedComms(h, prefix: "big-").count, 0)
         XCTAssertTrue(try eventually { try serverDrops(h, "batch_too_large") == 400 }, "stored + counted = generated")
+    }
+
+    // 7: a batch sealed before the first hello-ack was never sent, so it can be sealed again.
+    func testABatchSealedBeforeTheAgentKnewTheServersLimitsIsSealedAgainAndArrivesWhole() throws {
+        let h = try ServerHarness { $0.limits.maxFrameBytes = 16_384 }
+        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: limits(events: 1000),
+                                spoolDirectory: try TestSupport.temporaryDirectory("tapio-spool"))
+        for pid in 1...400 { outbox.add(event(UInt32(pid), comm: "early-\(pid)-" + String(repeating: "e", count: 40))) }
+        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        XCTAssertEqual(outbox.unacknowledged, 1)
+        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(h.ingestPort), serverName: "localhost", tls: h.nodeTLS(node),
+                                          node: node, bootId: "test", capabilities: [], degraded: [])
+        config.maximumBackoffMs = 200
+        var logger = Logger(label: "tapio-agent-test")
+        logger.logLevel = .critical
+        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
+        sender.start()
+        defer { sender.drainAndStop(graceSeconds: 1) }
+        XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
+        XCTAssertEqual(try storedComms(h, prefix: "early-").count, 400)
+        XCTAssertEqual(try serverDrops(h, "batch_too_large"), 0)
     }
 
     // 8
