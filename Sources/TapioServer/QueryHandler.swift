@@ -5,8 +5,10 @@ import TapioStore
 import TapioWire
 
 /// Answers the CLI on the query listener. Only certificates with the operator
-/// role may ask; each request is one `query` frame answered by one
-/// `query_response` frame carrying a JSON document (docs/protocol.md).
+/// role may ask (checked as the TLS handshake completes, by `ConnectionGuard`,
+/// and again here at the first frame); each request is one `query` frame
+/// answered by one `query_response` frame carrying a JSON document
+/// (docs/protocol.md).
 final class QueryHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
     typealias OutboundOut = Frame
