@@ -1,0 +1,498 @@
+import Foundation
+import TapioTestSupport
+import XCTest
+
+/// Delivery under faults, counted by name: a real agent (real BPF) confined to
+/// a cgroup2 subtree of its own, a real server, real kill -9 and SIGTERM, full
+/// disks and damaged spool records.
+///
+/// A generator inside the subtree execs N programs that are links to
+/// /bin/true, each under its own name (`d<run><n>`, so the kernel's comm is
+/// unique), at a bounded rate. Both kinds the agent reports for them are
+/// counted, exec and exit: the agent's own losses (spool_full, spool_corrupt,
+/// batch_too_large) are counted per batch, not per kind, so only the whole
+/// subtree's events can be compared with them. Nothing else runs in the
+/// subtree but the generator itself, whose exec and exit are counted too, so
+///
+///     generated = 2 × (N + 1)   per generator run
+///     stored    = distinct (kind, comm) among the node's stored events
+///     drops     = the node's counted drops (`tapio nodes`, drops_total)
+///
+/// and every test asserts stored + drops == generated, and no (kind, comm)
+/// stored twice.
+final class DeliveryTests: XCTestCase {
+    private let node = "delivery-node"
+    private var dir = ""
+    private var pki = ""
+    private var ingestPort = 0
+    private var queryPort = 0
+    private var agentMetricsPort = 0
+    private var server: ChildProcess?
+    private var agent: ChildProcess?
+    private var generator: ChildProcess?
+    private var serverLogs: [String] = []
+    private var agentLogs: [String] = []
+    /// Unique per test: every program name the test generates carries it.
+    private var run = ""
+    private var cgroup = ""
+    private var bin = ""
+    /// Every (kind/comm) the generators of this test produced.
+    private var expected = Set<String>()
+    private var cleanups: [() -> Void] = []
+
+    private var dataDir: String { dir + "/data" }
+    private var spoolDir: String { dir + "/spool" }
+
+    override func setUpWithError() throws {
+        try TestSupport.requireBPF()
+        guard let mount = Self.cgroup2Mount() else {
+            throw TestSupportError("no cgroup2 hierarchy mounted (needed for --cgroup-root)")
+        }
+        dir = try TestSupport.temporaryDirectory("tapio-delivery")
+        pki = try TestSupport.makePKI(in: dir, nodes: [node])
+        ingestPort = TestSupport.freePort()
+        queryPort = TestSupport.freePort()
+        agentMetricsPort = TestSupport.freePort()
+        run = String((0..<4).map { _ in "abcdefghijklmnopqrstuvwxyz".randomElement()! })
+        bin = dir + "/b"
+        try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: spoolDir, withIntermediateDirectories: true)
+        guard mkfifo(bin + "/pace", 0o600) == 0 else { throw TestSupportError("mkfifo failed: errno \(errno)") }
+        cgroup = mount + "/tapio-delivery-\(getpid())-\(run)"
+        try FileManager.default.createDirectory(atPath: cgroup, withIntermediateDirectories: false)
+        let group = cgroup
+        cleanups.append { Self.removeCgroup(group) }
+    }
+
+    override func tearDown() {
+        generator?.stop(signal: SIGKILL)
+        agent?.stop(signal: SIGKILL)
+        server?.stop(signal: SIGKILL)
+        for c in cleanups.reversed() { c() }
+        cleanups = []
+        if !dir.isEmpty { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
+    // MARK: - Scenarios
+
+    func testKillingTheServerMidStreamLosesAndDuplicatesNothing() throws {
+        try startServer()
+        try startAgent()
+        let n = 2000
+        let g = try startGenerator(1...n, tag: "a")
+        // Kill it once a third has been generated, bring it back on the same
+        // data directory a moment later, while the generator goes on.
+        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= n / 3 }, "generator progress; log:\n\(g.log)")
+        XCTAssertGreaterThan(try tally().distinct, 0, "some events were stored before the kill")
+        XCTAssertEqual(server!.stop(signal: SIGKILL), 128 + SIGKILL)
+        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= 2 * n / 3 }, "generator progress; log:\n\(g.log)")
+        try startServer()
+        try finish(g)
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing it had read: \(t)")
+    }
+
+    func testKillingTheAgentDuringAnOutageLosesNothingItHadSpooled() throws {
+        try startServer()
+        try startAgent()
+        server!.stop()
+        let g = try startGenerator(1...2000, tag: "a")
+        try finish(g)
+        // Everything the kernel handed over is sealed and spooled when the
+        // batch delay has passed; kill -9 only then.
+        try awaitSpooled()
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        try startAgent(waitConnected: false)
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing it had spooled: \(t)")
+    }
+
+    func testStoppingTheAgentDuringAnOutageKeepsItsBatchesForTheNextStart() throws {
+        try startServer()
+        try startAgent()
+        server!.stop()
+        let g = try startGenerator(1...2000, tag: "a")
+        try finish(g)
+        // SIGTERM: it waits --shutdown-grace for acknowledgements that cannot
+        // come, says nothing to nobody, keeps its spool.
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
+        XCTAssertFalse(spoolRecords().isEmpty, "the stopped agent left its batches in the spool")
+        try startAgent(waitConnected: false)
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing: \(t)")
+    }
+
+    func testAFullDiskOnTheServerDelaysBatchesUntilThereIsRoom() throws {
+        try mountTmpfs(dataDir, size: "32m")
+        try startServer()
+        try startAgent()
+        // Fill the server's disk to the last page.
+        let filler = dataDir + "/filler"
+        _ = try TestSupport.run("/usr/bin/dd", ["if=/dev/zero", "of=" + filler, "bs=1M"], timeout: 60)
+        _ = try TestSupport.run("/usr/bin/dd", ["if=/dev/zero", "of=" + filler, "bs=4k", "oflag=append", "conv=notrunc"], timeout: 60)
+        let g = try startGenerator(1...2000, tag: "a")
+        try finish(g)
+        // The store refuses (error 6) and the agent keeps what it has.
+        XCTAssertTrue(eventually(timeout: 30) { agentLog(full: true).contains("(code 6)") },
+                      "the full disk made storing fail; server log:\n\(serverLog())\nagent log:\n\(agentLog())")
+        let during = try tally()
+        XCTAssertLessThan(during.distinct + Int(during.drops), expected.count, "not everything can be stored on a full disk: \(during)")
+        XCTAssertFalse(agentIdle(), "the agent still holds batches")
+        Thread.sleep(forTimeInterval: 2)
+        try FileManager.default.removeItem(atPath: filler)
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing: \(t)")
+        XCTAssertTrue(server!.isRunning, "the server lived through the full disk")
+    }
+
+    func testASpoolOnATinyFilesystemCountsWhatDoesNotFitAndDeliversTheRest() throws {
+        try mountTmpfs(spoolDir, size: "256k")
+        try startServer()
+        try startAgent()
+        server!.stop()
+        // Far more than 256 KiB of batches while the server is away: the
+        // spool fills, the rest is held in memory only.
+        let g = try startGenerator(1...3000, tag: "a")
+        try finish(g)
+        Thread.sleep(forTimeInterval: 1)
+        // SIGTERM: what is not in the spool cannot outlive the process and is
+        // counted as dropped.
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
+        let lost = Int(agentLog(full: true).firstMatch(of: /lost_events=(\d+)/)?.1 ?? "") ?? 0
+        XCTAssertGreaterThan(lost, 0, "the stopped agent could not keep everything:\n\(agentLog())")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: spoolDir + "/carried-drops"),
+                      "the stopped agent saved the count of what it lost for its next start: \((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? [])")
+        try startAgent(waitConnected: false)
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.distinct, expected.count - lost, "every spooled event arrived: \(t)")
+        XCTAssertEqual(t.dropsByReason["unspecified/spool_full"], Int64(lost), "the excess is counted: \(t)")
+        // The counts travel inside batches only: the first one the restarted
+        // agent seals carries them at the latest.
+        try runTrailer()
+        let after = try awaitDelivery()
+        XCTAssertEqual(after.dropsByReason["unspecified/spool_full"], Int64(lost), "the excess is counted: \(after)")
+    }
+
+    func testACorruptSpoolRecordIsQuarantinedAndCountedAndTheRestArrives() throws {
+        try startServer()
+        try startAgent()
+        server!.stop()
+        let g = try startGenerator(1...2000, tag: "a")
+        try finish(g)
+        try awaitSpooled()
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        let records = spoolRecords()
+        XCTAssertGreaterThanOrEqual(records.count, 3, "several records to choose from: \(records)")
+        guard records.count >= 3 else { return }
+        // One record with a damaged payload (its header, with the event
+        // count, still checks out), one truncated inside its header (nothing
+        // is known about it any more, not even how many events it held).
+        let damaged = records[records.count / 2]
+        let truncated = records[records.count - 1]
+        let truncatedEvents = try XCTUnwrap(Self.spoolRecordEventCount(truncated.path))
+        let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: damaged.path))
+        handle.seek(toFileOffset: 40 + 5)
+        let byte = handle.readData(ofLength: 1)
+        handle.seek(toFileOffset: 40 + 5)
+        handle.write(Data([byte.first! ^ 0xFF]))
+        handle.closeFile()
+        XCTAssertEqual(truncate(truncated.path, 20), 0)
+
+        try startAgent(waitConnected: false)
+        try startServer()
+        // A record truncated inside its header is counted as one event (every
+        // batch held at least one): the agent cannot know more. So the sum
+        // falls short by exactly the truncated record's other events, which
+        // this test read before truncating it.
+        let t = try awaitDelivery(shortBy: truncatedEvents - 1)
+        XCTAssertEqual(t.distinct, expected.count - damaged.events - truncatedEvents, "every other record arrived: \(t)")
+        let quarantined = (try? FileManager.default.contentsOfDirectory(atPath: spoolDir + "/quarantine")) ?? []
+        XCTAssertEqual(quarantined.count, 2, "both records quarantined: \(quarantined)")
+        XCTAssertEqual(t.dropsByReason["unspecified/spool_corrupt"], Int64(damaged.events + 1),
+                       "the damaged record's events and the truncated one as one: \(t)")
+        // The counts travel inside batches only: the first one the restarted
+        // agent seals carries them at the latest.
+        try runTrailer()
+        let after = try awaitDelivery(shortBy: truncatedEvents - 1)
+        XCTAssertEqual(after.dropsByReason["unspecified/spool_corrupt"], Int64(damaged.events + 1), "counted once: \(after)")
+    }
+
+    func testABatchLargerThanTheServerAcceptsIsCountedAndDoesNotBlockTheRest() throws {
+        // While there is no server the agent seals by its own limits (512
+        // events, 1 MiB; up to 1 s of events here); the server then announces
+        // 8 KiB frames, which those batches do not fit. Batches a previous
+        // process spooled can only be counted (this process cannot know
+        // whether they were ever stored); its own batches that were never
+        // sent may be sealed again within the limits, or counted.
+        let slow = ["--batch-max-delay-ms", "1000"]
+        try startAgent(waitConnected: false, extra: slow)
+        try finish(try startGenerator(1...1000, tag: "a"))
+        try awaitSpooled()
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
+        try startAgent(waitConnected: false, extra: slow)
+        try finish(try startGenerator(1001...2000, tag: "b"))
+        Thread.sleep(forTimeInterval: 1.5)
+        try startServer(["--max-frame-bytes", "8192"])
+        XCTAssertTrue(eventually(timeout: 30) { nodeConnected() }, "agent connected; agent log:\n\(agentLog())")
+        // Batches sealed after the hello-ack fit the server's limit.
+        try finish(try startGenerator(2001...2500, tag: "c"))
+        let t = try awaitDelivery()
+        XCTAssertGreaterThan(t.dropsByReason["unspecified/batch_too_large"] ?? 0, 0, "the earlier process's oversized batches are counted: \(t)")
+        let sealedWithinTheLimit = Set((2001...2500).flatMap { ["process_exec/d\(run)\($0)", "process_exit/d\(run)\($0)"] })
+        if t.kernelDrops == 0 {
+            XCTAssertTrue(sealedWithinTheLimit.isSubset(of: t.stored),
+                          "every event sealed within the server's limit arrived: \(sealedWithinTheLimit.subtracting(t.stored).count) missing")
+        }
+    }
+
+    // MARK: - Processes
+
+    private func startServer(_ extra: [String] = []) throws {
+        let log = dir + "/server-\(serverLogs.count + 1).log"
+        serverLogs.append(log)
+        server = try ChildProcess(try TestSupport.product("tapio-server"), [
+            "--data-dir", dataDir, "--tls-dir", pki + "/server",
+            "--listen", "127.0.0.1:\(ingestPort)", "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "off",
+        ] + extra, logPath: log)
+        XCTAssertTrue(eventually(timeout: 30) { (try? query(["nodes"])) != nil }, "server answers; log:\n\(serverLog())")
+    }
+
+    /// Starts the agent; waits until the server lists it as connected, or
+    /// (without a server) until its kernel programs are attached.
+    private func startAgent(waitConnected: Bool = true, extra: [String] = []) throws {
+        let log = dir + "/agent-\(agentLogs.count + 1).log"
+        agentLogs.append(log)
+        agent = try ChildProcess(try TestSupport.product("tapio-agent"), [
+            "--server", "127.0.0.1:\(ingestPort)", "--node-name", node, "--tls-dir", pki + "/nodes/" + node,
+            "--server-name", "localhost", "--spool-dir", spoolDir, "--cgroup-root", cgroup,
+            "--batch-max-delay-ms", "100", "--shutdown-grace", "1",
+            "--metrics-listen", "127.0.0.1:\(agentMetricsPort)",
+        ] + extra, logPath: log)
+        let attached = eventually(timeout: 30) {
+            let m = try? TestSupport.httpGet(port: agentMetricsPort, path: "/metrics")
+            return m?.body.contains("tapio_agent_program_attached{program=\"handle_exec\",signal=\"process_exec\"} 1") == true
+                && m?.body.contains("tapio_agent_program_attached{program=\"handle_exit\",signal=\"process_exit\"} 1") == true
+        }
+        XCTAssertTrue(attached, "agent's exec and exit programs attached; log:\n\(agentLog())")
+        if waitConnected {
+            XCTAssertTrue(eventually(timeout: 30) { nodeConnected() }, "agent connected; agent log:\n\(agentLog())\nserver log:\n\(serverLog())")
+        }
+    }
+
+    private func nodeConnected() -> Bool {
+        guard let nodes = try? query(["nodes"])["nodes"] as? [[String: Any]] else { return false }
+        return nodes.first { $0["node"] as? String == node }?["connected"] as? Bool == true
+    }
+
+    /// A bash (named `g<run><tag>`) that moves into the subtree, then execs
+    /// `d<run><n>` for every n in `range`, pausing 20 ms after every 20.
+    private func startGenerator(_ range: ClosedRange<Int>, tag: String) throws -> ChildProcess {
+        let fm = FileManager.default
+        for n in range {
+            try fm.createSymbolicLink(atPath: "\(bin)/d\(run)\(n)", withDestinationPath: "/bin/true")
+        }
+        let name = "g\(run)\(tag)"
+        try fm.createSymbolicLink(atPath: bin + "/" + name, withDestinationPath: "/bin/bash")
+        let script = """
+            exec 3<>\(bin)/pace
+            n=\(range.lowerBound); f=0
+            while [ $n -le \(range.upperBound) ]; do
+              \(bin)/d\(run)$n || f=$((f+1))
+              if [ $((n % 20)) -eq 0 ]; then read -t 0.02 -u 3; fi
+              if [ $((n % 100)) -eq 0 ]; then echo "progress $n"; fi
+              n=$((n+1))
+            done
+            echo "done failures=$f"
+            exit 0
+            """
+        let path = "\(dir)/\(name).sh"
+        try script.write(toFile: path, atomically: true, encoding: .utf8)
+        expected.formUnion(range.flatMap { ["process_exec/d\(run)\($0)", "process_exit/d\(run)\($0)"] })
+        expected.formUnion(["process_exec/\(name)", "process_exit/\(name)"])
+        // In a network namespace of its own: the agent then watches only
+        // that one for network events, where nothing happens. (Resets of
+        // sockets no cgroup owns, like those of the agent's own reconnects
+        // to a stopped server, pass the subtree filter in any watched
+        // namespace, by design.)
+        generator = try ChildProcess("/usr/bin/unshare", ["-n", "/bin/sh", "-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(bin)/\(name) \(path)"],
+                                     logPath: "\(dir)/\(name).log")
+        return generator!
+    }
+
+    /// How many the generator has run so far (to the last hundred).
+    private func progress(_ g: ChildProcess) -> Int {
+        g.log.split(separator: "\n").last { $0.hasPrefix("progress ") }.flatMap { Int($0.dropFirst(9)) } ?? 0
+    }
+
+    private func finish(_ g: ChildProcess) throws {
+        guard eventually(timeout: 120, { !g.isRunning }) else {
+            throw TestSupportError("generator did not finish; log:\n\(g.log)")
+        }
+        XCTAssertEqual(g.stop(), 0, g.log)
+        XCTAssertTrue(g.log.contains("done failures=0"), "every program ran: \(g.log)")
+    }
+
+    // MARK: - Counting
+
+    struct Tally: CustomStringConvertible {
+        var rows = 0
+        var distinct = 0
+        var stored = Set<String>()
+        /// Stored events no generator of this test produced.
+        var strangers: [String] = []
+        var drops: Int64 = 0
+        var dropsByReason: [String: Int64] = [:]
+
+        /// Counted by the kernel (ring buffer full): not the agent's losses.
+        var kernelDrops: Int64 { dropsByReason.filter { $0.key.hasSuffix("/ringbuf_full") }.values.reduce(0, +) }
+        var agentDrops: Int64 { drops - kernelDrops }
+
+        var description: String {
+            "stored rows \(rows), distinct \(distinct), drops \(drops) \(dropsByReason.sorted { $0.key < $1.key }), strangers \(strangers.prefix(5))"
+        }
+    }
+
+    private func tally() throws -> Tally {
+        var t = Tally()
+        let events = try query(["events", "--node", node, "--limit", "100000"])["events"] as? [[String: Any]] ?? []
+        var seen = Set<String>()
+        for e in events {
+            let key = "\(e["kind"] as? String ?? "?")/\(e["comm"] as? String ?? "?")"
+            t.rows += 1
+            if expected.contains(key) { seen.insert(key) } else { t.strangers.append(key) }
+        }
+        t.stored = seen
+        t.distinct = seen.count
+        let nodes = try query(["nodes"])["nodes"] as? [[String: Any]] ?? []
+        if let me = nodes.first(where: { $0["node"] as? String == node }) {
+            t.drops = (me["drops_total"] as? NSNumber)?.int64Value ?? 0
+            for (k, v) in me["drops"] as? [String: Any] ?? [:] { t.dropsByReason[k] = (v as? NSNumber)?.int64Value ?? 0 }
+        }
+        return t
+    }
+
+    /// Waits until every generated event is stored or counted as dropped and
+    /// the agent holds nothing more, or until nothing moves any more (the
+    /// agent connected, holding nothing, the counts unchanged for 3 s), then
+    /// asserts stored + drops == generated, and no duplicates. `shortBy`:
+    /// events the agent provably cannot know it lost.
+    @discardableResult
+    private func awaitDelivery(shortBy: Int = 0, file: StaticString = #filePath, line: UInt = #line) throws -> Tally {
+        let target = expected.count - shortBy
+        var t = Tally()
+        var last: (rows: Int, distinct: Int, drops: Int64)?
+        var unchangedSince = Date()
+        let settled = try eventually(timeout: 90) {
+            t = try tally()
+            let idle = agentIdle() && nodeConnected()
+            if idle, t.distinct + Int(t.drops) >= target { return true }
+            let now = (t.rows, t.distinct, t.drops)
+            if last == nil || last! != now || !idle { unchangedSince = Date() }
+            last = now
+            if Date().timeIntervalSince(unchangedSince) >= 3 { return true }
+            Thread.sleep(forTimeInterval: 0.3)
+            return false
+        }
+        // Late resends would show up as duplicates: look once more.
+        t = try tally()
+        let context = "\n\(t)\nagent log:\n\(agentLog())\nserver log:\n\(serverLog())"
+        XCTAssertTrue(settled, "delivery settled" + context, file: file, line: line)
+        XCTAssertEqual(t.distinct + Int(t.drops), target, "stored + counted drops == generated (\(expected.count)\(shortBy > 0 ? " − \(shortBy)" : ""))" + context,
+                       file: file, line: line)
+        XCTAssertEqual(t.rows - t.strangers.count, t.distinct, "no event stored twice" + context, file: file, line: line)
+        XCTAssertEqual(t.strangers, [], "only the generator's events in the subtree", file: file, line: line)
+        return t
+    }
+
+    /// A few more programs after a restart: the first batch the new agent
+    /// seals carries the counts it took over from the previous one.
+    private func runTrailer() throws {
+        try finish(try startGenerator(9001...9010, tag: "z"))
+    }
+
+    /// The running agent holds no unacknowledged batch.
+    private func agentIdle() -> Bool {
+        guard let m = try? TestSupport.httpGet(port: agentMetricsPort, path: "/metrics") else { return false }
+        return m.body.contains("\ntapio_agent_unacknowledged_batches 0\n")
+    }
+
+    /// Waits until the spool's records hold every generated event (the agent
+    /// seals within its batch delay and spools each batch as it seals it).
+    private func awaitSpooled() throws {
+        var held = 0
+        let ok = eventually(timeout: 30) {
+            held = spoolRecords().reduce(0) { $0 + $1.events }
+            return held >= expected.count
+        }
+        XCTAssertTrue(ok, "spooled \(held) of \(expected.count) events; agent log:\n\(agentLog())")
+    }
+
+    private func spoolRecords() -> [(path: String, events: Int)] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? []).filter { $0.hasSuffix(".batch") }
+        return names.sorted().compactMap { name in
+            let path = spoolDir + "/" + name
+            return Self.spoolRecordEventCount(path).map { (path, $0) }
+        }
+    }
+
+    /// The event count in a spool record's header (big-endian UInt32 at 24).
+    private static func spoolRecordEventCount(_ path: String) -> Int? {
+        guard let data = FileManager.default.contents(atPath: path), data.count >= 40 else { return nil }
+        let bytes = [UInt8](data)
+        return bytes[24..<28].reduce(0) { $0 << 8 | Int($1) }
+    }
+
+    private func query(_ arguments: [String]) throws -> [String: Any] {
+        let r = try TestSupport.run(try TestSupport.product("tapio"),
+                                    ["--server", "127.0.0.1:\(queryPort)", "--tls-dir", pki + "/operators/alice"] + arguments + ["-o", "json"])
+        guard r.status == 0 else { throw TestSupportError("tapio \(arguments) failed: \(r.stderr)") }
+        guard let doc = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else {
+            throw TestSupportError("tapio \(arguments) printed no JSON object")
+        }
+        return doc
+    }
+
+    // MARK: - Environment
+
+    private func mountTmpfs(_ path: String, size: String) throws {
+        let r = try TestSupport.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=\(size),mode=0700", "tmpfs", path])
+        guard r.status == 0 else { throw TestSupportError("mount tmpfs on \(path): \(r.stderr)") }
+        cleanups.append { _ = try? TestSupport.run("/usr/bin/umount", ["-l", path]) }
+    }
+
+    private static func cgroup2Mount() -> String? {
+        guard let mounts = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return nil }
+        for line in mounts.split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count > 2, f[2] == "cgroup2" { return String(f[1]) }
+        }
+        return nil
+    }
+
+    /// Kills whatever is left in the subtree and removes it.
+    private static func removeCgroup(_ path: String) {
+        for _ in 0..<200 {
+            if rmdir(path) == 0 || errno == ENOENT { return }
+            let procs = (try? String(contentsOfFile: path + "/cgroup.procs", encoding: .utf8)) ?? ""
+            for pid in procs.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+            usleep(20_000)
+        }
+    }
+
+    private func tail(_ path: String?, lines: Int = 40) -> String {
+        guard let path, let text = try? String(contentsOfFile: path, encoding: .utf8) else { return "" }
+        return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+    }
+
+    private func agentLog(full: Bool = false) -> String {
+        agentLogs.map { "--- \(($0 as NSString).lastPathComponent)\n" + tail($0, lines: full ? .max : 40) }.joined(separator: "\n")
+    }
+
+    private func serverLog() -> String {
+        serverLogs.map { "--- \(($0 as NSString).lastPathComponent)\n" + tail($0) }.joined(separator: "\n")
+    }
+}
