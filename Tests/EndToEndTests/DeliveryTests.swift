@@ -167,11 +167,12 @@ final class DeliveryTests: XCTestCase {
                       "the stopped agent saved the count of what it lost for its next start: \((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? [])")
         try startAgent(waitConnected: false)
         try startServer()
+        // Nothing runs in the subtree now: the restarted agent must report
+        // the count it took over without waiting for events to carry it.
         let t = try awaitDelivery()
         XCTAssertEqual(t.distinct, expected.count - lost, "every spooled event arrived: \(t)")
         XCTAssertEqual(t.dropsByReason["unspecified/spool_full"], Int64(lost), "the excess is counted: \(t)")
-        // The counts travel inside batches only: the first one the restarted
-        // agent seals carries them at the latest.
+        // New events after that carry the count once more, never twice.
         try runTrailer()
         let after = try awaitDelivery()
         XCTAssertEqual(after.dropsByReason["unspecified/spool_full"], Int64(lost), "the excess is counted: \(after)")
@@ -208,14 +209,15 @@ final class DeliveryTests: XCTestCase {
         // batch held at least one): the agent cannot know more. So the sum
         // falls short by exactly the truncated record's other events, which
         // this test read before truncating it.
+        // Nothing runs in the subtree now: the restarted agent must report
+        // what it quarantined without waiting for events to carry the count.
         let t = try awaitDelivery(shortBy: truncatedEvents - 1)
         XCTAssertEqual(t.distinct, expected.count - damaged.events - truncatedEvents, "every other record arrived: \(t)")
         let quarantined = (try? FileManager.default.contentsOfDirectory(atPath: spoolDir + "/quarantine")) ?? []
         XCTAssertEqual(quarantined.count, 2, "both records quarantined: \(quarantined)")
         XCTAssertEqual(t.dropsByReason["unspecified/spool_corrupt"], Int64(damaged.events + 1),
                        "the damaged record's events and the truncated one as one: \(t)")
-        // The counts travel inside batches only: the first one the restarted
-        // agent seals carries them at the latest.
+        // New events after that carry the count once more, never twice.
         try runTrailer()
         let after = try awaitDelivery(shortBy: truncatedEvents - 1)
         XCTAssertEqual(after.dropsByReason["unspecified/spool_corrupt"], Int64(damaged.events + 1), "counted once: \(after)")
@@ -408,8 +410,8 @@ final class DeliveryTests: XCTestCase {
         return t
     }
 
-    /// A few more programs after a restart: the first batch the new agent
-    /// seals carries the counts it took over from the previous one.
+    /// A few more programs after a restart: the batches they are sealed in
+    /// carry the counters the new agent took over from the previous one.
     private func runTrailer() throws {
         try finish(try startGenerator(9001...9010, tag: "z"))
     }
@@ -420,15 +422,25 @@ final class DeliveryTests: XCTestCase {
         return m.body.contains("\ntapio_agent_unacknowledged_batches 0\n")
     }
 
-    /// Waits until the spool's records hold every generated event (the agent
-    /// seals within its batch delay and spools each batch as it seals it).
+    /// Waits until the spool's records hold every generated event the agent
+    /// did not count as lost (it seals within its batch delay and spools each
+    /// batch as it seals it).
     private func awaitSpooled() throws {
         var held = 0
+        var counted = 0
         let ok = eventually(timeout: 30) {
             held = spoolRecords().reduce(0) { $0 + $1.events }
-            return held >= expected.count
+            counted = agentCountedDrops()
+            return held + counted >= expected.count
         }
-        XCTAssertTrue(ok, "spooled \(held) of \(expected.count) events; agent log:\n\(agentLog())")
+        XCTAssertTrue(ok, "spooled \(held) and counted \(counted) of \(expected.count) events; agent log:\n\(agentLog())")
+    }
+
+    /// The running agent's own count of lost events (its /metrics).
+    private func agentCountedDrops() -> Int {
+        guard let m = try? TestSupport.httpGet(port: agentMetricsPort, path: "/metrics") else { return 0 }
+        return m.body.split(separator: "\n").filter { $0.hasPrefix("tapio_agent_dropped_events_total{") }
+            .compactMap { $0.split(separator: " ").last.flatMap { Int($0) } }.reduce(0, +)
     }
 
     private func spoolRecords() -> [(path: String, events: Int)] {
