@@ -584,29 +584,49 @@ public final class Outbox: Sendable {
         }
         finishSeal(state.withLock { reserveSpoolWrites(&$0, all: true) })
         return state.withLock { s in
-            var lost = 0
-            s.entries.removeAll { e in
-                guard e.file == nil else { return false }
-                lost += e.events
-                if e.memory != nil { s.memoryBytes -= e.payloadBytes }
-                return true
-            }
+            let unsaved = s.entries.filter { $0.file == nil }
+            s.entries.removeAll { $0.file == nil }
+            for e in unsaved { release(e, &s) }
+            var lost = unsaved.reduce(0) { $0 + $1.events }
             if lost > 0 { s.count(lost, "spool_full") }
-            // Counts already in a batch that is acknowledged or on disk reach the server with it.
-            var reported = s.ackedDrops
-            if let newest = s.entries.last(where: { $0.epoch == epoch && $0.file != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
-                reported = newest.drops!
-            }
-            var unreported: [DropKey: UInt64] = [:]
-            for (key, count) in s.drops where count > reported[key, default: 0] { unreported[key] = count - reported[key, default: 0] }
-            if unreported.isEmpty {
-                if s.carriedFilePresent, let path = carriedPath { unlink(path) }
-                s.carriedFilePresent = false
-            } else if (try? writeCarriedDrops(unreported)) != nil {
-                s.carriedFilePresent = true
+            while true {
+                let unreported = unreportedDrops(s)
+                if unreported.isEmpty {
+                    if s.carriedFilePresent, let path = carriedPath { unlink(path) }
+                    s.carriedFilePresent = false
+                    break
+                }
+                do {
+                    try writeCarriedDrops(unreported)
+                    s.carriedFilePresent = true
+                    break
+                } catch let error as SpoolError where error.errno == ENOSPC || error.errno == EDQUOT {
+                    // A spool too full for even the count: the newest spooled batch
+                    // makes room, and its events are counted with the rest.
+                } catch {
+                    break
+                }
+                guard let i = s.entries.lastIndex(where: { $0.file != nil }) else { break }
+                let e = s.entries.remove(at: i)
+                release(e, &s)
+                if let path = e.file { unlink(path) }
+                lost += e.events
+                s.count(e.events, "spool_full")
             }
             return lost
         }
+    }
+
+    /// Counts no batch carries that is acknowledged or on disk (and so will
+    /// reach the server): the counters now, less those of the newest such batch.
+    private func unreportedDrops(_ s: State) -> [DropKey: UInt64] {
+        var reported = s.ackedDrops
+        if let newest = s.entries.last(where: { $0.epoch == epoch && $0.file != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
+            reported = newest.drops!
+        }
+        var unreported: [DropKey: UInt64] = [:]
+        for (key, count) in s.drops where count > reported[key, default: 0] { unreported[key] = count - reported[key, default: 0] }
+        return unreported
     }
 
     /// The encoded batches held now, oldest first (for tests and diagnostics).
@@ -652,29 +672,26 @@ public final class Outbox: Sendable {
     private func writeDurably(_ path: String, _ bytes: [UInt8], syncDirectory syncDir: Bool = true) throws {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SpoolError("cannot create \(tmp): errno \(errno)") }
+        guard fd >= 0 else { throw SpoolError("cannot create \(tmp)", errno: errno) }
+        func fail(_ what: String) -> SpoolError {
+            let error = SpoolError("cannot \(what) \(tmp)", errno: errno)
+            close(fd)
+            unlink(tmp)
+            return error
+        }
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
             if n < 0, errno == EINTR { continue }
-            guard n > 0 else {
-                let e = errno
-                close(fd)
-                unlink(tmp)
-                throw SpoolError("cannot write \(tmp): errno \(e)")
-            }
+            guard n > 0 else { throw fail("write") }
             offset += n
         }
-        guard fsync(fd) == 0 else {
-            let e = errno
-            close(fd)
-            unlink(tmp)
-            throw SpoolError("cannot sync \(tmp): errno \(e)")
-        }
+        guard fsync(fd) == 0 else { throw fail("sync") }
         close(fd)
         guard rename(tmp, path) == 0 else {
+            let error = SpoolError("cannot rename \(tmp)", errno: errno)
             unlink(tmp)
-            throw SpoolError("cannot rename \(tmp): errno \(errno)")
+            throw error
         }
         if syncDir { syncDirectory((path as NSString).deletingLastPathComponent) }
     }
@@ -709,5 +726,9 @@ private func saturatingAdd(_ a: UInt64, _ b: UInt64) -> UInt64 {
 
 struct SpoolError: Error, CustomStringConvertible {
     var description: String
-    init(_ description: String) { self.description = description }
+    var errno: Int32
+    init(_ description: String, errno: Int32) {
+        self.description = "\(description): errno \(errno)"
+        self.errno = errno
+    }
 }

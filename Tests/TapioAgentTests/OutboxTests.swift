@@ -307,6 +307,36 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(try batches(third).map(\.epoch), [6], "the batch carrying it is resent instead")
     }
 
+    func testWhenTheSpoolHasNoRoomEvenForTheCountTheNewestSpooledBatchMakesRoomAndIsCounted() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        let mounted = getuid() == 0 && (try? TestSupport.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", spool]))?.status == 0
+        try XCTSkipUnless(mounted, "needs root to mount a tiny tmpfs")
+        defer { _ = try? TestSupport.run("/usr/bin/umount", ["-l", spool]) }
+        do {
+            // 30 batches of about 3 kB: the 64 kB filesystem takes about 16 of them.
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            for pid in 1...300 { outbox.add(exitEvent(UInt32(pid), comm: String(repeating: "s", count: 250) + "\(pid)")) }
+            let lost = outbox.spoolRemaining()
+            XCTAssertGreaterThan(lost, 0)
+            XCTAssertEqual(drops(outbox, "spool_full"), UInt64(lost))
+            XCTAssertTrue(files(spool).contains("carried-drops"), "\(files(spool))")
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
+        let kept = try batches(restarted).reduce(0) { $0 + $1.events.count }
+        XCTAssertGreaterThan(kept, 0)
+        XCTAssertEqual(UInt64(kept) + drops(restarted, "spool_full"), 300, "every event kept or counted")
+    }
+
+    func testACountThatCannotBeSavedForAnotherReasonCostsNoSpooledBatch() throws {
+        let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        try FileManager.default.createDirectory(atPath: spool + "/carried-drops.tmp", withIntermediateDirectories: false)
+        let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+        for pid in 1...20 { outbox.add(exitEvent(UInt32(pid))) }
+        outbox.countDrop(kind: .processExec, reason: "queue_full", count: 2)
+        XCTAssertEqual(outbox.spoolRemaining(), 0)
+        XCTAssertEqual(outbox.unacknowledged, 2)
+    }
+
     func testCountsNoBatchCarriesYetAreSavedAtShutdown() throws {
         let spool = try TestSupport.temporaryDirectory("tapio-spool")
         do {
