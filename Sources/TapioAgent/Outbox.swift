@@ -80,13 +80,17 @@ public final class Outbox: Sendable {
         var carriedFilePresent = false
         /// The last spool write failed (disk full?): retry one batch per seal, not all.
         var spoolFailing = false
+        /// The counters the newest sealed batch carries, and when the last
+        /// batch of counts only was sealed (agent clock).
+        var sealedDrops: [DropKey: UInt64] = [:]
+        var lastCountsOnlyNs: Int64?
         /// Limits the server announced (0: none).
         var serverMaxEvents = 0
         var serverMaxPayloadBytes = 0
         var sealedBatches: UInt64 = 0
         var ackedBatches: UInt64 = 0
 
-        var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: saturatingAdd) }
+        var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: saturatingAdd).filter { $0.value > 0 } }
 
         /// Counts events lost in the agent (saturating: a count read from disk may be anything).
         mutating func count(_ n: Int, _ reason: String, kind: EventKind = .unspecified) {
@@ -174,8 +178,9 @@ public final class Outbox: Sendable {
                     if keptAt != path { unlink(path) }
                 } else {
                     bad.append(path)
-                    // Every sealed batch holds at least one event.
-                    corruptEvents += UInt64(max(1, error.eventCount ?? 1))
+                    // Exact when the header checks out; otherwise at least one
+                    // (only a batch of counts only holds none).
+                    corruptEvents += UInt64(error.eventCount ?? 1)
                     continue
                 }
             }
@@ -227,12 +232,31 @@ public final class Outbox: Sendable {
         if let writes { finishSeal(writes) }
     }
 
-    /// Seals the pending events if the oldest has waited `maxDelayNs` (or `force`).
+    /// Seals the pending events if the oldest has waited `maxDelayNs` (or
+    /// `force`). Without pending events, drop counts no batch carries yet
+    /// (carried over, found in the spool, of a batch dropped since) do not
+    /// wait for the next event: they go out in a batch of counts only, at most
+    /// one per `maxDelayNs`.
     public func sealIfDue(nowNs: Int64, force: Bool = false) {
         let writes = state.withLock { s -> [SpoolWrite]? in
-            guard let first = s.pending.first else { return nil }
-            guard force || nowNs - first.timeNs >= limits.maxDelayNs else { return nil }
-            return seal(&s)
+            if let first = s.pending.first {
+                let (waited, overflow) = nowNs.subtractingReportingOverflow(first.timeNs)
+                guard force || overflow || waited >= limits.maxDelayNs else { return nil }
+                return seal(&s)
+            }
+            guard s.drops != s.sealedDrops else { return nil }
+            if !force, let last = s.lastCountsOnlyNs {
+                let (since, overflow) = nowNs.subtractingReportingOverflow(last)
+                guard overflow || since >= limits.maxDelayNs || since < 0 else { return nil }
+            }
+            s.lastCountsOnlyNs = nowNs
+            var sealed: [Entry] = []
+            var reuse: UInt64?
+            sealChunk([], &s, into: &sealed, reusing: &reuse)
+            s.entries += sealed
+            let writes = reserveSpoolWrites(&s)
+            enforceMemoryLimit(&s)
+            return writes
         }
         if let writes { finishSeal(writes) }
     }
@@ -289,6 +313,7 @@ public final class Outbox: Sendable {
     /// or, re-sealing a batch that was never sent, in its place, the first
     /// taking over its sequence.
     private func sealEvents(_ events: [TapioEvent], _ s: inout State, replacing: (index: Int, sequence: UInt64)? = nil) {
+        guard !events.isEmpty else { return }
         var sealed: [Entry] = []
         var reuse = replacing?.sequence
         let perBatch = maxEvents(s)
@@ -302,15 +327,15 @@ public final class Outbox: Sendable {
     }
 
     /// One batch, halved until it fits the byte budget. A single event larger
-    /// than the budget on its own is dropped and counted.
+    /// than the budget on its own is dropped and counted. Without events, a
+    /// batch of the drop counts only.
     private func sealChunk(_ events: ArraySlice<TapioEvent>, _ s: inout State, into sealed: inout [Entry], reusing: inout UInt64?) {
-        guard !events.isEmpty else { return }
         let sequence = reusing ?? s.nextSequence
         let drops = s.drops
         let counts = drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
             .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
         let bytes = EventBatch(node: node, epoch: epoch, sequence: sequence, events: Array(events), drops: counts).encoded()
-        if bytes.count > maxPayloadBytes(s) {
+        if bytes.count > maxPayloadBytes(s), !events.isEmpty {
             if events.count == 1 {
                 s.count(1, "batch_too_large", kind: events.first!.kind)
                 return
@@ -322,6 +347,7 @@ public final class Outbox: Sendable {
         }
         sealed.append(Entry(epoch: epoch, sequence: sequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops))
         s.memoryBytes += bytes.count
+        s.sealedDrops = drops
         if reusing != nil {
             reusing = nil
         } else {

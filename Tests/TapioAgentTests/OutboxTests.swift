@@ -354,6 +354,27 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(restarted.stats.drops.first { $0.reason == "ringbuf_full" }?.count, 6, "the new kernel count adds to the carried one")
     }
 
+    func testCountsNoBatchCarriesGoOutWithoutWaitingForAnEvent() throws {
+        var quick = limits(events: 10)
+        quick.maxDelayNs = 1_000
+        let outbox = try Outbox(node: "n", epoch: 5, limits: quick, spoolDirectory: nil)
+        outbox.sealIfDue(nowNs: 10_000)
+        XCTAssertEqual(outbox.unacknowledged, 0, "nothing to say")
+        outbox.countDrop(kind: .processExec, reason: "queue_full", count: 3)
+        outbox.sealIfDue(nowNs: 20_000)
+        let batch = try XCTUnwrap(try batches(outbox).first)
+        XCTAssertEqual(batch.events, [])
+        XCTAssertEqual(batch.drops, [DropCount(kind: .processExec, reason: "queue_full", count: 3)])
+        outbox.sealIfDue(nowNs: 30_000)
+        XCTAssertEqual(outbox.unacknowledged, 1, "the same counts go out once")
+        outbox.countDrop(kind: .processExec, reason: "queue_full")
+        outbox.sealIfDue(nowNs: 20_500)
+        XCTAssertEqual(outbox.unacknowledged, 1, "at most one batch of counts only per batch delay")
+        outbox.sealIfDue(nowNs: 21_000)
+        XCTAssertEqual(outbox.unacknowledged, 2)
+        XCTAssertEqual(try batches(outbox).last?.drops.first?.count, 4)
+    }
+
     // MARK: 10: a crash loses nothing sealed
 
     func testEverySealedBatchIsOnDiskAtOnceSoAKilledAgentLosesNone() throws {
