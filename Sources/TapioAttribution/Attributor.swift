@@ -159,7 +159,7 @@ public final class Attributor: Sendable {
         let found = Identity(path: path, info: info)
         // A host result expires soon: the process may be a runtime's init
         // about to move into its container's cgroup.
-        let expires: ContinuousClock.Instant? = info.isHost ? now + .milliseconds(Int64(configuration.hostPidTTL * 1000)) : nil
+        let expires: ContinuousClock.Instant? = info.isHost ? now + .milliseconds(Int64(milliseconds(configuration.hostPidTTL))) : nil
         state.withLock { s in
             if s.byPid.count >= configuration.maximumPidEntries { s.byPid.removeAll(keepingCapacity: true) }
             s.byPid[pid] = (found, expires)

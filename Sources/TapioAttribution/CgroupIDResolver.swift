@@ -90,7 +90,7 @@ public final class CgroupIDResolver: Sendable {
         let mayWalk = state.withLock { s -> Bool in
             s.statistics.misses += 1
             guard let last = s.lastWalk else { return true }
-            return ContinuousClock.now - last >= .milliseconds(Int64(configuration.minimumRefreshInterval * 1000))
+            return ContinuousClock.now - last >= .milliseconds(Int64(milliseconds(configuration.minimumRefreshInterval)))
         }
         guard mayWalk else { return nil }
         refresh()

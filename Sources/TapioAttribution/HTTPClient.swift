@@ -211,7 +211,14 @@ public struct ChunkedDecoder: Sendable {
                 switch state {
                 case .size:
                     let sizeText = line.prefix { $0 != UInt8(ascii: ";") }.filter { $0 != UInt8(ascii: " ") && $0 != UInt8(ascii: "\t") }
-                    guard !sizeText.isEmpty, sizeText.count <= 15, let size = Int(String(decoding: sizeText, as: UTF8.self), radix: 16) else {
+                    // Hex digits only (RFC 9112: chunk-size = 1*HEXDIG): a sign would
+                    // make a negative size. At most 15 digits always fit an Int.
+                    var size = 0
+                    for digit in sizeText {
+                        guard let value = Self.hexValue(digit) else { size = -1; break }
+                        size = size << 4 | value
+                    }
+                    guard !sizeText.isEmpty, sizeText.count <= 15, size >= 0 else {
                         throw HTTPError("chunked encoding: bad chunk size \(String(decoding: line.prefix(32), as: UTF8.self).debugDescription)")
                     }
                     state = size == 0 ? .trailer : .data(size)
@@ -226,6 +233,18 @@ public struct ChunkedDecoder: Sendable {
             }
         }
         return out
+    }
+}
+
+extension ChunkedDecoder {
+    /// The value of one ASCII hex digit, nil for any other byte.
+    static func hexValue(_ b: UInt8) -> Int? {
+        switch b {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return Int(b - UInt8(ascii: "0"))
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return Int(b - UInt8(ascii: "a")) + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return Int(b - UInt8(ascii: "A")) + 10
+        default: return nil
+        }
     }
 }
 
@@ -294,8 +313,9 @@ public final class HTTPResponse {
         var request = "GET \(endpoint.basePath)\(path) HTTP/1.1\r\nHost: \(endpoint.authority)\r\n"
         for (name, value) in headers { request += "\(name): \(value)\r\n" }
         request += "Connection: close\r\n\r\n"
-        try stream.write(Array(request.utf8), timeoutMs: Int32(idleTimeout * 1000))
-        return try HTTPResponse(stream: stream, idleTimeoutMs: Int(idleTimeout * 1000), maximumLineLength: maximumLineLength, shouldStop: shouldStop)
+        let timeoutMs = milliseconds(idleTimeout)
+        try stream.write(Array(request.utf8), timeoutMs: timeoutMs)
+        return try HTTPResponse(stream: stream, idleTimeoutMs: Int(timeoutMs), maximumLineLength: maximumLineLength, shouldStop: shouldStop)
     }
 
     private init(stream: any ByteStream, idleTimeoutMs: Int, maximumLineLength: Int, shouldStop: @escaping @Sendable () -> Bool) throws {
@@ -304,21 +324,23 @@ public final class HTTPResponse {
         self.shouldStop = shouldStop
         lines = LineSplitter(maximumLineLength: maximumLineLength)
         var head: [UInt8] = []
-        var bodyStart: Int?
-        while bodyStart == nil {
+        // The offset of the blank line ending the head.
+        let headEnd: Int
+        while true {
             guard let bytes = try Self.receive(stream, idleTimeoutMs: idleTimeoutMs, shouldStop: shouldStop) else {
                 throw HTTPError("connection closed before the response head")
             }
             let scanFrom = max(0, head.count - 3)
             head.append(contentsOf: bytes)
-            if let r = Self.find([13, 10, 13, 10], in: head, from: scanFrom) { bodyStart = r + 4 }
-            if bodyStart == nil && head.count > 64 << 10 { throw HTTPError("response head larger than 64 KiB") }
+            if let r = Self.find([13, 10, 13, 10], in: head, from: scanFrom) { headEnd = r; break }
+            if head.count > 64 << 10 { throw HTTPError("response head larger than 64 KiB") }
         }
-        pending = Array(head[bodyStart!...])
-        let text = String(decoding: head[..<(bodyStart! - 4)], as: UTF8.self)
+        pending = Array(head[(headEnd + 4)...])
+        let text = String(decoding: head[..<headEnd], as: UTF8.self)
         var headLines = text.components(separatedBy: "\r\n")
-        let statusLine = headLines.removeFirst().split(separator: " ", maxSplits: 2)
-        guard statusLine.count >= 2, statusLine[0].hasPrefix("HTTP/1."), let code = Int(statusLine[1]) else {
+        let statusLine = headLines.isEmpty ? [] : headLines.removeFirst().split(separator: " ", maxSplits: 2)
+        // RFC 9112: HTTP-version SP 3DIGIT SP reason.
+        guard statusLine.count >= 2, statusLine[0].hasPrefix("HTTP/1."), let code = Self.decimal(statusLine[1], digits: 3...3) else {
             throw HTTPError("not an HTTP/1.x response")
         }
         status = code
@@ -333,7 +355,7 @@ public final class HTTPResponse {
         headers = h
         if h["transfer-encoding"]?.lowercased().contains("chunked") == true {
             framing = .chunked(ChunkedDecoder())
-        } else if let length = h["content-length"].flatMap({ Int($0) }), length >= 0 {
+        } else if let length = h["content-length"].flatMap({ Self.decimal(Substring($0), digits: 1...18) }) {
             framing = .length(length)
         } else {
             framing = .untilClose
@@ -409,6 +431,14 @@ public final class HTTPResponse {
         }
     }
 
+    /// A number of ASCII digits only (no sign, no spaces), with a digit count
+    /// in `digits`: at most 18 always fit an Int.
+    static func decimal(_ text: Substring, digits: ClosedRange<Int>) -> Int? {
+        let utf8 = text.utf8
+        guard digits.contains(utf8.count), utf8.count <= 18, utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else { return nil }
+        return utf8.reduce(0) { $0 * 10 + Int($1 - UInt8(ascii: "0")) }
+    }
+
     private static func find(_ needle: [UInt8], in hay: [UInt8], from: Int) -> Int? {
         guard hay.count >= needle.count else { return nil }
         var i = from
@@ -418,4 +448,12 @@ public final class HTTPResponse {
         }
         return nil
     }
+}
+
+/// Seconds as whole milliseconds for poll(2), clamped to 0…Int32.max (about
+/// 24 days): a configured timeout never traps, whatever its size.
+func milliseconds(_ seconds: Double) -> Int32 {
+    let ms = seconds * 1000
+    guard ms.isFinite else { return ms > 0 ? .max : 0 }
+    return Int32(max(0, min(ms, Double(Int32.max))))
 }

@@ -193,10 +193,9 @@ public final class KubernetesAPISource: Sendable {
         var version: String?
         while !stopping {
             do {
-                if version == nil {
-                    version = try list()
-                }
-                switch try watch(from: version!) {
+                let from = try version ?? list()
+                version = from
+                switch try watch(from: from) {
                 case .closed(let rv):
                     version = rv
                 case .expired:
@@ -247,7 +246,7 @@ public final class KubernetesAPISource: Sendable {
     private func request(path: String, idleTimeout: Double) throws -> HTTPResponse {
         var headers = [("Accept", "application/json"), ("User-Agent", "tapio-agent")]
         if let token = try bearerToken() { headers.append(("Authorization", "Bearer " + token)) }
-        let stream = try configuration.connector(configuration.endpoint, configuration.caFile, Int32(configuration.requestTimeout * 1000))
+        let stream = try configuration.connector(configuration.endpoint, configuration.caFile, milliseconds(configuration.requestTimeout))
         do {
             return try HTTPResponse.get(path, headers: headers, endpoint: configuration.endpoint, stream: stream, idleTimeout: idleTimeout,
                                         maximumLineLength: configuration.maximumObjectBytes, shouldStop: { [self] in stopping })
@@ -266,7 +265,7 @@ public final class KubernetesAPISource: Sendable {
     }
 
     private func sleep(seconds: Double) {
-        let until = ContinuousClock.now + .milliseconds(Int64(seconds * 1000))
+        let until = ContinuousClock.now + .milliseconds(Int64(milliseconds(seconds)))
         while ContinuousClock.now < until && !stopping { Thread.sleep(forTimeInterval: 0.05) }
     }
 

@@ -112,7 +112,7 @@ public final class PodIndex: Sendable {
     private static func remove(uid: String, from s: inout State, retention: Double) {
         guard let old = s.pods.removeValue(forKey: uid) else { return }
         unindex(old, from: &s)
-        s.tombstones[uid] = (old, .now + .milliseconds(Int64(retention * 1000)))
+        s.tombstones[uid] = (old, .now + .milliseconds(Int64(milliseconds(retention))))
     }
 
     /// Removes `pod`'s index entries, only those that still point at it (an IP

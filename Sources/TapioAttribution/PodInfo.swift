@@ -74,8 +74,8 @@ public struct PodInfo: Sendable, Equatable {
         }
         // Containers the status does not list yet (just scheduled) still have names.
         let known = Set(containers.map(\.name))
-        for c in pod.spec?.containers ?? [] where c.name != nil && !known.contains(c.name!) {
-            containers.append(ContainerInfo(name: c.name!, id: nil, runtime: nil))
+        for name in (pod.spec?.containers ?? []).compactMap(\.name) where !known.contains(name) {
+            containers.append(ContainerInfo(name: name, id: nil, runtime: nil))
         }
         self.init(uid: uid, name: name, namespace: meta.namespace ?? "default", node: pod.spec?.nodeName ?? "", ips: ips,
                   hostIP: status?.hostIP, hostNetwork: pod.spec?.hostNetwork ?? false, phase: status?.phase ?? "",

@@ -32,6 +32,20 @@ final class HTTPDecodingTests: XCTestCase {
         XCTAssertThrowsError(try long.feed(Array("1;aaaaaaaaaaaaaaaaa\r\n".utf8)))
     }
 
+    func testChunkSizeIsHexDigitsOnly() throws {
+        // "-d" read as a signed number was a chunk of -13 bytes, and a trap.
+        for size in ["-d", "+5", "-0", "0x5", "g", "1 2x", "1000000000000000"] {
+            var decoder = ChunkedDecoder()
+            XCTAssertThrowsError(try decoder.feed(Array("\(size)\r\nabcde\r\n0\r\n\r\n".utf8)), size)
+        }
+        var upper = ChunkedDecoder()
+        XCTAssertEqual(try upper.feed(Array("A\r\n0123456789\r\n0\r\n\r\n".utf8)), Array("0123456789".utf8))
+        XCTAssertTrue(upper.isDone)
+        // The input the fuzzer found, through a whole response.
+        let found = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n-d\r\n{\"b\":2}\r\n"
+        XCTAssertThrowsError(try response(found).body(limit: 100))
+    }
+
     func testLinesAreReassembledAcrossPieces() throws {
         var lines = LineSplitter(maximumLineLength: 64)
         var got: [String] = []
@@ -54,5 +68,59 @@ final class HTTPDecodingTests: XCTestCase {
         XCTAssertNil(HTTPEndpoint(url: "ftp://x"))
         XCTAssertNil(HTTPEndpoint(url: "http://x:0"))
         XCTAssertNil(HTTPEndpoint(url: "http://:80"))
+    }
+
+    // MARK: - Response heads from an untrusted server
+
+    /// Replays fixed bytes as the server's side of a connection.
+    private final class ReplayStream: ByteStream {
+        private var bytes: [UInt8]
+        init(_ text: String) { bytes = Array(text.utf8) }
+        func write(_ bytes: [UInt8], timeoutMs: Int32) throws {}
+        func read(maximum: Int, timeoutMs: Int32) throws -> [UInt8]? {
+            if bytes.isEmpty { return nil }
+            defer { bytes.removeFirst(min(maximum, bytes.count)) }
+            return Array(bytes.prefix(maximum))
+        }
+        func close() {}
+    }
+
+    private let endpoint = HTTPEndpoint(isTLS: false, host: "127.0.0.1", port: 80)
+
+    private func response(_ text: String, idleTimeout: Double = 1) throws -> HTTPResponse {
+        try HTTPResponse.get("/", headers: [], endpoint: endpoint, stream: ReplayStream(text), idleTimeout: idleTimeout)
+    }
+
+    func testStatusMustBeThreeDigits() throws {
+        XCTAssertEqual(try response("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").status, 200)
+        XCTAssertEqual(try response("HTTP/1.0 410\r\n\r\n").status, 410)
+        for bad in ["HTTP/1.1 99999999999999999999999 OK", "HTTP/1.1 -200 OK", "HTTP/1.1 +200 OK", "HTTP/1.1 20 OK", "HTTP/1.1 2000 OK", "HTTP/1.1", ""] {
+            XCTAssertThrowsError(try response(bad + "\r\n\r\n"), bad)
+        }
+    }
+
+    func testContentLengthIsDigitsOnly() throws {
+        let exact = try response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef")
+        XCTAssertEqual(try exact.body(limit: 100), Array("abc".utf8))
+        // Anything but digits is no length: the body runs until the connection closes.
+        for value in ["+3", "-1", "3 3", "3, 3", "99999999999999999999999999", "0x3", ""] {
+            let r = try response("HTTP/1.1 200 OK\r\nContent-Length: \(value)\r\n\r\nabcdef")
+            XCTAssertEqual(try r.body(limit: 100), Array("abcdef".utf8), value)
+        }
+    }
+
+    func testHugeOrOddTimeoutsDoNotTrap() throws {
+        for timeout in [Double.infinity, 1e300, Double(Int64.max), -1, -Double.infinity, Double.nan] {
+            let r = try response("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", idleTimeout: timeout)
+            XCTAssertEqual(try r.body(limit: 10), Array("ok".utf8), "\(timeout)")
+        }
+        // A watch waits watchTimeoutSeconds + 30 s: a huge configured value must not trap either.
+        var configuration = KubernetesAPIConfiguration(endpoint: endpoint, nodeName: "n", connector: { _, _, _ in
+            ReplayStream("HTTP/1.1 200 OK\r\n\r\n{\"type\":\"BOOKMARK\",\"object\":{\"metadata\":{\"resourceVersion\":\"9\"}}}\n")
+        })
+        configuration.watchTimeoutSeconds = .max
+        configuration.requestTimeout = .infinity
+        let source = KubernetesAPISource(configuration: configuration, index: PodIndex())
+        XCTAssertEqual(try source.watch(from: "1"), .closed(resourceVersion: "9"))
     }
 }
