@@ -115,8 +115,8 @@ final class DeliveryTests: XCTestCase {
         server!.stop()
         let g = try startGenerator(1...2000, tag: "a")
         try finish(g)
-        // SIGTERM: it waits --shutdown-grace for acknowledgements that cannot
-        // come, says nothing to nobody, keeps its spool.
+        // SIGTERM: it waits --shutdown-grace (1 s) for acknowledgements that
+        // cannot come, then leaves its batches in the spool.
         XCTAssertEqual(agent!.stop(), 0, agentLog())
         XCTAssertFalse(spoolRecords().isEmpty, "the stopped agent left its batches in the spool")
         try startAgent(waitConnected: false)
