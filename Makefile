@@ -48,11 +48,25 @@ debug: deps bpf
 	$(SWIFT) build
 
 # Every test: Swift unit and integration tests (which need root and a BPF
-# kernel; with TAPIO_REQUIRE_BPF=1 they fail instead of skipping), and the
-# check that the committed protobuf-c code is what the .proto generates.
-test: deps bpf proto-check
+# kernel; with TAPIO_REQUIRE_BPF=1 they fail instead of skipping), the
+# check that the committed protobuf-c code is what the .proto generates, and
+# a short run of every fuzz target (fuzz-short).
+test: deps bpf proto-check fuzz-short
 	$(SWIFT) build
 	$(SWIFT) test --disable-swift-testing
+
+# Fuzzing (Fuzz/README.md). fuzz-short, part of `make test`: builds the
+# libFuzzer targets, replays every committed input and fuzzes each target
+# FUZZ_SHORT_SECONDS; any crash fails it. `make fuzz`: FUZZ_SECONDS in all,
+# split across the targets.
+FUZZ_SECONDS ?= 600
+FUZZ_SHORT_SECONDS ?= 13
+.PHONY: fuzz fuzz-short
+fuzz: deps
+	Fuzz/run.sh --total $(FUZZ_SECONDS)
+
+fuzz-short: deps
+	Fuzz/run.sh --seconds $(FUZZ_SHORT_SECONDS)
 
 # The fault lab's OOM-kill scenario: three nodes, real services, a memory
 # limit that kills Redis, and the root-cause timeline the server reports.
