@@ -26,8 +26,10 @@ import TapioWire
 /// blocks the rest: if this process never sent it, its events are sealed
 /// again within the limits; otherwise the server may hold it already, and it
 /// is dropped and its events counted (`batch_too_large`).
-/// Counts that no durable batch carries when the process stops are kept in
-/// the spool's `carried-drops` file and added to the next process's counters.
+/// Every batch carries the cumulative drop counters; when they changed and no
+/// event waits to carry them, a batch of counts only is sealed. Counts that no
+/// durable batch carries when the process stops are kept in the spool's
+/// `carried-drops` file and added to the next process's counters.
 public final class Outbox: Sendable {
     public struct Limits: Sendable {
         public var maxEvents = 512
