@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
         --seconds) seconds=$2; shift 2 ;;
         --total) total=$2; shift 2 ;;
         --replay) replay_only=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         -*) echo "fuzz: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -64,6 +64,8 @@ for t in "${targets[@]}"; do
     if [ ! -x "$bin" ]; then echo "fuzz: $t was not built" >&2; failed+=("$t"); continue; fi
     mkdir -p "$ROOT/Fuzz/corpus/$t" "$ROOT/Fuzz/regressions/$t" "$OUT/corpus/$t" "$OUT/artifacts/$t"
     log="$OUT/artifacts/$t/last.log"
+    dict=()
+    [ -f "$ROOT/Fuzz/$t/fuzz.dict" ] && dict=(-dict="$ROOT/Fuzz/$t/fuzz.dict")
 
     # Every committed input once: a regression that crashes again fails here.
     inputs=$(find "$ROOT/Fuzz/regressions/$t" "$ROOT/Fuzz/corpus/$t" -type f ! -name README.md | wc -l)
@@ -80,7 +82,7 @@ for t in "${targets[@]}"; do
     fi
 
     # Fuzz, starting from the committed inputs and what earlier runs kept.
-    if "$bin" "${FLAGS[@]}" -max_total_time="$seconds" -artifact_prefix="$OUT/artifacts/$t/" \
+    if "$bin" "${FLAGS[@]}" "${dict[@]}" -max_total_time="$seconds" -artifact_prefix="$OUT/artifacts/$t/" \
             "$OUT/corpus/$t" "$ROOT/Fuzz/corpus/$t" "$ROOT/Fuzz/regressions/$t" >"$log" 2>&1; then
         runs=$(grep -oE "^Done [0-9]+ runs" "$log" | grep -oE "[0-9]+" || echo "?")
         cov=$(grep -oE "cov: [0-9]+" "$log" | tail -n 1 | grep -oE "[0-9]+" || echo "?")
