@@ -79,15 +79,22 @@ final class DeliveryTests: XCTestCase {
     func testKillingTheServerMidStreamLosesAndDuplicatesNothing() throws {
         try startServer()
         try startAgent()
-        let n = 2000
+        let n = 3000
         let g = try startGenerator(1...n, tag: "a")
-        // Kill it once a third has been generated, bring it back on the same
+        // Twice: kill it while the agent streams, bring it back on the same
         // data directory a moment later, while the generator goes on.
-        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= n / 3 }, "generator progress; log:\n\(g.log)")
-        XCTAssertGreaterThan(try tally().distinct, 0, "some events were stored before the kill")
-        XCTAssertEqual(server!.stop(signal: SIGKILL), 128 + SIGKILL)
-        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= 2 * n / 3 }, "generator progress; log:\n\(g.log)")
-        try startServer()
+        var stored = 0
+        for (kill, restart) in [(n / 6, n / 3), (n / 2, 2 * n / 3)] {
+            XCTAssertTrue(eventually(timeout: 60) { progress(g) >= kill }, "generator progress; log:\n\(g.log)")
+            let before = stored
+            XCTAssertTrue(eventually(timeout: 60) {
+                stored = (try? tally().distinct) ?? stored
+                return stored > before
+            }, "the agent streams to this server before it is killed; agent log:\n\(agentLog())")
+            XCTAssertEqual(server!.stop(signal: SIGKILL), 128 + SIGKILL)
+            XCTAssertTrue(eventually(timeout: 60) { progress(g) >= restart }, "generator progress; log:\n\(g.log)")
+            try startServer()
+        }
         try finish(g)
         let t = try awaitDelivery()
         XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing it had read: \(t)")
@@ -107,6 +114,32 @@ final class DeliveryTests: XCTestCase {
         try startServer()
         let t = try awaitDelivery()
         XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing it had spooled: \(t)")
+    }
+
+    func testKillingTheAgentWithBatchesInFlightStoresEveryEventOnce() throws {
+        try startServer()
+        try startAgent()
+        let g = try startGenerator(1...2000, tag: "a")
+        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= 800 }, "generator progress; log:\n\(g.log)")
+        // The server stops reading (SIGSTOP): the agent's batches wait
+        // unacknowledged in the socket and in its spool.
+        XCTAssertEqual(kill(server!.pid, SIGSTOP), 0)
+        XCTAssertTrue(eventually(timeout: 60) { progress(g) >= 1400 }, "generator progress; log:\n\(g.log)")
+        // Nothing may happen in the subtree while no agent watches it: freeze
+        // it, and kill -9 the agent once it has read (and so sealed and
+        // spooled) everything.
+        try freezeSubtree(true)
+        awaitAgentReadEverything()
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        try startAgent(waitConnected: false)
+        // The server now stores what the dead connection had in flight; the
+        // new agent resends the same batches from the spool.
+        XCTAssertEqual(kill(server!.pid, SIGCONT), 0)
+        try freezeSubtree(false)
+        try finish(g)
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing it had read: \(t)")
+        XCTAssertGreaterThan(t.duplicateBatches, 0, "the server stored batches of the dead connection that the new agent sent again: \(t)")
     }
 
     func testStoppingTheAgentDuringAnOutageKeepsItsBatchesForTheNextStart() throws {
@@ -348,13 +381,15 @@ final class DeliveryTests: XCTestCase {
         var strangers: [String] = []
         var drops: Int64 = 0
         var dropsByReason: [String: Int64] = [:]
+        /// Batches the server received again and did not store again.
+        var duplicateBatches: Int64 = 0
 
         /// Counted by the kernel (ring buffer full): not the agent's losses.
         var kernelDrops: Int64 { dropsByReason.filter { $0.key.hasSuffix("/ringbuf_full") }.values.reduce(0, +) }
         var agentDrops: Int64 { drops - kernelDrops }
 
         var description: String {
-            "stored rows \(rows), distinct \(distinct), drops \(drops) \(dropsByReason.sorted { $0.key < $1.key }), strangers \(strangers.prefix(5))"
+            "stored rows \(rows), distinct \(distinct), drops \(drops) \(dropsByReason.sorted { $0.key < $1.key }), duplicate batches \(duplicateBatches), strangers \(strangers.prefix(5))"
         }
     }
 
@@ -372,6 +407,7 @@ final class DeliveryTests: XCTestCase {
         let nodes = try query(["nodes"])["nodes"] as? [[String: Any]] ?? []
         if let me = nodes.first(where: { $0["node"] as? String == node }) {
             t.drops = (me["drops_total"] as? NSNumber)?.int64Value ?? 0
+            t.duplicateBatches = (me["duplicate_batches"] as? NSNumber)?.int64Value ?? 0
             for (k, v) in me["drops"] as? [String: Any] ?? [:] { t.dropsByReason[k] = (v as? NSNumber)?.int64Value ?? 0 }
         }
         return t
@@ -414,6 +450,31 @@ final class DeliveryTests: XCTestCase {
     /// carry the counters the new agent took over from the previous one.
     private func runTrailer() throws {
         try finish(try startGenerator(9001...9010, tag: "z"))
+    }
+
+    /// Freezes (or thaws) every task of the subtree (cgroup v2 freezer).
+    private func freezeSubtree(_ frozen: Bool) throws {
+        try (frozen ? "1" : "0").write(toFile: cgroup + "/cgroup.freeze", atomically: false, encoding: .utf8)
+        let state = "frozen \(frozen ? 1 : 0)"
+        XCTAssertTrue(eventually(timeout: 10) {
+            ((try? String(contentsOfFile: cgroup + "/cgroup.events", encoding: .utf8)) ?? "").contains(state)
+        }, "subtree \(state)")
+    }
+
+    /// Waits until the running agent has read nothing new for a second (the
+    /// subtree is frozen): everything it read is sealed within its batch
+    /// delay, and spooled as it is sealed.
+    private func awaitAgentReadEverything() {
+        var last = -1
+        var since = Date()
+        let quiet = eventually(timeout: 30) {
+            let m = (try? TestSupport.httpGet(port: agentMetricsPort, path: "/metrics"))?.body ?? ""
+            let read = m.split(separator: "\n").first { $0.hasPrefix("tapio_agent_events_read_total ") }
+                .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+            if read != last { last = read; since = Date() }
+            return read >= 0 && Date().timeIntervalSince(since) >= 1
+        }
+        XCTAssertTrue(quiet, "the agent stopped reading; agent log:\n\(agentLog())")
     }
 
     /// The running agent holds no unacknowledged batch.
@@ -487,6 +548,7 @@ final class DeliveryTests: XCTestCase {
 
     /// Kills whatever is left in the subtree and removes it.
     private static func removeCgroup(_ path: String) {
+        try? "0".write(toFile: path + "/cgroup.freeze", atomically: false, encoding: .utf8)
         for _ in 0..<200 {
             if rmdir(path) == 0 || errno == ENOENT { return }
             let procs = (try? String(contentsOfFile: path + "/cgroup.procs", encoding: .utf8)) ?? ""
