@@ -145,13 +145,26 @@ final class DeliveryTests: XCTestCase {
     func testStoppingTheAgentDuringAnOutageKeepsItsBatchesForTheNextStart() throws {
         try startServer()
         try startAgent()
-        server!.stop()
+        // The server goes away mid-stream: the first process's batches are
+        // acknowledged up to some sequence, the rest wait.
         let g = try startGenerator(1...2000, tag: "a")
+        var stored = 0
+        XCTAssertTrue(eventually(timeout: 60) {
+            stored = (try? tally().distinct) ?? 0
+            return stored >= 200
+        }, "streaming before the outage; agent log:\n\(agentLog())")
+        server!.stop()
         try finish(g)
         // SIGTERM: it waits --shutdown-grace (1 s) for acknowledgements that
         // cannot come, then leaves its batches in the spool.
         XCTAssertEqual(agent!.stop(), 0, agentLog())
         XCTAssertFalse(spoolRecords().isEmpty, "the stopped agent left its batches in the spool")
+        // A second process during the same outage, stopped the same way:
+        // the third holds the batches of two earlier epochs, the first of
+        // them starting past sequence 1.
+        try startAgent(waitConnected: false)
+        try finish(try startGenerator(2001...3000, tag: "b"))
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
         try startAgent(waitConnected: false)
         try startServer()
         let t = try awaitDelivery()
