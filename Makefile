@@ -60,7 +60,7 @@ test: deps bpf proto-check fuzz-short
 # FUZZ_SHORT_SECONDS; any crash fails it. `make fuzz`: FUZZ_SECONDS in all,
 # split across the targets.
 FUZZ_SECONDS ?= 600
-FUZZ_SHORT_SECONDS ?= 13
+FUZZ_SHORT_SECONDS ?= 12
 .PHONY: fuzz fuzz-short
 fuzz: deps
 	Fuzz/run.sh --total $(FUZZ_SECONDS)
