@@ -23,6 +23,11 @@ public final class TapioServer: Sendable {
     public let pods: PodDirectory
     public let correlation: CorrelationService
     public let store: any EventStore
+    /// What /healthz and /readyz report.
+    public let health: ServerHealth
+    public let operations: ServerConfiguration.Operations
+    /// Held from before the store opens until `shutdown()` ends.
+    private let lock: DataDirectoryLock
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
     private let storage = NIOThreadPool(numberOfThreads: 1)
@@ -32,12 +37,16 @@ public final class TapioServer: Sendable {
 
     private struct RunState {
         var listeners: [Channel] = []
+        /// The /metrics listener, closed last on shutdown.
+        var http: Channel?
         /// Ingest and query connections (drained on shutdown).
         var connections: [ObjectIdentifier: Channel] = [:]
         /// Open connections per listener, each against its own limit.
         var open: [Listener: Int] = [:]
         var shuttingDown = false
         var tick: RepeatedTask?
+        var storeCheck: RepeatedTask?
+        var tls: TLSReloader?
     }
 
     /// Bound addresses after `start()` (port 0 in the configuration picks a free one).
@@ -47,9 +56,14 @@ public final class TapioServer: Sendable {
         public var metrics: SocketAddress?
     }
 
-    public init(configuration: ServerConfiguration, logger: Logger) throws {
+    /// Takes the data directory's lock (a second server on the same directory
+    /// fails here with `DataDirectoryLock.Held`), then opens the store.
+    public init(configuration: ServerConfiguration, operations: ServerConfiguration.Operations = .init(), logger: Logger) throws {
         self.configuration = configuration
+        self.operations = operations
         self.logger = logger
+        self.lock = try DataDirectoryLock(directory: configuration.dataDirectory)
+        self.health = ServerHealth(operations: operations)
         self.store = try SQLiteEventStore(directory: configuration.dataDirectory)
         self.registry = NodeRegistry(restoring: try store.nodes())
         self.pods = PodDirectory(restoring: try store.pods())
@@ -57,26 +71,53 @@ public final class TapioServer: Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
     }
 
-    private func makeTLSContext() throws -> NIOSSLContext {
-        let tls = configuration.tls
+    /// The TLS context of one set of the server's files (read by `TLSReloader`,
+    /// which builds a new one whenever they change).
+    private static func makeTLSContext(_ files: TLSReloader.Contents, closeGrace: ServerConfiguration.TimeAmount) throws -> NIOSSLContext {
         var config = TLSConfiguration.makeServerConfigurationWithMTLS(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificate).map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.key, format: .pem)),
-            trustRoots: .file(tls.ca))
+            certificateChain: try NIOSSLCertificate.fromPEMBytes(files.certificate).map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(bytes: files.key, format: .pem)),
+            trustRoots: .certificates(try NIOSSLCertificate.fromPEMBytes(files.ca)))
         config.minimumTLSVersion = .tlsv13
         // Clients are identified by certificate, not by host name.
         config.certificateVerification = .noHostnameVerification
         // A close_notify the peer does not answer holds the socket no longer than this.
-        config.shutdownTimeout = .nanoseconds(configuration.limits.closeGrace.nanoseconds)
+        config.shutdownTimeout = .nanoseconds(closeGrace.nanoseconds)
         return try NIOSSLContext(configuration: config)
     }
 
+    /// Binds the /metrics listener first (so /readyz says what start is
+    /// doing), restores the engine, then binds the ingest and query listeners.
     public func start() throws -> BoundAddresses {
         storage.start()
         queries.start()
         correlationThread.start()
+        let closeGrace = configuration.limits.closeGrace
+        let tls = try TLSReloader(files: configuration.tls, metrics: metrics, logger: logger) {
+            try Self.makeTLSContext($0, closeGrace: closeGrace)
+        }
+        state.withLock { $0.tls = tls }
+        var metricsAddress: SocketAddress?
+        if configuration.metricsHost != nil {
+            let channel = try bindMetrics()
+            state.withLock { $0.http = channel }
+            metricsAddress = channel.localAddress
+        }
+        do {
+            return try startListening(tls: tls, metricsAddress: metricsAddress)
+        } catch {
+            let listeners = state.withLock { s in
+                defer { (s.listeners, s.http) = ([], nil) }
+                return s.listeners + (s.http.map { [$0] } ?? [])
+            }
+            for l in listeners { try? l.close().wait() }
+            throw error
+        }
+    }
+
+    private func startListening(tls: TLSReloader, metricsAddress: SocketAddress?) throws -> BoundAddresses {
+        health.set(.restoring)
         try correlation.restore(nowNs: wallClockNs(), maxFutureSkewNs: configuration.limits.maxFutureSkew.nanoseconds)
-        let sslContext = try makeTLSContext()
         let context = ServerContext(configuration: configuration, store: store, registry: registry, pods: pods, correlation: correlation, metrics: metrics, storage: storage, logger: logger, version: Self.version)
         let limits = configuration.limits
         let logger = self.logger
@@ -84,7 +125,7 @@ public final class TapioServer: Sendable {
         let ingestPolicy = ConnectionPolicy(listener: .ingest, role: PeerIdentity.nodeRole, action: "send events", limits: limits) { code, message in
             Frame(type: .error, payload: WireError(code, message).encoded())
         }
-        let ingest = try bootstrap(sslContext: sslContext, listener: .ingest, maxConnections: limits.maxConnections) { [metrics] channel in
+        let ingest = try bootstrap(tls: tls, listener: .ingest, maxConnections: limits.maxConnections) { [metrics] channel in
             try channel.pipeline.syncOperations.addHandlers([
                 ConnectionGuard(policy: ingestPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
@@ -96,7 +137,7 @@ public final class TapioServer: Sendable {
         let queryPolicy = ConnectionPolicy(listener: .query, role: PeerIdentity.operatorRole, action: "query", limits: limits) { code, message in
             Frame(type: .queryResponse, payload: QueryResponse(status: code.rawValue, error: message).encoded())
         }
-        let query = try bootstrap(sslContext: sslContext, listener: .query, maxConnections: limits.maxQueryConnections) { [queries, metrics] channel in
+        let query = try bootstrap(tls: tls, listener: .query, maxConnections: limits.maxQueryConnections) { [queries, metrics] channel in
             try channel.pipeline.syncOperations.addHandlers([
                 ConnectionGuard(policy: queryPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: min(limits.maxQueryFrameBytes, limits.maxFrameBytes))),
@@ -104,40 +145,33 @@ public final class TapioServer: Sendable {
                 QueryHandler(server: context, queries: queries),
             ])
         }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
+        state.withLock { $0.listeners += [ingest, query] }
 
-        var listeners = [ingest, query]
-        var metricsAddress: SocketAddress?
-        if let host = configuration.metricsHost {
-            let metricsTimeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
-            let metricsChannel = try ServerBootstrap(group: group)
-                .serverChannelOption(ChannelOptions.backlog, value: 256)
-                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-                .childChannelInitializer { [self] channel in
-                    guard admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
-                        return channel.close()
-                    }
-                    return channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: metricsTimeout, metric: "metrics_timeout", metrics: metrics))
-                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                        try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
-                    }
-                }
-                .bind(host: host, port: configuration.metricsPort).wait()
-            listeners.append(metricsChannel)
-            metricsAddress = metricsChannel.localAddress
-        }
-        state.withLock { $0.listeners = listeners }
         // The engine moves on four times a second, on its own thread: a
-        // bucket is decided within 250 ms of its watermark passing.
+        // bucket is decided within 250 ms of its watermark passing. A tick
+        // still running (or stuck) is not queued behind again; /healthz says
+        // when the last one ended.
         let correlation = self.correlation
         let pool = correlationThread
+        let health = self.health
+        let ticking = Busy()
         let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .milliseconds(250)) { _ in
+            guard ticking.enter() else { return }
             pool.submit { state in
+                defer { ticking.leave() }
                 guard case .active = state else { return }
                 correlation.tick(nowNs: wallClockNs())
+                health.engineTicked()
             }
         }
-        state.withLock { $0.tick = tick }
+        // The store's write check runs on the storage thread, in line with batches.
+        let storeCheck = scheduleStoreCheck()
+        state.withLock {
+            $0.tick = tick
+            $0.storeCheck = storeCheck
+        }
+        if let interval = operations.tlsReloadInterval { tls.start(interval: interval) }
+        health.set(.ready)
         logger.info("tapio-server listening", metadata: [
             "ingest": "\(ingest.localAddress!)", "query": "\(query.localAddress!)",
             "metrics": "\(metricsAddress.map { "\($0)" } ?? "off")", "data_dir": "\(configuration.dataDirectory)",
@@ -145,7 +179,46 @@ public final class TapioServer: Sendable {
         return BoundAddresses(ingest: ingest.localAddress!, query: query.localAddress!, metrics: metricsAddress)
     }
 
-    private func bootstrap(sslContext: NIOSSLContext, listener: Listener, maxConnections: Int,
+    private func bindMetrics() throws -> Channel {
+        let limits = configuration.limits
+        let metricsTimeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
+        return try ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { [self, metrics] channel in
+                guard admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
+                    return channel.close()
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: metricsTimeout, metric: "metrics_timeout", metrics: metrics))
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
+                }
+            }
+            .bind(host: configuration.metricsHost ?? "127.0.0.1", port: configuration.metricsPort).wait()
+    }
+
+    /// Every `storeCheckInterval`: a small fsynced write in the data directory
+    /// on the storage thread, and a look at how batch commits went since the last check.
+    private func scheduleStoreCheck() -> RepeatedTask {
+        let interval = TimeAmount.nanoseconds(max(operations.storeCheckInterval.nanoseconds, 1_000_000))
+        let loop = group.next()
+        let checking = Busy()
+        let (storage, health, metrics) = (self.storage, self.health, self.metrics)
+        let directory = configuration.dataDirectory
+        return loop.scheduleRepeatedTask(initialDelay: .zero, delay: interval) { _ in
+            health.commitsObserved(
+                succeeded: metrics.value("tapio_server_batches_total") + metrics.value("tapio_server_duplicate_batches_total"),
+                failed: metrics.value("tapio_server_connections_rejected_total{reason=\"storage\"}"))
+            guard checking.enter() else { return }
+            storage.runIfActive(eventLoop: loop) { ServerHealth.writeCheck(directory: directory) }.whenComplete { result in
+                checking.leave()
+                if case .success(let error) = result { health.storeChecked(error: error) }
+            }
+        }
+    }
+
+    private func bootstrap(tls: TLSReloader, listener: Listener, maxConnections: Int,
                            _ handlers: @escaping @Sendable (Channel) throws -> Void) -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
@@ -156,7 +229,9 @@ public final class TapioServer: Sendable {
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
+                    // The context of the files as they are now: a renewed
+                    // certificate serves new connections, open ones keep theirs.
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
                     try handlers(channel)
                 }
             }
@@ -166,7 +241,8 @@ public final class TapioServer: Sendable {
     /// `drain`: the connection is asked to finish its work on shutdown.
     private func admit(_ channel: Channel, listener: Listener, maxConnections: Int, drain: Bool) -> Bool {
         let admitted = state.withLock { s -> Bool in
-            guard !s.shuttingDown, s.open[listener, default: 0] < maxConnections else { return false }
+            // /metrics, /healthz and /readyz answer until the drain ends.
+            guard !s.shuttingDown || listener == .metrics, s.open[listener, default: 0] < maxConnections else { return false }
             s.open[listener, default: 0] += 1
             if drain { s.connections[ObjectIdentifier(channel)] = channel }
             return true
@@ -197,11 +273,17 @@ public final class TapioServer: Sendable {
     /// (store and acknowledge what it accepted, then goodbye), wait up to the
     /// grace period, then stop the threads.
     public func shutdown() {
-        let (listeners, connections, tick) = state.withLock { s -> ([Channel], [Channel], RepeatedTask?) in
+        let (listeners, http, connections, tick, storeCheck, tls) = state.withLock { s in
             s.shuttingDown = true
-            return (s.listeners, Array(s.connections.values), s.tick)
+            return (s.listeners, s.http, Array(s.connections.values), s.tick, s.storeCheck, s.tls)
         }
+        guard health.phase != .stopped else { return }
+        health.set(.shuttingDown)
         tick?.cancel()
+        storeCheck?.cancel()
+        tls?.stop()
+        // The ingest and query listeners close now; /metrics (answering
+        // /readyz "shutting down") only once the connections are drained.
         for l in listeners { try? l.close().wait() }
         for c in connections { c.pipeline.fireUserInboundEventTriggered(ServerShutdownEvent()) }
         let deadline = NIODeadline.now() + .nanoseconds(configuration.shutdownGrace.nanoseconds)
@@ -220,7 +302,10 @@ public final class TapioServer: Sendable {
         correlation.tick(nowNs: wallClockNs())
         try? storage.syncShutdownGracefully()
         try? queries.syncShutdownGracefully()
+        try? http?.close().wait()
         try? group.syncShutdownGracefully()
+        health.set(.stopped)
+        lock.release()
         logger.info("tapio-server stopped")
     }
 
@@ -268,7 +353,9 @@ public final class TapioServer: Sendable {
     }
 }
 
-/// GET /metrics (Prometheus text) and GET /healthz.
+/// GET /metrics (Prometheus text), GET /healthz (the store takes writes and
+/// the engine advances; 503 with what is wrong otherwise) and GET /readyz
+/// (listening, restored, not shutting down).
 final class MetricsHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -290,7 +377,12 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             let (status, body): (HTTPResponseStatus, String)
             switch path {
             case "/metrics": (status, body) = (.ok, server.metricsText())
-            case "/healthz": (status, body) = (.ok, "ok\n")
+            case "/healthz", "/livez":
+                let report = server.health.health()
+                (status, body) = (report.ok ? .ok : .serviceUnavailable, report.text)
+            case "/readyz":
+                let report = server.health.readiness()
+                (status, body) = (report.ok ? .ok : .serviceUnavailable, report.text)
             default: (status, body) = (.notFound, "not found\n")
             }
             var headers = HTTPHeaders()
@@ -303,4 +395,17 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in bound.value.close(promise: nil) }
         }
     }
+}
+
+/// A flag for "one at a time": `enter()` is false while another holds it.
+private final class Busy: Sendable {
+    private let busy = Mutex(false)
+    func enter() -> Bool {
+        busy.withLock { b in
+            if b { return false }
+            b = true
+            return true
+        }
+    }
+    func leave() { busy.withLock { $0 = false } }
 }

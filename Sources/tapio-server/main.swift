@@ -120,7 +120,7 @@ struct Serve: ParsableCommand {
     var listen = "127.0.0.1:7400"
     @Option(help: "Operator query listener, HOST:PORT.")
     var queryListen = "127.0.0.1:7401"
-    @Option(help: "HTTP /metrics and /healthz listener, HOST:PORT, or 'off'.")
+    @Option(help: "HTTP /metrics, /healthz and /readyz listener, HOST:PORT, or 'off'.")
     var metricsListen = "127.0.0.1:9400"
 
     @Option(help: "Largest accepted frame payload in bytes.")
@@ -141,6 +141,10 @@ struct Serve: ParsableCommand {
     var idleTimeout: Double = 60
     @Option(help: "Seconds between time-sync exchanges on each agent connection.")
     var timeSyncInterval: Double = 2
+    @Option(help: "Seconds between reads of the TLS files; a renewed, valid set serves new connections. 0: never.")
+    var tlsReloadInterval: Double = 5
+    @Option(help: "Seconds between the store's write checks (/healthz).")
+    var storeCheckInterval: Double = 5
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -188,7 +192,20 @@ struct Serve: ParsableCommand {
         config.limits.idleTimeout = .milliseconds(Int64(idleTimeout * 1000))
         config.timeSyncInterval = .milliseconds(Int64(timeSyncInterval * 1000))
 
-        let server = try TapioServer(configuration: config, logger: logger)
+        var operations = ServerConfiguration.Operations()
+        guard tlsReloadInterval >= 0, tlsReloadInterval <= 86_400 else {
+            throw ValidationError("--tls-reload-interval must be between 0 and 86400 seconds, got \(tlsReloadInterval)")
+        }
+        guard storeCheckInterval > 0, storeCheckInterval <= 3600 else {
+            throw ValidationError("--store-check-interval must be between 0 and 3600 seconds, got \(storeCheckInterval)")
+        }
+        operations.tlsReloadInterval = tlsReloadInterval == 0 ? nil : .milliseconds(Int64(tlsReloadInterval * 1000))
+        operations.storeCheckInterval = .milliseconds(Int64(storeCheckInterval * 1000))
+        // A check that has not completed for four intervals (and at least 20 s) is stuck.
+        operations.storeCheckStaleAfter = .milliseconds(max(20_000, Int64(storeCheckInterval * 4000)))
+
+        // A second server on the same data directory stops here, naming the holder.
+        let server = try TapioServer(configuration: config, operations: operations, logger: logger)
         _ = try server.start()
 
         let done = DispatchSemaphore(value: 0)
