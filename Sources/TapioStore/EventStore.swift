@@ -349,25 +349,18 @@ public final class SQLiteEventStore: EventStore {
                     e.bind(17, event.namespace)
                     try e.step()
                 }
-                let d = c.upsertDrop
-                for drop in batch.drops {
-                    d.reset()
-                    d.bind(1, batch.node)
-                    d.bind(2, Int64(bitPattern: batch.epoch))
-                    d.bind(3, Int64(drop.kind.rawValue))
-                    d.bind(4, drop.reason)
-                    d.bind(5, Int64(clamping: drop.count))
-                    try d.step()
-                }
-                let a = c.addServerDrop
-                for drop in serverDrops where drop.count > 0 {
-                    a.reset()
-                    a.bind(1, batch.node)
-                    a.bind(2, Int64(bitPattern: batch.epoch))
-                    a.bind(3, Int64(drop.kind.rawValue))
-                    a.bind(4, drop.reason)
-                    a.bind(5, Int64(clamping: drop.count))
-                    try a.step()
+                // The agent's counters are cumulative (the larger wins); the
+                // server's own add up.
+                for (statement, drops) in [(c.upsertDrop, batch.drops), (c.addServerDrop, serverDrops.filter { $0.count > 0 })] {
+                    for drop in drops {
+                        statement.reset()
+                        statement.bind(1, batch.node)
+                        statement.bind(2, Int64(bitPattern: batch.epoch))
+                        statement.bind(3, Int64(drop.kind.rawValue))
+                        statement.bind(4, drop.reason)
+                        statement.bind(5, Int64(clamping: drop.count))
+                        try statement.step()
+                    }
                 }
                 return true
             }
