@@ -74,6 +74,25 @@ final class OperabilityTests: XCTestCase {
         XCTAssertTrue(try eventually { try TestSupport.httpGet(port: s.metricsPort, path: "/healthz").status == 200 })
     }
 
+    func testHealthzSaysTheStoreIsFullWhenTheDiskIs() throws {
+        let dataDir = try TestSupport.temporaryDirectory("tapio-full-data")
+        let mount = try TestSupport.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", dataDir])
+        guard mount.status == 0 else { throw XCTSkip("cannot mount a small file system here: \(mount.stderr)") }
+        defer { _ = try? TestSupport.run("/usr/bin/umount", ["-l", dataDir]) }
+        let s = try OperableServer(dataDir: dataDir)
+        defer { s.stop() }
+        XCTAssertTrue(try eventually { try TestSupport.httpGet(port: s.metricsPort, path: "/healthz").status == 200 })
+        // Fill it to the last page.
+        let filler = dataDir + "/filler"
+        _ = try TestSupport.run("/usr/bin/dd", ["if=/dev/zero", "of=" + filler, "bs=1M"], timeout: 60)
+        _ = try TestSupport.run("/usr/bin/dd", ["if=/dev/zero", "of=" + filler, "bs=4k", "oflag=append", "conv=notrunc"], timeout: 60)
+        XCTAssertTrue(try eventually { try TestSupport.httpGet(port: s.metricsPort, path: "/healthz").status == 503 })
+        let h = try TestSupport.httpGet(port: s.metricsPort, path: "/healthz")
+        XCTAssertTrue(h.body.contains("store: not writable") && h.body.contains("No space left on device"), h.body)
+        try FileManager.default.removeItem(atPath: filler)
+        XCTAssertTrue(try eventually { try TestSupport.httpGet(port: s.metricsPort, path: "/healthz").status == 200 })
+    }
+
     func testHealthReportsAStalledEngineFailedCommitsAndTheStartAndShutdownPhases() {
         var ops = ServerConfiguration.Operations()
         ops.engineStallAfter = .seconds(5)
@@ -352,10 +371,10 @@ private final class OperableServer {
     private let capture = LogCapture()
     private var stopped = false
 
-    init(plainFiles: Bool = false) throws {
+    init(plainFiles: Bool = false, dataDir: String? = nil) throws {
         dir = try TestSupport.temporaryDirectory("tapio-operability")
         pki = try TestSupport.makePKI(in: dir, nodes: ["node-a", "node-b"], operators: ["alice"])
-        dataDir = dir + "/data"
+        self.dataDir = dataDir ?? dir + "/data"
         if plainFiles {
             serverTLS = pki + "/server"
         } else {
@@ -368,7 +387,7 @@ private final class OperableServer {
             }
             try fm.createSymbolicLink(atPath: serverTLS + "/..data", withDestinationPath: "..first")
         }
-        var config = ServerConfiguration(dataDirectory: dataDir, tls: TLSFiles(directory: serverTLS))
+        var config = ServerConfiguration(dataDirectory: self.dataDir, tls: TLSFiles(directory: serverTLS))
         config.ingestPort = 0
         config.queryPort = 0
         config.metricsHost = "127.0.0.1"
