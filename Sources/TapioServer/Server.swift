@@ -133,6 +133,7 @@ public final class TapioServer: Sendable {
                 IngestHandler(server: context),
             ])
         }.bind(host: configuration.ingestHost, port: configuration.ingestPort).wait()
+        state.withLock { $0.listeners.append(ingest) }
 
         let queryPolicy = ConnectionPolicy(listener: .query, role: PeerIdentity.operatorRole, action: "query", limits: limits) { code, message in
             Frame(type: .queryResponse, payload: QueryResponse(status: code.rawValue, error: message).encoded())
@@ -145,7 +146,7 @@ public final class TapioServer: Sendable {
                 QueryHandler(server: context, queries: queries),
             ])
         }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
-        state.withLock { $0.listeners += [ingest, query] }
+        state.withLock { $0.listeners.append(query) }
 
         // The engine moves on four times a second, on its own thread: a
         // bucket is decided within 250 ms of its watermark passing. A tick

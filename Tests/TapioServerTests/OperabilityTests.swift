@@ -74,6 +74,31 @@ final class OperabilityTests: XCTestCase {
         XCTAssertTrue(try eventually { try TestSupport.httpGet(port: s.metricsPort, path: "/healthz").status == 200 })
     }
 
+    func testReadyzSaysShuttingDownWhileConnectionsDrain() throws {
+        let s = try OperableServer(shutdownGrace: .seconds(30))
+        defer { s.stop() }
+        XCTAssertEqual(try TestSupport.httpGet(port: s.metricsPort, path: "/readyz").status, 200)
+        // A connection that holds the drain open: TCP only, it never says a word.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = UInt16(s.ingestPort).bigEndian
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        XCTAssertEqual(rc, 0)
+        XCTAssertTrue(eventually { s.server.connectionCount == 1 })
+        let stopped = DispatchSemaphore(value: 0)
+        let server = s.server
+        Thread { server.shutdown(); stopped.signal() }.start()
+        XCTAssertTrue(try eventually {
+            let r = try TestSupport.httpGet(port: s.metricsPort, path: "/readyz")
+            return r.status == 503 && r.body.contains("shutting down")
+        })
+        close(fd)
+        XCTAssertEqual(stopped.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(s.server.health.phase, .stopped)
+    }
+
     func testHealthzSaysTheStoreIsFullWhenTheDiskIs() throws {
         let dataDir = try TestSupport.temporaryDirectory("tapio-full-data")
         let mount = try TestSupport.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", dataDir])
@@ -371,7 +396,7 @@ private final class OperableServer {
     private let capture = LogCapture()
     private var stopped = false
 
-    init(plainFiles: Bool = false, dataDir: String? = nil) throws {
+    init(plainFiles: Bool = false, dataDir: String? = nil, shutdownGrace: ServerConfiguration.TimeAmount = .seconds(2)) throws {
         dir = try TestSupport.temporaryDirectory("tapio-operability")
         pki = try TestSupport.makePKI(in: dir, nodes: ["node-a", "node-b"], operators: ["alice"])
         self.dataDir = dataDir ?? dir + "/data"
@@ -392,7 +417,7 @@ private final class OperableServer {
         config.queryPort = 0
         config.metricsHost = "127.0.0.1"
         config.metricsPort = 0
-        config.shutdownGrace = .seconds(2)
+        config.shutdownGrace = shutdownGrace
         configuration = config
         var ops = ServerConfiguration.Operations()
         ops.tlsReloadInterval = .milliseconds(100)
