@@ -19,8 +19,16 @@ public final class Sender: Sendable {
         public var capabilities: [String]
         public var degraded: [String]
         public var connectTimeoutMs: Int32 = 5000
+        /// Backoff after an ordinary disconnect (the server restarting or
+        /// unreachable): quick, doubling up to `maximumBackoffMs`.
         public var initialBackoffMs: Int = 100
         public var maximumBackoffMs: Int = 5000
+        /// Backoff after a refusal (an error frame in answer to hello, a
+        /// failed TLS handshake): the same attempt would be refused again
+        /// until someone fixes the node's identity or the server, so it
+        /// doubles from `refusalInitialBackoffMs` up to a larger ceiling.
+        public var refusalInitialBackoffMs: Int = 1000
+        public var refusalMaximumBackoffMs: Int = 60_000
         public var heartbeatIntervalNs: Int64 = 15_000_000_000
         /// The clock stamped into time-sync answers (skewed only in the lab).
         public var clock = AgentClock()
@@ -38,13 +46,26 @@ public final class Sender: Sendable {
     }
 
     public struct Status: Sendable {
+        /// A session is open: the server acknowledged this agent's hello.
         public var connected = false
         public var connects: UInt64 = 0
+        /// Attempts and sessions that ended in an error (refusals included).
         public var connectFailures: UInt64 = 0
+        /// Attempts the server refused (error frame in answer to hello, TLS handshake failure).
+        public var refusals: UInt64 = 0
+        /// The last attempt was refused, and no session has opened since.
+        public var refused = false
+        /// How long the sender waits before its next attempt (0 while connected).
+        public var retryInMs: Int = 0
+        /// Monotonic time (ns) the last session ended, or opened if it is still
+        /// open; nil until the first session opens.
+        public var lastConnectedNs: Int64?
         public var batchesSent: UInt64 = 0
         /// Frame bytes of event batches written (resends included).
         public var batchBytesSent: UInt64 = 0
         public var lastError = ""
+
+        public init() {}
     }
 
     private enum Phase: Sendable {
@@ -110,50 +131,128 @@ public final class Sender: Sendable {
 
     private func run() {
         var backoffMs = configuration.initialBackoffMs
+        var refusalBackoffMs = configuration.refusalInitialBackoffMs
+        var loggedReason: String?
+        var failuresSinceLogged: UInt64 = 0
         while !shouldStop {
             let endpoint = TLSConnection.Endpoint(host: configuration.host, port: configuration.port, serverName: configuration.serverName, tls: configuration.tls)
+            var waitMs: Int
             do {
-                let connection = try TLSConnection(endpoint: endpoint, timeoutMs: configuration.connectTimeoutMs)
-                statusBox.withLock { $0.connects += 1; $0.connected = true }
-                backoffMs = configuration.initialBackoffMs
-                try serve(connection)
-                statusBox.withLock { $0.connected = false }
+                let connection: TLSConnection
+                do {
+                    connection = try TLSConnection(endpoint: endpoint, timeoutMs: configuration.connectTimeoutMs)
+                } catch let error as ConnectionError where Self.isTLSRefusal(error.description) {
+                    throw Refusal(reason: error.description)
+                }
+                try serve(connection) {
+                    // The hello was acknowledged: a session, whatever ends it.
+                    backoffMs = configuration.initialBackoffMs
+                    refusalBackoffMs = configuration.refusalInitialBackoffMs
+                    statusBox.withLock { s in
+                        s.connects += 1
+                        s.connected = true
+                        s.refused = false
+                        s.retryInMs = 0
+                        s.lastConnectedNs = monotonicNs()
+                    }
+                    if loggedReason != nil {
+                        logger.info("connection to server restored", metadata: ["failed_attempts": "\(failuresSinceLogged)"])
+                    }
+                    loggedReason = nil
+                    failuresSinceLogged = 0
+                }
+                markDisconnected()
                 return
             } catch {
-                statusBox.withLock { s in
-                    s.connected = false
-                    s.connectFailures += 1
-                    s.lastError = "\(error)"
+                let refusal = error as? Refusal
+                let reason = "\(error)"
+                if refusal != nil {
+                    waitMs = refusalBackoffMs
+                    refusalBackoffMs = min(refusalBackoffMs * 2, configuration.refusalMaximumBackoffMs)
+                } else {
+                    waitMs = backoffMs
+                    backoffMs = min(backoffMs * 2, configuration.maximumBackoffMs)
                 }
-                logger.warning("connection to server lost or refused", metadata: ["error": "\(error)", "retry_ms": "\(backoffMs)"])
+                // Jitter spreads a fleet's attempts after a common cause.
+                waitMs = Int(Double(waitMs) * Double.random(in: 0.8...1.2))
+                markDisconnected()
+                statusBox.withLock { s in
+                    s.connectFailures += 1
+                    if refusal != nil { s.refusals += 1 }
+                    s.refused = refusal != nil
+                    s.lastError = "\(error)"
+                    s.retryInMs = waitMs
+                }
+                // One line per change of reason, not per attempt: the
+                // counters on /metrics show every attempt.
+                failuresSinceLogged += 1
+                if reason != loggedReason {
+                    logger.warning(refusal != nil ? "server refused this agent; backing off" : "connection to server lost or not established",
+                                   metadata: ["error": "\(reason)", "retry_ms": "\(waitMs)",
+                                              "attempts_before": "\(failuresSinceLogged - 1)"])
+                    loggedReason = reason
+                    failuresSinceLogged = 1
+                } else {
+                    logger.debug("connection attempt failed again", metadata: ["error": "\(reason)", "retry_ms": "\(waitMs)"])
+                }
             }
-            // Backoff with jitter; waking early when shutdown begins.
-            let jittered = Double(backoffMs) * Double.random(in: 0.8...1.2)
-            let until = monotonicNs() + Int64(jittered * 1e6)
+            // Wait, waking early when shutdown begins.
+            let until = monotonicNs() + Int64(waitMs) * 1_000_000
             while monotonicNs() < until, !shouldStop { Thread.sleep(forTimeInterval: 0.02) }
-            backoffMs = min(backoffMs * 2, configuration.maximumBackoffMs)
+        }
+        statusBox.withLock { $0.retryInMs = 0 }
+    }
+
+    private func markDisconnected() {
+        statusBox.withLock { s in
+            if s.connected { s.lastConnectedNs = monotonicNs() }
+            s.connected = false
         }
     }
 
+    /// A refusal: retrying at once would be refused again.
+    struct Refusal: Error, CustomStringConvertible {
+        var reason: String
+        var description: String { "server refused: \(reason)" }
+    }
+
+    /// Whether a connect or first-read failure is the TLS layer refusing this
+    /// agent (certificate, CA, protocol), rather than the network or a
+    /// server that is not (yet) there.
+    public static func isTLSRefusal(_ message: String) -> Bool {
+        let m = message.lowercased()
+        let transient = ["cannot connect", "cannot resolve", "timed out", "closed by peer", "reset by peer", "connection refused", "server closed the connection"]
+        if transient.contains(where: m.contains) { return false }
+        return m.contains("alert") || m.contains("verification failed") || m.contains("tls handshake") || m.contains("cannot load")
+            || m.contains("does not match") || m.contains("certificate")
+    }
+
     /// One connection's life. Returns normally only when the agent is done.
-    private func serve(_ connection: TLSConnection) throws {
+    private func serve(_ connection: TLSConnection, opened: () -> Void) throws {
         let hello = Hello(node: configuration.node, agentVersion: Agent.version, bootId: configuration.bootId,
                           capabilities: configuration.capabilities, degraded: configuration.degraded, streamEpoch: outbox.epoch)
-        try connection.send(.hello, hello.encoded())
         var helloAck: HelloAck?
         let helloDeadline = monotonicNs() + 10_000_000_000
         var firstSyncSeen = false
-        while helloAck == nil {
-            guard monotonicNs() < helloDeadline else { throw ConnectionError("no hello-ack within 10 s") }
-            if let frame = try connection.receive(timeoutMs: 100) {
-                switch frame.type {
-                case .helloAck: helloAck = try HelloAck.decode(frame.payload)
-                case .error: throw refusal(frame)
-                default: throw ConnectionError("expected hello-ack, got \(frame.type)")
+        do {
+            try connection.send(.hello, hello.encoded())
+            while helloAck == nil {
+                guard monotonicNs() < helloDeadline else { throw ConnectionError("no hello-ack within 10 s") }
+                if let frame = try connection.receive(timeoutMs: 100) {
+                    switch frame.type {
+                    case .helloAck: helloAck = try HelloAck.decode(frame.payload)
+                    case .error: throw Refusal(reason: errorText(frame))
+                    default: throw ConnectionError("expected hello-ack, got \(frame.type)")
+                    }
                 }
             }
+        } catch let error as ConnectionError where Self.isTLSRefusal(error.description) {
+            // In TLS 1.3 the server judges the client certificate after the
+            // client's handshake: its verdict is an alert on the first read.
+            throw Refusal(reason: error.description)
         }
         let ack = helloAck!
+        opened()
         // Only this epoch's prefix is known; batches of earlier epochs are
         // resent and acknowledged one by one.
         outbox.acknowledgePrefix(epoch: outbox.epoch, through: ack.ackedSequence)
@@ -218,7 +317,7 @@ public final class Sender: Sendable {
         case .heartbeat:
             break
         case .error:
-            throw refusal(frame)
+            throw ConnectionError("server closed the session: \(errorText(frame))")
         case .goodbye:
             let bye = try Goodbye.decode(frame.payload)
             throw ConnectionError("server said goodbye: \(bye.reason)")
@@ -228,8 +327,8 @@ public final class Sender: Sendable {
         return false
     }
 
-    private func refusal(_ frame: Frame) -> ConnectionError {
+    private func errorText(_ frame: Frame) -> String {
         let e = (try? WireError.decode(frame.payload)) ?? WireError(code: 0, message: "unreadable error frame")
-        return ConnectionError("server refused: \(e.message) (code \(e.code))")
+        return "\(e.message) (code \(e.code))"
     }
 }
