@@ -30,6 +30,9 @@ public final class KernelSource: @unchecked Sendable {
         public var clock = AgentClock()
         /// Per-CPU, per-kind token bucket for network records and new aggregation keys (0: none).
         public var netEventsPerSecond: UInt32 = 20_000
+        /// Network events that are the agent's own doing (its connection to
+        /// the server): left out, neither reported nor counted as dropped.
+        public var isOwnTraffic: (@Sendable (TapioEvent) -> Bool)?
 
         public init(cgroupRoot: String? = nil) {
             self.cgroupRoot = cgroupRoot
@@ -55,6 +58,7 @@ public final class KernelSource: @unchecked Sendable {
     private var clock: MonotonicToWall
     private let logger: Logger
     private let eventCount = Atomic<UInt64>(0)
+    private let ownCount = Atomic<UInt64>(0)
 
     public init(configuration: Configuration, logger: Logger, enrich: @escaping @Sendable (inout TapioEvent) -> Void = { _ in }) throws {
         self.logger = logger
@@ -163,6 +167,15 @@ public final class KernelSource: @unchecked Sendable {
     public var capabilities: [String] { programs.filter(\.attached).map(\.capability) }
     public var degraded: [String] { programs.filter { !$0.attached }.map { "\($0.capability): \($0.error)" } }
     public var eventsRead: UInt64 { eventCount.load(ordering: .relaxed) }
+    /// Network events of the agent's own traffic, left out (not in `eventsRead`).
+    public var selfEventsFiltered: UInt64 { ownCount.load(ordering: .relaxed) }
+
+    /// Whether an event is the agent's own traffic (then counted here only).
+    private func isOwn(_ event: TapioEvent) -> Bool {
+        guard let filter = configuration.isOwnTraffic, filter(event) else { return false }
+        ownCount.add(1, ordering: .relaxed)
+        return true
+    }
 
     /// The kernel's cumulative drop counters, summed over every BPF object.
     public func drops() -> [DropCount] {
@@ -323,8 +336,9 @@ public final class KernelSource: @unchecked Sendable {
         default:
             return nil
         }
-        eventCount.add(1, ordering: .relaxed)
         var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: a.first_ts_ns)), cgroupId: a.cgroup_id, netns: a.netns, detail: detail)
+        if isOwn(event) { return nil }
+        eventCount.add(1, ordering: .relaxed)
         enrich(&event)
         return event
     }
@@ -387,7 +401,6 @@ public final class KernelSource: @unchecked Sendable {
         default:
             break
         }
-        eventCount.add(1, ordering: .relaxed)
         let netns: UInt32
         switch kind {
         case .tcpConnect, .tcpListen, .tcpReset: netns = r.u.tcp.netns
@@ -397,6 +410,8 @@ public final class KernelSource: @unchecked Sendable {
         var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
                                comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id,
                                netns: netns, detail: detail)
+        if isOwn(event) { return nil }
+        eventCount.add(1, ordering: .relaxed)
         enrich(&event)
         return event
     }

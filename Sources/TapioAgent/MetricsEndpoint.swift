@@ -1,21 +1,45 @@
 import Foundation
 import Logging
 import Synchronization
+import TapioWire
 
-/// The agent's `/metrics` (Prometheus text) and `/healthz`, served from one
-/// thread with plain sockets: the agent stays free of an HTTP stack, and a
-/// scrape every few seconds needs no more.
+/// The agent's `/metrics` (Prometheus text), `/healthz` (liveness) and
+/// `/readyz` (readiness), served with plain sockets: the agent stays free of
+/// an HTTP stack. One thread multiplexes every connection with poll(2), so a
+/// client that connects and sends nothing (or sends slowly) never delays
+/// another: each connection has a read deadline, and at most
+/// `maximumConnections` are open at once (the oldest is closed to make room).
 public final class MetricsEndpoint: @unchecked Sendable {
+    public struct Health: Sendable {
+        public var ok: Bool
+        /// One line saying why (or "ok").
+        public var reason: String
+        public init(ok: Bool, reason: String) {
+            self.ok = ok
+            self.reason = reason
+        }
+    }
+
     private let fd: Int32
     private let render: @Sendable () -> String
-    private let healthy: @Sendable () -> Bool
+    private let live: @Sendable () -> Health
+    private let ready: @Sendable () -> Health
     private let stopped = Atomic<Bool>(false)
+    private let finished = DispatchSemaphore(value: 0)
+    /// A pipe that wakes the poll loop on stop.
+    private let wake: (read: Int32, write: Int32)
     public let port: UInt16
+    /// Milliseconds a client has to send its request and take the response.
+    public var deadlineMs: Int64 = 1000
+    public var maximumConnections = 32
 
-    /// Binds `host:port` (port 0 picks one).
-    public init(host: String, port: UInt16, render: @escaping @Sendable () -> String, healthy: @escaping @Sendable () -> Bool) throws {
+    /// Binds `host:port` (port 0 picks one). `live` answers `/healthz`,
+    /// `ready` answers `/readyz`.
+    public init(host: String, port: UInt16, render: @escaping @Sendable () -> String,
+                live: @escaping @Sendable () -> Health, ready: @escaping @Sendable () -> Health) throws {
         self.render = render
-        self.healthy = healthy
+        self.live = live
+        self.ready = ready
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST
@@ -24,11 +48,11 @@ public final class MetricsEndpoint: @unchecked Sendable {
             throw ConnectionError("--metrics-listen: cannot resolve \(host)")
         }
         defer { freeaddrinfo(result) }
-        let s = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let s = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard s >= 0 else { throw ConnectionError("--metrics-listen: socket: \(String(cString: strerror(errno)))") }
         var one: Int32 = 1
         setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        guard bind(s, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0, listen(s, 16) == 0 else {
+        guard bind(s, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0, listen(s, 64) == 0 else {
             let message = String(cString: strerror(errno))
             close(s)
             throw ConnectionError("--metrics-listen \(host):\(port): \(message)")
@@ -39,62 +63,156 @@ public final class MetricsEndpoint: @unchecked Sendable {
         let bound = withUnsafePointer(to: &addr) { p -> UInt16 in
             p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
         }
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else {
+            close(s)
+            throw ConnectionError("--metrics-listen: pipe: \(String(cString: strerror(errno)))")
+        }
+        for f in fds { Self.setFlags(f) }
+        wake = (fds[0], fds[1])
         fd = s
         self.port = bound
     }
 
+    /// `/healthz` and `/readyz` with one answer (tests, simple embeddings).
+    public convenience init(host: String, port: UInt16, render: @escaping @Sendable () -> String, healthy: @escaping @Sendable () -> Bool) throws {
+        try self.init(host: host, port: port, render: render,
+                      live: { Health(ok: true, reason: "ok") },
+                      ready: { healthy() ? Health(ok: true, reason: "ok") : Health(ok: false, reason: "not ready") })
+    }
+
     public func start() {
-        let thread = Thread { [self] in serve() }
+        let thread = Thread { [self] in
+            serve()
+            finished.signal()
+        }
         thread.name = "tapio-metrics"
         thread.start()
     }
 
     public func stop() {
-        stopped.store(true, ordering: .relaxed)
-        shutdown(fd, Int32(SHUT_RDWR))
+        guard !stopped.exchange(true, ordering: .relaxed) else { return }
+        var byte: UInt8 = 1
+        _ = write(wake.write, &byte, 1)
+        finished.wait()
         close(fd)
+        close(wake.read)
+        close(wake.write)
+    }
+
+    private final class Client {
+        let fd: Int32
+        let deadlineNs: Int64
+        var request: [UInt8] = []
+        /// The response once the request head is complete.
+        var response: [UInt8]?
+        var sent = 0
+        init(fd: Int32, deadlineNs: Int64) {
+            self.fd = fd
+            self.deadlineNs = deadlineNs
+        }
     }
 
     private func serve() {
+        var clients: [Client] = []
+        defer { for c in clients { close(c.fd) } }
+        var buffer = [UInt8](repeating: 0, count: 4096)
         while !stopped.load(ordering: .relaxed) {
-            let client = accept(fd, nil, nil)
-            if client < 0 {
+            let now = monotonicNs()
+            // Deadlines: a client that has not sent its request (or taken its
+            // response) in time is closed without an answer.
+            clients.removeAll { c in
+                guard now >= c.deadlineNs else { return false }
+                close(c.fd)
+                return true
+            }
+            var pfds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0), pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
+            for c in clients { pfds.append(pollfd(fd: c.fd, events: Int16(c.response == nil ? POLLIN : POLLOUT), revents: 0)) }
+            let nearest = clients.map(\.deadlineNs).min().map { max(0, ($0 - now) / 1_000_000 + 1) } ?? 1000
+            let n = poll(&pfds, nfds_t(pfds.count), Int32(min(nearest, 1000)))
+            if n < 0 {
                 if errno == EINTR { continue }
                 return
             }
-            handle(client)
-            close(client)
+            if pfds[0].revents != 0 { return }
+            var done = Set<Int32>()
+            for (i, c) in clients.enumerated() where pfds[i + 2].revents != 0 {
+                if c.response == nil {
+                    let r = read(c.fd, &buffer, buffer.count)
+                    if r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR) { done.insert(c.fd); continue }
+                    if r > 0 { c.request += buffer[0..<r] }
+                    if let end = headEnd(c.request) {
+                        c.response = respond(to: Array(c.request[..<end]))
+                    } else if c.request.count > 16384 {
+                        c.response = Array(Self.response("431 Request Header Fields Too Large", "request head too large\n").utf8)
+                    }
+                }
+                if let response = c.response {
+                    let w = response.withUnsafeBytes { send(c.fd, $0.baseAddress! + c.sent, $0.count - c.sent, Int32(MSG_NOSIGNAL)) }
+                    if w > 0 { c.sent += w }
+                    if (w < 0 && errno != EAGAIN && errno != EINTR) || c.sent >= response.count {
+                        done.insert(c.fd)
+                    }
+                }
+            }
+            clients.removeAll { c in
+                guard done.contains(c.fd) else { return false }
+                close(c.fd)
+                return true
+            }
+            if pfds[1].revents != 0 {
+                // Take every waiting connection.
+                while true {
+                    let client = accept(fd, nil, nil)
+                    if client < 0 { break }
+                    Self.setFlags(client)
+                    if clients.count >= maximumConnections {
+                        let oldest = clients.removeFirst()
+                        close(oldest.fd)
+                    }
+                    clients.append(Client(fd: client, deadlineNs: monotonicNs() + deadlineMs * 1_000_000))
+                }
+            }
         }
     }
 
-    private func handle(_ client: Int32) {
-        var timeout = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        var request: [UInt8] = []
-        // Read the request head (bounded); the body, if any, is ignored.
-        while request.count < 16384 {
-            let n = read(client, &buffer, buffer.count)
-            if n <= 0 { break }
-            request += buffer[0..<n]
-            if request.count >= 4, request.suffix(4) == [13, 10, 13, 10] { break }
+    /// Non-blocking, closed on exec.
+    private static func setFlags(_ fd: Int32) {
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+    }
+
+    /// Index just past the blank line ending the request head.
+    private func headEnd(_ bytes: [UInt8]) -> Int? {
+        guard bytes.count >= 2 else { return nil }
+        for i in 1..<bytes.count where bytes[i] == 10 {
+            if bytes[i - 1] == 10 || (i >= 2 && bytes[i - 1] == 13 && bytes[i - 2] == 10) { return i + 1 }
         }
-        let line = String(decoding: request.prefix { $0 != 13 && $0 != 10 }, as: UTF8.self)
-        let path = line.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
-        let (status, body): (String, String)
+        return nil
+    }
+
+    private func respond(to head: [UInt8]) -> [UInt8] {
+        let line = String(decoding: head.prefix { $0 != 13 && $0 != 10 }, as: UTF8.self)
+        let target = line.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
+        let path = String(target.prefix { $0 != "?" })
+        let text: String
         switch path {
-        case "/metrics": (status, body) = ("200 OK", render())
-        case "/healthz": (status, body) = healthy() ? ("200 OK", "ok\n") : ("503 Service Unavailable", "not connected\n")
-        default: (status, body) = ("404 Not Found", "not found\n")
+        case "/metrics":
+            text = Self.response("200 OK", render())
+        case "/healthz", "/livez":
+            let h = live()
+            text = Self.response(h.ok ? "200 OK" : "503 Service Unavailable", h.reason + "\n")
+        case "/readyz":
+            let h = ready()
+            text = Self.response(h.ok ? "200 OK" : "503 Service Unavailable", h.reason + "\n")
+        default:
+            text = Self.response("404 Not Found", "not found\n")
         }
-        let response = "HTTP/1.1 \(status)\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
-        var bytes = Array(response.utf8)
-        var sent = 0
-        while sent < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { send(client, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL)) }
-            if n <= 0 { break }
-            sent += n
-        }
+        return Array(text.utf8)
+    }
+
+    private static func response(_ status: String, _ body: String) -> String {
+        "HTTP/1.1 \(status)\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
     }
 }
 
@@ -120,6 +238,11 @@ extension Agent {
         metric("tapio_agent_connected", "gauge", [("", status.connected ? "1" : "0")])
         metric("tapio_agent_connects_total", "counter", [("", "\(status.connects)")])
         metric("tapio_agent_connect_failures_total", "counter", [("", "\(status.connectFailures)")])
+        metric("tapio_agent_connect_refusals_total", "counter", [("", "\(status.refusals)")])
+        metric("tapio_agent_refused", "gauge", [("", status.refused ? "1" : "0")])
+        metric("tapio_agent_reconnect_delay_seconds", "gauge", [("", "\(Double(status.retryInMs) / 1000)")])
+        metric("tapio_agent_ready", "gauge", [("", readiness().ok ? "1" : "0")])
+        metric("tapio_agent_self_events_filtered_total", "counter", [("", "\(kernel.selfEventsFiltered)")])
         metric("tapio_agent_dropped_events_total", "counter",
                stats.drops.sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
                    .map { ("{kind=\"\($0.kind.name)\",reason=\"\($0.reason)\"}", "\($0.count)") })

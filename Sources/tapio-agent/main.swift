@@ -29,7 +29,7 @@ struct AgentCommand: ParsableCommand {
     var spoolDir: String?
     @Option(help: "Observe only tasks below this cgroup2 directory.")
     var cgroupRoot: String?
-    @Option(help: "HTTP /metrics and /healthz listener, HOST:PORT, or 'off'.")
+    @Option(help: "HTTP /metrics, /healthz (liveness) and /readyz (readiness) listener, HOST:PORT, or 'off'.")
     var metricsListen = "off"
     @Option(help: "Pod metadata from this file (Kubernetes PodList JSON), re-read when it changes.")
     var metadataFile: String?
@@ -45,6 +45,10 @@ struct AgentCommand: ParsableCommand {
     var shutdownGrace: Double = 5
     @Option(help: ArgumentHelp("Shift this agent's clock by this many ms (fault lab only).", visibility: .hidden))
     var labClockOffsetMs: Int64 = 0
+    @Option(help: "Seconds /readyz stays ready after the connection to the server is lost (at least 30).")
+    var readinessGrace: Double = 60
+    @Flag(inversion: .prefixedNo, help: "Leave the agent's own connection to the server, DNS lookups and listeners out of what it reports.")
+    var filterOwnTraffic = true
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -78,6 +82,8 @@ struct AgentCommand: ParsableCommand {
         config.outbox.maxBatchBytes = max(4096, batchMaxBytes)
         config.outbox.maxDelayNs = Int64(max(1, batchMaxDelayMs)) * 1_000_000
         config.shutdownGraceSeconds = shutdownGrace
+        config.readinessGraceSeconds = max(30, readinessGrace)
+        config.filterOwnTraffic = filterOwnTraffic
         config.clock = AgentClock(offsetNs: labClockOffsetMs * 1_000_000)
 
         signal(SIGTERM, SIG_IGN)
@@ -94,8 +100,10 @@ struct AgentCommand: ParsableCommand {
         var endpoint: MetricsEndpoint?
         if metricsListen != "off" {
             let (mhost, mport) = try parseHostPort(metricsListen)
-            endpoint = try MetricsEndpoint(host: mhost, port: UInt16(mport), render: { agent.metricsText() }, healthy: { agent.sender.status.connected })
+            endpoint = try MetricsEndpoint(host: mhost, port: UInt16(mport), render: { agent.metricsText() },
+                                           live: { agent.liveness() }, ready: { agent.readiness() })
             endpoint?.start()
+            agent.selfTraffic.addListenPort(endpoint!.port)
             logger.info("metrics listening", metadata: ["address": "\(mhost):\(endpoint!.port)"])
         }
         agent.run()
