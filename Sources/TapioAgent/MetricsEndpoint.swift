@@ -25,6 +25,7 @@ public final class MetricsEndpoint: @unchecked Sendable {
     private let live: @Sendable () -> Health
     private let ready: @Sendable () -> Health
     private let stopped = Atomic<Bool>(false)
+    private let started = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
     /// A pipe that wakes the poll loop on stop.
     private let wake: (read: Int32, write: Int32)
@@ -82,6 +83,7 @@ public final class MetricsEndpoint: @unchecked Sendable {
     }
 
     public func start() {
+        guard !started.exchange(true, ordering: .relaxed) else { return }
         let thread = Thread { [self] in
             serve()
             finished.signal()
@@ -94,7 +96,7 @@ public final class MetricsEndpoint: @unchecked Sendable {
         guard !stopped.exchange(true, ordering: .relaxed) else { return }
         var byte: UInt8 = 1
         _ = write(wake.write, &byte, 1)
-        finished.wait()
+        if started.load(ordering: .relaxed) { finished.wait() }
         close(fd)
         close(wake.read)
         close(wake.write)
