@@ -185,13 +185,13 @@ public final class Agent: Sendable {
         guard programAttached else { return .init(ok: false, reason: "no BPF program attached") }
         if status.connected { return .init(ok: true, reason: "ok") }
         guard let last = status.lastConnectedNs else {
-            return .init(ok: false, reason: status.refused ? "refused by the server: \(status.lastError)" : "not connected to the server yet")
+            return .init(ok: false, reason: status.refused ? status.lastError : "not connected to the server yet")
         }
         let ago = Double(nowNs - last) / 1e9
         if ago < graceSeconds {
             return .init(ok: true, reason: "ok (disconnected \(Int(ago)) s ago, reconnecting)")
         }
-        return .init(ok: false, reason: "disconnected from the server for \(Int(ago)) s" + (status.refused ? " (refused: \(status.lastError))" : ""))
+        return .init(ok: false, reason: "disconnected from the server for \(Int(ago)) s" + (status.refused ? " (\(status.lastError))" : ""))
     }
 
     private let inventoryGeneration = Mutex<UInt64>(.max)

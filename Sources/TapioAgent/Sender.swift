@@ -189,7 +189,7 @@ public final class Sender: Sendable {
                 if reason != loggedReason {
                     logger.warning(refusal != nil ? "server refused this agent; backing off" : "connection to server lost or not established",
                                    metadata: ["error": "\(reason)", "retry_ms": "\(waitMs)",
-                                              "attempts_before": "\(failuresSinceLogged - 1)"])
+                                              "attempts_with_previous_reason": "\(failuresSinceLogged - 1)"])
                     loggedReason = reason
                     failuresSinceLogged = 1
                 } else {
