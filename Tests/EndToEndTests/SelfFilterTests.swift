@@ -16,6 +16,8 @@ final class SelfFilterTests: XCTestCase {
     private var agentMetricsPort = 0
     private var server: ChildProcess?
     private var agent: ChildProcess?
+    /// The agent itself when `agent` is the unshare that started it.
+    private var agentInNamespace: pid_t?
 
     override func setUpWithError() throws {
         try TestSupport.requireBPF()
@@ -27,6 +29,8 @@ final class SelfFilterTests: XCTestCase {
     }
 
     override func tearDown() {
+        // unshare does not pass SIGTERM on; the agent stops on its own.
+        if let pid = agentInNamespace { kill(pid, SIGTERM) }
         agent?.stop()
         server?.stop()
         if !dir.isEmpty { try? FileManager.default.removeItem(atPath: dir) }
@@ -75,7 +79,9 @@ final class SelfFilterTests: XCTestCase {
         guard let agent else { return nil }
         guard ownPIDNamespace else { return Int64(agent.pid) }
         let children = (try? String(contentsOfFile: "/proc/\(agent.pid)/task/\(agent.pid)/children", encoding: .utf8)) ?? ""
-        return children.split(separator: " ").first.flatMap { Int64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        let pid = children.split(separator: " ").first.flatMap { Int64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        agentInNamespace = pid.map { pid_t($0) }
+        return pid
     }
 
     /// A plain TCP connect from this process to the server's ingest port:
