@@ -27,6 +27,12 @@ public struct ServerConfiguration: Sendable {
         /// correction) an event may be dated. Later events are stored but not
         /// correlated, and counted per node as dropped with reason `future_time`.
         public var maxFutureSkew: TimeAmount = .seconds(300)
+        /// Connections one certificate name (a node, an operator) may have
+        /// open at once on one listener. An agent needs one (two briefly,
+        /// while the server notices a dead one); the cap keeps one valid
+        /// certificate from taking a listener or holding thousands of
+        /// partial frames.
+        public var maxConnectionsPerPeer: Int = 16
         /// Operator connections open at once on the query listener.
         public var maxQueryConnections: Int = 64
         /// Connections open at once on the HTTP /metrics listener.

@@ -2,11 +2,42 @@ import Logging
 import NIOCore
 import NIOSSL
 import NIOTLS
+import Synchronization
 import TapioWire
 
 /// The listener a connection arrived on; each has its own connection limit.
 enum Listener: String, Sendable, CaseIterable {
     case ingest, query, metrics
+}
+
+/// Connections open per certificate name on one listener, so one valid
+/// certificate cannot take the whole listener (or hold thousands of partial
+/// frames in memory).
+final class PeerConnections: Sendable {
+    let maximum: Int
+    private let open = Mutex<[String: Int]>([:])
+
+    init(maximum: Int) {
+        self.maximum = maximum
+    }
+
+    /// Counts a connection of `peer`; false when it already has `maximum`.
+    func acquire(_ peer: String) -> Bool {
+        open.withLock { o in
+            guard o[peer, default: 0] < maximum else { return false }
+            o[peer, default: 0] += 1
+            return true
+        }
+    }
+
+    func release(_ peer: String) {
+        open.withLock { o in
+            let n = o[peer, default: 0] - 1
+            o[peer] = n > 0 ? n : nil
+        }
+    }
+
+    func count(_ peer: String) -> Int { open.withLock { $0[peer] ?? 0 } }
 }
 
 /// What a TLS listener demands of its connections (docs/operations.md, "Limits").
@@ -20,6 +51,8 @@ struct ConnectionPolicy: Sendable {
     var frameTimeout: TimeAmount
     var idleTimeout: TimeAmount
     var closeGrace: TimeAmount
+    /// Connections per certificate name on this listener.
+    var peers: PeerConnections
     /// The last frame a refused peer is sent (an `error` frame, or a
     /// `query_response` on the query listener).
     var refusal: @Sendable (WireErrorCode, String) -> Frame
@@ -27,6 +60,7 @@ struct ConnectionPolicy: Sendable {
     init(listener: Listener, role: String, action: String, limits: ServerConfiguration.Limits,
          refusal: @escaping @Sendable (WireErrorCode, String) -> Frame) {
         self.listener = listener
+        peers = PeerConnections(maximum: max(1, limits.maxConnectionsPerPeer))
         self.role = role
         self.action = action
         handshakeTimeout = .nanoseconds(limits.handshakeTimeout.nanoseconds)
@@ -83,6 +117,8 @@ final class ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler {
     private var remaining = 0
     private var frameStarted: NIODeadline?
     private var lastFrameEnded = NIODeadline.now()
+    /// The certificate name this connection is counted under, once admitted.
+    private var countedPeer: String?
 
     init(policy: ConnectionPolicy, metrics: ServerMetrics, logger: Logger) {
         self.policy = policy
@@ -109,11 +145,20 @@ final class ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         cancelTimers()
         closeTimer?.cancel()
+        releasePeer()
+    }
+
+    private func releasePeer() {
+        if let peer = countedPeer {
+            countedPeer = nil
+            policy.peers.release(peer)
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         cancelTimers()
         closeTimer?.cancel()
+        releasePeer()
         state = .closing
         context.fireChannelInactive()
     }
@@ -138,7 +183,14 @@ final class ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler {
             ])
             refuse(context: context, metric: "forbidden", .forbidden,
                    "certificate role \(peer.role) may not \(policy.action) (needs \(policy.role))")
-        case .success:
+        case .success(let peer) where !policy.peers.acquire(peer.commonName):
+            logger.warning("refusing connection: too many connections of one peer", metadata: [
+                "cn": "\(peer.commonName)", "limit": "\(policy.peers.maximum)",
+            ])
+            refuse(context: context, metric: "peer_limit", .forbidden,
+                   "\(peer.commonName) already has \(policy.peers.maximum) connections open on this listener")
+        case .success(let peer):
+            countedPeer = peer.commonName
             state = .open
             lastFrameEnded = .now()
             scheduleIdleCheck(context: context, in: policy.idleTimeout)

@@ -133,6 +133,8 @@ struct Serve: ParsableCommand {
     var maxQueryConnections = 64
     @Option(help: "Connections open at once on the /metrics listener.")
     var maxMetricsConnections = 64
+    @Option(help: "Connections one certificate name (a node, an operator) may have open at once on one listener.")
+    var maxConnectionsPerPeer = 16
     @Option(help: "Seconds a TLS handshake may take after the TCP accept.")
     var handshakeTimeout: Double = 10
     @Option(help: "Seconds a frame may take from its first byte to its last.")
@@ -177,12 +179,13 @@ struct Serve: ParsableCommand {
         }
         config.limits.maxFrameBytes = maxFrameBytes
         config.limits.windowBatches = windowBatches
-        guard maxConnections > 0, maxQueryConnections > 0, maxMetricsConnections > 0 else {
+        guard maxConnections > 0, maxQueryConnections > 0, maxMetricsConnections > 0, maxConnectionsPerPeer > 0 else {
             throw ValidationError("connection limits must be positive")
         }
         config.limits.maxConnections = maxConnections
         config.limits.maxQueryConnections = maxQueryConnections
         config.limits.maxMetricsConnections = maxMetricsConnections
+        config.limits.maxConnectionsPerPeer = maxConnectionsPerPeer
         for (name, seconds) in [("--handshake-timeout", handshakeTimeout), ("--frame-timeout", frameTimeout), ("--idle-timeout", idleTimeout)]
         where !(seconds > 0 && seconds <= 86_400) {
             throw ValidationError("\(name) must be between 0 and 86400 seconds, got \(seconds)")

@@ -284,3 +284,26 @@ final class AcknowledgementTests: XCTestCase {
         XCTAssertTrue(refusal.message.contains("upgrade the agent"), refusal.message)
     }
 }
+
+/// One valid certificate cannot take a listener: connections per certificate
+/// name are capped (the rest of issue 14's defect 18: a node holding
+/// thousands of partial frames).
+final class PeerConnectionLimitTests: XCTestCase {
+    func testOneNodeCannotOpenMoreThanItsShareOfConnections() throws {
+        let harness = try ServerHarness { $0.limits.maxConnectionsPerPeer = 3 }
+        var held = try (0..<3).map { _ in try RawAgent(harness: harness, node: "node-a", epoch: 1) }
+        // The fourth of node-a is refused at the handshake with a reason.
+        let fourth = try RawAgent(harness: harness, node: "node-a", epoch: 1, hello: false)
+        let refusal = try XCTUnwrap(try fourth.error())
+        XCTAssertTrue(refusal.message.contains("already has 3 connections"), refusal.message)
+        XCTAssertEqual(harness.server.metrics.value("tapio_server_connections_rejected_total{reason=\"peer_limit\"}"), 1)
+        // Another node is served meanwhile.
+        let other = try RawAgent(harness: harness, node: "node-b", epoch: 1)
+        try other.send(other.batch(1))
+        XCTAssertEqual(try other.acks(1).count, 1)
+        // A closed connection frees its place.
+        held.removeLast()
+        XCTAssertTrue(eventually { (try? RawAgent(harness: harness, node: "node-a", epoch: 1)) != nil }, "node-a gets a connection once one closed")
+        _ = held
+    }
+}
