@@ -58,26 +58,21 @@ public final class CorrelationService: Sendable {
         (event.timeNs &- clock.offsetNs) > receivedNs &+ maxFutureSkewNs
     }
 
-    /// How many events of `batch` are dated too far ahead.
-    static func futureEvents(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64) -> Int {
-        var n = 0
-        for e in batch.events where isFuture(e, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs) { n += 1 }
-        return n
-    }
-
     /// The events of a batch as the engine sees them: placed on the server's
-    /// clock once, without those dated too far ahead of their arrival.
-    static func observed(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64) -> [ObservedEvent] {
+    /// clock once, without those dated too far ahead of their arrival, and
+    /// how many were left out for that.
+    static func observed(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64,
+                         maxFutureSkewNs: Int64) -> (events: [ObservedEvent], future: Int) {
         var out: [ObservedEvent] = []
         out.reserveCapacity(batch.events.count)
         for e in batch.events where !isFuture(e, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs) {
             out.append(ObservedEvent(node: batch.node, agentEvent: e, clockOffsetNs: clock.offsetNs, clockErrorNs: clock.errorNs))
         }
-        return out
+        return (out, batch.events.count - out.count)
     }
 
-    public func ingest(_ batch: EventBatch, clock: ClockCorrection, receivedNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) {
-        let events = Self.observed(batch, clock: clock, receivedNs: receivedNs, maxFutureSkewNs: maxFutureSkewNs)
+    /// Hands events (from `observed`) to the engine.
+    public func ingest(_ events: [ObservedEvent]) {
         engine.withLock { $0.ingest(events) }
     }
 

@@ -31,7 +31,7 @@ public struct EventLog: Sendable {
         while true {
             let page = try store.batches(sinceNs: since, limit: pageSize)
             for r in page {
-                log.events += CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs)
+                log.events += CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
             }
             log.batches += page.count
             guard page.count == pageSize, let last = page.last else { break }

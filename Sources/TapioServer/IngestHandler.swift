@@ -248,8 +248,10 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let correction = server.registry.correction(node: node) ?? ClockCorrection(offsetNs: 0, errorNs: -1)
         let receivedNs = wallClockNs()
-        let future = CorrelationService.futureEvents(batch, clock: correction, receivedNs: receivedNs,
-                                                     maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
+        // Placed on the server's clock once, here, for the engine; events
+        // dated too far ahead are counted with the batch and not correlated.
+        let (observed, future) = CorrelationService.observed(batch, clock: correction, receivedNs: receivedNs,
+                                                             maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
         let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
         let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -264,8 +266,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if stored {
                     handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
                     if future > 0 { handler.server.metrics.add("tapio_server_events_future_total", Int64(future)) }
-                    handler.server.correlation.ingest(batch, clock: correction, receivedNs: receivedNs,
-                                                      maxFutureSkewNs: handler.server.configuration.limits.maxFutureSkew.nanoseconds)
+                    handler.server.correlation.ingest(observed)
                 }
                 // The store counted the batch in the node's row; this is the live view.
                 if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),

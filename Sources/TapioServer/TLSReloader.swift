@@ -113,27 +113,19 @@ final class TLSReloader: Sendable {
         }
     }
 
-    /// A set that does not build: wait for it to settle, then refuse it once.
+    /// A set that does not build: wait for it to settle (the same on two
+    /// looks in a row), then refuse it once. Unreadable files count as the
+    /// empty set.
     private func consider(_ contents: Contents?, error: Error) {
+        let seen = contents ?? Contents(certificate: [], key: [], ca: [])
         let refuse = state.withLock { s -> Bool in
-            if let contents {
-                guard s.unsettled == contents else {
-                    s.unsettled = contents
-                    return false
-                }
-                s.unsettled = nil
-                s.refused = contents
-                return true
-            }
-            // Unreadable: refused on the second look in a row.
-            let unreadable = Contents(certificate: [], key: [], ca: [])
-            guard s.refused != unreadable else { return false }
-            guard s.unsettled == unreadable else {
-                s.unsettled = unreadable
+            guard s.refused != seen else { return false }
+            guard s.unsettled == seen else {
+                s.unsettled = seen
                 return false
             }
             s.unsettled = nil
-            s.refused = unreadable
+            s.refused = seen
             return true
         }
         guard refuse else { return }
