@@ -7,6 +7,8 @@
 #   - events read by the agent, batches and bytes sent, bytes per event,
 #   - kernel and agent drop counters.
 # Usage: scripts/bench.sh BIN_DIR [CLIENTS=4] [SECONDS=10]
+# BENCH_SPOOL=1 runs the agent with a spool directory (every sealed batch
+# written and fsynced as a spool record, docs/protocol.md).
 set -euo pipefail
 bin=${1:?usage: bench.sh BIN_DIR [CLIENTS] [SECONDS]}
 clients=${2:-4}
@@ -28,7 +30,7 @@ trap cleanup EXIT INT TERM
 pids+=($!)
 sleep 1
 "$bin/tapio-agent" --server 127.0.0.1:17500 --server-name localhost --node-name bench --tls-dir "$work/pki/nodes/bench" \
-	--metrics-listen 127.0.0.1:17502 2>"$work/agent.log" &
+	--metrics-listen 127.0.0.1:17502 ${BENCH_SPOOL:+--spool-dir "$work/spool"} 2>"$work/agent.log" &
 agent=$!
 pids+=($agent)
 tapio() { "$bin/tapio" --server 127.0.0.1:17501 --tls-dir "$work/pki/operators/bench" "$@"; }
@@ -68,11 +70,11 @@ bytes=$(get tapio_agent_batch_bytes_sent_total)
 batches=$(get tapio_agent_batches_sent_total)
 drops=$(echo "$metrics" | awk '/^tapio_agent_dropped_events_total/ {s += $2} END {print s + 0}')
 python3 - "$start" "$end" "$before" "$after" "$hz" "$attempts" "$counted" "$events" "$bytes" "$batches" "$drops" "$clients" <<'PY'
-import sys
+import os, sys
 start, end, before, after, hz, attempts, counted, events, bytes_, batches, drops, clients = sys.argv[1:]
 secs = float(end) - float(start)
 cpu = (float(after) - float(before)) / float(hz)
-print(f"storm: {clients} clients for {secs:.1f} s")
+print(f"storm: {clients} clients for {secs:.1f} s" + (" (agent with a spool directory)" if os.environ.get("BENCH_SPOOL") else ""))
 print(f"connect attempts        {int(attempts):>10}  ({int(attempts)/secs:,.0f}/s)")
 print(f"counted by tapio        {int(counted):>10}  ({'equal' if int(counted) == int(attempts) else 'DIFFERENT'})")
 print(f"agent CPU               {cpu:>10.2f} s  ({100*cpu/secs:.1f} % of one core)")
