@@ -35,9 +35,14 @@ public struct Attribution: Sendable, Equatable {
 ///
 /// The cgroup id is the primary key: it is resolved to a path once
 /// (`CgroupIDResolver`), the path is parsed once (`CgroupPathInfo`), and both
-/// are cached by id. When the id names no container — 0, unresolvable, or a
+/// are cached by id. When the v2 id names no container — 0, unresolvable, or a
 /// host cgroup such as the root on a hybrid v1/v2 host where containers live in
-/// the v1 hierarchies — the pid's `/proc/<pid>/cgroup` is read instead and
+/// the v1 hierarchies — the kernel's v1 memory-controller cgroup id (the inode
+/// of the task's directory in the host's v1 memory mount) is resolved the same
+/// way by `memoryResolver`, cached apart (ids of different hierarchies may
+/// coincide); when it resolves, its answer is final, host or not. Only when
+/// no memory id resolves and the v2 id names no container is the pid's
+/// `/proc/<pid>/cgroup` read instead and
 /// cached by pid until `processExited(pid:)` or `sweep()` finds the process
 /// gone (a host answer only for `hostPidTTL` seconds). The pod itself is
 /// looked up in the `PodIndex` on every call (by container id, else by pod
@@ -70,37 +75,47 @@ public final class Attributor: Sendable {
 
     private struct State {
         var byCgroup: [UInt64: Identity] = [:]
+        /// v1 memory-controller ids: another kernfs root, so another key space.
+        var byMemoryCgroup: [UInt64: Identity] = [:]
         /// A pid's identity, and for a host result when to read procfs again.
         var byPid: [UInt32: (identity: Identity, expires: ContinuousClock.Instant?)] = [:]
     }
 
     public let index: PodIndex
     public let resolver: CgroupIDResolver?
+    /// Resolves v1 memory-controller cgroup ids against the host's v1 memory
+    /// mount; nil on a cgroup-v2-only host or when the kernel gives no such id.
+    public let memoryResolver: CgroupIDResolver?
     public let configuration: Configuration
     private let state = Mutex(State())
 
-    /// - Parameter resolver: nil on a host without cgroup v2; pids are used then.
-    public init(index: PodIndex, resolver: CgroupIDResolver?, configuration: Configuration = Configuration()) {
+    /// - Parameters:
+    ///   - resolver: v2 ids; nil on a host without cgroup v2 (pids are used then).
+    ///   - memoryResolver: v1 memory-controller ids (see `memoryResolver`).
+    public init(index: PodIndex, resolver: CgroupIDResolver?, memoryResolver: CgroupIDResolver? = nil,
+                configuration: Configuration = Configuration()) {
         self.index = index
         self.resolver = resolver
+        self.memoryResolver = memoryResolver
         self.configuration = configuration
     }
 
     /// The container and pod of a process, from its cgroup id and/or pid (0 when unknown).
     public func attribute(cgroupId: UInt64, pid: UInt32) -> Attribution {
-        var identity: Identity?
-        if cgroupId != 0 {
-            identity = state.withLock { $0.byCgroup[cgroupId] }
-            if identity == nil, let path = resolver?.path(for: cgroupId) {
-                let found = Identity(path: path, info: CgroupPathInfo.parse(path))
-                identity = found
-                state.withLock { s in
-                    if s.byCgroup.count >= configuration.maximumCgroupEntries { s.byCgroup.removeAll(keepingCapacity: true) }
-                    s.byCgroup[cgroupId] = found
-                }
-            }
+        attribute(cgroupId: cgroupId, memoryCgroupId: 0, pid: pid)
+    }
+
+    /// The container and pod of a process from its v2 cgroup id, its v1 memory
+    /// cgroup id (both 0 when unknown) and, only when neither names a
+    /// container, its pid's `/proc/<pid>/cgroup`.
+    public func attribute(cgroupId: UInt64, memoryCgroupId: UInt64, pid: UInt32) -> Attribution {
+        var identity = cgroupId == 0 ? nil : cachedIdentity(cgroupId, memory: false)
+        if identity == nil || identity!.info.isHost, memoryCgroupId != 0, let memory = cachedIdentity(memoryCgroupId, memory: true) {
+            // The kernel's memory cgroup of the task is authoritative where the
+            // v2 id says nothing (a hybrid host): a host answer here is final.
+            return attribution(for: memory)
         }
-        if (identity == nil || identity!.info.isHost), pid != 0, let byPid = pidIdentity(pid) {
+        if identity == nil || identity!.info.isHost, pid != 0, let byPid = pidIdentity(pid) {
             if identity == nil || !byPid.info.isHost { identity = byPid }
         }
         guard let identity else { return Attribution() }
@@ -109,11 +124,34 @@ public final class Attributor: Sendable {
 
     /// Fills `containerId`, `pod` and `namespace` of an event that has none.
     public func attribute(_ event: inout TapioEvent) {
+        attribute(&event, memoryCgroupId: 0)
+    }
+
+    /// Fills `containerId`, `pod` and `namespace` of an event that has none,
+    /// using the kernel's v1 memory cgroup id of the task (0 when unknown)
+    /// where the v2 id names no container.
+    public func attribute(_ event: inout TapioEvent, memoryCgroupId: UInt64) {
         guard event.pod.isEmpty && event.containerId.isEmpty else { return }
-        let a = attribute(cgroupId: event.cgroupId, pid: event.pid)
+        let a = attribute(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid)
         event.containerId = a.containerId
         event.pod = a.pod
         event.namespace = a.namespace
+    }
+
+    private func cachedIdentity(_ id: UInt64, memory: Bool) -> Identity? {
+        if let hit = state.withLock({ memory ? $0.byMemoryCgroup[id] : $0.byCgroup[id] }) { return hit }
+        guard let path = (memory ? memoryResolver : resolver)?.path(for: id) else { return nil }
+        let found = Identity(path: path, info: CgroupPathInfo.parse(path))
+        state.withLock { s in
+            if memory {
+                if s.byMemoryCgroup.count >= configuration.maximumCgroupEntries { s.byMemoryCgroup.removeAll(keepingCapacity: true) }
+                s.byMemoryCgroup[id] = found
+            } else {
+                if s.byCgroup.count >= configuration.maximumCgroupEntries { s.byCgroup.removeAll(keepingCapacity: true) }
+                s.byCgroup[id] = found
+            }
+        }
+        return found
     }
 
     /// The attribution of a cgroup path, as a pid's `/proc/<pid>/cgroup` or a
@@ -134,22 +172,27 @@ public final class Attributor: Sendable {
     /// Drops cached pids whose process is gone and cgroup ids whose directory
     /// is gone, and deleted pods past their retention. Call it every few seconds.
     public func sweep() {
-        let (pids, cgroups) = state.withLock { (Array($0.byPid.keys), $0.byCgroup.map { ($0.key, $0.value.path) }) }
-        let deadPids = pids.filter { !FileManager.default.fileExists(atPath: "\(configuration.procRoot)/\($0)") }
-        var deadCgroups: [UInt64] = []
-        if let resolver {
-            deadCgroups = cgroups.filter { CgroupIDResolver.inode(of: resolver.absolute($0.1)) != $0.0 }.map(\.0)
-            resolver.forgetRemoved()
+        let (pids, cgroups, memoryCgroups) = state.withLock {
+            (Array($0.byPid.keys), $0.byCgroup.map { ($0.key, $0.value.path) }, $0.byMemoryCgroup.map { ($0.key, $0.value.path) })
         }
+        let deadPids = pids.filter { !FileManager.default.fileExists(atPath: "\(configuration.procRoot)/\($0)") }
+        func dead(_ entries: [(UInt64, String)], _ resolver: CgroupIDResolver?) -> [UInt64] {
+            guard let resolver else { return [] }
+            defer { resolver.forgetRemoved() }
+            return entries.filter { CgroupIDResolver.inode(of: resolver.absolute($0.1)) != $0.0 }.map(\.0)
+        }
+        let deadCgroups = dead(cgroups, resolver)
+        let deadMemoryCgroups = dead(memoryCgroups, memoryResolver)
         state.withLock { s in
             for pid in deadPids { s.byPid[pid] = nil }
             for id in deadCgroups { s.byCgroup[id] = nil }
+            for id in deadMemoryCgroups { s.byMemoryCgroup[id] = nil }
         }
         index.sweep()
     }
 
     /// Cache sizes, for /metrics and tests.
-    public var cachedEntries: (cgroups: Int, pids: Int) { state.withLock { ($0.byCgroup.count, $0.byPid.count) } }
+    public var cachedEntries: (cgroups: Int, pids: Int) { state.withLock { ($0.byCgroup.count + $0.byMemoryCgroup.count, $0.byPid.count) } }
 
     private func pidIdentity(_ pid: UInt32) -> Identity? {
         let now = ContinuousClock.now
