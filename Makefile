@@ -21,6 +21,7 @@ TEST_PACKAGES := python3 python3-protobuf protobuf-compiler iproute2 util-linux 
 LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-linux coreutils
 
 include bpf/build.mk
+include bench/build.mk
 
 .PHONY: all deps build debug test demo lab bench proto proto-check clean
 
@@ -80,8 +81,10 @@ lab: deps bpf
 	$(SWIFT) build
 	"$$($(SWIFT) build --show-bin-path)/tapio-lab" bench --runs $${LAB_RUNS:-1}
 
-# The agent under a connection storm, release build (docs/performance.md).
-bench: build
+# The agent under storms, release build (docs/performance.md): connects the
+# kernel folds, a per-event storm beside the bare ring-buffer consumer, DNS
+# and exec. BENCH=connect,events,dns,exec picks sections (default: all).
+bench: build bench-tools
 	scripts/bench.sh "$$($(SWIFT) build -c release --show-bin-path)" $${BENCH_CLIENTS:-4} $${BENCH_SECONDS:-10}
 
 # Regenerate the committed protobuf-c code from proto/tapio.proto.
