@@ -36,6 +36,11 @@ public final class Agent: Sendable {
         /// Leave the agent's own traffic (its connection to the server, its
         /// DNS lookups and listeners) out of what it reports.
         public var filterOwnTraffic = true
+        /// procfs of the host's PID namespace, read only when a kernel cgroup
+        /// id names no container (`--host-proc`); nil: /host/proc when it is
+        /// mounted (the DaemonSet mounts the host's /proc there, without
+        /// hostPID), else /proc.
+        public var hostProc: String?
 
         public init(node: String, serverHost: String, serverPort: UInt16, tls: AgentTLSFiles) {
             self.node = node
@@ -43,6 +48,12 @@ public final class Agent: Sendable {
             self.serverPort = serverPort
             self.tls = tls
         }
+    }
+
+    /// True in the host's PID namespace (0xEFFFFFFC: the kernel's PROC_PID_INIT_INO).
+    static var inInitialPIDNamespace: Bool {
+        var st = stat()
+        return stat("/proc/self/ns/pid", &st) == 0 && st.st_ino == 0xEFFF_FFFC
     }
 
     public let configuration: Configuration
@@ -71,13 +82,22 @@ public final class Agent: Sendable {
             kernelConfig.isOwnTraffic = { selfTraffic.isOwn($0) }
         }
         pods = PodIndex()
-        var resolver: CgroupIDResolver?
-        if let mount = CgroupMount.cgroup2MountPoint() {
-            var scope = "/"
-            if let root = configuration.kernel.cgroupRoot, root.hasPrefix(mount) { scope = String(root.dropFirst(mount.count)) }
-            resolver = CgroupIDResolver(configuration: .init(mountPoint: mount, scope: scope.isEmpty ? "/" : scope))
+        // Kernel cgroup ids are ids in the HOST's hierarchies: resolve them
+        // there, never in this (possibly namespaced) mount's view.
+        let hosts = HostCgroups.detect(configured: configuration.kernel.hostCgroupfs)
+        var scope = "/"
+        if let mount = hosts.unified, let root = configuration.kernel.cgroupRoot, root.hasPrefix(mount) {
+            scope = String(root.dropFirst(mount.count))
+            if scope.isEmpty { scope = "/" }
         }
-        let attributor = Attributor(index: pods, resolver: resolver)
+        let resolver = hosts.unified.map { CgroupIDResolver(configuration: .init(mountPoint: $0, scope: scope)) }
+        let memoryResolver = hosts.memory.map { CgroupIDResolver(configuration: .init(mountPoint: $0, scope: scope)) }
+        var attribution = Attributor.Configuration(
+            procRoot: configuration.hostProc ?? (FileManager.default.fileExists(atPath: "/host/proc/self") ? "/host/proc" : "/proc"))
+        // Our own PID namespace's /proc would answer for the wrong processes.
+        attribution.readsProc = attribution.procRoot != "/proc" || Agent.inInitialPIDNamespace
+        logger.info("host view", metadata: ["cgroups": "\(hosts)", "proc": "\(attribution.readsProc ? attribution.procRoot : "none")"])
+        let attributor = Attributor(index: pods, resolver: resolver, memoryResolver: memoryResolver, configuration: attribution)
         self.attributor = attributor
         if let file = configuration.metadataFile {
             let source = MetadataFileSource(path: file, index: pods)

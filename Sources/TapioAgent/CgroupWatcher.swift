@@ -1,4 +1,5 @@
 import Foundation
+import TapioAttribution
 import TapioWire
 
 /// `cpu_throttle` and `memory_pressure` come from cgroup files, where the
@@ -33,25 +34,16 @@ public final class CgroupWatcher: @unchecked Sendable {
             self.relativeRoot = relativeRoot
         }
 
-        /// Finds the mounts in /proc/self/mountinfo.
-        public static func discover(relativeRoot: String) -> Configuration {
-            var v2: String?
-            var cpu: String?
-            var memory: String?
-            let info = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
-            for line in info.split(separator: "\n") {
-                let parts = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
-                guard let dash = parts.firstIndex(of: "-"), dash + 1 < parts.count, parts.count > 4 else { continue }
-                let fsType = parts[dash + 1]
-                let mountPoint = parts[4]
-                let options = dash + 3 < parts.count ? parts[dash + 3].split(separator: ",").map(String.init) : []
-                if fsType == "cgroup2", v2 == nil { v2 = mountPoint }
-                if fsType == "cgroup" {
-                    if options.contains("cpu"), cpu == nil { cpu = mountPoint }
-                    if options.contains("memory"), memory == nil { memory = mountPoint }
-                }
-            }
-            return Configuration(v2Mount: v2, v1CPUMount: cpu, v1MemoryMount: memory, relativeRoot: relativeRoot)
+        /// The host's hierarchies (`HostCgroups.detect`): under `hostCgroupfs`
+        /// when given, else under /host/sys/fs/cgroup when the agent runs in a
+        /// pod that mounts the host's tree there, else this mount namespace's.
+        /// Never the pod's own /sys/fs/cgroup, which shows only its own cgroup.
+        public static func discover(relativeRoot: String, hostCgroupfs: String? = nil) -> Configuration {
+            Configuration(hosts: HostCgroups.detect(configured: hostCgroupfs), relativeRoot: relativeRoot)
+        }
+
+        public init(hosts: HostCgroups, relativeRoot: String) {
+            self.init(v2Mount: hosts.unified, v1CPUMount: hosts.cpu, v1MemoryMount: hosts.memory, relativeRoot: relativeRoot)
         }
     }
 

@@ -22,6 +22,11 @@ public final class KernelSource: @unchecked Sendable {
     public struct Configuration: Sendable {
         /// A cgroup2 directory: only tasks below it are observed. nil: all.
         public var cgroupRoot: String?
+        /// The host's cgroupfs root (`--host-cgroupfs`, e.g. /host/sys/fs/cgroup
+        /// in a pod); nil: detected (`HostCgroups.detect`). Its cgroup2 mount is
+        /// where cgroup_skb (DNS) attaches when there is no `cgroupRoot`, and its
+        /// hierarchies are what the cgroup watcher reads.
+        public var hostCgroupfs: String?
         public var disabledKinds: Set<EventKind> = []
         public var ringBufferBytes: UInt32 = 0
         /// How often aggregated signals (maps, cgroup files) are harvested.
@@ -74,11 +79,11 @@ public final class KernelSource: @unchecked Sendable {
             guard rc == 0 else { throw KernelSourceError("--cgroup-root \(root): not a cgroup2 directory (\(String(cString: strerror(-rc))))") }
             config.cgroup_root_id = id
             config.cgroup_root_level = level
-            relativeRoot = CgroupWatcher.Configuration.discover(relativeRoot: "").v2Mount.map { mount in
+            relativeRoot = CgroupWatcher.Configuration.discover(relativeRoot: "", hostCgroupfs: configuration.hostCgroupfs).v2Mount.map { mount in
                 root.hasPrefix(mount) ? String(root.dropFirst(mount.count)) : ""
             } ?? ""
         }
-        cgroups = CgroupWatcher(configuration: .discover(relativeRoot: relativeRoot))
+        cgroups = CgroupWatcher(configuration: .discover(relativeRoot: relativeRoot, hostCgroupfs: configuration.hostCgroupfs))
         for kind in configuration.disabledKinds { config.kinds_disabled_mask |= 1 << kind.rawValue }
         config.ringbuf_bytes = configuration.ringBufferBytes
         let tracefs = tapio_bpf_ensure_tracefs()
@@ -139,7 +144,9 @@ public final class KernelSource: @unchecked Sendable {
         } else {
             var dnsConfig = tapio_dns_config()
             var dnsErr = [CChar](repeating: 0, count: 4096)
-            let opened: OpaquePointer? = configuration.cgroupRoot.map { root in
+            // The host's root cgroup (all pods), never the agent's own: in a pod
+            // its /sys/fs/cgroup is its own cgroup namespace.
+            let opened: OpaquePointer? = (configuration.cgroupRoot ?? cgroups.configuration.v2Mount).map { root in
                 root.withCString { path in
                     dnsConfig.cgroup_path = path
                     return tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)

@@ -50,8 +50,13 @@ public struct Attribution: Sendable, Equatable {
 /// attributes its later events.
 public final class Attributor: Sendable {
     public struct Configuration: Sendable {
-        /// procfs of the host PID namespace (the agent runs with hostPID).
+        /// procfs of the host's PID namespace: /proc on the host, the host's
+        /// /proc mounted at /host/proc in the DaemonSet (no hostPID).
         public var procRoot: String
+        /// Whether `procRoot` may be read at all. False when the agent sees
+        /// only its own PID namespace's procfs: kernel pids would name the
+        /// wrong processes there.
+        public var readsProc: Bool = true
         /// Bounds on the caches; when full they are cleared (then refilled on demand). Defaults 65 536.
         public var maximumCgroupEntries: Int
         public var maximumPidEntries: Int
@@ -197,7 +202,8 @@ public final class Attributor: Sendable {
     private func pidIdentity(_ pid: UInt32) -> Identity? {
         let now = ContinuousClock.now
         if let cached = state.withLock({ $0.byPid[pid] }), cached.expires.map({ $0 > now }) ?? true { return cached.identity }
-        guard let entries = ProcCgroup.read(pid: Int32(bitPattern: pid), procRoot: configuration.procRoot),
+        guard configuration.readsProc,
+              let entries = ProcCgroup.read(pid: Int32(bitPattern: pid), procRoot: configuration.procRoot),
               let (path, info) = ProcCgroup.identify(entries) else { return nil }
         let found = Identity(path: path, info: info)
         // A host result expires soon: the process may be a runtime's init

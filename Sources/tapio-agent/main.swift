@@ -29,6 +29,10 @@ struct AgentCommand: ParsableCommand {
     var spoolDir: String?
     @Option(help: "Observe only tasks below this cgroup2 directory.")
     var cgroupRoot: String?
+    @Option(help: "The host's cgroupfs root as mounted in the agent's container (default: /host/sys/fs/cgroup when it is a cgroup mount, else this mount namespace's cgroup mounts).")
+    var hostCgroupfs: String?
+    @Option(help: "The host's procfs as mounted in the agent's container, read only when a cgroup id names no container (default: /host/proc when mounted, else /proc).")
+    var hostProc: String?
     @Option(help: "HTTP /metrics, /healthz (liveness) and /readyz (readiness) listener, HOST:PORT, or 'off'.")
     var metricsListen = "off"
     @Option(help: "Pod metadata from this file (Kubernetes PodList JSON), re-read when it changes.")
@@ -73,6 +77,8 @@ struct AgentCommand: ParsableCommand {
         config.serverName = serverName
         config.spoolDirectory = spoolDir
         config.kernel.cgroupRoot = cgroupRoot
+        config.kernel.hostCgroupfs = hostCgroupfs
+        config.hostProc = hostProc
         config.metadataFile = metadataFile
         let inPod = ProcessInfo.processInfo.environment["KUBERNETES_SERVICE_HOST"] != nil
         if kubernetesApi ?? (inPod && metadataFile == nil) {
