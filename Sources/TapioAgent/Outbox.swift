@@ -37,7 +37,12 @@ public final class Outbox: Sendable {
         /// default frame limit of 4 MiB.
         public var maxBatchBytes = 1 << 20
         public var maxDelayNs: Int64 = 200_000_000
+        /// Batches held only in memory (no spool, or the spool full) at most.
         public var maxMemoryBytes = 64 << 20
+        /// With a spool: in-memory copies of batches that are safe in the
+        /// spool are kept up to this much (the newest; older ones are read
+        /// back from the spool to be sent), so a backlog lives on disk.
+        public var memoryWindowBytes = 4 << 20
         public var maxSpoolBytes = 256 << 20
 
         public init() {}
@@ -63,6 +68,10 @@ public final class Outbox: Sendable {
         var everSent = false
         /// The drop counters the batch carries (batches of this process only).
         var drops: [DropKey: UInt64]?
+        /// Its events per kind (batches of this process only), and whether
+        /// they are accounted for in the crash counters (durable or dropped).
+        var kinds: KindCounts?
+        var accounted = false
     }
 
     struct State {
@@ -91,6 +100,13 @@ public final class Outbox: Sendable {
         var serverMaxPayloadBytes = 0
         var sealedBatches: UInt64 = 0
         var ackedBatches: UInt64 = 0
+        /// The newest batch of this epoch that is durable (spooled or acknowledged).
+        var durableSequence: UInt64 = 0
+        /// Written by the spooler thread, when one runs (`startSpooler`).
+        var background = false
+        var queued: [SpoolWrite] = []
+        /// This process's crash counters (with a state directory).
+        var counters: CrashCounters?
 
         var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: saturatingAdd).filter { $0.value > 0 } }
 
@@ -102,16 +118,31 @@ public final class Outbox: Sendable {
         mutating func count(_ n: UInt64, _ reason: String, kind: EventKind = .unspecified) {
             let key = DropKey(kind: kind, reason: reason)
             localDrops[key] = saturatingAdd(localDrops[key, default: 0], n)
+            counters?.setDrop(key, total: saturatingAdd(localDrops[key, default: 0], kernelDrops[key, default: 0]))
+        }
+
+        /// A batch of this process that is gone (acknowledged or dropped and
+        /// counted): its events are accounted for, unless they were already.
+        func settle(_ e: Entry) {
+            if !e.accounted, let kinds = e.kinds { counters?.account(kinds) }
+        }
+
+        /// A batch of this process is durable: its events are accounted for,
+        /// and the drop counters it carries will reach the server.
+        mutating func madeDurable(_ i: Int) {
+            settle(entries[i])
+            entries[i].accounted = true
+            if entries[i].sequence > durableSequence, let drops = entries[i].drops {
+                durableSequence = entries[i].sequence
+                counters?.setDurable(drops)
+            }
         }
     }
 
-    struct DropKey: Hashable {
-        var kind: EventKind
-        var reason: String
-    }
+    typealias DropKey = CrashCounters.Key
 
     /// A sealed batch to be written to the spool outside the lock.
-    private struct SpoolWrite {
+    struct SpoolWrite {
         var epoch: UInt64
         var sequence: UInt64
         var events: Int
@@ -124,22 +155,62 @@ public final class Outbox: Sendable {
     public let epoch: UInt64
     public let limits: Limits
     public let spoolDirectory: String?
+    /// Where the crash counters (and, without a spool, the carried drops) live.
+    public let stateDirectory: String?
+    /// What the crash counters of a previous process said, when it did not stop cleanly.
+    public let recovered: CrashCounters.Snapshot?
     private let state = Mutex(State())
     private let changed = NSCondition()
+    private let spoolerWake = DispatchSemaphore(value: 0)
+    private let spoolerDone = DispatchSemaphore(value: 0)
 
-    public init(node: String, epoch: UInt64, limits: Limits = Limits(), spoolDirectory: String?) throws {
+    /// `stateDirectory` (the agent's data directory) turns on the crash
+    /// counters: a previous process's leftover counters are turned into
+    /// carried drops first, then this process's are created.
+    public init(node: String, epoch: UInt64, limits: Limits = Limits(), spoolDirectory: String?, stateDirectory: String? = nil) throws {
         self.node = node
         self.epoch = epoch
         self.limits = limits
         self.spoolDirectory = spoolDirectory
+        self.stateDirectory = stateDirectory
+        var recovered: CrashCounters.Snapshot?
+        if let state = stateDirectory {
+            try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
+            let path = state + "/counters"
+            if let left = CrashCounters.load(path: path), left.epoch != epoch {
+                recovered = left
+            }
+        }
+        self.recovered = recovered
         if let dir = spoolDirectory {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        }
+        if let left = recovered, let state = stateDirectory {
+            // Saved before the counters file goes: a crash in between counts
+            // the same again, with max() below, not twice.
+            var carried = readCarriedDrops()
+            for (key, n) in left.unreported { carried[key] = max(carried[key, default: 0], n) }
+            try writeCarriedDrops(carried)
+            unlink(state + "/counters")
+            syncDirectory(state)
+        }
+        if let dir = spoolDirectory {
             try loadSpool(dir)
+        } else if stateDirectory != nil {
+            let carried = readCarriedDrops()
+            state.withLock { s in
+                s.localDrops = carried
+                s.carriedFilePresent = carriedPath.map { FileManager.default.fileExists(atPath: $0) } ?? false
+            }
+        }
+        if let dir = stateDirectory {
+            let counters = try state.withLock { s in try CrashCounters(path: dir + "/counters", epoch: epoch, drops: s.drops) }
+            state.withLock { $0.counters = counters }
         }
     }
 
     private func recordPath(_ dir: String, _ epoch: UInt64, _ sequence: UInt64) -> String { "\(dir)/\(epoch)-\(sequence).batch" }
-    private var carriedPath: String? { spoolDirectory.map { $0 + "/carried-drops" } }
+    private var carriedPath: String? { (spoolDirectory ?? stateDirectory).map { $0 + "/carried-drops" } }
 
     /// Batches a previous run left in the spool go first, in (epoch, sequence)
     /// order. Unreadable records are quarantined and counted, and the count is
@@ -225,13 +296,69 @@ public final class Outbox: Sendable {
 
     // MARK: - Producer side
 
+    /// Called by the ring-buffer reader: with a spooler running
+    /// (`startSpooler`) it only appends to memory, never writes or syncs.
     public func add(_ event: TapioEvent) {
         let writes = state.withLock { s -> [SpoolWrite]? in
             s.pending.append(event)
+            s.counters?.read(event.kind)
             guard s.pending.count >= maxEvents(s) || event.isCritical else { return nil }
-            return seal(&s)
+            return handOff(seal(&s), &s)
         }
         if let writes { finishSeal(writes) }
+    }
+
+    /// Spool writes go to the spooler thread when one runs (then none is
+    /// left for the caller), else to the caller.
+    private func handOff(_ writes: [SpoolWrite], _ s: inout State) -> [SpoolWrite]? {
+        guard !writes.isEmpty else { return nil }
+        guard s.background else { return writes }
+        s.queued += writes
+        spoolerWake.signal()
+        return nil
+    }
+
+    /// Moves spool writes (and the crash counters' write-back) off the
+    /// callers' threads, the ring-buffer reader's above all, onto a thread of
+    /// its own, until `stopSpooler`.
+    public func startSpooler() {
+        let start = state.withLock { s -> Bool in
+            guard !s.background, spoolDirectory != nil || s.counters != nil else { return false }
+            s.background = true
+            return true
+        }
+        guard start else { return }
+        let thread = Thread { [self] in
+            var lastSyncNs: Int64 = 0
+            while true {
+                let (writes, stop, counters) = state.withLock { s in
+                    defer { s.queued = [] }
+                    return (s.queued, !s.background, s.counters)
+                }
+                if !writes.isEmpty { finishSeal(writes) }
+                if !writes.isEmpty || monotonicNs() - lastSyncNs >= 1_000_000_000 {
+                    counters?.sync()
+                    lastSyncNs = monotonicNs()
+                }
+                if stop, writes.isEmpty { break }
+                if writes.isEmpty { _ = spoolerWake.wait(timeout: .now() + 1) }
+            }
+            spoolerDone.signal()
+        }
+        thread.name = "tapio-spooler"
+        thread.start()
+    }
+
+    /// Writes what is queued and stops the spooler thread; later writes are
+    /// made by their callers again.
+    public func stopSpooler() {
+        let running = state.withLock { s -> Bool in
+            defer { s.background = false }
+            return s.background
+        }
+        guard running else { return }
+        spoolerWake.signal()
+        spoolerDone.wait()
     }
 
     /// Seals the pending events if the oldest has waited `maxDelayNs` (or
@@ -244,7 +371,7 @@ public final class Outbox: Sendable {
             if let first = s.pending.first {
                 let (waited, overflow) = nowNs.subtractingReportingOverflow(first.timeNs)
                 guard force || overflow || waited >= limits.maxDelayNs else { return nil }
-                return seal(&s)
+                return handOff(seal(&s), &s)
             }
             guard s.drops != s.sealedDrops else { return nil }
             if !force, let last = s.lastCountsOnlyNs {
@@ -258,7 +385,7 @@ public final class Outbox: Sendable {
             s.entries += sealed
             let writes = reserveSpoolWrites(&s)
             enforceMemoryLimit(&s)
-            return writes
+            return handOff(writes, &s)
         }
         if let writes { finishSeal(writes) }
     }
@@ -266,7 +393,12 @@ public final class Outbox: Sendable {
     /// The kernel's cumulative drop counters (they replace the previous values).
     public func setKernelDrops(_ drops: [DropCount]) {
         state.withLock { s in
-            for d in drops { s.kernelDrops[DropKey(kind: d.kind, reason: d.reason)] = d.count }
+            for d in drops {
+                let key = DropKey(kind: d.kind, reason: d.reason)
+                guard s.kernelDrops[key] != d.count else { continue }
+                s.kernelDrops[key] = d.count
+                s.counters?.setDrop(key, total: saturatingAdd(d.count, s.localDrops[key, default: 0]))
+            }
         }
     }
 
@@ -340,6 +472,7 @@ public final class Outbox: Sendable {
         if bytes.count > maxPayloadBytes(s), !events.isEmpty {
             if events.count == 1 {
                 s.count(1, "batch_too_large", kind: events.first!.kind)
+                s.counters?.account(events.first!.kind, 1)
                 return
             }
             let middle = events.startIndex + events.count / 2
@@ -347,7 +480,8 @@ public final class Outbox: Sendable {
             sealChunk(events[middle...], &s, into: &sealed, reusing: &reusing)
             return
         }
-        sealed.append(Entry(epoch: epoch, sequence: sequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops))
+        sealed.append(Entry(epoch: epoch, sequence: sequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops,
+                            kinds: events.isEmpty ? nil : KindCounts(events)))
         s.memoryBytes += bytes.count
         s.sealedDrops = drops
         if reusing != nil {
@@ -359,20 +493,20 @@ public final class Outbox: Sendable {
     }
 
     /// Releases in-memory copies of batches that are safe in the spool, oldest
-    /// first; when that is not enough, drops the oldest batch held only in
-    /// memory and counts its events.
+    /// first, down to the memory window; when batches held only in memory
+    /// exceed `maxMemoryBytes`, drops the oldest of them and counts its events.
     private func enforceMemoryLimit(_ s: inout State) {
+        let window = min(limits.memoryWindowBytes, limits.maxMemoryBytes)
+        while s.memoryBytes > window, let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file != nil }) {
+            s.memoryBytes -= s.entries[i].payloadBytes
+            s.entries[i].memory = nil
+        }
         while s.memoryBytes > limits.maxMemoryBytes {
-            if let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file != nil }) {
-                s.memoryBytes -= s.entries[i].payloadBytes
-                s.entries[i].memory = nil
-            } else if let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file == nil && !$0.writing && !$0.sent }) {
-                let e = s.entries.remove(at: i)
-                s.memoryBytes -= e.payloadBytes
-                s.count(e.events, spoolDirectory == nil ? "queue_full" : "spool_full")
-            } else {
-                return
-            }
+            guard let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file == nil && !$0.writing && !$0.sent }) else { return }
+            let e = s.entries.remove(at: i)
+            s.memoryBytes -= e.payloadBytes
+            s.count(e.events, spoolDirectory == nil ? "queue_full" : "spool_full")
+            s.settle(e)
         }
     }
 
@@ -420,6 +554,7 @@ public final class Outbox: Sendable {
                     s.spoolFailing = path == nil
                     if let path {
                         s.entries[i].file = path
+                        s.madeDurable(i)
                     } else {
                         s.spoolBytes -= s.entries[i].fileBytes
                         s.entries[i].fileBytes = 0
@@ -448,51 +583,67 @@ public final class Outbox: Sendable {
     public func nextToSend(window: Int) -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? {
         var doomed: [String] = []
         var writes: [SpoolWrite] = []
-        let next = state.withLock { s -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? in
-            var inFlight = 0
-            var i = 0
-            while i < s.entries.count {
-                if s.entries[i].sent { inFlight += 1; i += 1; continue }
-                guard inFlight < window else { return nil }
-                let e = s.entries[i]
-                var reason: String?
-                var payload = e.memory
-                if payload == nil, let path = e.file {
-                    switch readRecord(path, e) {
-                    case .success(let bytes): payload = bytes
-                    case .failure(let why): reason = why.reason
+        // A record is read outside the lock (the ring-buffer reader takes it
+        // for every event), then the choice is made again with what was read.
+        var prefetched: (epoch: UInt64, sequence: UInt64, result: Result<[UInt8], DropReason>)?
+        var next: (epoch: UInt64, sequence: UInt64, payload: [UInt8])?
+        while true {
+            var toRead: (path: String, entry: Entry)?
+            next = state.withLock { s -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? in
+                var inFlight = 0
+                var i = 0
+                while i < s.entries.count {
+                    if s.entries[i].sent { inFlight += 1; i += 1; continue }
+                    guard inFlight < window else { return nil }
+                    let e = s.entries[i]
+                    var reason: String?
+                    var payload = e.memory
+                    if payload == nil, let path = e.file {
+                        guard let p = prefetched, p.epoch == e.epoch, p.sequence == e.sequence else {
+                            toRead = (path, e)
+                            return nil
+                        }
+                        switch p.result {
+                        case .success(let bytes): payload = bytes
+                        case .failure(let why): reason = why.reason
+                        }
                     }
-                }
-                if reason == nil, exceedsServerLimits(e, s) {
-                    // Never sent, so never stored: its events are sealed again within
-                    // the limits. Otherwise the server may hold it already, and its
-                    // events under new sequences would be stored twice: dropped, counted.
-                    if e.epoch == epoch, !e.everSent, let payload, let events = try? EventBatch.decode(payload).events, !events.isEmpty {
-                        guard !e.writing else { return nil }
+                    if reason == nil, exceedsServerLimits(e, s) {
+                        // Never sent, so never stored: its events are sealed again within
+                        // the limits. Otherwise the server may hold it already, and its
+                        // events under new sequences would be stored twice: dropped, counted.
+                        if e.epoch == epoch, !e.everSent, let payload, let events = try? EventBatch.decode(payload).events, !events.isEmpty {
+                            guard !e.writing else { return nil }
+                            s.entries.remove(at: i)
+                            release(e, &s)
+                            // Its events are accounted for again as the new batches are.
+                            if e.accounted, let kinds = e.kinds { s.counters?.account(kinds, negate: true) }
+                            sealEvents(events, &s, replacing: (i, e.sequence))
+                            writes += handOff(reserveSpoolWrites(&s), &s) ?? []
+                            enforceMemoryLimit(&s)
+                            continue
+                        }
+                        reason = "batch_too_large"
+                    }
+                    guard let payload, reason == nil else {
+                        let reason = reason ?? "spool_lost"
                         s.entries.remove(at: i)
                         release(e, &s)
-                        sealEvents(events, &s, replacing: (i, e.sequence))
-                        writes += reserveSpoolWrites(&s)
-                        enforceMemoryLimit(&s)
+                        if let path = e.file {
+                            if reason == "spool_corrupt", let dir = spoolDirectory { quarantine(path, dir) } else { doomed.append(path) }
+                        }
+                        s.count(e.events, reason)
+                        s.settle(e)
                         continue
                     }
-                    reason = "batch_too_large"
+                    s.entries[i].sent = true
+                    s.entries[i].everSent = true
+                    return (e.epoch, e.sequence, payload)
                 }
-                guard let payload, reason == nil else {
-                    let reason = reason ?? "spool_lost"
-                    s.entries.remove(at: i)
-                    release(e, &s)
-                    if let path = e.file {
-                        if reason == "spool_corrupt", let dir = spoolDirectory { quarantine(path, dir) } else { doomed.append(path) }
-                    }
-                    s.count(e.events, reason)
-                    continue
-                }
-                s.entries[i].sent = true
-                s.entries[i].everSent = true
-                return (e.epoch, e.sequence, payload)
+                return nil
             }
-            return nil
+            guard let (path, entry) = toRead else { break }
+            prefetched = (entry.epoch, entry.sequence, readRecord(path, entry))
         }
         for path in doomed { unlink(path) }
         if !writes.isEmpty { finishSeal(writes) }
@@ -550,6 +701,11 @@ public final class Outbox: Sendable {
                 removed += 1
                 if let f = e.file { files.append(f) }
                 s.ackedBatches += 1
+                s.settle(e)
+                if e.sequence > s.durableSequence, let drops = e.drops {
+                    s.durableSequence = e.sequence
+                    s.counters?.setDurable(drops)
+                }
                 if e.epoch == epoch, e.sequence > s.ackedSequence, let drops = e.drops {
                     s.ackedSequence = e.sequence
                     s.ackedDrops = drops
@@ -600,13 +756,25 @@ public final class Outbox: Sendable {
     /// events counted (`spool_full`). Counts that no batch on disk or
     /// acknowledged carries are saved in the spool's `carried-drops` file for
     /// the next start. Returns how many events were lost (without a spool
-    /// directory: every unacknowledged one).
+    /// directory: every unacknowledged one, its count saved in the state
+    /// directory's `carried-drops` when there is one).
     @discardableResult
     public func spoolRemaining() -> Int {
         guard spoolDirectory != nil else {
             return state.withLock { s in
                 let lost = s.entries.reduce(0) { $0 + $1.events }
                 if lost > 0 { s.count(lost, "queue_full") }
+                guard stateDirectory != nil else { return lost }
+                for e in s.entries { s.settle(e) }
+                s.entries.removeAll()
+                s.memoryBytes = 0
+                let unreported = unreportedDrops(s)
+                if unreported.isEmpty {
+                    if s.carriedFilePresent, let path = carriedPath { unlink(path) }
+                    s.carriedFilePresent = false
+                } else if (try? writeCarriedDrops(unreported)) != nil {
+                    s.carriedFilePresent = true
+                }
                 return lost
             }
         }
@@ -642,6 +810,22 @@ public final class Outbox: Sendable {
                 s.count(e.events, "spool_full")
             }
             return lost
+        }
+    }
+
+    /// At a clean stop, after `spoolRemaining`: everything read is on disk or
+    /// counted, so the crash counters are removed (the next start has
+    /// nothing to recover). Returns the events read and not accounted for,
+    /// per kind: none, unless the accounting has a gap (worth a warning).
+    @discardableResult
+    public func closeCrashCounters() -> [EventKind: UInt64] {
+        state.withLock { s in
+            guard let counters = s.counters else { return [:] }
+            counters.sync()
+            let killed = CrashCounters.load(path: counters.path)?.killed ?? [:]
+            counters.remove()
+            s.counters = nil
+            return killed
         }
     }
 
