@@ -20,6 +20,12 @@ const volatile __u64 cgroup_root_id = 0;
 const volatile __u32 cgroup_root_level = 0;
 /* Bit (1u << kind) set: events of that kind are never emitted. */
 const volatile __u32 kinds_disabled_mask = 0;
+/* Adaptive wakeup: while fewer than wakeup_bytes wait in the ring, records
+ * are submitted without waking the reader (it drains them on its own timer,
+ * docs/architecture.md); at or above the mark each record wakes it. 0 keeps
+ * the kernel's default (a wakeup whenever the reader has caught up), which
+ * at high rates costs one reader wakeup per record. */
+const volatile __u64 wakeup_bytes = 0;
 
 /* Default 1 MiB; the loader may resize it (power of two, page multiple). */
 struct {
@@ -77,7 +83,41 @@ static __always_inline struct tapio_event *tapio_reserve(__u32 kind)
 	return event;
 }
 
-/* Fills pid, tid, ppid, uid, comm and cgroup_id from the current task. */
+/* Submits a reserved record, waking the reader only past the fill mark. */
+static __always_inline void tapio_submit(void *event)
+{
+	__u64 flags = 0;
+
+	if (wakeup_bytes)
+		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
+										: BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(event, flags);
+}
+
+/* The kernfs id of a task's memory-controller cgroup: on a v1 or hybrid
+ * host the directory in the memory hierarchy (whose inode number it is), on
+ * a v2 host the nearest cgroup with the memory controller enabled. 0 when
+ * the kernel has no memory controller. Read through CO-RE, so the subsystem
+ * index and the struct layouts are the running kernel's. */
+static __always_inline __u64 tapio_memory_cgroup_id(struct task_struct *task)
+{
+	struct cgroup_subsys_state *css = NULL;
+	struct css_set *set;
+	int index;
+
+	if (!bpf_core_enum_value_exists(enum cgroup_subsys_id, memory_cgrp_id))
+		return 0;
+	index = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	set = BPF_CORE_READ(task, cgroups);
+	if (!set || index < 0 || index >= 32)
+		return 0;
+	bpf_core_read(&css, sizeof(css), &set->subsys[index]);
+	if (!css)
+		return 0;
+	return BPF_CORE_READ(css, cgroup, kn, id);
+}
+
+/* Fills pid, tid, ppid, uid, comm, cgroup_id and mem_cgroup_id from the current task. */
 static __always_inline void tapio_fill_current(struct tapio_event *event)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -88,6 +128,7 @@ static __always_inline void tapio_fill_current(struct tapio_event *event)
 	event->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	event->uid = (__u32)bpf_get_current_uid_gid();
 	event->cgroup_id = bpf_get_current_cgroup_id();
+	event->mem_cgroup_id = tapio_memory_cgroup_id(task);
 	bpf_get_current_comm(event->comm, sizeof(event->comm));
 }
 

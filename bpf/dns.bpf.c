@@ -478,6 +478,6 @@ int dns_ingress(struct __sk_buff *skb)
 	 * response repeats as it was sent. */
 	if (pkt.qdcount == 1 && pkt.ancount > 0)
 		dns_read_answers(skb, info, pkt.dns_off + DNS_HEADER_LEN + off + 4, pkt.ancount);
-	bpf_ringbuf_submit(event, 0);
+	tapio_submit(event);
 	return 1;
 }

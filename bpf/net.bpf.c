@@ -517,7 +517,7 @@ int handle_listen_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		bpf_core_read(event->u.tcp.saddr, 4, &ctx->saddr);
 	else
 		bpf_core_read(event->u.tcp.saddr, 16, &ctx->saddr_v6);
-	bpf_ringbuf_submit(event, 0);
+	tapio_submit(event);
 	return 0;
 }
 

@@ -32,6 +32,7 @@ struct tapio_dns_loader {
 	struct bpf_link *egress;
 	struct bpf_link *ingress;
 	struct ring_buffer *ring;
+	uint32_t ringbuf_bytes;
 	char cgroup_path[PATH_MAX];
 	bool process_context;
 	uint64_t timeout_ns;
@@ -224,6 +225,8 @@ tapio_dns *tapio_dns_open(const tapio_dns_config *config, char *err, size_t err_
 	dns->process_context = tapio_dns_probe_task_helpers();
 	dns->skel->rodata->have_current_task = dns->process_context;
 	dns->skel->rodata->dns_port = cfg->port ? cfg->port : TAPIO_DNS_DEFAULT_PORT;
+	dns->skel->rodata->wakeup_bytes = tapio_wakeup_mark(cfg->wakeup_bytes, ringbuf_bytes);
+	dns->ringbuf_bytes = ringbuf_bytes;
 	rc = bpf_map__set_max_entries(dns->skel->maps.events, ringbuf_bytes);
 	if (!rc)
 		rc = bpf_map__set_max_entries(dns->skel->maps.pending, max_pending);
@@ -405,6 +408,9 @@ int tapio_dns_poll(tapio_dns *dns, int timeout_ms, tapio_bpf_event_fn fn, void *
 			left_ms = 0;
 		wait_ms = (int)(left_ms < scan_ms ? left_ms : scan_ms);
 		rc = ring_buffer__poll(dns->ring, wait_ms);
+		/* Records below the fill mark woke no one: drain them too. */
+		if (rc >= 0 && !dns->stopped)
+			rc = ring_buffer__consume(dns->ring);
 		if (rc == -EINTR) {
 			rc = 0;
 			break;
@@ -469,6 +475,16 @@ int tapio_dns_pending_count(tapio_dns *dns)
 		count++;
 	}
 	return count;
+}
+
+int tapio_dns_events_fd(const tapio_dns *dns)
+{
+	return dns && dns->skel ? bpf_map__fd(dns->skel->maps.events) : -EINVAL;
+}
+
+uint32_t tapio_dns_ringbuf_bytes(const tapio_dns *dns)
+{
+	return dns ? dns->ringbuf_bytes : 0;
 }
 
 void tapio_dns_close(tapio_dns *dns)

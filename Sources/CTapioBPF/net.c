@@ -75,6 +75,7 @@ struct tapio_net_program {
 struct tapio_net_handle {
 	struct tapio_net *skel;
 	struct ring_buffer *ring;
+	uint32_t ringbuf_bytes;
 	struct tapio_net_program programs[TAPIO_NET_PROGRAMS];
 
 	uint64_t interval_ns;
@@ -161,6 +162,7 @@ static struct tapio_net *tapio_net_open_skel(tapio_net *net, const tapio_net_con
 	skel->rodata->kinds_disabled_mask = cfg->kinds_disabled_mask;
 	skel->rodata->netns_filter = cfg->netns_filter != 0;
 	skel->rodata->events_per_sec = cfg->events_per_sec;
+	skel->rodata->wakeup_bytes = tapio_wakeup_mark(cfg->wakeup_bytes, ringbuf_bytes);
 	if (bpf_map__set_max_entries(skel->maps.events, ringbuf_bytes)) {
 		tapio_net__destroy(skel);
 		errno = EINVAL;
@@ -368,6 +370,7 @@ tapio_net *tapio_net_open(const tapio_net_config *config, char *err, size_t err_
 			snprintf(net->programs[i].error, sizeof(net->programs[i].error), "disabled by configuration");
 		}
 	}
+	net->ringbuf_bytes = ringbuf_bytes;
 	if (tapio_net_load(net, cfg, ringbuf_bytes, err, err_len))
 		goto fail;
 	if (!net->skel->bss) {
@@ -763,6 +766,9 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, 
 	net->delivered = 0;
 	net->stopped = false;
 	rc = ring_buffer__poll(net->ring, wait_ms);
+	/* Records below the fill mark woke no one: drain them too. */
+	if (rc >= 0 && !net->stopped)
+		rc = ring_buffer__consume(net->ring);
 	net->event_fn = NULL;
 	net->fn_ctx = NULL;
 	if (rc < 0 && rc != -EINTR && !(rc == -ECANCELED && net->stopped))
@@ -777,6 +783,16 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, 
 	if (harvested < 0)
 		return harvested;
 	return net->delivered + harvested;
+}
+
+int tapio_net_events_fd(const tapio_net *net)
+{
+	return net && net->skel ? bpf_map__fd(net->skel->maps.events) : -EINVAL;
+}
+
+uint32_t tapio_net_ringbuf_bytes(const tapio_net *net)
+{
+	return net ? net->ringbuf_bytes : 0;
 }
 
 int tapio_net_epoll_fd(const tapio_net *net)

@@ -39,6 +39,7 @@ static const struct {
 	{ "handle_exec", "process_exec", TAPIO_KIND_PROCESS_EXEC },
 	{ "handle_exit", "process_exit", TAPIO_KIND_PROCESS_EXIT },
 	{ "handle_oom", "oom_kill", TAPIO_KIND_OOM_KILL },
+	{ "tapio_bench_storm", "bench_storm", TAPIO_KIND_PROCESS_EXIT },
 };
 
 struct tapio_log {
@@ -56,6 +57,7 @@ struct tapio_bpf_program {
 struct tapio_bpf {
 	struct tapio_process *process;
 	struct ring_buffer *ring;
+	uint32_t ringbuf_bytes;
 	int program_count;
 	struct tapio_bpf_program programs[TAPIO_BPF_MAX_PROGRAMS];
 	struct tapio_log log;
@@ -155,7 +157,7 @@ static bool tapio_valid_ringbuf_bytes(uint32_t bytes)
 
 /* Registers the object's programs and switches off those whose kind the
  * config disables. Must run between open and load. */
-static int tapio_add_programs(tapio_bpf *bpf, struct bpf_object *obj, uint32_t kinds_disabled_mask)
+static int tapio_add_programs(tapio_bpf *bpf, struct bpf_object *obj, uint32_t kinds_disabled_mask, bool bench)
 {
 	struct bpf_program *prog;
 
@@ -164,6 +166,12 @@ static int tapio_add_programs(tapio_bpf *bpf, struct bpf_object *obj, uint32_t k
 		const char *name = bpf_program__name(prog);
 		size_t i;
 
+		/* The benchmark's storm program exists only when asked for:
+		 * otherwise neither loaded nor listed (it is no capability). */
+		if (strcmp(name, "tapio_bench_storm") == 0 && !bench) {
+			bpf_program__set_autoload(prog, false);
+			continue;
+		}
 		if (bpf->program_count == TAPIO_BPF_MAX_PROGRAMS)
 			return -E2BIG;
 		entry = &bpf->programs[bpf->program_count++];
@@ -260,12 +268,16 @@ tapio_bpf *tapio_bpf_open(const tapio_bpf_config *config, char *err, size_t err_
 	skel->rodata->cgroup_root_id = cfg->cgroup_root_id;
 	skel->rodata->cgroup_root_level = cfg->cgroup_root_level;
 	skel->rodata->kinds_disabled_mask = cfg->kinds_disabled_mask;
+	skel->rodata->wakeup_bytes = tapio_wakeup_mark(cfg->wakeup_bytes, ringbuf_bytes);
+	if (cfg->bench_comm && cfg->bench_comm[0])
+		strncpy((char *)skel->rodata->bench_comm, cfg->bench_comm, sizeof(skel->rodata->bench_comm) - 1);
+	bpf->ringbuf_bytes = ringbuf_bytes;
 	rc = bpf_map__set_max_entries(skel->maps.events, ringbuf_bytes);
 	if (rc) {
 		tapio_set_error(err, err_len, &bpf->log, "size ring buffer", rc);
 		goto fail;
 	}
-	rc = tapio_add_programs(bpf, skel->obj, cfg->kinds_disabled_mask);
+	rc = tapio_add_programs(bpf, skel->obj, cfg->kinds_disabled_mask, cfg->bench_comm && cfg->bench_comm[0]);
 	if (rc) {
 		tapio_set_error(err, err_len, &bpf->log, "list programs", rc);
 		goto fail;
@@ -360,7 +372,10 @@ static int tapio_deliver(tapio_bpf *bpf, int timeout_ms, bool wait, tapio_bpf_ev
 	bpf->fn_ctx = ctx;
 	bpf->delivered = 0;
 	bpf->stopped = false;
-	rc = wait ? ring_buffer__poll(bpf->ring, timeout_ms) : ring_buffer__consume(bpf->ring);
+	rc = wait ? ring_buffer__poll(bpf->ring, timeout_ms) : 0;
+	/* Records below the fill mark woke no one: drain them too. */
+	if (rc >= 0 && !bpf->stopped)
+		rc = ring_buffer__consume(bpf->ring);
 	bpf->fn = NULL;
 	bpf->fn_ctx = NULL;
 	if (rc == -EINTR || (rc == -ECANCELED && bpf->stopped))
@@ -381,6 +396,25 @@ int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx)
 int tapio_bpf_epoll_fd(const tapio_bpf *bpf)
 {
 	return bpf && bpf->ring ? ring_buffer__epoll_fd(bpf->ring) : -EINVAL;
+}
+
+int tapio_bpf_events_fd(const tapio_bpf *bpf)
+{
+	return bpf ? bpf_map__fd(bpf->process->maps.events) : -EINVAL;
+}
+
+uint32_t tapio_bpf_ringbuf_bytes(const tapio_bpf *bpf)
+{
+	return bpf ? bpf->ringbuf_bytes : 0;
+}
+
+uint64_t tapio_wakeup_mark(uint32_t configured, uint32_t ring_bytes)
+{
+	if (configured == UINT32_MAX)
+		return 0;
+	if (configured == 0)
+		return ring_bytes / 16;
+	return configured < ring_bytes ? configured : ring_bytes / 2;
 }
 
 int tapio_bpf_read_drops(tapio_bpf *bpf, uint64_t *out, size_t slots)

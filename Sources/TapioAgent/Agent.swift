@@ -19,6 +19,10 @@ public final class Agent: Sendable {
         public var serverName: String?
         public var tls: AgentTLSFiles
         public var spoolDirectory: String?
+        /// The data directory (`--data-dir`): locked against a second agent,
+        /// and home of the crash counters (and of the carried drop counts when
+        /// there is no spool). nil: no lock, no crash counters (tests).
+        public var dataDirectory: String?
         public var kernel = KernelSource.Configuration()
         public var outbox = Outbox.Limits()
         /// How long shutdown waits for the last acknowledgement.
@@ -68,12 +72,16 @@ public final class Agent: Sendable {
     private let kubernetes: KubernetesAPISource?
     private let logger: Logger
     private let stopRequested = DispatchSemaphore(value: 0)
+    /// Held for the process's life: no second agent on the same data directory.
+    private let dataDirectoryLock: AgentDataDirectory?
     /// The kernel programs' reader is running (set by run(), cleared on stop).
     private let reading = Atomic<Bool>(false)
 
     public init(configuration: Configuration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
+        // Before anything else: a second agent on this directory stops here.
+        dataDirectoryLock = try configuration.dataDirectory.map { try AgentDataDirectory(path: $0) }
         var kernelConfig = configuration.kernel
         kernelConfig.clock = configuration.clock
         let selfTraffic = SelfTraffic(serverHost: configuration.serverHost, serverPort: configuration.serverPort)
@@ -112,8 +120,8 @@ public final class Agent: Sendable {
         }
         let index = pods
         kubernetes = configuration.kubernetesAPI.map { KubernetesAPISource(configuration: $0, index: index) }
-        kernel = try KernelSource(configuration: kernelConfig, logger: logger) { event in
-            attributor.attribute(&event)
+        kernel = try KernelSource(configuration: kernelConfig, logger: logger) { event, memoryCgroupId in
+            attributor.attribute(&event, memoryCgroupId: memoryCgroupId)
             if event.kind == .processExit { attributor.processExited(pid: event.pid) }
         }
         for p in kernel.programs {
@@ -123,7 +131,14 @@ public final class Agent: Sendable {
                 logger.warning("BPF program degraded", metadata: ["program": "\(p.name)", "signal": "\(p.capability)", "error": "\(p.error)"])
             }
         }
-        outbox = try Outbox(node: configuration.node, epoch: UInt64(wallClockNs()), limits: configuration.outbox, spoolDirectory: configuration.spoolDirectory)
+        outbox = try Outbox(node: configuration.node, epoch: UInt64(wallClockNs()), limits: configuration.outbox, spoolDirectory: configuration.spoolDirectory,
+                            stateDirectory: configuration.dataDirectory)
+        if let left = outbox.recovered {
+            let killed = left.killed.values.reduce(0, +)
+            logger.warning("the previous agent process did not stop cleanly; what it read and never kept is reported as dropped (agent_killed)", metadata: [
+                "epoch": "\(left.epoch)", "events_read": "\(left.read.reduce(0, +))", "agent_killed": "\(killed)",
+                "unreported_drops": "\(left.unreported.values.reduce(0, +) - killed)"])
+        }
         var senderConfig = Sender.Configuration(
             host: configuration.serverHost, port: configuration.serverPort, serverName: configuration.serverName, tls: configuration.tls,
             node: configuration.node, bootId: Agent.bootId(), capabilities: kernel.capabilities, degraded: kernel.degraded)
@@ -136,6 +151,7 @@ public final class Agent: Sendable {
         metadata?.start(interval: 1)
         kubernetes?.start()
         publishInventory()
+        outbox.startSpooler()
         kernel.start(into: outbox)
         reading.store(true, ordering: .relaxed)
         identifySelf()
@@ -152,6 +168,7 @@ public final class Agent: Sendable {
         kernel.stop()
         outbox.sealIfDue(nowNs: configuration.clock.now(), force: true)
         sender.drainAndStop(graceSeconds: configuration.shutdownGraceSeconds)
+        outbox.stopSpooler()
         // Whatever is not acknowledged stays in the spool for the next start;
         // events that do not fit are counted, and counts no kept batch carries
         // are saved for the next start to report.
@@ -160,7 +177,11 @@ public final class Agent: Sendable {
         if left > 0 {
             logger.warning("batches not acknowledged at shutdown", metadata: [
                 "batches": "\(left)", "spooled": "\(outbox.unacknowledged)", "lost_events": "\(lostEvents)",
-                "spool": "\(configuration.spoolDirectory ?? "none: lost events are counted only in this log")"])
+                "spool": "\(configuration.spoolDirectory ?? (configuration.dataDirectory == nil ? "none: lost events are counted only in this log" : "none: lost events are counted and reported by the next start"))"])
+        }
+        let unaccounted = outbox.closeCrashCounters()
+        if !unaccounted.isEmpty {
+            logger.warning("events read and neither kept nor counted at shutdown", metadata: ["events": "\(unaccounted.values.reduce(0, +))"])
         }
         let stats = outbox.stats
         logger.info("stopped", metadata: ["events_read": "\(kernel.eventsRead)", "batches_sealed": "\(stats.sealedBatches)", "batches_acked": "\(stats.ackedBatches)"])

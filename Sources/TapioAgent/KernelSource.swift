@@ -28,7 +28,17 @@ public final class KernelSource: @unchecked Sendable {
         /// hierarchies are what the cgroup watcher reads.
         public var hostCgroupfs: String?
         public var disabledKinds: Set<EventKind> = []
-        public var ringBufferBytes: UInt32 = 0
+        /// Ring buffer sizes by object ("process", "net", "dns"); 0 or absent:
+        /// the loader's default. Powers of two, multiples of the page size.
+        public var ringBufferBytes: [String: UInt32] = [:]
+        /// Adaptive wakeup fill mark (bpf/common.bpf.h) for every ring: 0 =
+        /// 1/16 of each ring, `UInt32.max` = the kernel's default wakeups.
+        public var wakeupBytes: UInt32 = 0
+        /// Longest the reader waits when no ring passed its fill mark: the
+        /// bound on how long a record of a quiet ring waits to be read.
+        public var readIntervalMs: Int32 = 50
+        /// Benchmark only: turns on the storm program for tasks of this comm.
+        public var benchStormComm: String?
         /// How often aggregated signals (maps, cgroup files) are harvested.
         public var intervalNs: Int64 = 1_000_000_000
         /// The agent's clock (the lab may skew it).
@@ -45,6 +55,8 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     private let bpf: OpaquePointer
+    /// The one reader over every object's ring buffer.
+    private let rings: OpaquePointer?
     /// io_error; nil when it could not load (then reported as degraded).
     private let io: OpaquePointer?
     /// The TCP and packet-drop programs; nil when none could load.
@@ -56,8 +68,9 @@ public final class KernelSource: @unchecked Sendable {
     private let cgroups: CgroupWatcher
     private let configuration: Configuration
     public let programs: [Program]
-    /// Fills attribution (container, pod, namespace) before an event is queued.
-    public let enrich: @Sendable (inout TapioEvent) -> Void
+    /// Fills attribution (container, pod, namespace) before an event is
+    /// queued, given the record's memory-controller cgroup id (0: none).
+    public let enrich: @Sendable (inout TapioEvent, _ memoryCgroupId: UInt64) -> Void
     private let stopFlag = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
     private var clock: MonotonicToWall
@@ -65,7 +78,7 @@ public final class KernelSource: @unchecked Sendable {
     private let eventCount = Atomic<UInt64>(0)
     private let ownCount = Atomic<UInt64>(0)
 
-    public init(configuration: Configuration, logger: Logger, enrich: @escaping @Sendable (inout TapioEvent) -> Void = { _ in }) throws {
+    public init(configuration: Configuration, logger: Logger, enrich: @escaping @Sendable (inout TapioEvent, _ memoryCgroupId: UInt64) -> Void = { _, _ in }) throws {
         self.logger = logger
         self.configuration = configuration
         self.enrich = enrich
@@ -85,13 +98,21 @@ public final class KernelSource: @unchecked Sendable {
         }
         cgroups = CgroupWatcher(configuration: .discover(relativeRoot: relativeRoot, hostCgroupfs: configuration.hostCgroupfs))
         for kind in configuration.disabledKinds { config.kinds_disabled_mask |= 1 << kind.rawValue }
-        config.ringbuf_bytes = configuration.ringBufferBytes
+        config.ringbuf_bytes = configuration.ringBufferBytes["process"] ?? 0
+        config.wakeup_bytes = configuration.wakeupBytes
         let tracefs = tapio_bpf_ensure_tracefs()
         if tracefs != 0 {
             logger.warning("tracefs is not available; tracepoint programs may fail to attach", metadata: ["errno": "\(-tracefs)"])
         }
         var err = [CChar](repeating: 0, count: 1024)
-        guard let handle = tapio_bpf_open(&config, &err, err.count) else {
+        let opened: OpaquePointer? = configuration.benchStormComm.map { comm in
+            comm.withCString { name in
+                config.bench_comm = name
+                defer { config.bench_comm = nil }
+                return tapio_bpf_open(&config, &err, err.count)
+            }
+        } ?? tapio_bpf_open(&config, &err, err.count)
+        guard let handle = opened else {
             throw KernelSourceError("loading BPF programs failed: \(String(cBuffer: err))")
         }
         bpf = handle
@@ -124,6 +145,8 @@ public final class KernelSource: @unchecked Sendable {
         netConfig.netns_filter = configuration.cgroupRoot == nil ? 0 : 1
         netConfig.events_per_sec = configuration.netEventsPerSecond
         netConfig.interval_ns = UInt64(configuration.intervalNs)
+        netConfig.ringbuf_bytes = configuration.ringBufferBytes["net"] ?? 0
+        netConfig.wakeup_bytes = configuration.wakeupBytes
         var netErr = [CChar](repeating: 0, count: 4096)
         net = tapio_net_open(&netConfig, &netErr, netErr.count)
         if let net {
@@ -143,6 +166,8 @@ public final class KernelSource: @unchecked Sendable {
             programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: false, error: "disabled by configuration"))
         } else {
             var dnsConfig = tapio_dns_config()
+            dnsConfig.ringbuf_bytes = configuration.ringBufferBytes["dns"] ?? 0
+            dnsConfig.wakeup_bytes = configuration.wakeupBytes
             var dnsErr = [CChar](repeating: 0, count: 4096)
             // The host's root cgroup (all pods), never the agent's own: in a pod
             // its /sys/fs/cgroup is its own cgroup namespace.
@@ -162,9 +187,28 @@ public final class KernelSource: @unchecked Sendable {
         programs.append(Program(name: "cgroup cpu.stat", capability: "cpu_throttle", attached: cpuSource, error: cpuSource ? "" : "no cgroup cpu controller mounted"))
         programs.append(Program(name: "cgroup memory files", capability: "memory_pressure", attached: memorySource, error: memorySource ? "" : "no cgroup memory controller mounted"))
         self.programs = programs
+        // One reader over every ring (tapio_rings.h).
+        rings = tapio_rings_new()
+        var ringFailures: [String] = []
+        func addRing(_ fd: Int32, _ name: String, _ bytes: UInt32) {
+            let rc = tapio_rings_add(rings, fd, name, bytes)
+            if rc < 0 { ringFailures.append("\(name): \(String(cString: strerror(-rc)))") }
+        }
+        addRing(tapio_bpf_events_fd(handle), "process", tapio_bpf_ringbuf_bytes(handle))
+        if let net { addRing(tapio_net_events_fd(net), "net", tapio_net_ringbuf_bytes(net)) }
+        if let dns { addRing(tapio_dns_events_fd(dns), "dns", tapio_dns_ringbuf_bytes(dns)) }
+        if !ringFailures.isEmpty {
+            tapio_rings_free(rings)
+            tapio_dns_close(dns)
+            tapio_net_close(net)
+            tapio_io_close(io)
+            tapio_bpf_close(handle)
+            throw KernelSourceError("reading the ring buffers: \(ringFailures.joined(separator: "; "))")
+        }
     }
 
     deinit {
+        tapio_rings_free(rings)
         tapio_dns_close(dns)
         tapio_net_close(net)
         tapio_io_close(io)
@@ -172,6 +216,22 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     public var capabilities: [String] { programs.filter(\.attached).map(\.capability) }
+
+    /// Each ring buffer read: whose, its size, records read from it so far.
+    public struct Ring: Sendable, Equatable {
+        public var name: String
+        public var bytes: UInt32
+        public var records: UInt64
+    }
+
+    public var ringBuffers: [Ring] {
+        (0..<tapio_rings_count(rings)).map { i in
+            Ring(name: String(cString: tapio_rings_name(rings, i)), bytes: tapio_rings_size(rings, i), records: tapio_rings_records(rings, i))
+        }
+    }
+
+    /// Times the reader was woken by a ring past its fill mark.
+    public var ringWakeups: UInt64 { tapio_rings_wakeups(rings) }
     public var degraded: [String] { programs.filter { !$0.attached }.map { "\($0.capability): \($0.error)" } }
     public var eventsRead: UInt64 { eventCount.load(ordering: .relaxed) }
     /// Network events of the agent's own traffic, left out (not in `eventsRead`).
@@ -244,21 +304,24 @@ public final class KernelSource: @unchecked Sendable {
                 clock.resample()
                 lastResampleNs = now
             }
-            let rc = stopping
-                ? tapio_bpf_consume(bpf, kernelEventCallback, opaque)
-                : tapio_bpf_poll(bpf, 100, kernelEventCallback, opaque)
-            if rc < 0, rc != -EINTR {
-                logger.error("ring buffer poll failed", metadata: ["errno": "\(-rc)"])
+            // One wait over every ring, then every ring drained: a busy ring
+            // wakes the reader past its fill mark; a quiet one is read at
+            // the latest after readIntervalMs.
+            let rc = tapio_rings_poll(rings, stopping ? 0 : configuration.readIntervalMs, kernelEventCallback, opaque)
+            if rc < 0 {
+                logger.error("ring buffer read failed", metadata: ["errno": "\(-rc)"])
                 Thread.sleep(forTimeInterval: 0.1)
             }
             if let net {
-                // Never waits: the process ring buffer above paced this loop.
+                // Never waits (its ring was just drained): the aggregation
+                // maps' harvest when due, and everything at shutdown.
                 let nrc = stopping
                     ? tapio_net_harvest(net, kernelEventCallback, netAggregateCallback, opaque)
                     : tapio_net_poll(net, 0, kernelEventCallback, netAggregateCallback, opaque)
                 if nrc < 0, nrc != -EINTR { logger.error("network poll failed", metadata: ["errno": "\(-nrc)"]) }
             }
             if let dns {
+                // Emits queries that timed out, when its scan is due.
                 let drc = tapio_dns_poll(dns, 0, kernelEventCallback, opaque)
                 if drc < 0, drc != -EINTR { logger.error("dns poll failed", metadata: ["errno": "\(-drc)"]) }
             }
@@ -291,7 +354,7 @@ public final class KernelSource: @unchecked Sendable {
         }
         if let net, configuration.cgroupRoot != nil { allowNetworkNamespaces(net) }
         for var event in cgroups.scan(nowNs: configuration.clock.now()) {
-            enrich(&event)
+            enrich(&event, 0)
             eventCount.add(1, ordering: .relaxed)
             context.outbox.add(event)
         }
@@ -346,7 +409,7 @@ public final class KernelSource: @unchecked Sendable {
         var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: a.first_ts_ns)), cgroupId: a.cgroup_id, netns: a.netns, detail: detail)
         if isOwn(event) { return nil }
         eventCount.add(1, ordering: .relaxed)
-        enrich(&event)
+        enrich(&event, 0)
         return event
     }
 
@@ -362,7 +425,7 @@ public final class KernelSource: @unchecked Sendable {
         var event = TapioEvent(kind: .ioError, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: agg.first_ns)), pid: agg.pid, uid: agg.uid,
                                comm: name, cgroupId: agg.cgroup_id,
                                detail: .ioError(error: agg.error, syscall: String(cString: agg.syscall), count: agg.count, intervalNs: UInt64(lastIntervalNs)))
-        enrich(&event)
+        enrich(&event, 0)
         return event
     }
 
@@ -419,7 +482,7 @@ public final class KernelSource: @unchecked Sendable {
                                netns: netns, detail: detail)
         if isOwn(event) { return nil }
         eventCount.add(1, ordering: .relaxed)
-        enrich(&event)
+        enrich(&event, r.mem_cgroup_id)
         return event
     }
 }

@@ -248,6 +248,10 @@ extension Agent {
         metric("tapio_agent_dropped_events_total", "counter",
                stats.drops.sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
                    .map { ("{kind=\"\($0.kind.name)\",reason=\"\($0.reason)\"}", "\($0.count)") })
+        let rings = kernel.ringBuffers
+        metric("tapio_agent_ring_buffer_bytes", "gauge", rings.map { ("{ring=\"\($0.name)\"}", "\($0.bytes)") })
+        metric("tapio_agent_ring_records_total", "counter", rings.map { ("{ring=\"\($0.name)\"}", "\($0.records)") })
+        metric("tapio_agent_ring_wakeups_total", "counter", [("", "\(kernel.ringWakeups)")])
         metric("tapio_agent_program_attached", "gauge",
                kernel.programs.map { ("{program=\"\($0.name)\",signal=\"\($0.capability)\"}", $0.attached ? "1" : "0") })
         return lines.joined(separator: "\n") + "\n"

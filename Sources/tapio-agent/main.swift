@@ -53,6 +53,14 @@ struct AgentCommand: ParsableCommand {
     var readinessGrace: Double = 60
     @Flag(inversion: .prefixedNo, help: "Leave the agent's own connection to the server, DNS lookups and listeners out of what it reports.")
     var filterOwnTraffic = true
+    @Option(name: .customLong("ring-buffer"), help: ArgumentHelp("A ring buffer's size, NAME=BYTES (process, net or dns; a power of two, a multiple of the page size, K/M suffixes allowed); repeatable.", valueName: "name=bytes"))
+    var ringBuffers: [String] = []
+    @Option(help: "Bytes waiting in a ring buffer before each new record wakes the reader (0: 1/16 of the ring); below it the reader drains the ring every --read-interval-ms.")
+    var wakeupBytes: UInt32 = 0
+    @Option(help: "Longest a record of a quiet ring buffer waits to be read, in ms.")
+    var readIntervalMs: Int32 = 50
+    @Option(help: ArgumentHelp("Benchmark only: emit one event per getppid() of tasks with this comm (make bench).", visibility: .hidden))
+    var benchStormComm: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -79,6 +87,19 @@ struct AgentCommand: ParsableCommand {
         config.kernel.cgroupRoot = cgroupRoot
         config.kernel.hostCgroupfs = hostCgroupfs
         config.hostProc = hostProc
+        for spec in ringBuffers {
+            let parts = spec.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, ["process", "net", "dns"].contains(parts[0]), let bytes = parseByteSize(parts[1]) else {
+                throw ValidationError("--ring-buffer \(spec): expected process=BYTES, net=BYTES or dns=BYTES")
+            }
+            guard bytes >= 4096, bytes & (bytes - 1) == 0, bytes <= 1 << 30 else {
+                throw ValidationError("--ring-buffer \(spec): the size must be a power of two between 4K and 1G")
+            }
+            config.kernel.ringBufferBytes[parts[0]] = UInt32(bytes)
+        }
+        config.kernel.wakeupBytes = wakeupBytes
+        config.kernel.readIntervalMs = max(1, min(readIntervalMs, 1000))
+        config.kernel.benchStormComm = benchStormComm
         config.metadataFile = metadataFile
         let inPod = ProcessInfo.processInfo.environment["KUBERNETES_SERVICE_HOST"] != nil
         if kubernetesApi ?? (inPod && metadataFile == nil) {
@@ -119,3 +140,12 @@ struct AgentCommand: ParsableCommand {
 }
 
 AgentCommand.main()
+
+/// "4096", "64K", "4M", "1G" in bytes.
+func parseByteSize(_ text: String) -> Int? {
+    let units: [Character: Int] = ["K": 1 << 10, "k": 1 << 10, "M": 1 << 20, "m": 1 << 20, "G": 1 << 30, "g": 1 << 30]
+    if let last = text.last, let unit = units[last] {
+        return Int(text.dropLast()).map { $0 * unit }
+    }
+    return Int(text)
+}

@@ -1,6 +1,7 @@
 import CTapioBPF
 import Foundation
 import Logging
+import Synchronization
 import TapioAgent
 import TapioTestSupport
 import TapioWire
@@ -33,7 +34,7 @@ final class KernelSourceTests: XCTestCase {
     func testAFullRingBufferIsCountedPerKind() throws {
         try TestSupport.requireBPF()
         var config = KernelSource.Configuration()
-        config.ringBufferBytes = 4096
+        config.ringBufferBytes = ["process": 4096]
         let source = try KernelSource(configuration: config, logger: Logger(label: "test"))
         for _ in 0..<50 {
             let p = Process()
@@ -95,6 +96,44 @@ final class KernelSourceTests: XCTestCase {
         let events = try Self.drain(outbox)
         XCTAssertTrue(events.contains { $0.pid == inside && $0.detail == .exit(exitCode: 11, signal: 0, coreDumped: false) }, "\(events)")
         XCTAssertFalse(events.contains { $0.pid == outside }, "a task outside --cgroup-root was reported")
+    }
+
+    /// Every process record carries its memory-controller cgroup id from the
+    /// kernel: the inode of its directory in the v1 memory hierarchy (on a
+    /// hybrid host the id that names a container), so attribution never has
+    /// to read /proc/PID/cgroup per event.
+    func testRecordsCarryTheMemoryCgroupIdFromTheKernel() throws {
+        try TestSupport.requireBPF()
+        let memory = "/sys/fs/cgroup/memory"
+        guard FileManager.default.fileExists(atPath: memory + "/cgroup.procs") else {
+            if TestSupport.bpfRequired { throw TestSupportError("no cgroup v1 memory hierarchy at \(memory)") }
+            throw XCTSkip("no cgroup v1 memory hierarchy at \(memory)")
+        }
+        let group = memory + "/tapio-test-memcg-\(getpid())"
+        try FileManager.default.createDirectory(atPath: group, withIntermediateDirectories: false)
+        defer { rmdir(group) }
+        var st = stat()
+        XCTAssertEqual(stat(group, &st), 0)
+        let expected = UInt64(st.st_ino)
+        let seen = Mutex<[UInt32: [UInt64]]>([:])
+        let source = try KernelSource(configuration: .init(), logger: Logger(label: "test")) { event, memoryCgroupId in
+            seen.withLock { $0[event.pid, default: []].append(memoryCgroupId) }
+        }
+        let outbox = try Outbox(node: "t", epoch: 1, spoolDirectory: nil)
+        source.start(into: outbox)
+        let inside = try Self.runShell("echo $$ > \(group)/cgroup.procs && exec /bin/true")
+        let outside = try Self.runShell("exec /bin/true")
+        usleep(300_000)
+        source.stop()
+        let ids = seen.withLock { $0 }
+        // The shell's own exec (still in the parent's group), then the exec
+        // of /bin/true and the exit, both in the new memory cgroup.
+        XCTAssertEqual(ids[inside]?.count, 3, "\(ids[inside] ?? [])")
+        XCTAssertNotEqual(ids[inside]?.first, expected)
+        XCTAssertEqual(ids[inside]?.suffix(2), [expected, expected], "ids seen for the pid in \(group) (inode \(expected))")
+        XCTAssertFalse(ids[outside, default: []].isEmpty)
+        XCTAssertFalse(ids[outside, default: []].contains(expected))
+        XCTAssertFalse(ids[outside, default: []].contains(0), "a task outside any created group still has the root's id")
     }
 
     private static func runShell(_ script: String) throws -> UInt32 {

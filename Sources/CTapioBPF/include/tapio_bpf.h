@@ -31,7 +31,17 @@ typedef struct {
 	uint32_t cgroup_root_level;   /* depth of that cgroup below the cgroup2 root (root = 0) */
 	uint32_t kinds_disabled_mask; /* bit (1u << kind) turns a kind off */
 	uint32_t ringbuf_bytes;       /* 0 = default (1 MiB); power of two, multiple of page size */
+	/* Adaptive wakeup fill mark (bpf/common.bpf.h): 0 = default (1/16 of
+	 * the ring), UINT32_MAX = the kernel's default wakeups. */
+	uint32_t wakeup_bytes;
+	/* Benchmark only: turns on tapio_bench_storm for tasks of this comm
+	 * (bench/, `make bench`). NULL or "": not loaded. */
+	const char *bench_comm;
 } tapio_bpf_config;
+
+/* The fill mark a loader sets for a ring of ring_bytes given the configured
+ * value (see wakeup_bytes above); 0 means the kernel's default wakeups. */
+uint64_t tapio_wakeup_mark(uint32_t configured, uint32_t ring_bytes);
 
 /* Called for every ring buffer record. Return 0 to continue; anything else
  * ends the current poll after this record (which counts as consumed). */
@@ -73,6 +83,10 @@ int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx);
 /* An epoll fd that becomes readable when records are available, for an
  * external event loop; then call tapio_bpf_consume(). Owned by bpf. */
 int tapio_bpf_epoll_fd(const tapio_bpf *bpf);
+
+/* The process object's ring buffer map, for a tapio_rings reader. */
+int tapio_bpf_events_fd(const tapio_bpf *bpf);
+uint32_t tapio_bpf_ringbuf_bytes(const tapio_bpf *bpf);
 
 /* Sums the per-CPU drop counters: out[kind * TAPIO_DROP_REASON_MAX + reason].
  * Fills min(slots, TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX) slots and zeroes

@@ -105,6 +105,7 @@ typedef struct {
 	uint32_t ringbuf_bytes; /* 0 = 1 MiB; power of two, multiple of the page size */
 	uint32_t max_pending;   /* 0 = 16384 queries in flight at once; more are counted and dropped */
 	uint16_t port;          /* 0 = 53: the server port that marks DNS traffic */
+	uint32_t wakeup_bytes;  /* fill mark, as in tapio_bpf_config */
 } tapio_dns_config;
 
 /* Opens, configures, loads and attaches the egress and ingress programs to
@@ -150,6 +151,9 @@ int tapio_dns_read_stats(tapio_dns *dns, uint64_t *out, size_t slots);
 int tapio_dns_pending_count(tapio_dns *dns);
 
 /* Destroys the links (detaching the programs) and unloads. NULL is ignored. */
+/* The ring buffer map, for a tapio_rings reader, and its size. */
+int tapio_dns_events_fd(const tapio_dns *dns);
+uint32_t tapio_dns_ringbuf_bytes(const tapio_dns *dns);
 void tapio_dns_close(tapio_dns *dns);
 
 #ifdef __cplusplus

@@ -137,6 +137,11 @@ struct tapio_event {
 	__u32 _pad;
 	__u64 ts_ns;     /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 cgroup_id; /* cgroup v2 id of the task */
+	/* Kernfs id of the task's memory-controller cgroup (the inode of its
+	 * directory in the memory hierarchy): on a v1 or hybrid host, where the
+	 * v2 tree may hold nothing, the id that names the container. 0 when the
+	 * record has no task context or the kernel has no memory controller. */
+	__u64 mem_cgroup_id;
 	__u8 comm[TAPIO_COMM_LEN];
 	union {
 		struct tapio_exec_info exec;
@@ -147,14 +152,14 @@ struct tapio_event {
 	} u;
 };
 
-#define TAPIO_EVENT_HEADER_SIZE 56
+#define TAPIO_EVENT_HEADER_SIZE 64
 #define TAPIO_EVENT_SIZE (TAPIO_EVENT_HEADER_SIZE + TAPIO_PATH_LEN)
 
 _Static_assert(sizeof(struct tapio_exit_info) == 16, "tapio_exit_info layout");
 _Static_assert(sizeof(struct tapio_oom_info) == 48, "tapio_oom_info layout");
 _Static_assert(sizeof(struct tapio_tcp_info) == 64, "tapio_tcp_info layout");
 _Static_assert(sizeof(struct tapio_dns_info) == 240, "tapio_dns_info layout");
-_Static_assert(__builtin_offsetof(struct tapio_event, comm) == 40, "tapio_event.comm offset");
+_Static_assert(__builtin_offsetof(struct tapio_event, comm) == 48, "tapio_event.comm offset");
 _Static_assert(__builtin_offsetof(struct tapio_event, u) == TAPIO_EVENT_HEADER_SIZE, "tapio_event.u offset");
 _Static_assert(sizeof(struct tapio_event) == TAPIO_EVENT_SIZE, "tapio_event size");
 

@@ -157,7 +157,7 @@ typedef struct {
 	 * Burst = one second's worth. */
 	uint32_t events_per_sec;
 	uint32_t ringbuf_bytes;       /* 0 = default (256 KiB); power of two, multiple of page size */
-	uint32_t _reserved;
+	uint32_t wakeup_bytes;        /* fill mark, as in tapio_bpf_config */
 	uint64_t interval_ns;         /* aggregation interval; 0 = default (1 s) */
 } tapio_net_config;
 
@@ -244,6 +244,9 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn,
  * signalled: call tapio_net_poll(net, 0, ...) at least once an interval).
  * Owned by net. */
 int tapio_net_epoll_fd(const tapio_net *net);
+/* The ring buffer map, for a tapio_rings reader, and its size. */
+int tapio_net_events_fd(const tapio_net *net);
+uint32_t tapio_net_ringbuf_bytes(const tapio_net *net);
 
 /* Same layout as tapio_bpf_read_drops(): out[kind * TAPIO_DROP_REASON_MAX +
  * reason], summed over CPUs: RINGBUF_FULL (tcp_listen records),
