@@ -10,7 +10,7 @@ import TapioWire
 /// the server to acknowledge everything, say goodbye, spool what is left
 /// (and count what does not fit).
 public final class Agent: Sendable {
-    public static let version = "0.1.0"
+    public static let version = TapioVersion.current
 
     public struct Configuration: Sendable {
         public var node: String

@@ -15,7 +15,7 @@ import TapioWire
 /// Start with `start()`; `shutdown()` stops accepting, lets every connection
 /// finish storing and acknowledging what it accepted, says goodbye, and closes.
 public final class TapioServer: Sendable {
-    public static let version = "0.1.0"
+    public static let version = TapioVersion.current
 
     public let configuration: ServerConfiguration
     public let metrics = ServerMetrics()

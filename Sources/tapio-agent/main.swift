@@ -9,7 +9,8 @@ import TapioWire
 struct AgentCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-agent",
-        abstract: "Watches this node's kernel with eBPF and streams events to tapio-server over mutual TLS.")
+        abstract: "Watches this node's kernel with eBPF and streams events to tapio-server over mutual TLS.",
+        version: TapioVersion.current)
 
     @Option(help: "Server ingest address, HOST:PORT.")
     var server: String

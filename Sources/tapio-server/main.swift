@@ -11,6 +11,7 @@ struct ServerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-server",
         abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
+        version: TapioVersion.current,
         subcommands: [Serve.self, Replay.self, Calibrate.self],
         defaultSubcommand: Serve.self)
 }

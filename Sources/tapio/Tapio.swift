@@ -39,6 +39,7 @@ struct Tapio: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio",
         abstract: "Ask tapio-server about events, nodes and incidents; manage the development PKI.",
+        version: TapioVersion.current,
         subcommands: [Events.self, Nodes.self, Pods.self, Incidents.self, Timeline.self, Explain.self, Services.self, Watch.self, Certs.self])
 
     /// `tapio --server X --tls-dir D events` is the documented form, with the
