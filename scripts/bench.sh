@@ -7,8 +7,9 @@
 #   - events read by the agent, batches and bytes sent, bytes per event,
 #   - kernel and agent drop counters.
 # Usage: scripts/bench.sh BIN_DIR [CLIENTS=4] [SECONDS=10]
-# BENCH_SPOOL=1 runs the agent with a spool directory (every sealed batch
-# written and fsynced as a spool record, docs/protocol.md).
+# BENCH_SPOOL=1 runs the agent with its spool, as deployed (every sealed batch
+# written and fsynced as a spool record, docs/protocol.md); without it the
+# agent runs with --no-spool. Every agent gets a fresh --data-dir.
 set -euo pipefail
 bin=${1:?usage: bench.sh BIN_DIR [CLIENTS] [SECONDS]}
 clients=${2:-4}
@@ -30,7 +31,7 @@ trap cleanup EXIT INT TERM
 pids+=($!)
 sleep 1
 "$bin/tapio-agent" --server 127.0.0.1:17500 --server-name localhost --node-name bench --tls-dir "$work/pki/nodes/bench" \
-	--metrics-listen 127.0.0.1:17502 ${BENCH_SPOOL:+--spool-dir "$work/spool"} 2>"$work/agent.log" &
+	--metrics-listen 127.0.0.1:17502 --data-dir "$work/agent" $([ -n "${BENCH_SPOOL:-}" ] || echo --no-spool) 2>"$work/agent.log" &
 agent=$!
 pids+=($agent)
 tapio() { "$bin/tapio" --server 127.0.0.1:17501 --tls-dir "$work/pki/operators/bench" "$@"; }

@@ -134,10 +134,10 @@ public final class Agent: Sendable {
         outbox = try Outbox(node: configuration.node, epoch: UInt64(wallClockNs()), limits: configuration.outbox, spoolDirectory: configuration.spoolDirectory,
                             stateDirectory: configuration.dataDirectory)
         if let left = outbox.recovered {
-            let killed = left.killed.values.reduce(0, +)
+            let killed = left.killed.values.reduce(0, &+)
             logger.warning("the previous agent process did not stop cleanly; what it read and never kept is reported as dropped (agent_killed)", metadata: [
-                "epoch": "\(left.epoch)", "events_read": "\(left.read.reduce(0, +))", "agent_killed": "\(killed)",
-                "unreported_drops": "\(left.unreported.values.reduce(0, +) - killed)"])
+                "epoch": "\(left.epoch)", "events_read": "\(left.read.reduce(0, &+))", "agent_killed": "\(killed)",
+                "unreported_drops": "\(left.unreported.values.reduce(0, &+) &- killed)"])
         }
         var senderConfig = Sender.Configuration(
             host: configuration.serverHost, port: configuration.serverPort, serverName: configuration.serverName, tls: configuration.tls,

@@ -333,7 +333,7 @@ public final class LabRun: @unchecked Sendable {
             var argv = [
                 options.binDirectory + "/tapio-agent", "--server", "127.0.0.1:\(ingestPort)", "--server-name", "localhost",
                 "--node-name", node.name, "--tls-dir", plan.runDirectory + "/pki/nodes/" + node.name,
-                "--spool-dir", plan.runDirectory + "/spool/" + node.name,
+                "--data-dir", plan.runDirectory + "/agent/" + node.name, "--spool-dir", plan.runDirectory + "/spool/" + node.name,
                 "--cgroup-root", plan.agentCgroupRoot(node.name), "--batch-max-delay-ms", "100",
             ]
             if flags.contains("--metadata-file") { argv += ["--metadata-file", meta] }

@@ -26,8 +26,12 @@ struct AgentCommand: ParsableCommand {
     var tlsKey: String?
     @Option(help: "Name the server certificate must carry (default: the host of --server).")
     var serverName: String?
-    @Option(help: "Directory where every sealed batch is kept (checksummed, synced) until the server acknowledges it, across crashes and restarts.")
+    @Option(help: "This agent's own directory: its spool (spool/), crash counters and lock; no two agents may share one.")
+    var dataDir = "/var/lib/tapio-agent"
+    @Option(help: "Directory where every sealed batch is kept (checksummed, synced) until the server acknowledges it, across crashes and restarts (default: spool/ in --data-dir).")
     var spoolDir: String?
+    @Flag(help: "Keep unacknowledged batches in memory only: what a stop or crash loses is counted and reported by the next start, not kept.")
+    var noSpool = false
     @Option(help: "Observe only tasks below this cgroup2 directory.")
     var cgroupRoot: String?
     @Option(help: "The host's cgroupfs root as mounted in the agent's container (default: /host/sys/fs/cgroup when it is a cgroup mount, else this mount namespace's cgroup mounts).")
@@ -84,7 +88,9 @@ struct AgentCommand: ParsableCommand {
         let (host, port) = try parseHostPort(server)
         var config = Agent.Configuration(node: nodeName, serverHost: host, serverPort: UInt16(port), tls: tls)
         config.serverName = serverName
-        config.spoolDirectory = spoolDir
+        if noSpool, spoolDir != nil { throw ValidationError("--no-spool and --spool-dir exclude each other") }
+        config.dataDirectory = dataDir
+        config.spoolDirectory = noSpool ? nil : (spoolDir ?? dataDir + "/spool")
         config.kernel.cgroupRoot = cgroupRoot
         config.kernel.hostCgroupfs = hostCgroupfs
         config.hostProc = hostProc

@@ -43,6 +43,9 @@ final class DeliveryTests: XCTestCase {
 
     private var dataDir: String { dir + "/data" }
     private var spoolDir: String { dir + "/spool" }
+    /// The agent's data directory (lock, crash counters); the spool is kept
+    /// apart so that tests can mount a small filesystem on it.
+    private var agentDataDir: String { dir + "/agent" }
 
     override func setUpWithError() throws {
         try TestSupport.requireBPF()
@@ -171,6 +174,88 @@ final class DeliveryTests: XCTestCase {
         try startServer()
         let t = try awaitDelivery()
         XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing: \(t)")
+    }
+
+    // MARK: - Stopped or killed while the server is unreachable (issue 15)
+
+    /// The agent as deployed (its spool in its data directory, by default)
+    /// reads 2002 events while no server is reachable; with a batch delay of
+    /// a minute, most of them wait in memory, unsealed, when it is stopped.
+    private func readWhileTheServerIsUnreachable(_ extra: [String] = []) throws -> Int {
+        try startAgent(waitConnected: false, defaultSpool: true, extra: ["--batch-max-delay-ms", "60000"] + extra)
+        try finish(try startGenerator(1...1000, tag: "a"))
+        awaitAgentReadEverything()
+        let read = agentEventsRead()
+        XCTAssertGreaterThan(read, 0, agentLog())
+        return read
+    }
+
+    func testStoppingTheAgentWhileTheServerIsUnreachableKeepsEveryEventItRead() throws {
+        let read = try readWhileTheServerIsUnreachable()
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
+        XCTAssertTrue(agentLog(full: true).contains("events_read=\(read)"), "the agent logs what it read:\n\(agentLog())")
+        XCTAssertEqual(spoolRecords(in: agentDataDir + "/spool").reduce(0) { $0 + $1.events }, read,
+                       "everything it read is in the data directory's spool")
+        try startAgent(waitConnected: false, defaultSpool: true)
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.agentDrops, 0, "the agent lost nothing: \(t)")
+        XCTAssertEqual(t.distinct, read, "every event it read arrived: \(t)")
+    }
+
+    func testKillingTheAgentWhileTheServerIsUnreachableCountsWhatItHadNotSpooled() throws {
+        let read = try readWhileTheServerIsUnreachable()
+        let spooled = spoolRecords(in: agentDataDir + "/spool").reduce(0) { $0 + $1.events }
+        XCTAssertLessThan(spooled, read, "events wait in memory, unsealed, when the agent is killed")
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        try startAgent(waitConnected: false, defaultSpool: true)
+        try startServer()
+        let t = try awaitDelivery()
+        let killed = t.dropsByReason.filter { $0.key.hasSuffix("/agent_killed") }
+        XCTAssertEqual(killed.values.reduce(0, +), Int64(read - spooled), "what was only in memory is counted as dropped: \(t)")
+        XCTAssertEqual(Set(killed.keys), ["process_exec/agent_killed", "process_exit/agent_killed"], "per kind: \(t)")
+        XCTAssertEqual(t.distinct + Int(t.agentDrops), read, "every event it read arrived or is counted: \(t)")
+        // A new event after that carries the count once more, never twice.
+        try runTrailer()
+        let after = try awaitDelivery()
+        XCTAssertEqual(after.dropsByReason.filter { $0.key.hasSuffix("/agent_killed") }, killed, "counted once: \(after)")
+    }
+
+    func testKillingTheAgentAgainBeforeItReportsTheCountReportsItOnce() throws {
+        let read = try readWhileTheServerIsUnreachable()
+        let spooled = spoolRecords(in: agentDataDir + "/spool").reduce(0) { $0 + $1.events }
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        // The second process takes the count over and is killed before any
+        // server saw it.
+        try startAgent(waitConnected: false, defaultSpool: true)
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(agent!.stop(signal: SIGKILL), 128 + SIGKILL)
+        try startAgent(waitConnected: false, defaultSpool: true)
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.dropsByReason.filter { $0.key.hasSuffix("/agent_killed") }.values.reduce(0, +), Int64(read - spooled), "\(t)")
+        XCTAssertEqual(t.distinct + Int(t.agentDrops), read, "every event it read arrived or is counted: \(t)")
+    }
+
+    func testWithoutASpoolWhatAStopLosesIsCountedAndReportedByTheNextStart() throws {
+        let read = try readWhileTheServerIsUnreachable(["--no-spool"])
+        XCTAssertEqual(agent!.stop(), 0, agentLog())
+        XCTAssertFalse(FileManager.default.fileExists(atPath: agentDataDir + "/spool"), "memory only")
+        try startAgent(waitConnected: false, defaultSpool: true, extra: ["--no-spool"])
+        try startServer()
+        let t = try awaitDelivery()
+        XCTAssertEqual(t.dropsByReason["unspecified/queue_full"], Int64(read), "everything it held is counted: \(t)")
+    }
+
+    func testASecondAgentOnTheSameDataDirectoryIsRefused() throws {
+        try startAgent(waitConnected: false, defaultSpool: true)
+        let second = try TestSupport.run(try TestSupport.product("tapio-agent"), [
+            "--server", "127.0.0.1:\(ingestPort)", "--node-name", node, "--tls-dir", pki + "/nodes/" + node,
+            "--data-dir", agentDataDir, "--cgroup-root", cgroup,
+        ], timeout: 30)
+        XCTAssertNotEqual(second.status, 0)
+        XCTAssertTrue(second.stderr.contains("data directory \(agentDataDir) is in use by another tapio-agent"), second.stderr)
+        XCTAssertTrue(agent!.isRunning, "the first agent runs on")
     }
 
     func testAFullDiskOnTheServerDelaysBatchesUntilThereIsRoom() throws {
@@ -313,12 +398,13 @@ final class DeliveryTests: XCTestCase {
 
     /// Starts the agent; waits until the server lists it as connected, or
     /// (without a server) until its kernel programs are attached.
-    private func startAgent(waitConnected: Bool = true, extra: [String] = []) throws {
+    /// `defaultSpool`: no --spool-dir, the spool is the data directory's.
+    private func startAgent(waitConnected: Bool = true, defaultSpool: Bool = false, extra: [String] = []) throws {
         let log = dir + "/agent-\(agentLogs.count + 1).log"
         agentLogs.append(log)
         agent = try ChildProcess(try TestSupport.product("tapio-agent"), [
             "--server", "127.0.0.1:\(ingestPort)", "--node-name", node, "--tls-dir", pki + "/nodes/" + node,
-            "--server-name", "localhost", "--spool-dir", spoolDir, "--cgroup-root", cgroup,
+            "--server-name", "localhost", "--data-dir", agentDataDir] + (defaultSpool ? [] : ["--spool-dir", spoolDir]) + ["--cgroup-root", cgroup,
             "--batch-max-delay-ms", "100", "--shutdown-grace", "1",
             "--metrics-listen", "127.0.0.1:\(agentMetricsPort)",
         ] + extra, logPath: log)
@@ -519,7 +605,15 @@ final class DeliveryTests: XCTestCase {
             .compactMap { $0.split(separator: " ").last.flatMap { Int($0) } }.reduce(0, +)
     }
 
-    private func spoolRecords() -> [(path: String, events: Int)] {
+    /// The events the running agent has read (its /metrics), -1 when unknown.
+    private func agentEventsRead() -> Int {
+        let m = (try? TestSupport.httpGet(port: agentMetricsPort, path: "/metrics"))?.body ?? ""
+        return m.split(separator: "\n").first { $0.hasPrefix("tapio_agent_events_read_total ") }
+            .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+    }
+
+    private func spoolRecords(in directory: String? = nil) -> [(path: String, events: Int)] {
+        let spoolDir = directory ?? spoolDir
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? []).filter { $0.hasSuffix(".batch") }
         return names.sorted().compactMap { name in
             let path = spoolDir + "/" + name

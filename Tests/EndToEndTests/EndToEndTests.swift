@@ -42,7 +42,7 @@ final class EndToEndTests: XCTestCase {
     private func startAgent(_ extra: [String] = []) throws {
         agent = try ChildProcess(try TestSupport.product("tapio-agent"), extra + [
             "--server", "127.0.0.1:\(ingestPort)", "--node-name", "e2e-node", "--tls-dir", pki + "/nodes/e2e-node",
-            "--server-name", "localhost", "--spool-dir", dir + "/spool", "--batch-max-delay-ms", "100",
+            "--server-name", "localhost", "--data-dir", dir + "/agent", "--spool-dir", dir + "/spool", "--batch-max-delay-ms", "100",
             "--metrics-listen", "127.0.0.1:\(agentMetricsPort)",
         ], logPath: dir + "/agent.log")
         // Running once the server lists the node as connected with its programs.
@@ -252,7 +252,7 @@ final class CgroupRootEndToEndTests: XCTestCase {
         for side in ["left", "right"] {
             agents.append(try ChildProcess(try TestSupport.product("tapio-agent"), [
                 "--server", "127.0.0.1:\(ingest)", "--node-name", side, "--tls-dir", pki + "/nodes/" + side, "--server-name", "localhost",
-                "--cgroup-root", base + "/" + side, "--batch-max-delay-ms", "100",
+                "--cgroup-root", base + "/" + side, "--batch-max-delay-ms", "100", "--data-dir", dir + "/agent-" + side,
             ], logPath: dir + "/agent-\(side).log"))
         }
         func events(_ node: String) throws -> [JSONValue] {

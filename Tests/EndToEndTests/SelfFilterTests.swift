@@ -48,7 +48,7 @@ final class SelfFilterTests: XCTestCase {
         let product = try TestSupport.product("tapio-agent")
         let arguments = [
             "--server", "127.0.0.1:\(ingestPort)", "--node-name", "self-node", "--tls-dir", pki + "/nodes/self-node",
-            "--server-name", "localhost", "--spool-dir", dir + "/spool", "--batch-max-delay-ms", "100",
+            "--server-name", "localhost", "--data-dir", dir + "/agent", "--spool-dir", dir + "/spool", "--batch-max-delay-ms", "100",
             "--metrics-listen", "127.0.0.1:\(agentMetricsPort)",
         ]
         if ownPIDNamespace {

@@ -97,7 +97,7 @@ final class SignalsEndToEndTests: XCTestCase {
         ], logPath: dir + "/server.log")
         agent = try ChildProcess(try TestSupport.product("tapio-agent"), [
             "--server", "127.0.0.1:\(ingestPort)", "--node-name", "sig-node", "--tls-dir", pki + "/nodes/sig-node", "--server-name", "localhost",
-            "--metadata-file", dir + "/pods.json", "--batch-max-delay-ms", "100",
+            "--metadata-file", dir + "/pods.json", "--batch-max-delay-ms", "100", "--data-dir", dir + "/agent",
         ], logPath: dir + "/agent.log")
         XCTAssertTrue(eventually(timeout: 30) { (try? self.query(["nodes"]))?["nodes"]?.arrayValue?.first?["connected"] == .bool(true) }, agent!.log)
 
