@@ -83,3 +83,8 @@ print(f"agent events read       {int(events):>10}  (whole run, all kinds)")
 print(f"batches / bytes sent    {int(batches):>10} / {int(bytes_)}  ({int(bytes_)/max(1,int(events)):.1f} bytes per event)")
 print(f"drops counted           {int(drops):>10}")
 PY
+
+# ingest: the server under simulated agents, against a decode-only sink, and
+# the engine alone (scripts/bench-ingest.sh: its own server and PKI). Runs
+# with BENCH=ingest, and when BENCH is unset.
+if [ -z "${BENCH:-}" ] || [[ ",$BENCH," == *",ingest,"* ]]; then "$(dirname "$0")/bench-ingest.sh" "$bin" "$duration"; fi

@@ -73,7 +73,7 @@ public final class TapioServer: Sendable {
 
     /// The TLS context of one set of the server's files (read by `TLSReloader`,
     /// which builds a new one whenever they change).
-    private static func makeTLSContext(_ files: TLSReloader.Contents, closeGrace: ServerConfiguration.TimeAmount) throws -> NIOSSLContext {
+    static func makeTLSContext(_ files: TLSReloader.Contents, closeGrace: ServerConfiguration.TimeAmount) throws -> NIOSSLContext {
         var config = TLSConfiguration.makeServerConfigurationWithMTLS(
             certificateChain: try NIOSSLCertificate.fromPEMBytes(files.certificate).map { .certificate($0) },
             privateKey: .privateKey(try NIOSSLPrivateKey(bytes: files.key, format: .pem)),

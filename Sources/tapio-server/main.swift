@@ -12,7 +12,7 @@ struct ServerCommand: ParsableCommand {
         commandName: "tapio-server",
         abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
         version: TapioVersion.current,
-        subcommands: [Serve.self, Replay.self, Calibrate.self],
+        subcommands: [Serve.self, Replay.self, Calibrate.self, BenchIngest.self, BenchSink.self, BenchEngine.self],
         defaultSubcommand: Serve.self)
 }
 
@@ -99,6 +99,103 @@ struct Calibrate: ParsableCommand {
             print("  weights: bias " + String(format: "%.2f", w.bias) + ", " +
                   ConfidenceWeights.factorNames.map { "\($0) " + String(format: "%.2f", w.weight($0)) }.joined(separator: ", "))
         }
+    }
+}
+
+/// The ingest benchmark's load generator (scripts/bench.sh, BENCH=ingest):
+/// simulated agents with their own node certificates speaking the real
+/// protocol; prints `key=value` lines.
+struct BenchIngest: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bench-ingest", abstract: "Benchmark: send batches as N agents and count acknowledgements.")
+
+    @Option(help: "Server ingest address, HOST:PORT.")
+    var server = "127.0.0.1:7400"
+    @Option(help: "Name the server certificate must carry.")
+    var serverName = "localhost"
+    @Option(help: "A development PKI (tapio certs init): nodes/<name>/ for every --nodes name.")
+    var pki: String
+    @Option(help: "Simulated agents, one per node certificate, comma-separated.")
+    var nodes = "a,b,c,d"
+    @Option(help: "Seconds of sending.")
+    var seconds: Double = 10
+    @Option(help: "Events per batch.")
+    var batchEvents = 512
+    @Option(help: "Events per second over all agents (default: as fast as acks come).")
+    var rate: Double?
+
+    func run() throws {
+        var o = IngestBench.Options()
+        let (host, port) = try parseHostPort(server)
+        o.host = host
+        o.port = UInt16(port)
+        o.serverName = serverName
+        o.agents = nodes.split(separator: ",").map { IngestBench.Agent(node: String($0), tls: TLSFiles(directory: "\(pki)/nodes/\($0)")) }
+        o.seconds = seconds
+        o.batchEvents = batchEvents
+        o.rate = rate
+        print(IngestBench.run(o).report, terminator: "")
+    }
+}
+
+/// The decode-only sink the ingest benchmark compares the server with.
+struct BenchSink: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bench-sink", abstract: "Benchmark: a TLS + frame + EventBatch decode sink that acknowledges at once (until SIGTERM).")
+
+    @Option(help: "Directory with ca.crt, tls.crt, tls.key.")
+    var tlsDir: String
+    @Option(help: "Listener, HOST:PORT.")
+    var listen = "127.0.0.1:7400"
+
+    func run() throws {
+        let (host, port) = try parseHostPort(listen)
+        let sink = try DecodeSink(tls: TLSFiles(directory: tlsDir), host: host, port: port)
+        FileHandle.standardOutput.write(Data("ready port=\(sink.port)\n".utf8))
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        let done = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { done.signal() }
+            source.resume()
+            sources.append(source)
+        }
+        done.wait()
+        sink.close()
+        _ = sources
+    }
+}
+
+/// The engine alone: replays recorded lab runs through a fresh engine as
+/// fast as it goes, on this thread, and reports events per CPU-second.
+struct BenchEngine: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bench-engine", abstract: "Benchmark: the correlation engine alone over recorded lab runs.")
+
+    @Option(help: "Directory of recordings (<run>.json + <run>.sqlite.gz).")
+    var recordings = "lab/recordings"
+    @Option(help: "Times each recording is replayed.")
+    var repeats = 3
+
+    func run() throws {
+        let runs = try RecordedRun.loadAll(directory: recordings)
+        var events = 0
+        var incidents = 0
+        let before = threadCPUSeconds()
+        for _ in 0..<max(1, repeats) {
+            for run in runs {
+                let engine = run.log.replay()
+                events += run.log.events.count
+                incidents += engine.incidents.count
+            }
+        }
+        let cpu = threadCPUSeconds() - before
+        print(String(format: "recordings=%d\nevents=%d\nincidents=%d\ncpu_seconds=%.3f\nevents_per_cpu_second=%.0f", runs.count, events, incidents, cpu, Double(events) / cpu))
+    }
+
+    private func threadCPUSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }
 

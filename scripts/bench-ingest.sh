@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# make bench, section ingest (BENCH=ingest; also runs when BENCH is unset):
+# the server under simulated agents, every figure from this one run.
+#
+#   1. the decode-only sink (`tapio-server bench-sink`: TLS, frames,
+#      EventBatch decode, an ack at once) under the load generator
+#      (`tapio-server bench-ingest`): BENCH_INGEST_NODES simulated agents
+#      (default a,b,c,d), each with its own node certificate, protocol 2,
+#      an inventory, 512-event batches of a mixed workload (connects,
+#      latency aggregates, DNS, process churn, retransmits, drops, resets,
+#      throttling, pressure) within the window, as fast as acks come;
+#   2. the same generator against a fresh tapio-server (store and
+#      correlation on);
+#   3. the server again at half the rate it reached in 2;
+#   4. the engine alone: `tapio-server bench-engine` replays the recorded lab
+#      runs (lab/recordings) on one thread and reports events per CPU-second.
+#
+# Reported: acked events/s of sink and server and their ratio, ack latency
+# p50/p99 at full and half load, the server's CPU (cores) and peak RSS, bytes
+# per event on the wire and on disk.
+#
+# Usage: scripts/bench-ingest.sh BIN_DIR [SECONDS=10]
+set -euo pipefail
+bin=${1:?usage: bench-ingest.sh BIN_DIR [SECONDS]}
+duration=${2:-10}
+nodes=${BENCH_INGEST_NODES:-a,b,c,d}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/tapio-bench-ingest.XXXXXX)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+"$bin/tapio" certs init --dir "$work/pki" --nodes "$nodes" >/dev/null
+gen() { "$bin/tapio-server" bench-ingest --pki "$work/pki" --nodes "$nodes" --seconds "$duration" "$@"; }
+val() { awk -F= -v k="$2" '$1 == k {print $2}' "$1"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+"$bin/tapio-server" bench-sink --tls-dir "$work/pki/server" --listen 127.0.0.1:17610 >"$work/sink.out" 2>&1 &
+sink=$!
+pids+=($sink)
+for _ in $(seq 50); do grep -q '^ready' "$work/sink.out" && break; sleep 0.1; done
+gen --server 127.0.0.1:17610 >"$work/sink.vals"
+kill -TERM "$sink"
+wait "$sink" || true
+
+"$bin/tapio-server" --data-dir "$work/data" --tls-dir "$work/pki/server" --listen 127.0.0.1:17611 \
+	--query-listen 127.0.0.1:17612 --metrics-listen 127.0.0.1:17613 2>"$work/server.log" &
+server=$!
+pids+=($server)
+for _ in $(seq 100); do python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:17613/readyz", timeout=1)' 2>/dev/null && break; sleep 0.1; done
+t0=$(ticks "$server")
+s0=$(date +%s.%N)
+gen --server 127.0.0.1:17611 >"$work/full.vals"
+s1=$(date +%s.%N)
+t1=$(ticks "$server")
+events=$(python3 -c 'import urllib.request; print(next(l.split()[1] for l in urllib.request.urlopen("http://127.0.0.1:17613/metrics", timeout=5).read().decode().splitlines() if l.startswith("tapio_server_events_total ")))')
+disk=$(du -sb "$work/data" | cut -f1)
+half=$(awk -v r="$(val "$work/full.vals" events_per_second)" 'BEGIN {printf "%.0f", r / 2}')
+gen --server 127.0.0.1:17611 --rate "$half" >"$work/half.vals"
+hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$server/status")
+kill -TERM "$server"
+wait "$server" || true
+
+"$bin/tapio-server" bench-engine --recordings "$root/lab/recordings" --repeats 1 >"$work/engine.vals"
+
+python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" <<'PY'
+import sys
+work, s0, s1, t0, t1, hz, events, disk, hwm, nodes = sys.argv[1:]
+def vals(name):
+    return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l)
+sink, full, half, engine = vals("sink"), vals("full"), vals("half"), vals("engine")
+cores = (float(t1) - float(t0)) / float(hz) / (float(s1) - float(s0))
+rs, rf = float(sink["events_per_second"]), float(full["events_per_second"])
+print()
+print(f"server ingest: {len(nodes.split(','))} simulated agents, batches of 512, {float(full['seconds']):.1f} s per run")
+print(f"  decode-only sink        {rs:>12,.0f} events/s acked  (ack p50 {sink['ack_p50_ms']} ms, p99 {sink['ack_p99_ms']} ms)")
+print(f"  tapio-server            {rf:>12,.0f} events/s acked  (ack p50 {full['ack_p50_ms']} ms, p99 {full['ack_p99_ms']} ms)")
+print(f"  server / sink           {rf / rs:>12.3f}")
+print(f"  at half that rate       {float(half['events_per_second']):>12,.0f} events/s acked  (ack p50 {half['ack_p50_ms']} ms, p99 {half['ack_p99_ms']} ms)")
+print(f"  server CPU              {cores:>12.2f} cores (full-rate run)")
+print(f"  server peak RSS         {int(hwm) / 1024:>12.0f} MiB")
+print(f"  bytes per event         {float(full['wire_bytes_per_event']):>12.1f} on the wire, {int(disk) / max(1, int(float(events))):.0f} on disk ({int(float(events)):,} stored)")
+errors = [l for l in open(f"{work}/full.vals") if l.startswith("error=")] + [l for l in open(f"{work}/sink.vals") if l.startswith("error=")]
+for e in errors:
+    print("  " + e.strip())
+print(f"engine alone: {int(engine['events']):,} events of {engine['recordings']} recorded lab runs in {float(engine['cpu_seconds']):.2f} CPU-s: "
+      f"{float(engine['events_per_cpu_second']):,.0f} events per CPU-second")
+PY
