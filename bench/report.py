@@ -96,6 +96,11 @@ class Section:
         self.row("agent CPU (user + system)",
                  f"{cpu_storm:.2f} s during the storm ({100 * cpu_storm / secs:.0f} % of one core); "
                  f"{cpu_all:.2f} s with the drain")
+        batches = self.delta("agent", "tapio_agent_batches_sent_total", 0, 2)
+        if batches > 0:
+            self.row("batches sent", f"{n(batches)} ({n(delivered_all / batches)} events per batch)")
+        server_cpu = self.f("server_cpu2") - self.f("server_cpu0")
+        self.row("server CPU (user + system)", f"{server_cpu:.2f} s, storm and drain")
         if events > 0:
             self.row("agent CPU per 1k events read",
                      f"{1000 * cpu_all / events * 1000:.1f} ms ({n(events / cpu_all) if cpu_all else '-'} events per CPU-second)")

@@ -102,7 +102,8 @@ stop_agent() {
 	wait "$agent" 2>/dev/null || true
 	agent=
 }
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$agent/stat"; }
+# User + system CPU seconds of process $1 (default: the agent).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/${1:-$agent}/stat"; }
 # VmRSS of the agent every 100 ms into $1 until the agent exits.
 sample_rss() {
 	local k v _
@@ -116,7 +117,7 @@ hwm() { awk '$1 == "VmHWM:" {print $2}' "/proc/$agent/status"; }
 snapshot() {
 	agent_metrics >"$1/agent.$2.prom"
 	server_metrics >"$1/server.$2.prom"
-	echo "cpu$2=$(cpu)" >>"$1/vals"
+	echo "cpu$2=$(cpu) server_cpu$2=$(cpu "$server")" >>"$1/vals"
 }
 # Seconds since $1 (date +%s.%N), less $2.
 since() { awk -v now="$(date +%s.%N)" -v start="$1" -v less="$2" 'BEGIN {printf "%.2f\n", now - start - less}'; }
