@@ -243,16 +243,16 @@ section_events() {
 }
 
 section_dns() {
-	local d=$work/dns qps=${BENCH_DNS_QPS:-90000} server=127.53.0.1 responder
+	local d=$work/dns qps=${BENCH_DNS_QPS:-90000} address=127.53.0.1 responder
 	mkdir -p "$d"
-	echo "qps=$qps server=$server" >"$d/vals"
-	"$tools/dnsstorm" -R -a "$server" >"$d/responder.out" 2>&1 &
+	echo "qps=$qps server=$address" >"$d/vals"
+	"$tools/dnsstorm" -R -a "$address" >"$d/responder.out" 2>&1 &
 	responder=$!
 	pids+=($responder)
 	for _ in $(seq 50); do grep -q '^ready' "$d/responder.out" && break; sleep 0.1; done
 	grep -q '^ready' "$d/responder.out" || { cat "$d/responder.out" >&2; exit 1; }
 	start_agent
-	measure "$d" sh -c "'$tools/dnsstorm' -a '$server' -q '$qps' -d '$duration' | sed 's/seconds=/storm_seconds=/'"
+	measure "$d" sh -c "'$tools/dnsstorm' -a '$address' -q '$qps' -d '$duration' | sed 's/seconds=/storm_seconds=/'"
 	kill -TERM "$responder"
 	wait "$responder" || true
 	python3 "$report" dns "$d"
