@@ -138,6 +138,11 @@ def events(s):
     s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2), calls / secs)
     s.row("ratio agent / bare (events read per second)", f"{read / secs / bare_rate:.2f}")
     s.row("ratio agent / bare (delivered per second)", f"{delivered / secs / bare_rate:.2f}")
+    agent_cpu = s.f("cpu2") - s.f("cpu0")
+    events_all = s.delta("agent", "tapio_agent_events_read_total", 0, 2)
+    if agent_cpu > 0 and s.f("bare_cpu") > 0 and events_all > 0:
+        s.row("ratio agent / bare (events per CPU-second)",
+              f"{(events_all / agent_cpu) / (records / s.f('bare_cpu')):.2f}")
     s.print(f"per-event storm: {s.v.get('threads', '1')} thread(s) calling getppid() for {secs:.1f} s, "
             f"bare consumer first, then the agent")
 
