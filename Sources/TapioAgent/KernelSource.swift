@@ -171,12 +171,15 @@ public final class KernelSource: @unchecked Sendable {
             var dnsErr = [CChar](repeating: 0, count: 4096)
             // The host's root cgroup (all pods), never the agent's own: in a pod
             // its /sys/fs/cgroup is its own cgroup namespace.
-            let opened: OpaquePointer? = (configuration.cgroupRoot ?? cgroups.configuration.v2Mount).map { root in
-                root.withCString { path in
+            let opened: OpaquePointer?
+            if let attachPoint = configuration.cgroupRoot ?? cgroups.configuration.v2Mount {
+                opened = attachPoint.withCString { path -> OpaquePointer? in
                     dnsConfig.cgroup_path = path
                     return tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
                 }
-            } ?? tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
+            } else {
+                opened = tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
+            }
             dns = opened
             programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: opened != nil, error: opened == nil ? String(cBuffer: dnsErr) : ""))
         }
