@@ -83,7 +83,8 @@ lab: deps bpf
 
 # The agent under storms, release build (docs/performance.md): connects the
 # kernel folds, a per-event storm beside the bare ring-buffer consumer, DNS
-# and exec. BENCH=connect,events,dns,exec picks sections (default: all).
+# and exec, server ingest. BENCH=connect,events,dns,exec,ingest picks sections
+# (default: all).
 bench: build bench-tools
 	scripts/bench.sh "$$($(SWIFT) build -c release --show-bin-path)" $${BENCH_CLIENTS:-4} $${BENCH_SECONDS:-10}
 

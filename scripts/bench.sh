@@ -22,8 +22,8 @@
 #            loop (BENCH_EXEC_WORKERS processes, default 1).
 #
 # Usage: scripts/bench.sh BIN_DIR [CLIENTS=4] [SECONDS=10]
-# BENCH=connect,events,dns,exec picks the sections (default: all, in that
-# order). BENCH_TOOLS is where `make bench-tools` put bench/'s programs
+# BENCH=connect,events,dns,exec,ingest picks the sections (default: all, in
+# that order; ingest is scripts/bench-ingest.sh, at the end). BENCH_TOOLS is where `make bench-tools` put bench/'s programs
 # (default .build-bench). BENCH_STORM_THREADS: getppid threads (default 1).
 # BENCH_SPOOL=1 runs the agent with a spool directory (every sealed batch
 # written and fsynced as a spool record, docs/protocol.md).
