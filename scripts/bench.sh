@@ -23,8 +23,12 @@
 #
 # Usage: scripts/bench.sh BIN_DIR [CLIENTS=4] [SECONDS=10]
 # BENCH=connect,events,dns,exec,ingest picks the sections (default: all, in
-# that order; ingest is scripts/bench-ingest.sh, at the end). BENCH_TOOLS is where `make bench-tools` put bench/'s programs
-# (default .build-bench). BENCH_STORM_THREADS: getppid threads (default 1).
+# that order; ingest is scripts/bench-ingest.sh, at the end). BENCH_TOOLS is
+# where `make bench-tools` put bench/'s programs (default .build-bench).
+# BENCH_STORM_THREADS: getppid threads (default 1). BENCH_DNS_QPS,
+# BENCH_EXEC_WORKERS: see above. BENCH_DRAIN_SECONDS: how long a section waits
+# after its storm for the server to have every event read (default 30).
+# BENCH_KEEP=1 keeps the work directory (logs, metrics, samples).
 # BENCH_SPOOL=1 runs the agent with a spool directory (every sealed batch
 # written and fsynced as a spool record, docs/protocol.md).
 set -euo pipefail
