@@ -84,7 +84,8 @@ class Section:
     def row(self, figure, value):
         self.rows.append((figure, value))
 
-    def agent_rows(self, secs, events, made_rate):
+    def agent_rows(self, secs, events):
+        events_storm = self.delta("agent", "tapio_agent_events_read_total", 0, 1)
         cpu_storm = self.f("cpu1") - self.f("cpu0")
         cpu_all = self.f("cpu2") - self.f("cpu0")
         delivered_storm = self.delta("server", "tapio_server_events_total", 0, 1)
@@ -96,6 +97,9 @@ class Section:
         self.row("agent CPU (user + system)",
                  f"{cpu_storm:.2f} s during the storm ({100 * cpu_storm / secs:.0f} % of one core); "
                  f"{cpu_all:.2f} s with the drain")
+        wakeups = self.delta("agent", "tapio_agent_ring_wakeups_total", 0, 1)
+        if wakeups > 0:
+            self.row("agent ring-buffer wakeups, during the storm", f"{n(wakeups)} ({n(events_storm / wakeups)} records per wakeup)")
         batches = self.delta("agent", "tapio_agent_batches_sent_total", 0, 2)
         if batches > 0:
             self.row("batches sent", f"{n(batches)} ({n(delivered_all / batches)} events per batch)")
@@ -135,7 +139,7 @@ def events(s):
     s.row("bare consumer: CPU", f"{s.f('bare_cpu'):.2f} s ({1000 * s.f('bare_cpu') / max(records, 1) * 1000:.1f} ms per 1k records)")
     s.row("agent: storm (getppid calls)", rate(calls, secs))
     s.row(f"agent: events read ({where})", rate(read, secs))
-    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2), calls / secs)
+    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2))
     s.row("ratio agent / bare (events read per second)", f"{read / secs / bare_rate:.2f}")
     s.row("ratio agent / bare (delivered per second)", f"{delivered / secs / bare_rate:.2f}")
     agent_cpu = s.f("cpu2") - s.f("cpu0")
@@ -152,7 +156,7 @@ def dns(s):
     read, where = s.read(0, 1, "dns")
     s.row("queries sent / answered", f"{rate(s.f('sent'), secs)} / {n(s.f('answered'))}")
     s.row(f"agent: events read during the storm ({where})", rate(read, secs))
-    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2), s.f("answered") / secs)
+    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2))
     s.print(f"DNS storm: {s.v.get('qps')} queries/s asked, for {secs:.1f} s, answered on {s.v.get('server')}:53")
 
 
@@ -161,7 +165,7 @@ def exec_(s):
     read, where = s.read(0, 1, "process")
     s.row("execs made", rate(s.f("execs"), secs) + (f", {n(s.f('failed'))} failed" if s.f("failed") else ""))
     s.row(f"agent: events read during the storm ({where})", rate(read, secs) + " (exec and exit, two per process)")
-    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2), s.f("execs") / secs)
+    s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2))
     s.print(f"exec storm: {s.v.get('workers', '1')} worker(s) running a static exit(0) program for {secs:.1f} s")
 
 
