@@ -28,7 +28,19 @@ struct tapio_io_loader {
 	 * program adds to, and whether the other one still holds entries. */
 	uint32_t gen;
 	bool retired_pending;
+	/* CLOCK_MONOTONIC of the previous harvest (or the open): the interval
+	 * the aggregates of the next one cover. */
+	uint64_t harvested_ns;
+	uint64_t harvest_ns;
 };
+
+static uint64_t tapio_io_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 /* Storage syscalls of the architecture this agent was built for. */
 static const struct {
@@ -118,6 +130,7 @@ tapio_io_loader *tapio_io_open(const tapio_io_config *config, char *err, size_t 
 		snprintf(err, err_len, "out of memory");
 		return NULL;
 	}
+	io->harvested_ns = tapio_io_now();
 	io->skel = tapio_io__open();
 	if (!io->skel) {
 		snprintf(err, err_len, "open io.bpf.o: %s", strerror(errno));
@@ -162,7 +175,7 @@ fail:
 /* Moves every entry of a retired generation into fn. Nothing writes to it,
  * so it is walked and emptied without races. *stopped when fn asked to stop
  * (entries may remain). */
-static int tapio_io_drain(tapio_io_loader *io, uint32_t gen, tapio_io_fn fn, void *ctx, bool *stopped)
+static int tapio_io_drain(tapio_io_loader *io, uint32_t gen, tapio_aggregate_fn fn, void *ctx, bool *stopped)
 {
 	struct bpf_map *m = gen & 1 ? io->skel->maps.io_errors1 : io->skel->maps.io_errors0;
 	int map = bpf_map__fd(m);
@@ -186,20 +199,22 @@ static int tapio_io_drain(tapio_io_loader *io, uint32_t gen, tapio_io_fn fn, voi
 			first = false;
 		}
 		for (int i = 0; i < n; i++) {
-			struct tapio_io_aggregate agg;
+			struct tapio_aggregate agg;
 
 			/* Atomic on kernels >= 5.14; before that, look up then delete. */
 			if (bpf_map_lookup_and_delete_elem(map, &keys[i], &value) &&
 			    (bpf_map_lookup_elem(map, &keys[i], &value) || bpf_map_delete_elem(map, &keys[i])))
 				continue;
 			memset(&agg, 0, sizeof(agg));
+			agg.kind = TAPIO_KIND_IO_ERROR;
 			agg.cgroup_id = keys[i].cgroup_id;
 			agg.pid = keys[i].pid;
 			agg.uid = value.uid;
 			agg.error = keys[i].error;
-			agg.count = value.count > UINT32_MAX ? UINT32_MAX : (uint32_t)value.count;
-			agg.first_ns = value.first_ns;
-			agg.last_ns = value.last_ns;
+			agg.count = value.count;
+			agg.first_ts_ns = value.first_ns;
+			agg.interval_start_ns = io->harvested_ns;
+			agg.interval_end_ns = io->harvest_ns;
 			agg.syscall = tapio_io_syscall_name(keys[i].syscall_nr);
 			memcpy(agg.comm, value.comm, TAPIO_COMM_LEN);
 			delivered++;
@@ -216,7 +231,7 @@ static int tapio_io_drain(tapio_io_loader *io, uint32_t gen, tapio_io_fn fn, voi
  * a harvest makes the other one active, waits until the program no longer
  * adds to the retired one, then empties it. No failure is added to an entry
  * after it was copied, so counts add up exactly. */
-int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
+int tapio_io_harvest(tapio_io_loader *io, tapio_aggregate_fn fn, void *ctx)
 {
 	uint32_t retired;
 	bool stopped;
@@ -233,7 +248,10 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 		if (stopped)
 			return delivered;
 		io->retired_pending = false;
+		io->harvested_ns = io->harvest_ns;
 	}
+	/* What the generation retired now holds covers harvested_ns..now. */
+	io->harvest_ns = tapio_io_now();
 	retired = io->gen;
 	io->gen ^= 1;
 	__atomic_store_n(&io->skel->bss->agg_gen, io->gen, __ATOMIC_SEQ_CST);
@@ -243,6 +261,8 @@ int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx)
 	}
 	delivered += tapio_io_drain(io, retired, fn, ctx, &stopped);
 	io->retired_pending = stopped;
+	if (!stopped)
+		io->harvested_ns = io->harvest_ns;
 	return delivered;
 }
 

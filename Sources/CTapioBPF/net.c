@@ -477,7 +477,7 @@ int tapio_net_forget_netns(tapio_net *net, uint32_t inum)
 struct tapio_net_harvest_ctx {
 	tapio_net *net;
 	tapio_bpf_event_fn event_fn;
-	tapio_net_aggregate_fn aggregate_fn;
+	tapio_aggregate_fn aggregate_fn;
 	void *ctx;
 	uint64_t start_ns;
 	uint64_t end_ns;
@@ -547,7 +547,7 @@ static void tapio_net_deliver_reset(struct tapio_net_harvest_ctx *h, const void 
 	h->delivered++;
 }
 
-static void tapio_net_agg_from_flow(struct tapio_net_harvest_ctx *h, struct tapio_net_aggregate *agg,
+static void tapio_net_agg_from_flow(struct tapio_net_harvest_ctx *h, struct tapio_aggregate *agg,
 				    uint32_t kind, const struct tapio_net_flow_key *key)
 {
 	memset(agg, 0, sizeof(*agg));
@@ -567,7 +567,7 @@ static void tapio_net_agg_from_flow(struct tapio_net_harvest_ctx *h, struct tapi
 static void tapio_net_deliver_retransmit(struct tapio_net_harvest_ctx *h, const void *k, const void *v)
 {
 	const struct tapio_net_count_value *value = v;
-	struct tapio_net_aggregate agg;
+	struct tapio_aggregate agg;
 
 	if (!h->aggregate_fn || value->count == 0)
 		return;
@@ -583,7 +583,7 @@ static void tapio_net_deliver_latency(struct tapio_net_harvest_ctx *h, const voi
 {
 	const struct tapio_net_flow_key *key = k;
 	const struct tapio_net_latency_value *value = v;
-	struct tapio_net_aggregate agg;
+	struct tapio_aggregate agg;
 
 	if (!h->aggregate_fn || value->responses == 0)
 		return;
@@ -603,7 +603,7 @@ static void tapio_net_deliver_drop(struct tapio_net_harvest_ctx *h, const void *
 {
 	const struct tapio_net_drop_key *key = k;
 	const struct tapio_net_count_value *value = v;
-	struct tapio_net_aggregate agg;
+	struct tapio_aggregate agg;
 	tapio_net *net = h->net;
 
 	if (!h->aggregate_fn || value->count == 0)
@@ -706,7 +706,7 @@ static int tapio_net_drain_gen(struct tapio_net_harvest_ctx *h, uint32_t gen)
  * adding to the one it retired, then empties that one, which nothing writes
  * any more. An event is thus in exactly one harvest: none is added to an
  * entry after user space has copied it. */
-int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_aggregate_fn aggregate_fn, void *ctx)
+int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn, void *ctx)
 {
 	struct tapio_net_harvest_ctx h = {
 		.net = net,
@@ -749,7 +749,7 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_net_agg
 	return first_error ? first_error : h.delivered;
 }
 
-int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, tapio_net_aggregate_fn aggregate_fn,
+int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn,
 		   void *ctx)
 {
 	uint64_t now;

@@ -319,8 +319,8 @@ public final class KernelSource: @unchecked Sendable {
                 // Never waits (its ring was just drained): the aggregation
                 // maps' harvest when due, and everything at shutdown.
                 let nrc = stopping
-                    ? tapio_net_harvest(net, kernelEventCallback, netAggregateCallback, opaque)
-                    : tapio_net_poll(net, 0, kernelEventCallback, netAggregateCallback, opaque)
+                    ? tapio_net_harvest(net, kernelEventCallback, aggregateCallback, opaque)
+                    : tapio_net_poll(net, 0, kernelEventCallback, aggregateCallback, opaque)
                 if nrc < 0, nrc != -EINTR { logger.error("network poll failed", metadata: ["errno": "\(-nrc)"]) }
             }
             if let dns {
@@ -329,7 +329,7 @@ public final class KernelSource: @unchecked Sendable {
                 if drc < 0, drc != -EINTR { logger.error("dns poll failed", metadata: ["errno": "\(-drc)"]) }
             }
             if now - lastHarvestNs >= configuration.intervalNs || stopping {
-                harvest(into: context, intervalNs: lastHarvestNs == 0 ? configuration.intervalNs : now - lastHarvestNs)
+                harvest(into: context)
                 lastHarvestNs = now
             }
             if now - lastDropsNs > 1_000_000_000 || stopping {
@@ -343,17 +343,9 @@ public final class KernelSource: @unchecked Sendable {
     }
 
     /// Aggregated signals: the io_error map and the cgroup counters.
-    private func harvest(into context: PollContext, intervalNs: Int64) {
-        // The aggregates read now cover this interval.
-        lastIntervalNs = intervalNs
+    private func harvest(into context: PollContext) {
         if let io {
-            let opaque = Unmanaged.passUnretained(context).toOpaque()
-            _ = tapio_io_harvest(io, { ctx, agg in
-                guard let ctx, let agg else { return 0 }
-                let context = Unmanaged<PollContext>.fromOpaque(ctx).takeUnretainedValue()
-                context.deliverIO(agg.pointee)
-                return 0
-            }, opaque)
+            _ = tapio_io_harvest(io, aggregateCallback, Unmanaged.passUnretained(context).toOpaque())
         }
         if let net, configuration.cgroupRoot != nil { allowNetworkNamespaces(net) }
         for var event in cgroups.scan(nowNs: configuration.clock.now()) {
@@ -388,46 +380,41 @@ public final class KernelSource: @unchecked Sendable {
         }
     }
 
-    fileprivate func convertNet(_ a: tapio_net_aggregate) -> TapioEvent? {
-        guard let kind = EventKind(rawValue: a.kind) else { return nil }
-        let flow = Flow(source: IPAddress(family: a.family, raw: withUnsafeBytes(of: a.saddr) { Array($0) }),
-                        destination: IPAddress(family: a.family, raw: withUnsafeBytes(of: a.daddr) { Array($0) }),
-                        sourcePort: a.sport, destinationPort: a.dport)
-        let interval = a.interval_end_ns >= a.interval_start_ns ? a.interval_end_ns - a.interval_start_ns : 0
-        let count = UInt32(clamping: a.count)
-        let detail: TapioEvent.Detail
+    /// A harvested aggregate (tapio_aggregate.h), whichever object folded it.
+    fileprivate func convert(aggregate a: UnsafePointer<tapio_aggregate>) -> TapioEvent? {
+        guard let kind = EventKind(rawValue: a.pointee.kind) else { return nil }
+        let interval = a.pointee.interval_end_ns >= a.pointee.interval_start_ns ? a.pointee.interval_end_ns - a.pointee.interval_start_ns : 0
+        let count = UInt32(clamping: a.pointee.count)
+        let time = clock.wall(fromMonotonic: Int64(bitPattern: a.pointee.first_ts_ns))
+        var event: TapioEvent
         switch kind {
-        case .tcpRetransmit:
-            detail = .tcpRetransmit(flow: flow, count: count, intervalNs: interval)
-        case .tcpLatency:
-            detail = .tcpLatency(flow: flow, srttUs: UInt32(clamping: a.srtt_us), responses: UInt32(clamping: a.responses),
-                                 responseNsTotal: a.response_ns_total, responseNsMax: a.response_ns_max, intervalNs: interval)
-        case .packetDrop:
-            var name = a.drop_reason_name
-            let reason = withUnsafeBytes(of: &name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            detail = .packetDrop(reason: reason, count: count, flow: flow, ipProtocol: UInt32(a.protocol), ifindex: 0, intervalNs: interval)
+        case .tcpRetransmit, .tcpLatency, .packetDrop:
+            let r = a.pointee
+            let flow = Flow(source: IPAddress(family: r.family, raw: withUnsafeBytes(of: r.saddr) { Array($0) }),
+                            destination: IPAddress(family: r.family, raw: withUnsafeBytes(of: r.daddr) { Array($0) }),
+                            sourcePort: r.sport, destinationPort: r.dport)
+            let detail: TapioEvent.Detail
+            switch kind {
+            case .tcpRetransmit:
+                detail = .tcpRetransmit(flow: flow, count: count, intervalNs: interval)
+            case .tcpLatency:
+                detail = .tcpLatency(flow: flow, srttUs: UInt32(clamping: r.srtt_us), responses: UInt32(clamping: r.responses),
+                                     responseNsTotal: r.response_ns_total, responseNsMax: r.response_ns_max, intervalNs: interval)
+            default:
+                let reason = cString(a, offset: MemoryLayout<tapio_aggregate>.offset(of: \.drop_reason_name)!, size: 64)
+                detail = .packetDrop(reason: reason, count: count, flow: flow, ipProtocol: UInt32(r.protocol), ifindex: 0, intervalNs: interval)
+            }
+            event = TapioEvent(kind: kind, timeNs: time, cgroupId: r.cgroup_id, netns: r.netns, detail: detail)
+        case .ioError:
+            let comm = cString(a, offset: MemoryLayout<tapio_aggregate>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN))
+            let syscall = a.pointee.syscall.map { String(cString: $0) } ?? ""
+            event = TapioEvent(kind: .ioError, timeNs: time, pid: a.pointee.pid, uid: a.pointee.uid, comm: comm, cgroupId: a.pointee.cgroup_id,
+                               detail: .ioError(error: a.pointee.error, syscall: syscall, count: count, intervalNs: interval))
         default:
             return nil
         }
-        var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: a.first_ts_ns)), cgroupId: a.cgroup_id, netns: a.netns, detail: detail)
         if isOwn(event) { return nil }
         eventCount.add(1, ordering: .relaxed)
-        enrich(&event, 0)
-        return event
-    }
-
-    /// Length of the interval being harvested (ns), for aggregates' interval_ns.
-    fileprivate var lastIntervalNs: Int64 = 1_000_000_000
-
-    fileprivate func convertIO(_ agg: tapio_io_aggregate) -> TapioEvent {
-        var comm = agg.comm
-        let name = withUnsafeBytes(of: &comm) { raw in
-            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        eventCount.add(1, ordering: .relaxed)
-        var event = TapioEvent(kind: .ioError, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: agg.first_ns)), pid: agg.pid, uid: agg.uid,
-                               comm: name, cgroupId: agg.cgroup_id,
-                               detail: .ioError(error: agg.error, syscall: String(cString: agg.syscall), count: agg.count, intervalNs: UInt64(lastIntervalNs)))
         enrich(&event, 0)
         return event
     }
@@ -495,45 +482,35 @@ public final class KernelSource: @unchecked Sendable {
 private let unionOffset = MemoryLayout<tapio_event>.offset(of: \tapio_event.u)!
 
 /// A fixed-size C char array inside the record, up to its first NUL.
-private func cString(_ record: UnsafePointer<tapio_event>, offset: Int, size: Int) -> String {
+private func cString<Record>(_ record: UnsafePointer<Record>, offset: Int, size: Int) -> String {
     let bytes = UnsafeRawPointer(record).advanced(by: offset).assumingMemoryBound(to: UInt8.self)
     let buffer = UnsafeBufferPointer(start: bytes, count: size)
     let end = buffer.firstIndex(of: 0) ?? size
     return String(decoding: buffer[0..<end], as: UTF8.self)
 }
 
-private func netAggregateCallback(_ ctx: UnsafeMutableRawPointer?, _ aggregate: UnsafePointer<tapio_net_aggregate>?) -> Int32 {
+/// Every harvested aggregate, from any object.
+private func aggregateCallback(_ ctx: UnsafeMutableRawPointer?, _ aggregate: UnsafePointer<tapio_aggregate>?) -> Int32 {
     guard let ctx, let aggregate else { return 0 }
-    let context = Unmanaged<AnyObject>.fromOpaque(ctx).takeUnretainedValue()
-    (context as? KernelSourcePollBridge)?.deliverNet(aggregate.pointee)
+    Unmanaged<KernelSource.PollContext>.fromOpaque(ctx).takeUnretainedValue().deliver(aggregate: aggregate)
     return 0
 }
 
+/// Every ring buffer record. The context is always the reader's PollContext
+/// (no dynamic cast per record: this runs at ring-buffer rate).
 private func kernelEventCallback(_ ctx: UnsafeMutableRawPointer?, _ record: UnsafePointer<tapio_event>?) -> Int32 {
     guard let ctx, let record else { return 0 }
-    let context = Unmanaged<AnyObject>.fromOpaque(ctx).takeUnretainedValue()
-    guard let poll = context as? KernelSourcePollBridge else { return 0 }
-    poll.deliver(record)
+    Unmanaged<KernelSource.PollContext>.fromOpaque(ctx).takeUnretainedValue().deliver(record)
     return 0
 }
 
-/// Lets the C callback reach the poll context without generic gymnastics.
-protocol KernelSourcePollBridge: AnyObject {
-    func deliver(_ record: UnsafePointer<tapio_event>)
-    func deliverNet(_ aggregate: tapio_net_aggregate)
-}
-
-extension KernelSource.PollContext: KernelSourcePollBridge {
+extension KernelSource.PollContext {
     func deliver(_ record: UnsafePointer<tapio_event>) {
         if let event = source.convert(record) { outbox.add(event) }
     }
 
-    func deliverNet(_ aggregate: tapio_net_aggregate) {
-        if let event = source.convertNet(aggregate) { outbox.add(event) }
-    }
-
-    func deliverIO(_ aggregate: tapio_io_aggregate) {
-        outbox.add(source.convertIO(aggregate))
+    func deliver(aggregate: UnsafePointer<tapio_aggregate>) {
+        if let event = source.convert(aggregate: aggregate) { outbox.add(event) }
     }
 }
 

@@ -64,6 +64,14 @@ final class KernelSignalTests: XCTestCase {
         XCTAssertEqual(total, 51, "the first failing write plus 50: \(io)")
         XCTAssertLessThanOrEqual(io.count, 3, "aggregated, not one event per failure")
         XCTAssertEqual(io.first?.comm, "python3")
+        // The interval each aggregate covers comes from its own harvest: more
+        // than nothing, less than the test.
+        for e in io {
+            if case .ioError(_, _, _, let interval) = e.detail {
+                XCTAssertGreaterThan(interval, 0)
+                XCTAssertLessThan(interval, 60_000_000_000)
+            }
+        }
     }
 
     func testCFSQuotaThrottlingIsReportedForItsCgroup() throws {

@@ -28,6 +28,7 @@ struct tapio_io_value {
 
 #ifndef __TAPIO_BPF__
 #include <stddef.h>
+#include "tapio_aggregate.h"
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -41,21 +42,9 @@ typedef struct {
 	uint32_t cgroup_root_level;
 } tapio_io_config;
 
-/* One harvested aggregate: `count` failures of `syscall` with `error` by one
- * process since the previous harvest. */
-struct tapio_io_aggregate {
-	uint64_t cgroup_id;
-	uint32_t pid;
-	uint32_t uid;
-	int32_t error;
-	uint32_t count;
-	uint64_t first_ns;  /* CLOCK_MONOTONIC of the first failure in the interval */
-	uint64_t last_ns;
-	const char *syscall; /* name, e.g. "write" */
-	char comm[TAPIO_COMM_LEN + 1];
-};
-
-typedef int (*tapio_io_fn)(void *ctx, const struct tapio_io_aggregate *aggregate);
+/* Each harvested aggregate is a struct tapio_aggregate (tapio_aggregate.h)
+ * of kind TAPIO_KIND_IO_ERROR: `count` failures of `syscall` with `error` by
+ * one process (pid, uid, comm, cgroup_id) in the interval. */
 
 /* Opens, loads and attaches raw_syscalls/sys_exit, and registers the storage
  * syscalls of this architecture. NULL with a message in err on failure (the
@@ -66,7 +55,7 @@ tapio_io_loader *tapio_io_open(const tapio_io_config *config, char *err, size_t 
  * other generation, waits (at most 1 s, normally microseconds) until it no
  * longer adds to the retired one, and empties that. What a timeout or fn
  * returning non-zero leaves behind is delivered by the next harvest. */
-int tapio_io_harvest(tapio_io_loader *io, tapio_io_fn fn, void *ctx);
+int tapio_io_harvest(tapio_io_loader *io, tapio_aggregate_fn fn, void *ctx);
 /* Cumulative drops (map full), as tapio_bpf_read_drops. */
 int tapio_io_read_drops(tapio_io_loader *io, uint64_t *out, size_t slots);
 void tapio_io_close(tapio_io_loader *io);

@@ -14,7 +14,7 @@
  *    as struct tapio_event (u.tcp.count = attempts folded, >= 1) through the
  *    same callback as ring-buffer records.
  *  - tcp_retransmit, tcp_latency, packet_drop: folded the same way and
- *    delivered as struct tapio_net_aggregate (tapio_events.h has no record
+ *    delivered as struct tapio_aggregate (tapio_events.h has no record
  *    for them) through a second callback.
  *
  * Threads: tapio_net_poll(), tapio_net_harvest() and the netns calls on one
@@ -135,6 +135,7 @@ struct tapio_net_bucket {
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tapio_aggregate.h"
 #include "tapio_bpf.h"
 
 #ifdef __cplusplus
@@ -161,38 +162,9 @@ typedef struct {
 	uint64_t interval_ns;         /* aggregation interval; 0 = default (1 s) */
 } tapio_net_config;
 
-/* One aggregate of an interval for the kinds struct tapio_event cannot hold.
- * Fields a kind does not use are 0. Addresses in network order in the first
- * 4 (AF_INET) or 16 bytes, ports in host order. */
-struct tapio_net_aggregate {
-	uint32_t kind;              /* TAPIO_KIND_TCP_RETRANSMIT, TAPIO_KIND_TCP_LATENCY, TAPIO_KIND_PACKET_DROP */
-	uint32_t netns;
-	uint64_t cgroup_id;
-	uint64_t first_ts_ns;       /* CLOCK_MONOTONIC of the first occurrence in the interval */
-	uint64_t interval_start_ns; /* CLOCK_MONOTONIC: the previous harvest (or the open) */
-	uint64_t interval_end_ns;   /* CLOCK_MONOTONIC: this harvest */
-	uint16_t family;
-	uint16_t sport;
-	uint16_t dport;
-	uint8_t protocol;           /* IPPROTO_TCP for the TCP kinds */
-	uint8_t role;               /* tcp_latency: enum tapio_net_role */
-	uint8_t saddr[16];
-	uint8_t daddr[16];
-	uint32_t state;             /* tcp_retransmit: TCP state at the last retransmit */
-	uint32_t drop_reason;       /* packet_drop: the kernel's enum value */
-	uint64_t count;             /* retransmits, drops; tcp_latency: responses */
-	uint64_t srtt_us;           /* tcp_latency: mean smoothed RTT over the responses */
-	uint64_t responses;
-	uint64_t response_ns_total;
-	uint64_t response_ns_max;
-	/* packet_drop: e.g. "NETFILTER_DROP" (enum skb_drop_reason from the
-	 * running kernel's BTF, prefix SKB_DROP_REASON_ stripped), or
-	 * "UNKNOWN_<value>". */
-	char drop_reason_name[64];
-};
-
-/* Return 0 to continue; anything else ends the poll after this aggregate. */
-typedef int (*tapio_net_aggregate_fn)(void *ctx, const struct tapio_net_aggregate *agg);
+/* tcp_retransmit, tcp_latency and packet_drop arrive as struct
+ * tapio_aggregate (tapio_aggregate.h). Addresses in network order in the
+ * first 4 (AF_INET) or 16 bytes of saddr/daddr, ports in host order. */
 
 /* Opens, configures, loads and attaches. A program that fails to load
  * (verifier, missing CO-RE target) or attach degrades only itself: it is
@@ -223,7 +195,7 @@ int tapio_net_forget_netns(tapio_net *net, uint32_t inum);
  * wait never outlasts the next harvest. Returns records + aggregates
  * delivered, or -errno. */
 int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
-		   tapio_net_aggregate_fn aggregate_fn, void *ctx);
+		   tapio_aggregate_fn aggregate_fn, void *ctx);
 
 /* Empties every aggregation map now: tcp_connect and tcp_reset aggregates
  * go to event_fn as struct tapio_event, the others to aggregate_fn (NULL:
@@ -238,7 +210,7 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
  * preempted mid-event), the retired generation is emptied by the next
  * harvest instead (-EBUSY if it is still busy then); nothing is lost. */
 int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn,
-		      tapio_net_aggregate_fn aggregate_fn, void *ctx);
+		      tapio_aggregate_fn aggregate_fn, void *ctx);
 
 /* Readable when ring-buffer records are waiting (aggregates are not
  * signalled: call tapio_net_poll(net, 0, ...) at least once an interval).
