@@ -19,6 +19,10 @@ BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-
 TEST_PACKAGES := python3 python3-protobuf protobuf-compiler iproute2 util-linux procps dnsmasq-base
 # Lab: the real services and tools the fault lab runs and injects faults with.
 LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-linux coreutils
+# Images (`make images` only): buildah builds them from deploy/docker/Dockerfile
+# without a daemon; podman with runc runs them in the smoke test, whose
+# manifest reading needs python3-yaml.
+IMAGE_PACKAGES := buildah podman runc python3-yaml
 
 include bpf/build.mk
 include bench/build.mk
@@ -45,14 +49,73 @@ build: deps bpf
 	$(SWIFT) build -c release --product tapio-lab
 	@echo "binaries in $$($(SWIFT) build -c release --show-bin-path)"
 
+# $(call apt-install,PACKAGES): installs those of PACKAGES that are missing.
+define apt-install
+	@missing=""; for p in $(1); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+# What building needs and nothing else (deploy/docker/Dockerfile's build stage).
+build-deps:
+	$(call apt-install,$(BUILD_PACKAGES))
+
+# Container images (docs/operations.md, "Container images"). `make static`:
+# release builds of the three programs with the Swift runtime and Foundation
+# linked in (--static-swift-stdlib), in their own scratch path so the normal
+# release build stays valid; they link only system C libraries. `make images`:
+# the three OCI images from them with buildah, no daemon or registry
+# (deploy/scripts/images.sh), then the smoke test that starts them
+# (deploy/scripts/images-test.sh). Tagged with the version in
+# Sources/TapioWire/Version.swift (`make version`).
+TAPIO_VERSION := $(shell sed -n 's/^ *public static let current = "\(.*\)"$$/\1/p' Sources/TapioWire/Version.swift)
+STATIC_SCRATCH := .build-static
+STATIC_PRODUCTS := tapio tapio-agent tapio-server
+IMAGES_OUT := .build-images
+.PHONY: build-deps image-deps static images version
+
+version:
+	@echo $(TAPIO_VERSION)
+
+static: build-deps bpf
+	@for p in $(STATIC_PRODUCTS); do \
+		echo "$(SWIFT) build -c release --static-swift-stdlib --scratch-path $(STATIC_SCRATCH) --product $$p"; \
+		$(SWIFT) build -c release --static-swift-stdlib --scratch-path $(STATIC_SCRATCH) --product $$p || exit 1; \
+	done
+	@echo "static binaries in $(STATIC_SCRATCH)/release"
+
+image-deps:
+	$(call apt-install,$(IMAGE_PACKAGES))
+
+images: static image-deps
+	deploy/scripts/images.sh $(STATIC_SCRATCH)/release $(IMAGES_OUT) $(TAPIO_VERSION)
+	deploy/scripts/images-test.sh $(IMAGES_OUT) $(TAPIO_VERSION)
+
+# Offline checks of deploy/ (deploy/scripts/validate.sh), part of `make
+# test`: YAML, kustomize (kubectl's, where installed), the one-command
+# install rendered and checked, Kubernetes schemas (kubernetes-validate, from
+# PyPI) and shellcheck. No cluster.
+.PHONY: deploy-check
+deploy-check:
+	$(call apt-install,shellcheck python3-yaml)
+	@command -v kubernetes-validate >/dev/null || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate \
+		|| echo "deploy-check: kubernetes-validate could not be installed; the schema check is skipped"
+	PYTHON=/usr/bin/python3 deploy/scripts/validate.sh
+
 debug: deps bpf
 	$(SWIFT) build
 
 # Every test: Swift unit and integration tests (which need root and a BPF
 # kernel; with TAPIO_REQUIRE_BPF=1 they fail instead of skipping), the
-# check that the committed protobuf-c code is what the .proto generates, and
-# a short run of every fuzz target (fuzz-short).
-test: deps bpf proto-check fuzz-short
+# check that the committed protobuf-c code is what the .proto generates, a
+# short run of every fuzz target (fuzz-short), and the offline checks of
+# deploy/ (deploy-check).
+test: deps bpf proto-check fuzz-short deploy-check
 	$(SWIFT) build
 	$(SWIFT) test --disable-swift-testing
 

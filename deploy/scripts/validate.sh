@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Offline checks of deploy/: every YAML file parses, every file a
-# kustomization.yaml names exists, and, where the tools are installed, the
-# overlays build (`kubectl kustomize`), the core objects match the Kubernetes
+# Offline checks of deploy/, run by `make test` (its deploy-check step): every
+# YAML file parses, every file a kustomization.yaml names exists, and, where
+# the tools are installed, the overlays build (`kubectl kustomize`), the
+# one-command install renders (scripts/install.sh --render) with what it must
+# hold (scripts/check-install.py), the core objects match the Kubernetes
 # schema (`kubernetes-validate`, pip) and the scripts pass shellcheck.
-# No cluster is contacted. cert-manager objects are not schema-checked.
+# No cluster is contacted. cert-manager and Prometheus Operator objects are
+# not schema-checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 status=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
 "$python" - <<'EOF' || status=1
 import pathlib, sys, yaml
@@ -39,6 +44,22 @@ if command -v kubectl >/dev/null; then
 			fi
 		else
 			echo "FAIL kustomize: $dir"; echo "$out"; status=1
+		fi
+	done
+	# The one-command install as shipped and with every option, rendered
+	# without a cluster (scripts/install.sh --render), and what it must hold.
+	for options in "--nodes node-a,node-b" \
+		"--overlay dev --nodes node-a --registry registry.test/tapio --tag 1.2.3 --prometheus-operator" \
+		"--host-certificates"; do
+		# shellcheck disable=SC2086 # the options are words
+		if ! out=$(scripts/install.sh --render $options 2>&1 >"$tmp/install.yaml"); then
+			echo "FAIL install: $options"; echo "$out"; status=1; continue
+		fi
+		# shellcheck disable=SC2086
+		"$python" scripts/check-install.py "$tmp/install.yaml" $options || { status=1; continue; }
+		echo "install: $options ok ($(grep -c '^kind:' "$tmp/install.yaml") objects)"
+		if command -v kubernetes-validate >/dev/null; then
+			kubernetes-validate --strict --quiet --no-warn "$tmp/install.yaml" || { echo "FAIL schema: install $options"; status=1; }
 		fi
 	done
 else
