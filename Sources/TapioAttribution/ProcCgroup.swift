@@ -35,7 +35,7 @@ public enum ProcCgroup {
 
     /// The entries of a live process, nil if it is gone (or procfs is not readable).
     public static func read(pid: Int32, procRoot: String = "/proc") -> [ProcCgroupEntry]? {
-        guard let data = FileManager.default.contents(atPath: "\(procRoot)/\(pid)/cgroup") else { return nil }
+        guard let data = ProcFile.read("\(procRoot)/\(pid)/cgroup") else { return nil }
         return parse(String(decoding: data, as: UTF8.self))
     }
 
@@ -72,7 +72,7 @@ public enum CgroupMount {
 
     /// The cgroup2 mount point of this process's mount namespace.
     public static func cgroup2MountPoint() -> String? {
-        guard let data = FileManager.default.contents(atPath: "/proc/self/mountinfo") else { return nil }
+        guard let data = ProcFile.read("/proc/self/mountinfo") else { return nil }
         return cgroup2MountPoint(mountinfo: String(decoding: data, as: UTF8.self))
     }
 

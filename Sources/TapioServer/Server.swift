@@ -224,7 +224,9 @@ public final class TapioServer: Sendable {
         ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            // IPPROTO_TCP: at SOL_SOCKET level option 1 is SO_DEBUG, which needs
+            // CAP_NET_ADMIN, so every accepted connection was closed in a pod.
+            .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] channel in
                 guard admit(channel, listener: listener, maxConnections: maxConnections, drain: true) else {
                     return channel.close()
