@@ -69,6 +69,10 @@ trap 'rm -rf "$work"' EXIT
 if [ "$render" -eq 0 ]; then
 	crds=(certificates.cert-manager.io issuers.cert-manager.io)
 	[ "$prometheus_operator" -eq 0 ] || crds+=(servicemonitors.monitoring.coreos.com podmonitors.monitoring.coreos.com)
+	if ! out=$(kubectl get --raw /version 2>&1); then
+		echo "cannot reach the cluster of the current kubectl context: $out" >&2
+		exit 1
+	fi
 	for crd in "${crds[@]}"; do
 		kubectl get crd "$crd" >/dev/null 2>&1 || {
 			echo "the cluster has no $crd: install cert-manager (and with --prometheus-operator the Prometheus Operator) first" >&2
