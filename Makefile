@@ -73,7 +73,7 @@ build-deps:
 # (deploy/scripts/images.sh), then the smoke test that starts them
 # (deploy/scripts/images-test.sh). Tagged with the version in
 # Sources/TapioWire/Version.swift (`make version`).
-TAPIO_VERSION := $(shell sed -n 's/^ *public static let current = "\(.*\)"$$/\1/p' Sources/TapioWire/Version.swift)
+TAPIO_VERSION := $(shell sed -n 's/^ *public static let current = "\(.*\)"$$/\1/p' Sources/TapioWire/Version.swift 2>/dev/null)
 STATIC_SCRATCH := .build-static
 STATIC_PRODUCTS := tapio tapio-agent tapio-server
 IMAGES_OUT := .build-images

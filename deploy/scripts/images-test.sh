@@ -50,7 +50,9 @@ python=/usr/bin/python3
 manifest=deploy/kubernetes/base/agent.yaml
 node=images-test-node
 podman=(podman --runtime runc)
-limits=(--ulimit "nofile=$(( $(ulimit -Sn) < 65536 ? $(ulimit -Sn) : 65536 ))" --ulimit nproc=4096:4096)
+nofile=$(ulimit -Sn)
+[[ "$nofile" =~ ^[0-9]+$ ]] && [ "$nofile" -le 65536 ] || nofile=65536
+limits=(--ulimit "nofile=$nofile:$nofile" --ulimit nproc=4096:4096)
 
 d=$(mktemp -d /tmp/tapio-images-test.XXXXXX)
 tag=$$
