@@ -9,8 +9,10 @@ public struct KernelSourceError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// The BPF programs of bpf/, loaded with libbpf, and the thread that drains
-/// their ring buffer into the outbox.
+/// The BPF programs of bpf/, loaded through the one kernel boundary
+/// (`KernelObject`, KernelObjects.swift), and the thread that waits on every
+/// object's ring buffer at once, converts records and harvested aggregates,
+/// and queues them in the outbox.
 public final class KernelSource: @unchecked Sendable {
     public struct Program: Sendable, Equatable {
         public var name: String
@@ -54,17 +56,13 @@ public final class KernelSource: @unchecked Sendable {
         }
     }
 
-    private let bpf: OpaquePointer
+    /// Every BPF object, opened through the one kernel boundary
+    /// (KernelObjects.swift): process first, then io, net and dns as loaded.
+    private let objects: [KernelObject]
+    /// The net object, for its network-namespace filter.
+    private let net: NetObject?
     /// The one reader over every object's ring buffer.
     private let rings: OpaquePointer?
-    /// io_error; nil when it could not load (then reported as degraded).
-    private let io: OpaquePointer?
-    /// The TCP and packet-drop programs; nil when none could load.
-    private let net: OpaquePointer?
-    /// DNS answers and timeouts (cgroup_skb); nil when it could not attach.
-    private let dns: OpaquePointer?
-    /// Network namespaces already allowed through the net programs' filter.
-    private var allowedNetns = Set<UInt32>()
     private let cgroups: CgroupWatcher
     private let configuration: Configuration
     public let programs: [Program]
@@ -83,106 +81,54 @@ public final class KernelSource: @unchecked Sendable {
         self.configuration = configuration
         self.enrich = enrich
         clock = MonotonicToWall(offsetNs: configuration.clock.offsetNs)
-        var config = tapio_bpf_config()
+        var settings = KernelObjectSettings()
         var relativeRoot = ""
         if let root = configuration.cgroupRoot {
             var id: UInt64 = 0
             var level: UInt32 = 0
             let rc = tapio_bpf_cgroup_id(root, &id, &level)
             guard rc == 0 else { throw KernelSourceError("--cgroup-root \(root): not a cgroup2 directory (\(String(cString: strerror(-rc))))") }
-            config.cgroup_root_id = id
-            config.cgroup_root_level = level
+            settings.cgroupRootId = id
+            settings.cgroupRootLevel = level
             relativeRoot = CgroupWatcher.Configuration.discover(relativeRoot: "", hostCgroupfs: configuration.hostCgroupfs).v2Mount.map { mount in
                 root.hasPrefix(mount) ? String(root.dropFirst(mount.count)) : ""
             } ?? ""
         }
         cgroups = CgroupWatcher(configuration: .discover(relativeRoot: relativeRoot, hostCgroupfs: configuration.hostCgroupfs))
-        for kind in configuration.disabledKinds { config.kinds_disabled_mask |= 1 << kind.rawValue }
-        config.ringbuf_bytes = configuration.ringBufferBytes["process"] ?? 0
-        config.wakeup_bytes = configuration.wakeupBytes
+        settings.disabledKinds = configuration.disabledKinds
+        settings.ringBufferBytes = configuration.ringBufferBytes
+        settings.wakeupBytes = configuration.wakeupBytes
+        settings.intervalNs = configuration.intervalNs
+        settings.netEventsPerSecond = configuration.netEventsPerSecond
+        // A node that is a cgroup subtree (the lab, or a pod-scoped agent) sees
+        // only the network namespaces its processes live in; drops without a
+        // socket are attributed by namespace alone.
+        settings.netnsFilter = configuration.cgroupRoot != nil
+        // The host's root cgroup (all pods), never the agent's own: in a pod
+        // its /sys/fs/cgroup is its own cgroup namespace.
+        settings.dnsAttachPoint = configuration.cgroupRoot ?? cgroups.configuration.v2Mount
+        settings.benchStormComm = configuration.benchStormComm
         let tracefs = tapio_bpf_ensure_tracefs()
         if tracefs != 0 {
             logger.warning("tracefs is not available; tracepoint programs may fail to attach", metadata: ["errno": "\(-tracefs)"])
         }
-        var err = [CChar](repeating: 0, count: 1024)
-        let opened: OpaquePointer? = configuration.benchStormComm.map { comm in
-            comm.withCString { name in
-                config.bench_comm = name
-                defer { config.bench_comm = nil }
-                return tapio_bpf_open(&config, &err, err.count)
-            }
-        } ?? tapio_bpf_open(&config, &err, err.count)
-        guard let handle = opened else {
-            throw KernelSourceError("loading BPF programs failed: \(String(cBuffer: err))")
-        }
-        bpf = handle
-        var programs: [Program] = []
-        for i in 0..<tapio_bpf_program_count(handle) {
-            programs.append(Program(
-                name: String(cString: tapio_bpf_program_name(handle, i)),
-                capability: String(cString: tapio_bpf_program_capability(handle, i)),
-                attached: tapio_bpf_program_attached(handle, i) == 1,
-                error: String(cString: tapio_bpf_program_error(handle, i))))
-        }
-        var ioConfig = tapio_io_config()
-        ioConfig.cgroup_root_id = config.cgroup_root_id
-        ioConfig.cgroup_root_level = config.cgroup_root_level
-        if configuration.disabledKinds.contains(.ioError) {
-            io = nil
-            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: false, error: "disabled by configuration"))
-        } else {
-            var ioErr = [CChar](repeating: 0, count: 1024)
-            io = tapio_io_open(&ioConfig, &ioErr, ioErr.count)
-            programs.append(Program(name: "handle_sys_exit", capability: "io_error", attached: io != nil, error: io == nil ? String(cBuffer: ioErr) : ""))
-        }
-        var netConfig = tapio_net_config()
-        netConfig.cgroup_root_id = config.cgroup_root_id
-        netConfig.cgroup_root_level = config.cgroup_root_level
-        netConfig.kinds_disabled_mask = config.kinds_disabled_mask
-        // A node that is a cgroup subtree (the lab, or a pod-scoped agent) sees
-        // only the network namespaces its processes live in; drops without a
-        // socket are attributed by namespace alone.
-        netConfig.netns_filter = configuration.cgroupRoot == nil ? 0 : 1
-        netConfig.events_per_sec = configuration.netEventsPerSecond
-        netConfig.interval_ns = UInt64(configuration.intervalNs)
-        netConfig.ringbuf_bytes = configuration.ringBufferBytes["net"] ?? 0
-        netConfig.wakeup_bytes = configuration.wakeupBytes
-        var netErr = [CChar](repeating: 0, count: 4096)
-        net = tapio_net_open(&netConfig, &netErr, netErr.count)
-        if let net {
-            for i in 0..<tapio_net_program_count(net) {
-                programs.append(Program(
-                    name: String(cString: tapio_net_program_name(net, i)), capability: String(cString: tapio_net_program_capability(net, i)),
-                    attached: tapio_net_program_attached(net, i) == 1, error: String(cString: tapio_net_program_error(net, i))))
-            }
-        } else {
-            let reason = String(cBuffer: netErr)
-            for capability in ["tcp_connect", "tcp_listen", "tcp_reset", "tcp_retransmit", "tcp_latency", "packet_drop"] {
-                programs.append(Program(name: "net.bpf.o", capability: capability, attached: false, error: reason))
+        // The process object is required; the others degrade their signals.
+        var objects: [KernelObject] = [try ProcessObject(settings)]
+        var programs = objects[0].programs
+        var net: NetObject?
+        func load(_ open: () throws(KernelObjectFailure) -> KernelObject) {
+            do {
+                let object = try open()
+                objects.append(object)
+                programs += object.programs
+                if let object = object as? NetObject { net = object }
+            } catch {
+                programs += error.programs
             }
         }
-        if configuration.disabledKinds.contains(.dns) {
-            dns = nil
-            programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: false, error: "disabled by configuration"))
-        } else {
-            var dnsConfig = tapio_dns_config()
-            dnsConfig.ringbuf_bytes = configuration.ringBufferBytes["dns"] ?? 0
-            dnsConfig.wakeup_bytes = configuration.wakeupBytes
-            var dnsErr = [CChar](repeating: 0, count: 4096)
-            // The host's root cgroup (all pods), never the agent's own: in a pod
-            // its /sys/fs/cgroup is its own cgroup namespace.
-            let opened: OpaquePointer?
-            if let attachPoint = configuration.cgroupRoot ?? cgroups.configuration.v2Mount {
-                opened = attachPoint.withCString { path -> OpaquePointer? in
-                    dnsConfig.cgroup_path = path
-                    return tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
-                }
-            } else {
-                opened = tapio_dns_open(&dnsConfig, &dnsErr, dnsErr.count)
-            }
-            dns = opened
-            programs.append(Program(name: "cgroup_skb dns", capability: "dns", attached: opened != nil, error: opened == nil ? String(cBuffer: dnsErr) : ""))
-        }
+        load { () throws(KernelObjectFailure) in try IOObject(settings) }
+        load { () throws(KernelObjectFailure) in try NetObject(settings) }
+        load { () throws(KernelObjectFailure) in try DNSObject(settings) }
         // Not BPF: counters the kernel keeps in cgroup files.
         let watcher = cgroups.configuration
         let cpuSource = watcher.v2Mount != nil || watcher.v1CPUMount != nil
@@ -190,32 +136,25 @@ public final class KernelSource: @unchecked Sendable {
         programs.append(Program(name: "cgroup cpu.stat", capability: "cpu_throttle", attached: cpuSource, error: cpuSource ? "" : "no cgroup cpu controller mounted"))
         programs.append(Program(name: "cgroup memory files", capability: "memory_pressure", attached: memorySource, error: memorySource ? "" : "no cgroup memory controller mounted"))
         self.programs = programs
+        self.objects = objects
+        self.net = net
         // One reader over every ring (tapio_rings.h).
         rings = tapio_rings_new()
         var ringFailures: [String] = []
-        func addRing(_ fd: Int32, _ name: String, _ bytes: UInt32) {
-            let rc = tapio_rings_add(rings, fd, name, bytes)
-            if rc < 0 { ringFailures.append("\(name): \(String(cString: strerror(-rc)))") }
+        for object in objects {
+            guard let ring = object.ring else { continue }
+            let rc = tapio_rings_add(rings, ring.fd, object.name, ring.bytes)
+            if rc < 0 { ringFailures.append("\(object.name): \(String(cString: strerror(-rc)))") }
         }
-        addRing(tapio_bpf_events_fd(handle), "process", tapio_bpf_ringbuf_bytes(handle))
-        if let net { addRing(tapio_net_events_fd(net), "net", tapio_net_ringbuf_bytes(net)) }
-        if let dns { addRing(tapio_dns_events_fd(dns), "dns", tapio_dns_ringbuf_bytes(dns)) }
         if !ringFailures.isEmpty {
-            tapio_rings_free(rings)
-            tapio_dns_close(dns)
-            tapio_net_close(net)
-            tapio_io_close(io)
-            tapio_bpf_close(handle)
             throw KernelSourceError("reading the ring buffers: \(ringFailures.joined(separator: "; "))")
         }
     }
 
     deinit {
+        // The reader first: it maps the objects' rings. The objects close
+        // themselves when released.
         tapio_rings_free(rings)
-        tapio_dns_close(dns)
-        tapio_net_close(net)
-        tapio_io_close(io)
-        tapio_bpf_close(bpf)
     }
 
     public var capabilities: [String] { programs.filter(\.attached).map(\.capability) }
@@ -252,10 +191,9 @@ public final class KernelSource: @unchecked Sendable {
         let slots = Int(TAPIO_KIND_MAX.rawValue) * Int(TAPIO_DROP_REASON_MAX.rawValue)
         var total = [UInt64](repeating: 0, count: slots)
         var counts = [UInt64](repeating: 0, count: slots)
-        if tapio_bpf_read_drops(bpf, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
-        if let io, tapio_io_read_drops(io, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
-        if let net, tapio_net_read_drops(net, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
-        if let dns, tapio_dns_read_drops(dns, &counts, slots) == 0 { for i in 0..<slots { total[i] += counts[i] } }
+        for object in objects where object.readDrops(into: &counts) {
+            for i in 0..<slots { total[i] += counts[i] }
+        }
         var out: [DropCount] = []
         for kindIndex in 0..<Int(TAPIO_KIND_MAX.rawValue) {
             guard let kind = EventKind(rawValue: UInt32(kindIndex)) else { continue }
@@ -315,18 +253,11 @@ public final class KernelSource: @unchecked Sendable {
                 logger.error("ring buffer read failed", metadata: ["errno": "\(-rc)"])
                 Thread.sleep(forTimeInterval: 0.1)
             }
-            if let net {
-                // Never waits (its ring was just drained): the aggregation
-                // maps' harvest when due, and everything at shutdown.
-                let nrc = stopping
-                    ? tapio_net_harvest(net, kernelEventCallback, aggregateCallback, opaque)
-                    : tapio_net_poll(net, 0, kernelEventCallback, aggregateCallback, opaque)
-                if nrc < 0, nrc != -EINTR { logger.error("network poll failed", metadata: ["errno": "\(-nrc)"]) }
-            }
-            if let dns {
-                // Emits queries that timed out, when its scan is due.
-                let drc = tapio_dns_poll(dns, 0, kernelEventCallback, opaque)
-                if drc < 0, drc != -EINTR { logger.error("dns poll failed", metadata: ["errno": "\(-drc)"]) }
+            // Each object's periodic work: harvests and scans when due.
+            for object in objects {
+                let orc = object.service(context: opaque, onRecord: kernelEventCallback, onAggregate: aggregateCallback,
+                                         stopping: stopping, nowNs: now)
+                if orc < 0 { logger.error("kernel object failed", metadata: ["object": "\(object.name)", "errno": "\(-orc)"]) }
             }
             if now - lastHarvestNs >= configuration.intervalNs || stopping {
                 harvest(into: context)
@@ -342,11 +273,8 @@ public final class KernelSource: @unchecked Sendable {
         withExtendedLifetime(context) {}
     }
 
-    /// Aggregated signals: the io_error map and the cgroup counters.
+    /// The cgroup counters (not BPF) and the network-namespace filter.
     private func harvest(into context: PollContext) {
-        if let io {
-            _ = tapio_io_harvest(io, aggregateCallback, Unmanaged.passUnretained(context).toOpaque())
-        }
         if let net, configuration.cgroupRoot != nil { allowNetworkNamespaces(net) }
         for var event in cgroups.scan(nowNs: configuration.clock.now()) {
             enrich(&event, 0)
@@ -357,7 +285,7 @@ public final class KernelSource: @unchecked Sendable {
 
     /// Lets the net programs report the network namespaces that processes of
     /// the watched subtree live in (read from cgroup.procs and /proc/PID/ns/net).
-    private func allowNetworkNamespaces(_ net: OpaquePointer) {
+    private func allowNetworkNamespaces(_ net: NetObject) {
         guard let root = configuration.cgroupRoot else { return }
         var dirs = [root]
         var visited = 0
@@ -368,7 +296,7 @@ public final class KernelSource: @unchecked Sendable {
                     var st = stat()
                     guard stat("/proc/\(line)/ns/net", &st) == 0 else { continue }
                     let inum = UInt32(truncatingIfNeeded: st.st_ino)
-                    if allowedNetns.insert(inum).inserted { _ = tapio_net_allow_netns(net, inum) }
+                    net.allow(netns: inum)
                 }
             }
             if let children = try? FileManager.default.contentsOfDirectory(atPath: dir) {
