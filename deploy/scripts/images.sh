@@ -28,9 +28,14 @@ rm -rf "$out/context"
 mkdir -p "$out/context"
 for target in server agent cli; do
 	name=tapio-$target
+	previous=$(buildah images --quiet --noheading "localhost/$name:$version" 2>/dev/null || true)
 	buildah bud --quiet --layers=false -f deploy/docker/Dockerfile --target "$target" \
 		--build-context "build=$out/stage" --build-arg "VERSION=$version" \
 		-t "localhost/$name:$version" "$out/context" >/dev/null
+	# The image this tag named before, now untagged: removed, unless in use.
+	if [ -n "$previous" ] && [ "$previous" != "$(buildah images --quiet --noheading "localhost/$name:$version")" ]; then
+		buildah rmi "$previous" >/dev/null 2>&1 || true
+	fi
 	rm -f "$out/$name-$version.oci.tar"
 	buildah push --quiet "localhost/$name:$version" "oci-archive:$out/$name-$version.oci.tar:$name:$version"
 	echo "localhost/$name:$version  $(buildah images --noheading --format '{{.Size}}' "localhost/$name:$version")  $out/$name-$version.oci.tar"
