@@ -7,6 +7,7 @@
 #     with only a /proc mounted (as in every container: Swift's runtime, linked
 #     statically, reads the program's arguments from /proc/self/cmdline) prints
 #     `tapio --version` and writes a development PKI with `tapio certs init`.
+#     Each image's program prints the version the image is tagged with.
 #  2. The server image runs as the Deployment runs it: uid 65532, read-only
 #     root, a tmpfs /tmp, the data and TLS directories mounted.
 #  3. The agent image runs with the DaemonSet's container securityContext
@@ -93,6 +94,12 @@ pki=$d/pki
 mv "$root/pki" "$pki"
 for f in server/tls.crt "nodes/$node/tls.key" operators/admin/tls.key; do
 	[ -s "$pki/$f" ] || { echo "FAIL the PKI has no $f"; exit 1; }
+done
+
+# Every image's program says the version it is tagged with.
+for image in server agent cli; do
+	printed=$("${podman[@]}" run --rm "${limits[@]}" --network none "localhost/tapio-$image:$version" --version 2>&1 || true)
+	check "tapio-$image:$version --version prints $version (printed: $printed)" test "$printed" = "$version"
 done
 
 # 2. The server image, as the Deployment runs it.
