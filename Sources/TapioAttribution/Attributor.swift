@@ -64,12 +64,19 @@ public final class Attributor: Sendable {
         /// a host process's events do not each read procfs, yet a process that
         /// then moves into a container (a runtime's init) is seen there soon. Default 2.
         public var hostPidTTL: Double
+        /// Seconds a process's container stays known by its pid after its
+        /// `process_exit`: records of other ring buffers (network, DNS), which
+        /// carry no v1 memory cgroup id, may be read after the exit, when
+        /// /proc has nothing left to say. Default 1.
+        public var exitedPidGrace: Double
 
-        public init(procRoot: String = "/proc", maximumCgroupEntries: Int = 65_536, maximumPidEntries: Int = 65_536, hostPidTTL: Double = 2) {
+        public init(procRoot: String = "/proc", maximumCgroupEntries: Int = 65_536, maximumPidEntries: Int = 65_536, hostPidTTL: Double = 2,
+                    exitedPidGrace: Double = 1) {
             self.procRoot = procRoot
             self.maximumCgroupEntries = maximumCgroupEntries
             self.maximumPidEntries = maximumPidEntries
             self.hostPidTTL = hostPidTTL
+            self.exitedPidGrace = exitedPidGrace
         }
     }
 
@@ -118,8 +125,10 @@ public final class Attributor: Sendable {
         if identity == nil || identity!.info.isHost, memoryCgroupId != 0, let memory = cachedIdentity(memoryCgroupId, memory: true) {
             // The kernel's memory cgroup of the task is authoritative where the
             // v2 id says nothing (a hybrid host): a host answer here is final.
+            if pid != 0, !memory.info.isHost { remember(pid, memory) }
             return attribution(for: memory)
         }
+        if pid != 0, let known = identity, !known.info.isHost { remember(pid, known) }
         if identity == nil || identity!.info.isHost, pid != 0, let byPid = pidIdentity(pid) {
             if identity == nil || !byPid.info.isHost { identity = byPid }
         }
@@ -169,18 +178,43 @@ public final class Attributor: Sendable {
     public func pod(ip: IPAddress) -> PodInfo? { index.pod(ip: ip.description) }
     public func pod(ip: String) -> PodInfo? { index.pod(ip: ip) }
 
-    /// Forgets a pid (on its `process_exit`): the number may be reused.
+    /// Forgets a pid (on its `process_exit`; the number may be reused): a
+    /// host answer at once, a container after `exitedPidGrace`.
     public func processExited(pid: UInt32) {
-        _ = state.withLock { $0.byPid.removeValue(forKey: pid) }
+        let expires = ContinuousClock.now + .milliseconds(Int64(milliseconds(configuration.exitedPidGrace)))
+        state.withLock { s in
+            guard let entry = s.byPid[pid] else { return }
+            if entry.identity.info.isHost || configuration.exitedPidGrace <= 0 {
+                s.byPid[pid] = nil
+            } else if entry.expires == nil || entry.expires! > expires {
+                s.byPid[pid] = (entry.identity, expires)
+            }
+        }
+    }
+
+    /// Remembers the container a kernel cgroup id named for a pid, so the
+    /// process's records that carry no usable id (network, DNS on a v1
+    /// host) find it without a /proc read — also just after it exited.
+    private func remember(_ pid: UInt32, _ identity: Identity) {
+        state.withLock { s in
+            if let known = s.byPid[pid], known.identity.path == identity.path { return }
+            if s.byPid.count >= configuration.maximumPidEntries { s.byPid.removeAll(keepingCapacity: true) }
+            s.byPid[pid] = (identity, nil)
+        }
     }
 
     /// Drops cached pids whose process is gone and cgroup ids whose directory
     /// is gone, and deleted pods past their retention. Call it every few seconds.
     public func sweep() {
-        let (pids, cgroups, memoryCgroups) = state.withLock {
-            (Array($0.byPid.keys), $0.byCgroup.map { ($0.key, $0.value.path) }, $0.byMemoryCgroup.map { ($0.key, $0.value.path) })
+        let now = ContinuousClock.now
+        // Expired entries go; a process gone from /proc without its exit seen goes too (an
+        // exited one keeps its grace). Without a host /proc, only expiry forgets.
+        let (pids, expired, cgroups, memoryCgroups) = state.withLock {
+            ($0.byPid.filter { $0.value.expires == nil }.map(\.key), $0.byPid.filter { $0.value.expires.map { $0 <= now } ?? false }.map(\.key),
+             $0.byCgroup.map { ($0.key, $0.value.path) }, $0.byMemoryCgroup.map { ($0.key, $0.value.path) })
         }
-        let deadPids = pids.filter { !FileManager.default.fileExists(atPath: "\(configuration.procRoot)/\($0)") }
+        var deadPids = configuration.readsProc ? pids.filter { !FileManager.default.fileExists(atPath: "\(configuration.procRoot)/\($0)") } : []
+        deadPids += expired
         func dead(_ entries: [(UInt64, String)], _ resolver: CgroupIDResolver?) -> [UInt64] {
             guard let resolver else { return [] }
             defer { resolver.forgetRemoved() }

@@ -72,7 +72,12 @@ final class MemoryCgroupTests: XCTestCase {
         // The v2 id of every task on a hybrid host: the (empty) unified root, a host cgroup.
         let v2Resolver = v2Mount.map { CgroupIDResolver(configuration: .init(mountPoint: $0, scope: "/", maximumDepth: 0)) }
         let v2Root = v2Mount.flatMap { CgroupIDResolver.inode(of: $0) } ?? 0
-        let attributor = Attributor(index: try fixtureIndex(), resolver: v2Resolver, memoryResolver: memoryResolver)
+        // A procfs with nothing in it: any answer below comes from the ids.
+        let noProc = NSTemporaryDirectory() + "/tapio-no-proc-\(getpid())"
+        try FileManager.default.createDirectory(atPath: noProc, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: noProc) }
+        let attributor = Attributor(index: try fixtureIndex(), resolver: v2Resolver, memoryResolver: memoryResolver,
+                                    configuration: .init(procRoot: noProc, exitedPidGrace: 0.2))
 
         // A real process in the container's memory cgroup, so a /proc read would also find it.
         let sleeper = Process()
@@ -86,30 +91,53 @@ final class MemoryCgroupTests: XCTestCase {
         let expected = Attribution(containerId: container, containerName: "mem-stress", pod: "elephant", namespace: "default",
                                    podUID: uid, service: "elephant", cgroupPath: containerPath)
         XCTAssertEqual(attributor.attribute(cgroupId: v2Root, memoryCgroupId: memoryId, pid: pid), expected)
-        XCTAssertEqual(attributor.cachedEntries.pids, 0, "the memory cgroup id named the pod: no /proc read")
         var event = TapioEvent(kind: .processExec, timeNs: 0, pid: pid, cgroupId: v2Root)
         attributor.attribute(&event, memoryCgroupId: memoryId)
         XCTAssertEqual([event.containerId, event.pod, event.namespace], [container, "elephant", "default"])
-        XCTAssertEqual(attributor.cachedEntries.pids, 0)
         XCTAssertEqual(memoryResolver.statistics.walks, 1, "the second event was a cache hit")
 
-        // A host memory cgroup is a host answer (its unit), still without /proc.
+        // A host memory cgroup is a host answer (its unit), final without /proc.
         let host = attributor.attribute(cgroupId: v2Root, memoryCgroupId: hostMemoryId, pid: 0)
         XCTAssertTrue(host.isHost)
         XCTAssertEqual(host.service, "kubelet.service")
 
-        // Without a memory id (an older kernel object), the pid's /proc/<pid>/cgroup still finds the container.
-        let byPid = attributor.attribute(cgroupId: v2Root, memoryCgroupId: 0, pid: pid)
-        XCTAssertEqual([byPid.containerId, byPid.pod], [container, "elephant"])
-        XCTAssertEqual(attributor.cachedEntries.pids, 1)
-
-        // The process leaves and the cgroup is removed: sweep forgets the id, and it no longer resolves.
+        // A record of another ring (network, DNS) carries no memory id: the pid the ids
+        // named is remembered, also just after the process exited and was reaped.
         kill(sleeper.processIdentifier, SIGKILL)
         sleeper.waitUntilExit()
+        attributor.processExited(pid: pid)
+        XCTAssertEqual(attributor.attribute(cgroupId: v2Root, memoryCgroupId: 0, pid: pid).pod, "elephant")
+        usleep(300_000)
+        attributor.sweep()
+        XCTAssertEqual(attributor.cachedEntries.pids, 0, "forgotten after the grace")
+        XCTAssertEqual(attributor.attribute(cgroupId: v2Root, memoryCgroupId: 0, pid: pid).pod, "")
+
+        // The cgroup is removed: sweep forgets the id, and it no longer resolves.
         XCTAssertTrue(eventually(timeout: 5) { rmdir(memoryMount + containerPath) == 0 })
         made.removeAll { $0 == containerPath }
         attributor.sweep()
         XCTAssertEqual(attributor.attribute(cgroupId: v2Root, memoryCgroupId: memoryId, pid: 0).containerId, "")
+    }
+
+    func testWithoutAMemoryIdTheHostProcOfThePidStillNamesTheContainer() throws {
+        let containerPath = root + "/kubepods/burstable/pod\(uid)/\(container)"
+        _ = try mkcgroup(containerPath)
+        let attributor = Attributor(index: try fixtureIndex(), resolver: nil,
+                                    memoryResolver: CgroupIDResolver(configuration: .init(mountPoint: memoryMount, scope: root)))
+        let sleeper = Process()
+        sleeper.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        sleeper.arguments = ["30"]
+        try sleeper.run()
+        child = sleeper
+        let pid = UInt32(sleeper.processIdentifier)
+        try Data(String(pid).utf8).write(to: URL(fileURLWithPath: memoryMount + containerPath + "/cgroup.procs"))
+        let byPid = attributor.attribute(cgroupId: 0, memoryCgroupId: 0, pid: pid)
+        XCTAssertEqual([byPid.containerId, byPid.pod], [container, "elephant"])
+        XCTAssertEqual(attributor.cachedEntries.pids, 1)
+        // Read from a procfs the agent may not read (its own PID namespace's): nothing.
+        var blind = Attributor.Configuration()
+        blind.readsProc = false
+        XCTAssertEqual(Attributor(index: try fixtureIndex(), resolver: nil, configuration: blind).attribute(cgroupId: 0, pid: pid), Attribution())
     }
 
     func testAV2IdThatNamesAContainerWinsOverTheMemoryId() throws {
