@@ -7,7 +7,8 @@ import TapioWire
 /// `incidents`. The same events give the same incidents whatever order they
 /// arrived in, as long as none is later than `allowedLatenessNs`.
 ///
-/// A value type: the server keeps one behind a lock.
+/// A value type: the server keeps one on its own thread, behind a lock that
+/// only that thread and queries take.
 public struct CorrelationEngine: Sendable {
     /// Counters of what the engine did with its input.
     public struct Statistics: Sendable, Equatable {
@@ -20,6 +21,8 @@ public struct CorrelationEngine: Sendable {
         /// Incidents never shown because a restart explained them (a listener
         /// closed on purpose and open again within the grace, the symptoms over).
         public var restartsSuppressed: UInt64 = 0
+
+        public init() {}
     }
 
     public let configuration: CorrelationConfiguration

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOPosix
 import Synchronization
@@ -5,21 +6,41 @@ import TapioCorrelation
 import TapioStore
 import TapioWire
 
-/// The correlation engine inside the server: fed every stored batch (with the
-/// clock correction it was stored with) and every inventory, advanced every
-/// 250 ms on its own thread, its incidents persisted to the store whenever they
-/// change. At start it replays the recent log, so a restart loses no incident
-/// state that the log can rebuild; older incidents come back from the store.
+/// The correlation engine inside the server, on its own thread
+/// (`tapio-correlation`). Ingest hands it every durable batch (events placed
+/// on the server's clock, with the clock correction they were stored with)
+/// and every inventory through a bounded queue and never waits for it: the
+/// thread takes from the queue, and every 250 ms processes events up to the
+/// watermark and persists the incidents that changed. When the queue holds
+/// `queueEvents` events, `submit` says so and the connection that fed it
+/// stops reading (backpressure: its agent keeps the batches, in memory and
+/// then in its spool) until the engine has taken the queue below half.
+/// Nothing is dropped. At start the engine replays the recent log, so a
+/// restart loses no incident state that the log can rebuild; older incidents
+/// come back from the store.
 public final class CorrelationService: Sendable {
     public struct Configuration: Sendable {
         public var engine = CorrelationConfiguration()
         /// How much of the stored log is replayed at start.
         public var replayWindowNs: Int64 = 3_600_000_000_000
+        /// Events queued for the engine (acknowledged, not yet taken by its
+        /// thread) at which connections stop reading. About 60 MiB at the
+        /// default; each connection may add at most its window on top.
+        public var queueEvents = 262_144
+        /// How often the engine processes events up to its watermark.
+        public var tickIntervalNs: Int64 = 250_000_000
         public init() {}
     }
 
+    /// Held by the engine's thread while it takes a batch or makes a pass,
+    /// and by queries; never by ingest.
     private let engine: Mutex<CorrelationEngine>
+    private let feed: EngineFeed
+    /// The engine's statistics as of its last batch or pass, for /metrics
+    /// without waiting for a pass.
+    private let published = Mutex(CorrelationEngine.Statistics())
     private let persisted = Mutex<[String: Int64]>([:])  // id → updatedNs stored
+    private let thread = Mutex<(started: Bool, done: DispatchSemaphore?)>((false, nil))
     private let store: any EventStore
     private let logger: Logger
     public let configuration: Configuration
@@ -29,15 +50,18 @@ public final class CorrelationService: Sendable {
         self.store = store
         self.logger = logger
         engine = Mutex(CorrelationEngine(configuration: configuration.engine))
+        feed = EngineFeed(capacity: max(1, configuration.queueEvents))
     }
 
     /// Rebuilds the engine from the last `replayWindowNs` of the log.
     public func restore(nowNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws {
         let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs, maxFutureSkewNs: maxFutureSkewNs)
-        engine.withLock { e in
+        let statistics = engine.withLock { e in
             log.feed(&e)
             e.advance(toNs: nowNs)
+            return e.statistics
         }
+        published.withLock { $0 = statistics }
         for (id, updated) in try store.incidents().map({ ($0.id, $0.updatedNs) }) {
             persisted.withLock { $0[id] = updated }
         }
@@ -71,21 +95,88 @@ public final class CorrelationService: Sendable {
         return (out, batch.events.count - out.count)
     }
 
-    /// Hands events (from `observed`) to the engine.
-    public func ingest(_ events: [ObservedEvent]) {
-        engine.withLock { $0.ingest(events) }
+    /// Queues events (from `observed`) for the engine's thread; never waits.
+    /// Returns false when the queue is full: the caller stops reading, and
+    /// `onRoom` is called (on the engine's thread) once the queue is below
+    /// half. The events are queued either way.
+    public func submit(_ events: [ObservedEvent], onRoom: @escaping @Sendable () -> Void) -> Bool {
+        feed.push(.events(events), onRoom: onRoom)
     }
 
+    /// Queues a node's inventory for the engine, in line with its events.
     public func updateInventory(node: String, pods: [TapioWire.PodInfo]) {
-        engine.withLock { $0.updateInventory(node: node, pods: pods) }
+        _ = feed.push(.inventory(node: node, pods: pods), onRoom: nil)
     }
 
-    /// Advances the engine to `nowNs` and persists the incidents that changed.
-    public func tick(nowNs: Int64) {
-        let changed: [Incident] = engine.withLock { e in
+    /// Events queued for the engine and not yet ingested by it.
+    public var queueDepth: Int { feed.depth }
+
+    /// Starts the engine's thread; `onPass` is called after every pass.
+    public func start(onPass: @escaping @Sendable () -> Void = {}) {
+        let done = DispatchSemaphore(value: 0)
+        let go = thread.withLock { t -> Bool in
+            guard !t.started else { return false }
+            t = (true, done)
+            return true
+        }
+        guard go else { return }
+        let t = Thread { [self] in
+            Thread.current.name = "tapio-correlation"
+            run(onPass: onPass)
+            done.signal()
+        }
+        t.start()
+    }
+
+    /// Lets the engine take everything queued, makes a last pass and ends its thread.
+    public func stop() {
+        guard let done = thread.withLock({ $0.done }) else {
+            tick(nowNs: wallClockNs())
+            return
+        }
+        feed.stop()
+        done.wait()
+        thread.withLock { $0.done = nil }
+    }
+
+    private func run(onPass: @Sendable () -> Void) {
+        let interval = configuration.tickIntervalNs
+        var nextPass = monotonicNs() + interval
+        while true {
+            let (items, stopping) = feed.take(untilMonotonicNs: nextPass)
+            for item in items {
+                switch item {
+                case .events(let events):
+                    let s = engine.withLock { e in
+                        e.ingest(events)
+                        return e.statistics
+                    }
+                    published.withLock { $0 = s }
+                    feed.taken(events: events.count)
+                case .inventory(let node, let pods):
+                    engine.withLock { $0.updateInventory(node: node, pods: pods) }
+                }
+            }
+            if stopping && items.isEmpty { break }
+            let now = monotonicNs()
+            if now >= nextPass {
+                tick(nowNs: wallClockNs())
+                onPass()
+                nextPass = max(nextPass + interval, monotonicNs())
+            }
+        }
+        tick(nowNs: wallClockNs())
+    }
+
+    /// Advances the engine to `nowNs` and persists the incidents that
+    /// changed. On the engine's thread (or at stop, after it ended).
+    func tick(nowNs: Int64) {
+        let (incidents, statistics) = engine.withLock { e in
             e.advance(toNs: nowNs)
-            return e.incidents
-        }.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
+            return (e.incidents, e.statistics)
+        }
+        published.withLock { $0 = statistics }
+        let changed = incidents.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
         for i in changed {
             do {
                 try store.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
@@ -129,6 +220,82 @@ public final class CorrelationService: Sendable {
     }
 
     public var statistics: CorrelationEngine.Statistics {
-        engine.withLock { $0.statistics }
+        published.withLock { $0 }
+    }
+}
+
+/// The queue between ingest and the engine's thread. Bounded softly: a push
+/// is never refused (the batch is durable and acknowledged, and the engine
+/// must see it), but one that finds `capacity` events queued returns false
+/// and keeps `onRoom` until the engine has taken the queue below half; the
+/// caller stops reading meanwhile, so the queue grows past `capacity` by at
+/// most what connections already had in flight.
+final class EngineFeed: @unchecked Sendable {
+    enum Item {
+        case events([ObservedEvent])
+        case inventory(node: String, pods: [PodInfo])
+    }
+
+    let capacity: Int
+    private let condition = NSCondition()
+    // Guarded by `condition`.
+    private var items: [Item] = []
+    /// Events pushed and not yet ingested by the engine (queued or taken).
+    private var queued = 0
+    private var waiters: [@Sendable () -> Void] = []
+    private var stopping = false
+
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    func push(_ item: Item, onRoom: (@Sendable () -> Void)?) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        items.append(item)
+        if case .events(let e) = item { queued += e.count }
+        condition.signal()
+        guard let onRoom, queued >= capacity else { return true }
+        waiters.append(onRoom)
+        return false
+    }
+
+    /// Everything queued, waiting until something is or the deadline passes
+    /// (or the feed stops).
+    func take(untilMonotonicNs deadline: Int64) -> (items: [Item], stopping: Bool) {
+        condition.lock()
+        defer { condition.unlock() }
+        while items.isEmpty && !stopping {
+            let left = deadline - monotonicNs()
+            if left <= 0 { break }
+            _ = condition.wait(until: Date(timeIntervalSinceNow: Double(left) / 1e9))
+        }
+        let taken = items
+        items.removeAll(keepingCapacity: true)
+        return (taken, stopping)
+    }
+
+    /// The engine ingested `events` of what it took; below half the
+    /// capacity, the connections waiting for room are told.
+    func taken(events: Int) {
+        condition.lock()
+        queued -= events
+        var wake: [@Sendable () -> Void] = []
+        if queued <= capacity / 2, !waiters.isEmpty { swap(&wake, &waiters) }
+        condition.unlock()
+        for w in wake { w() }
+    }
+
+    var depth: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return queued
+    }
+
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.signal()
+        condition.unlock()
     }
 }

@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import TapioCorrelation
 import TapioStore
 import TapioWire
 
@@ -57,6 +58,10 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Batches handed to storage and not yet acknowledged.
     private var pendingStores = 0
     private var readsPaused = false
+    /// Reading stopped because the engine's queue was full; the generation
+    /// tells a stale "room again" call from the current one.
+    private var waitingForEngine = false
+    private var engineWaitGeneration = 0
     /// The node this connection registered in the registry (after a valid
     /// hello), unregistered when the connection ends however it ends.
     private var registeredNode: String?
@@ -266,7 +271,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if stored {
                     handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
                     if future > 0 { handler.server.metrics.add("tapio_server_events_future_total", Int64(future)) }
-                    handler.server.correlation.ingest(observed)
+                    handler.feedEngine(context: context, observed)
                 }
                 // The store counted the batch in the node's row; this is the live view.
                 if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
@@ -288,6 +293,31 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "sequence": "\(batch.sequence)"])
                 handler.reject(context: context, .storageFailed, "storage failed; resend later", metric: "storage")
             }
+        }
+    }
+
+    /// Hands a durable batch's events to the engine without waiting; when
+    /// its queue is full, this connection stops reading until there is room
+    /// (its acks still leave: the batch is durable).
+    private func feedEngine(context: ChannelHandlerContext, _ observed: [ObservedEvent]) {
+        engineWaitGeneration += 1
+        let generation = engineWaitGeneration
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        let room = server.correlation.submit(observed) {
+            loop.execute {
+                let (handler, context) = loopBound.value
+                guard handler.waitingForEngine, handler.engineWaitGeneration == generation else { return }
+                handler.waitingForEngine = false
+                if handler.pendingStores < Int(handler.server.configuration.limits.windowBatches) {
+                    handler.resumeReads(context: context)
+                }
+            }
+        }
+        if !room {
+            waitingForEngine = true
+            server.metrics.add("tapio_server_engine_backpressure_total")
+            pauseReads(context: context)
         }
     }
 
@@ -327,7 +357,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func resumeReads(context: ChannelHandlerContext) {
-        guard readsPaused, !shutdownRequested else { return }
+        guard readsPaused, !shutdownRequested, !waitingForEngine else { return }
         readsPaused = false
         context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
         context.read()

@@ -32,7 +32,6 @@ public final class TapioServer: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let storage = NIOThreadPool(numberOfThreads: 1)
     private let queries = NIOThreadPool(numberOfThreads: 1)
-    private let correlationThread = NIOThreadPool(numberOfThreads: 1)
     private let state = Mutex<RunState>(RunState())
 
     private struct RunState {
@@ -44,7 +43,6 @@ public final class TapioServer: Sendable {
         /// Open connections per listener, each against its own limit.
         var open: [Listener: Int] = [:]
         var shuttingDown = false
-        var tick: RepeatedTask?
         var storeCheck: RepeatedTask?
         var tls: TLSReloader?
     }
@@ -91,7 +89,6 @@ public final class TapioServer: Sendable {
     public func start() throws -> BoundAddresses {
         storage.start()
         queries.start()
-        correlationThread.start()
         let closeGrace = configuration.limits.closeGrace
         let tls = try TLSReloader(files: configuration.tls, metrics: metrics, logger: logger) {
             try Self.makeTLSContext($0, closeGrace: closeGrace)
@@ -148,29 +145,15 @@ public final class TapioServer: Sendable {
         }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
         state.withLock { $0.listeners.append(query) }
 
-        // The engine moves on four times a second, on its own thread: a
-        // bucket is decided within 250 ms of its watermark passing. A tick
-        // still running (or stuck) is not queued behind again; /healthz says
-        // when the last one ended.
-        let correlation = self.correlation
-        let pool = correlationThread
+        // The engine takes durable batches from its queue and moves on four
+        // times a second, on its own thread: a bucket is decided within 250 ms
+        // of its watermark passing. /healthz says when the last pass ended.
         let health = self.health
-        let ticking = Busy()
-        let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .milliseconds(250)) { _ in
-            guard ticking.enter() else { return }
-            pool.submit { state in
-                defer { ticking.leave() }
-                guard case .active = state else { return }
-                correlation.tick(nowNs: wallClockNs())
-                health.engineTicked()
-            }
-        }
+        metrics.add("tapio_server_engine_backpressure_total", 0)
+        correlation.start { health.engineTicked() }
         // The store's write check runs on the storage thread, in line with batches.
         let storeCheck = scheduleStoreCheck()
-        state.withLock {
-            $0.tick = tick
-            $0.storeCheck = storeCheck
-        }
+        state.withLock { $0.storeCheck = storeCheck }
         if let interval = operations.tlsReloadInterval { tls.start(interval: interval) }
         health.set(.ready)
         logger.info("tapio-server listening", metadata: [
@@ -276,13 +259,12 @@ public final class TapioServer: Sendable {
     /// (store and acknowledge what it accepted, then goodbye), wait up to the
     /// grace period, then stop the threads.
     public func shutdown() {
-        let (listeners, http, connections, tick, storeCheck, tls) = state.withLock { s in
+        let (listeners, http, connections, storeCheck, tls) = state.withLock { s in
             s.shuttingDown = true
-            return (s.listeners, s.http, Array(s.connections.values), s.tick, s.storeCheck, s.tls)
+            return (s.listeners, s.http, Array(s.connections.values), s.storeCheck, s.tls)
         }
         guard health.phase != .stopped else { return }
         health.set(.shuttingDown)
-        tick?.cancel()
         storeCheck?.cancel()
         tls?.stop()
         // The ingest and query listeners close now; /metrics (answering
@@ -301,8 +283,8 @@ public final class TapioServer: Sendable {
             }
         }
         for snap in registry.snapshot() { try? store.saveNode(snap.record) }
-        try? correlationThread.syncShutdownGracefully()
-        correlation.tick(nowNs: wallClockNs())
+        // The engine takes what is queued, makes a last pass and stops.
+        correlation.stop()
         try? storage.syncShutdownGracefully()
         try? queries.syncShutdownGracefully()
         try? http?.close().wait()
@@ -333,7 +315,9 @@ public final class TapioServer: Sendable {
                               ("tapio_correlation_late_events_total", Int64(c.late)),
                               ("tapio_correlation_pending_events", Int64(c.pending)),
                               ("tapio_correlation_series", Int64(c.series)),
-                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed))] {
+                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
+                              ("tapio_correlation_queue_events", Int64(correlation.queueDepth)),
+                              ("tapio_correlation_queue_capacity_events", Int64(correlation.configuration.queueEvents))] {
             lines.append("# TYPE \(name) \(name.hasSuffix("_total") ? "counter" : "gauge")")
             lines.append("\(name) \(value)")
         }
