@@ -13,7 +13,8 @@
 #      correlation on);
 #   3. the server again at half the rate it reached in 2;
 #   4. the engine alone: `tapio-server bench-engine` replays the recorded lab
-#      runs (lab/recordings) on one thread and reports events per CPU-second.
+#      runs (lab/recordings), then the log the server stored in 2 and 3, on
+#      one thread, and reports events per CPU-second of replay.
 #
 # Reported: acked events/s of sink and server and their ratio, ack latency
 # p50/p99 at full and half load, the server's CPU (cores) and peak RSS, bytes
@@ -66,13 +67,14 @@ kill -TERM "$server"
 wait "$server" || true
 
 "$bin/tapio-server" bench-engine --recordings "$root/lab/recordings" --repeats 1 >"$work/engine.vals"
+"$bin/tapio-server" bench-engine --data-dir "$work/data" --repeats 1 >"$work/replay.vals"
 
 python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" <<'PY'
 import sys
 work, s0, s1, t0, t1, hz, events, disk, hwm, nodes = sys.argv[1:]
 def vals(name):
     return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l)
-sink, full, half, engine = vals("sink"), vals("full"), vals("half"), vals("engine")
+sink, full, half, engine, replay = vals("sink"), vals("full"), vals("half"), vals("engine"), vals("replay")
 cores = (float(t1) - float(t0)) / float(hz) / (float(s1) - float(s0))
 rs, rf = float(sink["events_per_second"]), float(full["events_per_second"])
 print()
@@ -87,6 +89,7 @@ print(f"  bytes per event         {float(full['wire_bytes_per_event']):>12.1f} o
 errors = [l for l in open(f"{work}/full.vals") if l.startswith("error=")] + [l for l in open(f"{work}/sink.vals") if l.startswith("error=")]
 for e in errors:
     print("  " + e.strip())
-print(f"engine alone: {int(engine['events']):,} events of {engine['recordings']} recorded lab runs in {float(engine['cpu_seconds']):.2f} CPU-s: "
-      f"{float(engine['events_per_cpu_second']):,.0f} events per CPU-second")
+print("engine alone (replay on one thread):")
+print(f"  recorded lab runs       {float(engine['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(engine['events']):,} events of {engine['logs']} runs, {float(engine['cpu_seconds']):.2f} CPU-s)")
+print(f"  this run's stored log   {float(replay['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(replay['events']):,} events, {float(replay['cpu_seconds']):.2f} CPU-s)")
 PY

@@ -42,7 +42,12 @@ struct CauseStore: Sendable {
     private(set) var exits: [String: (timeNs: Int64, planned: Bool)] = [:]
 
     mutating func add(_ c: CauseEvent, limit: Int) {
-        var list = byEntity[c.entity] ?? []
+        // In place: the list is never copied out of the dictionary.
+        Self.insert(c, into: &byEntity[c.entity, default: []], limit: limit)
+        if entitiesByNode[c.node]?.contains(c.entity) != true { entitiesByNode[c.node, default: []].insert(c.entity) }
+    }
+
+    private static func insert(_ c: CauseEvent, into list: inout [CauseEvent], limit: Int) {
         // Usually in time order; a late event is inserted in place.
         if let last = list.last, ObservedEvent.precedes(c.observed, last.observed) {
             let i = list.firstIndex { ObservedEvent.precedes(c.observed, $0.observed) } ?? list.count
@@ -56,8 +61,6 @@ struct CauseStore: Sendable {
             let head = limit / 4
             list.removeSubrange(head..<(head + list.count - limit))
         }
-        byEntity[c.entity] = list
-        if entitiesByNode[c.node]?.contains(c.entity) != true { entitiesByNode[c.node, default: []].insert(c.entity) }
     }
 
     mutating func exited(node: String, pid: UInt32, timeNs: Int64, planned: Bool) {

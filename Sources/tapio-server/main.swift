@@ -166,30 +166,34 @@ struct BenchSink: ParsableCommand {
     }
 }
 
-/// The engine alone: replays recorded lab runs through a fresh engine as
-/// fast as it goes, on this thread, and reports events per CPU-second.
+/// The engine alone: replays recorded lab runs (or one data directory's
+/// log) through a fresh engine as fast as it goes, on this thread, and
+/// reports events per CPU-second of the replays.
 struct BenchEngine: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench-engine", abstract: "Benchmark: the correlation engine alone over recorded lab runs.")
+    static let configuration = CommandConfiguration(commandName: "bench-engine", abstract: "Benchmark: the correlation engine alone over recorded lab runs or a stored log.")
 
     @Option(help: "Directory of recordings (<run>.json + <run>.sqlite.gz).")
     var recordings = "lab/recordings"
-    @Option(help: "Times each recording is replayed.")
+    @Option(help: "Replay this server data directory's log instead of the recordings.")
+    var dataDir: String?
+    @Option(help: "Times each log is replayed.")
     var repeats = 3
 
     func run() throws {
-        let runs = try RecordedRun.loadAll(directory: recordings)
+        let logs = try dataDir.map { [try EventLog.load(dataDirectory: $0)] } ?? RecordedRun.loadAll(directory: recordings).map(\.log)
         var events = 0
         var incidents = 0
+        // Only the replays are timed, not reading the logs.
         let before = threadCPUSeconds()
         for _ in 0..<max(1, repeats) {
-            for run in runs {
-                let engine = run.log.replay()
-                events += run.log.events.count
+            for log in logs {
+                let engine = log.replay()
+                events += log.events.count
                 incidents += engine.incidents.count
             }
         }
         let cpu = threadCPUSeconds() - before
-        print(String(format: "recordings=%d\nevents=%d\nincidents=%d\ncpu_seconds=%.3f\nevents_per_cpu_second=%.0f", runs.count, events, incidents, cpu, Double(events) / cpu))
+        print(String(format: "logs=%d\nevents=%d\nincidents=%d\ncpu_seconds=%.3f\nevents_per_cpu_second=%.0f", logs.count, events, incidents, cpu, Double(events) / cpu))
     }
 
     private func threadCPUSeconds() -> Double {
