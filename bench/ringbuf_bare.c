@@ -18,7 +18,7 @@
  * Prints "ready" on stdout once attached; at the end, one line of key=value:
  * records, drops (ringbuf_full of this object), cpu (user+system seconds of
  * this process), seconds (attached to stopped), first_to_last (seconds from
- * the first record to the last).
+ * the first record to the last), per_second (records over first_to_last).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -185,9 +185,10 @@ int main(int argc, char **argv)
 	uint64_t before = records;
 	ring_buffer__consume(ring);
 	note_progress(before);
-	printf("records=%llu drops=%llu cpu=%.3f seconds=%.3f first_to_last=%.3f\n",
+	double active = records ? (last_ns - first_ns) / 1e9 : 0.0;
+	printf("records=%llu drops=%llu cpu=%.3f seconds=%.3f first_to_last=%.3f per_second=%.0f\n",
 	       (unsigned long long)records, (unsigned long long)read_drops(skel), cpu_seconds() - cpu_before,
-	       (stopped - start) / 1e9, records ? (last_ns - first_ns) / 1e9 : 0.0);
+	       (stopped - start) / 1e9, active, active > 0 ? records / active : 0.0);
 	ring_buffer__free(ring);
 	bpf_link__destroy(link);
 	tapio_process__destroy(skel);

@@ -7,7 +7,7 @@
  * so no libc caching can skip the system call.
  *
  * Usage: storm [-c COMM] [-d SECONDS] [-t THREADS]
- * Prints "calls=N seconds=S" on stdout when done.
+ * Prints "calls=N seconds=S per_second=R" on stdout when done.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -85,6 +85,7 @@ int main(int argc, char **argv)
 		pthread_join(tids[i], NULL);
 		total += counts[i];
 	}
-	printf("calls=%llu seconds=%.3f\n", (unsigned long long)total, now() - start);
+	double secs = now() - start;
+	printf("calls=%llu seconds=%.3f per_second=%.0f\n", (unsigned long long)total, secs, total / secs);
 	return 0;
 }
