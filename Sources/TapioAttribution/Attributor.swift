@@ -146,7 +146,18 @@ public final class Attributor: Sendable {
     /// where the v2 id names no container.
     public func attribute(_ event: inout TapioEvent, memoryCgroupId: UInt64) {
         guard event.pod.isEmpty && event.containerId.isEmpty else { return }
-        let a = attribute(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid)
+        var a = attribute(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid)
+        // Counters read from cgroup files name their cgroup by path: on a v1 host
+        // it has no v2 id, and the path itself says whose it is.
+        if a.isHost, event.pid == 0 {
+            switch event.detail {
+            case .cpuThrottle(_, _, _, _, let path), .memoryPressure(_, _, _, _, _, _, let path):
+                let byPath = attribute(cgroupPath: path)
+                if !byPath.isHost { a = byPath }
+            default:
+                break
+            }
+        }
         event.containerId = a.containerId
         event.pod = a.pod
         event.namespace = a.namespace

@@ -196,7 +196,8 @@ final class PodShapeTests: XCTestCase {
         let run = try TestSupport.run(shell, ["-c", "\(join) && /usr/bin/python3 \(dir)/workload.py && exec tail /dev/zero"], timeout: 60)
         XCTAssertEqual(run.status, 128 + SIGKILL, "the workload is OOM-killed: \(run)")
 
-        let wanted: Set<String> = ["process_exec", "process_exit", "tcp_connect", "dns", "oom_kill"]
+        // memory_pressure: the limit hits, read from the container's memory cgroup files.
+        let wanted: Set<String> = ["process_exec", "process_exit", "tcp_connect", "dns", "oom_kill", "memory_pressure"]
         var attributed: [JSONValue] = []
         let arrived = try eventually(timeout: 30) {
             attributed = try query(["events", "--pod", pod, "--limit", "10000"])["events"]?.arrayValue ?? []

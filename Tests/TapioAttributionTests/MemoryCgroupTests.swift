@@ -140,6 +140,19 @@ final class MemoryCgroupTests: XCTestCase {
         XCTAssertEqual(Attributor(index: try fixtureIndex(), resolver: nil, configuration: blind).attribute(cgroupId: 0, pid: pid), Attribution())
     }
 
+    func testCgroupCountersWithoutAV2IdAreAttributedByTheirPath() throws {
+        let attributor = Attributor(index: try fixtureIndex(), resolver: nil)
+        let path = "/kubepods/burstable/pod\(uid)/\(container)"
+        var event = TapioEvent(kind: .memoryPressure, timeNs: 0, cgroupId: 0, detail: .memoryPressure(
+            source: "limit", count: 3, usageBytes: 1 << 20, limitBytes: 1 << 20, psiSomeAvg10Permille: 0, intervalNs: 1_000_000_000, cgroup: path))
+        attributor.attribute(&event)
+        XCTAssertEqual([event.pod, event.namespace, event.containerId], ["elephant", "default", container])
+        var host = TapioEvent(kind: .cpuThrottle, timeNs: 0, cgroupId: 0, detail: .cpuThrottle(
+            periods: 10, throttledPeriods: 2, throttledNs: 5, intervalNs: 1, cgroup: "/system.slice/kubelet.service"))
+        attributor.attribute(&host)
+        XCTAssertEqual(host.pod, "")
+    }
+
     func testAV2IdThatNamesAContainerWinsOverTheMemoryId() throws {
         let memoryId = try mkcgroup(root + "/kubepods/burstable/pod\(uid)/\(container)")
         let v2Path = "/kubepods/besteffort/pod\(Fixtures.rabbitUID)/\(Fixtures.crashloopContainer)"
