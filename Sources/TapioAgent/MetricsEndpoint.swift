@@ -224,36 +224,32 @@ extension Agent {
     public func metricsText() -> String {
         let stats = outbox.stats
         let status = sender.status
-        var lines: [String] = []
-        func metric(_ name: String, _ type: String, _ samples: [(String, String)]) {
-            lines.append("# TYPE \(name) \(type)")
-            for (labels, value) in samples { lines.append("\(name)\(labels) \(value)") }
-        }
-        metric("tapio_agent_events_read_total", "counter", [("", "\(kernel.eventsRead)")])
-        metric("tapio_agent_batches_sealed_total", "counter", [("", "\(stats.sealedBatches)")])
-        metric("tapio_agent_batches_acked_total", "counter", [("", "\(stats.ackedBatches)")])
-        metric("tapio_agent_batches_sent_total", "counter", [("", "\(status.batchesSent)")])
-        metric("tapio_agent_batch_bytes_sent_total", "counter", [("", "\(status.batchBytesSent)")])
-        metric("tapio_agent_unacknowledged_batches", "gauge", [("", "\(stats.unacknowledged)")])
-        metric("tapio_agent_outbox_memory_bytes", "gauge", [("", "\(stats.memoryBytes)")])
-        metric("tapio_agent_spool_bytes", "gauge", [("", "\(stats.spoolBytes)")])
-        metric("tapio_agent_connected", "gauge", [("", status.connected ? "1" : "0")])
-        metric("tapio_agent_connects_total", "counter", [("", "\(status.connects)")])
-        metric("tapio_agent_connect_failures_total", "counter", [("", "\(status.connectFailures)")])
-        metric("tapio_agent_connect_refusals_total", "counter", [("", "\(status.refusals)")])
-        metric("tapio_agent_refused", "gauge", [("", status.refused ? "1" : "0")])
-        metric("tapio_agent_reconnect_delay_seconds", "gauge", [("", "\(Double(status.retryInMs) / 1000)")])
-        metric("tapio_agent_ready", "gauge", [("", readiness().ok ? "1" : "0")])
-        metric("tapio_agent_self_events_filtered_total", "counter", [("", "\(kernel.selfEventsFiltered)")])
-        metric("tapio_agent_dropped_events_total", "counter",
-               stats.drops.sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
-                   .map { ("{kind=\"\($0.kind.name)\",reason=\"\($0.reason)\"}", "\($0.count)") })
+        var m = MetricsText()
+        m.add("tapio_agent_events_read_total", .counter, "Events read from the kernel (records and aggregates), the agent's own traffic left out.", kernel.eventsRead)
+        m.add("tapio_agent_batches_sealed_total", .counter, "Batches built from events read.", stats.sealedBatches)
+        m.add("tapio_agent_batches_sent_total", .counter, "Batches written to the server (a resend counts again).", status.batchesSent)
+        m.add("tapio_agent_batch_bytes_sent_total", .counter, "Encoded bytes of the batches written to the server.", status.batchBytesSent)
+        m.add("tapio_agent_batches_acked_total", .counter, "Batches the server acknowledged as durable.", stats.ackedBatches)
+        m.add("tapio_agent_unacknowledged_batches", .gauge, "Batches kept for (re)sending until acknowledged.", stats.unacknowledged)
+        m.add("tapio_agent_outbox_memory_bytes", .gauge, "Bytes of batches kept in memory for sending.", stats.memoryBytes)
+        m.add("tapio_agent_spool_bytes", .gauge, "Bytes of batches kept in the spool directory.", stats.spoolBytes)
+        m.add("tapio_agent_connected", .gauge, "1 while a session with the server is open (hello acknowledged).", status.connected ? 1 : 0)
+        m.add("tapio_agent_connects_total", .counter, "Sessions with the server opened.", status.connects)
+        m.add("tapio_agent_connect_failures_total", .counter, "Connection attempts and sessions that failed.", status.connectFailures)
+        m.add("tapio_agent_connect_refusals_total", .counter, "Attempts the server refused (error answer to the hello, failed TLS handshake).", status.refusals)
+        m.add("tapio_agent_refused", .gauge, "1 while the last attempt was refused.", status.refused ? 1 : 0)
+        m.add("tapio_agent_reconnect_delay_seconds", .gauge, "Wait before the next connection attempt (0 while connected).", Double(status.retryInMs) / 1000)
+        m.add("tapio_agent_ready", .gauge, "1 while /readyz answers 200.", readiness().ok ? 1 : 0)
+        m.add("tapio_agent_self_events_filtered_total", .counter, "Network events of the agent's own traffic left out (not read, not dropped).", kernel.selfEventsFiltered)
+        m.add("tapio_agent_dropped_events_total", .counter, "Events lost, by kind and reason, in the kernel and in the agent.",
+              stats.drops.sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
+                  .map { .init([("kind", $0.kind.name), ("reason", $0.reason)], $0.count) })
         let rings = kernel.ringBuffers
-        metric("tapio_agent_ring_buffer_bytes", "gauge", rings.map { ("{ring=\"\($0.name)\"}", "\($0.bytes)") })
-        metric("tapio_agent_ring_records_total", "counter", rings.map { ("{ring=\"\($0.name)\"}", "\($0.records)") })
-        metric("tapio_agent_ring_wakeups_total", "counter", [("", "\(kernel.ringWakeups)")])
-        metric("tapio_agent_program_attached", "gauge",
-               kernel.programs.map { ("{program=\"\($0.name)\",signal=\"\($0.capability)\"}", $0.attached ? "1" : "0") })
-        return lines.joined(separator: "\n") + "\n"
+        m.add("tapio_agent_ring_buffer_bytes", .gauge, "Size of each ring buffer read.", rings.map { .init([("ring", $0.name)], $0.bytes) })
+        m.add("tapio_agent_ring_records_total", .counter, "Records read from each ring buffer.", rings.map { .init([("ring", $0.name)], $0.records) })
+        m.add("tapio_agent_ring_wakeups_total", .counter, "Times a ring buffer past its fill mark woke the reader.", kernel.ringWakeups)
+        m.add("tapio_agent_program_attached", .gauge, "1 per running kernel program, 0 per degraded one.",
+              kernel.programs.map { .init([("program", $0.name), ("signal", $0.capability)], $0.attached ? 1 : 0) })
+        return m.text
     }
 }
