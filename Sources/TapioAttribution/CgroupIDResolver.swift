@@ -59,10 +59,12 @@ public final class CgroupIDResolver: Sendable {
         self.configuration = c
     }
 
-    /// A resolver for this mount namespace's cgroup2 mount (from /proc/self/mountinfo).
-    public convenience init(scope: String = "/") throws {
-        guard let mount = CgroupMount.cgroup2MountPoint() else {
-            throw AttributionError("no cgroup2 filesystem in /proc/self/mountinfo")
+    /// A resolver for the host's cgroup2 mount (`HostCgroups.detect`: the
+    /// host's tree mounted in a pod at /host/sys/fs/cgroup, else this mount
+    /// namespace's cgroup2 mount), never a pod's own namespaced view.
+    public convenience init(scope: String = "/", hostCgroupfs: String? = nil) throws {
+        guard let mount = HostCgroups.detect(configured: hostCgroupfs).unified else {
+            throw AttributionError("no cgroup2 filesystem found for the host (give the host's cgroupfs root)")
         }
         self.init(configuration: Configuration(mountPoint: mount, scope: scope))
     }
