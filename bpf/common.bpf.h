@@ -27,7 +27,8 @@ const volatile __u32 kinds_disabled_mask = 0;
  * at high rates costs one reader wakeup per record. */
 const volatile __u64 wakeup_bytes = 0;
 
-/* Default 1 MiB; the loader may resize it (power of two, page multiple). */
+/* 1 MiB in the object; the loaders size it (4 MiB for process and dns by
+ * default, --ring-buffer): a power of two, a multiple of the page size. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);

@@ -20,7 +20,7 @@
 
 #include "dns.skel.h"
 
-#define TAPIO_DNS_DEFAULT_RINGBUF_BYTES (1u << 20)
+#define TAPIO_DNS_DEFAULT_RINGBUF_BYTES (4u << 20)
 /* The verifier's log when loading fails; its end holds the reason. */
 #define TAPIO_DNS_KERNEL_LOG_BYTES (256u * 1024u)
 #define TAPIO_DNS_DROP_SLOTS (TAPIO_KIND_MAX * TAPIO_DROP_REASON_MAX)

@@ -23,7 +23,7 @@
 
 #include "process.skel.h"
 
-#define TAPIO_BPF_DEFAULT_RINGBUF_BYTES (1u << 20)
+#define TAPIO_BPF_DEFAULT_RINGBUF_BYTES (4u << 20)
 /* Keeps the end of a long verifier log, which is where the reason is. */
 #define TAPIO_BPF_LOG_MAX (64u * 1024u)
 #define TAPIO_BPF_MAX_PROGRAMS 32

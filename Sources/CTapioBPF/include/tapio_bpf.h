@@ -30,7 +30,7 @@ typedef struct {
 	uint64_t cgroup_root_id;      /* 0 = every cgroup */
 	uint32_t cgroup_root_level;   /* depth of that cgroup below the cgroup2 root (root = 0) */
 	uint32_t kinds_disabled_mask; /* bit (1u << kind) turns a kind off */
-	uint32_t ringbuf_bytes;       /* 0 = default (1 MiB); power of two, multiple of page size */
+	uint32_t ringbuf_bytes;       /* 0 = default (4 MiB); power of two, multiple of page size */
 	/* Adaptive wakeup fill mark (bpf/common.bpf.h): 0 = default (1/16 of
 	 * the ring), UINT32_MAX = the kernel's default wakeups. */
 	uint32_t wakeup_bytes;

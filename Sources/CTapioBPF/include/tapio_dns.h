@@ -102,7 +102,7 @@ typedef struct {
 	 * created in. */
 	const char *cgroup_path;
 	uint64_t timeout_ns;    /* 0 = 5 s: a query unanswered this long is emitted with rcode -1 */
-	uint32_t ringbuf_bytes; /* 0 = 1 MiB; power of two, multiple of the page size */
+	uint32_t ringbuf_bytes; /* 0 = 4 MiB; power of two, multiple of the page size */
 	uint32_t max_pending;   /* 0 = 16384 queries in flight at once; more are counted and dropped */
 	uint16_t port;          /* 0 = 53: the server port that marks DNS traffic */
 	uint32_t wakeup_bytes;  /* fill mark, as in tapio_bpf_config */
