@@ -134,9 +134,13 @@ def events(s):
     calls = s.f("storm_calls")
     read, where = s.read(0, 1, "process")
     delivered = s.delta("server", "tapio_server_events_total", 0, 1)
+    if s.f("alone_seconds"):
+        s.row("storm alone (no program emitting)", rate(s.f("alone_calls"), s.f("alone_seconds")))
     s.row("bare consumer: storm (getppid calls)", rate(calls_bare, secs_bare))
     s.row("bare consumer: records read", rate(records, secs_bare) + f", {n(s.f('bare_drops'))} dropped")
     s.row("bare consumer: CPU", f"{s.f('bare_cpu'):.2f} s ({1000 * s.f('bare_cpu') / max(records, 1) * 1000:.2f} ms per 1k records)")
+    if s.f("loaded_seconds"):
+        s.row("agent loaded, storm under another comm", rate(s.f("loaded_calls"), s.f("loaded_seconds")))
     s.row("agent: storm (getppid calls)", rate(calls, secs))
     s.row(f"agent: events read ({where})", rate(read, secs))
     s.agent_rows(secs, s.delta("agent", "tapio_agent_events_read_total", 0, 2))

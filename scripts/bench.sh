@@ -226,9 +226,14 @@ PY
 }
 
 section_events() {
-	local d=$work/events threads=${BENCH_STORM_THREADS:-1} bare out
+	local d=$work/events threads=${BENCH_STORM_THREADS:-1} bare out control
 	mkdir -p "$d"
 	echo "threads=$threads" >"$d/vals"
+	# Controls, at most 5 s each: the storm with nothing emitting, and (below)
+	# with the agent loaded but the comm not its own, so what the agent's
+	# other programs cost each system call shows apart from its records.
+	control=$((duration < 5 ? duration : 5))
+	"$tools/storm" -c "${comm}x" -d "$control" -t "$threads" | sed 's/\([a-z_]*\)=/alone_\1=/g' >>"$d/vals"
 	# The bare consumer first, alone: the agent's copy of the program is not
 	# loaded yet, so the storm feeds one ring only.
 	"$tools/ringbuf_bare" -c "$comm" >"$d/bare.out" 2>"$d/bare.err" &
@@ -242,6 +247,7 @@ section_events() {
 	echo "$out" | sed 's/\([a-z_]*\)=/bare_storm_\1=/g' >>"$d/vals"
 	tail -1 "$d/bare.out" | sed 's/\([a-z_]*\)=/bare_\1=/g' >>"$d/vals"
 	start_agent --bench-storm-comm "$comm"
+	"$tools/storm" -c "${comm}x" -d "$control" -t "$threads" | sed 's/\([a-z_]*\)=/loaded_\1=/g' >>"$d/vals"
 	measure "$d" sh -c "'$tools/storm' -c '$comm' -d '$duration' -t '$threads' | sed 's/\([a-z_]*\)=/storm_\1=/g'"
 	python3 "$report" events "$d"
 }
