@@ -21,17 +21,20 @@
 # per event on the wire and on disk.
 #
 # Usage: scripts/bench-ingest.sh BIN_DIR [SECONDS=10]
+# BENCH_INGEST_DATA=DIR puts the server's data directory in DIR (e.g. under
+# /dev/shm, to take the disk's fsync out of the figures); it is removed after.
 set -euo pipefail
 bin=${1:?usage: bench-ingest.sh BIN_DIR [SECONDS]}
 duration=${2:-10}
 nodes=${BENCH_INGEST_NODES:-a,b,c,d}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/tapio-bench-ingest.XXXXXX)
+data=${BENCH_INGEST_DATA:-$work}/tapio-bench-ingest-data.$$
 pids=()
 cleanup() {
 	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-	rm -rf "$work"
+	rm -rf "$work" "$data"
 }
 trap cleanup EXIT INT TERM
 
@@ -48,7 +51,7 @@ gen --server 127.0.0.1:17610 >"$work/sink.vals"
 kill -TERM "$sink"
 wait "$sink" || true
 
-"$bin/tapio-server" --data-dir "$work/data" --tls-dir "$work/pki/server" --listen 127.0.0.1:17611 \
+"$bin/tapio-server" --data-dir "$data" --tls-dir "$work/pki/server" --listen 127.0.0.1:17611 \
 	--query-listen 127.0.0.1:17612 --metrics-listen 127.0.0.1:17613 2>"$work/server.log" &
 server=$!
 pids+=($server)
@@ -59,7 +62,7 @@ gen --server 127.0.0.1:17611 >"$work/full.vals"
 s1=$(date +%s.%N)
 t1=$(ticks "$server")
 events=$(python3 -c 'import urllib.request; print(next(l.split()[1] for l in urllib.request.urlopen("http://127.0.0.1:17613/metrics", timeout=5).read().decode().splitlines() if l.startswith("tapio_server_events_total ")))')
-disk=$(du -sb "$work/data" | cut -f1)
+disk=$(du -sb "$data" | cut -f1)
 half=$(awk -v r="$(val "$work/full.vals" events_per_second)" 'BEGIN {printf "%.0f", r / 2}')
 gen --server 127.0.0.1:17611 --rate "$half" >"$work/half.vals"
 hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$server/status")
@@ -67,18 +70,18 @@ kill -TERM "$server"
 wait "$server" || true
 
 "$bin/tapio-server" bench-engine --recordings "$root/lab/recordings" --repeats 1 >"$work/engine.vals"
-"$bin/tapio-server" bench-engine --data-dir "$work/data" --repeats 1 >"$work/replay.vals"
+"$bin/tapio-server" bench-engine --data-dir "$data" --repeats 1 >"$work/replay.vals"
 
-python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" <<'PY'
+python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" "$(stat -f -c %T "$(dirname "$data")")" <<'PY'
 import sys
-work, s0, s1, t0, t1, hz, events, disk, hwm, nodes = sys.argv[1:]
+work, s0, s1, t0, t1, hz, events, disk, hwm, nodes, fs = sys.argv[1:]
 def vals(name):
     return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l)
 sink, full, half, engine, replay = vals("sink"), vals("full"), vals("half"), vals("engine"), vals("replay")
 cores = (float(t1) - float(t0)) / float(hz) / (float(s1) - float(s0))
 rs, rf = float(sink["events_per_second"]), float(full["events_per_second"])
 print()
-print(f"server ingest: {len(nodes.split(','))} simulated agents, batches of 512, {float(full['seconds']):.1f} s per run")
+print(f"server ingest: {len(nodes.split(','))} simulated agents, batches of 512, {float(full['seconds']):.1f} s per run, server data on {fs}")
 print(f"  decode-only sink        {rs:>12,.0f} events/s acked  (ack p50 {sink['ack_p50_ms']} ms, p99 {sink['ack_p99_ms']} ms)")
 print(f"  tapio-server            {rf:>12,.0f} events/s acked  (ack p50 {full['ack_p50_ms']} ms, p99 {full['ack_p99_ms']} ms)")
 print(f"  server / sink           {rf / rs:>12.3f}")

@@ -7,7 +7,7 @@ import TapioStore
 import TapioWire
 
 /// The correlation engine inside the server, on its own thread
-/// (`tapio-correlation`). Ingest hands it every durable batch (events placed
+/// (`tapio-engine`). Ingest hands it every durable batch (events placed
 /// on the server's clock, with the clock correction they were stored with)
 /// and every inventory through a bounded queue and never waits for it: the
 /// thread takes from the queue, and every 250 ms processes events up to the
@@ -121,7 +121,8 @@ public final class CorrelationService: Sendable {
         }
         guard go else { return }
         let t = Thread { [self] in
-            Thread.current.name = "tapio-correlation"
+            // At most 15 bytes, or Linux keeps the process's name.
+            Thread.current.name = "tapio-engine"
             run(onPass: onPass)
             done.signal()
         }
