@@ -240,6 +240,7 @@ extension Agent {
         m.add("tapio_agent_refused", .gauge, "1 while the last attempt was refused.", status.refused ? 1 : 0)
         m.add("tapio_agent_reconnect_delay_seconds", .gauge, "Wait before the next connection attempt (0 while connected).", Double(status.retryInMs) / 1000)
         m.add("tapio_agent_ready", .gauge, "1 while /readyz answers 200.", readiness().ok ? 1 : 0)
+        m.add("tapio_agent_proc_cgroup_reads_total", .counter, "Reads of /proc/PID/cgroup: only for records whose cgroup ids name no container.", attributor.procReads)
         m.add("tapio_agent_self_events_filtered_total", .counter, "Network events of the agent's own traffic left out (not read, not dropped).", kernel.selfEventsFiltered)
         m.add("tapio_agent_dropped_events_total", .counter, "Events lost, by kind and reason, in the kernel and in the agent.",
               stats.drops.sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }

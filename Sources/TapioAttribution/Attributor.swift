@@ -100,6 +100,12 @@ public final class Attributor: Sendable {
     public let memoryResolver: CgroupIDResolver?
     public let configuration: Configuration
     private let state = Mutex(State())
+    private let procReadCount = Atomic<UInt64>(0)
+
+    /// Times a pid's `/proc/<pid>/cgroup` was read: only when no cgroup id
+    /// named a record's container and the pid was not cached. Stays far below
+    /// the events attributed (the kernel's ids answer); on /metrics.
+    public var procReads: UInt64 { procReadCount.load(ordering: .relaxed) }
 
     /// - Parameters:
     ///   - resolver: v2 ids; nil on a host without cgroup v2 (pids are used then).
@@ -247,8 +253,9 @@ public final class Attributor: Sendable {
     private func pidIdentity(_ pid: UInt32) -> Identity? {
         let now = ContinuousClock.now
         if let cached = state.withLock({ $0.byPid[pid] }), cached.expires.map({ $0 > now }) ?? true { return cached.identity }
-        guard configuration.readsProc,
-              let entries = ProcCgroup.read(pid: Int32(bitPattern: pid), procRoot: configuration.procRoot),
+        guard configuration.readsProc else { return nil }
+        procReadCount.add(1, ordering: .relaxed)
+        guard let entries = ProcCgroup.read(pid: Int32(bitPattern: pid), procRoot: configuration.procRoot),
               let (path, info) = ProcCgroup.identify(entries) else { return nil }
         let found = Identity(path: path, info: info)
         // A host result expires soon: the process may be a runtime's init
