@@ -139,6 +139,9 @@ public final class Agent: Sendable {
                 "epoch": "\(left.epoch)", "events_read": "\(left.read.reduce(0, &+))", "agent_killed": "\(killed)",
                 "unreported_drops": "\(left.unreported.values.reduce(0, &+) &- killed)"])
         }
+        if let problem = outbox.countersProblem {
+            logger.warning("no crash counters: what a crash loses will not be counted", metadata: ["error": "\(problem)"])
+        }
         var senderConfig = Sender.Configuration(
             host: configuration.serverHost, port: configuration.serverPort, serverName: configuration.serverName, tls: configuration.tls,
             node: configuration.node, bootId: Agent.bootId(), capabilities: kernel.capabilities, degraded: kernel.degraded)

@@ -118,6 +118,7 @@ public final class Outbox: Sendable {
         var lastTrimNs: Int64 = 0
         /// This process's crash counters (with a state directory).
         var counters: CrashCounters?
+        var countersProblem: String?
 
         var drops: [DropKey: UInt64] { kernelDrops.merging(localDrops, uniquingKeysWith: saturatingAdd).filter { $0.value > 0 } }
 
@@ -196,15 +197,6 @@ public final class Outbox: Sendable {
         if let dir = spoolDirectory {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         }
-        if let left = recovered, let state = stateDirectory {
-            // Saved before the counters file goes: a crash in between counts
-            // the same again, with max() below, not twice.
-            var carried = readCarriedDrops()
-            for (key, n) in left.unreported { carried[key] = max(carried[key, default: 0], n) }
-            try writeCarriedDrops(carried)
-            unlink(state + "/counters")
-            syncDirectory(state)
-        }
         if let dir = spoolDirectory {
             try loadSpool(dir)
         } else if stateDirectory != nil {
@@ -214,11 +206,30 @@ public final class Outbox: Sendable {
                 s.carriedFilePresent = carriedPath.map { FileManager.default.fileExists(atPath: $0) } ?? false
             }
         }
+        // What the previous process never reported becomes this one's to
+        // report, and is in this process's counters file (as drops no
+        // durable batch carries yet) from the moment that file replaces the
+        // old one: never in neither. The carried-drops file may hold part of
+        // the same counts (the previous process took them over from it), so
+        // the larger of the two counts, not their sum.
+        if let left = recovered {
+            state.withLock { s in
+                for (key, n) in left.unreported where n > s.localDrops[key, default: 0] { s.localDrops[key] = n }
+            }
+        }
         if let dir = stateDirectory {
-            let counters = try state.withLock { s in try CrashCounters(path: dir + "/counters", epoch: epoch, drops: s.drops) }
-            state.withLock { $0.counters = counters }
+            do {
+                let counters = try state.withLock { s in try CrashCounters(path: dir + "/counters", epoch: epoch, drops: s.drops) }
+                state.withLock { $0.counters = counters }
+            } catch {
+                // The agent still runs; what a crash loses is then not counted.
+                state.withLock { $0.countersProblem = "\(error)" }
+            }
         }
     }
+
+    /// Why the crash counters could not be created (then a crash's losses go uncounted).
+    public var countersProblem: String? { state.withLock { $0.countersProblem } }
 
     private func recordPath(_ dir: String, _ epoch: UInt64, _ sequence: UInt64) -> String { "\(dir)/\(epoch)-\(sequence).batch" }
     private var carriedPath: String? { (spoolDirectory ?? stateDirectory).map { $0 + "/carried-drops" } }
@@ -345,7 +356,9 @@ public final class Outbox: Sendable {
             while true {
                 let (writes, stop, counters) = state.withLock { s in
                     // Batches left unreserved while the queue was full.
-                    if s.queued.isEmpty, s.unspooledBehind { s.queued = reserveSpoolWrites(&s) }
+                    // (Not while writes fail: then one batch per seal is tried. Not
+                    // when stopping: spoolRemaining takes what is left.)
+                    if s.queued.isEmpty, s.unspooledBehind, !s.spoolFailing, s.background { s.queued = reserveSpoolWrites(&s) }
                     defer {
                         s.queued = []
                         s.queuedBytes = 0
@@ -358,7 +371,7 @@ public final class Outbox: Sendable {
                     counters?.sync()
                     lastSyncNs = monotonicNs()
                 }
-                if stop, writes.isEmpty { break }
+                if stop { break }
                 if writes.isEmpty { _ = spoolerWake.wait(timeout: .now() + 1) }
             }
             spoolerDone.signal()
