@@ -835,7 +835,10 @@ public final class Outbox: Sendable {
         return state.withLock { s in
             let unsaved = s.entries.filter { $0.file == nil }
             s.entries.removeAll { $0.file == nil }
-            for e in unsaved { release(e, &s) }
+            for e in unsaved {
+                release(e, &s)
+                s.settle(e)
+            }
             var lost = unsaved.reduce(0) { $0 + $1.events }
             if lost > 0 { s.count(lost, "spool_full") }
             while true {

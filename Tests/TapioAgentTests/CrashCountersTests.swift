@@ -148,6 +148,17 @@ final class CrashCountersTests: XCTestCase {
         XCTAssertEqual(drops(restarted), ["unspecified/queue_full": 14])
     }
 
+    func testEventsThatDoNotFitTheSpoolAtAStopAreAccountedForAsDropped() throws {
+        var small = limits(events: 10)
+        small.maxSpoolBytes = 1
+        let outbox = try Outbox(node: "n", epoch: 5, limits: small, spoolDirectory: spool, stateDirectory: dir)
+        for pid in 1...30 { outbox.add(event(UInt32(pid))) }
+        XCTAssertEqual(outbox.spoolRemaining(), 30)
+        XCTAssertEqual(outbox.closeCrashCounters(), [:], "counted as spool_full, so accounted for")
+        let restarted = try Outbox(node: "n", epoch: 6, limits: small, spoolDirectory: spool, stateDirectory: dir)
+        XCTAssertEqual(drops(restarted), ["unspecified/spool_full": 30], "from carried-drops, not twice")
+    }
+
     func testTheSpoolerThreadWritesWhatTheReaderSeals() throws {
         let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
         outbox.startSpooler()
