@@ -112,6 +112,13 @@ public enum JSONValue: Sendable, Equatable, Codable {
 
     private static func writeString(_ s: String, into out: inout String) {
         out += "\""
+        // Most strings (names, addresses, kinds) need no escape: one append,
+        // not one per scalar (the store writes a `detail` per event).
+        if s.utf8.allSatisfy({ $0 >= 0x20 && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }) {
+            out += s
+            out += "\""
+            return
+        }
         for scalar in s.unicodeScalars {
             switch scalar {
             case "\"": out += "\\\""
