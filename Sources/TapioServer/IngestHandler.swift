@@ -18,6 +18,8 @@ final class ServerContext: Sendable {
     let version: String
     let pods: PodDirectory
     let correlation: CorrelationService
+    /// Batch appends, committed in groups on the storage thread.
+    let commits: GroupCommit
 
     init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, correlation: CorrelationService,
          metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
@@ -28,6 +30,7 @@ final class ServerContext: Sendable {
         self.pods = pods
         self.metrics = metrics
         self.storage = storage
+        self.commits = GroupCommit(store: store, storage: storage)
         self.logger = logger
         self.version = version
     }
@@ -258,11 +261,9 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         let (observed, future) = CorrelationService.observed(batch, clock: correction, receivedNs: receivedNs,
                                                              maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
         let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
-        let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        server.storage.runIfActive(eventLoop: context.eventLoop) {
-            try store.append(batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops)
-        }.whenComplete { result in
+        server.commits.append(BatchAppend(batch: batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops),
+                              eventLoop: context.eventLoop).whenComplete { result in
             let (handler, context) = loopBound.value
             handler.pendingStores -= 1
             switch result {

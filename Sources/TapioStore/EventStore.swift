@@ -132,6 +132,10 @@ public protocol EventStore: Sendable {
     /// they never lag what was acknowledged. Returns false when (node, epoch,
     /// sequence) was stored before: nothing is written twice.
     func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64, serverDrops: [DropCount]) throws -> Bool
+    /// Appends several batches in one transaction (one fsync, group
+    /// commit): when it returns every one is durable, when it throws none
+    /// is. Per batch, as `append`: stored, or false for a duplicate.
+    func appendAll(_ batches: [BatchAppend]) throws -> [Bool]
     /// The contiguous durable prefix of (node, epoch): the largest n such that
     /// every sequence 1...n is stored, 0 when sequence 1 is not. A gap (a
     /// batch whose store failed while a later one succeeded) ends the prefix.
@@ -169,6 +173,24 @@ public struct StoredIncident: Sendable, Equatable {
         self.openedNs = openedNs
         self.updatedNs = updatedNs
         self.json = json
+    }
+}
+
+/// One batch for `appendAll`, with what `append` takes.
+public struct BatchAppend: Sendable {
+    public var batch: EventBatch
+    /// The batch as received (kept in the log for replay).
+    public var payload: [UInt8]
+    public var clock: ClockCorrection
+    public var receivedNs: Int64
+    public var serverDrops: [DropCount]
+
+    public init(batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64, serverDrops: [DropCount] = []) {
+        self.batch = batch
+        self.payload = payload
+        self.clock = clock
+        self.receivedNs = receivedNs
+        self.serverDrops = serverDrops
     }
 }
 
@@ -308,63 +330,73 @@ public final class SQLiteEventStore: EventStore {
     }
 
     public func append(_ batch: EventBatch, payload: [UInt8], clock: ClockCorrection, receivedNs: Int64, serverDrops: [DropCount]) throws -> Bool {
+        try appendAll([BatchAppend(batch: batch, payload: payload, clock: clock, receivedNs: receivedNs, serverDrops: serverDrops)])[0]
+    }
+
+    public func appendAll(_ batches: [BatchAppend]) throws -> [Bool] {
         try db.withLock { c in
             try c.db.transaction {
-                let b = c.insertBatch
-                b.reset()
-                b.bind(1, batch.node)
-                b.bind(2, Int64(bitPattern: batch.epoch))
-                b.bind(3, Int64(bitPattern: batch.sequence))
-                b.bind(4, receivedNs)
-                b.bind(5, Int64(batch.events.count))
-                b.bind(6, clock.offsetNs)
-                b.bind(7, clock.errorNs)
-                b.bind(8, payload)
-                try b.step()
-                if c.db.changes == 0 {
-                    try c.count(node: batch.node, events: batch.events.count, duplicate: true, nowNs: receivedNs)
-                    return false
-                }
-                try c.count(node: batch.node, events: batch.events.count, duplicate: false, nowNs: receivedNs)
-
-                let e = c.insertEvent
-                for event in batch.events {
-                    e.reset()
-                    e.bind(1, event.timeNs &- clock.offsetNs)
-                    e.bind(2, event.timeNs)
-                    e.bind(3, clock.errorNs)
-                    e.bind(4, batch.node)
-                    e.bind(5, Int64(event.kind.rawValue))
-                    e.bind(6, Int64(event.pid))
-                    e.bind(7, Int64(event.ppid))
-                    e.bind(8, Int64(event.uid))
-                    e.bind(9, event.comm)
-                    e.bind(10, Int64(bitPattern: event.cgroupId))
-                    e.bind(11, JSONValue.object(event.detailFields).serialized())
-                    e.bind(12, Int64(bitPattern: batch.epoch))
-                    e.bind(13, Int64(bitPattern: batch.sequence))
-                    e.bind(14, Int64(event.netns))
-                    e.bind(15, event.containerId)
-                    e.bind(16, event.pod)
-                    e.bind(17, event.namespace)
-                    try e.step()
-                }
-                // The agent's counters are cumulative (the larger wins); the
-                // server's own add up.
-                for (statement, drops) in [(c.upsertDrop, batch.drops), (c.addServerDrop, serverDrops.filter { $0.count > 0 })] {
-                    for drop in drops {
-                        statement.reset()
-                        statement.bind(1, batch.node)
-                        statement.bind(2, Int64(bitPattern: batch.epoch))
-                        statement.bind(3, Int64(drop.kind.rawValue))
-                        statement.bind(4, drop.reason)
-                        statement.bind(5, Int64(clamping: drop.count))
-                        try statement.step()
-                    }
-                }
-                return true
+                try batches.map { try Self.insert($0, into: c) }
             }
         }
+    }
+
+    /// One batch's rows, inside the caller's transaction; false for a duplicate.
+    private static func insert(_ a: BatchAppend, into c: Connection) throws -> Bool {
+        let (batch, clock, receivedNs) = (a.batch, a.clock, a.receivedNs)
+        let b = c.insertBatch
+        b.reset()
+        b.bind(1, batch.node)
+        b.bind(2, Int64(bitPattern: batch.epoch))
+        b.bind(3, Int64(bitPattern: batch.sequence))
+        b.bind(4, receivedNs)
+        b.bind(5, Int64(batch.events.count))
+        b.bind(6, clock.offsetNs)
+        b.bind(7, clock.errorNs)
+        b.bind(8, a.payload)
+        try b.step()
+        if c.db.changes == 0 {
+            try c.count(node: batch.node, events: batch.events.count, duplicate: true, nowNs: receivedNs)
+            return false
+        }
+        try c.count(node: batch.node, events: batch.events.count, duplicate: false, nowNs: receivedNs)
+
+        let e = c.insertEvent
+        for event in batch.events {
+            e.reset()
+            e.bind(1, event.timeNs &- clock.offsetNs)
+            e.bind(2, event.timeNs)
+            e.bind(3, clock.errorNs)
+            e.bind(4, batch.node)
+            e.bind(5, Int64(event.kind.rawValue))
+            e.bind(6, Int64(event.pid))
+            e.bind(7, Int64(event.ppid))
+            e.bind(8, Int64(event.uid))
+            e.bind(9, event.comm)
+            e.bind(10, Int64(bitPattern: event.cgroupId))
+            e.bind(11, JSONValue.object(event.detailFields).serialized())
+            e.bind(12, Int64(bitPattern: batch.epoch))
+            e.bind(13, Int64(bitPattern: batch.sequence))
+            e.bind(14, Int64(event.netns))
+            e.bind(15, event.containerId)
+            e.bind(16, event.pod)
+            e.bind(17, event.namespace)
+            try e.step()
+        }
+        // The agent's counters are cumulative (the larger wins); the
+        // server's own add up.
+        for (statement, drops) in [(c.upsertDrop, batch.drops), (c.addServerDrop, a.serverDrops.filter { $0.count > 0 })] {
+            for drop in drops {
+                statement.reset()
+                statement.bind(1, batch.node)
+                statement.bind(2, Int64(bitPattern: batch.epoch))
+                statement.bind(3, Int64(drop.kind.rawValue))
+                statement.bind(4, drop.reason)
+                statement.bind(5, Int64(clamping: drop.count))
+                try statement.step()
+            }
+        }
+        return true
     }
 
     public func durablePrefix(node: String, epoch: UInt64) throws -> UInt64 {

@@ -29,6 +29,18 @@ final class EventStoreTests: XCTestCase {
         XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 9), 0)
     }
 
+    func testAGroupCommitStoresEveryBatchOnceAndTellsDuplicatesApart() throws {
+        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        XCTAssertTrue(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
+        let group = [batch("a", epoch: 1, seq: 1, base: 1_000), batch("a", epoch: 1, seq: 2, base: 2_000),
+                     batch("b", epoch: 1, seq: 1, base: 3_000), batch("a", epoch: 1, seq: 2, base: 2_000)]
+        let stored = try store.appendAll(group.map { BatchAppend(batch: $0, payload: $0.encoded(), clock: .none, receivedNs: 5) })
+        XCTAssertEqual(stored, [false, true, true, false], "stored before, new, new, the same batch twice in one group")
+        XCTAssertEqual(try store.events(EventQuery()).count, 9)
+        XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 2)
+        XCTAssertEqual(try store.batches(sinceNs: 0, limit: 10).count, 3)
+    }
+
     func testQueriesFilterByTimeNodeKindAndKeepTheMostRecent() throws {
         let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
         for seq in 1...4 {
