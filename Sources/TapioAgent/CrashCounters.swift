@@ -65,7 +65,7 @@ public final class CrashCounters: @unchecked Sendable {
         public var killed: [EventKind: UInt64] {
             var out: [EventKind: UInt64] = [:]
             for i in 0..<min(read.count, accounted.count) where read[i] > accounted[i] {
-                out[EventKind(rawValue: UInt32(i)) ?? .unspecified, default: 0] += read[i] - accounted[i]
+                out[EventKind(rawValue: UInt32(i)) ?? .unspecified, default: 0] &+= read[i] - accounted[i]
             }
             return out
         }

@@ -186,7 +186,12 @@ final class CrashCountersTests: XCTestCase {
 
     func testAnyCountersFileIsReadWithoutTrapping() throws {
         let path = dir + "/counters"
-        for bytes in [[], [UInt8](repeating: 0xFF, count: 8192), Array("TPAC".utf8) + [UInt8](repeating: 0x41, count: 9000)] {
+        var generator = SystemRandomNumberGenerator()
+        let header = Array("TPAC".utf8) + [1, 0, 0, 0] + [UInt8](repeating: 0, count: 8)
+        let inputs: [[UInt8]] = [[], [UInt8](repeating: 0xFF, count: 8192), Array("TPAC".utf8) + [UInt8](repeating: 0x41, count: 9000),
+                                 header + [UInt8](repeating: 0xFF, count: 8192 - header.count),
+                                 header + (header.count..<8192).map { _ in UInt8.random(in: 0...255, using: &generator) }]
+        for bytes in inputs {
             FileManager.default.createFile(atPath: path, contents: Data(bytes))
             _ = CrashCounters.load(path: path)
             _ = try Outbox(node: "n", epoch: UInt64(bytes.count) + 1, spoolDirectory: spool, stateDirectory: dir)
