@@ -136,6 +136,9 @@ def events(s):
     delivered = s.delta("server", "tapio_server_events_total", 0, 1)
     if s.f("alone_seconds"):
         s.row("storm alone (no program emitting)", rate(s.f("alone_calls"), s.f("alone_seconds")))
+    if s.f("bare_ring_bytes"):
+        s.row("ring / wakeup fill mark (both runs)",
+              f"{s.f('bare_ring_bytes') / 1048576:g} MiB / {s.f('bare_wakeup_bytes') / 1024:g} KiB")
     s.row("bare consumer: storm (getppid calls)", rate(calls_bare, secs_bare))
     s.row("bare consumer: records read", rate(records, secs_bare) + f", {n(s.f('bare_drops'))} dropped")
     s.row("bare consumer: CPU", f"{s.f('bare_cpu'):.2f} s ({1000 * s.f('bare_cpu') / max(records, 1) * 1000:.2f} ms per 1k records)")

@@ -226,29 +226,34 @@ PY
 }
 
 section_events() {
-	local d=$work/events threads=${BENCH_STORM_THREADS:-1} bare out control
+	local d=$work/events threads=${BENCH_STORM_THREADS:-1} bare out control ring
 	mkdir -p "$d"
 	echo "threads=$threads" >"$d/vals"
-	# Controls, at most 5 s each: the storm with nothing emitting, and (below)
-	# with the agent loaded but the comm not its own, so what the agent's
-	# other programs cost each system call shows apart from its records.
+	# Controls, at most 5 s each: the storm with nothing emitting, and with
+	# the agent loaded but the storm under another comm, so what the agent's
+	# other programs cost each system call shows apart from its records. The
+	# agent's process ring size is read then, for the bare consumer.
 	control=$((duration < 5 ? duration : 5))
 	"$tools/storm" -c "${comm}x" -d "$control" -t "$threads" | sed 's/\([a-z_]*\)=/alone_\1=/g' >>"$d/vals"
-	# The bare consumer first, alone: the agent's copy of the program is not
-	# loaded yet, so the storm feeds one ring only.
-	"$tools/ringbuf_bare" -c "$comm" >"$d/bare.out" 2>"$d/bare.err" &
+	start_agent --bench-storm-comm "$comm"
+	"$tools/storm" -c "${comm}x" -d "$control" -t "$threads" | sed 's/\([a-z_]*\)=/loaded_\1=/g' >>"$d/vals"
+	ring=$(agent_metrics | awk '$1 == "tapio_agent_ring_buffer_bytes{ring=\"process\"}" {print $2}')
+	stop_agent
+	# The bare consumer alone (the agent's copy of the program is gone), with
+	# the agent's ring size and its default fill mark (1/16 of the ring).
+	"$tools/ringbuf_bare" -c "$comm" ${ring:+-r "$ring"} >"$d/bare.out" 2>"$d/bare.err" &
 	bare=$!
 	pids+=($bare)
 	for _ in $(seq 50); do grep -q '^ready' "$d/bare.out" && break; sleep 0.1; done
 	grep -q '^ready' "$d/bare.out" || { cat "$d/bare.err" >&2; exit 1; }
+	head -1 "$d/bare.out" | sed 's/^ready //; s/\([a-z_]*\)=/bare_\1=/g' >>"$d/vals"
 	out=$("$tools/storm" -c "$comm" -d "$duration" -t "$threads")
 	kill -INT "$bare"
 	wait "$bare"
 	echo "$out" | sed 's/\([a-z_]*\)=/bare_storm_\1=/g' >>"$d/vals"
 	tail -1 "$d/bare.out" | sed 's/\([a-z_]*\)=/bare_\1=/g' >>"$d/vals"
 	start_agent --bench-storm-comm "$comm"
-	"$tools/storm" -c "${comm}x" -d "$control" -t "$threads" | sed 's/\([a-z_]*\)=/loaded_\1=/g' >>"$d/vals"
-	measure "$d" sh -c "'$tools/storm' -c '$comm' -d '$duration' -t '$threads' | sed 's/\([a-z_]*\)=/storm_\1=/g'"
+	measure "$d" sh -c "'$tools/storm' -c '$comm' -d '$duration' -t '$threads' | sed 's/\\([a-z_]*\\)=/storm_\\1=/g'"
 	python3 "$report" events "$d"
 }
 
