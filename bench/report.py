@@ -116,6 +116,9 @@ class Section:
         if rss:
             self.row("agent RSS", f"VmRSS max {max(rss) / 1024:.1f} MiB, at the end {rss[-1] / 1024:.1f} MiB "
                      f"({len(rss)} samples); VmHWM {hwm / 1024:.1f} MiB")
+        if "RssAnon" in self.v:
+            self.row("agent RSS at the end, by kind",
+                     ", ".join(f"{k[3:].lower()} {self.f(k) / 1024:.1f} MiB" for k in ("RssAnon", "RssFile", "RssShmem")))
 
     def print(self, title):
         print()

@@ -168,7 +168,7 @@ measure() {
 	snapshot "$d" 1
 	drain "$d"
 	snapshot "$d" 2
-	echo "hwm=$(hwm)" >>"$d/vals"
+	echo "hwm=$(hwm) $(awk '$1 ~ /^Rss(Anon|File|Shmem):$/ {sub(":", "", $1); printf "%s=%s ", $1, $2}' "/proc/$agent/status")" >>"$d/vals"
 	stop_agent
 	wait "$sampler" 2>/dev/null || true
 }
