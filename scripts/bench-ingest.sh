@@ -66,17 +66,20 @@ disk=$(du -sb "$data" | cut -f1)
 half=$(awk -v r="$(val "$work/full.vals" events_per_second)" 'BEGIN {printf "%.0f", r / 2}')
 gen --server 127.0.0.1:17611 --rate "$half" >"$work/half.vals"
 hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$server/status")
+# CPU seconds per thread over the server's life (storage is the first TP-#0,
+# tapio-engine the engine, NIO-ELT the event loops).
+threads=$(for t in /proc/$server/task/*; do awk -v hz="$(getconf CLK_TCK)" -v n="$(cat "$t/comm")" '$14 + $15 > 0 {printf "%s=%.2f ", n, ($14 + $15) / hz}' "$t/stat"; done)
 kill -TERM "$server"
 wait "$server" || true
 
 "$bin/tapio-server" bench-engine --recordings "$root/lab/recordings" --repeats 1 >"$work/engine.vals"
-"$bin/tapio-server" bench-engine --data-dir "$data" --repeats 1 >"$work/replay.vals"
+"$bin/tapio-server" bench-engine --data-dir "$data" --repeats 1 >"$work/replay.vals" 2>/dev/null || true
 
-python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" "$(stat -f -c %T "$(dirname "$data")")" <<'PY'
-import sys
-work, s0, s1, t0, t1, hz, events, disk, hwm, nodes, fs = sys.argv[1:]
+python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" "$(stat -f -c %T "$(dirname "$data")")" "$threads" <<'PY'
+import os, sys
+work, s0, s1, t0, t1, hz, events, disk, hwm, nodes, fs, threads = sys.argv[1:]
 def vals(name):
-    return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l)
+    return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l) if os.path.exists(f"{work}/{name}.vals") else {}
 sink, full, half, engine, replay = vals("sink"), vals("full"), vals("half"), vals("engine"), vals("replay")
 cores = (float(t1) - float(t0)) / float(hz) / (float(s1) - float(s0))
 rs, rf = float(sink["events_per_second"]), float(full["events_per_second"])
@@ -87,12 +90,14 @@ print(f"  tapio-server            {rf:>12,.0f} events/s acked  (ack p50 {full['a
 print(f"  server / sink           {rf / rs:>12.3f}")
 print(f"  at half that rate       {float(half['events_per_second']):>12,.0f} events/s acked  (ack p50 {half['ack_p50_ms']} ms, p99 {half['ack_p99_ms']} ms)")
 print(f"  server CPU              {cores:>12.2f} cores (full-rate run)")
+print(f"  server threads, CPU-s    {threads.strip()}  (whole life, both runs)")
 print(f"  server peak RSS         {int(hwm) / 1024:>12.0f} MiB")
 print(f"  bytes per event         {float(full['wire_bytes_per_event']):>12.1f} on the wire, {int(disk) / max(1, int(float(events))):.0f} on disk ({int(float(events)):,} stored)")
 errors = [l for l in open(f"{work}/full.vals") if l.startswith("error=")] + [l for l in open(f"{work}/sink.vals") if l.startswith("error=")]
 for e in errors:
     print("  " + e.strip())
 print("engine alone (replay on one thread):")
-print(f"  recorded lab runs       {float(engine['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(engine['events']):,} events of {engine['logs']} runs, {float(engine['cpu_seconds']):.2f} CPU-s)")
-print(f"  this run's stored log   {float(replay['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(replay['events']):,} events, {float(replay['cpu_seconds']):.2f} CPU-s)")
+print(f"  recorded lab runs       {float(engine['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(engine['events']):,} events of {engine.get('logs', engine.get('recordings'))} runs, {float(engine['cpu_seconds']):.2f} CPU-s)")
+if replay:
+    print(f"  this run's stored log   {float(replay['events_per_cpu_second']):>12,.0f} events per CPU-second  ({int(replay['events']):,} events, {float(replay['cpu_seconds']):.2f} CPU-s)")
 PY
