@@ -257,11 +257,9 @@ tapio_dns *tapio_dns_open(const tapio_dns_config *config, char *err, size_t err_
 				    strerror(errno));
 		goto fail;
 	}
-	dns->ring = ring_buffer__new(bpf_map__fd(dns->skel->maps.events), tapio_dns_on_record, dns, NULL);
-	if (!dns->ring) {
-		tapio_dns_set_error(err, err_len, NULL, "open ring buffer: %s", strerror(errno));
-		goto fail;
-	}
+	/* The ring reader of tapio_dns_poll() is made on first use (the agent
+	 * reads the ring through tapio_rings; a second reader would map its
+	 * pages again). */
 	close(cgroup_fd);
 	free(kernel_log);
 	dns->next_scan_ns = tapio_dns_now_ns() + dns->scan_interval_ns;
@@ -392,6 +390,11 @@ int tapio_dns_poll(tapio_dns *dns, int timeout_ms, tapio_bpf_event_fn fn, void *
 
 	if (!dns || !fn)
 		return -EINVAL;
+	if (!dns->ring) {
+		dns->ring = ring_buffer__new(bpf_map__fd(dns->skel->maps.events), tapio_dns_on_record, dns, NULL);
+		if (!dns->ring)
+			return -errno;
+	}
 	dns->fn = fn;
 	dns->fn_ctx = ctx;
 	dns->delivered = 0;
@@ -475,6 +478,27 @@ int tapio_dns_pending_count(tapio_dns *dns)
 		count++;
 	}
 	return count;
+}
+
+int tapio_dns_scan_due(tapio_dns *dns, tapio_bpf_event_fn fn, void *ctx)
+{
+	uint64_t now;
+	int rc;
+
+	if (!dns || !fn)
+		return -EINVAL;
+	now = tapio_dns_now_ns();
+	if (now < dns->next_scan_ns)
+		return 0;
+	dns->next_scan_ns = now + dns->scan_interval_ns;
+	dns->fn = fn;
+	dns->fn_ctx = ctx;
+	dns->delivered = 0;
+	dns->stopped = false;
+	rc = tapio_dns_scan(dns);
+	dns->fn = NULL;
+	dns->fn_ctx = NULL;
+	return rc < 0 && dns->delivered == 0 ? rc : dns->delivered;
 }
 
 int tapio_dns_events_fd(const tapio_dns *dns)

@@ -409,11 +409,9 @@ tapio_net *tapio_net_open(const tapio_net_config *config, char *err, size_t err_
 			snprintf(err, err_len, "no BPF program attached (%s)", why);
 		goto fail;
 	}
-	net->ring = ring_buffer__new(bpf_map__fd(net->skel->maps.events), tapio_net_on_record, net, NULL);
-	if (!net->ring) {
-		tapio_net_err(err, err_len, "open ring buffer", -errno);
-		goto fail;
-	}
+	/* The ring reader of tapio_net_poll() is made on first use (the agent
+	 * reads the ring through tapio_rings; a second reader would map its
+	 * pages again). */
 	net->interval_ns = cfg->interval_ns ? cfg->interval_ns : TAPIO_NET_DEFAULT_INTERVAL_NS;
 	net->interval_start_ns = tapio_net_now();
 	net->next_harvest_ns = net->interval_start_ns + net->interval_ns;
@@ -761,6 +759,11 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, 
 	wait_ms = now >= net->next_harvest_ns ? 0 : (int)((net->next_harvest_ns - now + 999999) / 1000000);
 	if (timeout_ms >= 0 && timeout_ms < wait_ms)
 		wait_ms = timeout_ms;
+	if (!net->ring) {
+		net->ring = ring_buffer__new(bpf_map__fd(net->skel->maps.events), tapio_net_on_record, net, NULL);
+		if (!net->ring)
+			return -errno;
+	}
 	net->event_fn = event_fn;
 	net->fn_ctx = ctx;
 	net->delivered = 0;
@@ -785,6 +788,21 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, 
 	return net->delivered + harvested;
 }
 
+int tapio_net_harvest_due(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn, void *ctx)
+{
+	uint64_t now;
+
+	if (!net || !event_fn)
+		return -EINVAL;
+	now = tapio_net_now();
+	if (now < net->next_harvest_ns)
+		return 0;
+	net->next_harvest_ns += net->interval_ns;
+	if (net->next_harvest_ns <= now)
+		net->next_harvest_ns = now + net->interval_ns;
+	return tapio_net_harvest(net, event_fn, aggregate_fn, ctx);
+}
+
 int tapio_net_events_fd(const tapio_net *net)
 {
 	return net && net->skel ? bpf_map__fd(net->skel->maps.events) : -EINVAL;
@@ -793,11 +811,6 @@ int tapio_net_events_fd(const tapio_net *net)
 uint32_t tapio_net_ringbuf_bytes(const tapio_net *net)
 {
 	return net ? net->ringbuf_bytes : 0;
-}
-
-int tapio_net_epoll_fd(const tapio_net *net)
-{
-	return net && net->ring ? ring_buffer__epoll_fd(net->ring) : -EINVAL;
 }
 
 int tapio_net_read_drops(tapio_net *net, uint64_t *out, size_t slots)

@@ -302,12 +302,9 @@ tapio_bpf *tapio_bpf_open(const tapio_bpf_config *config, char *err, size_t err_
 		goto fail;
 	}
 
-	bpf->ring = ring_buffer__new(bpf_map__fd(skel->maps.events), tapio_on_record, bpf, NULL);
-	if (!bpf->ring) {
-		rc = -errno;
-		tapio_set_error(err, err_len, &bpf->log, "open ring buffer", rc);
-		goto fail;
-	}
+	/* This object's own ring reader (tapio_bpf_poll) is made on first use:
+	 * the agent reads every ring through one tapio_rings instead, and a
+	 * second reader would map the ring's pages a second time. */
 	tapio_log_capture = NULL;
 	return bpf;
 
@@ -368,6 +365,11 @@ static int tapio_deliver(tapio_bpf *bpf, int timeout_ms, bool wait, tapio_bpf_ev
 
 	if (!bpf || !fn)
 		return -EINVAL;
+	if (!bpf->ring) {
+		bpf->ring = ring_buffer__new(bpf_map__fd(bpf->process->maps.events), tapio_on_record, bpf, NULL);
+		if (!bpf->ring)
+			return -errno;
+	}
 	bpf->fn = fn;
 	bpf->fn_ctx = ctx;
 	bpf->delivered = 0;
@@ -391,11 +393,6 @@ int tapio_bpf_poll(tapio_bpf *bpf, int timeout_ms, tapio_bpf_event_fn fn, void *
 int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx)
 {
 	return tapio_deliver(bpf, 0, false, fn, ctx);
-}
-
-int tapio_bpf_epoll_fd(const tapio_bpf *bpf)
-{
-	return bpf && bpf->ring ? ring_buffer__epoll_fd(bpf->ring) : -EINVAL;
 }
 
 int tapio_bpf_events_fd(const tapio_bpf *bpf)

@@ -179,7 +179,7 @@ final class NetObject: KernelObject {
                  stopping: Bool, nowNs: Int64) -> Int32 {
         let rc = stopping
             ? tapio_net_harvest(handle, onRecord, onAggregate, context)
-            : tapio_net_poll(handle, 0, onRecord, onAggregate, context)
+            : tapio_net_harvest_due(handle, onRecord, onAggregate, context)
         return rc == -EINTR ? 0 : min(rc, 0)
     }
 
@@ -231,7 +231,7 @@ final class DNSObject: KernelObject {
     /// Emits the queries that timed out, when the scan is due.
     func service(context: UnsafeMutableRawPointer, onRecord: tapio_bpf_event_fn, onAggregate: tapio_aggregate_fn,
                  stopping: Bool, nowNs: Int64) -> Int32 {
-        let rc = tapio_dns_poll(handle, 0, onRecord, context)
+        let rc = tapio_dns_scan_due(handle, onRecord, context)
         return rc == -EINTR ? 0 : min(rc, 0)
     }
 }

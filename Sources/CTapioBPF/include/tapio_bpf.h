@@ -80,9 +80,6 @@ int tapio_bpf_poll(tapio_bpf *bpf, int timeout_ms, tapio_bpf_event_fn fn, void *
 /* Delivers every available record without waiting (e.g. to drain at
  * shutdown). Returns records delivered, or -errno. */
 int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx);
-/* An epoll fd that becomes readable when records are available, for an
- * external event loop; then call tapio_bpf_consume(). Owned by bpf. */
-int tapio_bpf_epoll_fd(const tapio_bpf *bpf);
 
 /* The process object's ring buffer map, for a tapio_rings reader. */
 int tapio_bpf_events_fd(const tapio_bpf *bpf);

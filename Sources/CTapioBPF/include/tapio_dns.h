@@ -151,6 +151,9 @@ int tapio_dns_read_stats(tapio_dns *dns, uint64_t *out, size_t slots);
 int tapio_dns_pending_count(tapio_dns *dns);
 
 /* Destroys the links (detaching the programs) and unloads. NULL is ignored. */
+/* The timeout scan of tapio_dns_poll() alone, when due (the ring is read
+ * elsewhere, by a tapio_rings). Records delivered, or -errno. */
+int tapio_dns_scan_due(tapio_dns *dns, tapio_bpf_event_fn fn, void *ctx);
 /* The ring buffer map, for a tapio_rings reader, and its size. */
 int tapio_dns_events_fd(const tapio_dns *dns);
 uint32_t tapio_dns_ringbuf_bytes(const tapio_dns *dns);

@@ -212,10 +212,9 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
 int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn,
 		      tapio_aggregate_fn aggregate_fn, void *ctx);
 
-/* Readable when ring-buffer records are waiting (aggregates are not
- * signalled: call tapio_net_poll(net, 0, ...) at least once an interval).
- * Owned by net. */
-int tapio_net_epoll_fd(const tapio_net *net);
+/* The harvest of tapio_net_poll() alone, when its interval is due (the ring
+ * is read elsewhere, by a tapio_rings). Aggregates delivered, or -errno. */
+int tapio_net_harvest_due(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn, void *ctx);
 /* The ring buffer map, for a tapio_rings reader, and its size. */
 int tapio_net_events_fd(const tapio_net *net);
 uint32_t tapio_net_ringbuf_bytes(const tapio_net *net);
