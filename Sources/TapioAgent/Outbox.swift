@@ -110,6 +110,14 @@ public final class Outbox: Sendable {
         var background = false
         var queued: [SpoolWrite] = []
         var queuedBytes = 0
+        /// With a spooler: the reader asked it to seal the pending events;
+        /// it is sealing (encoding outside the lock) this many events.
+        var sealRequested = false
+        /// A seal of every pending event was asked for (due, forced, a
+        /// critical event); otherwise only whole batches are sealed.
+        var sealAllRequested = false
+        var sealingEvents = 0
+        var sealing: Bool { sealingEvents > 0 }
         /// Some batch older than the newest was left unspooled (spool full,
         /// queue full, a failed write): the next reservation looks at all.
         var unspooledBehind = false
@@ -325,9 +333,97 @@ public final class Outbox: Sendable {
             s.pending.append(event)
             s.counters?.read(event.kind)
             guard s.pending.count >= maxEvents(s) || event.isCritical else { return nil }
+            // With a spooler the reader only asks it to seal, unless it falls
+            // far behind (then the reader seals, which slows it, as before).
+            if s.background, s.sealing || s.pending.count < 8 * maxEvents(s) {
+                if event.isCritical { s.sealAllRequested = true }
+                requestSeal(&s)
+                return nil
+            }
             return handOff(seal(&s), &s)
         }
         if let writes { finishSeal(writes) }
+    }
+
+    private func requestSeal(_ s: inout State) {
+        guard !s.sealRequested else { return }
+        s.sealRequested = true
+        spoolerWake.signal()
+    }
+
+    /// On the spooler thread: seals the pending events when asked (or when
+    /// stopping), encoding them outside the lock so that the reader goes on
+    /// appending meanwhile; nothing else seals while it does (counts-only
+    /// batches and re-seals wait), so the sequences it encodes are the next
+    /// ones. Returns whether it sealed anything.
+    private func sealInBackground() -> Bool {
+        let job = state.withLock { s -> (events: [TapioEvent], sequence: UInt64, drops: [DropKey: UInt64], perBatch: Int, maxBytes: Int)? in
+            guard !s.pending.isEmpty, s.sealRequested || !s.background, !s.sealing else { return nil }
+            let all = s.sealAllRequested || !s.background
+            s.sealRequested = false
+            s.sealAllRequested = false
+            // Whole batches only, unless all was asked for: the rest waits for
+            // its batch to fill or its delay to pass.
+            let take = all ? s.pending.count : s.pending.count - s.pending.count % maxEvents(s)
+            guard take > 0 else { return nil }
+            // O(1) for the events taken (the array is handed over), a copy of the short rest.
+            var events = s.pending
+            s.pending = Array(events[take...])
+            s.pending.reserveCapacity(maxEvents(s))
+            events.removeLast(events.count - take)
+            s.sealingEvents = events.count
+            return (events, s.nextSequence, s.drops, maxEvents(s), maxPayloadBytes(s))
+        }
+        guard let job else { return false }
+        let counts = job.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
+            .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
+        var built: [(events: ArraySlice<TapioEvent>, bytes: [UInt8])] = []
+        var tooLarge: [EventKind] = []
+        func encode(_ chunk: ArraySlice<TapioEvent>) {
+            let bytes = EventBatch(node: node, epoch: epoch, sequence: job.sequence + UInt64(built.count), events: Array(chunk), drops: counts).encoded()
+            if bytes.count > job.maxBytes {
+                if chunk.count == 1 {
+                    tooLarge.append(chunk.first!.kind)
+                    return
+                }
+                let middle = chunk.startIndex + chunk.count / 2
+                encode(chunk[..<middle])
+                encode(chunk[middle...])
+                return
+            }
+            built.append((chunk, bytes))
+        }
+        var start = 0
+        while start < job.events.count {
+            let end = min(start + max(1, job.perBatch), job.events.count)
+            encode(job.events[start..<end])
+            start = end
+        }
+        let writes = state.withLock { s -> [SpoolWrite] in
+            s.sealingEvents = 0
+            if s.nextSequence != job.sequence {
+                // Cannot happen (nothing else seals meanwhile); if it did, seal again under the lock.
+                sealEvents(job.events, &s)
+            } else {
+                for kind in tooLarge {
+                    s.count(1, "batch_too_large", kind: kind)
+                    s.counters?.account(kind, 1)
+                }
+                for b in built {
+                    s.entries.append(Entry(epoch: epoch, sequence: s.nextSequence, events: b.events.count, payloadBytes: b.bytes.count,
+                                           memory: b.bytes, drops: job.drops, kinds: KindCounts(b.events)))
+                    s.memoryBytes += b.bytes.count
+                    s.nextSequence += 1
+                    s.sealedBatches += 1
+                }
+                if !built.isEmpty { s.sealedDrops = job.drops }
+            }
+            let writes = reserveSpoolWrites(&s)
+            enforceMemoryLimit(&s)
+            return writes
+        }
+        finishSeal(writes)
+        return true
     }
 
     /// Spool writes go to the spooler thread when one runs (then none is
@@ -354,6 +450,7 @@ public final class Outbox: Sendable {
         let thread = Thread { [self] in
             var lastSyncNs: Int64 = 0
             while true {
+                let sealed = sealInBackground()
                 let (writes, stop, counters) = state.withLock { s in
                     // Batches left unreserved while the queue was full.
                     // (Not while writes fail: then one batch per seal is tried. Not
@@ -371,8 +468,8 @@ public final class Outbox: Sendable {
                     counters?.sync()
                     lastSyncNs = monotonicNs()
                 }
-                if stop { break }
-                if writes.isEmpty { _ = spoolerWake.wait(timeout: .now() + 1) }
+                if stop, !sealed { break }
+                if writes.isEmpty, !sealed { _ = spoolerWake.wait(timeout: .now() + 1) }
             }
             spoolerDone.signal()
         }
@@ -390,6 +487,9 @@ public final class Outbox: Sendable {
         guard running else { return }
         spoolerWake.signal()
         spoolerDone.wait()
+        // Whatever the reader appended after the spooler's last pass.
+        let writes = state.withLock { s -> [SpoolWrite]? in s.pending.isEmpty ? nil : seal(&s) }
+        if let writes { finishSeal(writes) }
     }
 
     /// Seals the pending events if the oldest has waited `maxDelayNs` (or
@@ -402,9 +502,15 @@ public final class Outbox: Sendable {
             if let first = s.pending.first {
                 let (waited, overflow) = nowNs.subtractingReportingOverflow(first.timeNs)
                 guard force || overflow || waited >= limits.maxDelayNs else { return nil }
+                if s.background {
+                    s.sealAllRequested = true
+                    requestSeal(&s)
+                    return nil
+                }
                 return handOff(seal(&s), &s)
             }
-            guard s.drops != s.sealedDrops else { return nil }
+            // A seal under way carries the counts, and owns the next sequence.
+            guard s.drops != s.sealedDrops, !s.sealing else { return nil }
             if !force, let last = s.lastCountsOnlyNs {
                 let (since, overflow) = nowNs.subtractingReportingOverflow(last)
                 guard overflow || since >= limits.maxDelayNs || since < 0 else { return nil }
@@ -666,7 +772,7 @@ public final class Outbox: Sendable {
                         // the limits. Otherwise the server may hold it already, and its
                         // events under new sequences would be stored twice: dropped, counted.
                         if e.epoch == epoch, !e.everSent, let payload, let events = try? EventBatch.decode(payload).events, !events.isEmpty {
-                            guard !e.writing else { return nil }
+                            guard !e.writing, !s.sealing else { return nil }
                             s.entries.remove(at: i)
                             release(e, &s)
                             // Its events are accounted for again as the new batches are.
@@ -783,7 +889,8 @@ public final class Outbox: Sendable {
 
     /// Sealed, unacknowledged batches.
     public var unacknowledged: Int { state.withLock { $0.entries.count } }
-    public var pendingEvents: Int { state.withLock { $0.pending.count } }
+    /// Events read and not yet in a sealed batch (being sealed included).
+    public var pendingEvents: Int { state.withLock { $0.pending.count + $0.sealingEvents } }
     public var lastSequence: UInt64 { state.withLock { $0.nextSequence - 1 } }
 
     public struct Stats: Sendable {

@@ -159,13 +159,14 @@ final class CrashCountersTests: XCTestCase {
         XCTAssertEqual(drops(restarted), ["unspecified/spool_full": 30], "from carried-drops, not twice")
     }
 
-    func testTheSpoolerThreadWritesWhatTheReaderSeals() throws {
+    func testTheSpoolerThreadSealsAndWritesWhatTheReaderAppends() throws {
         let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
         outbox.startSpooler()
         for pid in 1...95 { outbox.add(event(UInt32(pid))) }
         XCTAssertTrue(eventually(timeout: 10) {
             ((try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? []).filter { $0.hasSuffix(".batch") }.count == 9
-        }, "the spooler wrote the nine sealed batches")
+        }, "the spooler sealed and wrote nine whole batches")
+        XCTAssertEqual(outbox.pendingEvents, 5, "the rest waits for its batch to fill or its delay to pass")
         outbox.sealIfDue(nowNs: 0, force: true)
         outbox.stopSpooler()
         XCTAssertEqual(outbox.spoolRemaining(), 0)
