@@ -19,6 +19,13 @@ import TapioWire
 /// full too, the oldest such batch is dropped and its events counted
 /// (`spool_full`, or `queue_full` without a spool directory).
 ///
+/// With a spooler thread (`startSpooler`, as the agent runs it), the
+/// ring-buffer reader only appends: the spooler seals (encoding outside the
+/// lock), writes a group of records with one sync, and keeps only the newest
+/// `memoryWindowBytes` of spooled batches in memory (older ones are read back
+/// to be sent). With a state directory, `CrashCounters` account for every
+/// event read, so that the next start reports what a crash lost.
+///
 /// At start, the records a previous process left are loaded and sent again
 /// with their own epoch (the server deduplicates by node, epoch, sequence). A
 /// record that cannot be read is moved to `quarantine/` and its events are
