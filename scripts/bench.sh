@@ -29,8 +29,9 @@
 # BENCH_EXEC_WORKERS: see above. BENCH_DRAIN_SECONDS: how long a section waits
 # after its storm for the server to have every event read (default 30).
 # BENCH_KEEP=1 keeps the work directory (logs, metrics, samples).
-# BENCH_SPOOL=1 runs the agent with a spool directory (every sealed batch
-# written and fsynced as a spool record, docs/protocol.md).
+# BENCH_SPOOL=1 runs the agent with its spool, as deployed (every sealed batch
+# written and fsynced as a spool record, docs/protocol.md); without it the
+# agent runs with --no-spool. Every agent gets a fresh --data-dir.
 set -euo pipefail
 bin=${1:?usage: bench.sh BIN_DIR [CLIENTS] [SECONDS]}
 clients=${2:-4}
@@ -90,7 +91,7 @@ agent_has() {
 # A fresh agent for a section; extra arguments are added to its command line.
 start_agent() {
 	"$bin/tapio-agent" --server 127.0.0.1:17500 --server-name localhost --node-name bench --tls-dir "$work/pki/nodes/bench" \
-		--metrics-listen 127.0.0.1:17502 ${BENCH_SPOOL:+--spool-dir "$work/spool"} "$@" 2>>"$work/agent.log" &
+		--metrics-listen 127.0.0.1:17502 --data-dir "$(mktemp -d "$work/agent.XXXXXX")" $([ -n "${BENCH_SPOOL:-}" ] || echo --no-spool) "$@" 2>>"$work/agent.log" &
 	agent=$!
 	pids+=($agent)
 	for _ in $(seq 100); do
