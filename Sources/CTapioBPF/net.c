@@ -53,7 +53,13 @@ static const struct {
 #define TAPIO_NET_PROGRAMS (sizeof(tapio_net_programs) / sizeof(tapio_net_programs[0]))
 
 /* Drop reasons that are housekeeping, not failures (docs/events.md). Names
- * of enum skb_drop_reason; those the running kernel lacks are skipped. */
+ * of enum skb_drop_reason; those the running kernel lacks are skipped.
+ * The TCP ones discard segments the receiver already has or that arrived
+ * reordered: duplicates of a (possibly spurious) retransmission, which the
+ * sender reports as tcp_retransmit, and pure ACKs that failed PAWS after
+ * reordering across TX queues (the kernel names that reason so it can be told
+ * apart as harmless). Counted as drops they made healthy traffic look like
+ * packet loss. */
 static const char *const tapio_net_routine_reasons[] = {
 	"SKB_NOT_DROPPED_YET",
 	"SKB_CONSUMED",
@@ -63,6 +69,10 @@ static const char *const tapio_net_routine_reasons[] = {
 	"SKB_DROP_REASON_UNIX_SKIP_OOB",
 	"SKB_DROP_REASON_QUEUE_PURGE",
 	"SKB_DROP_REASON_OTHERHOST",
+	"SKB_DROP_REASON_TCP_OLD_DATA",
+	"SKB_DROP_REASON_TCP_OLD_SEQUENCE",
+	"SKB_DROP_REASON_TCP_OLD_ACK",
+	"SKB_DROP_REASON_TCP_RFC7323_PAWS_ACK",
 };
 
 struct tapio_net_program {
