@@ -31,7 +31,6 @@ struct tapio_dns_loader {
 	struct tapio_dns *skel;
 	struct bpf_link *egress;
 	struct bpf_link *ingress;
-	struct ring_buffer *ring;
 	uint32_t ringbuf_bytes;
 	char cgroup_path[PATH_MAX];
 	bool process_context;
@@ -142,20 +141,6 @@ static bool tapio_dns_probe_task_helpers(void)
 	       libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SKB, BPF_FUNC_probe_read_kernel, NULL) > 0;
 }
 
-static int tapio_dns_on_record(void *ctx, void *data, size_t size)
-{
-	tapio_dns *dns = ctx;
-
-	if (size < sizeof(struct tapio_event))
-		return 0;
-	dns->delivered++;
-	if (dns->fn(dns->fn_ctx, data) != 0) {
-		dns->stopped = true;
-		return -ECANCELED;
-	}
-	return 0;
-}
-
 tapio_dns *tapio_dns_open(const tapio_dns_config *config, char *err, size_t err_len)
 {
 	static const tapio_dns_config defaults;
@@ -257,9 +242,7 @@ tapio_dns *tapio_dns_open(const tapio_dns_config *config, char *err, size_t err_
 				    strerror(errno));
 		goto fail;
 	}
-	/* The ring reader of tapio_dns_poll() is made on first use (the agent
-	 * reads the ring through tapio_rings; a second reader would map its
-	 * pages again). */
+	/* The ring is read through a tapio_rings (tapio_dns_events_fd()). */
 	close(cgroup_fd);
 	free(kernel_log);
 	dns->next_scan_ns = tapio_dns_now_ns() + dns->scan_interval_ns;
@@ -383,61 +366,6 @@ static int tapio_dns_scan(tapio_dns *dns)
 	return rc;
 }
 
-int tapio_dns_poll(tapio_dns *dns, int timeout_ms, tapio_bpf_event_fn fn, void *ctx)
-{
-	uint64_t start = tapio_dns_now_ns();
-	int rc = 0;
-
-	if (!dns || !fn)
-		return -EINVAL;
-	if (!dns->ring) {
-		dns->ring = ring_buffer__new(bpf_map__fd(dns->skel->maps.events), tapio_dns_on_record, dns, NULL);
-		if (!dns->ring)
-			return -errno;
-	}
-	dns->fn = fn;
-	dns->fn_ctx = ctx;
-	dns->delivered = 0;
-	dns->stopped = false;
-	for (;;) {
-		uint64_t now = tapio_dns_now_ns();
-		int64_t left_ms = timeout_ms < 0 ? INT32_MAX
-						 : (int64_t)timeout_ms - (int64_t)((now - start) / 1000000ull);
-		int64_t scan_ms = now >= dns->next_scan_ns ? 0
-							   : (int64_t)((dns->next_scan_ns - now + 999999ull) / 1000000ull);
-		int wait_ms;
-
-		if (left_ms < 0)
-			left_ms = 0;
-		wait_ms = (int)(left_ms < scan_ms ? left_ms : scan_ms);
-		rc = ring_buffer__poll(dns->ring, wait_ms);
-		/* Records below the fill mark woke no one: drain them too. */
-		if (rc >= 0 && !dns->stopped)
-			rc = ring_buffer__consume(dns->ring);
-		if (rc == -EINTR) {
-			rc = 0;
-			break;
-		}
-		if (rc < 0 && !(rc == -ECANCELED && dns->stopped))
-			break;
-		rc = 0;
-		if (dns->stopped)
-			break;
-		now = tapio_dns_now_ns();
-		if (now >= dns->next_scan_ns) {
-			dns->next_scan_ns = now + dns->scan_interval_ns;
-			rc = tapio_dns_scan(dns);
-			if (rc < 0 || dns->stopped)
-				break;
-		}
-		if (dns->delivered > 0 || left_ms <= wait_ms)
-			break;
-	}
-	dns->fn = NULL;
-	dns->fn_ctx = NULL;
-	return rc < 0 && dns->delivered == 0 ? rc : dns->delivered;
-}
-
 /* Sums a per-CPU array of u64 counters into out[0 .. filled). */
 int tapio_dns_read_drops(tapio_dns *dns, uint64_t *out, size_t slots)
 {
@@ -515,7 +443,6 @@ void tapio_dns_close(tapio_dns *dns)
 {
 	if (!dns)
 		return;
-	ring_buffer__free(dns->ring);
 	bpf_link__destroy(dns->ingress);
 	bpf_link__destroy(dns->egress);
 	tapio_dns__destroy(dns->skel);

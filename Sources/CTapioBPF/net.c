@@ -84,7 +84,6 @@ struct tapio_net_program {
 
 struct tapio_net_handle {
 	struct tapio_net *skel;
-	struct ring_buffer *ring;
 	uint32_t ringbuf_bytes;
 	struct tapio_net_program programs[TAPIO_NET_PROGRAMS];
 
@@ -105,12 +104,6 @@ struct tapio_net_handle {
 	 * (its retirement timed out, or its drain failed). */
 	uint32_t gen;
 	bool retired_pending;
-
-	/* State of the poll in progress. */
-	tapio_bpf_event_fn event_fn;
-	void *fn_ctx;
-	int delivered;
-	bool stopped;
 };
 
 static uint64_t tapio_net_now(void)
@@ -327,20 +320,6 @@ static int tapio_net_load_reasons(tapio_net *net)
 	return 0;
 }
 
-static int tapio_net_on_record(void *ctx, void *data, size_t size)
-{
-	tapio_net *net = ctx;
-
-	if (size < sizeof(struct tapio_event))
-		return 0;
-	net->delivered++;
-	if (net->event_fn(net->fn_ctx, data) != 0) {
-		net->stopped = true;
-		return -ECANCELED;
-	}
-	return 0;
-}
-
 tapio_net *tapio_net_open(const tapio_net_config *config, char *err, size_t err_len)
 {
 	static const tapio_net_config defaults;
@@ -419,9 +398,7 @@ tapio_net *tapio_net_open(const tapio_net_config *config, char *err, size_t err_
 			snprintf(err, err_len, "no BPF program attached (%s)", why);
 		goto fail;
 	}
-	/* The ring reader of tapio_net_poll() is made on first use (the agent
-	 * reads the ring through tapio_rings; a second reader would map its
-	 * pages again). */
+	/* The ring is read through a tapio_rings (tapio_net_events_fd()). */
 	net->interval_ns = cfg->interval_ns ? cfg->interval_ns : TAPIO_NET_DEFAULT_INTERVAL_NS;
 	net->interval_start_ns = tapio_net_now();
 	net->next_harvest_ns = net->interval_start_ns + net->interval_ns;
@@ -757,47 +734,6 @@ int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggrega
 	return first_error ? first_error : h.delivered;
 }
 
-int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn,
-		   void *ctx)
-{
-	uint64_t now;
-	int rc, wait_ms, harvested;
-
-	if (!net || !event_fn)
-		return -EINVAL;
-	now = tapio_net_now();
-	wait_ms = now >= net->next_harvest_ns ? 0 : (int)((net->next_harvest_ns - now + 999999) / 1000000);
-	if (timeout_ms >= 0 && timeout_ms < wait_ms)
-		wait_ms = timeout_ms;
-	if (!net->ring) {
-		net->ring = ring_buffer__new(bpf_map__fd(net->skel->maps.events), tapio_net_on_record, net, NULL);
-		if (!net->ring)
-			return -errno;
-	}
-	net->event_fn = event_fn;
-	net->fn_ctx = ctx;
-	net->delivered = 0;
-	net->stopped = false;
-	rc = ring_buffer__poll(net->ring, wait_ms);
-	/* Records below the fill mark woke no one: drain them too. */
-	if (rc >= 0 && !net->stopped)
-		rc = ring_buffer__consume(net->ring);
-	net->event_fn = NULL;
-	net->fn_ctx = NULL;
-	if (rc < 0 && rc != -EINTR && !(rc == -ECANCELED && net->stopped))
-		return rc;
-	now = tapio_net_now();
-	if (now < net->next_harvest_ns)
-		return net->delivered;
-	net->next_harvest_ns += net->interval_ns;
-	if (net->next_harvest_ns <= now)
-		net->next_harvest_ns = now + net->interval_ns;
-	harvested = tapio_net_harvest(net, event_fn, aggregate_fn, ctx);
-	if (harvested < 0)
-		return harvested;
-	return net->delivered + harvested;
-}
-
 int tapio_net_harvest_due(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn, void *ctx)
 {
 	uint64_t now;
@@ -838,7 +774,6 @@ void tapio_net_close(tapio_net *net)
 
 	if (!net)
 		return;
-	ring_buffer__free(net->ring);
 	for (i = 0; i < TAPIO_NET_PROGRAMS; i++)
 		bpf_link__destroy(net->programs[i].link);
 	tapio_net__destroy(net->skel);

@@ -56,17 +56,10 @@ struct tapio_bpf_program {
 
 struct tapio_bpf {
 	struct tapio_process *process;
-	struct ring_buffer *ring;
 	uint32_t ringbuf_bytes;
 	int program_count;
 	struct tapio_bpf_program programs[TAPIO_BPF_MAX_PROGRAMS];
 	struct tapio_log log;
-
-	/* State of the poll in progress. */
-	tapio_bpf_event_fn fn;
-	void *fn_ctx;
-	int delivered;
-	bool stopped;
 };
 
 /* Where libbpf's messages go while tapio_bpf_open() runs on this thread. */
@@ -215,23 +208,6 @@ static int tapio_attach_programs(tapio_bpf *bpf)
 	return attached;
 }
 
-static int tapio_on_record(void *ctx, void *data, size_t size)
-{
-	tapio_bpf *bpf = ctx;
-
-	/* Every program emits whole struct tapio_event records; anything
-	 * shorter would be read past its end, so it is skipped. */
-	if (size < sizeof(struct tapio_event))
-		return 0;
-	bpf->delivered++;
-	if (bpf->fn(bpf->fn_ctx, data) != 0) {
-		bpf->stopped = true;
-		/* Negative stops libbpf; the record is already consumed. */
-		return -ECANCELED;
-	}
-	return 0;
-}
-
 tapio_bpf *tapio_bpf_open(const tapio_bpf_config *config, char *err, size_t err_len)
 {
 	static const tapio_bpf_config defaults;
@@ -302,9 +278,7 @@ tapio_bpf *tapio_bpf_open(const tapio_bpf_config *config, char *err, size_t err_
 		goto fail;
 	}
 
-	/* This object's own ring reader (tapio_bpf_poll) is made on first use:
-	 * the agent reads every ring through one tapio_rings instead, and a
-	 * second reader would map the ring's pages a second time. */
+	/* The ring is read through a tapio_rings (tapio_bpf_events_fd()). */
 	tapio_log_capture = NULL;
 	return bpf;
 
@@ -359,42 +333,6 @@ const char *tapio_bpf_log(const tapio_bpf *bpf)
 	return bpf && bpf->log.text ? bpf->log.text : "";
 }
 
-static int tapio_deliver(tapio_bpf *bpf, int timeout_ms, bool wait, tapio_bpf_event_fn fn, void *ctx)
-{
-	int rc;
-
-	if (!bpf || !fn)
-		return -EINVAL;
-	if (!bpf->ring) {
-		bpf->ring = ring_buffer__new(bpf_map__fd(bpf->process->maps.events), tapio_on_record, bpf, NULL);
-		if (!bpf->ring)
-			return -errno;
-	}
-	bpf->fn = fn;
-	bpf->fn_ctx = ctx;
-	bpf->delivered = 0;
-	bpf->stopped = false;
-	rc = wait ? ring_buffer__poll(bpf->ring, timeout_ms) : 0;
-	/* Records below the fill mark woke no one: drain them too. */
-	if (rc >= 0 && !bpf->stopped)
-		rc = ring_buffer__consume(bpf->ring);
-	bpf->fn = NULL;
-	bpf->fn_ctx = NULL;
-	if (rc == -EINTR || (rc == -ECANCELED && bpf->stopped))
-		return bpf->delivered;
-	return rc < 0 ? rc : bpf->delivered;
-}
-
-int tapio_bpf_poll(tapio_bpf *bpf, int timeout_ms, tapio_bpf_event_fn fn, void *ctx)
-{
-	return tapio_deliver(bpf, timeout_ms, true, fn, ctx);
-}
-
-int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx)
-{
-	return tapio_deliver(bpf, 0, false, fn, ctx);
-}
-
 int tapio_bpf_events_fd(const tapio_bpf *bpf)
 {
 	return bpf ? bpf_map__fd(bpf->process->maps.events) : -EINVAL;
@@ -429,7 +367,6 @@ void tapio_bpf_close(tapio_bpf *bpf)
 
 	if (!bpf)
 		return;
-	ring_buffer__free(bpf->ring);
 	for (i = 0; i < bpf->program_count; i++)
 		bpf_link__destroy(bpf->programs[i].link);
 	tapio_process__destroy(bpf->process);

@@ -150,19 +150,8 @@ struct BenchSink: ParsableCommand {
         let (host, port) = try parseHostPort(listen)
         let sink = try DecodeSink(tls: TLSFiles(directory: tlsDir), host: host, port: port)
         FileHandle.standardOutput.write(Data("ready port=\(sink.port)\n".utf8))
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        let done = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { done.signal() }
-            source.resume()
-            sources.append(source)
-        }
-        done.wait()
+        waitForTerminationSignal()
         sink.close()
-        _ = sources
     }
 }
 
@@ -313,22 +302,26 @@ struct Serve: ParsableCommand {
         let server = try TapioServer(configuration: config, operations: operations, logger: logger)
         _ = try server.start()
 
-        let done = DispatchSemaphore(value: 0)
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
         signal(SIGPIPE, SIG_IGN)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { done.signal() }
-            source.resume()
-            sources.append(source)
-        }
-        done.wait()
+        waitForTerminationSignal()
         logger.info("shutting down: no new connections; draining")
         server.shutdown()
-        _ = sources
     }
 }
 
 ServerCommand.main()
+
+/// Blocks until SIGTERM or SIGINT (both taken from their default action).
+func waitForTerminationSignal() {
+    signal(SIGTERM, SIG_IGN)
+    signal(SIGINT, SIG_IGN)
+    let done = DispatchSemaphore(value: 0)
+    let sources = [SIGTERM, SIGINT].map { sig in
+        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        source.setEventHandler { done.signal() }
+        source.resume()
+        return source
+    }
+    done.wait()
+    withExtendedLifetime(sources) {}
+}

@@ -1,9 +1,9 @@
-/* Loads the kernel programs of bpf/ (libbpf skeletons), delivers their ring
- * buffer records, and reads their drop counters. A thin layer for the agent:
- * per-record work stays in C, decisions stay in Swift.
+/* Loads the kernel programs of bpf/process.bpf.c (libbpf skeleton), gives
+ * their ring buffer to a tapio_rings reader (tapio_rings.h), and reads their
+ * drop counters. A thin layer for the agent: per-record work stays in C,
+ * decisions stay in Swift.
  *
- * Threads: tapio_bpf_poll() and tapio_bpf_consume() on one thread at a time;
- * the tapio_bpf_program_*() getters, tapio_bpf_read_drops() and
+ * Threads: the tapio_bpf_program_*() getters, tapio_bpf_read_drops() and
  * tapio_bpf_log() from any thread; tapio_bpf_close() after all others have
  * returned.
  *
@@ -43,8 +43,9 @@ typedef struct {
  * value (see wakeup_bytes above); 0 means the kernel's default wakeups. */
 uint64_t tapio_wakeup_mark(uint32_t configured, uint32_t ring_bytes);
 
-/* Called for every ring buffer record. Return 0 to continue; anything else
- * ends the current poll after this record (which counts as consumed). */
+/* Called for every ring buffer record (tapio_rings_poll(), and the DNS and
+ * net objects' folded records). Return 0 to continue; anything else ends the
+ * current call after this record (which counts as consumed). */
 typedef int (*tapio_bpf_event_fn)(void *ctx, const struct tapio_event *event);
 
 /* Mounts tracefs where libbpf looks for tracepoint ids (/sys/kernel/tracing,
@@ -72,14 +73,6 @@ int tapio_bpf_program_attached(const tapio_bpf *bpf, int index);
 const char *tapio_bpf_program_error(const tapio_bpf *bpf, int index);
 /* libbpf warnings printed while this object was opened, "" when none. */
 const char *tapio_bpf_log(const tapio_bpf *bpf);
-
-/* Waits up to timeout_ms (-1 = forever, 0 = not at all) for records, then
- * delivers every available one to fn. Returns records delivered, or -errno;
- * an interrupted wait (EINTR) returns 0. */
-int tapio_bpf_poll(tapio_bpf *bpf, int timeout_ms, tapio_bpf_event_fn fn, void *ctx);
-/* Delivers every available record without waiting (e.g. to drain at
- * shutdown). Returns records delivered, or -errno. */
-int tapio_bpf_consume(tapio_bpf *bpf, tapio_bpf_event_fn fn, void *ctx);
 
 /* The process object's ring buffer map, for a tapio_rings reader. */
 int tapio_bpf_events_fd(const tapio_bpf *bpf);

@@ -7,7 +7,7 @@
  * on the same key and emits one struct tapio_event
  * of kind TAPIO_KIND_DNS (u.dns: name, qtype, rcode, latency, server, up to
  * four A/AAAA answers). Queries still pending after the timeout are emitted by
- * tapio_dns_poll() with rcode -1. Whoever deletes a pending entry, the kernel
+ * tapio_dns_scan_due() with rcode -1. Whoever deletes a pending entry, the kernel
  * (answer) or user space (timeout), emits it: a query gives one event.
  *
  * The header of each event describes the querying process: pid, tid, ppid and
@@ -16,7 +16,7 @@
  * uid the socket owner, cgroup_id the socket's cgroup v2 id. ts_ns is when the
  * outcome became known: the answer's arrival, or the timeout scan.
  *
- * Threads: tapio_dns_poll() on one thread at a time; the getters,
+ * Threads: tapio_dns_scan_due() on one thread at a time; the getters,
  * tapio_dns_read_drops() and tapio_dns_read_stats() from any thread;
  * tapio_dns_close() after all others have returned.
  *
@@ -129,13 +129,15 @@ const char *tapio_dns_cgroup_path(const tapio_dns *dns);
  * cgroup_id and uid. */
 int tapio_dns_has_process_context(const tapio_dns *dns);
 
-/* Waits up to timeout_ms (-1 = forever, 0 = not at all) for events and
- * delivers them to fn: answers from the ring buffer, and timeouts found by a
- * scan of the pending table that runs at least every timeout / 5 (between
- * 10 ms and 1 s) while polls are made. Returns events delivered, or -errno;
- * an interrupted wait (EINTR) returns what was delivered so far. fn returning
- * non-zero ends the poll after that event (which counts as consumed). */
-int tapio_dns_poll(tapio_dns *dns, int timeout_ms, tapio_bpf_event_fn fn, void *ctx);
+/* Answers arrive through the ring buffer (tapio_dns_events_fd(), read by a
+ * tapio_rings). Queries left unanswered past the timeout are found by a scan
+ * of the pending table, due every timeout / 5 (between 10 ms and 1 s): when
+ * it is due, delivers them to fn with rcode -1. Returns events delivered, or
+ * -errno. fn returning non-zero ends the scan after that event. */
+int tapio_dns_scan_due(tapio_dns *dns, tapio_bpf_event_fn fn, void *ctx);
+/* The ring buffer map, for a tapio_rings reader, and its size. */
+int tapio_dns_events_fd(const tapio_dns *dns);
+uint32_t tapio_dns_ringbuf_bytes(const tapio_dns *dns);
 
 /* Sums the per-CPU drop counters like tapio_bpf_read_drops(): out[kind *
  * TAPIO_DROP_REASON_MAX + reason]; only kind TAPIO_KIND_DNS is ever non-zero.
@@ -151,12 +153,6 @@ int tapio_dns_read_stats(tapio_dns *dns, uint64_t *out, size_t slots);
 int tapio_dns_pending_count(tapio_dns *dns);
 
 /* Destroys the links (detaching the programs) and unloads. NULL is ignored. */
-/* The timeout scan of tapio_dns_poll() alone, when due (the ring is read
- * elsewhere, by a tapio_rings). Records delivered, or -errno. */
-int tapio_dns_scan_due(tapio_dns *dns, tapio_bpf_event_fn fn, void *ctx);
-/* The ring buffer map, for a tapio_rings reader, and its size. */
-int tapio_dns_events_fd(const tapio_dns *dns);
-uint32_t tapio_dns_ringbuf_bytes(const tapio_dns *dns);
 void tapio_dns_close(tapio_dns *dns);
 
 #ifdef __cplusplus

@@ -8,16 +8,16 @@
  *
  * What reaches user space, and how:
  *  - tcp_listen: one ring-buffer record per listener opened or closed
- *    (struct tapio_event, kind TCP_LISTEN), delivered as it happens.
+ *    (struct tapio_event, kind TCP_LISTEN), read by a tapio_rings.
  *  - tcp_connect and tcp_reset: folded in kernel hash maps per key and
- *    interval, harvested by tapio_net_poll() once per interval and delivered
+ *    interval, harvested by tapio_net_harvest_due() once per interval and delivered
  *    as struct tapio_event (u.tcp.count = attempts folded, >= 1) through the
  *    same callback as ring-buffer records.
  *  - tcp_retransmit, tcp_latency, packet_drop: folded the same way and
  *    delivered as struct tapio_aggregate (tapio_events.h has no record
  *    for them) through a second callback.
  *
- * Threads: tapio_net_poll(), tapio_net_harvest() and the netns calls on one
+ * Threads: tapio_net_harvest(), tapio_net_harvest_due() and the netns calls on one
  * thread at a time; the program getters and tapio_net_read_drops() from any
  * thread; tapio_net_close() after all others have returned.
  */
@@ -189,14 +189,6 @@ const char *tapio_net_program_error(const tapio_net *net, int index);
 int tapio_net_allow_netns(tapio_net *net, uint32_t inum);
 int tapio_net_forget_netns(tapio_net *net, uint32_t inum);
 
-/* Waits up to timeout_ms (-1 = until the next harvest, 0 = not at all) for
- * ring-buffer records and delivers them to event_fn; then, when an interval
- * has passed since the last harvest, harvests (see tapio_net_harvest()). The
- * wait never outlasts the next harvest. Returns records + aggregates
- * delivered, or -errno. */
-int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
-		   tapio_aggregate_fn aggregate_fn, void *ctx);
-
 /* Empties every aggregation map now: tcp_connect and tcp_reset aggregates
  * go to event_fn as struct tapio_event, the others to aggregate_fn (NULL:
  * they are discarded). Starts a new interval. Returns aggregates delivered,
@@ -212,8 +204,8 @@ int tapio_net_poll(tapio_net *net, int timeout_ms, tapio_bpf_event_fn event_fn,
 int tapio_net_harvest(tapio_net *net, tapio_bpf_event_fn event_fn,
 		      tapio_aggregate_fn aggregate_fn, void *ctx);
 
-/* The harvest of tapio_net_poll() alone, when its interval is due (the ring
- * is read elsewhere, by a tapio_rings). Aggregates delivered, or -errno. */
+/* tapio_net_harvest() when an interval has passed since the last one (the
+ * ring is read by a tapio_rings). Aggregates delivered, or -errno. */
 int tapio_net_harvest_due(tapio_net *net, tapio_bpf_event_fn event_fn, tapio_aggregate_fn aggregate_fn, void *ctx);
 /* The ring buffer map, for a tapio_rings reader, and its size. */
 int tapio_net_events_fd(const tapio_net *net);
