@@ -49,32 +49,6 @@ public struct StoredEvent: Sendable, Equatable {
     }
 }
 
-public struct EventQuery: Sendable, Equatable {
-    public var sinceNs: Int64?
-    public var untilNs: Int64?
-    public var node: String?
-    public var kind: EventKind?
-    public var pid: UInt32?
-    public var pod: String?
-    public var namespace: String?
-    /// The most recent `limit` matching events are returned, oldest first.
-    public var limit: Int
-
-    public static let maximumLimit = 100_000
-
-    public init(sinceNs: Int64? = nil, untilNs: Int64? = nil, node: String? = nil, kind: EventKind? = nil, pid: UInt32? = nil,
-                pod: String? = nil, namespace: String? = nil, limit: Int = 1000) {
-        self.sinceNs = sinceNs
-        self.untilNs = untilNs
-        self.node = node
-        self.kind = kind
-        self.pid = pid
-        self.pod = pod
-        self.namespace = namespace
-        self.limit = limit
-    }
-}
-
 /// What the server remembers about an agent across connections and restarts.
 public struct NodeRecord: Sendable, Equatable {
     public var node: String
