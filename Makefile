@@ -12,7 +12,7 @@ PROTOC_C ?= protoc-c
 
 # Build: C libraries and tools the C shims, the BPF build and the proto check use.
 BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-compiler \
-	libssl-dev libsqlite3-dev bpftool pkg-config openssl
+	libssl-dev libsqlite3-dev libzstd-dev bpftool pkg-config openssl
 # Tests: the independent protobuf implementation for the interop test
 # (Debian's python3 + python3-protobuf, with protoc to generate its module),
 # iproute2/util-linux for namespaces and mounts, promtool (prometheus) to check

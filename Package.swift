@@ -39,6 +39,11 @@ let package = Package(
             name: "CSQLite",
             linkerSettings: [.linkedLibrary("sqlite3")]
         ),
+        // zstd for the server's segment log.
+        .target(
+            name: "CZstd",
+            linkerSettings: [.linkedLibrary("zstd")]
+        ),
 
         // Framing, messages and the event model shared by agent, server and CLI.
         .target(name: "TapioWire", dependencies: ["CTapioProto"]),
@@ -46,8 +51,9 @@ let package = Package(
         .target(name: "TapioAttribution", dependencies: ["TapioWire"]),
         // The correlation engine: no I/O, deterministic, replayable (docs/correlation.md).
         .target(name: "TapioCorrelation", dependencies: ["TapioWire"]),
-        // Durable event store behind a narrow interface (SQLite today).
-        .target(name: "TapioStore", dependencies: ["TapioWire", "CSQLite"]),
+        // Durable event store behind a narrow interface: compressed segment
+        // files for the batches, SQLite for their index, nodes and incidents.
+        .target(name: "TapioStore", dependencies: ["TapioWire", "CSQLite", "CZstd"]),
         .target(
             name: "TapioAgent",
             dependencies: [
