@@ -61,10 +61,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Incident notifications: Alertmanager's v2 API and a signed webhook (docs/alerts.md).
+        .target(
+            name: "TapioAlerting",
+            dependencies: [
+                "TapioWire", "CTapioTLS",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .target(
             name: "TapioServer",
             dependencies: [
-                "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS",
+                "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS", "TapioAlerting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -127,7 +139,7 @@ let package = Package(
         .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioAttribution", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(
             name: "TapioServerTests",
-            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioTestSupport"]
+            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioTestSupport"]
         ),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
