@@ -339,7 +339,9 @@ public final class LabRun: @unchecked Sendable {
             if flags.contains("--metadata-file") { argv += ["--metadata-file", meta] }
             if let offset = node.clockOffsetMs, offset != 0 {
                 if flags.contains("--lab-clock-offset-ms") {
-                    argv += ["--lab-clock-offset-ms", String(offset)]
+                    // One word with `=`: as two, a negative offset ("-2500")
+                    // would be read as an option.
+                    argv.append("--lab-clock-offset-ms=\(offset)")
                 } else {
                     notes.append("tapio-agent has no --lab-clock-offset-ms yet: node \(node.name) runs without its \(offset) ms clock offset")
                 }
