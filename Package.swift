@@ -113,7 +113,7 @@ let package = Package(
         .executableTarget(
             name: "tapio-server",
             dependencies: [
-                "TapioServer", "TapioStore", "TapioCorrelation", "TapioWire",
+                "TapioServer", "TapioStore", "TapioCorrelation", "TapioWire", "TapioAlerting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -182,8 +182,9 @@ public final class AlertNotifier: Sendable {
                 headers.append((WebhookSignature.signatureHeader, WebhookSignature.sign(secret: secret, timestamp: timestamp, body: d.body)))
             }
         }
+        let index = state.value.receivers.firstIndex { $0 === r }!
         state.value.poster.post(r.target, headers: headers, body: d.body, timeout: configuration.delivery.requestTimeout, on: loop)
-            .whenComplete { [self] result in finished(r, result) }
+            .whenComplete { [self] result in finished(state.value.receivers[index], result) }
     }
 
     private func finished(_ r: Receiver, _ result: Result<HTTPPoster.Response, Error>) {
@@ -214,7 +215,9 @@ public final class AlertNotifier: Sendable {
             pump(r)
             return
         }
+        let index = state.value.receivers.firstIndex { $0 === r }!
         r.retry = loop.scheduleTask(in: backoff(afterAttempts: d.attempts)) { [self] in
+            let r = state.value.receivers[index]
             r.retry = nil
             pump(r)
         }

@@ -1,4 +1,5 @@
 import Foundation
+import TapioAlerting
 import TapioWire
 
 /// Where a server listens and the limits it enforces. Defaults are documented
@@ -79,6 +80,8 @@ public struct ServerConfiguration: Sendable {
     /// How long a graceful shutdown waits for in-flight batches before closing.
     public var shutdownGrace: TimeAmount = .seconds(5)
     public var correlation = CorrelationService.Configuration()
+    /// Incident notifications to Alertmanager and a webhook (docs/alerts.md); none by default.
+    public var alerting = AlertingConfiguration()
 
     public init(dataDirectory: String, tls: TLSFiles) {
         self.dataDirectory = dataDirectory

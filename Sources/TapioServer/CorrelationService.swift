@@ -41,6 +41,9 @@ public final class CorrelationService: Sendable {
     private let published = Mutex(CorrelationEngine.Statistics())
     private let persisted = Mutex<[String: Int64]>([:])  // id → updatedNs stored
     private let thread = Mutex<(started: Bool, done: DispatchSemaphore?)>((false, nil))
+    /// Told the incidents that changed after every pass (their JSON as
+    /// stored), on the engine's thread: it must hand them on, not wait.
+    private let observer = Mutex<(@Sendable ([JSONValue]) -> Void)?>(nil)
     private let store: any EventStore
     private let logger: Logger
     public let configuration: Configuration
@@ -178,15 +181,20 @@ public final class CorrelationService: Sendable {
         }
         published.withLock { $0 = statistics }
         let changed = incidents.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
+        var changedJSON: [JSONValue] = []
         for i in changed {
+            let json = i.explainJSON(weights: configuration.engine.weights)
+            changedJSON.append(json)
             do {
                 try store.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
-                                                      json: i.explainJSON(weights: configuration.engine.weights).serialized()))
+                                                      json: json.serialized()))
                 persisted.withLock { $0[i.id] = i.updatedNs }
             } catch {
                 logger.error("saving an incident failed", metadata: ["incident": "\(i.id)", "error": "\(error)"])
             }
         }
+        // Told whether or not the save worked: an alert matters most when the store fails.
+        if !changedJSON.isEmpty, let observer = observer.withLock({ $0 }) { observer(changedJSON) }
     }
 
     /// The `incidents` answer: live incidents from the engine, then stored ones
@@ -214,6 +222,20 @@ public final class CorrelationService: Sendable {
         }
         guard let s = try store.incidents().first(where: { $0.id == id }) else { return nil }
         return try JSONValue.parse(Array(s.json.utf8))
+    }
+
+    /// `observer` is told the incidents that changed after every pass (their
+    /// JSON as stored), on the engine's thread: it must not wait (the alert
+    /// notifier only queues them). Set before `start`.
+    public func observeIncidents(_ observer: @escaping @Sendable ([JSONValue]) -> Void) {
+        self.observer.withLock { $0 = observer }
+    }
+
+    /// The open incidents the engine holds now, as stored (after `restore`:
+    /// those a previous run announced).
+    public func openIncidentsJSON() -> [JSONValue] {
+        let weights = configuration.engine.weights
+        return engine.withLock { $0.incidents(status: .open, sinceNs: nil) }.map { $0.explainJSON(weights: weights) }
     }
 
     public func servicesJSON() -> JSONValue {

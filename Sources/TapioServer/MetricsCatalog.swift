@@ -40,6 +40,9 @@ enum MetricsCatalog {
         "tapio_node_clock_offset_seconds": .init(kind: .gauge, help: "Estimated clock offset of the node, agent minus server.", unlabelled: false),
         "tapio_node_clock_error_seconds": .init(kind: .gauge, help: "Uncertainty of the node's clock offset (half the round-trip delay of the best recent sample).", unlabelled: false),
         "tapio_node_dropped_events_total": .init(kind: .counter, help: "Events the node's agent could not deliver, summed over its runs, by kind and reason.", unlabelled: false),
+        "tapio_alerts_sent_total": .init(kind: .counter, help: "Incident notifications a receiver accepted (2xx), by receiver and endpoint.", unlabelled: false),
+        "tapio_alerts_failed_total": .init(kind: .counter, help: "Notification attempts that failed (no answer, or not 2xx), by receiver and endpoint; retried unless dropped.", unlabelled: false),
+        "tapio_alerts_dropped_total": .init(kind: .counter, help: "Incident notifications given up, by receiver, endpoint and reason.", unlabelled: false),
     ]
 
     static let unknownHelp = "Not in the server's metrics catalog (MetricsCatalog.swift)."

@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import Synchronization
+import TapioAlerting
 import TapioCorrelation
 import TapioStore
 import TapioWire
@@ -22,6 +23,8 @@ public final class TapioServer: Sendable {
     public let registry: NodeRegistry
     public let pods: PodDirectory
     public let correlation: CorrelationService
+    /// Sends incident notifications when receivers are configured (docs/alerts.md).
+    public let alerts: AlertNotifier?
     public let store: any EventStore
     /// What /healthz and /readyz report.
     public let health: ServerHealth
@@ -66,6 +69,9 @@ public final class TapioServer: Sendable {
         self.registry = NodeRegistry(restoring: try store.nodes())
         self.pods = PodDirectory(restoring: try store.pods())
         self.correlation = CorrelationService(configuration: configuration.correlation, store: store, logger: logger)
+        let metrics = self.metrics
+        self.alerts = configuration.alerting.isEnabled
+            ? try AlertNotifier(configuration: configuration.alerting, logger: logger) { metrics.add($0, $1) } : nil
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
     }
 
@@ -150,6 +156,12 @@ public final class TapioServer: Sendable {
         // of its watermark passing. /healthz says when the last pass ended.
         let health = self.health
         metrics.add("tapio_server_engine_backpressure_total", 0)
+        if let alerts {
+            // Incidents open now were announced by the previous run; the
+            // engine's thread hands every change over without waiting.
+            alerts.start(restoring: correlation.openIncidentsJSON())
+            correlation.observeIncidents { alerts.incidentsChanged($0) }
+        }
         correlation.start { health.engineTicked() }
         // The store's write check runs on the storage thread, in line with batches.
         let storeCheck = scheduleStoreCheck()
@@ -285,6 +297,8 @@ public final class TapioServer: Sendable {
         for snap in registry.snapshot() { try? store.saveNode(snap.record) }
         // The engine takes what is queued, makes a last pass and stops.
         correlation.stop()
+        // After the engine's last pass, so its notifications are queued.
+        alerts?.shutdown()
         try? storage.syncShutdownGracefully()
         try? queries.syncShutdownGracefully()
         try? http?.close().wait()

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import TapioAlerting
 import TapioCorrelation
 import TapioServer
 import TapioStore
@@ -238,6 +239,18 @@ struct Serve: ParsableCommand {
     var tlsReloadInterval: Double = 5
     @Option(help: "Seconds between the store's write checks (/healthz).")
     var storeCheckInterval: Double = 5
+    @Option(help: "Alertmanager to send incident alerts to (its v2 API), e.g. http://alertmanager:9093. Repeat for each instance of a cluster.")
+    var alertmanager: [String] = []
+    @Option(help: "URL to POST incident notifications to as JSON (signed with --webhook-secret-file).")
+    var webhook: String?
+    @Option(help: "File holding the HMAC-SHA256 key that signs webhook notifications (trailing newlines ignored).")
+    var webhookSecretFile: String?
+    @Option(help: "Every alert links to this URL followed by the incident id.")
+    var alertLinkBase: String?
+    @Option(help: "An incident pages only when its top root cause has at least this confidence (0 to 1).")
+    var alertMinConfidence: Double = 0
+    @Option(help: "Seconds between re-sends of open alerts to Alertmanager (each valid for four periods).")
+    var alertResendInterval: Double = 60
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -297,6 +310,7 @@ struct Serve: ParsableCommand {
         operations.storeCheckInterval = .milliseconds(Int64(storeCheckInterval * 1000))
         // A check that has not completed for four intervals (and at least 20 s) is stuck.
         operations.storeCheckStaleAfter = .milliseconds(max(20_000, Int64(storeCheckInterval * 4000)))
+        config.alerting = try alertingConfiguration()
 
         // A second server on the same data directory stops here, naming the holder.
         let server = try TapioServer(configuration: config, operations: operations, logger: logger)
@@ -306,6 +320,38 @@ struct Serve: ParsableCommand {
         waitForTerminationSignal()
         logger.info("shutting down: no new connections; draining")
         server.shutdown()
+    }
+}
+
+extension Serve {
+    /// The alert receivers and rules from the flags (docs/alerts.md).
+    func alertingConfiguration() throws -> AlertingConfiguration {
+        var a = AlertingConfiguration()
+        do {
+            a.alertmanagers = try alertmanager.map { try AlertTarget(url: $0) }
+            a.webhook = try webhook.map { try AlertTarget(url: $0) }
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        if let path = webhookSecretFile {
+            guard webhook != nil else { throw ValidationError("--webhook-secret-file needs --webhook") }
+            do { a.webhookSecret = try WebhookSignature.readSecret(path: path) } catch { throw ValidationError("\(error)") }
+        }
+        if let base = alertLinkBase {
+            guard base.hasPrefix("http://") || base.hasPrefix("https://"), URL(string: base + "x") != nil else {
+                throw ValidationError("--alert-link-base must be an http:// or https:// URL, got \(base.debugDescription)")
+            }
+            a.linkBase = base
+        }
+        guard (0...1).contains(alertMinConfidence) else {
+            throw ValidationError("--alert-min-confidence must be between 0 and 1, got \(alertMinConfidence)")
+        }
+        a.minimumConfidence = alertMinConfidence
+        guard alertResendInterval >= 1, alertResendInterval <= 3600 else {
+            throw ValidationError("--alert-resend-interval must be between 1 and 3600 seconds, got \(alertResendInterval)")
+        }
+        a.resendInterval = .milliseconds(Int64(alertResendInterval * 1000))
+        return a
     }
 }
 
