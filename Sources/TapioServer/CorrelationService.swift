@@ -40,6 +40,9 @@ public final class CorrelationService: Sendable {
     /// without waiting for a pass.
     private let published = Mutex(CorrelationEngine.Statistics())
     private let persisted = Mutex<[String: Int64]>([:])  // id → updatedNs stored
+    /// Open incidents by the kind of their leading root cause ("unknown":
+    /// none yet), as of the last pass, for /metrics.
+    private let openByCause = Mutex<[String: Int]>([:])
     private let thread = Mutex<(started: Bool, done: DispatchSemaphore?)>((false, nil))
     /// Told the incidents that changed after every pass (their JSON as
     /// stored), on the engine's thread: it must hand them on, not wait.
@@ -180,6 +183,7 @@ public final class CorrelationService: Sendable {
             return (e.incidents, e.statistics)
         }
         published.withLock { $0 = statistics }
+        openByCause.withLock { $0 = Dictionary(grouping: incidents.filter { $0.status == .open }) { $0.rootCauses.first?.kind.rawValue ?? "unknown" }.mapValues(\.count) }
         let changed = incidents.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
         var changedJSON: [JSONValue] = []
         for i in changed {
@@ -241,6 +245,9 @@ public final class CorrelationService: Sendable {
     public func servicesJSON() -> JSONValue {
         engine.withLock { $0.graph.toJSON() }
     }
+
+    /// Open incidents by the kind of their leading root cause ("unknown": none yet).
+    public var openIncidentsByRootCause: [String: Int] { openByCause.withLock { $0 } }
 
     public var statistics: CorrelationEngine.Statistics {
         published.withLock { $0 }

@@ -18,10 +18,12 @@ final class GroupCommit: Sendable {
     private let pending = Mutex<[Item]>([])
     private let store: any EventStore
     private let storage: NIOThreadPool
+    private let histograms: ServerHistograms
 
-    init(store: any EventStore, storage: NIOThreadPool) {
+    init(store: any EventStore, storage: NIOThreadPool, histograms: ServerHistograms = ServerHistograms()) {
         self.store = store
         self.storage = storage
+        self.histograms = histograms
     }
 
     /// Stored (true) or a duplicate (false), once durable; fails when the
@@ -42,7 +44,8 @@ final class GroupCommit: Sendable {
                 return
             }
             do {
-                let stored = try store.appendAll(items.map(\.append))
+                let appends = items.map(\.append)
+                let stored = try histograms.commit(appends) { try store.appendAll(appends) }
                 for (i, s) in zip(items, stored) { i.promise.succeed(s) }
             } catch {
                 for i in items { i.promise.fail(error) }

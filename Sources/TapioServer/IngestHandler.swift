@@ -30,7 +30,7 @@ final class ServerContext: Sendable {
         self.pods = pods
         self.metrics = metrics
         self.storage = storage
-        self.commits = GroupCommit(store: store, storage: storage)
+        self.commits = GroupCommit(store: store, storage: storage, histograms: metrics.histograms)
         self.logger = logger
         self.version = version
     }

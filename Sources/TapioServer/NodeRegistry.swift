@@ -102,6 +102,8 @@ public final class NodeRegistry: Sendable {
 /// Counters exposed on /metrics (Prometheus text format).
 public final class ServerMetrics: Sendable {
     private let counters = Mutex<[String: Int64]>([:])
+    /// Ingest lag, commit and query times (MetricsCatalog.swift).
+    public let histograms = ServerHistograms()
 
     public init() {}
 

@@ -48,7 +48,7 @@ final class QueryHandler: ChannelInboundHandler {
         let server = self.server
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         queries.runIfActive(eventLoop: context.eventLoop) {
-            try QueryExecutor(server: server).execute(request)
+            try server.metrics.histograms.query.time { try QueryExecutor(server: server).execute(request) }
         }.whenComplete { result in
             let (handler, context) = loopBound.value
             switch result {

@@ -307,53 +307,6 @@ public final class TapioServer: Sendable {
         lock.release()
         logger.info("tapio-server stopped")
     }
-
-    /// Prometheus text exposition of the server's counters and per-node state.
-    public func metricsText() -> String {
-        // Every family of the catalog (MetricsCatalog.swift), with HELP and
-        // TYPE; unlabelled series exist from the start.
-        var byName: [String: [MetricsText.Sample]] = [:]
-        for (key, value) in metrics.all() {
-            let name = key.split(separator: "{", maxSplits: 1).first.map(String.init) ?? key
-            byName[name, default: []].append(.init(rawLabels: String(key.dropFirst(name.count)), value))
-        }
-        byName["tapio_server_connections"] = [.init([], connectionCount)]
-        byName["tapio_server_listener_connections"] = Listener.allCases.map { .init([("listener", $0.rawValue)], openConnections(on: $0)) }
-        let c = correlation.statistics
-        for (name, value) in [("tapio_correlation_events_processed_total", Int64(c.processed)),
-                              ("tapio_correlation_late_events_total", Int64(c.late)),
-                              ("tapio_correlation_pending_events", Int64(c.pending)),
-                              ("tapio_correlation_series", Int64(c.series)),
-                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
-                              ("tapio_correlation_queue_events", Int64(correlation.queueDepth)),
-                              ("tapio_correlation_queue_capacity_events", Int64(correlation.configuration.queueEvents))] {
-            byName[name] = [.init([], value)]
-        }
-        let snaps = registry.snapshot()
-        func perNode(_ value: (NodeRegistry.Snapshot) -> String) -> [MetricsText.Sample] {
-            snaps.map { s in
-                var sample = MetricsText.Sample([("node", s.record.node)], 0)
-                sample.value = value(s)
-                return sample
-            }
-        }
-        byName["tapio_node_connected"] = perNode { $0.connected ? "1" : "0" }
-        byName["tapio_node_events_received_total"] = perNode { "\($0.record.eventsReceived)" }
-        byName["tapio_node_clock_offset_seconds"] = perNode { "\(Double($0.record.clockOffsetNs) / 1e9)" }
-        byName["tapio_node_clock_error_seconds"] = perNode { "\(Double($0.record.clockErrorNs) / 1e9)" }
-        byName["tapio_node_dropped_events_total"] = snaps.flatMap { s in
-            ((try? store.drops(node: s.record.node)) ?? []).map { d in
-                MetricsText.Sample([("node", s.record.node), ("kind", d.kind.name), ("reason", d.reason)], d.count)
-            }
-        }
-        var text = MetricsText()
-        for name in Set(byName.keys).union(MetricsCatalog.families.keys).sorted() {
-            let family = MetricsCatalog.family(name)
-            let samples = (byName[name] ?? []).sorted { $0.rawLabels + $0.labels.map { $0.1 }.joined() < $1.rawLabels + $1.labels.map { $0.1 }.joined() }
-            text.add(name, family.kind, family.help, samples, unlabelled: family.unlabelled)
-        }
-        return text.text
-    }
 }
 
 /// GET /metrics (Prometheus text), GET /healthz (the store takes writes and

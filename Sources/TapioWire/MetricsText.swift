@@ -3,10 +3,16 @@
 /// counters end in `_total`, units are base units in the name's suffix
 /// (`_seconds`, `_bytes`), label values are escaped. A family is written even
 /// without samples when it has no labels (value 0), so a counter exists from
-/// the start instead of appearing at its first increment.
+/// the start instead of appearing at its first increment. Histograms
+/// (`MetricsHistogram`) are written with cumulative `_bucket{le=...}` series,
+/// `_sum` and `_count`.
+///
+/// Written by hand rather than with swift-metrics and swift-prometheus: the
+/// format is small, the agent must stay free of NIO anyway, and every package
+/// dependency costs every build (docs/operations.md, "Metrics and health").
 public struct MetricsText: Sendable {
     public enum Kind: String, Sendable {
-        case counter, gauge
+        case counter, gauge, histogram
     }
 
     public struct Sample: Sendable {
@@ -43,6 +49,7 @@ public struct MetricsText: Sendable {
     /// series yet).
     public mutating func add(_ name: String, _ kind: Kind, _ help: String, _ samples: [Sample], unlabelled: Bool = false) {
         precondition(kind != .counter || name.hasSuffix("_total"), "counter \(name) must end in _total")
+        precondition(kind != .histogram, "histogram \(name): add(_:_:histogram:) writes histograms")
         lines.append("# HELP \(name) \(Self.escapeHelp(help))")
         lines.append("# TYPE \(name) \(kind.rawValue)")
         if samples.isEmpty && unlabelled {
@@ -66,6 +73,31 @@ public struct MetricsText: Sendable {
 
     public mutating func add<I: BinaryInteger>(_ name: String, _ kind: Kind, _ help: String, _ value: I) {
         add(name, kind, help, [Sample([], value)])
+    }
+
+    /// One histogram family with one series per label set (`[]`: one
+    /// unlabelled series). An empty histogram writes its buckets at 0, so the
+    /// family exists from the start.
+    public mutating func add(_ name: String, _ help: String, histogram series: [(labels: [(String, String)], value: MetricsHistogram.Snapshot)]) {
+        lines.append("# HELP \(name) \(Self.escapeHelp(help))")
+        lines.append("# TYPE \(name) histogram")
+        for (labels, h) in series {
+            let prefix = labels.map { "\($0.0)=\"\(Self.escapeLabel($0.1))\"," }.joined()
+            var cumulative: UInt64 = 0
+            for (bound, count) in zip(h.bounds, h.counts) {
+                cumulative += count
+                lines.append("\(name)_bucket{\(prefix)le=\"\(Self.format(bound))\"} \(cumulative)")
+            }
+            lines.append("\(name)_bucket{\(prefix)le=\"+Inf\"} \(h.count)")
+            let braces = labels.isEmpty ? "" : "{\(prefix.dropLast())}"
+            lines.append("\(name)_sum\(braces) \(Self.format(h.sum))")
+            lines.append("\(name)_count\(braces) \(h.count)")
+        }
+    }
+
+    /// One unlabelled histogram.
+    public mutating func add(_ name: String, _ help: String, histogram: MetricsHistogram) {
+        add(name, help, histogram: [([], histogram.snapshot)])
     }
 
     public var text: String { lines.isEmpty ? "" : lines.joined(separator: "\n") + "\n" }
