@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <bpf/libbpf.h>
 
@@ -15,6 +17,9 @@ struct tapio_ring {
 	char name[32];
 	uint32_t size;
 	uint64_t records;
+	/* The ring's consumer and producer pages, mapped read-only for the fill. */
+	void *positions;
+	size_t positions_len;
 };
 
 struct tapio_rings {
@@ -66,6 +71,13 @@ int tapio_rings_add(tapio_rings *rings, int map_fd, const char *name, uint32_t s
 	ring->owner = rings;
 	ring->size = size_bytes;
 	strncpy(ring->name, name ? name : "", sizeof(ring->name) - 1);
+	/* Page 0 holds the consumer position, page 1 the producer's; read-only,
+	 * they cost no memory (the kernel's pages) and let the fill be read from
+	 * any thread. Without them the fill reads 0. */
+	ring->positions_len = 2 * (size_t)sysconf(_SC_PAGESIZE);
+	ring->positions = mmap(NULL, ring->positions_len, PROT_READ, MAP_SHARED, map_fd, 0);
+	if (ring->positions == MAP_FAILED)
+		ring->positions = NULL;
 	if (!rings->reader) {
 		rings->reader = ring_buffer__new(map_fd, tapio_rings_on_record, ring, NULL);
 		if (!rings->reader)
@@ -128,6 +140,19 @@ uint64_t tapio_rings_records(const tapio_rings *rings, int index)
 	return rings && index >= 0 && index < rings->count ? __atomic_load_n(&rings->rings[index].records, __ATOMIC_RELAXED) : 0;
 }
 
+uint64_t tapio_rings_fill(const tapio_rings *rings, int index)
+{
+	const struct tapio_ring *ring;
+	uint64_t consumer, producer;
+
+	if (!rings || index < 0 || index >= rings->count || !rings->rings[index].positions)
+		return 0;
+	ring = &rings->rings[index];
+	consumer = __atomic_load_n((const uint64_t *)ring->positions, __ATOMIC_ACQUIRE);
+	producer = __atomic_load_n((const uint64_t *)((const char *)ring->positions + ring->positions_len / 2), __ATOMIC_ACQUIRE);
+	return producer > consumer ? producer - consumer : 0;
+}
+
 uint64_t tapio_rings_wakeups(const tapio_rings *rings)
 {
 	return rings ? __atomic_load_n(&rings->wakeups, __ATOMIC_RELAXED) : 0;
@@ -137,6 +162,9 @@ void tapio_rings_free(tapio_rings *rings)
 {
 	if (!rings)
 		return;
+	for (int i = 0; i < rings->count; i++)
+		if (rings->rings[i].positions)
+			munmap(rings->rings[i].positions, rings->rings[i].positions_len);
 	ring_buffer__free(rings->reader);
 	free(rings);
 }

@@ -159,16 +159,19 @@ public final class KernelSource: @unchecked Sendable {
 
     public var capabilities: [String] { programs.filter(\.attached).map(\.capability) }
 
-    /// Each ring buffer read: whose, its size, records read from it so far.
+    /// Each ring buffer read: whose, its size, records read from it so far, its fill now.
     public struct Ring: Sendable, Equatable {
         public var name: String
         public var bytes: UInt32
         public var records: UInt64
+        /// Bytes written by the programs and not yet read.
+        public var fillBytes: UInt64 = 0
     }
 
     public var ringBuffers: [Ring] {
         (0..<tapio_rings_count(rings)).map { i in
-            Ring(name: String(cString: tapio_rings_name(rings, i)), bytes: tapio_rings_size(rings, i), records: tapio_rings_records(rings, i))
+            Ring(name: String(cString: tapio_rings_name(rings, i)), bytes: tapio_rings_size(rings, i), records: tapio_rings_records(rings, i),
+                 fillBytes: tapio_rings_fill(rings, i))
         }
     }
 

@@ -1,3 +1,4 @@
+import CTapioBPF
 import Foundation
 import Logging
 import Synchronization
@@ -248,9 +249,50 @@ extension Agent {
         let rings = kernel.ringBuffers
         m.add("tapio_agent_ring_buffer_bytes", .gauge, "Size of each ring buffer read.", rings.map { .init([("ring", $0.name)], $0.bytes) })
         m.add("tapio_agent_ring_records_total", .counter, "Records read from each ring buffer.", rings.map { .init([("ring", $0.name)], $0.records) })
+        m.add("tapio_agent_ring_fill_bytes", .gauge, "Bytes of each ring buffer written by the programs and not yet read.",
+              rings.map { .init([("ring", $0.name)], $0.fillBytes) })
         m.add("tapio_agent_ring_wakeups_total", .counter, "Times a ring buffer past its fill mark woke the reader.", kernel.ringWakeups)
         m.add("tapio_agent_program_attached", .gauge, "1 per running kernel program, 0 per degraded one.",
               kernel.programs.map { .init([("program", $0.name), ("signal", $0.capability)], $0.attached ? 1 : 0) })
+        let programs = Self.bpfProgramStatistics(known: kernel.programs.map(\.name))
+        m.add("tapio_agent_bpf_program_runs_total", .counter, "Runs of each loaded BPF program (counted only while kernel.bpf_stats_enabled is 1).",
+              programs.map { .init([("program", $0.name)], $0.runs) })
+        m.add("tapio_agent_bpf_program_run_seconds_total", .counter, "CPU time spent in each loaded BPF program (counted only while kernel.bpf_stats_enabled is 1).",
+              programs.map { .init([("program", $0.name)], Double($0.runTimeNs) / 1e9) })
+        m.add("tapio_agent_bpf_program_recursion_misses_total", .counter, "Runs of each loaded BPF program skipped because it was already running on that CPU.",
+              programs.map { .init([("program", $0.name)], $0.recursionMisses) })
+        let statsEnabled = tapio_prog_stats_enabled()
+        m.add("tapio_agent_bpf_stats_enabled", .gauge, "1 while the kernel counts BPF program runs and time (kernel.bpf_stats_enabled).", max(0, statsEnabled))
+        m.add("tapio_agent_build_info", .gauge, "Always 1; the version of the running agent in its label.", [.init([("version", TapioVersion.current)], 1)])
+        m.addProcessMetrics()
         return m.text
+    }
+
+    struct BPFProgramStatistics: Equatable {
+        var name: String
+        var runs: UInt64
+        var runTimeNs: UInt64
+        var recursionMisses: UInt64
+    }
+
+    /// The agent's own BPF programs as the kernel counts them (tapio_progstats.h),
+    /// summed by name. The kernel keeps 15 characters of a name; one that is
+    /// the start of exactly one program the agent knows gets that full name.
+    static func bpfProgramStatistics(known: [String]) -> [BPFProgramStatistics] {
+        var entries = [tapio_prog_stats](repeating: tapio_prog_stats(), count: 128)
+        let found = Int(tapio_prog_stats_self(&entries, Int32(entries.count)))
+        guard found > 0 else { return [] }
+        var byName: [String: BPFProgramStatistics] = [:]
+        for entry in entries.prefix(min(found, entries.count)) {
+            let short = withUnsafeBytes(of: entry.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            let candidates = known.filter { $0.hasPrefix(short) }
+            let name = candidates.count == 1 ? candidates[0] : short
+            var s = byName[name] ?? BPFProgramStatistics(name: name, runs: 0, runTimeNs: 0, recursionMisses: 0)
+            s.runs += entry.run_count
+            s.runTimeNs += entry.run_time_ns
+            s.recursionMisses += entry.recursion_misses
+            byName[name] = s
+        }
+        return byName.values.sorted { $0.name < $1.name }
     }
 }

@@ -39,6 +39,10 @@ const char *tapio_rings_name(const tapio_rings *rings, int index);
 uint32_t tapio_rings_size(const tapio_rings *rings, int index);
 /* Records delivered from ring index so far. */
 uint64_t tapio_rings_records(const tapio_rings *rings, int index);
+/* Bytes of ring index written by the programs and not yet read (producer
+ * minus consumer position, records being written included); 0 when the
+ * positions could not be mapped. */
+uint64_t tapio_rings_fill(const tapio_rings *rings, int index);
 /* Wakeups (returns from the wait with a ring signalled) so far. */
 uint64_t tapio_rings_wakeups(const tapio_rings *rings);
 /* Frees the reader (not the maps, which belong to their objects). */
