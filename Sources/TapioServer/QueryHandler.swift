@@ -133,12 +133,56 @@ struct QueryExecutor {
         if let pid = try int64("pid") { query.pid = UInt32(truncatingIfNeeded: pid) }
         query.pod = params["pod"]
         query.namespace = params["namespace"]
+        if let prefix = params["pod_prefix"] {
+            guard !prefix.isEmpty else { throw WireError(.badRequest, "pod_prefix must not be empty") }
+            query.podPrefix = prefix
+        }
+        if let service = params["service"] {
+            // A service is the pods whose inventory entry names it (docs/protocol.md, "Queries").
+            let pods = server.pods.all().filter { $0.service == service && (query.namespace == nil || $0.namespace == query.namespace) }
+            guard !pods.isEmpty else {
+                let scope = query.namespace.map { " in namespace \($0)" } ?? ""
+                throw WireError(.badRequest, "no pod of service \(service)\(scope) in any node's inventory (tapio pods lists them)")
+            }
+            query.pods = Array(Set(pods.map(\.name))).sorted()
+        }
         if let limit = try int64("limit") {
             guard limit > 0 else { throw WireError(.badRequest, "limit must be positive") }
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
-        let events = try server.store.events(query)
+        let events = try Self.filtered(query, store: server.store, scanLimit: server.configuration.limits.maxQueryEvents)
         return .object(["events": .array(events.map { peerAttributed($0.json) }), "count": .int(Int64(events.count))])
+    }
+
+    /// The store's answer to `query`, filtered again with `EventQuery.matches`
+    /// when the query has filters a store may not apply itself (`pods`,
+    /// `podPrefix`): then the store is asked page by page, newest first, until
+    /// `limit` events match or `scanLimit` events were read. Stores that do
+    /// apply them answer in the first page; the second filter is a no-op then.
+    static func filtered(_ query: EventQuery, store: EventStore, scanLimit: Int) throws -> [StoredEvent] {
+        guard query.pods != nil || query.podPrefix != nil else { return try store.events(query) }
+        if query.pods?.isEmpty == true { return [] }
+        let page = max(query.limit, min(10_000, EventQuery.maximumLimit))
+        var out: [StoredEvent] = []  // newest first
+        var window = query
+        window.limit = page
+        var scanned = 0
+        while out.count < query.limit, scanned < max(scanLimit, query.limit) {
+            let batch = try store.events(window)  // oldest first
+            scanned += batch.count
+            guard let oldest = batch.first else { break }
+            let full = batch.count >= page
+            // With a full page, events at the oldest time may continue beyond
+            // it: they are read again in the next window (until is exclusive).
+            let ambiguous = full && batch.last!.timeNs != oldest.timeNs
+            for e in batch.reversed() where !(ambiguous && e.timeNs == oldest.timeNs) && query.matches(e) {
+                out.append(e)
+                if out.count == query.limit { break }
+            }
+            guard full else { break }
+            window.untilNs = ambiguous ? oldest.timeNs + 1 : oldest.timeNs
+        }
+        return out.reversed()
     }
 
     /// Adds the pod, namespace and service behind `src_ip`/`dst_ip` (and a DNS

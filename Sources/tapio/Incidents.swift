@@ -18,11 +18,7 @@ struct Incidents: ParsableCommand {
             guard let ns = parseDuration(since) else { throw ValidationError("cannot read duration \(since)") }
             params["since_ns"] = String(wallClockNs() - ns)
         }
-        let doc = try connection.client().json("incidents", params)
-        switch connection.output {
-        case .json: print(doc.serialized())
-        case .table: print(incidentTable(doc))
-        }
+        connection.print(try connection.json("incidents", params), list: "incidents", table: incidentTable)
     }
 }
 
@@ -53,33 +49,84 @@ struct Timeline: ParsableCommand {
     var id: String
 
     func run() throws {
-        let doc = try connection.client().json("timeline", ["id": id])
-        switch connection.output {
-        case .json: print(doc.serialized())
-        case .table: print(timelineText(doc))
-        }
+        connection.print(try connection.json("timeline", ["id": id]), list: nil) { timelineText($0, width: terminalWidth()) }
     }
 }
 
-/// A header with the ranked causes, then one lane per node.
-func timelineText(_ doc: JSONValue) -> String {
+/// A header with the ranked causes, then one row per event with its node
+/// (lanes side by side grow with the number of nodes: ~260 columns at
+/// three). Rows fit in `width` columns: node and entity are shortened with
+/// "…" past a bound, the summary is wrapped onto continuation lines under
+/// its column. Times are the time of day in UTC, the date said once above
+/// (the full time when the events span two days).
+func timelineText(_ doc: JSONValue, width: Int) -> String {
+    let width = max(width, 60)
     var out = "\(doc["id"]?.stringValue ?? "")  \(doc["status"]?.stringValue ?? "")  \(doc["title"]?.stringValue ?? "")\n"
     for (rank, c) in (doc["root_causes"]?.arrayValue ?? []).enumerated() {
         out += "  #\(rank + 1) \(c["kind"]?.stringValue ?? "") \(c["entity"]?.stringValue ?? "")  confidence \(String(format: "%.2f", c["confidence"].flatMap(number) ?? 0))\n"
     }
     let entries = doc["timeline"]?.arrayValue ?? []
-    let nodes = Array(Set(entries.compactMap { $0["node"]?.stringValue })).sorted()
-    let rows = entries.map { e -> [String] in
+    guard !entries.isEmpty else { return out + "\n(no timeline entries)" }
+    let times = entries.map { $0["time"]?.stringValue ?? "" }
+    let days = Set(times.map { $0.prefix(10) })
+    let sameDay = days.count == 1
+    let nodes = Set(entries.compactMap { $0["node"]?.stringValue })
+    out += "\n\(entries.count) events on \(nodes.count) node\(nodes.count == 1 ? "" : "s")"
+    out += sameDay ? ", times UTC on \(days.first!); ≈ marks events concurrent with another (overlapping uncertainty)\n\n" : ", ≈ marks concurrent events\n\n"
+    let rows = entries.enumerated().map { index, e -> [String] in
         let concurrent = !(e["concurrent_with"]?.arrayValue ?? []).isEmpty
-        let err = Double(e["time_error_ns"]?.intValue ?? 0) / 1e6
-        var row = [(concurrent ? "≈ " : "  ") + (e["time"]?.stringValue ?? ""), String(format: "±%.1fms", err)]
-        for n in nodes {
-            row.append(e["node"]?.stringValue == n ? "\(e["role"]?.stringValue.map { "[\($0)] " } ?? "")\(e["entity"]?.stringValue ?? ""): \(e["summary"]?.stringValue ?? "")" : "")
-        }
-        return row
+        let time = times[index]
+        let shown = sameDay && time.count > 11 ? String(time.dropFirst(11).dropLast(time.hasSuffix("Z") ? 1 : 0)) : time
+        return [(concurrent ? "≈ " : "  ") + shown,
+                String(format: "±%.1fms", Double(e["time_error_ns"]?.intValue ?? 0) / 1e6),
+                shorten(e["node"]?.stringValue ?? "", 16), e["role"]?.stringValue ?? "", e["kind"]?.stringValue ?? "",
+                shorten(e["entity"]?.stringValue ?? "", 20), e["summary"]?.stringValue ?? ""]
     }
-    out += "\n" + table(["TIME", "±"] + nodes.map { $0.uppercased() }, rows)
+    let header = ["  TIME", "±", "NODE", "ROLE", "KIND", "ENTITY", "SUMMARY"]
+    var widths = header.map(\.count)
+    for r in rows { for i in 0..<(r.count - 1) { widths[i] = max(widths[i], r[i].count) } }
+    let indent = widths.dropLast().reduce(0) { $0 + $1 + 2 }
+    let summaryWidth = max(20, width - indent)
+    func line(_ cells: [String]) -> [String] {
+        let lead = cells.dropLast().enumerated().map { i, c in c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  ") + "  "
+        let wrapped = wrap(cells.last!, summaryWidth)
+        return [lead + wrapped[0]] + wrapped.dropFirst().map { String(repeating: " ", count: indent) + $0 }
+    }
+    out += (line(header) + rows.flatMap(line)).map { $0.replacingOccurrences(of: " +$", with: "", options: .regularExpression) }.joined(separator: "\n")
     return out
+}
+
+/// At most `limit` characters, the last one "…" when cut.
+func shorten(_ text: String, _ limit: Int) -> String {
+    text.count <= limit ? text : String(text.prefix(limit - 1)) + "…"
+}
+
+/// Splits at spaces into lines of at most `width` characters (a longer word is cut).
+func wrap(_ text: String, _ width: Int) -> [String] {
+    var lines: [String] = []
+    var current = ""
+    for word in text.split(separator: " ", omittingEmptySubsequences: true).map(String.init) {
+        var word = word
+        while word.count > width {
+            if !current.isEmpty { lines.append(current); current = "" }
+            lines.append(String(word.prefix(width)))
+            word = String(word.dropFirst(width))
+        }
+        if current.isEmpty { current = word } else if current.count + 1 + word.count <= width { current += " " + word } else {
+            lines.append(current)
+            current = word
+        }
+    }
+    lines.append(current)
+    return lines
+}
+
+/// The terminal's width: $COLUMNS, else the terminal's own, else 120 (a pipe or a file).
+func terminalWidth() -> Int {
+    if let c = ProcessInfo.processInfo.environment["COLUMNS"].flatMap(Int.init), c > 0 { return c }
+    var size = winsize()
+    if isatty(STDOUT_FILENO) != 0, ioctl(STDOUT_FILENO, UInt(TIOCGWINSZ), &size) == 0, size.ws_col > 0 { return Int(size.ws_col) }
+    return 120
 }
 
 struct Explain: ParsableCommand {
@@ -90,11 +137,7 @@ struct Explain: ParsableCommand {
     var id: String
 
     func run() throws {
-        let doc = try connection.client().json("explain", ["id": id])
-        switch connection.output {
-        case .json:
-            print(doc.serialized())
-        case .table:
+        connection.print(try connection.json("explain", ["id": id]), list: nil) { doc in
             var out = "\(doc["id"]?.stringValue ?? "")  \(doc["title"]?.stringValue ?? "")\n"
             for (rank, c) in (doc["root_causes"]?.arrayValue ?? []).enumerated() {
                 out += "\n#\(rank + 1) \(c["kind"]?.stringValue ?? "") \(c["entity"]?.stringValue ?? "")  confidence \(String(format: "%.3f", c["confidence"].flatMap(number) ?? 0))\n"
@@ -104,7 +147,7 @@ struct Explain: ParsableCommand {
                 out += table(["  FACTOR", "VALUE", "WEIGHT"], rows) + "\n"
                 for e in (c["evidence"]?.arrayValue ?? []).prefix(5) { out += "  evidence: \(e.stringValue ?? "")\n" }
             }
-            print(out)
+            return out
         }
     }
 }
@@ -115,11 +158,7 @@ struct Services: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        let doc = try connection.client().json("services")
-        switch connection.output {
-        case .json:
-            print(doc.serialized())
-        case .table:
+        connection.print(try connection.json("services"), list: "services") { doc in
             let rows = (doc["services"]?.arrayValue ?? []).map { e -> [String] in
                 let lat = e["connect_latency"]
                 return [e["client"]?.stringValue ?? "", e["server"]?.stringValue ?? "", e["connects"]?.intValue.map(String.init) ?? "0",
@@ -127,26 +166,34 @@ struct Services: ParsableCommand {
                         String(format: "%.1f%%", 100 * (e["failure_ratio"].flatMap(number) ?? 0)),
                         String(format: "%.2fms", lat?["p50_ms"].flatMap(number) ?? 0), String(format: "%.2fms", lat?["p99_ms"].flatMap(number) ?? 0)]
             }
-            print(table(["CLIENT", "SERVER", "CONNECTS", "FAILURES", "FAIL%", "CONNECT P50", "P99"], rows))
+            return table(["CLIENT", "SERVER", "CONNECTS", "FAILURES", "FAIL%", "CONNECT P50", "P99"], rows)
         }
     }
 }
 
 struct Watch: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Stream incident changes as they happen (one line per change; -o json: one JSON object per line).")
+    static let configuration = CommandConfiguration(
+        abstract: "Stream incident changes as they happen (one line per change; -o json or ndjson: one JSON object per line).",
+        discussion: """
+            Asks the server every --interval seconds and prints what changed since the last answer. When the server             goes away (a restart, a rollout) a status line says so on stderr and watch waits for it to come back,             without repeating the changes it already printed.
+            """)
 
     @OptionGroup var connection: ConnectionOptions
-    @Option(help: "Seconds between polls.")
+    @Option(help: "Seconds between asks.")
     var interval: Double = 1
     @Option(help: "Stop after this many seconds (default: run until interrupted).")
     var duration: Double?
 
+    func validate() throws {
+        if interval <= 0 { throw ValidationError("--interval must be positive") }
+    }
+
     func run() throws {
-        let client = try connection.client()
+        var stream = Reconnecting(connection: connection, interval: interval)
         var seen: [String: String] = [:]
         let deadline = duration.map { Date(timeIntervalSinceNow: $0) }
         while deadline.map({ Date() < $0 }) ?? true {
-            let doc = try client.json("incidents", ["status": "all"])
+            guard let doc = try stream.query("incidents", ["status": "all"]) else { continue }
             for i in doc["incidents"]?.arrayValue ?? [] {
                 guard let id = i["id"]?.stringValue else { continue }
                 let top = i["root_causes"]?.arrayValue?.first
@@ -155,14 +202,14 @@ struct Watch: ParsableCommand {
                 let change = seen[id] == nil ? "opened" : (i["status"] == .string("resolved") ? "resolved" : "updated")
                 seen[id] = signature
                 switch connection.output {
-                case .json:
+                case .json, .ndjson:
                     print(JSONValue.object(["change": .string(change), "incident": i]).serialized())
                 case .table:
                     let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") \(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0))" } ?? "-"
                     print("\(rfc3339(ns: wallClockNs()))  \(change)  \(id)  \(cause)  \(i["title"]?.stringValue ?? "")")
                 }
-                fflush(nil)  // every stream: lines reach a pipe as they happen
             }
+            fflush(nil)  // every stream: lines reach a pipe as they happen
             Thread.sleep(forTimeInterval: interval)
         }
     }

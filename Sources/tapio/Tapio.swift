@@ -3,35 +3,31 @@ import Foundation
 import TapioClient
 import TapioWire
 
-/// Options every query command shares: where the server is and who we are.
-struct ConnectionOptions: ParsableArguments {
-    @Option(help: "Server query address, HOST:PORT.")
-    var server = "127.0.0.1:7401"
-    @Option(help: "Directory with ca.crt, tls.crt, tls.key of an operator identity.")
-    var tlsDir: String?
-    @Option(help: "CA certificate (PEM).")
-    var tlsCa: String?
-    @Option(help: "Operator certificate (PEM).")
-    var tlsCert: String?
-    @Option(help: "Operator private key (PEM).")
-    var tlsKey: String?
-    @Option(name: [.short, .customLong("output")], help: "Output format: table or json.")
-    var output: OutputFormat = .table
-
-    func client() throws -> QueryClient {
-        let (host, port) = try parseHostPort(server)
-        if let dir = tlsDir {
-            return try QueryClient(host: host, port: port, ca: dir + "/ca.crt", certificate: dir + "/tls.crt", key: dir + "/tls.key")
-        }
-        guard let ca = tlsCa, let cert = tlsCert, let key = tlsKey else {
-            throw ValidationError("give --tls-dir, or all of --tls-ca, --tls-cert and --tls-key")
-        }
-        return try QueryClient(host: host, port: port, ca: ca, certificate: cert, key: key)
-    }
+enum OutputFormat: String, ExpressibleByArgument {
+    case table, json, ndjson
 }
 
-enum OutputFormat: String, ExpressibleByArgument {
-    case table, json
+extension ConnectionOptions {
+    /// One query, failures in words (see `ResolvedConnection.explain`).
+    func json(_ method: String, _ params: [String: String] = [:]) throws -> JSONValue {
+        try resolve().json(method, params)
+    }
+
+    /// Prints a document as `-o` asks: `json` the whole document, `ndjson`
+    /// each element of its `key` array on a line of its own (the whole
+    /// document on one line when it has no such array), `table` via `table`.
+    func print(_ doc: JSONValue, list key: String?, table: (JSONValue) -> String) {
+        switch output {
+        case .json: Swift.print(doc.serialized())
+        case .ndjson:
+            if let key, let items = doc[key]?.arrayValue {
+                for item in items { Swift.print(item.serialized()) }
+            } else {
+                Swift.print(doc.serialized())
+            }
+        case .table: Swift.print(table(doc))
+        }
+    }
 }
 
 @main
@@ -40,68 +36,23 @@ struct Tapio: ParsableCommand {
         commandName: "tapio",
         abstract: "Ask tapio-server about events, nodes and incidents; manage the development PKI.",
         version: TapioVersion.current,
-        subcommands: [Events.self, Nodes.self, Pods.self, Incidents.self, Timeline.self, Explain.self, Services.self, Watch.self, Certs.self])
+        subcommands: [Events.self, Nodes.self, Pods.self, Incidents.self, Timeline.self, Explain.self, Services.self, Watch.self,
+                      Config.self, Certs.self])
+
+    static func main() {
+        main(arguments(Array(CommandLine.arguments.dropFirst())))
+    }
 
     /// `tapio --server X --tls-dir D events` is the documented form, with the
     /// connection options before the command; the parser wants them after it.
-    static func main() {
-        let arguments = Array(CommandLine.arguments.dropFirst())
+    /// `tapio help events` (and `tapio --tls-dir D help events`) is left to the
+    /// parser's own help command, without the options before it.
+    static func arguments(_ arguments: [String]) -> [String] {
         let commands = Set(configuration.subcommands.map { $0._commandName })
-        guard let index = arguments.firstIndex(where: { commands.contains($0) }), index > 0 else {
-            main(nil)
-            return
-        }
-        main([arguments[index]] + Array(arguments[..<index]) + Array(arguments[(index + 1)...]))
-    }
-}
-
-struct Events: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Events the agents reported, oldest first.")
-
-    @OptionGroup var connection: ConnectionOptions
-    @Option(help: "Only events newer than this, e.g. 30s, 5m, 2h, 1d.")
-    var since: String?
-    @Option(help: "Only events of this node.")
-    var node: String?
-    @Option(help: "Only events of this kind, e.g. process_exit.")
-    var kind: String?
-    @Option(help: "Only events of this pid.")
-    var pid: UInt32?
-    @Option(help: "Only events attributed to this pod.")
-    var pod: String?
-    @Option(help: "Only events attributed to this Kubernetes namespace.")
-    var namespace: String?
-    @Option(help: "At most this many (the most recent).")
-    var limit = 1000
-
-    func run() throws {
-        var params: [String: String] = ["limit": String(limit)]
-        if let since {
-            guard let ns = parseDuration(since) else { throw ValidationError("cannot read duration \(since): use e.g. 30s, 5m, 2h, 1d") }
-            params["since_ns"] = String(wallClockNs() - ns)
-        }
-        if let node { params["node"] = node }
-        if let kind {
-            guard EventKind(name: kind) != nil else {
-                throw ValidationError("unknown kind \(kind); one of: \(EventKind.allCases.dropFirst().map(\.name).joined(separator: ", "))")
-            }
-            params["kind"] = kind
-        }
-        if let pid { params["pid"] = String(pid) }
-        if let pod { params["pod"] = pod }
-        if let namespace { params["namespace"] = namespace }
-        let doc = try connection.client().json("events", params)
-        switch connection.output {
-        case .json:
-            print(doc.serialized())
-        case .table:
-            let rows = (doc["events"]?.arrayValue ?? []).map { e -> [String] in
-                [e["time"]?.stringValue ?? "", e["node"]?.stringValue ?? "", e["kind"]?.stringValue ?? "",
-                 e["pid"]?.intValue.map(String.init) ?? "", e["comm"]?.stringValue ?? "",
-                 e["pod"]?.stringValue.map { "\(e["namespace"]?.stringValue ?? "")/\($0)" } ?? "", eventDetail(e)]
-            }
-            print(table(["TIME", "NODE", "KIND", "PID", "COMM", "POD", "DETAIL"], rows))
-        }
+        guard let index = arguments.firstIndex(where: { commands.contains($0) || $0 == "help" }) else { return arguments }
+        if arguments[index] == "help" { return Array(arguments[index...]) }
+        guard index > 0 else { return arguments }
+        return [arguments[index]] + Array(arguments[..<index]) + Array(arguments[(index + 1)...])
     }
 }
 
@@ -111,11 +62,7 @@ struct Nodes: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        let doc = try connection.client().json("nodes")
-        switch connection.output {
-        case .json:
-            print(doc.serialized())
-        case .table:
+        connection.print(try connection.json("nodes"), list: "nodes") { doc in
             let rows = (doc["nodes"]?.arrayValue ?? []).map { n -> [String] in
                 let offset = Double(n["clock_offset_ns"]?.intValue ?? 0) / 1e6
                 let error = Double(n["clock_error_ns"]?.intValue ?? 0) / 1e6
@@ -125,7 +72,7 @@ struct Nodes: ParsableCommand {
                         n["drops_total"]?.intValue.map(String.init) ?? "0",
                         (n["capabilities"]?.arrayValue?.count).map { "\($0) running, \(degraded) degraded" } ?? ""]
             }
-            print(table(["NODE", "CONNECTED", "LAST SEEN", "CLOCK OFFSET", "EVENTS", "DROPS", "PROGRAMS"], rows))
+            return table(["NODE", "CONNECTED", "LAST SEEN", "CLOCK OFFSET", "EVENTS", "DROPS", "PROGRAMS"], rows)
         }
     }
 }
@@ -136,16 +83,12 @@ struct Pods: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        let doc = try connection.client().json("pods")
-        switch connection.output {
-        case .json:
-            print(doc.serialized())
-        case .table:
+        connection.print(try connection.json("pods"), list: "pods") { doc in
             let rows = (doc["pods"]?.arrayValue ?? []).map { p -> [String] in
                 [p["namespace"]?.stringValue ?? "", p["name"]?.stringValue ?? "", p["service"]?.stringValue ?? "", p["node"]?.stringValue ?? "",
                  (p["ips"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")]
             }
-            print(table(["NAMESPACE", "POD", "SERVICE", "NODE", "IPS"], rows))
+            return table(["NAMESPACE", "POD", "SERVICE", "NODE", "IPS"], rows)
         }
     }
 }
