@@ -46,18 +46,35 @@ struct Timeline: ParsableCommand {
 
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "Incident id.")
-    var id: String
+    var id: String?
+    @Option(help: ArgumentHelp("Render a timeline saved earlier with `tapio timeline ID -o json` instead of asking the server.", valueName: "file"))
+    var file: String?
+
+    func validate() throws {
+        if (id == nil) == (file == nil) { throw ValidationError("give an incident id, or --file with a saved timeline") }
+    }
 
     func run() throws {
-        connection.print(try connection.json("timeline", ["id": id]), list: nil) { timelineText($0, width: terminalWidth()) }
+        let doc: JSONValue
+        if let file {
+            guard let data = FileManager.default.contents(atPath: file) else { throw CLIError("cannot read \(file)") }
+            guard let parsed = try? JSONValue.parse(Array(data)), parsed["timeline"] != nil else {
+                throw CLIError("\(file) is not a timeline saved with `tapio timeline ID -o json`")
+            }
+            doc = parsed
+        } else {
+            doc = try connection.json("timeline", ["id": id!])
+        }
+        connection.print(doc, list: nil) { timelineText($0, width: terminalWidth()) }
     }
 }
 
 /// A header with the ranked causes, then one row per event with its node
 /// (lanes side by side grow with the number of nodes: ~260 columns at
 /// three). Rows fit in `width` columns: node and entity are shortened with
-/// "…" past a bound, the summary is wrapped onto continuation lines under
-/// its column. Times are the time of day in UTC, the date said once above
+/// "…" past a bound, the summary (with `[cause]` before a cause's) is wrapped
+/// onto continuation lines under its column; the event kind and the rest
+/// are in `-o json`. Times are the time of day in UTC, the date said once above
 /// (the full time when the events span two days).
 func timelineText(_ doc: JSONValue, width: Int) -> String {
     let width = max(width, 60)
@@ -71,26 +88,34 @@ func timelineText(_ doc: JSONValue, width: Int) -> String {
     let days = Set(times.map { $0.prefix(10) })
     let sameDay = days.count == 1
     let nodes = Set(entries.compactMap { $0["node"]?.stringValue })
-    out += "\n\(entries.count) events on \(nodes.count) node\(nodes.count == 1 ? "" : "s")"
-    out += sameDay ? ", times UTC on \(days.first!); ≈ marks events concurrent with another (overlapping uncertainty)\n\n" : ", ≈ marks concurrent events\n\n"
+    var legend = "\(entries.count) events on \(nodes.count) node\(nodes.count == 1 ? "" : "s")"
+    legend += sameDay ? ", times UTC on \(days.first!)" : ""
+    legend += "; ≈ marks an event concurrent with another (their uncertainty intervals overlap)"
+    out += "\n" + wrap(legend, width).joined(separator: "\n") + "\n\n"
     let rows = entries.enumerated().map { index, e -> [String] in
         let concurrent = !(e["concurrent_with"]?.arrayValue ?? []).isEmpty
         let time = times[index]
         let shown = sameDay && time.count > 11 ? String(time.dropFirst(11).dropLast(time.hasSuffix("Z") ? 1 : 0)) : time
+        let role = e["role"]?.stringValue == "cause" ? "[cause] " : ""
         return [(concurrent ? "≈ " : "  ") + shown,
                 String(format: "±%.1fms", Double(e["time_error_ns"]?.intValue ?? 0) / 1e6),
-                shorten(e["node"]?.stringValue ?? "", 16), e["role"]?.stringValue ?? "", e["kind"]?.stringValue ?? "",
-                shorten(e["entity"]?.stringValue ?? "", 20), e["summary"]?.stringValue ?? ""]
+                shorten(e["node"]?.stringValue ?? "", 16), shorten(e["entity"]?.stringValue ?? "", 20),
+                role + (e["summary"]?.stringValue ?? "")]
     }
-    let header = ["  TIME", "±", "NODE", "ROLE", "KIND", "ENTITY", "SUMMARY"]
+    let header = ["  TIME", "±", "NODE", "ENTITY", "SUMMARY"]
     var widths = header.map(\.count)
     for r in rows { for i in 0..<(r.count - 1) { widths[i] = max(widths[i], r[i].count) } }
     let indent = widths.dropLast().reduce(0) { $0 + $1 + 2 }
-    let summaryWidth = max(20, width - indent)
+    // Narrower than the columns plus 30 for the summary: the summary goes
+    // under its row, indented, in the whole width.
+    let beside = width - indent >= 30
+    let summaryIndent = beside ? indent : 4
+    let summaryWidth = width - summaryIndent
     func line(_ cells: [String]) -> [String] {
         let lead = cells.dropLast().enumerated().map { i, c in c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  ") + "  "
         let wrapped = wrap(cells.last!, summaryWidth)
-        return [lead + wrapped[0]] + wrapped.dropFirst().map { String(repeating: " ", count: indent) + $0 }
+        let under = wrapped.map { String(repeating: " ", count: summaryIndent) + $0 }
+        return beside ? [lead + wrapped[0]] + under.dropFirst() : [lead] + under
     }
     out += (line(header) + rows.flatMap(line)).map { $0.replacingOccurrences(of: " +$", with: "", options: .regularExpression) }.joined(separator: "\n")
     return out
