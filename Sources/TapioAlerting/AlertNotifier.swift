@@ -35,7 +35,8 @@ public final class AlertNotifier: Sendable {
         loop = group.next()
         loop.execute { Thread.current.name = "tapio-alerts" }
         let poster = try HTTPPoster()
-        var receivers: [Receiver] = configuration.alertmanagers.map { Receiver(kind: .alertmanager, target: $0) }
+        // Alertmanager is given by its base URL; alerts go to its v2 API.
+        var receivers: [Receiver] = configuration.alertmanagers.map { Receiver(kind: .alertmanager, target: $0.appending(path: "/api/v2/alerts")) }
         if let w = configuration.webhook { receivers.append(Receiver(kind: .webhook, target: w)) }
         for r in receivers {
             for m in [Self.sentMetric, Self.failedMetric] { count(r.series(m), 0) }
@@ -53,8 +54,11 @@ public final class AlertNotifier: Sendable {
         loop.execute { [self] in
             state.value.tracker.restore(alerts)
             guard !configuration.alertmanagers.isEmpty else { return }
+            // The restored alerts at once (they may have expired while the
+            // server was down), then every period.
+            resendFiring()
             let period = configuration.resendInterval
-            state.value.resend = loop.scheduleRepeatedTask(initialDelay: .zero, delay: period) { [self] _ in resendFiring() }
+            state.value.resend = loop.scheduleRepeatedTask(initialDelay: period, delay: period) { [self] _ in resendFiring() }
         }
     }
 

@@ -5,8 +5,10 @@ import NIOCore
 /// receivers, the paging rule's confidence floor, the Alertmanager re-send
 /// period and the webhook's retries. Defaults are documented in docs/alerts.md.
 public struct AlertingConfiguration: Sendable {
-    /// Alertmanager instances; every one gets every alert (Alertmanager
-    /// deduplicates across a cluster; do not load-balance in front of it).
+    /// Alertmanager instances by base URL (`http://alertmanager:9093`; a path
+    /// prefix is kept): alerts go to `<base>/api/v2/alerts`. Every one gets
+    /// every alert (Alertmanager deduplicates across a cluster; do not
+    /// load-balance in front of it).
     public var alertmanagers: [AlertTarget] = []
     /// The generic webhook, nil for none.
     public var webhook: AlertTarget?
@@ -77,6 +79,16 @@ public struct AlertTarget: Sendable, Equatable, CustomStringConvertible {
         if p.isEmpty { p = "/" }
         if let q = c.percentEncodedQuery { p += "?" + q }
         path = p
+    }
+
+    /// This target with `suffix` added to its path (before any query).
+    public func appending(path suffix: String) -> AlertTarget {
+        var t = self
+        let parts = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        var p = String(parts[0])
+        while p.hasSuffix("/") { p.removeLast() }
+        t.path = p + suffix + (parts.count > 1 ? "?" + parts[1] : "")
+        return t
     }
 
     /// `host:port`, an IPv6 literal in brackets: the Host header and the
