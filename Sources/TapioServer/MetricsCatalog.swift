@@ -1,3 +1,4 @@
+import Glibc
 import TapioCorrelation
 import TapioStore
 import TapioWire
@@ -43,6 +44,9 @@ enum MetricsCatalog {
                                                 initial: ["{result=\"applied\"}", "{result=\"refused\"}"]),
         "tapio_server_tls_certificate_not_after_seconds": .init(kind: .gauge, help: "Expiry (Unix time) of the server certificate new connections get.", unlabelled: true),
         "tapio_server_incidents_open": .init(kind: .gauge, help: "Open incidents, by the kind of their leading root cause (unknown: no candidate yet).", unlabelled: false),
+        "tapio_server_healthy": .init(kind: .gauge, help: "1 while /healthz answers 200 (the store takes writes, the engine advances).", unlabelled: true),
+        "tapio_server_ready": .init(kind: .gauge, help: "1 while /readyz answers 200 (listening, restored, not shutting down).", unlabelled: true),
+        "tapio_server_data_free_bytes": .init(kind: .gauge, help: "Bytes available to the server on the file system of its data directory.", unlabelled: false),
         "tapio_server_build_info": .init(kind: .gauge, help: "Always 1; the version of the running server in its label.", unlabelled: false),
         "tapio_correlation_events_processed_total": .init(kind: .counter, help: "Events the correlation engine has processed.", unlabelled: true),
         "tapio_correlation_late_events_total": .init(kind: .counter, help: "Events that arrived after their rate bucket was decided: kept as causes and topology, not counted in rates.", unlabelled: true),
@@ -124,6 +128,12 @@ extension TapioServer {
         let open = correlation.openIncidentsByRootCause
         byName["tapio_server_incidents_open"] = (CauseKind.allCases.map(\.rawValue) + ["unknown"]).map {
             .init([("root_cause_kind", $0)], open[$0] ?? 0)
+        }
+        byName["tapio_server_healthy"] = [.init([], health.health().ok ? 1 : 0)]
+        byName["tapio_server_ready"] = [.init([], health.readiness().ok ? 1 : 0)]
+        var fs = statvfs()
+        if statvfs(configuration.dataDirectory, &fs) == 0 {
+            byName["tapio_server_data_free_bytes"] = [.init([], UInt64(fs.f_bavail) * UInt64(fs.f_frsize))]
         }
         byName["tapio_server_build_info"] = [.init([("version", Self.version)], 1)]
         let c = correlation.statistics

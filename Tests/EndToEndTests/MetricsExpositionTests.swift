@@ -64,5 +64,126 @@ final class MetricsExpositionTests: XCTestCase {
         XCTAssertTrue(serverText.contains("\ntapio_server_events_future_total 0\n"), serverText)
         XCTAssertTrue(serverText.contains("tapio_node_clock_offset_seconds{node=\"\(node)\"}"), serverText)
         XCTAssertTrue(agentText.contains("\ntapio_agent_ring_wakeups_total "), agentText)
+        XCTAssertTrue(serverText.contains("\ntapio_server_connections_rejected_total{reason=\"storage\"} 0\n"), serverText)
+        XCTAssertTrue(serverText.contains("\ntapio_server_incidents_open{root_cause_kind=\"oom_kill\"} 0\n"), serverText)
+        XCTAssertTrue(serverText.contains("\ntapio_server_build_info{version=\""), serverText)
+        XCTAssertTrue(agentText.contains("\ntapio_agent_build_info{version=\""), agentText)
+        XCTAssertTrue(agentText.contains("\ntapio_agent_ring_fill_bytes{ring=\"process\"} "), agentText)
+        XCTAssertTrue(agentText.contains("\ntapio_agent_bpf_program_runs_total{program=\"handle_exec\"} "), agentText)
+        for text in [serverText, agentText] {
+            for family in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
+                XCTAssertGreaterThan(Self.value(family, in: text) ?? 0, 0, family)
+            }
+        }
+        // Once batches are stored, the group commit has observed its time and the lag of each batch.
+        func serverMetricsText() -> String { (try? TestSupport.httpGet(port: serverMetrics, path: "/metrics"))?.body ?? "" }
+        XCTAssertTrue(eventually(timeout: 30) { (Self.value("tapio_server_batches_total", in: serverMetricsText()) ?? 0) > 0 }, "no batch stored")
+        let later = serverMetricsText()
+        XCTAssertGreaterThan(Self.value("tapio_server_batch_commit_seconds_count", in: later) ?? 0, 0, later)
+        XCTAssertGreaterThan(Self.value("tapio_server_ingest_lag_seconds_count", in: later) ?? 0, 0, later)
+        XCTAssertEqual(Self.value("tapio_server_ingest_lag_seconds_bucket{le=\"+Inf\"}", in: later), Self.value("tapio_server_ingest_lag_seconds_count", in: later))
+
+        let families = Self.families(serverText).union(Self.families(agentText))
+        try checkRules(promtool: promtool, families: families)
+        try checkDashboard(promtool: promtool, families: families)
+        try checkDocs(families: families)
+    }
+
+    /// deploy/prometheus/rules.yaml passes promtool and names only metrics that exist.
+    private func checkRules(promtool: String, families: Set<String>) throws {
+        let rules = TestSupport.packageRoot + "/deploy/prometheus/rules.yaml"
+        let check = try TestSupport.run(promtool, ["check", "rules", rules])
+        XCTAssertEqual(check.status, 0, "promtool check rules:\n\(check.stdout)\(check.stderr)")
+        let text = try String(contentsOfFile: rules, encoding: .utf8)
+        let expressions = text.split(separator: "\n").compactMap { line -> String? in
+            let t = line.drop { $0 == " " }
+            return t.hasPrefix("expr:") ? String(t.dropFirst(5)) : nil
+        }
+        XCTAssertGreaterThan(expressions.count, 5)
+        for e in expressions { assertNamesExist(e, families: families, in: "rules.yaml") }
+    }
+
+    /// Every query of deploy/grafana/tapio-dashboard.json parses (promtool
+    /// checks it as a recording rule, with Grafana's variables filled in) and
+    /// names only metrics that exist.
+    private func checkDashboard(promtool: String, families: Set<String>) throws {
+        let path = TestSupport.packageRoot + "/deploy/grafana/tapio-dashboard.json"
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path)))
+        var expressions: [String] = []
+        func walk(_ v: Any) {
+            if let o = v as? [String: Any] {
+                if let e = o["expr"] as? String { expressions.append(e) }
+                o.values.forEach(walk)
+            } else if let a = v as? [Any] {
+                a.forEach(walk)
+            }
+        }
+        walk(json)
+        XCTAssertGreaterThan(expressions.count, 20)
+        var rules = "groups:\n  - name: dashboard\n    rules:\n"
+        for (i, e) in expressions.enumerated() {
+            assertNamesExist(e, families: families, in: "tapio-dashboard.json")
+            let filled = e.replacingOccurrences(of: "$__rate_interval", with: "5m")
+                .replacingOccurrences(of: "$server", with: ".*").replacingOccurrences(of: "$agent", with: ".*")
+            let quoted = filled.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            rules += "      - record: dashboard:query\(i)\n        expr: \"\(quoted)\"\n"
+        }
+        let file = dir + "/dashboard-rules.yaml"
+        try rules.write(toFile: file, atomically: true, encoding: .utf8)
+        let check = try TestSupport.run(promtool, ["check", "rules", file])
+        XCTAssertEqual(check.status, 0, "the dashboard's queries:\n\(check.stdout)\(check.stderr)")
+    }
+
+    /// The metrics tables of docs/operations.md ("Metrics and health") list
+    /// every family the server and the agent expose, and nothing else.
+    private func checkDocs(families: Set<String>) throws {
+        let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
+        guard let start = docs.range(of: "\n## Metrics and health\n") else { return XCTFail("docs/operations.md has no \"Metrics and health\" section") }
+        let section = String(docs[start.upperBound...]).components(separatedBy: "\n## ").first ?? ""
+        var documented = Set<String>()
+        for line in section.split(separator: "\n") where line.hasPrefix("| `") {
+            // The first cell: `name{labels}`, one family per row.
+            let name = String(line.dropFirst(3).prefix { $0 != "`" && $0 != "{" })
+            if name.hasPrefix("tapio_") || name.hasPrefix("process_") { documented.insert(name) }
+        }
+        XCTAssertEqual(documented.subtracting(families).sorted(), [], "in docs/operations.md but not exposed")
+        XCTAssertEqual(families.subtracting(documented).sorted(), [], "exposed but not in docs/operations.md")
+    }
+
+    private func assertNamesExist(_ expression: String, families: Set<String>, in file: String) {
+        for name in Self.metricNames(expression) {
+            var family = name
+            for suffix in ["_bucket", "_sum", "_count"] where name.hasSuffix(suffix) && !families.contains(name) {
+                family = String(name.dropLast(suffix.count))
+            }
+            XCTAssertTrue(families.contains(family), "\(file) names \(name), which neither the server nor the agent exposes: \(expression)")
+        }
+    }
+
+    /// Names of Tapio's and the process metrics in a PromQL expression.
+    static func metricNames(_ expression: String) -> Set<String> {
+        var names = Set<String>()
+        var current = ""
+        for c in expression + " " {
+            if c.isLetter || c.isNumber || c == "_" || c == ":" {
+                current.append(c)
+            } else {
+                if current.hasPrefix("tapio_") || current.hasPrefix("process_") { names.insert(current) }
+                current = ""
+            }
+        }
+        return names
+    }
+
+    /// Families of an exposition, from its TYPE lines.
+    static func families(_ text: String) -> Set<String> {
+        Set(text.split(separator: "\n").compactMap { line in
+            line.hasPrefix("# TYPE ") ? line.split(separator: " ")[2].description : nil
+        })
+    }
+
+    /// The value of one series (`name` or `name{labels}` as written).
+    static func value(_ series: String, in text: String) -> Double? {
+        text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last!) }
     }
 }

@@ -34,6 +34,24 @@ print(f"yaml: {'ok' if bad == 0 else f'{bad} problem(s)'}")
 sys.exit(1 if bad else 0)
 EOF
 
+# The PrometheusRule of components/prometheus-operator carries the groups of
+# prometheus/rules.yaml (the file for Prometheus without the Operator).
+"$python" - <<'EOF' || status=1
+import sys, yaml
+plain = yaml.safe_load(open("prometheus/rules.yaml"))["groups"]
+rule = yaml.safe_load(open("kubernetes/components/prometheus-operator/rules.yaml"))["spec"]["groups"]
+if plain != rule:
+    print("FAIL rules: kubernetes/components/prometheus-operator/rules.yaml differs from prometheus/rules.yaml"); sys.exit(1)
+print(f"rules: the PrometheusRule matches prometheus/rules.yaml ({sum(len(g['rules']) for g in plain)} rules)")
+EOF
+if command -v promtool >/dev/null; then
+	if promtool check rules prometheus/rules.yaml >/dev/null; then
+		echo "promtool: rules ok"
+	else
+		echo "FAIL promtool check rules prometheus/rules.yaml"; status=1
+	fi
+fi
+
 if command -v kubectl >/dev/null; then
 	for dir in kubernetes/base kubernetes/overlays/*/; do
 		dir=${dir%/}
