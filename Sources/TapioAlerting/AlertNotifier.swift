@@ -35,6 +35,9 @@ public final class AlertNotifier: Sendable {
         loop = group.next()
         loop.execute { Thread.current.name = "tapio-alerts" }
         let poster = try HTTPPoster()
+        if let w = configuration.webhook, configuration.webhookSecret == nil {
+            logger.warning("webhook notifications are not signed (no --webhook-secret-file)", metadata: ["webhook": "\(w)"])
+        }
         // Alertmanager is given by its base URL; alerts go to its v2 API.
         var receivers: [Receiver] = configuration.alertmanagers.map { Receiver(kind: .alertmanager, target: $0.appending(path: "/api/v2/alerts")) }
         if let w = configuration.webhook { receivers.append(Receiver(kind: .webhook, target: w)) }
