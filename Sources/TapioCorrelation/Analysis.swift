@@ -17,6 +17,8 @@ struct Candidate: Sendable {
     /// For a closed listener: every close was on purpose (a stop request or
     /// a graceful shutdown), and when the entity listened again on that port.
     var plannedStop: PlannedStop?
+    /// The node itself short of CPU or memory, with no neighbour to name.
+    var nodeShortage = false
 
     var firstSeenNs: Int64 { events.first?.timeNs ?? inferredSince }
     var nodes: Set<String> { inferred ? Set(symptomEvents.map(\.node)) : Set(events.map(\.node)) }
@@ -83,10 +85,13 @@ struct Analysis {
                                      opened: all.filter { $0.signal == .listenerOpened }).filter { $0.firstSeenNs <= until }
         }
 
-        // Noisy neighbours: other workloads with CPU or memory signals on a
-        // victim's node.
+        // Noisy neighbours: another workload on a victim's node, named only
+        // on evidence that the victim was starved while the neighbour
+        // consumed. Being near is not enough: a probe, a short job or a
+        // process that started while nobody lacked anything is no neighbour.
         let victimSymptoms = symptoms.filter { [.latency, .connectTimeout, .retransmits, .throttling].contains($0.key.kind) }
         var victimNodes: [String: Set<String>] = [:]
+        var victimOnset: [String: Int64] = [:]  // node → earliest victim symptom
         for s in victimSymptoms {
             // A workload throttled by its own quota off the failing paths is
             // not a victim (it may be the neighbour).
@@ -95,46 +100,65 @@ struct Analysis {
             var nodes = engine.topology.nodes(of: v)
             if s.key.observer == v { nodes.formUnion(s.events.map(\.node)) }
             victimNodes[v, default: []].formUnion(nodes)
+            for n in nodes { victimOnset[n] = min(victimOnset[n] ?? .max, s.sinceNs) }
         }
         let victims = Set(victimNodes.keys)
-        for node in Set(victimNodes.values.flatMap { $0 }).sorted() {
+        for node in victimOnset.keys.sorted() {
             let onNode = (engine.causes.entitiesByNode[node] ?? []).sorted()
-            // The node itself short of CPU or memory (a cgroup above the pods).
-            let contention = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }
+            let lo = max(from, victimOnset[node]! - cfg.starvationLeadNs)
+            // Starvation: the node itself short of CPU or memory (a cgroup
+            // above the pods throttled or under pressure), or a victim on it
+            // stalled on memory (PSI: reclaim). A victim throttled by its own
+            // quota is short of its own limit, which no neighbour changes:
+            // that is its own cpu_throttle.
+            let contention = onNode.flatMap { engine.causes.events(of: $0, from: lo, to: until) }
                 .filter { $0.signal == .nodeContention && $0.node == node }
                 .sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            let stalls = victims.sorted().flatMap { engine.causes.events(of: $0, from: lo, to: until) }
+                .filter { $0.node == node && $0.signal == .memoryPressure && memoryStall($0) }
+            let starvation = (contention + stalls).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
             var named = false
-            for x in onNode where !pathEntities.contains(x) && !victims.contains(x) {
-                let evs = engine.causes.events(of: x, from: from, to: until).filter { c in
-                    guard c.node == node else { return false }
-                    switch c.signal {
-                    case .cpuThrottle, .memoryPressure: return true
-                    case .workloadStart:
-                        let exit = engine.causes.exitTime(node: c.node, pid: c.observed.event.pid)
-                        return exit == nil || exit! > detected
-                    default: return false
+            if let first = starvation.first?.timeNs, let last = starvation.last?.timeNs {
+                let slack = cfg.neighbourSlackNs
+                let cpuShort = starvation.contains { isCPU($0) }
+                let memoryShort = starvation.contains { !isCPU($0) }
+                for x in onNode where !pathEntities.contains(x) && !victims.contains(x) {
+                    // What the neighbour consumed meanwhile: its own quota
+                    // used up (throttled) or its memory at the limit, for the
+                    // resource the victim lacked; or it started before the
+                    // starvation began and still ran when it last showed.
+                    let evs = engine.causes.events(of: x, from: from, to: until).filter { c in
+                        guard c.node == node else { return false }
+                        let during = c.timeNs >= first - slack && c.timeNs <= last + slack
+                        switch c.signal {
+                        case .cpuThrottle: return cpuShort && during
+                        case .memoryPressure: return memoryShort && during
+                        case .workloadStart:
+                            guard c.timeNs <= first + slack else { return false }
+                            let exit = engine.causes.exitTime(node: c.node, pid: c.observed.event.pid)
+                            return exit == nil || exit! >= last - slack
+                        default: return false
+                        }
                     }
+                    guard !evs.isEmpty, !candidates.contains(where: { $0.entity == x && $0.kind == .noisyNeighbour }) else { continue }
+                    let all = (evs + starvation).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+                    candidates.append(Candidate(entity: x, kind: .noisyNeighbour, events: all, quality: evs.map(\.quality).max() ?? 0))
+                    named = true
                 }
-                guard !evs.isEmpty, !candidates.contains(where: { $0.entity == x && $0.kind == .noisyNeighbour }) else { continue }
-                // A workload that only started is weak evidence, unless the
-                // node was short of the resource at the time.
-                let onlyStarts = evs.allSatisfy { $0.signal == .workloadStart }
-                let q = evs.map(\.quality).max() ?? 0
-                let all = (evs + contention).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
-                candidates.append(Candidate(entity: x, kind: .noisyNeighbour, events: all, quality: onlyStarts && contention.isEmpty ? q * 0.5 : q))
-                named = true
             }
             // No neighbour to name: the node's own shortage is the candidate.
             if !named, let first = contention.first, !candidates.contains(where: { $0.entity == first.entity }) {
-                let cpu = contention.contains { if case .cpuThrottle = $0.observed.event.detail { return true } else { return false } }
-                candidates.append(Candidate(entity: first.entity, kind: cpu ? .cpuThrottle : .memoryPressure, events: contention,
-                                            quality: contention.map(\.quality).max() ?? 0))
+                let cpu = contention.contains { isCPU($0) }
+                var shortage = Candidate(entity: first.entity, kind: cpu ? .cpuThrottle : .memoryPressure, events: contention,
+                                         quality: contention.map(\.quality).max() ?? 0)
+                shortage.nodeShortage = true
+                candidates.append(shortage)
             }
         }
 
         func relation(_ c: Candidate, _ s: SymptomState) -> (String, Double)? {
             let e = c.entity
-            if c.kind == .noisyNeighbour {
+            if c.kind == .noisyNeighbour || c.nodeShortage {
                 if s.edgeTo == nil && s.key.observer == e { return ("self", 0.9) }
                 let v = s.edgeTo ?? s.key.observer
                 if victims.contains(v), !(victimNodes[v] ?? []).isDisjoint(with: c.nodes), victimSymptoms.contains(s) { return ("same_node", 0.6) }
@@ -250,6 +274,7 @@ struct Analysis {
                 < (b.causeEntity, b.causeKind.rawValue, b.symptomEntity, b.symptomKind.rawValue, b.symptomPeer ?? "")
         }
         out.title = title(out)
+        out.pages = (out.rootCauses.filter { !$0.inferred }.map(\.confidence).max() ?? 0) >= cfg.pagingFloor
         out.plannedStop = top?.plannedStop
 
         // Timeline and what is affected: the symptoms' events and those of the leading candidates.
@@ -365,6 +390,18 @@ struct Analysis {
             if let evs = by[sig] { out.append(make(kind, evs)) }
         }
         return out
+    }
+
+    private func isCPU(_ c: CauseEvent) -> Bool {
+        if case .cpuThrottle = c.observed.event.detail { return true }
+        return false
+    }
+
+    /// A memory_pressure sample whose PSI says the workload stalled on memory
+    /// (reclaim), not only that it is near its own limit.
+    private func memoryStall(_ c: CauseEvent) -> Bool {
+        if case .memoryPressure(_, _, _, _, let psi, _, _) = c.observed.event.detail { return Double(psi) / 10 >= cfg.memoryPressureCausePsi }
+        return false
     }
 
     private func isCrashLoop(_ exits: [CauseEvent]) -> Bool {

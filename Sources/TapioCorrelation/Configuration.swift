@@ -44,6 +44,20 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// or this usage/limit ratio.
     public var memoryPressureCausePsi: Double = 10
     public var memoryPressureCauseUsage: Double = 0.9
+    /// An incident pages (`Incident.pages`) only when its best observed
+    /// candidate has at least this confidence. The confidences are
+    /// calibrated, so below 0.5 the named cause is more likely wrong than
+    /// right; on the recorded lab runs every right top-1 scored 0.83 or more
+    /// (docs/correlation.md, "Paging").
+    public var pagingFloor: Double = 0.5
+    /// A victim's starvation (its node throttled or under memory pressure,
+    /// its own memory PSI) counts for its symptoms from this long before the
+    /// first of them: a shortage shows in latency after a few buckets.
+    public var starvationLeadNs: Int64 = 10_000_000_000
+    /// How far a neighbour's consumption may lie outside the victim's
+    /// starvation and still overlap it: cgroup counters are sampled once a
+    /// second and stamped with the start of their interval.
+    public var neighbourSlackNs: Int64 = 2_000_000_000
     /// Root-cause candidates kept per incident.
     public var maxCandidates: Int = 5
     /// Evidence events kept per candidate and representative events per symptom.

@@ -21,6 +21,9 @@ public struct CorrelationEngine: Sendable {
         /// Incidents never shown because a restart explained them (a listener
         /// closed on purpose and open again within the grace, the symptoms over).
         public var restartsSuppressed: UInt64 = 0
+        /// Resets the client end of a connection sent (a client or a proxy
+        /// that hung up): aborts, not failures, so not counted as `resets`.
+        public var clientAborts: UInt64 = 0
 
         public init() {}
     }
@@ -180,6 +183,28 @@ public struct CorrelationEngine: Sendable {
         return (local, remote)
     }
 
+    /// Whether the local end of a reset's connection is its server, nil
+    /// when nothing tells. The agent zeroes the ephemeral (client) port where
+    /// it knows it: a reset received while connecting, a reset sent for a
+    /// segment no connection owns. In the latter it assumes the segment's
+    /// sender started the connection, which is wrong when a client's kernel
+    /// answers a server's late segment after the client gave up: there the
+    /// local port decides — a port something serves on is the server's.
+    /// With both ports kept, the port seen serving is the server's, else the
+    /// dependency graph decides.
+    private func resetRoles(local: EntityRef, remote: EntityRef, flow: Flow, sent: Bool, state: UInt32) -> Bool? {
+        let ports = topology.serverPorts
+        // TCP_LISTEN (10) or no socket (0): the tuple is the incoming segment's, reversed.
+        if sent && (state == 0 || state == 10) { return ports.contains(flow.sourcePort) }
+        if flow.sourcePort == 0 && flow.destinationPort != 0 { return false }
+        if flow.destinationPort == 0 && flow.sourcePort != 0 { return true }
+        let localServes = ports.contains(flow.sourcePort), remoteServes = ports.contains(flow.destinationPort)
+        if localServes != remoteServes { return localServes }
+        let toLocal = graph.hasEdge(remote.name, local.name), toRemote = graph.hasEdge(local.name, remote.name)
+        if toLocal != toRemote { return toLocal }
+        return nil
+    }
+
     private mutating func classify(_ e: ObservedEvent, bucket: Int64?) {
         let ev = e.event
         switch ev.detail {
@@ -208,6 +233,7 @@ public struct CorrelationEngine: Sendable {
             let client = topology.entity(of: e, localAddress: flow.source)
             let server = topology.entity(address: flow.destination)
             topology.sawEntity(client.name, node: e.node)
+            topology.sawServerPort(flow.destinationPort)
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
             let kind: SymptomKind?
             switch outcome {
@@ -233,11 +259,20 @@ public struct CorrelationEngine: Sendable {
                 if let a = address, a.bytes.contains(where: { $0 != 0 }) { addrs.insert(a.description) }
                 addCause(.listenerClosed, me, e, addresses: addrs, port: port)
             }
-        case .tcpReset(let flow, _, _, let count):
+        case .tcpReset(let flow, let sent, let state, let count):
             let local = topology.entity(of: e, localAddress: flow.source)
             let remote = topology.entity(address: flow.destination)
             topology.sawEntity(local.name, node: e.node)
-            let (c, s) = orient(local: local, remote: remote, flow: flow)
+            let localIsServer = resetRoles(local: local, remote: remote, flow: flow, sent: sent, state: state)
+            // Who reset: the client end hanging up (a client that gave up, a
+            // proxy whose own client left) is no failure of the server; the
+            // server end resetting (a crash, a closed port, an abort by the
+            // server) is.
+            if let localIsServer, sent != localIsServer {
+                statistics.clientAborts += UInt64(max(count, 1))
+                break
+            }
+            let (c, s) = localIsServer.map { $0 ? (remote, local) : (local, remote) } ?? orient(local: local, remote: remote, flow: flow)
             observe(SeriesKey(observer: local.name, kind: .resets, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
         case .tcpRetransmit(let flow, let count, _):
@@ -252,7 +287,12 @@ public struct CorrelationEngine: Sendable {
             let remote = topology.entity(address: flow.destination)
             topology.sawEntity(local.name, node: e.node)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
-            if flow.destinationPort == 0 && flow.sourcePort != 0 { topology.sawServer(local.name, address: flow.source) }
+            if flow.destinationPort == 0 && flow.sourcePort != 0 {
+                topology.sawServer(local.name, address: flow.source)
+                topology.sawServerPort(flow.sourcePort)
+            } else if flow.sourcePort == 0 {
+                topology.sawServerPort(flow.destinationPort)
+            }
             let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
             graph.response(client: c.name, server: s.name, port: c.name == local.name ? flow.destinationPort : flow.sourcePort,
                            meanNs: meanNs, responses: responses, timeNs: e.timeNs)
@@ -523,7 +563,9 @@ struct IncidentState: Sendable {
 extension Incident {
     /// Whether anything but the moving times of active symptoms changed.
     func contentDiffers(from old: Incident) -> Bool {
-        if id != old.id || status != old.status || title != old.title || affected != old.affected || mergedIds != old.mergedIds { return true }
+        if id != old.id || status != old.status || title != old.title || affected != old.affected || mergedIds != old.mergedIds || pages != old.pages {
+            return true
+        }
         if symptoms.count != old.symptoms.count || rootCauses.count != old.rootCauses.count { return true }
         for (a, b) in zip(symptoms, old.symptoms) where a.entity != b.entity || a.kind != b.kind || a.peer != b.peer || a.sinceNs != b.sinceNs { return true }
         for (a, b) in zip(rootCauses, old.rootCauses) where a.entity != b.entity || a.kind != b.kind || round3(a.confidence) != round3(b.confidence) { return true }

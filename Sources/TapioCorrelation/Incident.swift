@@ -31,6 +31,11 @@ public struct Incident: Sendable, Equatable {
     public var timeline: [TimelineEntry] = []
     /// Ids of incidents merged into this one.
     public var mergedIds: [String] = []
+    /// Worth paging a person: at least one candidate stands on a cause event
+    /// the kernel reported (not only inferred from symptoms) and the best of
+    /// them reaches `CorrelationConfiguration.pagingFloor`. An incident that
+    /// does not page is still kept, answered and shown; alerts skip it.
+    public var pages = false
     /// Set when the leading candidate is a listener closed on purpose: the
     /// engine holds such an incident back while a restart may follow.
     var plannedStop: PlannedStop?
@@ -46,7 +51,7 @@ public struct Incident: Sendable, Equatable {
                                  "services": .array(affected.services.map { .string($0) })]),
             "symptoms": .array(symptoms.map(\.json)),
             "root_causes": .array(rootCauses.map(\.json)),
-            "merged_ids": .array(mergedIds.map { .string($0) }),
+            "merged_ids": .array(mergedIds.map { .string($0) }), "pages": .bool(pages),
         ])
     }
 

@@ -30,6 +30,10 @@ struct Topology: Sendable {
     private(set) var ownerByIP: [String: String] = [:]
     /// Entity → ports it listened on.
     private(set) var listenPorts: [String: Set<UInt16>] = [:]
+    /// Ports seen serving anywhere: listeners, connects' destinations, the
+    /// server end of measured flows. Which end of a connection is the server
+    /// when the kernel's record does not say (a reset's flow keeps both ports).
+    private(set) var serverPorts: Set<UInt16> = []
 
     mutating func replace(node: String, pods: [PodInfo]) {
         podsByNode[node] = pods
@@ -148,5 +152,10 @@ struct Topology: Sendable {
 
     mutating func sawListener(_ entity: String, port: UInt16) {
         if port != 0 { listenPorts[entity, default: []].insert(port) }
+        sawServerPort(port)
+    }
+
+    mutating func sawServerPort(_ port: UInt16) {
+        if port != 0 && !serverPorts.contains(port) { serverPorts.insert(port) }
     }
 }

@@ -176,6 +176,9 @@ final class RuleTests: XCTestCase {
         XCTAssertTrue(inc.symptoms.contains { $0.kind == .throttling && $0.entity == "api" })
     }
 
+    /// The victim's node is short of CPU (its cgroup above the pods is
+    /// throttled) while a batch pod uses up its own quota: the batch pod is
+    /// the neighbour.
     func testNoisyNeighbourOnTheVictimsNode() {
         var c = SyntheticCluster()
         c.healthy(until: 30)
@@ -186,6 +189,8 @@ final class RuleTests: XCTestCase {
             c.throttle(t + 0.2, "api", ratio: 0)
             if t >= 30 {
                 c.throttle(t + 0.25, "batch", ratio: 0.9)
+                c.add(t + 0.26, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 8, throttledNs: 300_000_000, intervalNs: 1_000_000_000,
+                                                                   cgroup: "/kubepods"), pid: 0, attributed: false, comm: "")
                 c.connect(t, "frontend", "api", .established, count: 4)
                 c.latency(t + 0.3, "frontend", "api", ms: 100)
             }

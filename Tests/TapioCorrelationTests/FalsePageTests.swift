@@ -1,0 +1,225 @@
+import Foundation
+import TapioCorrelation
+import TapioWire
+import XCTest
+
+/// Healthy activity that once paged someone, one test per pattern: none of
+/// them may open an incident that pages. And the real thing next to each:
+/// a starved victim names its neighbour, a server's resets are still a
+/// failure.
+final class FalsePageTests: XCTestCase {
+    /// Every incident of `engine`, asserting none pages and none names a
+    /// noisy neighbour or an inferred crash (what paged before).
+    func assertNothingPages(_ engine: CorrelationEngine, file: StaticString = #filePath, line: UInt = #line) {
+        for inc in engine.incidents {
+            let named = inc.rootCauses.map { "\($0.entity)/\($0.kind.rawValue) \(round($0.confidence * 100) / 100)\($0.inferred ? " inferred" : "")" }
+            XCTAssertFalse(inc.pages, "\(inc.title): \(named)", file: file, line: line)
+            XCTAssertFalse(inc.rootCauses.contains { $0.kind == .noisyNeighbour }, "\(inc.title): \(named)", file: file, line: line)
+            XCTAssertFalse(inc.rootCauses.contains { $0.kind == .crash }, "\(inc.title): \(named)", file: file, line: line)
+            XCTAssertEqual(engine.incidentsJSON()["incidents"]?.arrayValue?.first { $0["id"]?.stringValue == inc.id }?["pages"], .bool(false),
+                           file: file, line: line)
+        }
+    }
+
+    /// Clients hang up on the api (they send RSTs, the api receives them),
+    /// and the api, a proxy for redis, resets its upstream connections when
+    /// its own client left; requests slow down a little meanwhile. A
+    /// short-lived probe runs on the api's node at the same time.
+    func testAProbeNextToAServiceDuringClientDisconnectsDoesNotPage() {
+        var c = SyntheticCluster()
+        c.healthy(until: 60, skip: ["frontend>api"])
+        c.exec(29.8, "batch", pid: 900, comm: "probe", file: "/usr/local/bin/probe")
+        c.exit(30.3, "batch", code: 0, pid: 900, comm: "probe")
+        for t in stride(from: 0.0, to: 60, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.01, "frontend", "api", ms: t >= 30 && t < 40 ? 60 : 5)
+            guard t >= 30 && t < 40 else { continue }
+            c.add(t + 0.1, "frontend", .tcpReset, .tcpReset(flow: c.flow("frontend", "api"), sent: true, state: 1, count: 12))
+            c.add(t + 0.1, "api", .tcpReset, .tcpReset(flow: c.flow("frontend", "api", serverSide: true), sent: false, state: 1, count: 12))
+            c.add(t + 0.2, "api", .tcpReset, .tcpReset(flow: c.flow("api", "redis"), sent: true, state: 1, count: 8))
+            c.add(t + 0.2, "redis", .tcpReset, .tcpReset(flow: c.flow("api", "redis", serverSide: true), sent: false, state: 1, count: 8))
+        }
+        let engine = c.engine()
+        assertNothingPages(engine)
+        XCTAssertFalse(engine.incidents.flatMap(\.symptoms).contains { $0.kind == .resets }, "resets from clients that hung up are no symptom")
+        XCTAssertEqual(engine.statistics.clientAborts, 20 * (12 + 12 + 8 + 8))
+    }
+
+    /// A host with no pods (no inventory at all): a local health checker
+    /// talks to a local server over loopback and closes its connections with
+    /// RSTs; its kernel also answers the server's late segments with RSTs
+    /// (no socket left: the agent zeroes what it takes for the client port,
+    /// here the server's). A shell starts meanwhile and loopback responses
+    /// slow down.
+    func testAHostWithoutPodsAndLoopbackResetsDoesNotPage() {
+        let lo = IPAddress("127.0.0.1")
+        var events: [ObservedEvent] = []
+        func add(_ at: Double, pid: UInt32, comm: String, _ kind: EventKind, _ detail: TapioEvent.Detail) {
+            let t = SyntheticCluster.ns(at)
+            events.append(ObservedEvent(node: "solo", timeNs: t, errorNs: 1_000_000,
+                                        event: TapioEvent(kind: kind, timeNs: t, pid: pid, comm: comm, detail: detail)))
+        }
+        add(0, pid: 10, comm: "app", .tcpListen, .tcpListen(address: lo, port: 8080, open: true))
+        add(29.9, pid: 77, comm: "sh", .processExec, .exec(filename: "/bin/sh"))
+        for t in stride(from: 0.0, to: 60, by: 0.5) {
+            let out = Flow(source: lo, destination: lo, sourcePort: 0, destinationPort: 8080)
+            add(t, pid: 20, comm: "checker", .tcpConnect, .tcpConnect(flow: out, outcome: .established, latencyNs: 50_000, error: 0, count: 4))
+            let ms: UInt64 = t >= 30 && t < 40 ? 40 : 2
+            add(t + 0.01, pid: 20, comm: "checker", .tcpLatency, .tcpLatency(flow: out, srttUs: 20, responses: 4, responseNsTotal: ms * 4_000_000,
+                                                                               responseNsMax: ms * 1_000_000, intervalNs: 500_000_000))
+            guard t >= 30 && t < 40 else { continue }
+            let client = Flow(source: lo, destination: lo, sourcePort: 45_000, destinationPort: 8080)
+            let server = Flow(source: lo, destination: lo, sourcePort: 8080, destinationPort: 45_000)
+            let stray = Flow(source: lo, destination: lo, sourcePort: 45_002, destinationPort: 0)
+            add(t + 0.1, pid: 20, comm: "checker", .tcpReset, .tcpReset(flow: client, sent: true, state: 1, count: 10))
+            add(t + 0.1, pid: 10, comm: "app", .tcpReset, .tcpReset(flow: server, sent: false, state: 1, count: 10))
+            add(t + 0.2, pid: 0, comm: "", .tcpReset, .tcpReset(flow: stray, sent: true, state: 0, count: 6))
+        }
+        let engine = CorrelationEngine.replay(events)
+        assertNothingPages(engine)
+        XCTAssertFalse(engine.incidents.flatMap(\.symptoms).contains { $0.kind == .resets }, "\(engine.incidents.map(\.title))")
+        XCTAssertEqual(engine.statistics.clientAborts, 20 * (10 + 10 + 6))
+    }
+
+    /// A process starts on the api's node and sleeps while the api slows
+    /// down; nothing on the node is short of CPU or memory. The slowdown is
+    /// kept as an observation (a latency symptom with an inferred cause),
+    /// the process is not named, nothing pages.
+    func testAStartedProcessThatConsumesNothingIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 60, skip: ["frontend>api"])
+        c.exec(29.5, "batch", pid: 950, comm: "sleep", file: "/usr/bin/sleep")
+        for t in stride(from: 0.0, to: 60, by: 0.5) {
+            c.throttle(t + 0.2, "api", ratio: 0)
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 && t < 45 ? 100 : 5)
+        }
+        let engine = c.engine()
+        XCTAssertEqual(engine.incidents.count, 1, "the slowdown is kept: \(engine.incidents.map(\.title))")
+        XCTAssertTrue(engine.incidents.first?.rootCauses.allSatisfy(\.inferred) ?? false)
+        assertNothingPages(engine)
+    }
+
+    /// The node is short of CPU, but the process only started after the
+    /// shortage had begun: it did not cause it. The node's own shortage is
+    /// the candidate.
+    func testAProcessStartedAfterTheShortageBeganIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        c.exec(36, "batch", pid: 960, comm: "job", file: "/usr/bin/job")
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 30 { nodeThrottled(&c, t + 0.25) }
+        }
+        let engine = c.engine()
+        let causes = engine.incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+        XCTAssertTrue(causes.contains { $0.entity == "host@node2" && $0.kind == .cpuThrottle }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })")
+    }
+
+    /// A short job that ran and exited before the node ran short is not the
+    /// neighbour either.
+    func testAShortJobThatEndedBeforeTheShortageIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        c.exec(29, "batch", pid: 970, comm: "job", file: "/usr/bin/job")
+        c.exit(29.6, "batch", code: 0, pid: 970, comm: "job")
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 32 { nodeThrottled(&c, t + 0.25) }
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
+    /// Real starvation: the node's CPU runs out (its cgroup above the pods is
+    /// throttled) right after a batch pod started, which keeps running; the
+    /// api on that node slows down. The batch pod is named, and it pages.
+    func testAStarvedVictimNamesTheNeighbourThatConsumed() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        c.exec(29.5, "batch", pid: 980, comm: "cpu_hog", file: "/usr/bin/python3")
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 30 { nodeThrottled(&c, t + 0.25) }
+        }
+        let incidents = c.engine().incidents
+        XCTAssertEqual(incidents.count, 1, "\(incidents.map(\.title))")
+        guard let inc = incidents.first, let top = inc.rootCauses.first else { return XCTFail("no root cause") }
+        XCTAssertEqual(top.entity, "batch")
+        XCTAssertEqual(top.kind, .noisyNeighbour)
+        XCTAssertFalse(top.inferred)
+        XCTAssertTrue(inc.pages, "confidence \(top.confidence)")
+        XCTAssertTrue(top.evidence.contains { $0.contains("process_exec") })
+        XCTAssertTrue(top.evidence.contains { $0.contains("cpu_throttle") }, "the starvation is part of the evidence")
+    }
+
+    /// Memory: the api stalls on memory (PSI: reclaim) while a batch pod sits
+    /// at its memory limit. The batch pod is named.
+    func testAVictimStalledOnMemoryNamesTheNeighbourAtItsLimit() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            guard t >= 30 else { continue }
+            c.add(t + 0.2, "api", .memoryPressure, .memoryPressure(source: "psi", count: 1, usageBytes: 100 << 20, limitBytes: 1 << 30,
+                                                                   psiSomeAvg10Permille: 250, intervalNs: 1_000_000_000, cgroup: "/kubepods/api"))
+            c.add(t + 0.25, "batch", .memoryPressure, .memoryPressure(source: "limit", count: 40, usageBytes: 1020 << 20, limitBytes: 1 << 30,
+                                                                      psiSomeAvg10Permille: 0, intervalNs: 1_000_000_000, cgroup: "/kubepods/batch"))
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertTrue(causes.contains { $0.entity == "batch" && $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
+    /// The same batch pod at its memory limit with the api not stalled (no
+    /// PSI, the node not short): not a neighbour.
+    func testANeighbourAtItsLimitWithoutAStarvedVictimIsNotNamed() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            guard t >= 30 else { continue }
+            c.throttle(t + 0.2, "batch", ratio: 0.9)
+            c.add(t + 0.25, "batch", .memoryPressure, .memoryPressure(source: "limit", count: 40, usageBytes: 1020 << 20, limitBytes: 1 << 30,
+                                                                      psiSomeAvg10Permille: 0, intervalNs: 1_000_000_000, cgroup: "/kubepods/batch"))
+        }
+        let engine = c.engine()
+        XCTAssertFalse(engine.incidents.flatMap(\.rootCauses).contains { $0.kind == .noisyNeighbour })
+        // The batch pod's own throttling is its own incident; the api's slowdown does not page.
+        let api = engine.incidents.filter { $0.symptoms.contains { $0.peer == "api" } }
+        XCTAssertEqual(api.count, 1, "\(engine.incidents.map(\.title))")
+        XCTAssertFalse(api.contains(where: \.pages), "\(api.map(\.title))")
+    }
+
+    /// A server that resets its clients (here: it crashed with requests in
+    /// flight, the clients receive the RSTs) is a failure, not an abort.
+    func testResetsTheServerSendsAreStillAFailure() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["api>db"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t + 0.04, "api", "db", .established, count: 2)
+            guard t >= 30 else { continue }
+            c.add(t + 0.1, "api", .tcpReset, .tcpReset(flow: c.flow("api", "db"), sent: false, state: 1, count: 6))
+            c.add(t + 0.1, "db", .tcpReset, .tcpReset(flow: c.flow("api", "db", serverSide: true), sent: true, state: 1, count: 6))
+        }
+        c.exit(29.9, "db", signal: SIGSEGV)
+        let engine = c.engine()
+        XCTAssertEqual(engine.statistics.clientAborts, 0)
+        let inc = engine.incidents.first
+        XCTAssertTrue(inc?.symptoms.contains { $0.kind == .resets && $0.entity == "api" && $0.peer == "db" } ?? false, "\(engine.incidents.map(\.title))")
+        XCTAssertEqual(inc?.rootCauses.first?.entity, "db")
+        XCTAssertEqual(inc?.rootCauses.first?.kind, .crash)
+        XCTAssertEqual(inc?.pages, true)
+    }
+
+    /// The node's own cgroup (no pod's) throttled in most periods.
+    func nodeThrottled(_ c: inout SyntheticCluster, _ at: Double) {
+        c.add(at, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000, cgroup: "/kubepods"),
+              pid: 0, attributed: false, comm: "")
+    }
+}
