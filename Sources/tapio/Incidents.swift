@@ -106,9 +106,9 @@ func timelineText(_ doc: JSONValue, width: Int) -> String {
     var widths = header.map(\.count)
     for r in rows { for i in 0..<(r.count - 1) { widths[i] = max(widths[i], r[i].count) } }
     let indent = widths.dropLast().reduce(0) { $0 + $1 + 2 }
-    // Narrower than the columns plus 30 for the summary: the summary goes
+    // Narrower than the columns plus 40 for the summary: the summary goes
     // under its row, indented, in the whole width.
-    let beside = width - indent >= 30
+    let beside = width - indent >= 40
     let summaryIndent = beside ? indent : 4
     let summaryWidth = width - summaryIndent
     func line(_ cells: [String]) -> [String] {
