@@ -60,6 +60,13 @@ int tapio_prog_stats_self(struct tapio_prog_stats *out, int max)
 	return found;
 }
 
+int tapio_prog_stats_enable(void)
+{
+	int fd = bpf_enable_stats(BPF_STATS_RUN_TIME);
+
+	return fd < 0 ? (errno ? -errno : fd) : fd;
+}
+
 int tapio_prog_stats_enabled(void)
 {
 	char text[8] = {0};

@@ -31,7 +31,13 @@ struct tapio_prog_stats {
  * max), or -errno when /proc/self/fd cannot be read. */
 int tapio_prog_stats_self(struct tapio_prog_stats *out, int max);
 
-/* kernel.bpf_stats_enabled: 1 or 0, or -errno when unreadable. */
+/* Turns on run counts and times for every program of the machine until the
+ * returned descriptor is closed (BPF_ENABLE_STATS, kernel 5.8 and later),
+ * without the sysctl. The descriptor, or -errno. */
+int tapio_prog_stats_enable(void);
+
+/* kernel.bpf_stats_enabled: 1 or 0, or -errno when unreadable. Stays 0
+ * while only descriptors from tapio_prog_stats_enable() turn counting on. */
 int tapio_prog_stats_enabled(void);
 
 #ifdef __cplusplus
