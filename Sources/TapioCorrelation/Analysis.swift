@@ -19,6 +19,8 @@ struct Candidate: Sendable {
     var plannedStop: PlannedStop?
     /// The node itself short of CPU or memory, with no neighbour to name.
     var nodeShortage = false
+    /// The kernel saw what rules this kind out (the `contradicted` factor).
+    var contradicted = false
 
     var firstSeenNs: Int64 { events.first?.timeNs ?? inferredSince }
     var nodes: Set<String> { inferred ? Set(symptomEvents.map(\.node)) : Set(events.map(\.node)) }
@@ -83,6 +85,25 @@ struct Analysis {
             let all = engine.causes.events(of: e, from: from, to: end)
             candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention].contains($0.signal) },
                                      opened: all.filter { $0.signal == .listenerOpened }).filter { $0.firstSeenNs <= until }
+        }
+
+        // Firewall or loss: netfilter drops are read by what got through
+        // meanwhile (see `dropReading`).
+        for e in Set(candidates.filter { [.firewallDrop, .packetLoss].contains($0.kind) }.map(\.entity)).sorted() {
+            let fw = candidates.firstIndex { $0.entity == e && $0.kind == .firewallDrop }
+            let pl = candidates.firstIndex { $0.entity == e && $0.kind == .packetLoss }
+            let drops = ((fw.map { candidates[$0].events } ?? []) + (pl.map { candidates[$0].events } ?? [])).filter(\.netfilter)
+                .sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            guard let reading = dropReading(drops) else { continue }
+            let quality = drops.map(\.quality).max() ?? 0
+            switch reading {
+            case .fraction:
+                if let fw { candidates[fw].contradicted = true }
+                if pl == nil { candidates.append(Candidate(entity: e, kind: .packetLoss, events: drops, quality: quality)) }
+            case .everything:
+                if let pl, candidates[pl].events.allSatisfy(\.netfilter) { candidates[pl].contradicted = true }
+                if fw == nil { candidates.append(Candidate(entity: e, kind: .firewallDrop, events: drops, quality: quality)) }
+            }
         }
 
         // Noisy neighbours: another workload on a victim's node, named only
@@ -222,6 +243,7 @@ struct Analysis {
                 Factor(name: "pattern_prior", value: ls.map(\.prior).reduce(0, +) / Double(ls.count), weight: w.patternPrior),
                 Factor(name: "deepest", value: deepest, weight: w.deepest),
                 Factor(name: "observed_cause", value: c.inferred ? 0 : 1, weight: w.observedCause),
+                Factor(name: "contradicted", value: c.contradicted ? 1 : 0, weight: w.contradicted),
             ]
             let p = confidence(of: factors, bias: w.bias)
             let evidence: [String]
@@ -243,6 +265,7 @@ struct Analysis {
                     Factor(name: "pattern_prior", value: l.prior, weight: w.patternPrior),
                     Factor(name: "deepest", value: deepest, weight: w.deepest),
                     Factor(name: "observed_cause", value: c.inferred ? 0 : 1, weight: w.observedCause),
+                    Factor(name: "contradicted", value: c.contradicted ? 1 : 0, weight: w.contradicted),
                 ]
                 return CausalLink(causeEntity: c.entity, causeKind: c.kind, symptomEntity: l.symptom.key.observer, symptomKind: l.symptom.key.kind,
                                   symptomPeer: l.symptom.key.peer.isEmpty ? nil : l.symptom.key.peer, relation: l.relation,
@@ -390,6 +413,33 @@ struct Analysis {
             if let evs = by[sig] { out.append(make(kind, evs)) }
         }
         return out
+    }
+
+    enum DropReading {
+        /// The same clients still got through: a fraction of their packets
+        /// is dropped (loss, e.g. a random or rate-based rule).
+        case fraction
+        /// Nothing got through to the dropped endpoints: a rule drops every
+        /// packet (a firewall DROP).
+        case everything
+    }
+
+    /// What netfilter drops (time-ordered) mean, from what got through to
+    /// their server endpoints in the buckets strictly inside the drops
+    /// (the first and last may hold traffic from before the rule came or
+    /// after it went). Nil when that span is empty, or when other clients
+    /// got through but none of the dropped ones did — which with address
+    /// translation may be the same clients seen under another address.
+    private func dropReading(_ drops: [CauseEvent]) -> DropReading? {
+        guard let first = drops.first, let last = drops.last else { return nil }
+        let from = floorDiv(first.timeNs, cfg.bucketNs) + 1, to = floorDiv(last.timeNs, cfg.bucketNs) - 1
+        guard from <= to else { return nil }
+        let servers = Set(drops.compactMap(\.serverEndpoint)).sorted()
+        let clients = Set(drops.compactMap(\.clientAddress))
+        guard !servers.isEmpty else { return nil }
+        if servers.contains(where: { engine.deliveries.delivered(server: $0, from: from, to: to, clients: clients) }) { return .fraction }
+        if !servers.contains(where: { engine.deliveries.delivered(server: $0, from: from, to: to, clients: nil) }) { return .everything }
+        return nil
     }
 
     private func isCPU(_ c: CauseEvent) -> Bool {

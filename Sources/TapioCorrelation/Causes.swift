@@ -27,8 +27,16 @@ struct CauseEvent: Sendable {
     /// A listener's port, a dropped packet's destination port; 0 unknown.
     var port: UInt16
     var summary: String
+    /// For a dropped packet: its server end (`address|port`) and its client's address.
+    var serverEndpoint: String? = nil
+    var clientAddress: String? = nil
 
     var timeNs: Int64 { observed.timeNs }
+    /// Dropped by netfilter (an iptables/nftables rule).
+    var netfilter: Bool {
+        if case .packetDrop(let reason, _, _, _, _, _) = observed.event.detail { return reason.uppercased().contains("NETFILTER") }
+        return false
+    }
     var node: String { observed.node }
 }
 
@@ -90,6 +98,54 @@ struct CauseStore: Sendable {
             entitiesByNode[node] = kept.isEmpty ? nil : kept
         }
         exits = exits.filter { $0.value.timeNs >= t }
+    }
+}
+
+/// What got through to each server endpoint (`address|port`), per bucket:
+/// connections established and responses measured, with the client
+/// addresses that saw them. How a rule that drops every packet of a flow is
+/// told from loss of a fraction: with loss the same clients still get through.
+struct DeliveryLog: Sendable {
+    struct Bucket: Sendable {
+        var count: UInt64 = 0
+        var clients: Set<String> = []
+        /// More clients than kept: any client may have got through.
+        var overflow = false
+    }
+
+    static let maxClients = 64
+    private(set) var byServer: [String: [Int64: Bucket]] = [:]
+
+    static func key(_ address: IPAddress?, _ port: UInt16) -> String? {
+        guard let address, port != 0 else { return nil }
+        return "\(address)|\(port)"
+    }
+
+    mutating func add(server: String, client: IPAddress?, bucket: Int64, count: UInt64) {
+        var b = byServer[server]?[bucket] ?? Bucket()
+        b.count += count
+        if let c = client?.description, !b.clients.contains(c) {
+            if b.clients.count < DeliveryLog.maxClients { b.clients.insert(c) } else { b.overflow = true }
+        }
+        byServer[server, default: [:]][bucket] = b
+    }
+
+    /// Whether anything got through to `server` in buckets `from...to`; from
+    /// one of `clients` when given.
+    func delivered(server: String, from: Int64, to: Int64, clients: Set<String>?) -> Bool {
+        guard let buckets = byServer[server] else { return false }
+        for (i, b) in buckets where i >= from && i <= to && b.count > 0 {
+            guard let clients else { return true }
+            if b.overflow || !b.clients.isDisjoint(with: clients) { return true }
+        }
+        return false
+    }
+
+    mutating func prune(beforeBucket b: Int64) {
+        for k in byServer.keys.sorted() {
+            let kept = byServer[k]!.filter { $0.key >= b }
+            byServer[k] = kept.isEmpty ? nil : kept
+        }
     }
 }
 

@@ -132,6 +132,10 @@ public struct ConfidenceWeights: Sendable, Equatable {
     public var patternPrior: Double = 0.93
     public var deepest: Double = 1.14
     public var observedCause: Double = 1.36
+    /// `contradicted` is 1 only when the kernel saw what rules the kind out
+    /// (a firewall DROP while the same clients still get through). Set, not
+    /// fitted: two recordings show it; −4 divides the odds by about 55.
+    public var contradicted: Double = -4
 
     public init() {}
 
@@ -145,14 +149,15 @@ public struct ConfidenceWeights: Sendable, Equatable {
         patternPrior = vector[5]
         deepest = vector[6]
         observedCause = vector[7]
+        contradicted = vector[8]
     }
 
     /// The factor names, in the order of `vector` after the bias.
-    public static let factorNames = ["time_proximity", "topology_match", "metadata_match", "symptoms_explained", "pattern_prior", "deepest", "observed_cause"]
+    public static let factorNames = ["time_proximity", "topology_match", "metadata_match", "symptoms_explained", "pattern_prior", "deepest", "observed_cause", "contradicted"]
 
     /// bias, then the weights in `factorNames` order.
     public var vector: [Double] {
-        [bias, timeProximity, topologyMatch, metadataMatch, symptomsExplained, patternPrior, deepest, observedCause]
+        [bias, timeProximity, topologyMatch, metadataMatch, symptomsExplained, patternPrior, deepest, observedCause, contradicted]
     }
 
     public func weight(_ name: String) -> Double {

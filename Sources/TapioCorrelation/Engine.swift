@@ -36,6 +36,7 @@ public struct CorrelationEngine: Sendable {
 
     var topology = Topology()
     var causes = CauseStore()
+    var deliveries = DeliveryLog()
     private var pending: [ObservedEvent] = []
     private var maxSeenNs: Int64 = .min
     private var series: [SeriesKey: Series] = [:]
@@ -166,11 +167,13 @@ public struct CorrelationEngine: Sendable {
         statistics.series = series.count
     }
 
-    private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0) {
+    private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0,
+                                   serverEndpoint: String? = nil, clientAddress: String? = nil) {
         var addrs = addresses
         if let p = ref.pod { addrs.formUnion(p.ips) }
         causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
-                              summary: summarize(e, entity: ref.name)), limit: configuration.maxCauseEventsPerEntity)
+                              summary: summarize(e, entity: ref.name), serverEndpoint: serverEndpoint, clientAddress: clientAddress),
+                   limit: configuration.maxCauseEventsPerEntity)
     }
 
     /// Orders the two ends of a flow as client → server: a zero port is the
@@ -234,6 +237,9 @@ public struct CorrelationEngine: Sendable {
             let server = topology.entity(address: flow.destination)
             topology.sawEntity(client.name, node: e.node)
             topology.sawServerPort(flow.destinationPort)
+            if outcome == .established, let k = DeliveryLog.key(flow.destination, flow.destinationPort) {
+                deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
+            }
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
             let kind: SymptomKind?
             switch outcome {
@@ -293,6 +299,11 @@ public struct CorrelationEngine: Sendable {
             } else if flow.sourcePort == 0 {
                 topology.sawServerPort(flow.destinationPort)
             }
+            let localServes = flow.destinationPort == 0 && flow.sourcePort != 0
+            if responses > 0, let k = localServes ? DeliveryLog.key(flow.source, flow.sourcePort) : DeliveryLog.key(flow.destination, flow.destinationPort) {
+                deliveries.add(server: k, client: localServes ? flow.destination : flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs),
+                               count: UInt64(responses))
+            }
             let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
             graph.response(client: c.name, server: s.name, port: c.name == local.name ? flow.destinationPort : flow.sourcePort,
                            meanNs: meanNs, responses: responses, timeNs: e.timeNs)
@@ -306,17 +317,22 @@ public struct CorrelationEngine: Sendable {
             var addrs = Set<String>()
             if let a = flow.source { addrs.insert(a.description) }
             if let a = flow.destination { addrs.insert(a.description) }
-            let serverPort = c.name == src.name ? flow.destinationPort : flow.sourcePort
+            let srcIsClient = c.name == src.name
+            let serverPort = srcIsClient ? flow.destinationPort : flow.sourcePort
+            let endpoint = DeliveryLog.key(srcIsClient ? flow.destination : flow.source, serverPort)
+            let clientAddress = (srcIsClient ? flow.source : flow.destination)?.description
             if upper.contains("NETFILTER") {
                 // The agent zeroes the client port of dropped connection
                 // attempts (SYNs); a segment of an established flow keeps both
-                // ports. A rule that drops established traffic is loss (random
-                // or rate-based filtering); one that only ever meets SYNs is a
-                // firewall closing the port.
+                // ports. First reading: drops of established traffic are loss
+                // (random or rate-based filtering), drops that only ever meet
+                // SYNs a firewall closing the port. The analysis then weighs
+                // what got through meanwhile (`DeliveryLog`): a rule that drops
+                // every packet lets nothing through, loss lets the rest.
                 let established = flow.sourcePort != 0 && flow.destinationPort != 0
-                addCause(established ? .packetLoss : .firewallDrop, s, e, addresses: addrs, port: serverPort)
+                addCause(established ? .packetLoss : .firewallDrop, s, e, addresses: addrs, port: serverPort, serverEndpoint: endpoint, clientAddress: clientAddress)
             } else if !(upper == "NO_SOCKET" || upper.hasPrefix("TCP_") || upper.hasPrefix("SOCKET_")) {
-                addCause(.packetLoss, s, e, addresses: addrs, port: serverPort)
+                addCause(.packetLoss, s, e, addresses: addrs, port: serverPort, serverEndpoint: endpoint, clientAddress: clientAddress)
             }
             observe(SeriesKey(observer: c.name, kind: .packetDrops, peer: s.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
@@ -374,7 +390,9 @@ public struct CorrelationEngine: Sendable {
         mergeIncidents(end: end)
         resolveIncidents(end: end)
         if b % 30 == 0 {
-            causes.prune(before: end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs)
+            let horizonNs = end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs
+            causes.prune(before: horizonNs)
+            deliveries.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             // A series silent for a long time forgets its baseline (it would have decayed to zero).
             let horizon = b - Int64(configuration.forgetSeriesAfterNs / configuration.bucketNs)
             for key in series.keys.sorted() where !touched.contains(key) && series[key]!.lastTouched < horizon { series[key] = nil }

@@ -217,7 +217,7 @@ final class EngineTests: XCTestCase {
         for i in 0..<40 {
             let right = i % 2 == 0
             samples.append(Calibration.Sample(values: ["time_proximity": 0.9, "topology_match": right ? 1 : 0.1, "metadata_match": 1,
-                                                       "symptoms_explained": right ? 1 : 0.5, "pattern_prior": 0.8, "deepest": 1, "observed_cause": 1],
+                                                       "symptoms_explained": right ? 1 : 0.5, "pattern_prior": 0.8, "deepest": 1, "observed_cause": 1, "contradicted": 0],
                                               correct: right))
         }
         var start = ConfidenceWeights()

@@ -217,6 +217,57 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(inc?.pages, true)
     }
 
+    /// Netfilter drops some of the api's SYNs to redis while its other
+    /// connections to redis are established all along (a random rule, not a
+    /// DROP of the port): loss, and the firewall reading says why not.
+    func testSYNsDroppedWhileTheSameClientStillConnectsIsLossNotAFirewall() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["api>redis"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t + 0.02, "api", "redis", .established, count: t >= 30 ? 3 : 4)
+            guard t >= 30 else { continue }
+            let syn = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 0, destinationPort: 6379)
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "NETFILTER_DROP", count: 2, flow: syn, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000),
+                  pid: 0, attributed: false, comm: "")
+            c.connect(t + 0.01, "api", "redis", .timeout, count: 1)
+            c.add(t + 0.03, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 10, intervalNs: 500_000_000))
+        }
+        let engine = c.engine()
+        guard let inc = engine.incidents.first, let top = inc.rootCauses.first else { return XCTFail("no incident") }
+        XCTAssertEqual(top.entity, "redis")
+        XCTAssertEqual(top.kind, .packetLoss, "\(inc.rootCauses.map { "\($0.kind.rawValue) \($0.confidence)" })")
+        XCTAssertEqual(top.factors.first { $0.name == "contradicted" }?.value, 0)
+        let firewall = inc.rootCauses.first { $0.kind == .firewallDrop }
+        XCTAssertEqual(firewall?.factors.first { $0.name == "contradicted" }?.value, 1, "explain shows what decided it")
+        XCTAssertLessThan(firewall?.confidence ?? 0, 0.5)
+        let explain = inc.explainJSON(weights: engine.configuration.weights)
+        XCTAssertEqual(explain["weights"]?["contradicted"], .double(engine.configuration.weights.contradicted))
+    }
+
+    /// A DROP of every packet to redis:6379 meets only the api's pooled,
+    /// established connections: their segments are dropped, retransmitted,
+    /// and nothing gets through. A firewall, not loss.
+    func testEstablishedFlowsDroppedWithNothingGettingThroughIsAFirewall() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["api>redis"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            if t < 30 {
+                c.connect(t + 0.02, "api", "redis", .established, count: 1)
+                c.latency(t + 0.03, "api", "redis", ms: 1)
+                continue
+            }
+            let segment = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 40000, destinationPort: 6379)
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "NETFILTER_DROP", count: 12, flow: segment, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000),
+                  pid: 0, attributed: false, comm: "")
+            c.add(t + 0.02, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 12, intervalNs: 500_000_000))
+        }
+        guard let inc = c.engine().incidents.first, let top = inc.rootCauses.first else { return XCTFail("no incident") }
+        XCTAssertEqual(top.entity, "redis")
+        XCTAssertEqual(top.kind, .firewallDrop, "\(inc.rootCauses.map { "\($0.kind.rawValue) \($0.confidence)" })")
+        let loss = inc.rootCauses.first { $0.kind == .packetLoss }
+        XCTAssertEqual(loss?.factors.first { $0.name == "contradicted" }?.value, 1)
+    }
+
     /// The node's own cgroup (no pod's) throttled in most periods.
     func nodeThrottled(_ c: inout SyntheticCluster, _ at: Double) {
         c.add(at, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000, cgroup: "/kubepods"),
