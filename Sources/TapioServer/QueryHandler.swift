@@ -159,28 +159,39 @@ struct QueryExecutor {
     /// `podPrefix`): then the store is asked page by page, newest first, until
     /// `limit` events match or `scanLimit` events were read. Stores that do
     /// apply them answer in the first page; the second filter is a no-op then.
-    static func filtered(_ query: EventQuery, store: EventStore, scanLimit: Int) throws -> [StoredEvent] {
+    static func filtered(_ query: EventQuery, store: EventStore, scanLimit: Int, pageSize: Int = 10_000) throws -> [StoredEvent] {
         guard query.pods != nil || query.podPrefix != nil else { return try store.events(query) }
         if query.pods?.isEmpty == true { return [] }
-        let page = max(query.limit, min(10_000, EventQuery.maximumLimit))
+        let page = min(max(query.limit, pageSize), EventQuery.maximumLimit)
         var out: [StoredEvent] = []  // newest first
         var window = query
         window.limit = page
         var scanned = 0
         while out.count < query.limit, scanned < max(scanLimit, query.limit) {
-            let batch = try store.events(window)  // oldest first
+            var batch = try store.events(window)  // oldest first
             scanned += batch.count
-            guard let oldest = batch.first else { break }
+            guard let oldest = batch.first?.timeNs else { break }
             let full = batch.count >= page
-            // With a full page, events at the oldest time may continue beyond
-            // it: they are read again in the next window (until is exclusive).
-            let ambiguous = full && batch.last!.timeNs != oldest.timeNs
-            for e in batch.reversed() where !(ambiguous && e.timeNs == oldest.timeNs) && query.matches(e) {
+            if full, batch.last!.timeNs == oldest {
+                // One time fills the page: read every event at that time.
+                var run = window
+                run.sinceNs = max(query.sinceNs ?? .min, oldest)
+                run.untilNs = oldest + 1
+                run.limit = EventQuery.maximumLimit
+                batch = try store.events(run)
+                scanned += batch.count
+                window.untilNs = oldest
+            } else if full {
+                // Events at the oldest time may continue beyond the page:
+                // they are read with the next window (until is exclusive).
+                batch.removeAll { $0.timeNs == oldest }
+                window.untilNs = oldest + 1
+            }
+            for e in batch.reversed() where query.matches(e) {
                 out.append(e)
                 if out.count == query.limit { break }
             }
             guard full else { break }
-            window.untilNs = ambiguous ? oldest.timeNs + 1 : oldest.timeNs
         }
         return out.reversed()
     }
