@@ -34,7 +34,7 @@ public final class AlertNotifier: Sendable {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         loop = group.next()
         loop.execute { Thread.current.name = "tapio-alerts" }
-        let poster = try HTTPPoster()
+        let poster = try HTTPPoster(trustRootsFile: configuration.trustRootsFile)
         if let w = configuration.webhook, configuration.webhookSecret == nil {
             logger.warning("webhook notifications are not signed (no --webhook-secret-file)", metadata: ["webhook": "\(w)"])
         }

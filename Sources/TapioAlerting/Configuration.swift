@@ -14,6 +14,9 @@ public struct AlertingConfiguration: Sendable {
     public var webhook: AlertTarget?
     /// The HMAC-SHA256 key that signs webhook deliveries; nil sends them unsigned.
     public var webhookSecret: [UInt8]?
+    /// PEM file of the CA certificates that https receivers' certificates
+    /// must chain to, instead of the system's trust store; nil: the system's.
+    public var trustRootsFile: String?
     /// The link in every alert is this followed by the incident id; nil for no link.
     public var linkBase: String?
     /// An incident pages only when its top root cause has at least this

@@ -20,8 +20,18 @@ struct HTTPPoster: Sendable {
 
     let tls: NIOSSLContext?
 
-    init() throws {
-        tls = try NIOSSLContext(configuration: .makeClientConfiguration())
+    /// - Parameter trustRootsFile: PEM CA certificates to verify https
+    ///   receivers with, instead of the system's trust store.
+    init(trustRootsFile: String? = nil) throws {
+        var config = TLSConfiguration.makeClientConfiguration()
+        if let trustRootsFile {
+            do {
+                config.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(trustRootsFile))
+            } catch {
+                throw Failure(description: "cannot read CA certificates from \(trustRootsFile): \(error)")
+            }
+        }
+        tls = try NIOSSLContext(configuration: config)
     }
 
     func post(_ target: AlertTarget, headers extra: [(String, String)], body: [UInt8], timeout: TimeAmount,
@@ -48,7 +58,7 @@ struct HTTPPoster: Sendable {
         bootstrap.connect(host: target.host, port: target.port).whenComplete { result in
             switch result {
             case .failure(let error):
-                promise.fail(Failure(description: "cannot connect to \(target.authority): \(error)"))
+                promise.fail(Failure(description: "cannot connect to \(target.authority): \(HTTPPoster.describe(error))"))
             case .success(let channel):
                 promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
                 var headers = HTTPHeaders()
@@ -68,6 +78,23 @@ struct HTTPPoster: Sendable {
         }
         promise.futureResult.whenComplete { _ in deadline.cancel() }
         return promise.futureResult
+    }
+}
+
+extension HTTPPoster {
+    /// An error in words for the log, without the TLS library's source paths.
+    static func describe(_ error: Error) -> String {
+        let text = "\(error)"
+        if text.contains("CERTIFICATE_VERIFY_FAILED") {
+            return "TLS: the receiver's certificate is not trusted (checked against the system's trust store, or --alert-tls-ca)"
+        }
+        if let e = error as? NIOSSLExtraError, e == .failedToValidateHostname {
+            return "TLS: the receiver's certificate does not name the host of the URL"
+        }
+        if case NIOSSLError.handshakeFailed = error { return "TLS handshake failed" }
+        if text.contains("Connection refused") { return "connection refused" }
+        if error is ChannelError, case .connectTimeout = error as! ChannelError { return "connect timed out" }
+        return text
     }
 }
 
@@ -103,7 +130,7 @@ private final class ResponseCollector: ChannelInboundHandler, RemovableChannelHa
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        promise.fail(HTTPPoster.Failure(description: "\(error)"))
+        promise.fail(HTTPPoster.Failure(description: HTTPPoster.describe(error)))
         context.close(promise: nil)
     }
 }

@@ -245,6 +245,8 @@ struct Serve: ParsableCommand {
     var webhook: String?
     @Option(help: "File holding the HMAC-SHA256 key that signs webhook notifications (trailing newlines ignored).")
     var webhookSecretFile: String?
+    @Option(help: "PEM file of the CA certificates https alert receivers must chain to (default: the system's trust store).")
+    var alertTlsCa: String?
     @Option(help: "Every alert links to this URL followed by the incident id.")
     var alertLinkBase: String?
     @Option(help: "An incident pages only when its top root cause has at least this confidence (0 to 1).")
@@ -329,9 +331,13 @@ extension Serve {
         var a = AlertingConfiguration()
         do {
             a.alertmanagers = try alertmanager.map { try AlertTarget(url: $0) }
+        } catch {
+            throw ValidationError("--alertmanager: \(error)")
+        }
+        do {
             a.webhook = try webhook.map { try AlertTarget(url: $0) }
         } catch {
-            throw ValidationError("\(error)")
+            throw ValidationError("--webhook: \(error)")
         }
         if let path = webhookSecretFile {
             guard webhook != nil else { throw ValidationError("--webhook-secret-file needs --webhook") }
@@ -342,6 +348,10 @@ extension Serve {
                 throw ValidationError("--alert-link-base must be an http:// or https:// URL, got \(base.debugDescription)")
             }
             a.linkBase = base
+        }
+        if let ca = alertTlsCa {
+            guard FileManager.default.isReadableFile(atPath: ca) else { throw ValidationError("--alert-tls-ca: cannot read \(ca)") }
+            a.trustRootsFile = ca
         }
         guard (0...1).contains(alertMinConfidence) else {
             throw ValidationError("--alert-min-confidence must be between 0 and 1, got \(alertMinConfidence)")

@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import Synchronization
 import TapioAlerting
 import TapioCorrelation
@@ -202,6 +203,38 @@ final class AlertingTests: XCTestCase {
         XCTAssertEqual(counters.value("tapio_alerts_sent_total\(series)}"), 0)
     }
 
+    func testAnHTTPSWebhookIsVerifiedAgainstTheGivenCAAndRefusedWithoutIt() throws {
+        dir = try TestSupport.temporaryDirectory("tapio-alert-tls")
+        let pki = try TestSupport.makePKI(in: dir, nodes: ["n"])
+        let tls = try NIOSSLContext(configuration: .makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(pki + "/server/tls.crt").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try Data(contentsOf: URL(fileURLWithPath: pki + "/server/tls.key"))), format: .pem))))
+        let receiver = try WebhookReceiver(tls: tls) { _, _ in .ok }
+        defer { receiver.close() }
+        func send(trusting ca: String?) throws -> Counters {
+            var config = AlertingConfiguration()
+            config.webhook = try AlertTarget(url: "https://localhost:\(receiver.port)/tls")
+            config.trustRootsFile = ca
+            config.delivery.maxAttempts = 1
+            let counters = Counters()
+            let notifier = try AlertNotifier(configuration: config, logger: Logger(label: "test")) { counters.add($0, $1) }
+            notifier.start(restoring: [])
+            notifier.incidentsChanged([Self.incident(id: "inc-tls", status: "open", confidence: 0.9)])
+            let series = "{receiver=\"webhook\",endpoint=\"localhost:\(receiver.port)\"}"
+            XCTAssertTrue(eventually(timeout: 30) { (counters.value("tapio_alerts_sent_total\(series)") ?? 0) + (counters.value("tapio_alerts_failed_total\(series)") ?? 0) > 0 })
+            notifier.shutdown()
+            return counters
+        }
+        let trusted = try send(trusting: pki + "/server/ca.crt")
+        XCTAssertEqual(trusted.value("tapio_alerts_sent_total{receiver=\"webhook\",endpoint=\"localhost:\(receiver.port)\"}"), 1)
+        XCTAssertEqual(receiver.requests.map(\.path), ["/tls"])
+        // The development CA is in no system trust store: the handshake fails.
+        let untrusted = try send(trusting: nil)
+        XCTAssertEqual(untrusted.value("tapio_alerts_failed_total{receiver=\"webhook\",endpoint=\"localhost:\(receiver.port)\"}"), 1)
+        XCTAssertEqual(untrusted.value("tapio_alerts_dropped_total{receiver=\"webhook\",endpoint=\"localhost:\(receiver.port)\",reason=\"retries_exhausted\"}"), 1)
+        XCTAssertEqual(receiver.requests.count, 1, "nothing reached the receiver over an unverified connection")
+    }
+
     // MARK: - The rule and the signature
 
     func testOnlyIncidentsThatPageAndReachTheFloorAreAnnouncedAndAnnouncedOnesAlwaysResolve() throws {
@@ -375,12 +408,14 @@ final class WebhookReceiver: Sendable {
 
     var requests: [Request] { received.requests.withLock { $0 } }
 
-    init(respond: @escaping @Sendable (Request, Int) -> HTTPResponseStatus) throws {
+    /// - Parameter tls: serve https with this context.
+    init(tls: NIOSSLContext? = nil, respond: @escaping @Sendable (Request, Int) -> HTTPResponseStatus) throws {
         let received = self.received
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(Handler { request in
                         received.requests.withLock { all in
