@@ -299,6 +299,18 @@ final class CLITests: XCTestCase {
         defer { narrow.shutdown() }
         try fails(["--server", "127.0.0.1:\(narrow.queryPort)", "--tls-dir", named + "/operators/alice"],
                   saying: ["server's certificate does not name 127.0.0.1", "--server"])
+        // The server's certificate has expired (served by Debian's openssl s_server, as
+        // tapio-server itself refuses to start with an expired certificate).
+        let expiredServer = try issueExpired(pki: h.pki, subject: "/O=tapio-server/CN=tapio-server",
+                                             extensions: "extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1")
+        let port = TestSupport.freePort()
+        let sServer = try ChildProcess("/usr/bin/openssl", ["s_server", "-accept", "127.0.0.1:\(port)", "-tls1_3", "-quiet", "-naccept", "1",
+                                                           "-cert", expiredServer + "/tls.crt", "-key", expiredServer + "/tls.key"],
+                                       logPath: expiredServer + "/s_server.log")
+        defer { sServer.stop(signal: SIGKILL) }
+        XCTAssertTrue(eventually { (try? TestSupport.run("/usr/bin/ss", ["-Htln", "sport = :\(port)"]).stdout.contains("LISTEN")) ?? false },
+                      "openssl s_server listens: \(sServer.log)")
+        try fails(["--server", "127.0.0.1:\(port)", "--tls-dir", alice], saying: ["server's certificate expired at 2024-01-02T00:00:00Z", "renewed"])
         // And a working identity still works.
         XCTAssertEqual(try cli.run(["--server", server, "--tls-dir", alice, "nodes"]).status, 0)
     }
@@ -307,6 +319,10 @@ final class CLITests: XCTestCase {
     /// development CA with Debian's openssl (`openssl ca` can date a
     /// certificate in the past; the PKI code only issues from now on).
     private func issueExpiredOperator(pki: String) throws -> String {
+        try issueExpired(pki: pki, subject: "/O=tapio-operator/CN=old", extensions: "extendedKeyUsage = clientAuth")
+    }
+
+    private func issueExpired(pki: String, subject: String, extensions: String) throws -> String {
         let dir = try TestSupport.temporaryDirectory("tapio-expired")
         try """
             [ca]
@@ -325,13 +341,13 @@ final class CLITests: XCTestCase {
             [ext]
             basicConstraints = critical,CA:FALSE
             keyUsage = critical,digitalSignature
-            extendedKeyUsage = clientAuth
+            \(extensions)
             """.write(toFile: dir + "/ca.cnf", atomically: true, encoding: .utf8)
         try "".write(toFile: dir + "/index.txt", atomically: true, encoding: .utf8)
         try "01\n".write(toFile: dir + "/serial", atomically: true, encoding: .utf8)
         let openssl = "/usr/bin/openssl"
         let req = try TestSupport.run(openssl, ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                                                "-keyout", dir + "/tls.key", "-subj", "/O=tapio-operator/CN=old", "-out", dir + "/req.csr"])
+                                                "-keyout", dir + "/tls.key", "-subj", subject, "-out", dir + "/req.csr"])
         XCTAssertEqual(req.status, 0, req.stderr)
         let sign = try TestSupport.run(openssl, ["ca", "-batch", "-config", dir + "/ca.cnf", "-cert", pki + "/ca/ca.crt", "-keyfile", pki + "/ca/ca.key",
                                                  "-in", dir + "/req.csr", "-out", dir + "/tls.crt",
