@@ -48,7 +48,18 @@ struct Analysis {
         let from = detected - cfg.causeLookbackNs
         // A cause comes before what it explains: one that began after the
         // last symptom's onset (plus the lag of sampled signals) is no candidate.
-        let until = min(end, (symptoms.map(\.sinceNs).max() ?? detected) + cfg.causeLagNs)
+        let lastOnset = symptoms.map(\.sinceNs).max() ?? detected
+        let until = min(end, lastOnset + cfg.causeLagNs)
+        // What the kernel reports at once (an OOM kill, an exit, a closed
+        // listener) gets no sampling lag: only the interval a symptom's
+        // aggregate covers and both clocks' uncertainty. A listener closed
+        // after its clients had already begun to fail is not why they fail.
+        let symptomClock = symptoms.compactMap { $0.events.first.map { err($0.errorNs) } }.max() ?? 0
+        func early(_ c: Candidate) -> Bool {
+            guard [.oomKill, .crash, .crashLoop, .listenerClosed].contains(c.kind) else { return c.firstSeenNs <= until }
+            let clock = err(c.events.first?.observed.errorNs ?? -1) + symptomClock
+            return c.firstSeenNs <= min(end, lastOnset + cfg.eventCauseLagNs + clock)
+        }
 
         // The failing paths: client → server edges of the symptoms.
         var adjacency: [String: Set<String>] = [:]
@@ -84,7 +95,7 @@ struct Analysis {
         for e in examine.sorted() {
             let all = engine.causes.events(of: e, from: from, to: end)
             candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention].contains($0.signal) },
-                                     opened: all.filter { $0.signal == .listenerOpened }).filter { $0.firstSeenNs <= until }
+                                     opened: all.filter { $0.signal == .listenerOpened }).filter(early)
         }
 
         // Firewall or loss: netfilter drops are read by what got through

@@ -26,6 +26,10 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// Cause events are taken up to this long after the last symptom's onset
     /// (sampled signals such as cgroup counters are read once a second).
     public var causeLagNs: Int64 = 5_000_000_000
+    /// The same for causes the kernel reports as they happen (an OOM kill, an
+    /// exit, a closed listener), plus both clocks' uncertainty: a symptom's
+    /// aggregate is stamped with the start of the interval (1 s) it covers.
+    public var eventCauseLagNs: Int64 = 1_000_000_000
     /// Causes are looked for this far before the incident's first symptom.
     public var causeLookbackNs: Int64 = 120_000_000_000
     /// Abnormal exits of one entity within `crashLoopWindowNs` that make a

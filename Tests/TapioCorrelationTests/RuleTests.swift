@@ -431,6 +431,21 @@ final class RuleTests: XCTestCase {
         XCTAssertFalse(inc.rootCauses.contains { $0.kind == .listenerClosed })
     }
 
+    /// A closed listener is reported as it happens: one closed two seconds
+    /// after its clients began to time out (a node being torn down) is not
+    /// why they fail, though sampled signals get five seconds of lag.
+    func testAListenerClosedAfterItsClientsBeganToFailIsNoCause() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["frontend>api"])
+        for t in stride(from: 30.0, to: 45, by: 0.5) { c.connect(t, "frontend", "api", .timeout, count: 3) }
+        c.listen(31.8, "api", open: false)
+        let incidents = c.engine().incidents
+        XCTAssertEqual(incidents.count, 1, "\(incidents.map(\.title))")
+        XCTAssertFalse(incidents.flatMap(\.rootCauses).contains { $0.kind == .listenerClosed }, "\(incidents.map(\.title))")
+        XCTAssertFalse(incidents.contains(where: \.pages))
+    }
+
     func testRedHerringIsNotRankedFirst() {
         var c = SyntheticCluster()
         c.healthy(until: 30)
