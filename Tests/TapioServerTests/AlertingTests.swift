@@ -152,6 +152,23 @@ final class AlertingTests: XCTestCase {
         XCTAssertTrue(metrics.contains("# TYPE tapio_alerts_sent_total counter"), metrics)
     }
 
+    func testTheAlertSeriesPassPromtool() throws {
+        guard let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            let why = "promtool is not installed (Debian package prometheus; make deps installs it)"
+            if TestSupport.bpfRequired { throw TestSupportError("TAPIO_REQUIRE_BPF=1 but \(why)") }
+            throw XCTSkip(why)
+        }
+        let harness = try ServerHarness { c in
+            c.alerting.alertmanagers = [try! AlertTarget(url: "http://127.0.0.1:1"), try! AlertTarget(url: "http://[::1]:2/prefix")]
+            c.alerting.webhook = try! AlertTarget(url: "https://hooks.example/tapio")
+        }
+        let file = harness.dir + "/metrics.txt"
+        try harness.server.metricsText().write(toFile: file, atomically: true, encoding: .utf8)
+        XCTAssertTrue(try String(contentsOfFile: file, encoding: .utf8).contains("endpoint=\"[::1]:2\""))
+        let check = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(file)"])
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+    }
+
     func testAResolvedAlertPostedByTheNotifierEndsInAlertmanager() throws {
         let port = try startAlertmanager()
         var config = AlertingConfiguration()
