@@ -52,6 +52,7 @@ struct Events: ParsableCommand {
             throw ValidationError("unknown kind \(kind); one of: \(EventKind.allCases.dropFirst().map(\.name).joined(separator: ", "))")
         }
         if pod == "*" { throw ValidationError("--pod '*' matches every pod: leave --pod out") }
+        _ = try parameters()
     }
 
     func parameters(now: Int64 = wallClockNs()) throws -> [String: String] {

@@ -40,7 +40,7 @@ struct Reconnecting {
         } catch let error as QueryError where error.isTransient {
             if lostSince == nil {
                 lostSince = Date()
-                status("\(error.description); retrying until it answers (interrupt to stop)")
+                status("\(error.description); retrying until it answers (the address is from \(resolved.server.origin); interrupt to stop)")
             }
             backoff = min(maximumBackoff, max(interval, backoff * 2))
             Thread.sleep(forTimeInterval: backoff)
