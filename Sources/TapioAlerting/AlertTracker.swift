@@ -42,7 +42,11 @@ public struct AlertTracker: Sendable {
     /// The notices for incidents that changed, in order.
     public mutating func observe(_ alerts: [IncidentAlert]) -> [Notice] {
         var out: [Notice] = []
-        for a in alerts {
+        for var a in alerts {
+            // A severity derived from the confidence stays what it was when
+            // announced: a label that flips around 0.8 would end the alert
+            // and start another (Alertmanager identifies alerts by labels).
+            if let previous = firing[a.id], !a.severityGiven { a.severity = previous.severity }
             for merged in a.mergedIds where merged != a.id {
                 guard var gone = firing.removeValue(forKey: merged) else { continue }
                 let previous = gone

@@ -24,8 +24,11 @@ public struct IncidentAlert: Sendable, Equatable {
     public var service: String?
     public var affectedServices: [String]
     /// The incident's `severity` when it has one, else `critical` for a top
-    /// cause at 0.8 or more and `warning` below.
+    /// cause at 0.8 or more and `warning` below (decided when the incident
+    /// is announced and kept: see `AlertTracker`).
     public var severity: String
+    /// Whether `severity` is the incident's own, not derived from confidence.
+    public var severityGiven: Bool
     /// Ids of incidents merged into this one (their alerts end with this one's start).
     public var mergedIds: [String]
     /// The incident's entry as the `incidents` query answers it (no timeline,
@@ -67,8 +70,10 @@ public struct IncidentAlert: Sendable, Equatable {
         service = o["symptoms"]?.arrayValue?.first?["entity"]?.stringValue ?? affectedServices.first
         if let s = o["severity"]?.stringValue, !s.isEmpty {
             severity = s
+            severityGiven = true
         } else {
             severity = (cause?.confidence ?? 0) >= 0.8 ? "critical" : "warning"
+            severityGiven = false
         }
         mergedIds = o["merged_ids"]?.arrayValue?.compactMap(\.stringValue) ?? []
         var summary = o
