@@ -163,6 +163,9 @@ final class CLITests: XCTestCase {
         let t2_5 = rfc3339(ns: t0 + 2_500_000_000)
         XCTAssertEqual(pids(try ndjson(["--until", t2_5])), [100, 101, 102])
         XCTAssertEqual(pids(try ndjson(["--since", t2_5, "--until", rfc3339(ns: t0 + 4_500_000_000)])), [103, 104])
+        // The same instant with an offset and a shorter fraction.
+        let plusTwo = String(rfc3339(ns: t0 + 2_500_000_000 + 7_200_000_000_000).prefix(23)) + "+02:00"
+        XCTAssertEqual(pids(try ndjson(["--until", plusTwo])), [100, 101, 102], plusTwo)
         XCTAssertEqual(pids(try ndjson(["--until", "1h"])), [], "nothing is older than an hour")
         XCTAssertEqual(pids(try ndjson(["--since", "1h", "--service", "api", "--pod", "api-7d9f-f*"])), [102, 106], "filters combine")
         let bad = try cli.run(["events", "--until", "yesterday"], env: env)
