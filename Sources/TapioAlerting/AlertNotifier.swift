@@ -22,7 +22,6 @@ public final class AlertNotifier: Sendable {
     public static let sentMetric = "tapio_alerts_sent_total"
     public static let failedMetric = "tapio_alerts_failed_total"
     public static let droppedMetric = "tapio_alerts_dropped_total"
-    public static let queuedMetric = "tapio_alerts_queued"
     public static let dropReasons = ["queue_full", "retries_exhausted", "rejected", "shutdown"]
 
     /// - Parameter count: adds to a counter (`name{labels}`, value); every
@@ -74,13 +73,6 @@ public final class AlertNotifier: Sendable {
             let notices = state.value.tracker.observe(alerts)
             for n in notices { notify(n) }
         }
-    }
-
-    /// Notifications waiting or in flight, per receiver (`receiver endpoint`).
-    public func queued() -> [String: Int] {
-        (try? loop.submit { [self] in
-            Dictionary(state.value.receivers.map { ("\($0.kind.rawValue) \($0.target.authority)", $0.queue.count) }, uniquingKeysWith: +)
-        }.wait()) ?? [:]
     }
 
     /// Stops the re-sends, lets queued notifications go for up to the
