@@ -71,13 +71,6 @@ int tapio_rings_add(tapio_rings *rings, int map_fd, const char *name, uint32_t s
 	ring->owner = rings;
 	ring->size = size_bytes;
 	strncpy(ring->name, name ? name : "", sizeof(ring->name) - 1);
-	/* Page 0 holds the consumer position, page 1 the producer's; read-only,
-	 * they cost no memory (the kernel's pages) and let the fill be read from
-	 * any thread. Without them the fill reads 0. */
-	ring->positions_len = 2 * (size_t)sysconf(_SC_PAGESIZE);
-	ring->positions = mmap(NULL, ring->positions_len, PROT_READ, MAP_SHARED, map_fd, 0);
-	if (ring->positions == MAP_FAILED)
-		ring->positions = NULL;
 	if (!rings->reader) {
 		rings->reader = ring_buffer__new(map_fd, tapio_rings_on_record, ring, NULL);
 		if (!rings->reader)
@@ -87,6 +80,13 @@ int tapio_rings_add(tapio_rings *rings, int map_fd, const char *name, uint32_t s
 		if (rc)
 			return rc;
 	}
+	/* Page 0 holds the consumer position, page 1 the producer's; read-only,
+	 * they cost no memory (the kernel's pages) and let the fill be read from
+	 * any thread. Without them the fill reads 0. */
+	ring->positions_len = 2 * (size_t)sysconf(_SC_PAGESIZE);
+	ring->positions = mmap(NULL, ring->positions_len, PROT_READ, MAP_SHARED, map_fd, 0);
+	if (ring->positions == MAP_FAILED)
+		ring->positions = NULL;
 	return rings->count++;
 }
 
