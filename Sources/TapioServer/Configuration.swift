@@ -1,5 +1,6 @@
 import Foundation
 import TapioAlerting
+import TapioStore
 import TapioWire
 
 /// Where a server listens and the limits it enforces. Defaults are documented
@@ -82,6 +83,9 @@ public struct ServerConfiguration: Sendable {
     public var correlation = CorrelationService.Configuration()
     /// Incident notifications to Alertmanager and a webhook (docs/alerts.md); none by default.
     public var alerting = AlertingConfiguration()
+    /// Segment size, retention and the disk limit of the event log
+    /// (`--retention`, `--max-disk`; docs/storage.md).
+    public var storage = SegmentEventStore.Configuration()
 
     public init(dataDirectory: String, tls: TLSFiles) {
         self.dataDirectory = dataDirectory

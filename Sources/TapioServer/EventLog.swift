@@ -15,7 +15,7 @@ public struct EventLog: Sendable {
     /// The log of a server's data directory, batches received at or after `sinceNs`.
     public static func load(dataDirectory: String, sinceNs: Int64 = .min,
                             maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws -> EventLog {
-        try load(store: SQLiteEventStore(directory: dataDirectory), sinceNs: sinceNs, maxFutureSkewNs: maxFutureSkewNs)
+        try load(store: SegmentEventStore(directory: dataDirectory), sinceNs: sinceNs, maxFutureSkewNs: maxFutureSkewNs)
     }
 
     /// The log of an open store, batches received at or after `sinceNs`, read

@@ -65,7 +65,7 @@ public final class TapioServer: Sendable {
         self.logger = logger
         self.lock = try DataDirectoryLock(directory: configuration.dataDirectory)
         self.health = ServerHealth(operations: operations)
-        self.store = try SQLiteEventStore(directory: configuration.dataDirectory)
+        self.store = try SegmentEventStore(directory: configuration.dataDirectory, configuration: configuration.storage)
         self.registry = NodeRegistry(restoring: try store.nodes())
         self.pods = PodDirectory(restoring: try store.pods())
         self.correlation = CorrelationService(configuration: configuration.correlation, store: store, logger: logger)
@@ -200,14 +200,27 @@ public final class TapioServer: Sendable {
         let interval = TimeAmount.nanoseconds(max(operations.storeCheckInterval.nanoseconds, 1_000_000))
         let loop = group.next()
         let checking = Busy()
-        let (storage, health, metrics) = (self.storage, self.health, self.metrics)
+        let (storage, health, metrics, store, logger) = (self.storage, self.health, self.metrics, self.store, self.logger)
         let directory = configuration.dataDirectory
         return loop.scheduleRepeatedTask(initialDelay: .zero, delay: interval) { _ in
             health.commitsObserved(
                 succeeded: metrics.value("tapio_server_batches_total") + metrics.value("tapio_server_duplicate_batches_total"),
                 failed: metrics.value("tapio_server_connections_rejected_total{reason=\"storage\"}"))
             guard checking.enter() else { return }
-            storage.runIfActive(eventLoop: loop) { ServerHealth.writeCheck(directory: directory) }.whenComplete { result in
+            storage.runIfActive(eventLoop: loop) { () -> String? in
+                let error = ServerHealth.writeCheck(directory: directory)
+                // Retention on the storage thread too, between group commits.
+                do {
+                    for d in try store.enforceRetention(nowNs: wallClockNs()) {
+                        logger.info("segment deleted", metadata: [
+                            "segment": "\(d.segment)", "reason": "\(d.reason.rawValue)", "bytes": "\(d.bytes)",
+                            "events": "\(d.events)", "newest_event": "\(rfc3339(ns: d.newestEventNs))"])
+                    }
+                } catch {
+                    logger.error("retention failed", metadata: ["error": "\(error)"])
+                }
+                return error
+            }.whenComplete { result in
                 checking.leave()
                 if case .success(let error) = result { health.storeChecked(error: error) }
             }

@@ -253,6 +253,10 @@ struct Serve: ParsableCommand {
     var alertMinConfidence: Double = 0
     @Option(help: "Seconds between re-sends of open alerts to Alertmanager (each valid for four periods).")
     var alertResendInterval: Double = 60
+    @Option(help: "Delete stored events whose batch arrived longer ago than this (s, m, h, d, w: 7d, 36h).")
+    var retention = "7d"
+    @Option(help: "Keep the event store under this size by deleting the oldest events: bytes with K, M, G, T (20GiB), or a percentage of the data directory's volume.")
+    var maxDisk = "80%"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -300,6 +304,12 @@ struct Serve: ParsableCommand {
         config.limits.frameTimeout = .milliseconds(Int64(frameTimeout * 1000))
         config.limits.idleTimeout = .milliseconds(Int64(idleTimeout * 1000))
         config.timeSyncInterval = .milliseconds(Int64(timeSyncInterval * 1000))
+        do {
+            config.storage.retentionNs = try StorageLimits.parseDuration(retention)
+            config.storage.maxDiskBytes = try StorageLimits.parseSize(maxDisk, directory: dataDir)
+        } catch {
+            throw ValidationError("\(error)")
+        }
 
         var operations = ServerConfiguration.Operations()
         guard tlsReloadInterval >= 0, tlsReloadInterval <= 86_400 else {

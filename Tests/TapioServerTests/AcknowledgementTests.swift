@@ -129,14 +129,14 @@ final class AcknowledgementTests: XCTestCase {
     // Defect 6: a batch whose store failed is never covered by an ack or the
     // hello-ack, even though a later batch was stored.
     func testAStoreErrorIsNeverAcknowledgedByALaterBatch() throws {
-        let store = try XCTUnwrap(harness.server.store as? SQLiteEventStore)
+        let store = try XCTUnwrap(harness.server.store as? SegmentEventStore)
         func sql(_ statement: String) throws {
             let r = try TestSupport.run("/usr/bin/python3", ["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=30); c.execute(sys.argv[2]); c.commit()",
                                                               store.path, statement])
             XCTAssertEqual(r.status, 0, r.stderr)
         }
         // The disk is "full" for batch 2 only: its transaction fails as a real write error would.
-        try sql("CREATE TRIGGER fail_two BEFORE INSERT ON batches WHEN NEW.seq = 2 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        try sql("CREATE TRIGGER fail_two BEFORE INSERT ON log_batches WHEN NEW.seq = 2 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
         let agent = try RawAgent(harness: harness, node: "node-a", epoch: 9)
         try agent.send(agent.batch(1))
         XCTAssertEqual(try agent.acks(1).map(\.sequence), [1])

@@ -25,7 +25,7 @@ final class EngineFeedTests: XCTestCase {
         let dir = try TestSupport.temporaryDirectory("tapio-feed")
         var config = CorrelationService.Configuration()
         config.queueEvents = queueEvents
-        return CorrelationService(configuration: config, store: try SQLiteEventStore(directory: dir), logger: Logger(label: "test"))
+        return CorrelationService(configuration: config, store: try SegmentEventStore(directory: dir), logger: Logger(label: "test"))
     }
 
     func testAFullQueueAsksForBackpressureAndCallsBackWhenTheEngineHasTakenIt() throws {

@@ -18,7 +18,7 @@ final class EventStoreTests: XCTestCase {
     }
 
     func testDuplicateBatchIsStoredOnce() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         XCTAssertTrue(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
         XCTAssertFalse(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
         // Same sequence in another epoch or node is a different batch.
@@ -30,7 +30,7 @@ final class EventStoreTests: XCTestCase {
     }
 
     func testAGroupCommitStoresEveryBatchOnceAndTellsDuplicatesApart() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         XCTAssertTrue(try store.append(batch("a", epoch: 1, seq: 1, base: 1_000), clock: .none, receivedNs: 0))
         let group = [batch("a", epoch: 1, seq: 1, base: 1_000), batch("a", epoch: 1, seq: 2, base: 2_000),
                      batch("b", epoch: 1, seq: 1, base: 3_000), batch("a", epoch: 1, seq: 2, base: 2_000)]
@@ -42,7 +42,7 @@ final class EventStoreTests: XCTestCase {
     }
 
     func testQueriesFilterByTimeNodeKindAndKeepTheMostRecent() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         for seq in 1...4 {
             _ = try store.append(batch(seq % 2 == 0 ? "a" : "b", epoch: 1, seq: UInt64(seq), base: Int64(seq) * 1_000_000), clock: .none, receivedNs: 0)
         }
@@ -56,7 +56,7 @@ final class EventStoreTests: XCTestCase {
     }
 
     func testClockCorrectionIsAppliedAndRecorded() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         // Agent clock 250 ms ahead of the server, known to ±2 ms.
         _ = try store.append(batch("a", epoch: 1, seq: 1, base: 10_250_000_000, count: 1), clock: ClockCorrection(offsetNs: 250_000_000, errorNs: 2_000_000), receivedNs: 0)
         let e = try XCTUnwrap(try store.events(EventQuery()).first)
@@ -69,7 +69,7 @@ final class EventStoreTests: XCTestCase {
     func testReopeningKeepsEventsNodesAndDrops() throws {
         let dir = try TestSupport.temporaryDirectory()
         do {
-            let store = try SQLiteEventStore(directory: dir)
+            let store = try SegmentEventStore(directory: dir)
             var b = batch("a", epoch: 5, seq: 1, base: 1_000)
             b.drops = [DropCount(kind: .processExec, reason: "ringbuf_full", count: 4)]
             _ = try store.append(b, clock: .none, receivedNs: 0)
@@ -78,7 +78,7 @@ final class EventStoreTests: XCTestCase {
             _ = try store.append(b, clock: .none, receivedNs: 0)
             try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.0", capabilities: ["process_exec"], eventsReceived: 6))
         }
-        let reopened = try SQLiteEventStore(directory: dir)
+        let reopened = try SegmentEventStore(directory: dir)
         XCTAssertEqual(try reopened.events(EventQuery()).count, 6)
         XCTAssertEqual(try reopened.durablePrefix(node: "a", epoch: 5), 2)
         XCTAssertEqual(try reopened.nodes().map(\.capabilities), [["process_exec"]])
@@ -89,7 +89,7 @@ final class EventStoreTests: XCTestCase {
     // Issue 14, defect 6: a gap (a batch whose store failed) ends what the
     // server may call durable, whatever was stored after it.
     func testTheDurablePrefixStopsAtTheFirstMissingSequence() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 0)
         for seq: UInt64 in [2, 3] { _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), clock: .none, receivedNs: 0) }
         XCTAssertEqual(try store.durablePrefix(node: "a", epoch: 1), 0, "without sequence 1 nothing is a prefix")
@@ -108,7 +108,7 @@ final class EventStoreTests: XCTestCase {
     // Issue 14, defect 3: drop counters near and past Int64.max sum without
     // failing, for this node and every other.
     func testDropCountersSumWithoutOverflowAcrossEpochs() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         for epoch: UInt64 in 1...3 {
             var b = batch("a", epoch: epoch, seq: 1, base: 1_000, count: 1)
             b.drops = [DropCount(kind: .dns, reason: "ringbuf_full", count: UInt64.max - 5)]
@@ -127,14 +127,14 @@ final class EventStoreTests: XCTestCase {
     func testNodeCountersAreDurableWithTheBatchesTheyCount() throws {
         let dir = try TestSupport.temporaryDirectory()
         do {
-            let store = try SQLiteEventStore(directory: dir)
+            let store = try SegmentEventStore(directory: dir)
             try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.0"))
             for seq: UInt64 in 1...5 { _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), clock: .none, receivedNs: 0) }
             _ = try store.append(batch("a", epoch: 1, seq: 2, base: 1_000), clock: .none, receivedNs: 0)
             // A stale snapshot of the node saved afterwards.
             try store.saveNode(NodeRecord(node: "a", agentVersion: "0.1.1", eventsReceived: 3, batchesReceived: 1))
         }
-        let reopened = try SQLiteEventStore(directory: dir)
+        let reopened = try SegmentEventStore(directory: dir)
         let node = try XCTUnwrap(try reopened.nodes().first)
         XCTAssertEqual(node.agentVersion, "0.1.1")
         XCTAssertEqual(node.eventsReceived, 15)
@@ -145,7 +145,7 @@ final class EventStoreTests: XCTestCase {
     // Events the server set aside are counted per node, added up, never
     // taken as the agent's cumulative counters.
     func testServerDropsAddUpPerBatch() throws {
-        let store = try SQLiteEventStore(directory: try TestSupport.temporaryDirectory())
+        let store = try SegmentEventStore(directory: try TestSupport.temporaryDirectory())
         for seq: UInt64 in 1...2 {
             _ = try store.append(batch("a", epoch: 1, seq: seq, base: 1_000), payload: batch("a", epoch: 1, seq: seq, base: 1_000).encoded(), clock: .none, receivedNs: 0,
                                  serverDrops: [DropCount(kind: .unspecified, reason: "future_time", count: 2)])
