@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Keeps a lab run as a replay recording: lab/recordings/<run>.sqlite.gz (the
-server's event log: batches and pods, without the derived tables) and
-lab/recordings/<run>.json (the scenario, its known answer and when the fault
-began), <run> being the run directory's name (<scenario>-<date>-<time>).
+"""Keeps a lab run as a replay recording: lab/recordings/<run>.tar.gz (the
+server's event store: its segments and index with the pods, without the
+incidents; docs/storage.md) and lab/recordings/<run>.json (the scenario, its
+known answer and when the fault began), <run> being the run directory's name
+(<scenario>-<date>-<time>). Older recordings are <run>.sqlite.gz, a store of
+the row-per-event layout, which the server converts when it opens one.
 
     scripts/record-lab-run.py lab-runs/oom-kill-20261127-163302 [...]
 
 The replay tests (Tests/TapioServerTests/RecordedRunTests.swift) and
 `tapio-server calibrate` read them."""
-import datetime, gzip, json, os, re, shutil, sqlite3, sys, tempfile
+import datetime, json, os, re, shutil, sqlite3, sys, tarfile, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "lab", "recordings")
@@ -32,13 +34,19 @@ def record(run_dir):
     stamp = re.search(r"(\d{8})-(\d{6})$", os.path.basename(os.path.normpath(run_dir)))
     day = datetime.datetime.strptime(stamp.group(1), "%Y%m%d")
     with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(run_dir, "data")
         db = os.path.join(tmp, "events.sqlite")
-        shutil.copy(os.path.join(run_dir, "data", "events.sqlite"), db)
-        con = sqlite3.connect(db)
-        con.executescript("DELETE FROM events; DELETE FROM incidents; VACUUM;")
-        con.close()
-        with open(db, "rb") as src, gzip.open(os.path.join(OUT, name + ".sqlite.gz"), "wb", 9) as dst:
-            shutil.copyfileobj(src, dst)
+        # The index with its WAL folded in (a copy of the main file alone
+        # could miss the last commits).
+        src = sqlite3.connect(os.path.join(data, "events.sqlite"))
+        dst = sqlite3.connect(db)
+        src.backup(dst)
+        src.close()
+        dst.executescript("DELETE FROM incidents; VACUUM;")
+        dst.close()
+        with tarfile.open(os.path.join(OUT, name + ".tar.gz"), "w:gz", compresslevel=9) as tar:
+            tar.add(db, arcname="events.sqlite")
+            tar.add(os.path.join(data, "segments"), arcname="segments")
     meta = {
         "scenario": scenario,
         "expected": report["expected"],
@@ -49,7 +57,7 @@ def record(run_dir):
     with open(os.path.join(OUT, name + ".json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-    print(f"{name}: {os.path.getsize(os.path.join(OUT, name + '.sqlite.gz'))} bytes, fault at {meta['fault_ns']}")
+    print(f"{name}: {os.path.getsize(os.path.join(OUT, name + '.tar.gz'))} bytes, fault at {meta['fault_ns']}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ public struct EventLog: Sendable {
 }
 
 /// A lab run kept as a regression case (`lab/recordings/<run>.json` and
-/// `.sqlite.gz`, written by scripts/record-lab-run.py): its event log, the
+/// `.tar.gz` or, older, `.sqlite.gz`, written by scripts/record-lab-run.py): its event log, the
 /// known answer and when the fault began.
 public struct RecordedRun: Sendable {
     /// The recording's file name without extension (`<scenario>-<date>-<time>`).
@@ -96,28 +96,38 @@ public struct RecordedRun: Sendable {
             }
             expected.append(KnownAnswer(entity: entity, kind: kind))
         }
-        let packed = String(jsonPath.dropLast(".json".count)) + ".sqlite.gz"
+        let base = String(jsonPath.dropLast(".json".count))
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("tapio-recording-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: tmp) }
-        try gunzip(packed, to: tmp + "/events.sqlite")
+        if FileManager.default.fileExists(atPath: base + ".tar.gz") {
+            try unpack("/bin/tar", ["-xzf", base + ".tar.gz", "-C", tmp], output: nil)
+        } else {
+            // The row-per-event layout, converted when the store opens it.
+            try unpack("/bin/gzip", ["-dc", base + ".sqlite.gz"], output: tmp + "/events.sqlite")
+        }
         let log = try EventLog.load(dataDirectory: tmp)
         let name = String((jsonPath.split(separator: "/").last ?? "").dropLast(".json".count))
         return RecordedRun(name: name, scenario: scenario, expected: expected, faultNs: meta["fault_ns"]?.intValue, log: log)
     }
 
-    private static func gunzip(_ from: String, to: String) throws {
-        guard FileManager.default.fileExists(atPath: from) else { throw LoadError.unreadable("\(from): missing") }
+    private static func unpack(_ program: String, _ arguments: [String], output: String?) throws {
+        guard let input = arguments.first(where: { $0.hasSuffix(".gz") }), FileManager.default.fileExists(atPath: input) else {
+            throw LoadError.unreadable("\(arguments.joined(separator: " ")): recording missing")
+        }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/gzip")
-        p.arguments = ["-dc", from]
-        FileManager.default.createFile(atPath: to, contents: nil)
-        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: to))
-        defer { try? out.close() }
-        p.standardOutput = out
+        p.executableURL = URL(fileURLWithPath: program)
+        p.arguments = arguments
+        var out: FileHandle?
+        if let output {
+            FileManager.default.createFile(atPath: output, contents: nil)
+            out = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
+            p.standardOutput = out
+        }
+        defer { try? out?.close() }
         try p.run()
         p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw LoadError.unreadable("\(from): gzip exited \(p.terminationStatus)") }
+        guard p.terminationStatus == 0 else { throw LoadError.unreadable("\(input): \(program) exited \(p.terminationStatus)") }
     }
 
     /// The incidents that count for the run: for a fault, those opened from

@@ -45,7 +45,7 @@ struct Replay: ParsableCommand {
 struct Calibrate: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Fit the confidence weights on recorded lab runs and report Brier scores.")
 
-    @Option(help: "Directory of recordings (<run>.json + <run>.sqlite.gz).")
+    @Option(help: "Directory of recordings (<run>.json + <run>.tar.gz, or .sqlite.gz of the earlier layout).")
     var recordings = "lab/recordings"
     @Option(help: "Gradient steps of the fit.")
     var iterations = 4000
@@ -162,7 +162,7 @@ struct BenchSink: ParsableCommand {
 struct BenchEngine: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench-engine", abstract: "Benchmark: the correlation engine alone over recorded lab runs or a stored log.")
 
-    @Option(help: "Directory of recordings (<run>.json + <run>.sqlite.gz).")
+    @Option(help: "Directory of recordings (<run>.json + <run>.tar.gz, or .sqlite.gz of the earlier layout).")
     var recordings = "lab/recordings"
     @Option(help: "Replay this server data directory's log instead of the recordings.")
     var dataDir: String?
