@@ -48,6 +48,17 @@ enum MetricsCatalog {
         "tapio_server_ready": .init(kind: .gauge, help: "1 while /readyz answers 200 (listening, restored, not shutting down).", unlabelled: true),
         "tapio_server_data_free_bytes": .init(kind: .gauge, help: "Bytes available to the server on the file system of its data directory.", unlabelled: false),
         "tapio_server_build_info": .init(kind: .gauge, help: "Always 1; the version of the running server in its label.", unlabelled: false),
+        "tapio_server_store_segments": .init(kind: .gauge, help: "Segment files of the event store, the active one included.", unlabelled: true),
+        "tapio_server_store_bytes": .init(kind: .gauge, help: "Bytes the event store takes on disk, by part (segments; index: the SQLite database with its WAL).", unlabelled: false),
+        "tapio_server_store_payload_bytes_total": .init(kind: .counter, help: "Bytes of the batches stored, as received (before compression).", unlabelled: true),
+        "tapio_server_store_record_bytes_total": .init(kind: .counter, help: "Bytes written to segments for the batches stored (compressed, with record headers).", unlabelled: true),
+        "tapio_server_store_deleted_segments_total": .init(kind: .counter, help: "Segments deleted by retention, by reason (retention: --retention; max_disk: --max-disk).", unlabelled: false,
+                                                           initial: RetentionDeletion.Reason.allCases.map { "{reason=\"\($0.rawValue)\"}" }),
+        "tapio_server_store_deleted_events_total": .init(kind: .counter, help: "Events deleted with their segments, by reason.", unlabelled: false,
+                                                         initial: RetentionDeletion.Reason.allCases.map { "{reason=\"\($0.rawValue)\"}" }),
+        "tapio_server_store_deleted_bytes_total": .init(kind: .counter, help: "Bytes of the segments deleted, by reason.", unlabelled: false,
+                                                        initial: RetentionDeletion.Reason.allCases.map { "{reason=\"\($0.rawValue)\"}" }),
+        "tapio_server_store_retained_from_seconds": .init(kind: .gauge, help: "Newest event time (Unix) retention has deleted: queries reaching before it are told so; 0 while nothing was deleted.", unlabelled: true),
         "tapio_correlation_events_processed_total": .init(kind: .counter, help: "Events the correlation engine has processed.", unlabelled: true),
         "tapio_correlation_late_events_total": .init(kind: .counter, help: "Events that arrived after their rate bucket was decided: kept as causes and topology, not counted in rates.", unlabelled: true),
         "tapio_correlation_pending_events": .init(kind: .gauge, help: "Events buffered until the watermark passes them.", unlabelled: true),
@@ -70,7 +81,7 @@ enum MetricsCatalog {
         ("tapio_server_ingest_lag_seconds",
          "Time from the oldest event of a batch (its kernel time on the server's corrected clock) to the batch being durable; one observation per stored batch.",
          { $0.ingestLag }),
-        ("tapio_server_batch_commit_seconds", "Duration of one group commit on the storage thread (one transaction and one fsync for every batch waiting).", { $0.batchCommit }),
+        ("tapio_server_batch_commit_seconds", "Duration of one group commit on the storage thread (one segment append and fdatasync, one index transaction, for every batch waiting).", { $0.batchCommit }),
         ("tapio_server_query_seconds", "Time to answer one query on the query thread.", { $0.query }),
     ]
 
@@ -136,6 +147,17 @@ extension TapioServer {
             byName["tapio_server_data_free_bytes"] = [.init([], UInt64(fs.f_bavail) * UInt64(fs.f_frsize))]
         }
         byName["tapio_server_build_info"] = [.init([("version", Self.version)], 1)]
+        let st = store.statistics()
+        byName["tapio_server_store_segments"] = [.init([], Int64(st.segments))]
+        byName["tapio_server_store_bytes"] = [.init([("part", "index")], st.indexBytes), .init([("part", "segments")], st.segmentBytes)]
+        byName["tapio_server_store_payload_bytes_total"] = [.init([], st.payloadBytesAppended)]
+        byName["tapio_server_store_record_bytes_total"] = [.init([], st.recordBytesAppended)]
+        for (name, values) in [("tapio_server_store_deleted_segments_total", st.deletedSegments), ("tapio_server_store_deleted_events_total", st.deletedEvents),
+                               ("tapio_server_store_deleted_bytes_total", st.deletedBytes)] {
+            byName[name] = RetentionDeletion.Reason.allCases.map { .init([("reason", $0.rawValue)], values[$0] ?? 0) }
+        }
+        let horizonNs = (try? store.retainedFromNs()).flatMap { $0 }
+        byName["tapio_server_store_retained_from_seconds"] = [.init([], horizonNs.map { Double($0) / 1e9 } ?? 0.0)]
         let c = correlation.statistics
         for (name, value) in [("tapio_correlation_events_processed_total", Int64(c.processed)),
                               ("tapio_correlation_late_events_total", Int64(c.late)),

@@ -151,7 +151,15 @@ struct QueryExecutor {
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
         let events = try Self.filtered(query, store: server.store, scanLimit: server.configuration.limits.maxQueryEvents)
-        return .object(["events": .array(events.map { peerAttributed($0.json) }), "count": .int(Int64(events.count))])
+        var answer: [String: JSONValue] = ["events": .array(events.map { peerAttributed($0.json) }), "count": .int(Int64(events.count))]
+        // Time retention has deleted is said, not answered with silently less.
+        if let horizon = try server.store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
+            answer["retention"] = .object([
+                "deleted_before": .string(rfc3339(ns: horizon)), "deleted_before_ns": .int(horizon),
+                "note": .string("events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)"),
+            ])
+        }
+        return .object(answer)
     }
 
     /// The store's answer to `query`, filtered again with `EventQuery.matches`

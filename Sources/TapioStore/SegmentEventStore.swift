@@ -343,6 +343,10 @@ public final class SegmentEventStore: EventStore {
             let m = bind(podMask)
             clauses.append("(pods & \(m)) = \(m)")
         }
+        if let pods = query.pods, !pods.isEmpty {
+            // Any one of them: the batch must have one of their bits.
+            clauses.append("(pods & \(bind(pods.reduce(Int64(0)) { $0 | Self.podBit($1) }))) != 0")
+        }
         let whereSQL = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
         let limit = max(1, min(query.limit, EventQuery.maximumLimit))
         let sql = """

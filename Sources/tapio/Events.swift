@@ -79,6 +79,11 @@ struct Events: ParsableCommand {
             case .ndjson: for e in doc["events"]?.arrayValue ?? [] { print(e.serialized()) }
             case .table: print(table(Self.header, (doc["events"]?.arrayValue ?? []).map(Self.row)))
             }
+            // The answer is short of what retention deleted: said on stderr,
+            // so stdout stays the events.
+            if let note = doc["retention"]?["note"]?.stringValue {
+                FileHandle.standardError.write(Data("tapio: \(note)\n".utf8))
+            }
             return
         }
         try followEvents(params)

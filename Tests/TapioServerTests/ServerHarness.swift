@@ -17,7 +17,8 @@ final class ServerHarness {
     let ingestPort: Int
     let queryPort: Int
 
-    init(nodes: [String] = ["node-a", "node-b"], configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
+    init(nodes: [String] = ["node-a", "node-b"], operations: ServerConfiguration.Operations = .init(),
+         configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
         dir = try TestSupport.temporaryDirectory("tapio-server-test")
         pki = try TestSupport.makePKI(in: dir, nodes: nodes, operators: ["alice"])
         var config = ServerConfiguration(dataDirectory: dir + "/data", tls: TLSFiles(directory: pki + "/server"))
@@ -28,7 +29,7 @@ final class ServerHarness {
         configure(&config)
         var logger = Logger(label: "tapio-server-test")
         logger.logLevel = .notice
-        server = try TapioServer(configuration: config, logger: logger)
+        server = try TapioServer(configuration: config, operations: operations, logger: logger)
         let addresses = try server.start()
         ingestPort = addresses.ingest.port!
         queryPort = addresses.query.port!
