@@ -27,9 +27,9 @@ struct CauseEvent: Sendable {
     /// A listener's port, a dropped packet's destination port; 0 unknown.
     var port: UInt16
     var summary: String
-    /// For a dropped packet: its server end (`address|port`) and its client's address.
-    var serverEndpoint: String? = nil
-    var clientAddress: String? = nil
+    /// For a dropped packet: its server end and its client's address.
+    var serverEndpoint: Endpoint? = nil
+    var clientAddress: IPAddress? = nil
 
     var timeNs: Int64 { observed.timeNs }
     /// Dropped by netfilter (an iptables/nftables rule).
@@ -101,30 +101,50 @@ struct CauseStore: Sendable {
     }
 }
 
-/// What got through to each server endpoint (`address|port`), per bucket:
-/// connections established and responses measured, with the client
+/// An address and port: a server's end of a flow.
+struct Endpoint: Sendable, Hashable, Comparable {
+    var address: IPAddress
+    var port: UInt16
+
+    /// Nil without an address or with port 0 (unknown).
+    init?(_ address: IPAddress?, _ port: UInt16) {
+        guard let address, port != 0 else { return nil }
+        self.address = address
+        self.port = port
+    }
+
+    static func < (a: Endpoint, b: Endpoint) -> Bool { (a.address, a.port) < (b.address, b.port) }
+}
+
+/// What got through to server endpoints whose packets netfilter drops, per
+/// bucket: connections established and responses measured, with the client
 /// addresses that saw them. How a rule that drops every packet of a flow is
 /// told from loss of a fraction: with loss the same clients still get through.
+/// Only endpoints with netfilter drops are watched (from their first drop
+/// on, which is all the reading looks at), so memory follows the drops, not
+/// the cluster's traffic.
 struct DeliveryLog: Sendable {
     struct Bucket: Sendable {
         var count: UInt64 = 0
-        var clients: Set<String> = []
+        var clients: Set<IPAddress> = []
         /// More clients than kept: any client may have got through.
         var overflow = false
     }
 
     static let maxClients = 64
-    private(set) var byServer: [String: [Int64: Bucket]] = [:]
+    private(set) var byServer: [Endpoint: [Int64: Bucket]] = [:]
+    /// Endpoint → the bucket of its latest netfilter drop.
+    private(set) var watched: [Endpoint: Int64] = [:]
 
-    static func key(_ address: IPAddress?, _ port: UInt16) -> String? {
-        guard let address, port != 0 else { return nil }
-        return "\(address)|\(port)"
+    mutating func watch(_ server: Endpoint, bucket: Int64) {
+        if (watched[server] ?? .min) < bucket { watched[server] = bucket }
     }
 
-    mutating func add(server: String, client: IPAddress?, bucket: Int64, count: UInt64) {
+    mutating func add(server: Endpoint, client: IPAddress?, bucket: Int64, count: UInt64) {
+        guard watched[server] != nil else { return }
         var b = byServer[server]?[bucket] ?? Bucket()
         b.count += count
-        if let c = client?.description, !b.clients.contains(c) {
+        if let c = client, !b.clients.contains(c) {
             if b.clients.count < DeliveryLog.maxClients { b.clients.insert(c) } else { b.overflow = true }
         }
         byServer[server, default: [:]][bucket] = b
@@ -132,7 +152,7 @@ struct DeliveryLog: Sendable {
 
     /// Whether anything got through to `server` in buckets `from...to`; from
     /// one of `clients` when given.
-    func delivered(server: String, from: Int64, to: Int64, clients: Set<String>?) -> Bool {
+    func delivered(server: Endpoint, from: Int64, to: Int64, clients: Set<IPAddress>?) -> Bool {
         guard let buckets = byServer[server] else { return false }
         for (i, b) in buckets where i >= from && i <= to && b.count > 0 {
             guard let clients else { return true }
@@ -142,9 +162,10 @@ struct DeliveryLog: Sendable {
     }
 
     mutating func prune(beforeBucket b: Int64) {
+        watched = watched.filter { $0.value >= b }
         for k in byServer.keys.sorted() {
             let kept = byServer[k]!.filter { $0.key >= b }
-            byServer[k] = kept.isEmpty ? nil : kept
+            byServer[k] = kept.isEmpty || watched[k] == nil ? nil : kept
         }
     }
 }

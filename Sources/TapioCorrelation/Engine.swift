@@ -168,7 +168,7 @@ public struct CorrelationEngine: Sendable {
     }
 
     private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0,
-                                   serverEndpoint: String? = nil, clientAddress: String? = nil) {
+                                   serverEndpoint: Endpoint? = nil, clientAddress: IPAddress? = nil) {
         var addrs = addresses
         if let p = ref.pod { addrs.formUnion(p.ips) }
         causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
@@ -237,7 +237,7 @@ public struct CorrelationEngine: Sendable {
             let server = topology.entity(address: flow.destination)
             topology.sawEntity(client.name, node: e.node)
             topology.sawServerPort(flow.destinationPort)
-            if outcome == .established, let k = DeliveryLog.key(flow.destination, flow.destinationPort) {
+            if outcome == .established, let k = Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
             }
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
@@ -300,7 +300,7 @@ public struct CorrelationEngine: Sendable {
                 topology.sawServerPort(flow.destinationPort)
             }
             let localServes = flow.destinationPort == 0 && flow.sourcePort != 0
-            if responses > 0, let k = localServes ? DeliveryLog.key(flow.source, flow.sourcePort) : DeliveryLog.key(flow.destination, flow.destinationPort) {
+            if responses > 0, let k = localServes ? Endpoint(flow.source, flow.sourcePort) : Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: localServes ? flow.destination : flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs),
                                count: UInt64(responses))
             }
@@ -319,9 +319,10 @@ public struct CorrelationEngine: Sendable {
             if let a = flow.destination { addrs.insert(a.description) }
             let srcIsClient = c.name == src.name
             let serverPort = srcIsClient ? flow.destinationPort : flow.sourcePort
-            let endpoint = DeliveryLog.key(srcIsClient ? flow.destination : flow.source, serverPort)
-            let clientAddress = (srcIsClient ? flow.source : flow.destination)?.description
+            let endpoint = Endpoint(srcIsClient ? flow.destination : flow.source, serverPort)
+            let clientAddress = srcIsClient ? flow.source : flow.destination
             if upper.contains("NETFILTER") {
+                if let endpoint { deliveries.watch(endpoint, bucket: floorDiv(e.timeNs, configuration.bucketNs)) }
                 // The agent zeroes the client port of dropped connection
                 // attempts (SYNs); a segment of an established flow keeps both
                 // ports. First reading: drops of established traffic are loss
