@@ -459,10 +459,12 @@ struct Analysis {
     }
 
     /// A memory_pressure sample whose PSI says the workload stalled on memory
-    /// (reclaim), not only that it is near its own limit.
+    /// (reclaim) while it was not at its own limit: reclaim forced by the
+    /// node, not by the workload's own size.
     private func memoryStall(_ c: CauseEvent) -> Bool {
-        if case .memoryPressure(_, _, _, _, let psi, _, _) = c.observed.event.detail { return Double(psi) / 10 >= cfg.memoryPressureCausePsi }
-        return false
+        guard case .memoryPressure(_, _, let usage, let limit, let psi, _, _) = c.observed.event.detail else { return false }
+        let atOwnLimit = limit > 0 && Double(usage) >= cfg.memoryPressureCauseUsage * Double(limit)
+        return Double(psi) / 10 >= cfg.memoryPressureCausePsi && !atOwnLimit
     }
 
     private func isCrashLoop(_ exits: [CauseEvent]) -> Bool {

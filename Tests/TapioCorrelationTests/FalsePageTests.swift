@@ -175,6 +175,26 @@ final class FalsePageTests: XCTestCase {
         XCTAssertTrue(causes.contains { $0.entity == "batch" && $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
     }
 
+    /// The api stalls on memory because it is at its own limit (its own
+    /// reclaim), while a batch pod sits at its limit too: nobody took the
+    /// api's memory, the batch pod is not its neighbour.
+    func testAVictimAtItsOwnMemoryLimitIsNotStarvedByANeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            guard t >= 30 else { continue }
+            c.add(t + 0.2, "api", .memoryPressure, .memoryPressure(source: "high", count: 5, usageBytes: 250 << 20, limitBytes: 256 << 20,
+                                                                   psiSomeAvg10Permille: 250, intervalNs: 1_000_000_000, cgroup: "/kubepods/api"))
+            c.add(t + 0.25, "batch", .memoryPressure, .memoryPressure(source: "limit", count: 40, usageBytes: 1020 << 20, limitBytes: 1 << 30,
+                                                                      psiSomeAvg10Permille: 0, intervalNs: 1_000_000_000, cgroup: "/kubepods/batch"))
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+        XCTAssertTrue(causes.contains { $0.entity == "api" && $0.kind == .memoryPressure }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
     /// The same batch pod at its memory limit with the api not stalled (no
     /// PSI, the node not short): not a neighbour.
     func testANeighbourAtItsLimitWithoutAStarvedVictimIsNotNamed() {
