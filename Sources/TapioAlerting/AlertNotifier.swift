@@ -37,8 +37,13 @@ public final class AlertNotifier: Sendable {
         if let w = configuration.webhook, configuration.webhookSecret == nil {
             logger.warning("webhook notifications are not signed (no --webhook-secret-file)", metadata: ["webhook": "\(w)"])
         }
-        // Alertmanager is given by its base URL; alerts go to its v2 API.
-        var receivers: [Receiver] = configuration.alertmanagers.map { Receiver(kind: .alertmanager, target: $0.appending(path: "/api/v2/alerts")) }
+        // Alertmanager is given by its base URL; alerts go to its v2 API
+        // (a URL that already names the API is taken as it is).
+        var receivers: [Receiver] = configuration.alertmanagers.map { t in
+            let api = "/api/v2/alerts"
+            let path = t.path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)[0]
+            return Receiver(kind: .alertmanager, target: path.hasSuffix(api) || path.hasSuffix(api + "/") ? t : t.appending(path: api))
+        }
         if let w = configuration.webhook { receivers.append(Receiver(kind: .webhook, target: w)) }
         for r in receivers {
             for m in [Self.sentMetric, Self.failedMetric] { count(r.series(m), 0) }

@@ -172,7 +172,8 @@ final class AlertingTests: XCTestCase {
     func testAResolvedAlertPostedByTheNotifierEndsInAlertmanager() throws {
         let port = try startAlertmanager()
         var config = AlertingConfiguration()
-        config.alertmanagers = [try AlertTarget(url: "http://127.0.0.1:\(port)/")]
+        // Given with the API's path: used as it is.
+        config.alertmanagers = [try AlertTarget(url: "http://127.0.0.1:\(port)/api/v2/alerts")]
         // No periodic re-send during the test: exactly the two notifications are sent.
         config.resendInterval = .seconds(600)
         let counters = Counters()
