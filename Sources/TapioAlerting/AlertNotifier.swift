@@ -33,7 +33,8 @@ public final class AlertNotifier: Sendable {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         loop = group.next()
         loop.execute { Thread.current.name = "tapio-alerts" }
-        let poster = try HTTPPoster(trustRootsFile: configuration.trustRootsFile)
+        let poster = try HTTPPoster(needsTLS: (configuration.alertmanagers + [configuration.webhook].compactMap { $0 }).contains(where: \.isTLS),
+                                    trustRootsFile: configuration.trustRootsFile)
         if let w = configuration.webhook, configuration.webhookSecret == nil {
             logger.warning("webhook notifications are not signed (no --webhook-secret-file)", metadata: ["webhook": "\(w)"])
         }

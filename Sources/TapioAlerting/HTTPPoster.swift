@@ -22,7 +22,13 @@ struct HTTPPoster: Sendable {
 
     /// - Parameter trustRootsFile: PEM CA certificates to verify https
     ///   receivers with, instead of the system's trust store.
-    init(trustRootsFile: String? = nil) throws {
+    ///   Without `needsTLS` (no https receiver) no TLS context is made, so a
+    ///   system without a trust store runs http receivers.
+    init(needsTLS: Bool, trustRootsFile: String? = nil) throws {
+        guard needsTLS else {
+            tls = nil
+            return
+        }
         var config = TLSConfiguration.makeClientConfiguration()
         if let trustRootsFile {
             do {
@@ -44,7 +50,7 @@ struct HTTPPoster: Sendable {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if target.isTLS {
-                        guard let tls else { throw Failure(description: "no TLS context") }
+                        guard let tls else { throw Failure(description: "https receiver without a TLS context") }
                         let name = target.host.contains(":") || target.host.allSatisfy({ $0.isNumber || $0 == "." }) ? nil : target.host
                         try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: name))
                     }
