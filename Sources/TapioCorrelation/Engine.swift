@@ -194,7 +194,8 @@ public struct CorrelationEngine: Sendable {
     /// answers a server's late segment after the client gave up: there the
     /// local port decides — a port something serves on is the server's.
     /// With both ports kept, the port seen serving is the server's, else the
-    /// dependency graph decides.
+    /// dependency graph decides, else the port outside the kernel's
+    /// ephemeral range.
     private func resetRoles(local: EntityRef, remote: EntityRef, flow: Flow, sent: Bool, state: UInt32) -> Bool? {
         let ports = topology.serverPorts
         // TCP_LISTEN (10) or no socket (0): the tuple is the incoming segment's, reversed.
@@ -205,8 +206,14 @@ public struct CorrelationEngine: Sendable {
         if localServes != remoteServes { return localServes }
         let toLocal = graph.hasEdge(remote.name, local.name), toRemote = graph.hasEdge(local.name, remote.name)
         if toLocal != toRemote { return toLocal }
+        // Last: the kernel picks a client's port from its ephemeral range
+        // (Linux's default, 32768–60999); a server seldom listens there.
+        let localEphemeral = Self.ephemeralPorts.contains(flow.sourcePort), remoteEphemeral = Self.ephemeralPorts.contains(flow.destinationPort)
+        if localEphemeral != remoteEphemeral { return remoteEphemeral }
         return nil
     }
+
+    static let ephemeralPorts: ClosedRange<UInt16> = 32768...60999
 
     private mutating func classify(_ e: ObservedEvent, bucket: Int64?) {
         let ev = e.event

@@ -74,11 +74,15 @@ final class FalsePageTests: XCTestCase {
             add(t + 0.1, pid: 20, comm: "checker", .tcpReset, .tcpReset(flow: client, sent: true, state: 1, count: 10))
             add(t + 0.1, pid: 10, comm: "app", .tcpReset, .tcpReset(flow: server, sent: false, state: 1, count: 10))
             add(t + 0.2, pid: 0, comm: "", .tcpReset, .tcpReset(flow: stray, sent: true, state: 0, count: 6))
+            // A server started before the agent, never seen listening or
+            // connected to: the port outside the ephemeral range is its.
+            let pooled = Flow(source: lo, destination: lo, sourcePort: 51_000, destinationPort: 5432)
+            add(t + 0.3, pid: 20, comm: "checker", .tcpReset, .tcpReset(flow: pooled, sent: true, state: 1, count: 4))
         }
         let engine = CorrelationEngine.replay(events)
         assertNothingPages(engine)
         XCTAssertFalse(engine.incidents.flatMap(\.symptoms).contains { $0.kind == .resets }, "\(engine.incidents.map(\.title))")
-        XCTAssertEqual(engine.statistics.clientAborts, 20 * (10 + 10 + 6))
+        XCTAssertEqual(engine.statistics.clientAborts, 20 * (10 + 10 + 6 + 4))
     }
 
     /// A process starts on the api's node and sleeps while the api slows
