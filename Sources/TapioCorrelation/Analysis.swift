@@ -143,12 +143,22 @@ struct Analysis {
             // stalled on memory (PSI: reclaim). A victim throttled by its own
             // quota is short of its own limit, which no neighbour changes:
             // that is its own cpu_throttle.
-            let contention = onNode.flatMap { engine.causes.events(of: $0, from: lo, to: until) }
+            // It must show near the symptoms; it began where its unbroken run
+            // of samples began (a shortage that was there before a process
+            // started is not that process's doing).
+            let contentionAll = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }
                 .filter { $0.signal == .nodeContention && $0.node == node }
-                .sorted { ObservedEvent.precedes($0.observed, $1.observed) }
-            let stalls = victims.sorted().flatMap { engine.causes.events(of: $0, from: lo, to: until) }
+            let stalls = victims.sorted().flatMap { engine.causes.events(of: $0, from: from, to: until) }
                 .filter { $0.node == node && $0.signal == .memoryPressure && memoryStall($0) }
-            let starvation = (contention + stalls).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            var starvation = (contentionAll + stalls).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            if let near = starvation.firstIndex(where: { $0.timeNs >= lo }) {
+                var start = near
+                while start > 0 && starvation[start].timeNs - starvation[start - 1].timeNs <= cfg.starvationGapNs { start -= 1 }
+                starvation.removeFirst(start)
+            } else {
+                starvation = []
+            }
+            let contention = starvation.filter { $0.signal == .nodeContention }
             var named = false
             if let first = starvation.first?.timeNs, let last = starvation.last?.timeNs {
                 let slack = cfg.neighbourSlackNs

@@ -58,6 +58,9 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// its own memory PSI) counts for its symptoms from this long before the
     /// first of them: a shortage shows in latency after a few buckets.
     public var starvationLeadNs: Int64 = 10_000_000_000
+    /// Samples of a shortage (sent once a second while it lasts) this close
+    /// together are one shortage: it began where such a run began.
+    public var starvationGapNs: Int64 = 5_000_000_000
     /// How far a neighbour's consumption may lie outside the victim's
     /// starvation and still overlap it: cgroup counters are sampled once a
     /// second and stamped with the start of their interval.

@@ -122,6 +122,22 @@ final class FalsePageTests: XCTestCase {
         XCTAssertTrue(causes.contains { $0.entity == "host@node2" && $0.kind == .cpuThrottle }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })")
     }
 
+    /// The node has been short of CPU for a long while (before the lookback
+    /// of the symptoms' starvation); a process started during it is not
+    /// the cause, however close to the api's slowdown it started.
+    func testAProcessStartedDuringALongShortageIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 60, skip: ["frontend>api"])
+        c.exec(44.5, "batch", pid: 965, comm: "job", file: "/usr/bin/job")
+        for t in stride(from: 0.0, to: 60, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 45 ? 100 : 5)
+            if t >= 12 { nodeThrottled(&c, t + 0.25) }
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
     /// A short job that ran and exited before the node ran short is not the
     /// neighbour either.
     func testAShortJobThatEndedBeforeTheShortageIsNoNeighbour() {
