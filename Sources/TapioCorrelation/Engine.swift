@@ -74,10 +74,20 @@ public struct CorrelationEngine: Sendable {
     public mutating func advance(toNs nowNs: Int64) {
         let mark = nowNs - configuration.allowedLatenessNs
         guard mark > watermarkNs else { return }
-        pending.sort(by: ObservedEvent.precedes)
-        let split = pending.firstIndex { $0.timeNs > mark } ?? pending.count
-        for e in pending[..<split] { process(e) }
-        pending.removeFirst(split)
+        // Positions are sorted, not the events: moving an event costs
+        // reference counting on its fields, moving an index nothing. The
+        // index breaks ties, as a stable sort of the events would.
+        let events = pending
+        var order = Array(events.indices)
+        order.sort { i, j in
+            let (a, b) = (events[i], events[j])
+            if a.timeNs != b.timeNs { return a.timeNs < b.timeNs }
+            if ObservedEvent.precedes(a, b) { return true }
+            return !ObservedEvent.precedes(b, a) && i < j
+        }
+        let split = order.firstIndex { events[$0].timeNs > mark } ?? order.count
+        for i in order[..<split] { process(events[i]) }
+        pending = order[split...].map { events[$0] }
         statistics.pending = pending.count
         if var b = currentBucket {
             while (b + 1) * configuration.bucketNs <= mark {

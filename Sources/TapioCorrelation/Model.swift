@@ -10,13 +10,25 @@ public struct ObservedEvent: Sendable, Equatable {
     public var node: String
     public var timeNs: Int64
     public var errorNs: Int64
-    public var event: TapioEvent
+    /// The agent's event, kept in one shared box: the engine copies an
+    /// observed event into its queue, series, cause lists and incidents, and
+    /// a copy then costs one reference instead of one per string field.
+    private var box: EventBox
+    public var event: TapioEvent {
+        _read { yield box.event }
+        set { box = EventBox(newValue) }
+    }
+
+    private final class EventBox: Sendable {
+        let event: TapioEvent
+        init(_ event: TapioEvent) { self.event = event }
+    }
 
     public init(node: String, timeNs: Int64, errorNs: Int64, event: TapioEvent) {
         self.node = node
         self.timeNs = timeNs
         self.errorNs = errorNs
-        self.event = event
+        self.box = EventBox(event)
     }
 
     /// From the agent's own wall time (`event.timeNs`) and the node's clock
@@ -25,7 +37,11 @@ public struct ObservedEvent: Sendable, Equatable {
         self.node = node
         self.timeNs = event.timeNs &- clockOffsetNs
         self.errorNs = clockErrorNs
-        self.event = event
+        self.box = EventBox(event)
+    }
+
+    public static func == (a: ObservedEvent, b: ObservedEvent) -> Bool {
+        a.timeNs == b.timeNs && a.errorNs == b.errorNs && a.node == b.node && (a.box === b.box || a.box.event == b.box.event)
     }
 
     /// A total order on content, so that events with equal times are
