@@ -146,8 +146,12 @@ struct Analysis {
             // It must show near the symptoms; it began where its unbroken run
             // of samples began (a shortage that was there before a process
             // started is not that process's doing).
+            // On a host without pods there is no cgroup above pods: a
+            // throttled cgroup there is a service held to its own quota (a
+            // sibling), which starves nobody.
+            let podsHere = engine.topology.hasPods(node: node)
             let contentionAll = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }
-                .filter { $0.signal == .nodeContention && $0.node == node }
+                .filter { podsHere && $0.signal == .nodeContention && $0.node == node }
             let stalls = victims.sorted().flatMap { engine.causes.events(of: $0, from: from, to: until) }
                 .filter { $0.node == node && $0.signal == .memoryPressure && memoryStall($0) }
             var starvation = (contentionAll + stalls).sorted { ObservedEvent.precedes($0.observed, $1.observed) }

@@ -88,6 +88,9 @@ struct Topology: Sendable {
 
     func nodes(of entity: String) -> Set<String> { entityNodes[entity] ?? [] }
 
+    /// Whether `node`'s inventory lists pods.
+    func hasPods(node: String) -> Bool { !(podsByNode[node]?.isEmpty ?? true) }
+
     /// The entity the event is about: the process's pod's service, else the
     /// pod, else `<comm>@<node>`; for a socket event without attribution,
     /// the owner of its local address.

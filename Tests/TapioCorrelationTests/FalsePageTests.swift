@@ -49,8 +49,8 @@ final class FalsePageTests: XCTestCase {
     /// talks to a local server over loopback and closes its connections with
     /// RSTs; its kernel also answers the server's late segments with RSTs
     /// (no socket left: the agent zeroes what it takes for the client port,
-    /// here the server's). A shell starts meanwhile and loopback responses
-    /// slow down.
+    /// here the server's). A shell starts meanwhile, a system service is
+    /// throttled at its own quota, and loopback responses slow down.
     func testAHostWithoutPodsAndLoopbackResetsDoesNotPage() {
         let lo = IPAddress("127.0.0.1")
         var events: [ObservedEvent] = []
@@ -78,6 +78,10 @@ final class FalsePageTests: XCTestCase {
             // connected to: the port outside the ephemeral range is its.
             let pooled = Flow(source: lo, destination: lo, sourcePort: 51_000, destinationPort: 5432)
             add(t + 0.3, pid: 20, comm: "checker", .tcpReset, .tcpReset(flow: pooled, sent: true, state: 1, count: 4))
+            // A system service held to its own CPU quota: no pods, so no
+            // cgroup above them that could be short.
+            add(t + 0.4, pid: 0, comm: "", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000,
+                                                                      cgroup: "/system.slice/backup.service"))
         }
         let engine = CorrelationEngine.replay(events)
         assertNothingPages(engine)
