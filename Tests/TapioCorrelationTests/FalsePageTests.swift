@@ -142,6 +142,23 @@ final class FalsePageTests: XCTestCase {
         XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
     }
 
+    /// A probe that started just before the node ran short and exited
+    /// while the shortage went on for another fourteen seconds did not
+    /// cause it.
+    func testAProbeThatExitedWhileTheShortageWentOnIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        c.exec(29.8, "batch", pid: 975, comm: "probe", file: "/usr/local/bin/probe")
+        c.exit(30.5, "batch", code: 0, pid: 975, comm: "probe")
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 30 { nodeThrottled(&c, t + 0.25) }
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
     /// A short job that ran and exited before the node ran short is not the
     /// neighbour either.
     func testAShortJobThatEndedBeforeTheShortageIsNoNeighbour() {
