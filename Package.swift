@@ -95,10 +95,21 @@ let package = Package(
             ]
         ),
 
+        // The web UI `tapio ui` serves: pages rendered from the query API, the timeline lanes (docs/ui.md).
+        .target(
+            name: "TapioUI",
+            dependencies: [
+                "TapioWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+
         .executableTarget(
             name: "tapio",
             dependencies: [
-                "TapioClient", "TapioWire",
+                "TapioClient", "TapioWire", "TapioUI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -139,7 +150,7 @@ let package = Package(
         .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioAttribution", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(
             name: "TapioServerTests",
-            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioTestSupport"]
+            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioUI", "TapioTestSupport"]
         ),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),

@@ -23,7 +23,7 @@ struct ConnectionOptions: ParsableArguments {
     var tlsKey: String?
     @Option(help: ArgumentHelp("Context of the config file to use (env TAPIO_CONTEXT; default: its current context).", valueName: "name"))
     var context: String?
-    @Option(name: [.short, .customLong("output")], help: "Output format: table, json or ndjson (one JSON object per line).")
+    @Option(name: [.short, .customLong("output")], help: "Output format: table, json or ndjson (one JSON object per line); svg or html for timeline.")
     var output: OutputFormat = .table
 
     static let defaultServer = "127.0.0.1:7401"

@@ -45,6 +45,7 @@ struct Events: ParsableCommand {
     static let followPageLimit = 100_000
 
     func validate() throws {
+        if connection.output.isDrawing { throw ValidationError(OutputFormat.drawingsOnlyForTimeline) }
         if follow, until != nil { throw ValidationError("--until and --follow do not go together: following has no end") }
         if limit < 1 { throw ValidationError("--limit must be at least 1") }
         if interval <= 0 { throw ValidationError("--interval must be positive") }
@@ -77,7 +78,7 @@ struct Events: ParsableCommand {
             switch connection.output {
             case .json: print(doc.serialized())
             case .ndjson: for e in doc["events"]?.arrayValue ?? [] { print(e.serialized()) }
-            case .table: print(table(Self.header, (doc["events"]?.arrayValue ?? []).map(Self.row)))
+            case .table, .svg, .html: print(table(Self.header, (doc["events"]?.arrayValue ?? []).map(Self.row)))
             }
             // The answer is short of what retention deleted: said on stderr,
             // so stdout stays the events.
@@ -119,7 +120,7 @@ struct Events: ParsableCommand {
                 newest = max(newest ?? t, t)
                 switch connection.output {
                 case .json, .ndjson: print(key)
-                case .table: emit(Self.row(e), widths: widths)
+                case .table, .svg, .html: emit(Self.row(e), widths: widths)
                 }
             }
             fflush(nil)

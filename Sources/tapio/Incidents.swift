@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TapioClient
+import TapioUI
 import TapioWire
 
 struct Incidents: ParsableCommand {
@@ -42,7 +43,8 @@ func number(_ v: JSONValue) -> Double? {
 
 struct Timeline: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "An incident's events across nodes on the corrected clock; entries whose uncertainty intervals overlap are marked concurrent (≈).")
+        abstract: "An incident's events across nodes on the corrected clock; entries whose uncertainty intervals overlap are marked concurrent (≈).",
+        discussion: "-o svg draws one lane per node with each event's uncertainty as a bar (a file for a ticket); -o html is the same drawing with the events listed in a table.")
 
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "Incident id.")
@@ -65,7 +67,11 @@ struct Timeline: ParsableCommand {
         } else {
             doc = try connection.json("timeline", ["id": id!])
         }
-        connection.print(doc, list: nil) { timelineText($0, width: terminalWidth()) }
+        switch connection.output {
+        case .svg: print(TimelineLanes.svg(doc, standalone: true))
+        case .html: print(TimelineLanes.htmlDocument(doc))
+        default: connection.print(doc, list: nil) { timelineText($0, width: terminalWidth()) }
+        }
     }
 }
 
@@ -211,6 +217,7 @@ struct Watch: ParsableCommand {
 
     func validate() throws {
         if interval <= 0 { throw ValidationError("--interval must be positive") }
+        if connection.output.isDrawing { throw ValidationError(OutputFormat.drawingsOnlyForTimeline) }
     }
 
     func run() throws {
@@ -229,7 +236,7 @@ struct Watch: ParsableCommand {
                 switch connection.output {
                 case .json, .ndjson:
                     print(JSONValue.object(["change": .string(change), "incident": i]).serialized())
-                case .table:
+                case .table, .svg, .html:
                     let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") \(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0))" } ?? "-"
                     print("\(rfc3339(ns: wallClockNs()))  \(change)  \(id)  \(cause)  \(i["title"]?.stringValue ?? "")")
                 }

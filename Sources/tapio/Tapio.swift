@@ -4,7 +4,11 @@ import TapioClient
 import TapioWire
 
 enum OutputFormat: String, ExpressibleByArgument {
-    case table, json, ndjson
+    case table, json, ndjson, svg, html
+
+    /// `svg` and `html` draw a timeline's lanes (docs/ui.md); only `timeline` takes them.
+    var isDrawing: Bool { self == .svg || self == .html }
+    static let drawingsOnlyForTimeline = "-o svg and -o html draw an incident's timeline: use them with `tapio timeline ID`; this command prints table, json or ndjson"
 }
 
 extension ConnectionOptions {
@@ -26,6 +30,7 @@ extension ConnectionOptions {
                 Swift.print(doc.serialized())
             }
         case .table: Swift.print(table(doc))
+        case .svg, .html: Tapio.exit(withError: CLIError(OutputFormat.drawingsOnlyForTimeline))
         }
     }
 }
@@ -37,7 +42,7 @@ struct Tapio: ParsableCommand {
         abstract: "Ask tapio-server about events, nodes and incidents; manage the development PKI.",
         version: TapioVersion.current,
         subcommands: [Events.self, Nodes.self, Pods.self, Incidents.self, Timeline.self, Explain.self, Services.self, Watch.self,
-                      Config.self, Certs.self])
+                      UI.self, Config.self, Certs.self])
 
     static func main() {
         main(arguments(Array(CommandLine.arguments.dropFirst())))

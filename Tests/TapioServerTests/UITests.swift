@@ -1,0 +1,375 @@
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+import TapioServer
+import TapioTestSupport
+@testable import TapioUI
+import TapioWire
+import XCTest
+
+/// The web UI (docs/ui.md) as an operator uses it: a real tapio-server in
+/// this process holding a recorded lab run (the cascade: redis crashes, api
+/// and frontend fail), the real `tapio ui` program talking mTLS to it, and
+/// Debian's Chromium, headless, loading every page. The DOM must name the
+/// right incident, its root cause, one lane per node of its timeline and the
+/// service map's services; screenshots are saved under the test's output
+/// directory (and copied to $TAPIO_UI_SCREENSHOTS when set). Also: `tapio
+/// timeline ID -o svg` is XML with the same lanes, and the token keeps
+/// other local clients out.
+final class UITests: XCTestCase {
+    private var output = ""
+
+    override func tearDown() {
+        // The output (screenshots, DOMs) is kept for a look; the path was printed.
+    }
+
+    func testEveryPageShowsTheRecordedIncidentInHeadlessChromium() throws {
+        let chromium = try Self.chromium()
+        let fixture = try RecordedServer(scenario: "cascade")
+        output = fixture.dir + "/ui-output"
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        print("UITests: output (screenshots, DOMs) in \(output)")
+
+        // What the server itself answers, to hold the pages against.
+        let client = try fixture.harness.operatorClient()
+        let incidents = try client.json("incidents", ["status": "all"])["incidents"]?.arrayValue ?? []
+        let incident = try XCTUnwrap(incidents.first { $0["root_causes"]?.arrayValue?.first?["entity"]?.stringValue == "redis" },
+                                     "the replayed cascade has an incident with redis at the top: \(incidents.map { $0["title"]?.stringValue ?? "" })")
+        let id = try XCTUnwrap(incident["id"]?.stringValue)
+        let top = try XCTUnwrap(incident["root_causes"]?.arrayValue?.first)
+        XCTAssertEqual(top["kind"]?.stringValue, "crash")
+        let timeline = try client.json("timeline", ["id": id])["timeline"]?.arrayValue ?? []
+        let timelineNodes = Set(timeline.compactMap { $0["node"]?.stringValue })
+        XCTAssertGreaterThanOrEqual(timelineNodes.count, 2, "the cascade's timeline spans nodes: \(timelineNodes)")
+        let edges = try client.json("services")["services"]?.arrayValue ?? []
+        let services = Set(edges.flatMap { [$0["client"]?.stringValue, $0["server"]?.stringValue].compactMap { $0 } })
+        XCTAssertTrue(services.contains("redis") && services.contains("api"), "\(services)")
+
+        let ui = try fixture.startUI()
+        let browser = Browser(binary: chromium, profile: fixture.dir + "/chromium-profile")
+
+        // Incidents.
+        let list = try browser.dom(ui.url("/"), saveTo: output + "/incidents.html")
+        XCTAssertTrue(list.contains("data-id=\"\(id)\""), "the incident list names \(id)")
+        XCTAssertTrue(list.contains("data-kind=\"crash\" data-entity=\"redis\""), "its root cause is shown")
+        XCTAssertTrue(list.contains("live · updated"), "the page's script polled the UI's JSON endpoint and said so")
+        XCTAssertFalse(list.contains("Token needed"))
+
+        // One incident: causes with factors, lanes, symptoms.
+        let page = try browser.dom(ui.url("/incidents/\(id)"), saveTo: output + "/incident.html")
+        XCTAssertTrue(page.contains("class=\"incident-id\" data-id=\"\(id)\""), "the incident page is \(id)")
+        XCTAssertTrue(page.contains("class=\"card cause top\" data-rank=\"1\" data-kind=\"crash\" data-entity=\"redis\""), "the top cause is redis crashing")
+        for factor in ["time_proximity", "topology_match", "observed_cause"] {
+            XCTAssertTrue(page.contains("data-factor=\"\(factor)\""), "factor \(factor) is listed")
+        }
+        let lanes = Self.matches(page, "<g class=\"lane\" data-node=\"([^\"]+)\"")
+        XCTAssertEqual(lanes.sorted(), timelineNodes.sorted(), "one lane per node of the timeline, each once")
+        XCTAssertEqual(Self.matches(page, "<g class=\"event (?:cause|symptom)").count, timeline.count, "every timeline event is drawn")
+        XCTAssertTrue(page.contains("<g class=\"event cause"), "causes are drawn")
+        XCTAssertTrue(page.contains("class=\"err\""), "uncertainty bars are drawn")
+        if timeline.contains(where: { !($0["concurrent_with"]?.arrayValue ?? []).isEmpty }) {
+            XCTAssertTrue(page.contains("class=\"concurrent-band\""), "concurrent events are shown as such")
+        }
+        XCTAssertTrue(page.contains("<table class=\"symptoms\">") && page.contains("connect_refused"), "the symptoms are listed")
+
+        // The service map: every service a box, the failing edge marked.
+        let map = try browser.dom(ui.url("/services"), saveTo: output + "/services.html")
+        for s in services { XCTAssertTrue(map.contains("class=\"svc-node") && map.contains("data-name=\"\(s)\""), "service \(s) on the map") }
+        let failing = edges.filter { ($0["failures"]?.intValue ?? 0) > 0 }
+        for e in failing {
+            XCTAssertTrue(map.contains("<g class=\"edge failing\" data-client=\"\(e["client"]?.stringValue ?? "")\" data-server=\"\(e["server"]?.stringValue ?? "")\""),
+                          "failing edge \(e["client"]?.stringValue ?? "") → \(e["server"]?.stringValue ?? "") is marked")
+        }
+        XCTAssertFalse(failing.isEmpty, "the cascade has failed connects to redis")
+
+        // Events, filtered by kind and node.
+        let node = try XCTUnwrap(timeline.first { $0["kind"]?.stringValue == "process_exit" }?["node"]?.stringValue ?? timelineNodes.sorted().first)
+        let events = try browser.dom(ui.url("/events?kind=process_exit&node=\(node)&limit=50"), saveTo: output + "/events.html")
+        let kinds = Self.matches(events, "<tr class=\"event\" data-kind=\"([^\"]+)\"")
+        XCTAssertFalse(kinds.isEmpty, "process exits of \(node) are listed")
+        XCTAssertEqual(Set(kinds), ["process_exit"], "only the kind asked for")
+        XCTAssertEqual(Set(Self.matches(events, "<tr class=\"event\" data-kind=\"[^\"]+\" data-node=\"([^\"]+)\"")), [node], "only the node asked for")
+
+        // Screenshots of the incident and the map.
+        for (name, path, size) in [("incident", "/incidents/\(id)", "1400,1400"), ("services", "/services", "1400,900"), ("incidents", "/", "1400,600")] {
+            let png = output + "/\(name).png"
+            try browser.screenshot(ui.url(path), to: png, size: size)
+            let bytes = try XCTUnwrap(FileManager.default.contents(atPath: png), "\(png) written")
+            XCTAssertEqual(Array(bytes.prefix(8)), [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A], "\(png) is a PNG")
+            XCTAssertGreaterThan(bytes.count, 10_000, "\(png) has a picture in it")
+            print("UITests: screenshot \(png)")
+            if let copy = ProcessInfo.processInfo.environment["TAPIO_UI_SCREENSHOTS"], !copy.isEmpty {
+                try? FileManager.default.removeItem(atPath: copy + "/ui-\(name).png")
+                try FileManager.default.copyItem(atPath: png, toPath: copy + "/ui-\(name).png")
+            }
+        }
+        ui.process.stop()
+    }
+
+    /// Without the token the UI answers 401; the token once sets a cookie and
+    /// redirects to the page without it; the live endpoint answers JSON with
+    /// the page's fragment.
+    func testTheUIWantsItsTokenAndServesTheLiveFragment() throws {
+        let fixture = try RecordedServer(scenario: "cascade")
+        let ui = try fixture.startUI()
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "/").status, 401)
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "/?token=not-the-token").status, 401)
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "/api/fragment?path=/").status, 401)
+        let redirect = try HTTP.get(port: ui.port, path: "/events?kind=dns&token=\(ui.token)")
+        XCTAssertEqual(redirect.status, 303)
+        XCTAssertEqual(redirect.headers["location"], "/events?kind=dns", "the token is taken out of the address")
+        let cookie = try XCTUnwrap(redirect.headers["set-cookie"]?.split(separator: ";").first.map(String.init))
+        XCTAssertTrue(redirect.headers["set-cookie"]?.contains("HttpOnly") ?? false)
+        let fragment = try HTTP.get(port: ui.port, path: "/api/fragment?path=%2F%3Fstatus%3Dall", headers: ["Cookie": cookie])
+        XCTAssertEqual(fragment.status, 200)
+        let doc = try JSONValue.parse(Array(fragment.body.utf8))
+        XCTAssertNil(doc["error"], fragment.body)
+        XCTAssertTrue(doc["html"]?.stringValue?.contains("class=\"incident\"") ?? false, fragment.body)
+        let unknown = try HTTP.get(port: ui.port, path: "/incidents/inc-0000000000000000", headers: ["Cookie": cookie])
+        XCTAssertEqual(unknown.status, 404)
+        XCTAssertTrue(unknown.body.contains("no incident inc-0000000000000000"), unknown.body)
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "/nowhere", headers: ["Cookie": cookie]).status, 404)
+        let page = try HTTP.get(port: ui.port, path: "/", headers: ["Cookie": cookie])
+        XCTAssertTrue(page.headers["content-security-policy"]?.contains("script-src 'self'") ?? false, "\(page.headers)")
+        ui.process.stop()
+    }
+
+    /// `tapio timeline ID -o svg` is one XML document with a lane per node
+    /// and every event; `-o html` is a page with the same drawing; other
+    /// commands refuse the drawing formats in words.
+    func testTimelineAsSVGIsXMLWithOneLanePerNode() throws {
+        let fixture = try RecordedServer(scenario: "cascade")
+        let client = try fixture.harness.operatorClient()
+        let incidents = try client.json("incidents", ["status": "all"])["incidents"]?.arrayValue ?? []
+        let id = try XCTUnwrap(incidents.first { $0["root_causes"]?.arrayValue?.first?["entity"]?.stringValue == "redis" }?["id"]?.stringValue)
+        let timeline = try client.json("timeline", ["id": id])["timeline"]?.arrayValue ?? []
+        let cli = try TapioCLI()
+        let connection = ["--server", "127.0.0.1:\(fixture.harness.queryPort)", "--tls-dir", fixture.harness.pki + "/operators/alice"]
+        let svg = try cli.run(connection + ["timeline", id, "-o", "svg"])
+        XCTAssertEqual(svg.status, 0, svg.stderr)
+        let lanes = try SVGLanes(svg.stdout)
+        XCTAssertEqual(lanes.root, "svg")
+        XCTAssertEqual(lanes.nodes.sorted(), Set(timeline.compactMap { $0["node"]?.stringValue }).sorted(), "one lane per node")
+        XCTAssertEqual(lanes.events, timeline.count, "every event drawn")
+        XCTAssertTrue(svg.stdout.contains(id) && svg.stdout.contains("crash redis"), "the file says which incident and cause")
+        let dir = try TestSupport.temporaryDirectory("tapio-ui-svg")
+        try svg.stdout.write(toFile: dir + "/\(id).svg", atomically: true, encoding: .utf8)
+        print("UITests: timeline SVG \(dir)/\(id).svg")
+
+        let html = try cli.run(connection + ["timeline", id, "-o", "html"])
+        XCTAssertEqual(html.status, 0, html.stderr)
+        XCTAssertTrue(html.stdout.hasPrefix("<!doctype html>") && html.stdout.contains("<svg") && html.stdout.contains("timeline-list"), html.stdout.prefix(400).description)
+        XCTAssertFalse(html.stdout.contains("<script"), "the file for a ticket runs nothing")
+
+        let refused = try cli.run(connection + ["nodes", "-o", "svg"])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.stderr.contains("use them with `tapio timeline ID`"), refused.stderr)
+    }
+
+    /// Names from the cluster (a pod, a DNS name) are text, never markup.
+    func testWhatTheClusterNamesIsEscaped() throws {
+        let evil = "<script>alert(1)</script>\"'&"
+        let incident = JSONValue.object([
+            "id": .string("inc-1"), "status": .string("open"), "title": .string(evil), "pages": .bool(false),
+            "affected": .object(["services": .array([.string(evil)])]),
+            "root_causes": .array([.object(["kind": .string("crash"), "entity": .string(evil), "confidence": .double(0.9)])]),
+            "timeline": .array([.object(["id": .string("e1"), "time": .string("2026-12-01T10:00:00.000000001Z"), "time_ns": .int(1_764_583_200_000_000_001),
+                                         "time_error_ns": .int(1000), "node": .string(evil), "kind": .string("dns"), "entity": .string(evil),
+                                         "summary": .string(evil), "role": .string("symptom"), "concurrent_with": .array([])])]),
+        ])
+        let query: UIQuery = { method, _ in
+            switch method {
+            case "incidents": return .object(["incidents": .array([incident])])
+            case "services": return .object(["services": .array([.object(["client": .string(evil), "server": .string("redis"), "connects": .int(3), "failures": .int(1)])])])
+            default: return incident
+            }
+        }
+        for path in ["/", "/incidents/inc-1", "/services"] {
+            let html = try Pages.render(path: path, params: [:], query: query).fragment
+            XCTAssertFalse(html.contains("<script>"), "\(path): \(html)")
+            XCTAssertTrue(html.contains("&lt;script&gt;"), path)
+        }
+        XCTAssertTrue(try Pages.render(path: "/", params: [:], query: query).fragment.contains("observation"), "an incident that does not page is an observation")
+        let svg = try SVGLanes(TimelineLanes.svg(incident, standalone: true))
+        XCTAssertEqual(svg.nodes, [evil], "the lane's name survives as text")
+    }
+
+    // MARK: - Helpers
+
+    static func chromium() throws -> String {
+        for path in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] where FileManager.default.isExecutableFile(atPath: path) { return path }
+        let why = "no headless browser: /usr/bin/chromium is missing (Debian package chromium; make deps installs it)"
+        if TestSupport.bpfRequired { throw TestSupportError("TAPIO_REQUIRE_BPF=1 but \(why)") }
+        throw XCTSkip(why)
+    }
+
+    static func matches(_ text: String, _ pattern: String) -> [String] {
+        let re = try! NSRegularExpression(pattern: pattern)
+        return re.matches(in: text, range: NSRange(text.startIndex..., in: text)).map { m in
+            m.numberOfRanges > 1 ? String(text[Range(m.range(at: 1), in: text)!]) : String(text[Range(m.range, in: text)!])
+        }
+    }
+}
+
+/// A tapio-server in this process restored from a recording: the
+/// recording's store files become its data directory, retention is off and
+/// the whole log is replayed at start (the runs are older than the defaults
+/// keep), so its queries answer as the server did after the run.
+final class RecordedServer {
+    let dir: String
+    let harness: ServerHarness
+    private var uis: [UIProcess] = []
+
+    init(scenario: String) throws {
+        let names = try FileManager.default.contentsOfDirectory(atPath: RecordedRunTests.directory)
+            .filter { $0.hasPrefix(scenario + "-") && $0.hasSuffix(".json") }.sorted()
+        guard let name = names.last else { throw TestSupportError("no \(scenario) recording in \(RecordedRunTests.directory)") }
+        let base = RecordedRunTests.directory + "/" + String(name.dropLast(".json".count))
+        dir = try TestSupport.temporaryDirectory("tapio-ui-test")
+        let data = dir + "/data"
+        try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        let unpack: (status: Int32, stdout: String, stderr: String)
+        if FileManager.default.fileExists(atPath: base + ".tar.gz") {
+            unpack = try TestSupport.run("/bin/tar", ["-xzf", base + ".tar.gz", "-C", data])
+        } else {
+            unpack = try TestSupport.run("/bin/sh", ["-c", "gzip -dc \"$0\" > \"$1\"", base + ".sqlite.gz", data + "/events.sqlite"])
+        }
+        guard unpack.status == 0 else { throw TestSupportError("cannot unpack \(base): \(unpack.stderr)") }
+        harness = try ServerHarness(nodes: ["node1"]) { c in
+            c.dataDirectory = data
+            c.storage.retentionNs = nil
+            c.correlation.replayWindowNs = 3650 * 86_400_000_000_000
+        }
+    }
+
+    /// `tapio ui` as a program, on a free port, with the operator identity.
+    func startUI() throws -> UIProcess {
+        let cli = try TapioCLI()
+        let port = TestSupport.freePort()
+        let process = try cli.start(["ui", "--server", "127.0.0.1:\(harness.queryPort)", "--tls-dir", harness.pki + "/operators/alice",
+                                     "--listen", "127.0.0.1:\(port)"])
+        var line = ""
+        let started = eventually(timeout: 30) {
+            line = process.stdout.split(separator: "\n").first { $0.contains("http://") }.map(String.init) ?? ""
+            return !line.isEmpty || !process.isRunning
+        }
+        guard started, let range = line.range(of: "?token=") else {
+            throw TestSupportError("tapio ui printed no URL: \(process.stdout) \(process.stderr)")
+        }
+        XCTAssertTrue(line.contains("http://127.0.0.1:\(port)/?token="), line)
+        let ui = UIProcess(process: process, port: port, token: String(line[range.upperBound...].prefix { !$0.isWhitespace }))
+        uis.append(ui)
+        return ui
+    }
+
+    deinit {
+        for ui in uis { ui.process.stop() }
+        harness.server.shutdown()
+    }
+}
+
+struct UIProcess {
+    let process: CLIProcess
+    let port: Int
+    let token: String
+
+    /// The page's URL with the token (the UI redirects and keeps it in a cookie).
+    func url(_ path: String) -> String {
+        "http://127.0.0.1:\(port)\(path)\(path.contains("?") ? "&" : "?")token=\(token)"
+    }
+}
+
+/// Debian's Chromium, headless, one run per page.
+struct Browser {
+    let binary: String
+    let profile: String
+
+    private func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        try TestSupport.run(binary, ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                                     "--user-data-dir=\(profile)", "--virtual-time-budget=4000"] + arguments, timeout: 120)
+    }
+
+    /// The DOM after the page's script ran.
+    func dom(_ url: String, saveTo path: String) throws -> String {
+        let r = try run(["--dump-dom", url])
+        guard r.status == 0, r.stdout.contains("<html") else {
+            throw TestSupportError("chromium --dump-dom \(url) exited \(r.status): \(r.stderr.suffix(2000))")
+        }
+        try r.stdout.write(toFile: path, atomically: true, encoding: .utf8)
+        return r.stdout
+    }
+
+    func screenshot(_ url: String, to path: String, size: String) throws {
+        let r = try run(["--hide-scrollbars", "--window-size=\(size)", "--screenshot=\(path)", url])
+        guard r.status == 0, FileManager.default.fileExists(atPath: path) else {
+            throw TestSupportError("chromium --screenshot \(url) exited \(r.status): \(r.stderr.suffix(2000))")
+        }
+    }
+}
+
+/// An HTTP/1.1 GET with headers; the status, headers (lower-cased names) and body.
+enum HTTP {
+    static func get(port: Int, path: String, headers: [String: String] = [:]) throws -> (status: Int, headers: [String: String], body: String) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw TestSupportError("socket failed") }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = UInt16(port).bigEndian
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0 else { throw TestSupportError("connect to 127.0.0.1:\(port) failed") }
+        let extra = headers.map { "\($0.key): \($0.value)\r\n" }.joined()
+        let request = Array("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\n\(extra)Connection: close\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            response += buffer[0..<n]
+        }
+        let text = String(decoding: response, as: UTF8.self)
+        let parts = text.components(separatedBy: "\r\n\r\n")
+        let lines = (parts.first ?? "").components(separatedBy: "\r\n")
+        let status = Int(lines.first?.split(separator: " ").dropFirst().first ?? "") ?? 0
+        var h: [String: String] = [:]
+        for line in lines.dropFirst() {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            h[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        return (status, h, parts.dropFirst().joined(separator: "\r\n\r\n"))
+    }
+}
+
+/// The lanes and events of a timeline SVG, read with an XML parser (so the
+/// file is well-formed XML, as a ticket system's SVG viewer needs).
+struct SVGLanes {
+    var root = ""
+    var nodes: [String] = []
+    var events = 0
+
+    init(_ text: String) throws {
+        final class Delegate: NSObject, XMLParserDelegate {
+            var root = ""
+            var nodes: [String] = []
+            var events = 0
+            func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?, attributes: [String: String] = [:]) {
+                if root.isEmpty { root = name }
+                guard name == "g", let cls = attributes["class"]?.split(separator: " ") else { return }
+                if cls.first == "lane", let node = attributes["data-node"] { nodes.append(node) }
+                if cls.first == "event" { events += 1 }
+            }
+        }
+        let parser = XMLParser(data: Data(text.utf8))
+        let delegate = Delegate()
+        parser.delegate = delegate
+        guard parser.parse() else {
+            throw TestSupportError("not well-formed XML: \(parser.parserError.map { "\($0)" } ?? "?") at line \(parser.lineNumber)")
+        }
+        root = delegate.root
+        nodes = delegate.nodes
+        events = delegate.events
+    }
+}
