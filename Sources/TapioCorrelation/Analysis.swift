@@ -367,7 +367,7 @@ struct Analysis {
         for e in unique {
             nodes.insert(e.0.node)
             let ev = e.0.event
-            if !ev.pod.isEmpty { pods.insert(ev.pod) } else if let p = engine.topology.entity(of: e.0).pod { pods.insert(p.name) }
+            if !ev.pod.isEmpty { pods.insert(ev.pod) } else if let p = engine.topology.entity(of: e.0).pod { pods.insert(p.info.name) }
             if let dst = flowOf(ev)?.destination, let p = engine.topology.pod(ip: dst.description) { pods.insert(p.name) }
         }
         var named = Set(symptoms.map(\.key.observer)).union(symptoms.compactMap(\.edgeTo))

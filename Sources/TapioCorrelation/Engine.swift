@@ -180,7 +180,7 @@ public struct CorrelationEngine: Sendable {
     private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0,
                                    serverEndpoint: Endpoint? = nil, clientAddress: IPAddress? = nil) {
         var addrs = addresses
-        if let p = ref.pod { addrs.formUnion(p.ips) }
+        if let p = ref.pod { addrs.formUnion(p.info.ips) }
         causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
                               summary: summarize(e, entity: ref.name), serverEndpoint: serverEndpoint, clientAddress: clientAddress),
                    limit: configuration.maxCauseEventsPerEntity)

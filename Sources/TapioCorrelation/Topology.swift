@@ -7,18 +7,34 @@ struct EntityRef: Sendable, Equatable {
     /// 1 resolved through the inventory, lower for weaker evidence (a pod
     /// name without inventory, a DNS name, a host process, a bare address).
     var quality: Double
-    var pod: PodInfo?
+    var pod: PodEntry?
     var isService: Bool
+}
+
+/// A pod of the inventory as the topology's indexes hold it: shared, not
+/// copied per lookup (every event resolves its entity), with its entity
+/// computed once.
+final class PodEntry: Sendable, Equatable {
+    let info: PodInfo
+    /// `Topology.serviceName(info)`.
+    let service: String
+
+    init(_ info: PodInfo) {
+        self.info = info
+        service = Topology.serviceName(info)
+    }
+
+    static func == (a: PodEntry, b: PodEntry) -> Bool { a === b || a.info == b.info }
 }
 
 /// What the engine knows of the cluster's shape, fed as data: pods from the
 /// agents' inventories, names from DNS answers, listeners seen opening.
 struct Topology: Sendable {
     private var podsByNode: [String: [PodInfo]] = [:]
-    private var byIP: [String: PodInfo] = [:]
-    private var byContainer: [String: PodInfo] = [:]
-    private var byNamespacedName: [String: PodInfo] = [:]
-    private var byName: [String: PodInfo] = [:]
+    private var byIP: [String: PodEntry] = [:]
+    private var byContainer: [String: PodEntry] = [:]
+    private var byNamespacedName: [String: PodEntry] = [:]
+    private var byName: [String: PodEntry] = [:]
     /// Address → the DNS name that last answered it.
     private(set) var nameByIP: [String: String] = [:]
     /// DNS name → addresses of its last answer.
@@ -42,14 +58,22 @@ struct Topology: Sendable {
         byNamespacedName.removeAll(keepingCapacity: true)
         byName.removeAll(keepingCapacity: true)
         // A node speaks only for its own pods: keys two nodes claim map to none.
-        byIP = PodClaims(podsByNode, keys: \.ips).index
-        byContainer = PodClaims(podsByNode, keys: { $0.containerIds.map(Topology.shortContainerId) }).index
-        byNamespacedName = PodClaims(podsByNode, keys: { [$0.namespace + "/" + $0.name] }).index
+        var entries: [String: PodEntry] = [:]  // node/uid/name → one entry per pod
+        func entry(_ p: PodInfo) -> PodEntry {
+            let key = p.node + "\u{0}" + p.uid + "\u{0}" + p.namespace + "/" + p.name
+            if let e = entries[key], e.info == p { return e }
+            let e = PodEntry(p)
+            entries[key] = e
+            return e
+        }
+        byIP = PodClaims(podsByNode, keys: \.ips).index.mapValues(entry)
+        byContainer = PodClaims(podsByNode, keys: { $0.containerIds.map(Topology.shortContainerId) }).index.mapValues(entry)
+        byNamespacedName = PodClaims(podsByNode, keys: { [$0.namespace + "/" + $0.name] }).index.mapValues(entry)
         for n in podsByNode.keys.sorted() {
             for p in podsByNode[n]! {
-                byName[p.name] = p
-                let entity = Topology.serviceName(p)
-                entityNodes[entity, default: []].insert(p.node.isEmpty ? n : p.node)
+                let e = entry(p)
+                byName[p.name] = e
+                entityNodes[e.service, default: []].insert(p.node.isEmpty ? n : p.node)
             }
         }
     }
@@ -67,11 +91,12 @@ struct Topology: Sendable {
     static func shortContainerId(_ id: String) -> String {
         // Every event asks: the usual bare id (no ':') costs one byte scan,
         // not a Foundation search.
-        guard id.utf8.contains(UInt8(ascii: ":")), let r = id.range(of: "://") else { return id }
+        let colon = id.utf8.withContiguousStorageIfAvailable { $0.contains(UInt8(ascii: ":")) } ?? id.utf8.contains(UInt8(ascii: ":"))
+        guard colon, let r = id.range(of: "://") else { return id }
         return String(id[r.upperBound...])
     }
 
-    func pod(ip: String) -> PodInfo? { byIP[ip] }
+    func pod(ip: String) -> PodInfo? { byIP[ip]?.info }
 
     func isService(_ entity: String) -> Bool {
         podsByNode.values.contains { $0.contains { Topology.serviceName($0) == entity } }
@@ -97,19 +122,19 @@ struct Topology: Sendable {
     func entity(of e: ObservedEvent, localAddress: IPAddress? = nil) -> EntityRef {
         let ev = e.event
         if !ev.containerId.isEmpty, let p = byContainer[Topology.shortContainerId(ev.containerId)] {
-            return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true)
+            return EntityRef(name: p.service, quality: 1, pod: p, isService: true)
         }
         if !ev.pod.isEmpty {
             if let p = byNamespacedName[ev.namespace + "/" + ev.pod] {
-                return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true)
+                return EntityRef(name: p.service, quality: 1, pod: p, isService: true)
             }
             if let p = byName[ev.pod] {
-                return EntityRef(name: Topology.serviceName(p), quality: 0.9, pod: p, isService: true)
+                return EntityRef(name: p.service, quality: 0.9, pod: p, isService: true)
             }
             return EntityRef(name: ev.pod, quality: 0.6, pod: nil, isService: false)
         }
         if let a = localAddress, let p = byIP[a.description] {
-            return EntityRef(name: Topology.serviceName(p), quality: 0.8, pod: p, isService: true)
+            return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
         }
         let comm = ev.comm.isEmpty ? "host" : ev.comm
         return EntityRef(name: "\(comm)@\(e.node)", quality: 0.3, pod: nil, isService: false)
@@ -120,7 +145,7 @@ struct Topology: Sendable {
     func entity(address: IPAddress?) -> EntityRef {
         guard let a = address else { return EntityRef(name: "unknown", quality: 0, pod: nil, isService: false) }
         let text = a.description
-        if let p = byIP[text] { return EntityRef(name: Topology.serviceName(p), quality: 1, pod: p, isService: true) }
+        if let p = byIP[text] { return EntityRef(name: p.service, quality: 1, pod: p, isService: true) }
         if let o = ownerByIP[text] { return EntityRef(name: o, quality: 0.6, pod: nil, isService: false) }
         if let n = nameByIP[text] { return EntityRef(name: n, quality: 0.5, pod: nil, isService: false) }
         return EntityRef(name: text, quality: 0.3, pod: nil, isService: false)
@@ -129,7 +154,7 @@ struct Topology: Sendable {
     /// The service a DNS name points to (through its last answer), if any.
     func service(ofName name: String) -> String? {
         for ip in (addressesByName[name] ?? []).sorted() {
-            if let p = byIP[ip] { return Topology.serviceName(p) }
+            if let p = byIP[ip] { return p.service }
         }
         return nil
     }

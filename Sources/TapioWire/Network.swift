@@ -42,6 +42,17 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible, Comparable
     public var isIPv4: Bool { bytes.count == 4 }
 
     public var description: String {
+        if bytes.count == 4 {
+            // Dotted quad by hand: at most 15 bytes, a small string with no
+            // allocation (inet_ntop formats through printf; the engine asks
+            // for an address's text on every network event).
+            var s = String(bytes[0])
+            for b in bytes[1...] {
+                s.append(".")
+                s.append(String(b))
+            }
+            return s
+        }
         var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         let family = isIPv4 ? AF_INET : AF_INET6
         let ok = bytes.withUnsafeBytes { inet_ntop(family, $0.baseAddress, &buffer, socklen_t(buffer.count)) } != nil
