@@ -18,7 +18,8 @@
 #
 # Reported: acked events/s of sink and server and their ratio, ack latency
 # p50/p99 at full and half load, the server's CPU (cores) and peak RSS, bytes
-# per event on the wire and on disk.
+# per event on the wire and on disk, the time of an operator's events query
+# over what was stored, and the server's restart time on that data.
 #
 # Usage: scripts/bench-ingest.sh BIN_DIR [SECONDS=10]
 # BENCH_INGEST_DATA=DIR puts the server's data directory in DIR (e.g. under
@@ -69,15 +70,35 @@ hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$server/status")
 # CPU seconds per thread over the server's life (storage is the first TP-#0,
 # tapio-engine the engine, NIO-ELT the event loops).
 threads=$(for t in /proc/$server/task/*; do awk -v hz="$(getconf CLK_TCK)" -v n="$(cat "$t/comm")" '$14 + $15 > 0 {printf "%s=%.2f ", n, ($14 + $15) / hz}' "$t/stat"; done)
+# An operator's query over everything stored: the newest 1000 DNS events of
+# the last 10 minutes, as `tapio events` asks for them.
+tapio_q() { "$bin/tapio" --server 127.0.0.1:17612 --tls-dir "$work/pki/operators/admin" "$@"; }
+q0=$(date +%s.%N)
+tapio_q events --since 10m --kind dns --limit 1000 -o json >"$work/query.json"
+q1=$(date +%s.%N)
+kill -TERM "$server"
+wait "$server" || true
+
+# Restart on the same data: until /readyz answers, then until a query does.
+r0=$(date +%s.%N)
+"$bin/tapio-server" --data-dir "$data" --tls-dir "$work/pki/server" --listen 127.0.0.1:17611 \
+	--query-listen 127.0.0.1:17612 --metrics-listen 127.0.0.1:17613 2>"$work/restart.log" &
+server=$!
+pids+=($server)
+for _ in $(seq 3000); do python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:17613/readyz", timeout=1)' 2>/dev/null && break; sleep 0.1; done
+r1=$(date +%s.%N)
+tapio_q incidents -o json >/dev/null
+r2=$(date +%s.%N)
 kill -TERM "$server"
 wait "$server" || true
 
 "$bin/tapio-server" bench-engine --recordings "$root/lab/recordings" --repeats 1 >"$work/engine.vals"
 "$bin/tapio-server" bench-engine --data-dir "$data" --repeats 1 >"$work/replay.vals" 2>/dev/null || true
 
-python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" "$(stat -f -c %T "$(dirname "$data")")" "$threads" <<'PY'
-import os, sys
-work, s0, s1, t0, t1, hz, events, disk, hwm, nodes, fs, threads = sys.argv[1:]
+python3 - "$work" "$s0" "$s1" "$t0" "$t1" "$(getconf CLK_TCK)" "$events" "$disk" "$hwm" "$nodes" "$(stat -f -c %T "$(dirname "$data")")" "$threads" \
+	"$q0" "$q1" "$r0" "$r1" "$r2" <<'PY'
+import json, os, sys
+work, s0, s1, t0, t1, hz, events, disk, hwm, nodes, fs, threads, q0, q1, r0, r1, r2 = sys.argv[1:]
 def vals(name):
     return dict(l.strip().split("=", 1) for l in open(f"{work}/{name}.vals") if "=" in l) if os.path.exists(f"{work}/{name}.vals") else {}
 sink, full, half, engine, replay = vals("sink"), vals("full"), vals("half"), vals("engine"), vals("replay")
@@ -93,6 +114,9 @@ print(f"  server CPU              {cores:>12.2f} cores (full-rate run)")
 print(f"  server threads, CPU-s    {threads.strip()}  (whole life, both runs)")
 print(f"  server peak RSS         {int(hwm) / 1024:>12.0f} MiB")
 print(f"  bytes per event         {float(full['wire_bytes_per_event']):>12.1f} on the wire, {int(disk) / max(1, int(float(events))):.0f} on disk ({int(float(events)):,} stored)")
+answered = json.load(open(f"{work}/query.json")).get("count", 0)
+print(f"  events query            {float(q1) - float(q0):>12.2f} s  (tapio events --since 10m --kind dns --limit 1000: {answered} events, the CLI's start included)")
+print(f"  restart                 {float(r1) - float(r0):>12.1f} s to /readyz, {float(r2) - float(r0):.1f} s to an answered query ({int(float(events)):,} events stored)")
 errors = [l for l in open(f"{work}/full.vals") if l.startswith("error=")] + [l for l in open(f"{work}/sink.vals") if l.startswith("error=")]
 for e in errors:
     print("  " + e.strip())
