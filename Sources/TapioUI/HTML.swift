@@ -129,7 +129,7 @@ let styleSheet = """
     .card{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:12px 16px;margin-bottom:14px}
     table{border-collapse:collapse;width:100%;background:var(--card)}th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:top}
     th{font-size:12px;color:var(--muted);font-weight:600;text-transform:uppercase;letter-spacing:.03em}td.num{text-align:right;font-variant-numeric:tabular-nums}
-    a{color:var(--blue)}code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px}
+    a{color:var(--blue)}table.incidents td:first-child{white-space:nowrap}code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px}
     .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;font-weight:600;background:#e8ebf0;color:#344054}
     .badge.open{background:#fde8e7;color:var(--red)}.badge.resolved{background:#e6f4ec;color:var(--green)}
     .badge.page{background:var(--red);color:#fff}.badge.observation{background:#eef0f4;color:var(--muted)}.badge.inferred{background:#fff3e0;color:#9a5a12}

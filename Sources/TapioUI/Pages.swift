@@ -27,7 +27,7 @@ enum Pages {
         if path.hasPrefix("/incidents/") {
             let id = String(path.dropFirst("/incidents/".count))
             guard !id.isEmpty, !id.contains("/") else { throw NotFound(description: "no page \(path)") }
-            return try incident(id: id, query)
+            return try incident(id: id, params: params, query)
         }
         if path == "/services" { return try services(query) }
         if path == "/events" { return try events(params, query) }
@@ -77,8 +77,11 @@ enum Pages {
 
     // MARK: One incident
 
-    static func incident(id: String, _ query: UIQuery) throws -> Rendered {
+    /// `from_ns` and `to_ns` zoom the timeline in on that stretch.
+    static func incident(id: String, params: [String: String] = [:], _ query: UIQuery) throws -> Rendered {
         let doc = try query("explain", ["id": id])
+        var window: (from: Int64, to: Int64)?
+        if let from = params["from_ns"].flatMap({ Int64($0) }), let to = params["to_ns"].flatMap({ Int64($0) }), to > from { window = (from, to) }
         let st = doc["status"]?.str ?? ""
         var out = "<p><a href=\"/\">← Incidents</a></p><h1 class=\"incident-id\" data-id=\"\(esc(doc["id"]?.str ?? id))\">\(esc(doc["id"]?.str ?? id)) "
         out += "<span class=\"badge \(esc(st))\">\(esc(st))</span>"
@@ -117,7 +120,7 @@ enum Pages {
         }
         if let model = doc["model"]?.stringValue { out += "<p class=\"muted\">\(esc(model)); a factor's contribution is value × weight.</p>" }
 
-        out += "<h2>Timeline: one lane per node</h2>" + TimelineLanes.fragment(doc, heading: false)
+        out += "<h2>Timeline: one lane per node</h2>" + TimelineLanes.fragment(doc, heading: false, window: window, links: true)
 
         out += "<h2>Symptoms</h2>"
         let symptoms = doc["symptoms"]?.array ?? []
@@ -155,7 +158,7 @@ enum Pages {
             let w = Int((abs(c) / largest * 120).rounded())
             out += "<tr data-factor=\"\(esc(f["name"]?.str ?? ""))\"><td>\(esc((f["name"]?.str ?? "").replacingOccurrences(of: "_", with: " ")))</td>"
             out += "<td class=\"num\">\(fmt(f["value"]?.double ?? 0, 3))</td><td class=\"num\">\(fmt(f["weight"]?.double ?? 0, 2))</td>"
-            out += "<td><span class=\"factor-bar \(c < 0 ? "neg" : "pos")\" style=\"width:\(w)px\"></span> \(c >= 0 ? "+" : "")\(fmt(c, 2))</td></tr>"
+            out += "<td><span class=\"factor-bar \(c < 0 ? "neg" : "pos")\" style=\"width:\(w)px\"></span> \(abs(c) < 0.005 ? "0.00" : (c > 0 ? "+" : "") + fmt(c, 2))</td></tr>"
         }
         return out + "</tbody></table>"
     }

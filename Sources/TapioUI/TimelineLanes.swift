@@ -56,7 +56,13 @@ public enum TimelineLanes {
     /// The lanes as an `<svg>` element. `standalone` adds the incident's
     /// header above and the list of events below, and the XML namespace
     /// declarations a file needs.
+    /// `window`: only this stretch of time (`from`/`to` in ns), for the
+    /// page's zoom; `links`: bands link to a zoom on themselves.
     public static func svg(_ doc: JSONValue, standalone: Bool = false) -> String {
+        svg(doc, standalone: standalone, window: nil, links: false)
+    }
+
+    static func svg(_ doc: JSONValue, standalone: Bool, window: (from: Int64, to: Int64)?, links: Bool) -> String {
         let entries = entries(doc)
         let width = labelWidth + plotWidth + rightMargin
         var body = ""
@@ -76,28 +82,43 @@ public enum TimelineLanes {
             y += 28
             return wrap(body, width: width, height: y, standalone: standalone)
         }
-        var lo = entries.map { $0.timeNs - $0.errorNs }.min()!
-        var hi = entries.map { $0.timeNs + $0.errorNs }.max()!
-        if hi - lo < 1_000 { lo -= 500; hi += 500 }
-        let pad = (hi - lo) / 30
-        lo -= pad
-        hi += pad
-        let span = Double(hi - lo)
-        func x(_ t: Int64) -> Double { labelWidth + Double(t - lo) / span * plotWidth }
+        let axis = Axis(entries.filter { e in window.map { e.timeNs + e.errorNs >= $0.from && e.timeNs - e.errorNs <= $0.to } ?? true }
+                            .map { ($0.timeNs - $0.errorNs, $0.timeNs + $0.errorNs) },
+                        window: window.map { ($0.from, $0.to) }, x0: labelWidth, width: plotWidth)
+        func x(_ t: Int64) -> Double { axis.x(t) }
+        func shown(_ e: Entry) -> Bool { e.timeNs + e.errorNs >= axis.lo && e.timeNs - e.errorNs <= axis.hi }
 
-        // The axis: the date once, ticks at a round step with the time of day.
+        // The axis: the date once, ticks at a round step with the time of
+        // day in each stretch of events; long quiet gaps between stretches
+        // are cut out and marked, so the events are not squeezed into a
+        // corner by one late one.
         let day = String(first.time.prefix(10))
-        let step = tickStep(spanNs: span)
-        let digits = step < 1_000 ? 9 : step < 1_000_000 ? 6 : step < 1_000_000_000 ? 3 : 0
         let axisY = y + axisHeight - 10
-        body += "<text x=\"8\" y=\"\(y + 14)\" class=\"note\">times UTC on \(esc(day)), corrected clock; bars: ± uncertainty; shaded ≈: order unknown</text>"
-        var tick = (lo / step + 1) * step
+        let scaleNote = axis.segments.count > 1 ? "; ⋯ marks a quiet gap cut out (scales differ either side)" : ""
+        let zoomNote = window != nil ? "; zoomed in" : links ? "; click a ≈ band to zoom in" : ""
+        body += "<text x=\"8\" y=\"\(y + 14)\" class=\"note\">\(esc("times UTC on \(day), corrected clock; bars: ± uncertainty; shaded ≈: order unknown\(scaleNote)\(zoomNote)"))</text>"
         var ticks = ""
-        while tick < hi {
-            let tx = x(tick)
-            ticks += "<line x1=\"\(r(tx))\" y1=\"\(r(axisY))\" x2=\"\(r(tx))\" y2=\"@BOTTOM@\" class=\"grid\"/>"
-            ticks += "<text x=\"\(r(tx))\" y=\"\(r(axisY - 6))\" class=\"tick\" text-anchor=\"middle\">\(esc(timeOfDay(rfc3339(ns: tick), digits: digits)))</text>"
-            tick += step
+        var lastLabel = -Double.infinity
+        for segment in axis.segments {
+            let step = tickStep(spanNs: Double(segment.hi - segment.lo), maxTicks: max(1, Int((segment.x1 - segment.x0) / 110)))
+            let digits = step < 1_000 ? 9 : step < 1_000_000 ? 6 : step < 1_000_000_000 ? 3 : 0
+            var tick = (segment.lo / step + 1) * step
+            while tick < segment.hi {
+                let tx = x(tick)
+                ticks += "<line x1=\"\(r(tx))\" y1=\"\(r(axisY))\" x2=\"\(r(tx))\" y2=\"@BOTTOM@\" class=\"grid\"/>"
+                // Labels keep clear of each other and of a gap's mark.
+                if tx - lastLabel > 95, segment.x0 == axis.segments[0].x0 || tx - segment.x0 > 45 {
+                    ticks += "<text x=\"\(r(tx))\" y=\"\(r(axisY - 6))\" class=\"tick\" text-anchor=\"middle\">\(esc(timeOfDay(rfc3339(ns: tick), digits: digits)))</text>"
+                    lastLabel = tx
+                }
+                tick += step
+            }
+        }
+        for (a, b) in zip(axis.segments, axis.segments.dropFirst()) {
+            let gx = (a.x1 + b.x0) / 2
+            ticks += "<g class=\"gap\"><title>\(esc("\(duration(ns: Double(b.lo - a.hi))) without events cut out"))</title>"
+            ticks += "<line x1=\"\(r(gx))\" y1=\"\(r(axisY))\" x2=\"\(r(gx))\" y2=\"@BOTTOM@\" class=\"gap-line\"/>"
+            ticks += "<text x=\"\(r(gx))\" y=\"\(r(axisY - 6))\" class=\"gap-label\" text-anchor=\"middle\">⋯</text></g>"
         }
         body += "@TICKS@"
 
@@ -109,7 +130,7 @@ public enum TimelineLanes {
         for (index, node) in laneOrder.enumerated() {
             var rowEnds: [Double] = []
             var placed: [(Entry, Int)] = []
-            for e in entries where e.node == node {
+            for e in entries where e.node == node && shown(e) {
                 let start = min(x(e.timeNs - e.errorNs), x(e.timeNs) - 7)
                 let end = max(x(e.timeNs + e.errorNs), x(e.timeNs) + 9 + Double(String(e.number).count) * 7)
                 if let row = rowEnds.firstIndex(where: { $0 + 2 <= start }) {
@@ -150,15 +171,22 @@ public enum TimelineLanes {
 
         // Bands over the lanes for each group of events concurrent with each other.
         var bands = ""
-        for group in concurrentGroups(entries) {
-            let a = x(group.map { $0.timeNs - $0.errorNs }.min()!)
-            let b = x(group.map { $0.timeNs + $0.errorNs }.max()!)
+        for group in concurrentGroups(entries) where group.allSatisfy(shown) {
+            let from = group.map { $0.timeNs - $0.errorNs }.min()!, to = group.map { $0.timeNs + $0.errorNs }.max()!
+            let a = x(from)
+            let b = x(to)
             let w = max(8, b - a)
             let left = (a + b) / 2 - w / 2
             let ids = group.map(\.id).joined(separator: " ")
             bands += "<g class=\"concurrent-band\" data-ids=\"\(esc(ids))\"><title>\(esc("events \(group.map { "#\($0.number)" }.joined(separator: ", ")) on \(Set(group.map(\.node)).count) nodes: their uncertainty intervals overlap, so their order is not known"))</title>"
             bands += "<rect x=\"\(r(left))\" y=\"\(r(axisY))\" width=\"\(r(w))\" height=\"\(r(bottom - axisY))\" class=\"band\"/>"
             bands += "<text x=\"\(r(left + w / 2))\" y=\"\(r(axisY + 1))\" class=\"band-label\" text-anchor=\"middle\">≈</text></g>"
+            if links, window == nil {
+                // Zoom: the group and as much again either side.
+                let margin = max(to - from, 2_000)
+                bands = bands.replacingOccurrences(of: "<g class=\"concurrent-band\" data-ids=\"\(esc(ids))\">",
+                                                   with: "<a href=\"?from_ns=\(from - margin)&amp;to_ns=\(to + margin)#timeline\"><g class=\"concurrent-band\" data-ids=\"\(esc(ids))\">") + "</a>"
+            }
         }
         body = body.replacingOccurrences(of: "@TICKS@", with: ticks.replacingOccurrences(of: "@BOTTOM@", with: r(bottom)) + bands + lanesSVG)
         y = bottom + 10
@@ -188,7 +216,7 @@ public enum TimelineLanes {
 
     /// The timeline section of a page: optionally the incident's heading,
     /// then the lanes and the numbered list of events.
-    static func fragment(_ doc: JSONValue, heading: Bool) -> String {
+    static func fragment(_ doc: JSONValue, heading: Bool, window: (from: Int64, to: Int64)? = nil, links: Bool = false) -> String {
         var out = ""
         if heading {
             out += "<h1>\(esc(doc["id"]?.str ?? "")) <span class=\"badge \(esc(doc["status"]?.str ?? ""))\">\(esc(doc["status"]?.str ?? ""))</span></h1>"
@@ -199,7 +227,10 @@ public enum TimelineLanes {
             out += "</ol>"
         }
         let entries = entries(doc)
-        out += "<div class=\"svgwrap\">\(svg(doc))</div>"
+        if let window {
+            out += "<p>Zoomed in on \(esc(timeOfDay(rfc3339(ns: window.from), digits: 9))) – \(esc(timeOfDay(rfc3339(ns: window.to), digits: 9))) UTC · <a href=\"?#timeline\">the whole timeline</a></p>"
+        }
+        out += "<div class=\"svgwrap\" id=\"timeline\">\(svg(doc, standalone: false, window: window, links: links))</div>"
         guard !entries.isEmpty else { return out }
         out += "<table class=\"timeline-list\"><thead><tr><th>#</th><th>Time (UTC)</th><th>±</th><th>Node</th><th>Role</th><th>Kind</th><th>Entity</th><th>Summary</th></tr></thead><tbody>"
         for e in entries {
@@ -223,6 +254,7 @@ public enum TimelineLanes {
         .event .err{fill:#f0b27a}.event .mark{fill:#d9822b;stroke:#fff;stroke-width:1}.event.cause .err{fill:#ea9a96}.event.cause .mark{fill:#c8312c}
         .event.concurrent .err{fill:#b9a2e6}.num{font-size:10.5px;fill:#344054}
         .band{fill:#7b4fc9;fill-opacity:.10;stroke:#7b4fc9;stroke-opacity:.35;stroke-dasharray:3 3}.band-label{fill:#7b4fc9;font-weight:700}
+        .gap-line{stroke:#98a2b3;stroke-width:1;stroke-dasharray:2 4}.gap-label{fill:#667085;font-weight:700}
         .list{font-family:ui-monospace,Menlo,monospace;font-size:11.5px}
         """
 
@@ -249,10 +281,10 @@ public enum TimelineLanes {
     }
 
     /// A round step (1, 2 or 5 × a power of ten ns) giving at most 8 ticks.
-    static func tickStep(spanNs: Double) -> Int64 {
+    static func tickStep(spanNs: Double, maxTicks: Int = 8) -> Int64 {
         var step: Int64 = 1
         while true {
-            for m: Int64 in [1, 2, 5] where spanNs / Double(step * m) <= 8 { return step * m }
+            for m: Int64 in [1, 2, 5] where spanNs / Double(step * m) <= Double(maxTicks) { return step * m }
             step *= 10
         }
     }
@@ -273,6 +305,67 @@ public enum TimelineLanes {
         let f = ISO8601DateFormatter()
         guard let date = f.date(from: head + (zone.isEmpty ? "Z" : zone)) else { return nil }
         return Int64(date.timeIntervalSince1970) * 1_000_000_000 + fractionNs
+    }
+}
+
+/// Time to x: one linear stretch per run of events, quiet gaps longer than
+/// a tenth of the whole span (and over 1 ms) cut out to `gapWidth` pixels.
+/// Each stretch gets a share of the width by its length, at least 70 pixels.
+struct Axis {
+    struct Segment {
+        var lo: Int64, hi: Int64
+        var x0: Double, x1: Double
+    }
+
+    var segments: [Segment] = []
+    var lo: Int64 { segments.first?.lo ?? 0 }
+    var hi: Int64 { segments.last?.hi ?? 0 }
+    static let gapWidth = 34.0
+
+    init(_ intervals: [(Int64, Int64)], window: (Int64, Int64)?, x0: Double, width: Double) {
+        var runs: [(lo: Int64, hi: Int64)] = []
+        if let window {
+            runs = [(window.0, max(window.1, window.0 + 1))]
+        } else {
+            let sorted = intervals.sorted { $0.0 < $1.0 }
+            guard let first = sorted.first else {
+                segments = [Segment(lo: 0, hi: 1, x0: x0, x1: x0 + width)]
+                return
+            }
+            let span = (sorted.map(\.1).max() ?? first.1) - first.0
+            let cut = max(span / 10, 1_000_000)
+            runs = [(first.0, first.1)]
+            for (a, b) in sorted.dropFirst() {
+                if a - runs[runs.count - 1].hi > cut { runs.append((a, b)) } else { runs[runs.count - 1].hi = max(runs[runs.count - 1].hi, b) }
+            }
+            // Room either side of each run's first and last event.
+            runs = runs.map { run in
+                let pad = max((run.hi - run.lo) / 25, 20_000)
+                return (run.lo - pad, run.hi + pad)
+            }
+        }
+        let available = width - Self.gapWidth * Double(runs.count - 1)
+        let minimum = min(70, available / Double(runs.count))
+        let total = Double(runs.reduce(Int64(0)) { $0 + ($1.hi - $1.lo) })
+        var x = x0
+        for run in runs {
+            let w = minimum + (available - minimum * Double(runs.count)) * Double(run.hi - run.lo) / max(total, 1)
+            segments.append(Segment(lo: run.lo, hi: run.hi, x0: x, x1: x + w))
+            x += w + Self.gapWidth
+        }
+    }
+
+    func x(_ t: Int64) -> Double {
+        guard let first = segments.first else { return 0 }
+        if t <= first.lo { return first.x0 }
+        for (i, s) in segments.enumerated() {
+            if t <= s.hi { return s.x0 + Double(t - s.lo) / Double(max(1, s.hi - s.lo)) * (s.x1 - s.x0) }
+            if i + 1 < segments.count, t < segments[i + 1].lo {
+                let next = segments[i + 1]
+                return s.x1 + Double(t - s.hi) / Double(max(1, next.lo - s.hi)) * (next.x0 - s.x1)
+            }
+        }
+        return segments.last!.x1
     }
 }
 

@@ -72,6 +72,14 @@ final class UITests: XCTestCase {
             XCTAssertTrue(page.contains("class=\"concurrent-band\""), "concurrent events are shown as such")
         }
         XCTAssertTrue(page.contains("<table class=\"symptoms\">") && page.contains("connect_refused"), "the symptoms are listed")
+        // A band links to a zoom on it: the same lanes, the stretch of time said.
+        if let zoom = Self.matches(page, "href=\"\\?from_ns=(-?[0-9]+&amp;to_ns=-?[0-9]+)").first {
+            let query = zoom.replacingOccurrences(of: "&amp;", with: "&")
+            let zoomed = try browser.dom(ui.url("/incidents/\(id)?from_ns=\(query)"), saveTo: output + "/incident-zoomed.html")
+            XCTAssertTrue(zoomed.contains("Zoomed in on"), "the zoom is said")
+            XCTAssertEqual(Self.matches(zoomed, "<g class=\"lane\" data-node=\"([^\"]+)\"").sorted(), timelineNodes.sorted(), "every lane stays")
+            XCTAssertTrue(zoomed.contains("class=\"concurrent-band\""), "the band zoomed in on is there")
+        }
 
         // The service map: every service a box, the failing edge marked.
         let map = try browser.dom(ui.url("/services"), saveTo: output + "/services.html")
@@ -276,7 +284,9 @@ struct UIProcess {
 
     /// The page's URL with the token (the UI redirects and keeps it in a cookie).
     func url(_ path: String) -> String {
-        "http://127.0.0.1:\(port)\(path)\(path.contains("?") ? "&" : "?")token=\(token)"
+        let parts = path.split(separator: "#", maxSplits: 1)
+        let page = String(parts.first ?? "/")
+        return "http://127.0.0.1:\(port)\(page)\(page.contains("?") ? "&" : "?")token=\(token)" + (parts.count == 2 ? "#" + parts[1] : "")
     }
 }
 
