@@ -311,7 +311,7 @@ struct Browser {
     }
 
     func screenshot(_ url: String, to path: String, size: String) throws {
-        let r = try run(["--hide-scrollbars", "--window-size=\(size)", "--screenshot=\(path)", url])
+        let r = try run(["--hide-scrollbars", "--force-device-scale-factor=0.8", "--window-size=\(size)", "--screenshot=\(path)", url])
         guard r.status == 0, FileManager.default.fileExists(atPath: path) else {
             throw TestSupportError("chromium --screenshot \(url) exited \(r.status): \(r.stderr.suffix(2000))")
         }
