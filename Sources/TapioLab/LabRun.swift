@@ -116,7 +116,7 @@ public final class LabRun: @unchecked Sendable {
             }
             if elapsed - lastPoll >= options.pollInterval {
                 lastPoll = elapsed
-                let incidents = queryIncidents()
+                let incidents = Scoring.scored(queryIncidents(), healthy: s.isHealthy)
                 let reported = Scoring.reported(incidents: incidents, sinceNs: expectedFaultNs - 5_000_000_000)
                 if detectS == nil, !reported.isEmpty || (!incidents.isEmpty && s.isHealthy) {
                     let first = incidents.compactMap(Scoring.detectedNs).filter { $0 >= expectedFaultNs - 5_000_000_000 }.min()
@@ -138,7 +138,8 @@ public final class LabRun: @unchecked Sendable {
         // The answer, the baseline, the timeline of the top incident.
         let incidents = queryIncidents(final: true)
         let since = expectedFaultNs - 5_000_000_000
-        let reported = s.isHealthy ? Scoring.reported(incidents: incidents, sinceNs: 0) : Scoring.reported(incidents: incidents, sinceNs: since)
+        let scored = Scoring.scored(incidents, healthy: s.isHealthy)
+        let reported = Scoring.reported(incidents: scored, sinceNs: s.isHealthy ? 0 : since)
         let before = s.isHealthy ? 0 : incidents.filter { (Scoring.openedNs($0) ?? .max) < since }.count
         if top1S == nil, Scoring.topOneCorrect(expected: s.expected, reported: reported) {
             top1S = max(0, Double(endNs - expectedFaultNs) / 1e9)
@@ -160,7 +161,7 @@ public final class LabRun: @unchecked Sendable {
             ac1: Scoring.accuracy(expected: s.expected, reported: reported, k: 1),
             ac3: Scoring.accuracy(expected: s.expected, reported: reported, k: 3),
             timeToDetectS: s.isHealthy ? nil : detectS, timeToTop1S: s.isHealthy ? nil : top1S,
-            incidents: incidents.count, incidentsBeforeFault: before,
+            incidents: incidents.count, paging: incidents.filter(Scoring.pages).count, incidentsBeforeFault: before,
             baseline: baseline,
             baselineAc1: Scoring.accuracy(expected: s.expected, reported: baseline, k: 1),
             baselineAc3: Scoring.accuracy(expected: s.expected, reported: baseline, k: 3),

@@ -12,6 +12,9 @@ public struct RunReport: Sendable {
     public var timeToTop1S: Double?
     /// Incidents the server had open or resolved for this run.
     public var incidents: Int
+    /// Of those, the ones that page (`"pages": true`); the others are
+    /// observations that page nobody.
+    public var paging: Int
     /// Of those, opened before the first fault (false alarms on the healthy warmup).
     public var incidentsBeforeFault: Int
     public var baseline: [RankedCause]
@@ -39,6 +42,8 @@ public struct RunReport: Sendable {
             "time_to_detect_s": seconds(timeToDetectS),
             "time_to_top1_s": seconds(timeToTop1S),
             "incidents": .int(Int64(incidents)),
+            "paging": .int(Int64(paging)),
+            "observations": .int(Int64(incidents - paging)),
             "incidents_before_fault": .int(Int64(incidentsBeforeFault)),
             "baseline": .object(["reported": causes(baseline), "ac1": .double(baselineAc1), "ac3": .double(baselineAc3)]),
             "notes": .array(notes.map { .string($0) }),
@@ -49,16 +54,19 @@ public struct RunReport: Sendable {
 
     /// The human report: what the lab did, what the server answered, the score.
     public var text: String {
-        var out = "scenario \(scenario)\(healthy ? " (healthy: the right answer is no incident)" : "")\n"
+        var out = "scenario \(scenario)\(healthy ? " (healthy: the right answer is no incident that pages)" : "")\n"
         out += "run directory \(runDirectory)\n\n== what the lab did\n"
         let t0 = labTimeline.first?.timeNs ?? 0
         for e in labTimeline {
             out += String(format: "  %@  +%6.1fs  %@\n", LabTimeline.clock(e.timeNs), Double(e.timeNs - t0) / 1e9, e.text)
         }
         out += "\n== load: \(load.requests) requests, \(load.ok) ok, \(load.failed) failed (by status: \(load.byStatus.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))\n"
-        out += "\n== what the server reported: \(incidents) incident\(incidents == 1 ? "" : "s")\n"
+        let observations = incidents - paging
+        out += "\n== what the server reported: \(incidents) incident\(incidents == 1 ? "" : "s")"
+        out += observations == 0 ? "\n" : " (\(paging) paging, \(observations) observation\(observations == 1 ? "" : "s") that page\(observations == 1 ? "s" : "") nobody)\n"
         for inc in serverIncidents {
-            out += "  \(inc["id"]?.stringValue ?? "?")  \(inc["status"]?.stringValue ?? "")  \(inc["title"]?.stringValue ?? "")  opened \(inc["opened_at"]?.stringValue ?? "?")\n"
+            let role = Scoring.pages(inc) ? "" : "  observation (does not page)"
+            out += "  \(inc["id"]?.stringValue ?? "?")  \(inc["status"]?.stringValue ?? "")  \(inc["title"]?.stringValue ?? "")  opened \(inc["opened_at"]?.stringValue ?? "?")\(role)\n"
             for rc in inc["root_causes"]?.arrayValue ?? [] {
                 let conf = Scoring.number(rc["confidence"]).map { String(format: "%.2f", $0) } ?? "?"
                 out += "     root cause \(rc["entity"]?.stringValue ?? "?") \(rc["kind"]?.stringValue ?? "?") confidence \(conf)\n"
@@ -76,7 +84,7 @@ public struct RunReport: Sendable {
             l.isEmpty ? "nothing" : l.prefix(3).map { "\($0.entity)/\($0.kind) (\(String(format: "%.2f", $0.confidence)))" }.joined(separator: ", ")
         }
         out += "\n== score\n"
-        out += "  expected   \(expected.isEmpty ? "no incident" : expected.map { "\($0.entity)/\($0.kind)" }.joined(separator: ", "))\n"
+        out += "  expected   \(expected.isEmpty ? "no incident that pages" : expected.map { "\($0.entity)/\($0.kind)" }.joined(separator: ", "))\n"
         out += "  reported   \(list(reported))\n"
         out += String(format: "  AC@1 %.2f  AC@3 %.2f  time to detect %@  time to correct top-1 %@\n", ac1, ac3,
                       timeToDetectS.map { String(format: "%.1f s", $0) } ?? "never", timeToTop1S.map { String(format: "%.1f s", $0) } ?? "never")
@@ -148,8 +156,9 @@ public struct BenchReport: Sendable {
         let ac1 = reports.map { baseline ? $0.baselineAc1 : $0.ac1 }
         let ac3 = reports.map { baseline ? $0.baselineAc3 : $0.ac3 }
         // The baseline "detects" when its rule finds anything; it has no clock of its own.
+        // On a healthy run only incidents that page are false pages; observations are not.
         let onHealthy: Double? = healthy
-            ? mean(reports.map { Double(baseline ? ($0.baseline.isEmpty ? 0 : 1) : $0.incidents) })
+            ? mean(reports.map { Double(baseline ? ($0.baseline.isEmpty ? 0 : 1) : $0.paging) })
             : mean(reports.map { Double(baseline ? 0 : $0.incidentsBeforeFault) })
         return Row(name: name, runs: reports.count, healthy: healthy, ac1: mean(ac1), ac3: mean(ac3),
                    timeToDetectS: baseline ? nil : meanOpt(reports.map(\.timeToDetectS)),
@@ -198,7 +207,7 @@ public struct BenchReport: Sendable {
             return lines.joined(separator: "\n")
         }
         var out = table("tapio (server incidents)", rows) + "\n\n" + table("baseline (most recent OOM/exit/drop on the failing path)", baselineRows) + "\n"
-        out += "\nFALSE+: incidents per run on a healthy scenario; on a faulty one, incidents opened before the fault.\n"
+        out += "\nFALSE+: incidents that page, per run, on a healthy scenario; on a faulty one, incidents opened before the fault.\n"
         for n in notes { out += "note: \(n)\n" }
         return out
     }

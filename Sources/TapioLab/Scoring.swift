@@ -35,6 +35,22 @@ public enum Scoring {
         return expected.contains(first.cause)
     }
 
+    /// Whether the server pages a person for this incident (`"pages"`,
+    /// docs/correlation.md "Paging"). An incident without the field (a server
+    /// from before paging) pages: every incident paged then.
+    public static func pages(_ incident: JSONValue) -> Bool {
+        if case .bool(let p)? = incident["pages"] { return p }
+        return true
+    }
+
+    /// The incidents a run is scored on. On a healthy run only those that
+    /// page: an incident that pages nobody is an observation, not a false
+    /// page (the report still lists it). On a fault run every incident, paging
+    /// or not: what is scored there is the answer, not whether it paged.
+    public static func scored(_ incidents: [JSONValue], healthy: Bool) -> [JSONValue] {
+        healthy ? incidents.filter(pages) : incidents
+    }
+
     /// The root causes of every incident opened at or after `sinceNs`, one
     /// list: ranked by confidence, each (entity, kind) once with its highest
     /// confidence.

@@ -1,4 +1,4 @@
-import TapioLab
+@testable import TapioLab
 import TapioWire
 import XCTest
 
@@ -39,6 +39,99 @@ final class ScoringTests: XCTestCase {
         let r = Scoring.reported(incidents: doc["incidents"]!.arrayValue!, sinceNs: since)
         XCTAssertEqual(r.map(\.cause), [redisOOM, Cause(entity: "api", kind: "crash")])
         XCTAssertEqual(r[1].confidence, 0.5)
+    }
+
+    private func incidents(_ text: String) throws -> [JSONValue] {
+        try XCTUnwrap(JSONValue.parse(Array(text.utf8))["incidents"]?.arrayValue)
+    }
+
+    /// A healthy run's observation (an inferred crash from clients that hung
+    /// up, which pages nobody) and an incident that pages.
+    private let healthyRun = """
+        {"incidents": [
+          {"id": "inc-1", "opened_at": "2026-01-01T00:00:10Z", "pages": false,
+           "root_causes": [{"entity": "redis", "kind": "crash", "confidence": 0.09}]},
+          {"id": "inc-2", "opened_at": "2026-01-01T00:00:20Z", "pages": true,
+           "root_causes": [{"entity": "api", "kind": "listener_closed", "confidence": 0.59}]}
+        ]}
+        """
+
+    func testAnIncidentPagesAsTheServerSaysAndOneWithoutTheFieldPages() throws {
+        let list = try incidents("""
+            {"incidents": [{"id": "a", "pages": false}, {"id": "b", "pages": true}, {"id": "c"}]}
+            """)
+        XCTAssertEqual(list.map(Scoring.pages), [false, true, true])
+    }
+
+    func testAHealthyRunScoresOnlyIncidentsThatPage() throws {
+        let all = try incidents(healthyRun)
+        let observationOnly = Array(all.prefix(1))
+        // An observation alone is the right answer on a healthy run.
+        let quiet = Scoring.reported(incidents: Scoring.scored(observationOnly, healthy: true), sinceNs: 0)
+        XCTAssertEqual(quiet, [])
+        XCTAssertEqual(Scoring.accuracy(expected: [], reported: quiet, k: 1), 1)
+        // The incident that pages is a false page.
+        let paged = Scoring.reported(incidents: Scoring.scored(all, healthy: true), sinceNs: 0)
+        XCTAssertEqual(paged.map(\.cause), [Cause(entity: "api", kind: "listener_closed")])
+        XCTAssertEqual(Scoring.accuracy(expected: [], reported: paged, k: 1), 0)
+    }
+
+    func testAFaultRunScoresEveryIncidentPagingOrNot() throws {
+        // The right answer in an incident that does not page still counts.
+        let list = try incidents("""
+            {"incidents": [
+              {"id": "inc-1", "opened_at": "2026-01-01T00:01:00Z", "pages": false,
+               "root_causes": [{"entity": "redis", "kind": "oom_kill", "confidence": 0.47}]},
+              {"id": "inc-2", "opened_at": "2026-01-01T00:01:01Z", "pages": true,
+               "root_causes": [{"entity": "api", "kind": "crash", "confidence": 0.4}]}
+            ]}
+            """)
+        XCTAssertEqual(Scoring.scored(list, healthy: false).count, 2)
+        let r = Scoring.reported(incidents: Scoring.scored(list, healthy: false), sinceNs: 0)
+        XCTAssertEqual(r.map(\.cause), [redisOOM, Cause(entity: "api", kind: "crash")])
+        XCTAssertEqual(Scoring.accuracy(expected: [redisOOM], reported: r, k: 1), 1)
+    }
+
+    private func report(healthy: Bool, incidents list: [JSONValue], beforeFault: Int = 0) -> RunReport {
+        let expected = healthy ? [] : [redisOOM]
+        let reported = Scoring.reported(incidents: Scoring.scored(list, healthy: healthy), sinceNs: 0)
+        return RunReport(scenario: healthy ? "healthy" : "oom-kill", expected: expected, reported: reported,
+                         ac1: Scoring.accuracy(expected: expected, reported: reported, k: 1),
+                         ac3: Scoring.accuracy(expected: expected, reported: reported, k: 3),
+                         timeToDetectS: nil, timeToTop1S: nil,
+                         incidents: list.count, paging: list.filter(Scoring.pages).count, incidentsBeforeFault: beforeFault,
+                         baseline: [], baselineAc1: 0, baselineAc3: 0, notes: [], runDirectory: "runs/x",
+                         labTimeline: [], serverIncidents: list, serverTimeline: [], load: LoadSummary(), healthy: healthy)
+    }
+
+    func testBenchCountsOnlyPagingIncidentsAsFalsePagesOnHealthyRuns() throws {
+        let all = try incidents(healthyRun)
+        let runs = [report(healthy: true, incidents: Array(all.prefix(1))), report(healthy: true, incidents: all)]
+        let row = BenchReport.row(name: "healthy", reports: runs, failed: 0, baseline: false)
+        XCTAssertEqual(row.incidentsOnHealthy, 0.5, "one page in two runs; the observations are not counted")
+        XCTAssertEqual(row.ac1, 0.5)
+        // Each run's report keeps the observation, marked as such.
+        XCTAssertEqual(runs[0].json["incidents"], .int(1))
+        XCTAssertEqual(runs[0].json["paging"], .int(0))
+        XCTAssertEqual(runs[0].json["observations"], .int(1))
+        XCTAssertTrue(runs[1].text.contains("2 incidents (1 paging, 1 observation that pages nobody)"), runs[1].text)
+        let line = try XCTUnwrap(runs[1].text.split(separator: "\n").first { $0.contains("inc-1") })
+        XCTAssertTrue(line.contains("observation (does not page)"), String(line))
+        XCTAssertFalse(try XCTUnwrap(runs[1].text.split(separator: "\n").first { $0.contains("inc-2") }).contains("observation"))
+    }
+
+    func testBenchScoresFaultRunsAsBeforePagingOrNot() throws {
+        let list = try incidents("""
+            {"incidents": [
+              {"id": "inc-0", "opened_at": "2026-01-01T00:00:00Z", "pages": false, "root_causes": []},
+              {"id": "inc-1", "opened_at": "2026-01-01T00:01:00Z", "pages": false,
+               "root_causes": [{"entity": "redis", "kind": "oom_kill", "confidence": 0.47}]}
+            ]}
+            """)
+        let row = BenchReport.row(name: "oom-kill", reports: [report(healthy: false, incidents: list, beforeFault: 1)],
+                                  failed: 0, baseline: false)
+        XCTAssertEqual(row.ac1, 1)
+        XCTAssertEqual(row.incidentsOnHealthy, 1, "incidents opened before the fault count whether they page or not")
     }
 
     func testRFC3339WithNanosecondsAndOffsets() {
