@@ -141,6 +141,13 @@ final class UITests: XCTestCase {
         let page = try HTTP.get(port: ui.port, path: "/", headers: ["Cookie": cookie])
         XCTAssertTrue(page.headers["content-security-policy"]?.contains("script-src 'self'") ?? false, "\(page.headers)")
         ui.process.stop()
+
+        // A certificate that may not query is said at start, in words, and nothing is served.
+        let refused = try TapioCLI().run(["ui", "--server", "127.0.0.1:\(fixture.harness.queryPort)", "--tls-dir", fixture.harness.pki + "/nodes/node1",
+                                          "--listen", "127.0.0.1:\(TestSupport.freePort())"])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.stderr.contains("may not query") && refused.stderr.contains("operator"), refused.stderr)
+        XCTAssertFalse(refused.stdout.contains("http://"), refused.stdout)
     }
 
     /// `tapio timeline ID -o svg` is one XML document with a lane per node
@@ -199,6 +206,11 @@ final class UITests: XCTestCase {
             XCTAssertTrue(html.contains("&lt;script&gt;"), path)
         }
         XCTAssertTrue(try Pages.render(path: "/", params: [:], query: query).fragment.contains("observation"), "an incident that does not page is an observation")
+        // An open incident's top cause is outlined on the map, its affected services marked.
+        let map = try Pages.render(path: "/services", params: [:], query: query).fragment
+        XCTAssertTrue(map.contains("<g class=\"svc-node cause\" data-name=\"\(esc(evil))\""), map)
+        XCTAssertTrue(map.contains("<g class=\"svc-node\" data-name=\"redis\""), "redis is neither cause nor affected here")
+        XCTAssertTrue(map.contains("<g class=\"edge failing\""), "the edge with a failed connect is marked")
         let svg = try SVGLanes(TimelineLanes.svg(incident, standalone: true))
         XCTAssertEqual(svg.nodes, [evil], "the lane's name survives as text")
     }
