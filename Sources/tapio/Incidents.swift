@@ -23,14 +23,19 @@ struct Incidents: ParsableCommand {
     }
 }
 
+/// One row per incident. PAGES says whether the server pages a person for it
+/// (`"pages"`, docs/correlation.md "Paging"): `no` marks an observation — its
+/// candidates are only inferred or below the paging floor — which alerts do
+/// not send. An incident from a server that predates the field pages.
 func incidentTable(_ doc: JSONValue) -> String {
     let rows = (doc["incidents"]?.arrayValue ?? []).map { i -> [String] in
         let top = i["root_causes"]?.arrayValue?.first
         let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") (\(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0)))" } ?? "-"
         let services = (i["affected"]?["services"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")
-        return [i["id"]?.stringValue ?? "", i["status"]?.stringValue ?? "", i["opened_at"]?.stringValue ?? "", cause, services, i["title"]?.stringValue ?? ""]
+        let pages = i["pages"] == .bool(false) ? "no" : "yes"
+        return [i["id"]?.stringValue ?? "", i["status"]?.stringValue ?? "", pages, i["opened_at"]?.stringValue ?? "", cause, services, i["title"]?.stringValue ?? ""]
     }
-    return table(["ID", "STATUS", "OPENED", "TOP ROOT CAUSE (CONFIDENCE)", "AFFECTED", "TITLE"], rows)
+    return table(["ID", "STATUS", "PAGES", "OPENED", "TOP ROOT CAUSE (CONFIDENCE)", "AFFECTED", "TITLE"], rows)
 }
 
 func number(_ v: JSONValue) -> Double? {

@@ -3,6 +3,7 @@ import Logging
 import TapioAgent
 import TapioClient
 import TapioServer
+import TapioStore
 import TapioTestSupport
 import TapioWire
 import XCTest
@@ -253,6 +254,52 @@ final class CLITests: XCTestCase {
         let after = watch.stdout.split(separator: "\n").filter { (try? JSONValue.parse(Array($0.utf8))["change"]) == .string("opened") }
         XCTAssertEqual(after.count, 1, watch.stdout)
         XCTAssertGreaterThanOrEqual(watch.stdout.split(separator: "\n").count, linesBefore)
+    }
+
+    // MARK: - Incidents
+
+    func testIncidentsSayWhichOnesPageAndWhichAreObservations() throws {
+        let server = try RestartableServer()
+        // Two incidents in the server's store, as a previous run saved them:
+        // one that pages and an observation (an inferred crash at 0.09).
+        server.stop()
+        do {
+            let store = try SegmentEventStore(directory: server.dir + "/data")
+            let opened = wallClockNs() - 3_600_000_000_000
+            func incident(_ id: String, pages: Bool, kind: String, entity: String, confidence: Double) throws -> StoredIncident {
+                let json = JSONValue.object([
+                    "id": .string(id), "status": .string("resolved"), "title": .string("\(entity) \(kind)"),
+                    "opened_at": .string(rfc3339(ns: opened)), "pages": .bool(pages),
+                    "root_causes": .array([.object(["kind": .string(kind), "entity": .string(entity), "confidence": .double(confidence)])]),
+                    "affected": .object(["services": .array([.string("api")])]),
+                ])
+                return StoredIncident(id: id, status: "resolved", openedNs: opened, updatedNs: opened, json: json.serialized())
+            }
+            try store.saveIncident(incident("inc-pages", pages: true, kind: "oom_kill", entity: "redis", confidence: 0.87))
+            try store.saveIncident(incident("inc-observed", pages: false, kind: "crash", entity: "redis", confidence: 0.09))
+        }
+        try server.start()
+        let cli = try TapioCLI()
+
+        let r = try cli.run(["incidents"], env: server.cliEnvironment)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        let header = try XCTUnwrap(lines.first)
+        let pagesAt = try XCTUnwrap(header.range(of: "PAGES"), header)
+        let column = header.distance(from: header.startIndex, to: pagesAt.lowerBound)
+        func pagesCell(_ id: String) throws -> String {
+            let line = try XCTUnwrap(lines.first { $0.hasPrefix(id + " ") }, r.stdout)
+            return String(line.dropFirst(column).prefix { $0 != " " })
+        }
+        XCTAssertEqual(try pagesCell("inc-pages"), "yes", r.stdout)
+        XCTAssertEqual(try pagesCell("inc-observed"), "no", r.stdout)
+
+        // -o json carries the same field.
+        let json = try cli.run(["incidents", "-o", "json"], env: server.cliEnvironment)
+        XCTAssertEqual(json.status, 0, json.stderr)
+        let list = try XCTUnwrap(JSONValue.parse(Array(json.stdout.utf8))["incidents"]?.arrayValue, json.stdout)
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: list.map { ($0["id"]?.stringValue ?? "", $0["pages"]) }),
+                       ["inc-pages": .bool(true), "inc-observed": .bool(false)])
     }
 
     // MARK: - Errors in words
