@@ -32,6 +32,9 @@ final class CorrelationTests: XCTestCase {
         }
         for i in 0..<80 { apiBox.add(connect(Double(i) * 0.5, .established, 2)) }
         for i in 80..<100 { apiBox.add(connect(Double(i) * 0.5, .refused, 6)) }
+        // The api hanging up on redis while all is well: client aborts, counted and no symptom.
+        apiBox.add(TapioEvent(kind: .tcpReset, timeNs: at(5), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
+                              detail: .tcpReset(flow: flow, sent: true, state: 1, count: 3)))
         redisBox.add(TapioEvent(kind: .oomKill, timeNs: at(39.9), pid: 301, comm: "redis-server", pod: "redis-0", namespace: "shop",
                                 detail: .oomKill(victimPid: 301, victimComm: "redis-server", victimUid: 999, totalVmKb: 600_000, anonRssKb: 512_000, fileRssKb: 100)))
         redisBox.add(TapioEvent(kind: .processExit, timeNs: at(39.95), pid: 301, comm: "redis-server", pod: "redis-0", namespace: "shop",
@@ -62,6 +65,8 @@ final class CorrelationTests: XCTestCase {
         let processed = metrics.split(separator: "\n").first { $0.hasPrefix("tapio_correlation_events_processed_total ") }
         XCTAssertGreaterThan(Int(processed?.split(separator: " ").last ?? "") ?? 0, 0, metrics)
         XCTAssertTrue(metrics.contains("tapio_correlation_late_events_total "), metrics)
+        XCTAssertTrue(metrics.contains("\n# TYPE tapio_correlation_client_aborts_total counter\n"), metrics)
+        XCTAssertTrue(metrics.contains("\ntapio_correlation_client_aborts_total 3\n"), metrics)
 
         apiSender.drainAndStop(graceSeconds: 1)
         redisSender.drainAndStop(graceSeconds: 1)
