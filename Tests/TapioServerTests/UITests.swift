@@ -150,6 +150,35 @@ final class UITests: XCTestCase {
         XCTAssertFalse(refused.stdout.contains("http://"), refused.stdout)
     }
 
+    /// The page's JSON endpoint follows the server: an incident that opens
+    /// after the page was loaded is in the next answer, and the map marks
+    /// its cause.
+    func testTheLiveEndpointFollowsTheServer() throws {
+        // An empty server, then the cascade run fed to its engine as if it
+        // happened now (as the alerting tests do).
+        let fixture = try RecordedServer(scenario: nil)
+        let ui = try fixture.startUI()
+        let cookie = try ui.cookie()
+        func fragment(_ path: String) throws -> String {
+            let r = try HTTP.get(port: ui.port, path: "/api/fragment?path=" + (path.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? ""), headers: ["Cookie": cookie])
+            let doc = try JSONValue.parse(Array(r.body.utf8))
+            guard let html = doc["html"]?.stringValue else { throw TestSupportError("no fragment for \(path): \(r.status) \(r.body)") }
+            return html
+        }
+        XCTAssertFalse(try fragment("/?status=open").contains("data-status=\"open\""), "nothing is open yet")
+        XCTAssertFalse(try fragment("/services").contains("svc-node cause"))
+
+        try AlertingTests.feedCascade(fixture.harness.server)
+        var list = ""
+        XCTAssertTrue(eventually(timeout: 60) {
+            list = (try? fragment("/?status=open")) ?? ""
+            return list.contains("data-status=\"open\"")
+        }, "the open incident reaches the live endpoint: \(list)")
+        XCTAssertTrue(list.contains("data-entity=\"redis\""), list)
+        XCTAssertTrue(try fragment("/services").contains("<g class=\"svc-node cause\" data-name=\"redis\""), "the map outlines the open incident's cause")
+        ui.process.stop()
+    }
+
     /// `tapio timeline ID -o svg` is one XML document with a lane per node
     /// and every event; `-o html` is a page with the same drawing; other
     /// commands refuse the drawing formats in words.
@@ -241,12 +270,17 @@ final class RecordedServer {
     let harness: ServerHarness
     private var uis: [UIProcess] = []
 
-    init(scenario: String) throws {
+    /// nil: an empty server.
+    init(scenario: String?) throws {
+        dir = try TestSupport.temporaryDirectory("tapio-ui-test")
+        guard let scenario else {
+            harness = try ServerHarness(nodes: ["node1"])
+            return
+        }
         let names = try FileManager.default.contentsOfDirectory(atPath: RecordedRunTests.directory)
             .filter { $0.hasPrefix(scenario + "-") && $0.hasSuffix(".json") }.sorted()
         guard let name = names.last else { throw TestSupportError("no \(scenario) recording in \(RecordedRunTests.directory)") }
         let base = RecordedRunTests.directory + "/" + String(name.dropLast(".json".count))
-        dir = try TestSupport.temporaryDirectory("tapio-ui-test")
         let data = dir + "/data"
         try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
         let unpack: (status: Int32, stdout: String, stderr: String)
@@ -293,6 +327,15 @@ struct UIProcess {
     let process: CLIProcess
     let port: Int
     let token: String
+
+    /// The cookie the UI sets for its token.
+    func cookie() throws -> String {
+        let r = try HTTP.get(port: port, path: "/?token=\(token)")
+        guard r.status == 303, let c = r.headers["set-cookie"]?.split(separator: ";").first else {
+            throw TestSupportError("the token was not taken: \(r.status) \(r.headers)")
+        }
+        return String(c)
+    }
 
     /// The page's URL with the token (the UI redirects and keeps it in a cookie).
     func url(_ path: String) -> String {
