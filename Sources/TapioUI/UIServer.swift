@@ -47,15 +47,24 @@ public final class UIServer: Sendable {
         pool.start()
         let router = Router(configuration: configuration, query: query)
         let pool = self.pool
-        let bound = try ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 64)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { channel in
-                channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMapThrowing {
-                    try channel.pipeline.syncOperations.addHandler(UIHTTPHandler(router: router, pool: pool))
+        let bound: Channel
+        do {
+            bound = try ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 64)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMapThrowing {
+                        try channel.pipeline.syncOperations.addHandler(UIHTTPHandler(router: router, pool: pool))
+                    }
                 }
-            }
-            .bind(host: configuration.host, port: configuration.port).wait()
+                .bind(host: configuration.host, port: configuration.port).wait()
+        } catch let error as IOError {
+            throw UIServerError("cannot listen on \(configuration.host):\(configuration.port): \(String(cString: strerror(error.errnoCode)).lowercased())")
+        } catch is SocketAddressError {
+            throw UIServerError("cannot listen on \(configuration.host):\(configuration.port): not an address of this machine")
+        } catch {
+            throw UIServerError("cannot listen on \(configuration.host):\(configuration.port) (\(type(of: error)))")
+        }
         channel.withLock { $0 = bound }
         return bound.localAddress!
     }
@@ -70,6 +79,12 @@ public final class UIServer: Sendable {
         try? group.syncShutdownGracefully()
         try? pool.syncShutdownGracefully()
     }
+}
+
+/// Why the UI cannot serve, in words.
+public struct UIServerError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// An answer: status, content type, body, extra headers.

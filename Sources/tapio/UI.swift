@@ -55,7 +55,7 @@ struct UI: ParsableCommand {
         do {
             bound = try server.start().port ?? address.port
         } catch {
-            throw CLIError("cannot listen on \(listen): \(String(describing: error)); choose another with --listen HOST:PORT")
+            throw CLIError("\(error); choose another with --listen HOST:PORT")
         }
         let loopback = address.host == "localhost" || address.host == "::1" || address.host.hasPrefix("127.")
         if !loopback {

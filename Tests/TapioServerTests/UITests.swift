@@ -140,6 +140,11 @@ final class UITests: XCTestCase {
         XCTAssertEqual(try HTTP.get(port: ui.port, path: "/nowhere", headers: ["Cookie": cookie]).status, 404)
         let page = try HTTP.get(port: ui.port, path: "/", headers: ["Cookie": cookie])
         XCTAssertTrue(page.headers["content-security-policy"]?.contains("script-src 'self'") ?? false, "\(page.headers)")
+        // A port already taken is said in words, with the flag that changes it.
+        let taken = try TapioCLI().run(["ui", "--server", "127.0.0.1:\(fixture.harness.queryPort)", "--tls-dir", fixture.harness.pki + "/operators/alice",
+                                        "--listen", "127.0.0.1:\(ui.port)"])
+        XCTAssertNotEqual(taken.status, 0)
+        XCTAssertTrue(taken.stderr.contains("cannot listen on 127.0.0.1:\(ui.port): address already in use; choose another with --listen"), taken.stderr)
         ui.process.stop()
 
         // A certificate that may not query is said at start, in words, and nothing is served.
