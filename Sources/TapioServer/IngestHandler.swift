@@ -148,7 +148,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             reject(context: context, .malformed, frameError.description, metric: reason)
         } else {
             server.metrics.add("tapio_server_connection_errors_total")
-            logger.notice("connection error", metadata: ["error": "\(error)"])
+            logger.notice("connection error", metadata: ["reason": "\(ConnectionFailure.describe(error))"])
+            logger.debug("connection error as the library reported it", metadata: ["error": "\(error)"])
             context.close(promise: nil)
         }
     }

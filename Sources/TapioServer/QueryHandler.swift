@@ -64,7 +64,9 @@ final class QueryHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         server.metrics.add("tapio_server_connection_errors_total")
-        server.logger.notice("query connection error", metadata: ["error": "\(error)"])
+        let peer = "\(context.remoteAddress.map { "\($0)" } ?? "?")"
+        server.logger.notice("query connection error", metadata: ["peer": "\(peer)", "reason": "\(ConnectionFailure.describe(error))"])
+        server.logger.debug("query connection error as the library reported it", metadata: ["peer": "\(peer)", "error": "\(error)"])
         context.close(promise: nil)
     }
 
