@@ -92,8 +92,9 @@ func page(title: String, active: String, fragment: String, live: Bool = true) ->
 }
 
 /// Polls `/api/fragment` every 2 s for the page it is on and swaps the
-/// fragment in when it changed; a failed poll is said in the status line and
-/// the last answer stays on screen.
+/// fragment in when it changed (keeping which `<details>` are open, and not
+/// while a filter field is being edited); a failed poll is said in the status
+/// line and the last answer stays on screen.
 let liveScript = """
     (function () {
       var body = document.body, status = document.getElementById('status'), main = document.getElementById('content');
@@ -107,7 +108,15 @@ let liveScript = """
           .then(function (r) { return r.json(); })
           .then(function (doc) {
             if (doc.error) { status.textContent = 'not updated: ' + doc.error; status.className = 'status error'; return; }
-            if (doc.html !== last && last !== null) main.innerHTML = doc.html;
+            var active = document.activeElement;
+            if (active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) {
+              status.textContent = 'live · paused while you edit'; status.className = 'status'; return;
+            }
+            if (doc.html !== last && last !== null) {
+              var open = Array.prototype.map.call(main.querySelectorAll('details'), function (d) { return d.open; });
+              main.innerHTML = doc.html;
+              main.querySelectorAll('details').forEach(function (d, i) { if (i < open.length) d.open = open[i]; });
+            }
             last = doc.html;
             status.textContent = 'live · updated ' + stamp(); status.className = 'status';
           })

@@ -181,6 +181,16 @@ final class UITests: XCTestCase {
         }, "the open incident reaches the live endpoint: \(list)")
         XCTAssertTrue(list.contains("data-entity=\"redis\""), list)
         XCTAssertTrue(try fragment("/services").contains("<g class=\"svc-node cause\" data-name=\"redis\""), "the map outlines the open incident's cause")
+
+        // The server goes away: the live endpoint says why (the page keeps
+        // what it shows), and a page loaded now says it in words.
+        fixture.harness.server.shutdown()
+        let r = try HTTP.get(port: ui.port, path: "/api/fragment?path=%2F", headers: ["Cookie": cookie])
+        let error = try JSONValue.parse(Array(r.body.utf8))["error"]?.stringValue ?? ""
+        XCTAssertTrue(error.contains("cannot connect to 127.0.0.1:\(fixture.harness.queryPort)"), r.body)
+        let page = try HTTP.get(port: ui.port, path: "/", headers: ["Cookie": cookie])
+        XCTAssertEqual(page.status, 502)
+        XCTAssertTrue(page.body.contains("Cannot ask tapio-server") && page.body.contains("connection refused"), page.body)
         ui.process.stop()
     }
 
