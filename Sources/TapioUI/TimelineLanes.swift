@@ -124,6 +124,7 @@ public enum TimelineLanes {
 
         // Lanes: each event in the first row of its lane where it fits.
         var lanesSVG = ""
+        var laneBackgrounds = ""  // under the grid and the bands, the events above them
         var laneY = axisY + 4
         var positions: [String: (x: Double, y: Double)] = [:]
         let laneOrder = nodes(entries)
@@ -143,7 +144,7 @@ public enum TimelineLanes {
             }
             let height = Double(max(1, rowEnds.count)) * rowHeight + 10
             lanesSVG += "<g class=\"lane\" data-node=\"\(esc(node))\">"
-            lanesSVG += "<rect x=\"0\" y=\"\(r(laneY))\" width=\"\(r(width))\" height=\"\(r(height))\" class=\"lane-bg\(index % 2 == 1 ? " alt" : "")\"/>"
+            laneBackgrounds += "<rect x=\"0\" y=\"\(r(laneY))\" width=\"\(r(width))\" height=\"\(r(height))\" class=\"lane-bg\(index % 2 == 1 ? " alt" : "")\"/>"
             lanesSVG += "<text x=\"8\" y=\"\(r(laneY + 17))\" class=\"lane-label\">\(esc(shorten(node, 18)))</text>"
             for (e, row) in placed {
                 let cy = laneY + 5 + Double(row) * rowHeight + rowHeight / 2
@@ -188,7 +189,7 @@ public enum TimelineLanes {
                                                    with: "<a href=\"?from_ns=\(from - margin)&amp;to_ns=\(to + margin)#timeline\"><g class=\"concurrent-band\" data-ids=\"\(esc(ids))\">") + "</a>"
             }
         }
-        body = body.replacingOccurrences(of: "@TICKS@", with: ticks.replacingOccurrences(of: "@BOTTOM@", with: r(bottom)) + bands + lanesSVG)
+        body = body.replacingOccurrences(of: "@TICKS@", with: laneBackgrounds + ticks.replacingOccurrences(of: "@BOTTOM@", with: r(bottom)) + bands + lanesSVG)
         y = bottom + 10
 
         if standalone {
