@@ -1,6 +1,6 @@
 /// Which series a symptom belongs to: the entity where it is measured, what
 /// is measured, and the peer it concerns ("" for the entity itself).
-struct SeriesKey: Sendable, Hashable, Comparable {
+struct SeriesKey: Sendable, Hashable, Comparable, Codable {
     var observer: String
     var kind: SymptomKind
     var peer: String
@@ -13,7 +13,7 @@ struct SeriesKey: Sendable, Hashable, Comparable {
 }
 
 /// The outcome of closing one bucket of a series.
-struct BucketVerdict: Sendable {
+struct BucketVerdict: Sendable, Codable {
     var firing: Bool
     /// Events in the window (counts) or elevated events (levels).
     var count: Double
@@ -27,8 +27,8 @@ struct BucketVerdict: Sendable {
 
 /// One entity's rate (or level) series for one symptom kind, with its own
 /// baseline: exponentially weighted mean and variance per bucket.
-struct Series: Sendable {
-    struct Bucket: Sendable {
+struct Series: Sendable, Codable {
+    struct Bucket: Sendable, Codable {
         var index: Int64
         var count: Double = 0
         var level: Double = 0

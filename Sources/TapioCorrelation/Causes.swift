@@ -1,7 +1,7 @@
 import TapioWire
 
 /// A kernel observation that can be a cause (before it is linked to anything).
-enum Signal: String, Sendable, Comparable {
+enum Signal: String, Sendable, Comparable, Codable {
     case oomKill, exit, listenerClosed, firewallDrop, packetLoss, dnsFailure, cpuThrottle, memoryPressure, diskFull
     /// A process started: weak evidence of a noisy neighbour.
     case workloadStart
@@ -15,7 +15,7 @@ enum Signal: String, Sendable, Comparable {
     static func < (a: Signal, b: Signal) -> Bool { a.rawValue < b.rawValue }
 }
 
-struct CauseEvent: Sendable {
+struct CauseEvent: Sendable, Codable {
     var signal: Signal
     var entity: String
     /// How the entity was resolved (metadata factor).
@@ -41,13 +41,18 @@ struct CauseEvent: Sendable {
 }
 
 /// Recent cause events per entity, bounded by count and age.
-struct CauseStore: Sendable {
+struct CauseStore: Sendable, Codable {
     private(set) var byEntity: [String: [CauseEvent]] = [:]
     /// Entities with signals per node (noisy neighbour search).
     private(set) var entitiesByNode: [String: Set<String>] = [:]
     /// (node, pid) → time of the process's exit, any status, and whether it
     /// was asked to stop (SIGTERM, SIGINT) or exited with 0.
-    private(set) var exits: [String: (timeNs: Int64, planned: Bool)] = [:]
+    private(set) var exits: [String: ProcessExit] = [:]
+
+    struct ProcessExit: Sendable, Codable {
+        var timeNs: Int64
+        var planned: Bool
+    }
 
     mutating func add(_ c: CauseEvent, limit: Int) {
         // In place: the list is never copied out of the dictionary.
@@ -72,7 +77,7 @@ struct CauseStore: Sendable {
     }
 
     mutating func exited(node: String, pid: UInt32, timeNs: Int64, planned: Bool) {
-        exits["\(node)/\(pid)"] = (timeNs, planned)
+        exits["\(node)/\(pid)"] = ProcessExit(timeNs: timeNs, planned: planned)
     }
 
     func exitTime(node: String, pid: UInt32) -> Int64? { exits["\(node)/\(pid)"]?.timeNs }
@@ -102,7 +107,7 @@ struct CauseStore: Sendable {
 }
 
 /// An address and port: a server's end of a flow.
-struct Endpoint: Sendable, Hashable, Comparable {
+struct Endpoint: Sendable, Hashable, Comparable, Codable {
     var address: IPAddress
     var port: UInt16
 
@@ -123,8 +128,8 @@ struct Endpoint: Sendable, Hashable, Comparable {
 /// Only endpoints with netfilter drops are watched (from their first drop
 /// on, which is all the reading looks at), so memory follows the drops, not
 /// the cluster's traffic.
-struct DeliveryLog: Sendable {
-    struct Bucket: Sendable {
+struct DeliveryLog: Sendable, Codable {
+    struct Bucket: Sendable, Codable {
         var count: UInt64 = 0
         var clients: Set<IPAddress> = []
         /// More clients than kept: any client may have got through.

@@ -2,9 +2,9 @@ import TapioWire
 
 /// Who talks to whom, learned from observed connections and DNS answers:
 /// edges client entity → server entity (what `tapio services` shows).
-public struct DependencyGraph: Sendable, Equatable {
+public struct DependencyGraph: Sendable, Equatable, Codable {
     /// One client → server dependency.
-    public struct Edge: Sendable, Equatable {
+    public struct Edge: Sendable, Equatable, Codable {
         public var client: String
         public var server: String
         /// Connection attempts seen (established and failed).
@@ -38,7 +38,7 @@ public struct DependencyGraph: Sendable, Equatable {
 
     /// Count, mean, max and quantiles from a log2 histogram (buckets of
     /// powers of two ns): deterministic, bounded memory.
-    public struct LatencySummary: Sendable, Equatable {
+    public struct LatencySummary: Sendable, Equatable, Codable {
         public var count: UInt64 = 0
         public var totalNs: Double = 0
         public var maxNs: UInt64 = 0

@@ -11,7 +11,7 @@ import TapioWire
 /// only that thread and queries take.
 public struct CorrelationEngine: Sendable {
     /// Counters of what the engine did with its input.
-    public struct Statistics: Sendable, Equatable {
+    public struct Statistics: Sendable, Equatable, Codable {
         public var processed: UInt64 = 0
         /// Events older than the bucket being filled when they were processed:
         /// they count as causes and topology but not in rates.
@@ -49,6 +49,74 @@ public struct CorrelationEngine: Sendable {
 
     public init(configuration: CorrelationConfiguration = CorrelationConfiguration()) {
         self.configuration = configuration
+    }
+
+    // MARK: Checkpoints
+
+    /// Everything the engine holds but its configuration, for a checkpoint
+    /// (docs/storage.md, "Engine checkpoints"): restored, the engine goes on
+    /// as if it had never stopped.
+    private struct State: Codable {
+        static let version = 1
+        var version = State.version
+        var graph: DependencyGraph
+        var statistics: Statistics
+        var watermarkNs: Int64
+        var topology: Topology
+        var causes: CauseStore
+        var deliveries: DeliveryLog
+        var pending: [ObservedEvent]
+        var maxSeenNs: Int64
+        var series: [SeriesKey: Series]
+        var touched: Set<SeriesKey>
+        var currentBucket: Int64?
+        var firstBucket: Int64
+        var openIncidents: [IncidentState]
+        var resolvedIncidents: [Incident]
+        var aliases: [String: String]
+    }
+
+    public struct CheckpointError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// The engine's state as bytes (JSON).
+    public func checkpoint() throws -> [UInt8] {
+        let state = State(graph: graph, statistics: statistics, watermarkNs: watermarkNs, topology: topology, causes: causes,
+                          deliveries: deliveries, pending: pending, maxSeenNs: maxSeenNs, series: series, touched: touched,
+                          currentBucket: currentBucket, firstBucket: firstBucket, openIncidents: openIncidents,
+                          resolvedIncidents: resolvedIncidents, aliases: aliases)
+        return Array(try JSONEncoder().encode(state))
+    }
+
+    /// An engine restored from `checkpoint()`'s bytes, with `configuration`
+    /// (today's, not the one the checkpoint was taken with).
+    public init(checkpoint bytes: [UInt8], configuration: CorrelationConfiguration = CorrelationConfiguration()) throws {
+        let state: State
+        do {
+            state = try JSONDecoder().decode(State.self, from: Data(bytes))
+        } catch {
+            throw CheckpointError(description: "not an engine checkpoint of this version: \(error)")
+        }
+        guard state.version == State.version else {
+            throw CheckpointError(description: "engine checkpoint version \(state.version), this server reads \(State.version)")
+        }
+        self.configuration = configuration
+        graph = state.graph
+        statistics = state.statistics
+        watermarkNs = state.watermarkNs
+        topology = state.topology
+        causes = state.causes
+        deliveries = state.deliveries
+        pending = state.pending
+        maxSeenNs = state.maxSeenNs
+        series = state.series
+        touched = state.touched
+        currentBucket = state.currentBucket
+        firstBucket = state.firstBucket
+        openIncidents = state.openIncidents
+        resolvedIncidents = state.resolvedIncidents
+        aliases = state.aliases
     }
 
     // MARK: Input
@@ -532,7 +600,7 @@ func floorDiv(_ a: Int64, _ b: Int64) -> Int64 {
 }
 
 /// One symptom as an incident holds it.
-struct SymptomState: Sendable, Equatable {
+struct SymptomState: Sendable, Equatable, Codable {
     var key: SeriesKey
     var edgeFrom: String?
     var edgeTo: String?
@@ -543,7 +611,7 @@ struct SymptomState: Sendable, Equatable {
     var events: [ObservedEvent]
 }
 
-struct IncidentState: Sendable {
+struct IncidentState: Sendable, Codable {
     var id: String
     var openedNs: Int64
     var symptoms: [SeriesKey: SymptomState] = [:]

@@ -1,13 +1,13 @@
 import TapioWire
 
 /// An incident as the server answers it (docs/correlation-contract.md).
-public struct Incident: Sendable, Equatable {
-    public enum Status: String, Sendable {
+public struct Incident: Sendable, Equatable, Codable {
+    public enum Status: String, Sendable, Codable {
         case open
         case resolved
     }
 
-    public struct Affected: Sendable, Equatable {
+    public struct Affected: Sendable, Equatable, Codable {
         public var nodes: [String] = []
         public var pods: [String] = []
         public var services: [String] = []
@@ -74,7 +74,7 @@ public struct Incident: Sendable, Equatable {
     }
 }
 
-public struct Symptom: Sendable, Equatable {
+public struct Symptom: Sendable, Equatable, Codable {
     /// Where it is measured.
     public var entity: String
     public var kind: SymptomKind
@@ -101,7 +101,7 @@ public struct Symptom: Sendable, Equatable {
     }
 }
 
-public struct RootCause: Sendable, Equatable {
+public struct RootCause: Sendable, Equatable, Codable {
     public var entity: String
     public var kind: CauseKind
     /// A probability, calibrated on lab runs (docs/correlation.md).
@@ -136,7 +136,7 @@ public struct RootCause: Sendable, Equatable {
 }
 
 /// One cause → symptom link with its own confidence.
-public struct CausalLink: Sendable, Equatable {
+public struct CausalLink: Sendable, Equatable, Codable {
     public var causeEntity: String
     public var causeKind: CauseKind
     public var symptomEntity: String
@@ -161,7 +161,7 @@ public struct CausalLink: Sendable, Equatable {
 /// One event of an incident on the corrected clock. Events on different
 /// nodes whose uncertainty intervals overlap are `concurrentWith` each other:
 /// their order is not known. Events of one node share a clock and keep their order.
-public struct TimelineEntry: Sendable, Equatable {
+public struct TimelineEntry: Sendable, Equatable, Codable {
     public var id: String
     public var timeNs: Int64
     public var errorNs: Int64
@@ -185,7 +185,7 @@ public struct TimelineEntry: Sendable, Equatable {
 
 /// A listener closed on purpose (a stop request, a graceful shutdown) and
 /// when its entity listened on the port again, if it has.
-struct PlannedStop: Sendable, Equatable {
+struct PlannedStop: Sendable, Equatable, Codable {
     var closedNs: Int64
     var reopenedNs: Int64?
 }

@@ -6,7 +6,7 @@ import TapioWire
 /// the true time lies within `timeNs ± errorNs`. `errorNs` is −1 when the
 /// node has no clock sample yet (the engine then assumes
 /// `Configuration.unknownClockErrorNs`).
-public struct ObservedEvent: Sendable, Equatable {
+public struct ObservedEvent: Sendable, Equatable, Codable {
     public var node: String
     public var timeNs: Int64
     public var errorNs: Int64
@@ -38,6 +38,22 @@ public struct ObservedEvent: Sendable, Equatable {
         self.timeNs = event.timeNs &- clockOffsetNs
         self.errorNs = clockErrorNs
         self.box = EventBox(event)
+    }
+
+    private enum CodingKeys: String, CodingKey { case node, timeNs, errorNs, event }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(node: try c.decode(String.self, forKey: .node), timeNs: try c.decode(Int64.self, forKey: .timeNs),
+                  errorNs: try c.decode(Int64.self, forKey: .errorNs), event: try c.decode(TapioEvent.self, forKey: .event))
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(node, forKey: .node)
+        try c.encode(timeNs, forKey: .timeNs)
+        try c.encode(errorNs, forKey: .errorNs)
+        try c.encode(box.event, forKey: .event)
     }
 
     public static func == (a: ObservedEvent, b: ObservedEvent) -> Bool {
@@ -111,7 +127,7 @@ public enum CauseKind: String, Sendable, CaseIterable, Comparable, Codable {
 
 /// One named input of a confidence: `value` in [0, 1] and the weight it
 /// carries in the logistic combination.
-public struct Factor: Sendable, Equatable {
+public struct Factor: Sendable, Equatable, Codable {
     public var name: String
     public var value: Double
     public var weight: Double

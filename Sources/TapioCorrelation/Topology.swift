@@ -2,7 +2,7 @@ import TapioWire
 
 /// An entity as resolved from an event or an address, with how sure the
 /// resolution is (the metadata factor).
-struct EntityRef: Sendable, Equatable {
+struct EntityRef: Sendable, Equatable, Codable {
     var name: String
     /// 1 resolved through the inventory, lower for weaker evidence (a pod
     /// name without inventory, a DNS name, a host process, a bare address).
@@ -14,7 +14,7 @@ struct EntityRef: Sendable, Equatable {
 /// A pod of the inventory as the topology's indexes hold it: shared, not
 /// copied per lookup (every event resolves its entity), with its entity
 /// computed once.
-final class PodEntry: Sendable, Equatable {
+final class PodEntry: Sendable, Equatable, Codable {
     let info: PodInfo
     /// `Topology.serviceName(info)`.
     let service: String
@@ -25,11 +25,20 @@ final class PodEntry: Sendable, Equatable {
     }
 
     static func == (a: PodEntry, b: PodEntry) -> Bool { a === b || a.info == b.info }
+
+    convenience init(from decoder: Decoder) throws {
+        self.init(try decoder.singleValueContainer().decode(PodInfo.self))
+    }
+
+    func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(info)
+    }
 }
 
 /// What the engine knows of the cluster's shape, fed as data: pods from the
 /// agents' inventories, names from DNS answers, listeners seen opening.
-struct Topology: Sendable {
+struct Topology: Sendable, Codable {
     private var podsByNode: [String: [PodInfo]] = [:]
     private var byIP: [String: PodEntry] = [:]
     private var byContainer: [String: PodEntry] = [:]

@@ -29,6 +29,10 @@ public final class CorrelationService: Sendable {
         public var queueEvents = 262_144
         /// How often the engine processes events up to its watermark.
         public var tickIntervalNs: Int64 = 250_000_000
+        /// Where the engine's checkpoint is kept (nil: none; the server
+        /// uses `<data-dir>/engine.checkpoint`), and how often it is taken.
+        public var checkpointPath: String?
+        public var checkpointIntervalNs: Int64 = 30_000_000_000
         public init() {}
     }
 
@@ -50,6 +54,17 @@ public final class CorrelationService: Sendable {
     private let store: any EventStore
     private let logger: Logger
     public let configuration: Configuration
+    /// The log position (store batch id) of the last batch the engine took:
+    /// batches reach the engine in log order (`submit` from the storage
+    /// thread), so everything up to it is in the engine's state.
+    private let position = Mutex<Int64>(0)
+    /// How the last `restore` went: from the checkpoint or the log, and how
+    /// many batches of the log it replayed.
+    public var lastRestore: (source: String, batchesReplayed: Int) { restored.withLock { $0 } }
+    private let restored = Mutex<(source: String, batchesReplayed: Int)>(("none", 0))
+    /// One checkpoint written at a time, off the engine's thread.
+    private let checkpointing = Mutex(false)
+    private let checkpointQueue = DispatchQueue(label: "tapio-checkpoint")
 
     public init(configuration: Configuration, store: any EventStore, logger: Logger) {
         self.configuration = configuration
@@ -59,19 +74,96 @@ public final class CorrelationService: Sendable {
         feed = EngineFeed(capacity: max(1, configuration.queueEvents))
     }
 
-    /// Rebuilds the engine from the last `replayWindowNs` of the log.
+    /// Rebuilds the engine: from its checkpoint and the log after it when
+    /// there is one (docs/storage.md, "Engine checkpoints"), else from the
+    /// last `replayWindowNs` of the log.
     public func restore(nowNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws {
-        let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs, maxFutureSkewNs: maxFutureSkewNs)
-        let statistics = engine.withLock { e in
-            log.feed(&e)
+        var replayed = 0
+        var from = "log"
+        if let restored = loadCheckpoint() {
+            var e = restored.engine
+            // Inventories that changed after the checkpoint.
+            var byNode: [String: [PodInfo]] = [:]
+            for p in try store.pods() { byNode[p.node, default: []].append(p) }
+            for node in byNode.keys.sorted() { e.updateInventory(node: node, pods: byNode[node]!) }
+            var after = restored.position
+            while true {
+                let page = try store.batches(afterId: after, limit: 2000)
+                for r in page {
+                    e.ingest(Self.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events)
+                    after = r.id
+                }
+                replayed += page.count
+                if page.count < 2000 { break }
+            }
             e.advance(toNs: nowNs)
-            return e.statistics
+            let statistics = e.statistics
+            engine.withLock { $0 = e }
+            position.withLock { $0 = after }
+            published.withLock { $0 = statistics }
+            from = "checkpoint"
+        } else {
+            let log = try EventLog.load(store: store, sinceNs: nowNs - configuration.replayWindowNs, maxFutureSkewNs: maxFutureSkewNs)
+            let statistics = engine.withLock { e in
+                log.feed(&e)
+                e.advance(toNs: nowNs)
+                return e.statistics
+            }
+            position.withLock { $0 = max($0, log.lastBatchId) }
+            published.withLock { $0 = statistics }
+            replayed = log.batches
         }
-        published.withLock { $0 = statistics }
         for (id, updated) in try store.incidents().map({ ($0.id, $0.updatedNs) }) {
             persisted.withLock { $0[id] = updated }
         }
-        logger.info("correlation engine restored", metadata: ["batches_replayed": "\(log.batches)"])
+        restored.withLock { $0 = (from, replayed) }
+        logger.info("correlation engine restored", metadata: ["from": "\(from)", "batches_replayed": "\(replayed)"])
+    }
+
+    /// The checkpoint's engine and log position; nil (and a warning) when
+    /// there is none or it cannot be used.
+    private func loadCheckpoint() -> (engine: CorrelationEngine, position: Int64)? {
+        guard let path = configuration.checkpointPath else { return nil }
+        do {
+            guard let bytes = try CheckpointFile.read(path) else { return nil }
+            guard bytes.count > 8 else { throw CheckpointFile.Damaged(description: "\(path): too short") }
+            let position = bytes[0..<8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) }
+            let engine = try CorrelationEngine(checkpoint: Array(bytes[8...]), configuration: configuration.engine)
+            return (engine, position)
+        } catch {
+            logger.warning("engine checkpoint not used; replaying the recent log instead", metadata: ["error": "\(error)"])
+            return nil
+        }
+    }
+
+    /// Writes the engine's state and log position, taken now on the
+    /// caller's thread (a copy: the engine is a value), encoded and written
+    /// on the checkpoint queue; skipped while the previous one is written.
+    /// `wait`: on the caller's thread, at stop.
+    func checkpoint(wait: Bool = false) {
+        guard let path = configuration.checkpointPath else { return }
+        let free = checkpointing.withLock { busy -> Bool in
+            if busy { return false }
+            busy = true
+            return true
+        }
+        guard free else { return }
+        let (copy, at) = engine.withLock { e in (e, position.withLock { $0 }) }
+        let logger = self.logger
+        let work: @Sendable () -> Void = { [self] in
+            defer { checkpointing.withLock { $0 = false } }
+            do {
+                let started = monotonicNs()
+                var bytes = (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) }
+                bytes += try copy.checkpoint()
+                let written = try CheckpointFile.write(bytes, to: path)
+                logger.info("engine checkpoint written", metadata: [
+                    "position": "\(at)", "bytes": "\(written)", "seconds": "\(Double(monotonicNs() - started) / 1e9)"])
+            } catch {
+                logger.error("engine checkpoint failed", metadata: ["error": "\(error)"])
+            }
+        }
+        if wait { checkpointQueue.sync(execute: work) } else { checkpointQueue.async(execute: work) }
     }
 
     /// The drop reason under which events dated too far ahead are counted.
@@ -106,7 +198,19 @@ public final class CorrelationService: Sendable {
     /// `onRoom` is called (on the engine's thread) once the queue is below
     /// half. The events are queued either way.
     public func submit(_ events: [ObservedEvent], onRoom: @escaping @Sendable () -> Void) -> Bool {
-        feed.push(.events(events), onRoom: onRoom)
+        feed.push(.events(events, batchId: 0), onRoom: onRoom)
+    }
+
+    /// Queues a stored batch's events with its log position; on the storage
+    /// thread, in log order. Returns false when the queue is full: the
+    /// connection then stops reading and asks `whenRoom`.
+    func submit(_ events: [ObservedEvent], batchId: Int64) -> Bool {
+        feed.push(.events(events, batchId: batchId), onRoom: nil)
+    }
+
+    /// `onRoom` once the queue is below half (at once if it is now).
+    func whenRoom(_ onRoom: @escaping @Sendable () -> Void) {
+        feed.whenRoom(onRoom)
     }
 
     /// Queues a node's inventory for the engine, in line with its events.
@@ -149,13 +253,15 @@ public final class CorrelationService: Sendable {
     private func run(onPass: @Sendable () -> Void) {
         let interval = configuration.tickIntervalNs
         var nextPass = monotonicNs() + interval
+        var nextCheckpoint = monotonicNs() + configuration.checkpointIntervalNs
         while true {
             let (items, stopping) = feed.take(untilMonotonicNs: nextPass)
             for item in items {
                 switch item {
-                case .events(let events):
+                case .events(let events, let batchId):
                     let s = engine.withLock { e in
                         e.ingest(events)
+                        if batchId > 0 { position.withLock { $0 = batchId } }
                         return e.statistics
                     }
                     published.withLock { $0 = s }
@@ -170,9 +276,15 @@ public final class CorrelationService: Sendable {
                 tick(nowNs: wallClockNs())
                 onPass()
                 nextPass = max(nextPass + interval, monotonicNs())
+                if now >= nextCheckpoint {
+                    checkpoint()
+                    nextCheckpoint = now + configuration.checkpointIntervalNs
+                }
             }
         }
         tick(nowNs: wallClockNs())
+        // The next start reads this one and replays nothing after it.
+        checkpoint(wait: true)
     }
 
     /// Advances the engine to `nowNs` and persists the incidents that
@@ -262,7 +374,8 @@ public final class CorrelationService: Sendable {
 /// most what connections already had in flight.
 final class EngineFeed: @unchecked Sendable {
     enum Item {
-        case events([ObservedEvent])
+        /// A stored batch's events with its log position (0: not from the log).
+        case events([ObservedEvent], batchId: Int64)
         case inventory(node: String, pods: [PodInfo])
     }
 
@@ -283,11 +396,23 @@ final class EngineFeed: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         items.append(item)
-        if case .events(let e) = item { queued += e.count }
+        if case .events(let e, _) = item { queued += e.count }
         condition.signal()
-        guard let onRoom, queued >= capacity else { return true }
-        waiters.append(onRoom)
+        guard queued >= capacity else { return true }
+        if let onRoom { waiters.append(onRoom) }
         return false
+    }
+
+    /// `onRoom` once the queue is at or below half, now if it is.
+    func whenRoom(_ onRoom: @escaping @Sendable () -> Void) {
+        condition.lock()
+        guard queued > capacity / 2 else {
+            condition.unlock()
+            onRoom()
+            return
+        }
+        waiters.append(onRoom)
+        condition.unlock()
     }
 
     /// Everything queued, waiting until something is or the deadline passes

@@ -11,6 +11,8 @@ public struct EventLog: Sendable {
     public var inventory: [String: [PodInfo]] = [:]
     /// Batches the events came in.
     public var batches = 0
+    /// The log position of the last of them (0: none, or not known).
+    public var lastBatchId: Int64 = 0
 
     /// The log of a server's data directory, batches received at or after `sinceNs`.
     public static func load(dataDirectory: String, sinceNs: Int64 = .min,
@@ -32,6 +34,7 @@ public struct EventLog: Sendable {
             let page = try store.batches(sinceNs: since, limit: pageSize)
             for r in page {
                 log.events += CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
+                log.lastBatchId = max(log.lastBatchId, r.id)
             }
             log.batches += page.count
             guard page.count == pageSize, let last = page.last else { break }

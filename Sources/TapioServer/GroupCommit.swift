@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import Synchronization
+import TapioCorrelation
 import TapioStore
 
 /// Group commit on the storage thread: batches that arrive while it is busy
@@ -10,27 +11,43 @@ import TapioStore
 /// commits everything pending, so a batch is durable no later than its own
 /// job would have made it, before any job submitted after it.
 final class GroupCommit: Sendable {
+    /// What became of one batch.
+    struct Outcome: Sendable {
+        /// Stored now (false: a duplicate, stored before).
+        var stored: Bool
+        /// False when the engine's queue was full as the batch joined it:
+        /// the connection stops reading until `CorrelationService.whenRoom`.
+        var room: Bool
+    }
+
     private struct Item: Sendable {
         var append: BatchAppend
-        var promise: EventLoopPromise<Bool>
+        /// Its events as the engine sees them, handed to the engine once stored.
+        var observed: [ObservedEvent]
+        var promise: EventLoopPromise<Outcome>
     }
 
     private let pending = Mutex<[Item]>([])
     private let store: any EventStore
     private let storage: NIOThreadPool
     private let histograms: ServerHistograms
+    private let correlation: CorrelationService?
 
-    init(store: any EventStore, storage: NIOThreadPool, histograms: ServerHistograms = ServerHistograms()) {
+    init(store: any EventStore, storage: NIOThreadPool, histograms: ServerHistograms = ServerHistograms(), correlation: CorrelationService? = nil) {
         self.store = store
         self.storage = storage
         self.histograms = histograms
+        self.correlation = correlation
     }
 
-    /// Stored (true) or a duplicate (false), once durable; fails when the
-    /// commit failed (nothing of the group is stored) or storage has stopped.
-    func append(_ append: BatchAppend, eventLoop: EventLoop) -> EventLoopFuture<Bool> {
-        let promise = eventLoop.makePromise(of: Bool.self)
-        pending.withLock { $0.append(Item(append: append, promise: promise)) }
+    /// Stored or a duplicate, once durable; fails when the commit failed
+    /// (nothing of the group is stored) or storage has stopped. A stored
+    /// batch's `observed` events go to the engine here, on the storage
+    /// thread, in log order, so the engine's position in the log is exact
+    /// (its checkpoint says which batch it has seen last).
+    func append(_ append: BatchAppend, observed: [ObservedEvent] = [], eventLoop: EventLoop) -> EventLoopFuture<Outcome> {
+        let promise = eventLoop.makePromise(of: Outcome.self)
+        pending.withLock { $0.append(Item(append: append, observed: observed, promise: promise)) }
         let store = self.store
         storage.submit { [self] state in
             let items = pending.withLock { p -> [Item] in
@@ -45,8 +62,12 @@ final class GroupCommit: Sendable {
             }
             do {
                 let appends = items.map(\.append)
-                let stored = try histograms.commit(appends) { try store.appendAll(appends) }
-                for (i, s) in zip(items, stored) { i.promise.succeed(s) }
+                let ids = try histograms.commit(appends) { try store.appendLogged(appends) }
+                for (i, id) in zip(items, ids) {
+                    var room = true
+                    if let id, let correlation { room = correlation.submit(i.observed, batchId: id) }
+                    i.promise.succeed(Outcome(stored: id != nil, room: room))
+                }
             } catch {
                 for i in items { i.promise.fail(error) }
             }

@@ -30,7 +30,7 @@ final class ServerContext: Sendable {
         self.pods = pods
         self.metrics = metrics
         self.storage = storage
-        self.commits = GroupCommit(store: store, storage: storage, histograms: metrics.histograms)
+        self.commits = GroupCommit(store: store, storage: storage, histograms: metrics.histograms, correlation: correlation)
         self.logger = logger
         self.version = version
     }
@@ -264,16 +264,17 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         server.commits.append(BatchAppend(batch: batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops),
-                              eventLoop: context.eventLoop).whenComplete { result in
+                              observed: observed, eventLoop: context.eventLoop).whenComplete { result in
             let (handler, context) = loopBound.value
             handler.pendingStores -= 1
             switch result {
-            case .success(let stored):
+            case .success(let outcome):
+                let stored = outcome.stored
                 handler.server.metrics.add(stored ? "tapio_server_batches_total" : "tapio_server_duplicate_batches_total")
                 if stored {
                     handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
                     if future > 0 { handler.server.metrics.add("tapio_server_events_future_total", Int64(future)) }
-                    handler.feedEngine(context: context, observed)
+                    if !outcome.room { handler.waitForEngine(context: context) }
                 }
                 // The store counted the batch in the node's row; this is the live view.
                 if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
@@ -298,15 +299,18 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// Hands a durable batch's events to the engine without waiting; when
-    /// its queue is full, this connection stops reading until there is room
-    /// (its acks still leave: the batch is durable).
-    private func feedEngine(context: ChannelHandlerContext, _ observed: [ObservedEvent]) {
+    /// The engine's queue was full when this connection's batch joined it
+    /// (the batch is durable and acknowledged all the same): stop reading
+    /// until the engine has taken the queue below half.
+    private func waitForEngine(context: ChannelHandlerContext) {
         engineWaitGeneration += 1
         let generation = engineWaitGeneration
+        waitingForEngine = true
+        server.metrics.add("tapio_server_engine_backpressure_total")
+        pauseReads(context: context)
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
-        let room = server.correlation.submit(observed) {
+        server.correlation.whenRoom {
             loop.execute {
                 let (handler, context) = loopBound.value
                 guard handler.waitingForEngine, handler.engineWaitGeneration == generation else { return }
@@ -315,11 +319,6 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                     handler.resumeReads(context: context)
                 }
             }
-        }
-        if !room {
-            waitingForEngine = true
-            server.metrics.add("tapio_server_engine_backpressure_total")
-            pauseReads(context: context)
         }
     }
 

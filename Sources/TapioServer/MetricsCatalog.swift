@@ -108,12 +108,12 @@ public final class ServerHistograms: Sendable {
     /// One group commit (`body`): its duration, and per batch stored (not a
     /// duplicate) the lag of its oldest event, placed on the server's clock
     /// with the batch's correction. A failed commit is not observed.
-    func commit(_ appends: [BatchAppend], _ body: () throws -> [Bool]) rethrows -> [Bool] {
+    func commit(_ appends: [BatchAppend], _ body: () throws -> [Int64?]) rethrows -> [Int64?] {
         let started = monotonicNs()
         let stored = try body()
         batchCommit.observe(nanoseconds: monotonicNs() - started)
         let now = wallClockNs()
-        for (append, isNew) in zip(appends, stored) where isNew {
+        for (append, id) in zip(appends, stored) where id != nil {
             guard let oldest = append.batch.events.lazy.map(\.timeNs).min() else { continue }
             ingestLag.observe(nanoseconds: max(0, now - (oldest &- append.clock.offsetNs)))
         }

@@ -68,7 +68,11 @@ public final class TapioServer: Sendable {
         self.store = try SegmentEventStore(directory: configuration.dataDirectory, configuration: configuration.storage)
         self.registry = NodeRegistry(restoring: try store.nodes())
         self.pods = PodDirectory(restoring: try store.pods())
-        self.correlation = CorrelationService(configuration: configuration.correlation, store: store, logger: logger)
+        var correlationConfiguration = configuration.correlation
+        if correlationConfiguration.checkpointPath == nil {
+            correlationConfiguration.checkpointPath = (configuration.dataDirectory as NSString).appendingPathComponent("engine.checkpoint")
+        }
+        self.correlation = CorrelationService(configuration: correlationConfiguration, store: store, logger: logger)
         let metrics = self.metrics
         self.alerts = configuration.alerting.isEnabled
             ? try AlertNotifier(configuration: configuration.alerting, logger: logger) { metrics.add($0, $1) } : nil

@@ -110,6 +110,11 @@ public protocol EventStore: Sendable {
     /// commit): when it returns every one is durable, when it throws none
     /// is. Per batch, as `append`: stored, or false for a duplicate.
     func appendAll(_ batches: [BatchAppend]) throws -> [Bool]
+    /// `appendAll` telling each stored batch's log position (its id:
+    /// increasing in commit order, without gaps) and nil for a duplicate.
+    func appendLogged(_ batches: [BatchAppend]) throws -> [Int64?]
+    /// The durable log in commit order: batches after log position `afterId`.
+    func batches(afterId: Int64, limit: Int) throws -> [RecordedBatch]
     /// The contiguous durable prefix of (node, epoch): the largest n such that
     /// every sequence 1...n is stored, 0 when sequence 1 is not. A gap (a
     /// batch whose store failed while a later one succeeded) ends the prefix.
@@ -225,6 +230,8 @@ extension EventStore {
 
 /// One batch as the log holds it, for replay.
 public struct RecordedBatch: Sendable, Equatable {
+    /// Its log position (0 where the store does not say).
+    public var id: Int64 = 0
     public var receivedNs: Int64
     public var clock: ClockCorrection
     public var batch: EventBatch

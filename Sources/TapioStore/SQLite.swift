@@ -45,6 +45,7 @@ final class SQLiteDatabase {
     }
 
     var changes: Int { Int(sqlite3_changes(handle)) }
+    var lastInsertRowId: Int64 { sqlite3_last_insert_rowid(handle) }
 
     func error(_ rc: Int32) -> SQLiteError {
         SQLiteError(code: rc, message: String(cString: sqlite3_errmsg(handle)))

@@ -124,7 +124,7 @@ public final class SegmentEventStore: EventStore {
         try database.execute("PRAGMA synchronous=FULL")
         try database.execute("""
             CREATE TABLE IF NOT EXISTS log_batches(
-                id INTEGER PRIMARY KEY,
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
                 node TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
                 received_ns INTEGER NOT NULL, events INTEGER NOT NULL,
                 clock_offset_ns INTEGER NOT NULL, clock_error_ns INTEGER NOT NULL,
@@ -183,6 +183,10 @@ public final class SegmentEventStore: EventStore {
     }
 
     public func appendAll(_ batches: [BatchAppend]) throws -> [Bool] {
+        try appendLogged(batches).map { $0 != nil }
+    }
+
+    public func appendLogged(_ batches: [BatchAppend]) throws -> [Int64?] {
         let configuration = self.configuration
         return try writer.withLock { w in
             var fresh = [Bool](repeating: false, count: batches.count)
@@ -198,6 +202,7 @@ public final class SegmentEventStore: EventStore {
             let nowNs = batches.first?.receivedNs ?? 0
             let before = w.files.activeSize
             let written = try w.files.append(payloads, nowNs: wallNs())
+            var ids = [Int64?](repeating: nil, count: batches.count)
             do {
                 try w.db.transaction {
                     var next = 0
@@ -209,6 +214,7 @@ public final class SegmentEventStore: EventStore {
                         let (location, rawLength) = written[next]
                         next += 1
                         try Self.index(a, at: location, rawLength: rawLength, into: w)
+                        ids[i] = w.db.lastInsertRowId
                     }
                 }
             } catch {
@@ -223,7 +229,7 @@ public final class SegmentEventStore: EventStore {
             w.statistics.recordBytesAppended += written.reduce(0) { $0 + $1.0.length }
             _ = nowNs
             try w.files.rotateIfNeeded(maxBytes: configuration.segmentBytes, maxAgeNs: configuration.segmentAgeNs, nowNs: wallNs())
-            return fresh
+            return ids
         }
     }
 
@@ -400,20 +406,40 @@ public final class SegmentEventStore: EventStore {
         (segmentDirectory as NSString).appendingPathComponent(String(format: "%016lld.seg", id))
     }
 
+    public func batches(afterId: Int64, limit: Int) throws -> [RecordedBatch] {
+        let files = SegmentReader(path: pathOfSegment)
+        return try reader.withLock { c in
+            let s = try c.db.prepare("""
+                SELECT id, received_ns, clock_offset_ns, clock_error_ns, segment, offset, length, raw_length FROM log_batches
+                WHERE id > ? ORDER BY id LIMIT ?
+                """)
+            s.bind(1, afterId)
+            s.bind(2, Int64(max(1, limit)))
+            var out: [RecordedBatch] = []
+            while try s.step() {
+                let location = RecordLocation(segment: s.int64(4), offset: s.int64(5), length: s.int64(6))
+                guard let payload = try files.read(location, rawLength: Int(s.int64(7))) else { continue }
+                out.append(RecordedBatch(id: s.int64(0), receivedNs: s.int64(1), clock: ClockCorrection(offsetNs: s.int64(2), errorNs: s.int64(3)),
+                                         batch: try EventBatch.decode(payload)))
+            }
+            return out
+        }
+    }
+
     public func batches(sinceNs: Int64, limit: Int) throws -> [RecordedBatch] {
         let files = SegmentReader(path: pathOfSegment)
         return try reader.withLock { c in
             let s = try c.db.prepare("""
-                SELECT received_ns, clock_offset_ns, clock_error_ns, segment, offset, length, raw_length FROM log_batches
+                SELECT id, received_ns, clock_offset_ns, clock_error_ns, segment, offset, length, raw_length FROM log_batches
                 WHERE received_ns >= ? ORDER BY received_ns, id LIMIT ?
                 """)
             s.bind(1, sinceNs)
             s.bind(2, Int64(max(1, limit)))
             var out: [RecordedBatch] = []
             while try s.step() {
-                let location = RecordLocation(segment: s.int64(3), offset: s.int64(4), length: s.int64(5))
-                guard let payload = try files.read(location, rawLength: Int(s.int64(6))) else { continue }
-                out.append(RecordedBatch(receivedNs: s.int64(0), clock: ClockCorrection(offsetNs: s.int64(1), errorNs: s.int64(2)),
+                let location = RecordLocation(segment: s.int64(4), offset: s.int64(5), length: s.int64(6))
+                guard let payload = try files.read(location, rawLength: Int(s.int64(7))) else { continue }
+                out.append(RecordedBatch(id: s.int64(0), receivedNs: s.int64(1), clock: ClockCorrection(offsetNs: s.int64(2), errorNs: s.int64(3)),
                                          batch: try EventBatch.decode(payload)))
             }
             return out

@@ -44,8 +44,8 @@ public enum EventKind: UInt32, Sendable, CaseIterable, Codable {
 }
 
 /// One kernel observation as the agent reports it.
-public struct TapioEvent: Sendable, Equatable {
-    public enum Detail: Sendable, Equatable {
+public struct TapioEvent: Sendable, Equatable, Codable {
+    public enum Detail: Sendable, Equatable, Codable {
         case none
         case exec(filename: String)
         case exit(exitCode: Int32, signal: Int32, coreDumped: Bool)

@@ -741,7 +741,7 @@ public struct QueryResponse: Sendable, Equatable {
 // MARK: - Inventory
 
 /// A pod as the agent of its node knows it (from the Kubernetes API or a metadata file).
-public struct PodInfo: Sendable, Equatable, Hashable {
+public struct PodInfo: Sendable, Equatable, Hashable, Codable {
     public var uid: String
     public var name: String
     public var namespace: String

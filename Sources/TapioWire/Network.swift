@@ -1,7 +1,7 @@
 import Foundation
 
 /// An IPv4 (4 bytes) or IPv6 (16 bytes) address in network order.
-public struct IPAddress: Sendable, Hashable, CustomStringConvertible, Comparable {
+public struct IPAddress: Sendable, Hashable, CustomStringConvertible, Comparable, Codable {
     public var bytes: [UInt8]
 
     public init?(bytes: [UInt8]) {
@@ -65,7 +65,7 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible, Comparable
 }
 
 /// One TCP (or UDP) flow as seen from the socket that reported it: source is local.
-public struct Flow: Sendable, Hashable {
+public struct Flow: Sendable, Hashable, Codable {
     public var source: IPAddress?
     public var destination: IPAddress?
     public var sourcePort: UInt16
@@ -86,7 +86,7 @@ public struct Flow: Sendable, Hashable {
     }
 }
 
-public enum ConnectOutcome: UInt32, Sendable, CaseIterable {
+public enum ConnectOutcome: UInt32, Sendable, CaseIterable, Codable {
     case established = 1
     case refused = 2
     case timeout = 3
