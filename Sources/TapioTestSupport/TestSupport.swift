@@ -139,6 +139,7 @@ public final class ChildProcess: @unchecked Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, fd, 1)
         posix_spawn_file_actions_adddup2(&actions, errFd, 2)
+        TestSupport.inheritNothing(&actions)
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var child: pid_t = 0
@@ -181,6 +182,37 @@ public final class ChildProcess: @unchecked Sendable {
         kill(pid, SIGKILL)
         return reap(block: true) ?? -1
     }
+}
+
+extension TestSupport {
+    /// Makes a child started with `actions` inherit no descriptor of this
+    /// process but stdin, stdout and stderr. Otherwise a program a test
+    /// starts while an in-process server runs holds that server's sockets
+    /// (NIO opens them without close-on-exec): after the server stops, its
+    /// port is still bound in the child and a restart on it fails with
+    /// "Address already in use".
+    ///
+    /// The child closes them itself (glibc 2.34's
+    /// `posix_spawn_file_actions_addclosefrom_np`, after the dup2s onto
+    /// 0–2), so a socket another thread opens meanwhile is not missed. The
+    /// function is looked up at run time: Swift's Glibc module leaves out
+    /// GNU extensions. With an older C library, every descriptor this process
+    /// has open now is marked close-on-exec instead.
+    public static func inheritNothing(_ actions: inout posix_spawn_file_actions_t) {
+        if let closeFrom = addCloseFrom, closeFrom(&actions, 3) == 0 { return }
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return }
+        for fd in names.compactMap(Int32.init) where fd > 2 {
+            let flags = fcntl(fd, F_GETFD)
+            if flags >= 0 { _ = fcntl(fd, F_SETFD, flags | FD_CLOEXEC) }
+        }
+    }
+
+    private typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32
+
+    private static let addCloseFrom: AddCloseFrom? = {
+        guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addclosefrom_np") else { return nil }
+        return unsafeBitCast(symbol, to: AddCloseFrom.self)
+    }()
 }
 
 /// Polls `condition` every 50 ms until it holds or `timeout` passes.

@@ -588,7 +588,7 @@ final class CLIProcess {
         defer { for a in argv + envp { free(a) } }
         // The server in this process must not live on in the child: its
         // listening sockets would outlast a stop and block the restart.
-        Self.closeOnExec()
+        TestSupport.inheritNothing(&actions)
         var child: pid_t = 0
         let rc = posix_spawn(&child, "/bin/sh", &actions, nil, argv, envp)
         guard rc == 0 else { throw TestSupportError("cannot start \(path): \(String(cString: strerror(rc)))") }
@@ -596,15 +596,6 @@ final class CLIProcess {
     }
 
     deinit { stop() }
-
-    /// Marks every descriptor of this process above stderr close-on-exec.
-    static func closeOnExec() {
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return }
-        for fd in names.compactMap(Int32.init) where fd > 2 {
-            let flags = fcntl(fd, F_GETFD)
-            if flags >= 0 { _ = fcntl(fd, F_SETFD, flags | FD_CLOEXEC) }
-        }
-    }
 
     var stdout: String { (try? String(contentsOfFile: out, encoding: .utf8)) ?? "" }
     var stderr: String { (try? String(contentsOfFile: err, encoding: .utf8)) ?? "" }
