@@ -80,7 +80,7 @@ func confidenceBar(_ c: Double) -> String {
 
 /// A whole page: navigation, the live fragment in `<main>`, the script.
 func page(title: String, active: String, fragment: String, live: Bool = true) -> String {
-    let nav = [("incidents", "/", "Incidents"), ("services", "/services", "Service map"), ("events", "/events", "Events")]
+    let nav = [("incidents", "/", "Incidents"), ("services", "/services", "Service map"), ("events", "/events", "Events"), ("nodes", "/nodes", "Nodes")]
         .map { key, href, label in "<a href=\"\(href)\"\(key == active ? " class=\"active\"" : "")>\(label)</a>" }.joined()
     return """
         <!doctype html>

@@ -31,7 +31,8 @@ enum Pages {
         }
         if path == "/services" { return try services(query) }
         if path == "/events" { return try events(params, query) }
-        throw NotFound(description: "no page \(path): the UI has / (incidents), /incidents/ID, /services and /events")
+        if path == "/nodes" { return try nodes(query) }
+        throw NotFound(description: "no page \(path): the UI has / (incidents), /incidents/ID, /services, /events and /nodes")
     }
 
     // MARK: Incidents
@@ -191,6 +192,33 @@ enum Pages {
             out += "</tbody></table>"
         }
         return Rendered(title: "Service map", tab: "services", fragment: out)
+    }
+
+    // MARK: Nodes
+
+    /// The agents: connected or not, their clock offset with its
+    /// uncertainty (what the timeline's bars come from), what they delivered
+    /// and lost, programs that could not run.
+    static func nodes(_ query: UIQuery) throws -> Rendered {
+        let list = (try query("nodes", [:]))["nodes"]?.array ?? []
+        var out = "<h1>Nodes</h1><p class=\"muted\">Each agent's clock offset is estimated from time-sync exchanges on its connection; "
+        out += "its uncertainty is the ± every event of that node carries on the timeline.</p>"
+        guard !list.isEmpty else { return Rendered(title: "Nodes", tab: "nodes", fragment: out + "<div class=\"card muted\">No agent has connected yet.</div>") }
+        out += "<table class=\"nodes\"><thead><tr><th>Node</th><th>Connected</th><th>Last seen (UTC)</th><th class=\"num\">Clock offset</th><th class=\"num\">Events</th><th class=\"num\">Dropped</th><th>Programs</th><th>Agent</th></tr></thead><tbody>"
+        for n in list.sorted(by: { ($0["node"]?.str ?? "") < ($1["node"]?.str ?? "") }) {
+            let connected = n["connected"] == .bool(true)
+            let offset = Double(n["clock_offset_ns"]?.intValue ?? 0), error = Double(n["clock_error_ns"]?.intValue ?? 0)
+            let degraded = n["degraded"]?.strings ?? []
+            var drops: [String] = []
+            if case .object(let d)? = n["drops"] { drops = d.keys.sorted().map { "\($0) \(d[$0]?.intValue ?? 0)" } }
+            out += "<tr class=\"node\" data-node=\"\(esc(n["node"]?.str ?? ""))\"><td><b>\(esc(n["node"]?.str ?? ""))</b></td>"
+            out += "<td>\(connected ? "<span class=\"badge resolved\">connected</span>" : "<span class=\"badge\">not connected</span>")</td>"
+            out += "<td>\(esc(shortTime(n["last_seen"]?.str ?? "")))</td><td class=\"num mono\">\(offset < 0 ? "−" : "+")\(esc(duration(ns: abs(offset)))) ± \(esc(duration(ns: error)))</td>"
+            out += "<td class=\"num\">\(n["events_received"]?.intValue ?? 0)</td><td class=\"num\" title=\"\(esc(drops.joined(separator: ", ")))\">\(n["drops_total"]?.intValue ?? 0)</td>"
+            out += "<td>\(n["capabilities"]?.array.count ?? 0) running\(degraded.isEmpty ? "" : ", <span class=\"badge inferred\">\(degraded.count) degraded</span> " + esc(degraded.joined(separator: ", ")))</td>"
+            out += "<td class=\"mono\">\(esc(n["agent_version"]?.str ?? ""))</td></tr>"
+        }
+        return Rendered(title: "Nodes", tab: "nodes", fragment: out + "</tbody></table>")
     }
 
     // MARK: Events

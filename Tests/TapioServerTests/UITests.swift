@@ -99,6 +99,13 @@ final class UITests: XCTestCase {
         XCTAssertEqual(Set(kinds), ["process_exit"], "only the kind asked for")
         XCTAssertEqual(Set(Self.matches(events, "<tr class=\"event\" data-kind=\"[^\"]+\" data-node=\"([^\"]+)\"")), [node], "only the node asked for")
 
+        // Nodes: every agent of the run, with its clock offset.
+        let nodesPage = try browser.dom(ui.url("/nodes"), saveTo: output + "/nodes.html")
+        let known = (try client.json("nodes")["nodes"]?.arrayValue ?? []).compactMap { $0["node"]?.stringValue }
+        XCTAssertFalse(known.isEmpty)
+        XCTAssertEqual(Set(Self.matches(nodesPage, "<tr class=\"node\" data-node=\"([^\"]+)\"")), Set(known), "every node is listed")
+        XCTAssertTrue(timelineNodes.isSubset(of: Set(known)), "the timeline's nodes are the run's agents")
+
         // Screenshots of the incident and the map.
         for (name, path, size) in [("incident", "/incidents/\(id)", "1400,1400"), ("services", "/services", "1400,900"), ("incidents", "/", "1400,600")] {
             let png = output + "/\(name).png"
