@@ -243,7 +243,8 @@ struct Watch: ParsableCommand {
                     print(JSONValue.object(["change": .string(change), "incident": i]).serialized())
                 case .table, .svg, .html:
                     let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") \(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0))" } ?? "-"
-                    print("\(rfc3339(ns: wallClockNs()))  \(change)  \(id)  \(cause)  \(i["title"]?.stringValue ?? "")")
+                    let observation = i["pages"] == .bool(false) ? "  (observation: does not page)" : ""
+                    print("\(rfc3339(ns: wallClockNs()))  \(change)  \(id)  \(cause)  \(i["title"]?.stringValue ?? "")\(observation)")
                 }
             }
             fflush(nil)  // every stream: lines reach a pipe as they happen

@@ -300,6 +300,13 @@ final class CLITests: XCTestCase {
         let list = try XCTUnwrap(JSONValue.parse(Array(json.stdout.utf8))["incidents"]?.arrayValue, json.stdout)
         XCTAssertEqual(Dictionary(uniqueKeysWithValues: list.map { ($0["id"]?.stringValue ?? "", $0["pages"]) }),
                        ["inc-pages": .bool(true), "inc-observed": .bool(false)])
+
+        // watch marks an observation on its line too.
+        let watch = try cli.run(["watch", "--interval", "0.2", "--duration", "1"], env: server.cliEnvironment)
+        XCTAssertEqual(watch.status, 0, watch.stderr)
+        let watched = watch.stdout.split(separator: "\n")
+        XCTAssertTrue(try XCTUnwrap(watched.first { $0.contains("inc-observed") }, watch.stdout).hasSuffix("(observation: does not page)"), watch.stdout)
+        XCTAssertFalse(try XCTUnwrap(watched.first { $0.contains("inc-pages") }, watch.stdout).contains("observation"), watch.stdout)
     }
 
     // MARK: - Errors in words
