@@ -121,7 +121,9 @@ struct Router: Sendable {
                 guard Self.same(given, token) else { return denied() }
                 var rest = params
                 rest["token"] = nil
-                let location = path + (rest.isEmpty ? "" : "?" + rest.keys.sorted().map { "\(urlEncode($0))=\(urlEncode(rest[$0]!))" }.joined(separator: "&"))
+                // Only ever a path of this UI ("//host" would leave it).
+                let local = path.hasPrefix("/") && !path.hasPrefix("//") ? path : "/"
+                let location = local + (rest.isEmpty ? "" : "?" + rest.keys.sorted().map { "\(urlEncode($0))=\(urlEncode(rest[$0]!))" }.joined(separator: "&"))
                 return Response(status: .seeOther, contentType: "text/plain; charset=utf-8", body: "", headers: [
                     ("Location", location), ("Set-Cookie", "\(cookieName)=\(token); Path=/; HttpOnly; SameSite=Strict"),
                 ])

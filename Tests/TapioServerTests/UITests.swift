@@ -137,6 +137,7 @@ final class UITests: XCTestCase {
         XCTAssertEqual(redirect.headers["location"], "/events?kind=dns", "the token is taken out of the address")
         let cookie = try XCTUnwrap(redirect.headers["set-cookie"]?.split(separator: ";").first.map(String.init))
         XCTAssertTrue(redirect.headers["set-cookie"]?.contains("HttpOnly") ?? false)
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "//elsewhere.example/?token=\(ui.token)").headers["location"], "/", "the redirect stays in the UI")
         let fragment = try HTTP.get(port: ui.port, path: "/api/fragment?path=%2F%3Fstatus%3Dall", headers: ["Cookie": cookie])
         XCTAssertEqual(fragment.status, 200)
         let doc = try JSONValue.parse(Array(fragment.body.utf8))
