@@ -225,6 +225,13 @@ final class UITests: XCTestCase {
         try svg.stdout.write(toFile: dir + "/\(id).svg", atomically: true, encoding: .utf8)
         print("UITests: timeline SVG \(dir)/\(id).svg")
 
+        // A timeline saved with -o json draws the same, without the server.
+        let saved = try cli.run(connection + ["timeline", id, "-o", "json"])
+        try saved.stdout.write(toFile: dir + "/saved.json", atomically: true, encoding: .utf8)
+        let offline = try cli.run(["timeline", "--file", dir + "/saved.json", "-o", "svg"])
+        XCTAssertEqual(offline.status, 0, offline.stderr)
+        XCTAssertEqual(offline.stdout, svg.stdout, "--file draws what the server's answer draws")
+
         let html = try cli.run(connection + ["timeline", id, "-o", "html"])
         XCTAssertEqual(html.status, 0, html.stderr)
         XCTAssertTrue(html.stdout.hasPrefix("<!doctype html>") && html.stdout.contains("<svg") && html.stdout.contains("timeline-list"), html.stdout.prefix(400).description)
@@ -233,6 +240,26 @@ final class UITests: XCTestCase {
         let refused = try cli.run(connection + ["nodes", "-o", "svg"])
         XCTAssertNotEqual(refused.status, 0)
         XCTAssertTrue(refused.stderr.contains("use them with `tapio timeline ID`"), refused.stderr)
+    }
+
+    /// A quiet gap is cut out of the axis: one event long after the rest gets
+    /// its own stretch instead of squeezing the others into a corner, and
+    /// time still runs left to right.
+    func testAQuietGapIsCutOutOfTheTimelineAxis() {
+        let ms: Int64 = 1_000_000
+        let intervals: [(Int64, Int64)] = [(0, ms), (2 * ms, 3 * ms), (500 * ms, 501 * ms), (40_000 * ms, 40_000 * ms + 300_000)]
+        let axis = Axis(intervals, window: nil, x0: 100, width: 1000)
+        XCTAssertEqual(axis.segments.count, 2, "\(axis.segments)")
+        XCTAssertGreaterThan(axis.x(501 * ms) - axis.x(0), 500, "the first stretch keeps most of the width")
+        var last = -Double.infinity
+        for t in stride(from: -ms, through: 40_001 * ms, by: Int64.Stride(50 * ms)) {
+            XCTAssertGreaterThanOrEqual(axis.x(t), last, "x grows with time at \(t)")
+            last = axis.x(t)
+        }
+        XCTAssertLessThanOrEqual(axis.x(40_001 * ms), 1100.0001)
+        let zoomed = Axis(intervals, window: (0, 10 * ms), x0: 100, width: 1000)
+        XCTAssertEqual(zoomed.segments.count, 1)
+        XCTAssertEqual(zoomed.x(5 * ms), 600, accuracy: 0.001, "a zoom is one linear stretch")
     }
 
     /// Names from the cluster (a pod, a DNS name) are text, never markup.
