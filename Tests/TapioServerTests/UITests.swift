@@ -20,10 +20,6 @@ import XCTest
 final class UITests: XCTestCase {
     private var output = ""
 
-    override func tearDown() {
-        // The output (screenshots, DOMs) is kept for a look; the path was printed.
-    }
-
     func testEveryPageShowsTheRecordedIncidentInHeadlessChromium() throws {
         let chromium = try Self.chromium()
         let fixture = try RecordedServer(scenario: "cascade")
@@ -371,6 +367,9 @@ final class RecordedServer {
     deinit {
         for ui in uis { ui.process.stop() }
         harness.server.shutdown()
+        // The store and the browser's profile go; the pages and screenshots stay (their path was printed).
+        for sub in ["data", "chromium-profile"] { try? FileManager.default.removeItem(atPath: dir + "/" + sub) }
+        if !FileManager.default.fileExists(atPath: dir + "/ui-output") { try? FileManager.default.removeItem(atPath: dir) }
     }
 }
 
