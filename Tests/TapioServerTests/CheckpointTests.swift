@@ -48,7 +48,7 @@ final class CheckpointTests: XCTestCase {
         }
         var bytes = try XCTUnwrap(FileManager.default.contents(atPath: path))
         bytes[bytes.count - 3] ^= 0xFF
-        FileManager.default.createFile(atPath: path, contents: bytes)
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: bytes))
         XCTAssertThrowsError(try CheckpointFile.read(path)) { error in
             XCTAssertTrue("\(error)".contains("damaged"), "\(error)")
         }
@@ -77,7 +77,7 @@ final class CheckpointTests: XCTestCase {
         harness.server.shutdown()
         XCTAssertEqual(position(), 5, "the checkpoint written at stop has every batch")
 
-        FileManager.default.createFile(atPath: checkpoint, contents: atThree)
+        XCTAssertTrue(FileManager.default.createFile(atPath: checkpoint, contents: atThree))
         var logger = Logger(label: "tapio-server-test")
         logger.logLevel = .notice
         let restarted = try TapioServer(configuration: harness.server.configuration, logger: logger)
