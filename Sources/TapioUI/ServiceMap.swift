@@ -127,11 +127,12 @@ enum ServiceMap {
         return out + "</svg>"
     }
 
+    /// Scoped to the drawing: an inline SVG's style sheet applies to the whole page.
     static let style = """
-        text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:12px;fill:#1d232b}
-        .edge path{fill:none;stroke:#8792a2}.edge.failing path{stroke:#c8312c}
-        .edge-label{font-size:11px;fill:#475467;paint-order:stroke;stroke:#fff;stroke-width:3px}.edge-label.failing{fill:#a3231e;font-weight:600}
-        .svc-node rect{fill:#fff;stroke:#98a2b3;stroke-width:1.5}.svc-node.affected rect{fill:#fff6ec;stroke:#d9822b;stroke-width:2}
-        .svc-node.cause rect{fill:#fdecea;stroke:#c8312c;stroke-width:2.5}.svc-name{font-weight:700}.svc-detail{font-size:11px;fill:#667085}
+        .service-map text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:12px;fill:#1d232b}
+        .service-map .edge path{fill:none;stroke:#8792a2}.service-map .edge.failing path{stroke:#c8312c}
+        .service-map .edge-label{font-size:11px;fill:#475467;paint-order:stroke;stroke:#fff;stroke-width:3px}.service-map .edge-label.failing{fill:#a3231e;font-weight:600}
+        .service-map .svc-node rect{fill:#fff;stroke:#98a2b3;stroke-width:1.5}.service-map .svc-node.affected rect{fill:#fff6ec;stroke:#d9822b;stroke-width:2}
+        .service-map .svc-node.cause rect{fill:#fdecea;stroke:#c8312c;stroke-width:2.5}.service-map .svc-name{font-weight:700}.service-map .svc-detail{font-size:11px;fill:#667085}
         """
 }

@@ -248,15 +248,16 @@ public enum TimelineLanes {
         return "<svg\(ns) class=\"timeline-lanes\" width=\"\(r(width))\" height=\"\(r(height))\" viewBox=\"0 0 \(r(width)) \(r(height))\" role=\"img\" aria-label=\"incident timeline, one lane per node\"><style>\(svgStyle)</style>\(standalone ? "<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>" : "")\(body)</svg>"
     }
 
+    /// Scoped to the drawing: an inline SVG's style sheet applies to the whole page.
     static let svgStyle = """
-        text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:12px;fill:#1d232b}
-        .title{font-size:14px;font-weight:700}.cause-line{font-size:12.5px}.note{fill:#667085}.tick{fill:#667085;font-size:11px}
-        .grid{stroke:#e3e7ec;stroke-width:1}.lane-bg{fill:#fbfcfd;stroke:#e3e7ec}.lane-bg.alt{fill:#f3f5f8}.lane-label{font-weight:600}
-        .event .err{fill:#f0b27a}.event .mark{fill:#d9822b;stroke:#fff;stroke-width:1}.event.cause .err{fill:#ea9a96}.event.cause .mark{fill:#c8312c}
-        .event.concurrent .err{fill:#b9a2e6}.num{font-size:10.5px;fill:#344054}
-        .band{fill:#7b4fc9;fill-opacity:.10;stroke:#7b4fc9;stroke-opacity:.35;stroke-dasharray:3 3}.band-label{fill:#7b4fc9;font-weight:700}
-        .gap-line{stroke:#98a2b3;stroke-width:1;stroke-dasharray:2 4}.gap-label{fill:#667085;font-weight:700}
-        .list{font-family:ui-monospace,Menlo,monospace;font-size:11.5px}
+        .timeline-lanes text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:12px;fill:#1d232b}
+        .timeline-lanes .title{font-size:14px;font-weight:700}.timeline-lanes .cause-line{font-size:12.5px}.timeline-lanes .note{fill:#667085}.timeline-lanes .tick{fill:#667085;font-size:11px}
+        .timeline-lanes .grid{stroke:#e3e7ec;stroke-width:1}.timeline-lanes .lane-bg{fill:#fbfcfd;stroke:#e3e7ec}.timeline-lanes .lane-bg.alt{fill:#f3f5f8}.timeline-lanes .lane-label{font-weight:600}
+        .timeline-lanes .event .err{fill:#f0b27a}.timeline-lanes .event .mark{fill:#d9822b;stroke:#fff;stroke-width:1}.timeline-lanes .event.cause .err{fill:#ea9a96}.timeline-lanes .event.cause .mark{fill:#c8312c}
+        .timeline-lanes .event.concurrent .err{fill:#b9a2e6}.timeline-lanes .num{font-size:10.5px;fill:#344054}
+        .timeline-lanes .band{fill:#7b4fc9;fill-opacity:.10;stroke:#7b4fc9;stroke-opacity:.35;stroke-dasharray:3 3}.timeline-lanes .band-label{fill:#7b4fc9;font-weight:700}
+        .timeline-lanes .gap-line{stroke:#98a2b3;stroke-width:1;stroke-dasharray:2 4}.timeline-lanes .gap-label{fill:#667085;font-weight:700}
+        .timeline-lanes .list{font-family:ui-monospace,Menlo,monospace;font-size:11.5px}
         """
 
     /// Connected groups of events linked by `concurrent_with`.
