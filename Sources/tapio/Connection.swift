@@ -126,7 +126,7 @@ struct ResolvedConnection {
         let identity = "--tls-dir or TAPIO_TLS_DIR (or --tls-ca/--tls-cert/--tls-key, or a context's tls_dir)"
         switch error.kind {
         case .files:
-            return "\(error.description)\n  The files come from \(ca.origin == certificate.origin ? via(ca) : "\(via(ca)), \(via(certificate)), \(via(key))"); "
+            return "\(error.description)\n  The files come \(ca.origin == certificate.origin ? via(ca) : "\(via(ca)), \(via(certificate)), \(via(key))"); "
                 + "point \(identity) at an operator identity (`tapio certs init --dir D --operators NAME` writes D/operators/NAME)."
         case .unreachable:
             return "\(error.description)\n  Is tapio-server running and listening for queries there? The address \(server.value) is \(via(server)); "
