@@ -6,7 +6,8 @@ import TapioStore
 
 /// Group commit on the storage thread: batches that arrive while it is busy
 /// are committed together, in one transaction and one fsync, and each is
-/// acknowledged after that commit. The thread stays the only writer and
+/// acknowledged after that commit. When a group's commit fails, each of its
+/// batches is tried alone, so only the batch that cannot be stored fails. The thread stays the only writer and
 /// keeps its order: every append submits a job, and the first job to run
 /// commits everything pending, so a batch is durable no later than its own
 /// job would have made it, before any job submitted after it.
@@ -61,17 +62,30 @@ final class GroupCommit: Sendable {
                 return
             }
             do {
-                let appends = items.map(\.append)
-                let ids = try histograms.commit(appends) { try store.appendLogged(appends) }
-                for (i, id) in zip(items, ids) {
-                    var room = true
-                    if let id, let correlation { room = correlation.submit(i.observed, batchId: id) }
-                    i.promise.succeed(Outcome(stored: id != nil, room: room))
+                try commit(items)
+            } catch where items.count > 1 {
+                // One batch's failure (a write error, a full disk) fails
+                // that batch, not the others that shared its group: each is
+                // tried on its own, in order.
+                for i in items {
+                    do { try commit([i]) } catch { i.promise.fail(error) }
                 }
             } catch {
                 for i in items { i.promise.fail(error) }
             }
         }
         return promise.futureResult
+    }
+
+    /// Commits `items` in one transaction and settles their promises; throws
+    /// (settling none) when the transaction failed.
+    private func commit(_ items: [Item]) throws {
+        let appends = items.map(\.append)
+        let ids = try histograms.commit(appends) { try store.appendLogged(appends) }
+        for (i, id) in zip(items, ids) {
+            var room = true
+            if let id, let correlation { room = correlation.submit(i.observed, batchId: id) }
+            i.promise.succeed(Outcome(stored: id != nil, room: room))
+        }
     }
 }
