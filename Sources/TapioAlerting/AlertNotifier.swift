@@ -4,7 +4,8 @@ import NIOCore
 import NIOPosix
 import TapioWire
 
-/// Sends incident notifications to Alertmanager and a webhook on its own
+/// Sends incident notifications to Alertmanager, a webhook and an OTLP
+/// collector on its own
 /// event loop (thread `tapio-alerts`): `incidentsChanged` only hands the
 /// incidents over and returns, so the correlation engine never waits for a
 /// receiver. Each receiver sends one notification at a time, in order, with
@@ -16,8 +17,10 @@ public final class AlertNotifier: Sendable {
     private let state: NIOLoopBoundBox<State>
     private let logger: Logger
     private let count: @Sendable (String, Int64) -> Void
+    /// The resource of the OTLP log records (service.name, host.name).
+    private let otlpResource = OTLPLogs.Resource.current
 
-    /// The metric names, with `receiver` (`alertmanager`, `webhook`) and
+    /// The metric names, with `receiver` (`alertmanager`, `webhook`, `otlp`) and
     /// `endpoint` (host:port) labels; dropped also by `reason`.
     public static let sentMetric = "tapio_alerts_sent_total"
     public static let failedMetric = "tapio_alerts_failed_total"
@@ -33,7 +36,7 @@ public final class AlertNotifier: Sendable {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         loop = group.next()
         loop.execute { Thread.current.name = "tapio-alerts" }
-        let poster = try HTTPPoster(needsTLS: (configuration.alertmanagers + [configuration.webhook].compactMap { $0 }).contains(where: \.isTLS),
+        let poster = try HTTPPoster(needsTLS: (configuration.alertmanagers + [configuration.webhook, configuration.otlp].compactMap { $0 }).contains(where: \.isTLS),
                                     trustRootsFile: configuration.trustRootsFile)
         if let w = configuration.webhook, configuration.webhookSecret == nil {
             logger.warning("webhook notifications are not signed (no --webhook-secret-file)", metadata: ["webhook": "\(w)"])
@@ -46,6 +49,12 @@ public final class AlertNotifier: Sendable {
             return Receiver(kind: .alertmanager, target: path.hasSuffix(api) || path.hasSuffix(api + "/") ? t : t.appending(path: api))
         }
         if let w = configuration.webhook { receivers.append(Receiver(kind: .webhook, target: w)) }
+        // OTLP/HTTP: the signal's path is added to the endpoint, as the
+        // OpenTelemetry SDKs do with OTEL_EXPORTER_OTLP_ENDPOINT.
+        if let o = configuration.otlp {
+            let path = o.path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)[0]
+            receivers.append(Receiver(kind: .otlp, target: path.hasSuffix("/v1/logs") ? o : o.appending(path: "/v1/logs")))
+        }
         for r in receivers {
             for m in [Self.sentMetric, Self.failedMetric] { count(r.series(m), 0) }
             for reason in Self.dropReasons { count(r.series(Self.droppedMetric, reason: reason), 0) }
@@ -140,6 +149,9 @@ public final class AlertNotifier: Sendable {
                 let id = Self.newDeliveryId()
                 let body = Payloads.webhook(notice, deliveryId: id, nowNs: now, linkBase: linkBase)
                 enqueue(Delivery(body: Array(body.serialized().utf8), event: notice.event.rawValue, id: id), to: r)
+            case .otlp:
+                let body = OTLPLogs.exportRequest(notice, nowNs: now, linkBase: linkBase, resource: otlpResource)
+                enqueue(Delivery(body: body, event: notice.event.rawValue, id: Self.newDeliveryId()), to: r)
             }
         }
     }
@@ -188,7 +200,8 @@ public final class AlertNotifier: Sendable {
             }
         }
         let index = state.value.receivers.firstIndex { $0 === r }!
-        state.value.poster.post(r.target, headers: headers, body: d.body, timeout: configuration.delivery.requestTimeout, on: loop)
+        let contentType = r.kind == .otlp ? "application/x-protobuf" : "application/json"
+        state.value.poster.post(r.target, contentType: contentType, headers: headers, body: d.body, timeout: configuration.delivery.requestTimeout, on: loop)
             .whenComplete { [self] result in finished(state.value.receivers[index], result) }
     }
 
@@ -203,9 +216,7 @@ public final class AlertNotifier: Sendable {
             pump(r)
             return
         case .success(let response):
-            // 408 and 429 ask to come back; other 4xx will not change.
-            outcome = (response.status >= 500 || response.status == 408 || response.status == 429 || response.status < 200,
-                       "HTTP \(response.status): \(response.body.prefix(200))")
+            outcome = (r.retries(status: response.status), "HTTP \(response.status): \(response.body.prefix(200))")
         case .failure(let error):
             outcome = (true, "\(error)")
         }
@@ -252,7 +263,7 @@ struct Delivery {
 
 /// One receiver's queue; used on the notifier's loop only.
 final class Receiver {
-    enum Kind: String { case alertmanager, webhook }
+    enum Kind: String { case alertmanager, webhook, otlp }
     let kind: Kind
     let target: AlertTarget
     var queue: [Delivery] = []
@@ -262,6 +273,17 @@ final class Receiver {
     init(kind: Kind, target: AlertTarget) {
         self.kind = kind
         self.target = target
+    }
+
+    /// Whether an answer with this status is worth another attempt. For
+    /// Alertmanager and the webhook: 5xx, 408 and 429 (other 4xx will not
+    /// change). For OTLP, what its specification makes retryable: 429, 502,
+    /// 503 and 504; any other error is final.
+    func retries(status: Int) -> Bool {
+        switch kind {
+        case .alertmanager, .webhook: return status >= 500 || status == 408 || status == 429 || status < 200
+        case .otlp: return [429, 502, 503, 504].contains(status) || status < 200
+        }
     }
 
     func series(_ metric: String, reason: String? = nil) -> String {

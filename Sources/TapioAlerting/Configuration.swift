@@ -2,7 +2,7 @@ import Foundation
 import NIOCore
 
 /// Where incident notifications go and how hard the server tries: the
-/// receivers, the paging rule's confidence floor, the Alertmanager re-send
+/// receivers (Alertmanager, a webhook, an OTLP collector), the paging rule's confidence floor, the Alertmanager re-send
 /// period and the webhook's retries. Defaults are documented in docs/alerts.md.
 public struct AlertingConfiguration: Sendable {
     /// Alertmanager instances by base URL (`http://alertmanager:9093`; a path
@@ -12,6 +12,10 @@ public struct AlertingConfiguration: Sendable {
     public var alertmanagers: [AlertTarget] = []
     /// The generic webhook, nil for none.
     public var webhook: AlertTarget?
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint (`http://collector:4318`):
+    /// notifications go to `<endpoint>/v1/logs` as OTLP logs (a URL that
+    /// already ends in `/v1/logs` is used as it is); nil for none.
+    public var otlp: AlertTarget?
     /// The HMAC-SHA256 key that signs webhook deliveries; nil sends them unsigned.
     public var webhookSecret: [UInt8]?
     /// PEM file of the CA certificates that https receivers' certificates
@@ -51,7 +55,7 @@ public struct AlertingConfiguration: Sendable {
     public init() {}
 
     /// Whether any receiver is configured.
-    public var isEnabled: Bool { !alertmanagers.isEmpty || webhook != nil }
+    public var isEnabled: Bool { !alertmanagers.isEmpty || webhook != nil || otlp != nil }
 }
 
 /// An `http://` or `https://` URL notifications are POSTed to.

@@ -40,8 +40,8 @@ struct HTTPPoster: Sendable {
         tls = try NIOSSLContext(configuration: config)
     }
 
-    func post(_ target: AlertTarget, headers extra: [(String, String)], body: [UInt8], timeout: TimeAmount,
-              on loop: EventLoop) -> EventLoopFuture<Response> {
+    func post(_ target: AlertTarget, contentType: String = "application/json", headers extra: [(String, String)], body: [UInt8],
+              timeout: TimeAmount, on loop: EventLoop) -> EventLoopFuture<Response> {
         let promise = loop.makePromise(of: Response.self)
         let tls = self.tls
         let bootstrap = ClientBootstrap(group: loop)
@@ -69,7 +69,7 @@ struct HTTPPoster: Sendable {
                 promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
                 var headers = HTTPHeaders()
                 headers.add(name: "Host", value: target.authority)
-                headers.add(name: "Content-Type", value: "application/json")
+                headers.add(name: "Content-Type", value: contentType)
                 headers.add(name: "Content-Length", value: "\(body.count)")
                 headers.add(name: "Connection", value: "close")
                 headers.add(name: "User-Agent", value: "tapio-server")

@@ -245,6 +245,8 @@ struct Serve: ParsableCommand {
     var webhook: String?
     @Option(help: "File holding the HMAC-SHA256 key that signs webhook notifications (trailing newlines ignored).")
     var webhookSecretFile: String?
+    @Option(help: "OpenTelemetry collector to send incident notifications to as OTLP logs (OTLP/HTTP protobuf to URL/v1/logs), e.g. http://otel-collector:4318.")
+    var otlpEndpoint: String?
     @Option(help: "PEM file of the CA certificates https alert receivers must chain to (default: the system's trust store).")
     var alertTlsCa: String?
     @Option(help: "Every alert links to this URL followed by the incident id.")
@@ -348,6 +350,11 @@ extension Serve {
             a.webhook = try webhook.map { try AlertTarget(url: $0) }
         } catch {
             throw ValidationError("--webhook: \(error)")
+        }
+        do {
+            a.otlp = try otlpEndpoint.map { try AlertTarget(url: $0) }
+        } catch {
+            throw ValidationError("--otlp-endpoint: \(error)")
         }
         if let path = webhookSecretFile {
             guard webhook != nil else { throw ValidationError("--webhook-secret-file needs --webhook") }
