@@ -61,7 +61,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // Incident notifications: Alertmanager's v2 API and a signed webhook (docs/alerts.md).
+        // Incident notifications: Alertmanager's v2 API, a signed webhook, OTLP logs (docs/alerts.md).
         .target(
             name: "TapioAlerting",
             dependencies: [

@@ -41,7 +41,7 @@ enum OTLPLogs {
     static func severity(_ notice: AlertTracker.Notice) -> Severity {
         if notice.event == .resolved { return .info }
         switch notice.alert.severity {
-        case "critical", "error", "page": return .error
+        case "critical": return .error
         case "warning": return .warn
         default: return .info
         }
