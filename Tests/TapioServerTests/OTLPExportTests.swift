@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOSSL
 @testable import TapioAlerting
 import TapioServer
 import TapioTestSupport
@@ -107,6 +108,30 @@ final class OTLPExportTests: XCTestCase {
         for reason in AlertNotifier.dropReasons {
             XCTAssertEqual(AlertingTests.value(metrics, "tapio_alerts_dropped_total{\(endpoint),reason=\"\(reason)\"}"), 0, "\(reason)\n\(metrics)")
         }
+    }
+
+    func testAnHTTPSEndpointIsVerifiedAgainstTheAlertCA() throws {
+        dir = try TestSupport.temporaryDirectory("tapio-otlp-tls")
+        let pki = try TestSupport.makePKI(in: dir, nodes: ["n"])
+        let tls = try NIOSSLContext(configuration: .makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(pki + "/server/tls.crt").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try Data(contentsOf: URL(fileURLWithPath: pki + "/server/tls.key"))), format: .pem))))
+        let collector = try WebhookReceiver(tls: tls) { _, _ in .ok }
+        defer { collector.close() }
+        var config = AlertingConfiguration()
+        // Given with the signal's path: used as it is.
+        config.otlp = try AlertTarget(url: "https://localhost:\(collector.port)/v1/logs")
+        config.trustRootsFile = pki + "/server/ca.crt"
+        config.delivery.maxAttempts = 1
+        let counters = Counters()
+        let notifier = try AlertNotifier(configuration: config, logger: Logger(label: "test")) { counters.add($0, $1) }
+        notifier.start(restoring: [])
+        notifier.incidentsChanged([AlertingTests.incident(id: "inc-tls", status: "open", confidence: 0.9)])
+        let sent = "tapio_alerts_sent_total{receiver=\"otlp\",endpoint=\"localhost:\(collector.port)\"}"
+        XCTAssertTrue(eventually(timeout: 30) { counters.value(sent) == 1 }, "\(counters.all())")
+        notifier.shutdown()
+        XCTAssertEqual(collector.requests.map(\.path), ["/v1/logs"])
+        XCTAssertGreaterThan(collector.requests.first?.body.count ?? 0, 100)
     }
 
     // MARK: - The encoder
