@@ -347,7 +347,7 @@ public struct CorrelationEngine: Sendable {
             }
             if !open {
                 var addrs = Set<String>()
-                if let a = address, a.bytes.contains(where: { $0 != 0 }) { addrs.insert(a.description) }
+                if let a = address, !a.isUnspecified { addrs.insert(a.description) }
                 addCause(.listenerClosed, me, e, addresses: addrs, port: port)
             }
         case .tcpReset(let flow, let sent, let state, let count):

@@ -182,7 +182,7 @@ struct Topology: Sendable, Codable {
     /// `entity` serves on `address` (a listener bound to it, the server end
     /// of a measured flow); addresses in the inventory keep their pod.
     mutating func sawServer(_ entity: String, address: IPAddress?) {
-        guard let a = address, a.bytes.contains(where: { $0 != 0 }) else { return }
+        guard let a = address, !a.isUnspecified else { return }
         let text = a.description
         if byIP[text] == nil && ownerByIP[text] != entity { ownerByIP[text] = entity }
     }

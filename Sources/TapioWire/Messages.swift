@@ -432,7 +432,7 @@ public struct EventBatch: Sendable, Equatable {
             let strings = (0..<m.n_strings).map { swiftString(m.strings[$0]) }
             func address(_ b: ProtobufCBinaryData) throws -> IPAddress? {
                 if b.len == 0 { return nil }
-                guard let a = IPAddress(bytes: [UInt8](UnsafeBufferPointer(start: b.data, count: b.len))) else {
+                guard let a = IPAddress(bytes: UnsafeBufferPointer(start: b.data, count: b.len)) else {
                     throw MessageDecodeError("address of \(b.len) bytes")
                 }
                 return a
