@@ -14,10 +14,13 @@ public struct EventLog: Sendable {
     /// The log position of the last of them (0: none, or not known).
     public var lastBatchId: Int64 = 0
 
-    /// The log of a server's data directory, batches received at or after `sinceNs`.
-    public static func load(dataDirectory: String, sinceNs: Int64 = .min,
+    /// The log of a server's data directory, batches received at or after
+    /// `sinceNs`, read without writing anything (the server may be running).
+    /// `convert`: a private copy whose store may be converted from the
+    /// row-per-event layout (a recording).
+    public static func load(dataDirectory: String, sinceNs: Int64 = .min, convert: Bool = false,
                             maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws -> EventLog {
-        try load(store: SegmentEventStore(directory: dataDirectory), sinceNs: sinceNs, maxFutureSkewNs: maxFutureSkewNs)
+        try load(store: SegmentEventStore(directory: dataDirectory, readOnly: !convert), sinceNs: sinceNs, maxFutureSkewNs: maxFutureSkewNs)
     }
 
     /// The log of an open store, batches received at or after `sinceNs`, read
@@ -109,7 +112,7 @@ public struct RecordedRun: Sendable {
             // The row-per-event layout, converted when the store opens it.
             try unpack("/bin/gzip", ["-dc", base + ".sqlite.gz"], output: tmp + "/events.sqlite")
         }
-        let log = try EventLog.load(dataDirectory: tmp)
+        let log = try EventLog.load(dataDirectory: tmp, convert: true)
         let name = String((jsonPath.split(separator: "/").last ?? "").dropLast(".json".count))
         return RecordedRun(name: name, scenario: scenario, expected: expected, faultNs: meta["fault_ns"]?.intValue, log: log)
     }

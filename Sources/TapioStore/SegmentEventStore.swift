@@ -114,12 +114,32 @@ public final class SegmentEventStore: EventStore {
     /// and `segments/`. A store of the earlier layout (one row per event) is
     /// converted on open: its batches are written to segments, its event
     /// rows dropped.
-    public init(directory: String, configuration: Configuration = Configuration()) throws {
+    ///
+    /// `readOnly`: for reading a store another process (a running server)
+    /// may be writing — `tapio-server replay`, `bench-engine --data-dir`.
+    /// Nothing is created, converted, cut or deleted; appends and retention
+    /// fail. A store of the row-per-event layout cannot be read this way.
+    public init(directory: String, configuration: Configuration = Configuration(), readOnly: Bool = false) throws {
         self.configuration = configuration
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        if !readOnly { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
         path = (directory as NSString).appendingPathComponent("events.sqlite")
         segmentDirectory = (directory as NSString).appendingPathComponent("segments")
+        guard !readOnly || FileManager.default.fileExists(atPath: path) else {
+            throw SegmentError("\(directory) holds no event store (no events.sqlite)")
+        }
         let database = try SQLiteDatabase(path: path)
+        if readOnly {
+            let layout = try database.prepare("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('log_batches', 'batches')")
+            let legacy = try database.prepare("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'batches'")
+            guard try layout.step(), layout.int64(0) > 0 else { throw SegmentError("\(path) is not a Tapio event store") }
+            if try legacy.step(), legacy.int64(0) > 0 {
+                throw SegmentError("\(directory) is a store of the row-per-event layout: start a server of this version on it once to convert it")
+            }
+            let files = try SegmentFiles(directory: segmentDirectory, level: configuration.compressionLevel, readOnly: true) { _ in nil }
+            writer = Mutex(try Writer(db: database, files: files))
+            reader = Mutex(ReadConnection(db: try SQLiteDatabase(path: path)))
+            return
+        }
         try database.execute("PRAGMA journal_mode=WAL")
         try database.execute("PRAGMA synchronous=FULL")
         try database.execute("""

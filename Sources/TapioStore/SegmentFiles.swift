@@ -53,16 +53,26 @@ final class SegmentFiles {
 
     /// Opens the directory (creating it), cuts the newest segment back to
     /// `indexedEnd(newest id)` — what the index names — and appends to it.
-    init(directory: String, level: Int32 = 1, indexedEnd: (Int64) throws -> Int64?) throws {
+    /// Opened for reading only: nothing is created, cut or appended (a
+    /// running server may be writing the newest segment).
+    let readOnly: Bool
+
+    init(directory: String, level: Int32 = 1, readOnly: Bool = false, indexedEnd: (Int64) throws -> Int64?) throws {
         self.directory = directory
+        self.readOnly = readOnly
         guard let c = tapio_zstd_ctx_new(level) else { throw SegmentError("zstd: cannot create a compression context") }
         context = c
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        if !readOnly { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
         var ids: [Int64] = []
-        for name in try FileManager.default.contentsOfDirectory(atPath: directory) where name.hasSuffix(".seg") {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".seg") {
             if let id = Int64(name.dropLast(4)) { ids.append(id) }
         }
         ids.sort()
+        if readOnly {
+            for id in ids { sealed[id] = try Self.size(of: path(id)) }
+            activeId = (ids.last ?? 0) + 1
+            return
+        }
         for id in ids.dropLast() { sealed[id] = try Self.size(of: path(id)) }
         if let newest = ids.last {
             let end = try indexedEnd(newest) ?? Int64(Self.fileMagic.count)
@@ -88,6 +98,7 @@ final class SegmentFiles {
     /// write and one fdatasync. On failure the segment is cut back to where
     /// it was: nothing of the call remains.
     func append(_ payloads: [[UInt8]], nowNs: Int64) throws -> [(RecordLocation, rawLength: Int)] {
+        guard !readOnly else { throw SegmentError("the store is open for reading only") }
         writeBuffer.removeAll(keepingCapacity: true)
         var out: [(RecordLocation, rawLength: Int)] = []
         out.reserveCapacity(payloads.count)
@@ -124,6 +135,7 @@ final class SegmentFiles {
     /// Seals the active segment and starts the next one when it holds
     /// `maxBytes` or its first record is `maxAgeNs` old.
     func rotateIfNeeded(maxBytes: Int64, maxAgeNs: Int64, nowNs: Int64) throws {
+        guard !readOnly else { return }
         let hasRecords = activeSize > Int64(Self.fileMagic.count)
         guard hasRecords, activeSize >= maxBytes || (activeFirstWriteNs > 0 && nowNs - activeFirstWriteNs >= maxAgeNs) else { return }
         try rotate()
@@ -140,6 +152,7 @@ final class SegmentFiles {
 
     /// Deletes a sealed segment's file.
     func delete(_ id: Int64) throws {
+        guard !readOnly else { throw SegmentError("the store is open for reading only") }
         guard id != activeId else { throw SegmentError("the active segment \(id) cannot be deleted") }
         if unlink(path(id)) != 0 && errno != ENOENT {
             throw SegmentError("unlink \(path(id)): \(String(cString: strerror(errno)))")

@@ -58,6 +58,33 @@ final class SegmentLogTests: XCTestCase {
         XCTAssertEqual(try store.batches(sinceNs: 0, limit: 10).map(\.batch.sequence), [1, 2])
     }
 
+    /// `tapio-server replay` on a running server's data directory: it reads,
+    /// and cuts nothing the server may be appending.
+    func testAReadOnlyStoreReadsAndTouchesNothing() throws {
+        let dir = try TestSupport.temporaryDirectory()
+        let store = try SegmentEventStore(directory: dir)
+        XCTAssertTrue(try store.append(batch("a", seq: 1, base: 1_000), clock: .none, receivedNs: 1))
+        let segment = store.segmentDirectory + "/" + (try segments(store).last ?? "")
+        // Bytes of an append the writer has not indexed yet.
+        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: segment))
+        handle.seekToEndOfFile()
+        handle.write(Data(repeating: 0xAB, count: 100))
+        try handle.close()
+        let size = try fileSize(segment)
+
+        let reader = try SegmentEventStore(directory: dir, readOnly: true)
+        XCTAssertEqual(try fileSize(segment), size, "a read-only open cuts nothing")
+        XCTAssertEqual(try reader.batches(afterId: 0, limit: 10).map(\.batch.sequence), [1])
+        XCTAssertEqual(try reader.events(EventQuery(node: "a")).count, 4)
+        XCTAssertThrowsError(try reader.append(batch("a", seq: 2, base: 2_000), clock: .none, receivedNs: 2)) { error in
+            XCTAssertTrue("\(error)".contains("reading only"), "\(error)")
+        }
+        XCTAssertThrowsError(try SegmentEventStore(directory: dir + "/nothing", readOnly: true)) { error in
+            XCTAssertTrue("\(error)".contains("no event store"), "\(error)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/nothing"), "nor created")
+    }
+
     func testADamagedRecordFailsItsQueryInWords() throws {
         let dir = try TestSupport.temporaryDirectory()
         let store = try SegmentEventStore(directory: dir)
