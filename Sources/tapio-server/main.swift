@@ -149,9 +149,10 @@ struct BenchSink: ParsableCommand {
 
     func run() throws {
         let (host, port) = try parseHostPort(listen)
+        let termination = TerminationSignal()
         let sink = try DecodeSink(tls: TLSFiles(directory: tlsDir), host: host, port: port)
         FileHandle.standardOutput.write(Data("ready port=\(sink.port)\n".utf8))
-        waitForTerminationSignal()
+        termination.wait()
         sink.close()
     }
 }
@@ -326,12 +327,15 @@ struct Serve: ParsableCommand {
         operations.storeCheckStaleAfter = .milliseconds(max(20_000, Int64(storeCheckInterval * 4000)))
         config.alerting = try alertingConfiguration()
 
+        // Taken before the server starts: a SIGTERM right after it says it
+        // is listening (a quick rollout, a test) is not lost.
+        let termination = TerminationSignal()
+        signal(SIGPIPE, SIG_IGN)
         // A second server on the same data directory stops here, naming the holder.
         let server = try TapioServer(configuration: config, operations: operations, logger: logger)
         _ = try server.start()
 
-        signal(SIGPIPE, SIG_IGN)
-        waitForTerminationSignal()
+        termination.wait()
         logger.info("shutting down: no new connections; draining")
         server.shutdown()
     }
@@ -384,17 +388,28 @@ extension Serve {
 
 ServerCommand.main()
 
-/// Blocks until SIGTERM or SIGINT (both taken from their default action).
-func waitForTerminationSignal() {
-    signal(SIGTERM, SIG_IGN)
-    signal(SIGINT, SIG_IGN)
-    let done = DispatchSemaphore(value: 0)
-    let sources = [SIGTERM, SIGINT].map { sig in
-        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        source.setEventHandler { done.signal() }
-        source.resume()
-        return source
+/// SIGTERM and SIGINT, taken from their default action when this is made;
+/// `wait()` blocks until one has arrived (before or during the wait).
+final class TerminationSignal {
+    private let done = DispatchSemaphore(value: 0)
+    private var sources: [DispatchSourceSignal] = []
+
+    init() {
+        // The default action off first, then the sources (the order dispatch
+        // needs: its handler replaces SIG_IGN; set after, SIG_IGN would
+        // replace the handler). Made before the server starts, so the
+        // sources are in place by the time it says it is listening.
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        sources = [SIGTERM, SIGINT].map { sig in
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [done] in done.signal() }
+            source.resume()
+            return source
+        }
     }
-    done.wait()
-    withExtendedLifetime(sources) {}
+
+    func wait() {
+        done.wait()
+    }
 }
