@@ -37,7 +37,11 @@ final class AgentBackoffTests: XCTestCase {
                 get { metadata[key] }
                 set { metadata[key] = newValue }
             }
-            func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+            func log(event: LogEvent) {
+            record(level: event.level, message: event.message, metadata: event.metadata)
+        }
+
+        private func record(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?) {
                 let error = metadata?["error"].map { " \($0)" } ?? ""
                 sink.lines.withLock { $0.append("\(message)\(error)") }
             }

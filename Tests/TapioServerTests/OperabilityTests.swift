@@ -471,7 +471,11 @@ private final class LogCapture: LogHandler, @unchecked Sendable {
         set { metadata[key] = newValue }
     }
     var lines: [String] { stored.withLock { $0 } }
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+    func log(event: LogEvent) {
+        record(level: event.level, message: event.message, metadata: event.metadata)
+    }
+
+    private func record(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?) {
         let all = self.metadata.merging(metadata ?? [:]) { $1 }
         stored.withLock { $0.append("\(level) \(message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))") }
     }
