@@ -120,14 +120,20 @@ public final class CorrelationService: Sendable {
         logger.info("correlation engine restored", metadata: ["from": "\(from)", "batches_replayed": "\(replayed)"])
     }
 
+    /// A checkpoint's log position: its first 8 bytes, little-endian (the
+    /// engine's state follows); nil when there is nothing after them.
+    public static func checkpointPosition(_ bytes: [UInt8]) -> Int64? {
+        guard bytes.count > 8 else { return nil }
+        return bytes[0..<8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) }
+    }
+
     /// The checkpoint's engine and log position; nil (and a warning) when
     /// there is none or it cannot be used.
     private func loadCheckpoint() -> (engine: CorrelationEngine, position: Int64)? {
         guard let path = configuration.checkpointPath else { return nil }
         do {
             guard let bytes = try CheckpointFile.read(path) else { return nil }
-            guard bytes.count > 8 else { throw CheckpointFile.Damaged(description: "\(path): too short") }
-            let position = bytes[0..<8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) }
+            guard let position = Self.checkpointPosition(bytes) else { throw CheckpointFile.Damaged(description: "\(path): too short") }
             let engine = try CorrelationEngine(checkpoint: Array(bytes[8...]), configuration: configuration.engine)
             return (engine, position)
         } catch {
@@ -154,7 +160,7 @@ public final class CorrelationService: Sendable {
             defer { checkpointing.withLock { $0 = false } }
             do {
                 let started = monotonicNs()
-                var bytes = (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) }
+                var bytes = (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) }  // checkpointPosition's form
                 bytes += try copy.checkpoint()
                 let written = try CheckpointFile.write(bytes, to: path)
                 logger.info("engine checkpoint written", metadata: [

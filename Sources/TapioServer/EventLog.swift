@@ -126,7 +126,7 @@ public struct RecordedRun: Sendable {
         p.arguments = arguments
         var out: FileHandle?
         if let output {
-            FileManager.default.createFile(atPath: output, contents: nil)
+            guard FileManager.default.createFile(atPath: output, contents: nil) else { throw LoadError.unreadable("\(output): cannot be created") }
             out = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
             p.standardOutput = out
         }

@@ -49,7 +49,6 @@ final class GroupCommit: Sendable {
     func append(_ append: BatchAppend, observed: [ObservedEvent] = [], eventLoop: EventLoop) -> EventLoopFuture<Outcome> {
         let promise = eventLoop.makePromise(of: Outcome.self)
         pending.withLock { $0.append(Item(append: append, observed: observed, promise: promise)) }
-        let store = self.store
         storage.submit { [self] state in
             let items = pending.withLock { p -> [Item] in
                 let taken = p

@@ -219,9 +219,8 @@ public final class SegmentEventStore: EventStore {
                 fresh[i] = true
                 payloads.append(a.payload)
             }
-            let nowNs = batches.first?.receivedNs ?? 0
             let before = w.files.activeSize
-            let written = try w.files.append(payloads, nowNs: wallNs())
+            let written = try w.files.append(payloads, nowNs: wallClockNs())
             var ids = [Int64?](repeating: nil, count: batches.count)
             do {
                 try w.db.transaction {
@@ -247,8 +246,7 @@ public final class SegmentEventStore: EventStore {
                 w.statistics.payloadBytesAppended += Int64(a.payload.count)
             }
             w.statistics.recordBytesAppended += written.reduce(0) { $0 + $1.0.length }
-            _ = nowNs
-            try w.files.rotateIfNeeded(maxBytes: configuration.segmentBytes, maxAgeNs: configuration.segmentAgeNs, nowNs: wallNs())
+            try w.files.rotateIfNeeded(maxBytes: configuration.segmentBytes, maxAgeNs: configuration.segmentAgeNs, nowNs: wallClockNs())
             return ids
         }
     }
@@ -422,38 +420,27 @@ public final class SegmentEventStore: EventStore {
         return matches.prefix(limit).reversed().map(\.event)
     }
 
-    private func pathOfSegment(_ id: Int64) -> String {
-        (segmentDirectory as NSString).appendingPathComponent(String(format: "%016lld.seg", id))
-    }
+    private func pathOfSegment(_ id: Int64) -> String { SegmentFiles.path(directory: segmentDirectory, id) }
 
     public func batches(afterId: Int64, limit: Int) throws -> [RecordedBatch] {
-        let files = SegmentReader(path: pathOfSegment)
-        return try reader.withLock { c in
-            let s = try c.db.prepare("""
-                SELECT id, received_ns, clock_offset_ns, clock_error_ns, segment, offset, length, raw_length FROM log_batches
-                WHERE id > ? ORDER BY id LIMIT ?
-                """)
-            s.bind(1, afterId)
-            s.bind(2, Int64(max(1, limit)))
-            var out: [RecordedBatch] = []
-            while try s.step() {
-                let location = RecordLocation(segment: s.int64(4), offset: s.int64(5), length: s.int64(6))
-                guard let payload = try files.read(location, rawLength: Int(s.int64(7))) else { continue }
-                out.append(RecordedBatch(id: s.int64(0), receivedNs: s.int64(1), clock: ClockCorrection(offsetNs: s.int64(2), errorNs: s.int64(3)),
-                                         batch: try EventBatch.decode(payload)))
-            }
-            return out
-        }
+        try recordedBatches(where: "id > ?", orderBy: "id", after: afterId, limit: limit)
     }
 
     public func batches(sinceNs: Int64, limit: Int) throws -> [RecordedBatch] {
+        try recordedBatches(where: "received_ns >= ?", orderBy: "received_ns, id", after: sinceNs, limit: limit)
+    }
+
+    /// Index rows matching `condition` (one parameter, `value`) in `order`,
+    /// read from their segments and decoded; a batch whose segment
+    /// retention deleted meanwhile is left out.
+    private func recordedBatches(where condition: String, orderBy order: String, after value: Int64, limit: Int) throws -> [RecordedBatch] {
         let files = SegmentReader(path: pathOfSegment)
         return try reader.withLock { c in
             let s = try c.db.prepare("""
                 SELECT id, received_ns, clock_offset_ns, clock_error_ns, segment, offset, length, raw_length FROM log_batches
-                WHERE received_ns >= ? ORDER BY received_ns, id LIMIT ?
+                WHERE \(condition) ORDER BY \(order) LIMIT ?
                 """)
-            s.bind(1, sinceNs)
+            s.bind(1, value)
             s.bind(2, Int64(max(1, limit)))
             var out: [RecordedBatch] = []
             while try s.step() {
@@ -696,7 +683,6 @@ public final class SegmentEventStore: EventStore {
         ((try? SegmentFiles.size(of: path)) ?? 0) + ((try? SegmentFiles.size(of: path + "-wal")) ?? 0)
     }
 
-    private func wallNs() -> Int64 { wallClockNs() }
 
     // MARK: the earlier layout
 
@@ -717,9 +703,10 @@ public final class SegmentEventStore: EventStore {
             var pending: [(BatchAppend, [UInt8])] = []
             func flush() throws {
                 guard !pending.isEmpty else { return }
-                let written = try w.files.append(pending.map(\.1), nowNs: wallNs())
+                let written = try w.files.append(pending.map(\.1), nowNs: wallClockNs())
                 for ((a, _), (location, rawLength)) in zip(pending, written) {
-                    try Self.indexOnly(a, at: location, rawLength: rawLength, into: w)
+                    // The index row alone: its counters and drops are in their tables already.
+                    try Self.index(a, at: location, rawLength: rawLength, into: w, counting: false)
                 }
                 pending.removeAll()
             }
@@ -736,15 +723,6 @@ public final class SegmentEventStore: EventStore {
             }
             try? w.db.execute("VACUUM")
         }
-    }
-
-    /// The index row alone (a converted batch: its counters and drops are
-    /// already in their tables).
-    private static func indexOnly(_ a: BatchAppend, at location: RecordLocation, rawLength: Int, into w: Writer) throws {
-        var stripped = a
-        stripped.batch.drops = []
-        stripped.serverDrops = []
-        try index(stripped, at: location, rawLength: rawLength, into: w, counting: false)
     }
 }
 

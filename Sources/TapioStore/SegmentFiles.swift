@@ -87,7 +87,10 @@ final class SegmentFiles {
         tapio_zstd_ctx_free(context)
     }
 
-    func path(_ id: Int64) -> String {
+    func path(_ id: Int64) -> String { Self.path(directory: directory, id) }
+
+    /// `<directory>/<id, 16 digits>.seg`.
+    static func path(directory: String, _ id: Int64) -> String {
         (directory as NSString).appendingPathComponent(String(format: "%016lld.seg", id))
     }
 
@@ -191,10 +194,9 @@ final class SegmentFiles {
         activeFd = fd
         activeId = id
         activeSize = size
-        activeFirstWriteNs = size > Int64(Self.fileMagic.count) ? Self.now() : 0
+        activeFirstWriteNs = size > Int64(Self.fileMagic.count) ? wallClockNs() : 0
     }
 
-    private static func now() -> Int64 { wallClockNs() }
 
     private func compress(_ payload: [UInt8]) throws -> Int {
         let bound = Int(tapio_zstd_bound(payload.count))

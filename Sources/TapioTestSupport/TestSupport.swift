@@ -228,6 +228,14 @@ public func eventually(timeout: TimeInterval = 20, _ condition: () throws -> Boo
 extension TestSupport {
     /// A plain HTTP/1.1 GET on 127.0.0.1 (for /metrics and /healthz); the response body.
     public static func httpGet(port: Int, path: String) throws -> (status: Int, body: String) {
+        let r = try httpRequest(port: port, path: path)
+        return (r.status, r.body)
+    }
+
+    /// An HTTP/1.1 GET on 127.0.0.1 with `headers`: the status, the
+    /// response's headers (names lower-cased) and its body.
+    public static func httpRequest(port: Int, path: String, headers: [String: String] = [:]) throws
+        -> (status: Int, headers: [String: String], body: String) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw TestSupportError("socket failed") }
         defer { close(fd) }
@@ -237,7 +245,8 @@ extension TestSupport {
         addr.sin_port = UInt16(port).bigEndian
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         guard rc == 0 else { throw TestSupportError("connect to 127.0.0.1:\(port) failed") }
-        let request = Array("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".utf8)
+        let extra = headers.map { "\($0.key): \($0.value)\r\n" }.joined()
+        let request = Array("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\n\(extra)Connection: close\r\n\r\n".utf8)
         _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         var response: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -247,8 +256,14 @@ extension TestSupport {
             response += buffer[0..<n]
         }
         let text = String(decoding: response, as: UTF8.self)
-        let status = Int(text.split(separator: " ").dropFirst().first ?? "") ?? 0
-        let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
-        return (status, body)
+        let parts = text.components(separatedBy: "\r\n\r\n")
+        let lines = (parts.first ?? "").components(separatedBy: "\r\n")
+        let status = Int(lines.first?.split(separator: " ").dropFirst().first ?? "") ?? 0
+        var h: [String: String] = [:]
+        for line in lines.dropFirst() {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            h[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        return (status, h, parts.dropFirst().joined(separator: "\r\n\r\n"))
     }
 }

@@ -63,8 +63,8 @@ final class CheckpointTests: XCTestCase {
             XCTAssertEqual(try agent.acks(1).map(\.sequence), [seq])
         }
         func position() -> Int64? {
-            guard let bytes = try? CheckpointFile.read(checkpoint), bytes.count > 8 else { return nil }
-            return bytes[0..<8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) }
+            guard let bytes = try? CheckpointFile.read(checkpoint) else { return nil }
+            return CorrelationService.checkpointPosition(bytes)
         }
         XCTAssertTrue(eventually { position() == 3 }, "a periodic checkpoint at the third batch")
         // What a kill -9 now would leave: this checkpoint.
