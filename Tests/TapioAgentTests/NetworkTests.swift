@@ -170,24 +170,37 @@ final class NetworkTests: XCTestCase {
         let attempted = try observe {
             let out = try sh("""
                 for i in 1 2; do ip netns exec \(client) /usr/bin/python3 -c '
-                import socket, time
-                n = 0; end = time.time() + 2
-                while time.time() < end:
-                    s = socket.socket()
-                    try: s.connect(("\(serverIP)", 7004))
-                    except ConnectionRefusedError: pass
-                    s.close(); n += 1
-                print(n)' & done; wait
+                import socket, sys, time
+                n = 0; other = 0; end = time.time() + 2
+                try:
+                    while time.time() < end:
+                        s = socket.socket()
+                        try:
+                            s.connect(("\(serverIP)", 7004))
+                        except ConnectionRefusedError:
+                            n += 1
+                        except OSError as e:
+                            other += 1
+                            if other <= 3: print("connect:", e, file=sys.stderr)
+                        s.close()
+                finally:
+                    print("refused", n, "other", other, flush=True)' 2>&1 & done; wait
                 """)
-            storm = out.split(separator: "\n").compactMap { UInt32($0) }.reduce(0, +)
+            storm = 0
+            for line in out.split(separator: "\n") {
+                let words = line.split(separator: " ")
+                if words.count == 4, words[0] == "refused", let n = UInt32(words[1]) { storm += n }
+            }
+            stormOutput = out
         }
         let counted = attempted.reduce(UInt32(0)) { sum, e in
             if case .tcpConnect(let f, .refused, _, _, let n) = e.detail, f.destinationPort == 7004 { return sum + n } else { return sum }
         }
-        XCTAssertGreaterThan(storm, 10_000)
-        XCTAssertEqual(counted, storm, "every attempt counted")
+        XCTAssertGreaterThan(storm, 10_000, "the storm ran: \(stormOutput)")
+        XCTAssertEqual(counted, storm, "every refused attempt counted (\(stormOutput))")
         XCTAssertLessThan(attempted.filter { $0.kind == .tcpConnect }.count, 100, "aggregated: a handful of events, not \(storm)")
     }
 
     private var storm: UInt32 = 0
+    private var stormOutput = ""
 }
