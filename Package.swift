@@ -51,6 +51,8 @@ let package = Package(
         .target(name: "TapioAttribution", dependencies: ["TapioWire"]),
         // The correlation engine: no I/O, deterministic, replayable (docs/correlation.md).
         .target(name: "TapioCorrelation", dependencies: ["TapioWire"]),
+        // The typed query API: Codable answers of every query method, shared by server, CLI, lab and UI (docs/protocol.md).
+        .target(name: "TapioQueryAPI", dependencies: ["TapioWire"]),
         // Durable event store behind a narrow interface: compressed segment
         // files for the batches, SQLite for their index, nodes and incidents.
         .target(name: "TapioStore", dependencies: ["TapioWire", "CSQLite", "CZstd"]),
@@ -77,6 +79,7 @@ let package = Package(
             name: "TapioServer",
             dependencies: [
                 "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS", "TapioAlerting",
+                "TapioQueryAPI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -89,6 +92,7 @@ let package = Package(
             name: "TapioClient",
             dependencies: [
                 "TapioWire", "CTapioTLS",
+                "TapioQueryAPI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -100,6 +104,7 @@ let package = Package(
             name: "TapioUI",
             dependencies: [
                 "TapioWire",
+                "TapioQueryAPI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -110,6 +115,7 @@ let package = Package(
             name: "tapio",
             dependencies: [
                 "TapioClient", "TapioWire", "TapioUI",
+                "TapioQueryAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -131,7 +137,7 @@ let package = Package(
         ),
 
         // The fault lab: nodes from network namespaces and cgroups, real services, faults, scoring.
-        .target(name: "TapioLab", dependencies: ["TapioClient", "TapioWire"]),
+        .target(name: "TapioLab", dependencies: ["TapioClient", "TapioWire", "TapioQueryAPI"]),
         .executableTarget(
             name: "tapio-lab",
             dependencies: [
@@ -150,8 +156,10 @@ let package = Package(
         .testTarget(name: "TapioAgentTests", dependencies: ["TapioAgent", "TapioAttribution", "TapioWire", "CTapioBPF", "TapioTestSupport"]),
         .testTarget(
             name: "TapioServerTests",
-            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioUI", "TapioTestSupport"]
+            dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioUI", "TapioTestSupport",
+                           "TapioQueryAPI"]
         ),
+        .testTarget(name: "TapioQueryAPITests", dependencies: ["TapioQueryAPI", "TapioWire"]),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]
