@@ -592,6 +592,141 @@ void   tapio__v1__cpu_throttle__free_unpacked
   assert(message->base.descriptor == &tapio__v1__cpu_throttle__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   tapio__v1__cpu_usage__init
+                     (Tapio__V1__CpuUsage         *message)
+{
+  static const Tapio__V1__CpuUsage init_value = TAPIO__V1__CPU_USAGE__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__cpu_usage__get_packed_size
+                     (const Tapio__V1__CpuUsage *message)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_usage__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__cpu_usage__pack
+                     (const Tapio__V1__CpuUsage *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_usage__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__cpu_usage__pack_to_buffer
+                     (const Tapio__V1__CpuUsage *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_usage__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__CpuUsage *
+       tapio__v1__cpu_usage__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__CpuUsage *)
+     protobuf_c_message_unpack (&tapio__v1__cpu_usage__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__cpu_usage__free_unpacked
+                     (Tapio__V1__CpuUsage *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__cpu_usage__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__cpu_pressure__init
+                     (Tapio__V1__CpuPressure         *message)
+{
+  static const Tapio__V1__CpuPressure init_value = TAPIO__V1__CPU_PRESSURE__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__cpu_pressure__get_packed_size
+                     (const Tapio__V1__CpuPressure *message)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_pressure__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__cpu_pressure__pack
+                     (const Tapio__V1__CpuPressure *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_pressure__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__cpu_pressure__pack_to_buffer
+                     (const Tapio__V1__CpuPressure *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__cpu_pressure__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__CpuPressure *
+       tapio__v1__cpu_pressure__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__CpuPressure *)
+     protobuf_c_message_unpack (&tapio__v1__cpu_pressure__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__cpu_pressure__free_unpacked
+                     (Tapio__V1__CpuPressure *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__cpu_pressure__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   tapio__v1__node_cpu__init
+                     (Tapio__V1__NodeCpu         *message)
+{
+  static const Tapio__V1__NodeCpu init_value = TAPIO__V1__NODE_CPU__INIT;
+  *message = init_value;
+}
+size_t tapio__v1__node_cpu__get_packed_size
+                     (const Tapio__V1__NodeCpu *message)
+{
+  assert(message->base.descriptor == &tapio__v1__node_cpu__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t tapio__v1__node_cpu__pack
+                     (const Tapio__V1__NodeCpu *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &tapio__v1__node_cpu__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t tapio__v1__node_cpu__pack_to_buffer
+                     (const Tapio__V1__NodeCpu *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &tapio__v1__node_cpu__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Tapio__V1__NodeCpu *
+       tapio__v1__node_cpu__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Tapio__V1__NodeCpu *)
+     protobuf_c_message_unpack (&tapio__v1__node_cpu__descriptor,
+                                allocator, len, data);
+}
+void   tapio__v1__node_cpu__free_unpacked
+                     (Tapio__V1__NodeCpu *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &tapio__v1__node_cpu__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   tapio__v1__memory_pressure__init
                      (Tapio__V1__MemoryPressure         *message)
 {
@@ -2470,7 +2605,7 @@ const ProtobufCMessageDescriptor tapio__v1__dns__descriptor =
   (ProtobufCMessageInit) tapio__v1__dns__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor tapio__v1__cpu_throttle__field_descriptors[5] =
+static const ProtobufCFieldDescriptor tapio__v1__cpu_throttle__field_descriptors[6] =
 {
   {
     "periods",
@@ -2532,6 +2667,18 @@ static const ProtobufCFieldDescriptor tapio__v1__cpu_throttle__field_descriptors
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "usage",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuThrottle, usage),
+    &tapio__v1__cpu_usage__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned tapio__v1__cpu_throttle__field_indices_by_name[] = {
   4,   /* field[4] = cgroup */
@@ -2539,11 +2686,12 @@ static const unsigned tapio__v1__cpu_throttle__field_indices_by_name[] = {
   0,   /* field[0] = periods */
   2,   /* field[2] = throttled_ns */
   1,   /* field[1] = throttled_periods */
+  5,   /* field[5] = usage */
 };
 static const ProtobufCIntRange tapio__v1__cpu_throttle__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor tapio__v1__cpu_throttle__descriptor =
 {
@@ -2553,11 +2701,190 @@ const ProtobufCMessageDescriptor tapio__v1__cpu_throttle__descriptor =
   "Tapio__V1__CpuThrottle",
   "tapio.v1",
   sizeof(Tapio__V1__CpuThrottle),
-  5,
+  6,
   tapio__v1__cpu_throttle__field_descriptors,
   tapio__v1__cpu_throttle__field_indices_by_name,
   1,  tapio__v1__cpu_throttle__number_ranges,
   (ProtobufCMessageInit) tapio__v1__cpu_throttle__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__cpu_usage__field_descriptors[3] =
+{
+  {
+    "usage_ns",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuUsage, usage_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pressure",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuUsage, pressure),
+    &tapio__v1__cpu_pressure__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "node",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuUsage, node),
+    &tapio__v1__node_cpu__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__cpu_usage__field_indices_by_name[] = {
+  2,   /* field[2] = node */
+  1,   /* field[1] = pressure */
+  0,   /* field[0] = usage_ns */
+};
+static const ProtobufCIntRange tapio__v1__cpu_usage__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor tapio__v1__cpu_usage__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.CpuUsage",
+  "CpuUsage",
+  "Tapio__V1__CpuUsage",
+  "tapio.v1",
+  sizeof(Tapio__V1__CpuUsage),
+  3,
+  tapio__v1__cpu_usage__field_descriptors,
+  tapio__v1__cpu_usage__field_indices_by_name,
+  1,  tapio__v1__cpu_usage__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__cpu_usage__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__cpu_pressure__field_descriptors[2] =
+{
+  {
+    "some_avg10_permille",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuPressure, some_avg10_permille),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "some_stall_ns",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__CpuPressure, some_stall_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__cpu_pressure__field_indices_by_name[] = {
+  0,   /* field[0] = some_avg10_permille */
+  1,   /* field[1] = some_stall_ns */
+};
+static const ProtobufCIntRange tapio__v1__cpu_pressure__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor tapio__v1__cpu_pressure__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.CpuPressure",
+  "CpuPressure",
+  "Tapio__V1__CpuPressure",
+  "tapio.v1",
+  sizeof(Tapio__V1__CpuPressure),
+  2,
+  tapio__v1__cpu_pressure__field_descriptors,
+  tapio__v1__cpu_pressure__field_indices_by_name,
+  1,  tapio__v1__cpu_pressure__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__cpu_pressure__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor tapio__v1__node_cpu__field_descriptors[3] =
+{
+  {
+    "cpus",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__NodeCpu, cpus),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "runnable",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__NodeCpu, runnable),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pressure",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Tapio__V1__NodeCpu, pressure),
+    &tapio__v1__cpu_pressure__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned tapio__v1__node_cpu__field_indices_by_name[] = {
+  0,   /* field[0] = cpus */
+  2,   /* field[2] = pressure */
+  1,   /* field[1] = runnable */
+};
+static const ProtobufCIntRange tapio__v1__node_cpu__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor tapio__v1__node_cpu__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "tapio.v1.NodeCpu",
+  "NodeCpu",
+  "Tapio__V1__NodeCpu",
+  "tapio.v1",
+  sizeof(Tapio__V1__NodeCpu),
+  3,
+  tapio__v1__node_cpu__field_descriptors,
+  tapio__v1__node_cpu__field_indices_by_name,
+  1,  tapio__v1__node_cpu__number_ranges,
+  (ProtobufCMessageInit) tapio__v1__node_cpu__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor tapio__v1__memory_pressure__field_descriptors[7] =

@@ -157,7 +157,7 @@ public final class Attributor: Sendable {
         // it has no v2 id, and the path itself says whose it is.
         if a.isHost, event.pid == 0 {
             switch event.detail {
-            case .cpuThrottle(_, _, _, _, let path), .memoryPressure(_, _, _, _, _, _, let path):
+            case .cpuThrottle(_, _, _, _, let path, _), .memoryPressure(_, _, _, _, _, _, let path):
                 let byPath = attribute(cgroupPath: path)
                 if !byPath.isHost { a = byPath }
             default:

@@ -207,7 +207,7 @@ func summarize(_ o: ObservedEvent, entity: String) -> String {
         return "\(count) packets \(f.source?.description ?? "?") → \(peer(f)) dropped: \(reason)"
     case .dns(let name, _, let rcode, _, _, _, _, _):
         return "\(who) lookup \(name): \(dnsRcodeName(rcode))"
-    case .cpuThrottle(let periods, let throttled, _, _, _):
+    case .cpuThrottle(let periods, let throttled, _, _, _, _):
         return "\(who) throttled in \(throttled)/\(periods) periods"
     case .memoryPressure(let source, _, let usage, let limit, let psi, _, _):
         return "\(who) memory pressure (\(source)): \(usage / 1_048_576)/\(limit / 1_048_576) MiB, psi \(Double(psi) / 10)%"

@@ -432,7 +432,7 @@ public struct CorrelationEngine: Sendable {
                 addCause(.dnsFailure, EntityRef(name: name, quality: 1, pod: nil, isService: false), e)
                 observe(SeriesKey(observer: me.name, kind: .dnsErrors, peer: name), from: me.name, to: name, bucket: bucket, count: 1, event: e)
             }
-        case .cpuThrottle(let periods, let throttled, _, _, _):
+        case .cpuThrottle(let periods, let throttled, _, _, _, _):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)

@@ -57,7 +57,8 @@ public struct TapioEvent: Sendable, Equatable, Codable {
         case tcpLatency(flow: Flow, srttUs: UInt32, responses: UInt32, responseNsTotal: UInt64, responseNsMax: UInt64, intervalNs: UInt64)
         case packetDrop(reason: String, count: UInt32, flow: Flow, ipProtocol: UInt32, ifindex: UInt32, intervalNs: UInt64)
         case dns(name: String, qtype: UInt32, rcode: Int32, latencyNs: UInt64, server: IPAddress?, serverPort: UInt16, id: UInt16, answers: [IPAddress])
-        case cpuThrottle(periods: UInt64, throttledPeriods: UInt64, throttledNs: UInt64, intervalNs: UInt64, cgroup: String)
+        /// `usage` is nil from agents that do not report CPU usage.
+        case cpuThrottle(periods: UInt64, throttledPeriods: UInt64, throttledNs: UInt64, intervalNs: UInt64, cgroup: String, usage: CPUUsage? = nil)
         case memoryPressure(source: String, count: UInt64, usageBytes: UInt64, limitBytes: UInt64, psiSomeAvg10Permille: UInt32, intervalNs: UInt64, cgroup: String)
         case ioError(error: Int32, syscall: String, count: UInt32, intervalNs: UInt64)
     }
@@ -160,9 +161,24 @@ public struct TapioEvent: Sendable, Equatable, Codable {
             ]
             if let server { o["server"] = .string(server.description); o["server_port"] = .int(Int64(clamping: serverPort)) }
             return o
-        case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup):
-            return ["periods": .int(Int64(clamping: periods)), "throttled_periods": .int(Int64(clamping: throttledPeriods)),
-                    "throttled_ns": .int(Int64(clamping: throttledNs)), "interval_ns": .int(Int64(clamping: intervalNs)), "cgroup": .string(cgroup)]
+        case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup, let usage):
+            var o: [String: JSONValue] = [
+                "periods": .int(Int64(clamping: periods)), "throttled_periods": .int(Int64(clamping: throttledPeriods)),
+                "throttled_ns": .int(Int64(clamping: throttledNs)), "interval_ns": .int(Int64(clamping: intervalNs)), "cgroup": .string(cgroup),
+            ]
+            if let usage {
+                o["usage_ns"] = .int(Int64(clamping: usage.usageNs))
+                if let p = usage.pressure {
+                    o["psi_some_avg10"] = .double(Double(p.someAvg10Permille) / 10)
+                    o["psi_some_stall_ns"] = .int(Int64(clamping: p.someStallNs))
+                }
+                if let n = usage.node {
+                    o["node_cpus"] = .int(Int64(clamping: n.cpus))
+                    o["node_runnable"] = .int(Int64(clamping: n.runnable))
+                    if let p = n.pressure { o["node_psi_some_avg10"] = .double(Double(p.someAvg10Permille) / 10) }
+                }
+            }
+            return o
         case .memoryPressure(let source, let count, let usage, let limit, let psi, let intervalNs, let cgroup):
             return ["source": .string(source), "count": .int(Int64(clamping: count)), "usage_bytes": .int(Int64(clamping: usage)),
                     "limit_bytes": .int(Int64(clamping: limit)), "psi_some_avg10": .double(Double(psi) / 10), "interval_ns": .int(Int64(clamping: intervalNs)),
@@ -171,6 +187,53 @@ public struct TapioEvent: Sendable, Equatable, Codable {
             return ["errno": .string(errnoName(error)), "error_code": .int(Int64(clamping: error)), "syscall": .string(syscall),
                     "count": .int(Int64(clamping: count)), "interval_ns": .int(Int64(clamping: intervalNs))]
         }
+    }
+}
+
+/// What a cgroup's tasks did with the CPU in one interval (`cpu_throttle`).
+public struct CPUUsage: Sendable, Equatable, Codable {
+    /// CPU time used in the interval, ns (cgroup v2 `cpu.stat` usage_usec,
+    /// v1 `cpuacct.usage`); over an interval of one second, 1e9 is one CPU busy.
+    public var usageNs: UInt64
+    /// The cgroup's `cpu.pressure`; nil where the kernel keeps none (cgroup v1).
+    public var pressure: CPUPressure?
+    /// Only on the event of the watched subtree's root: the node as a whole.
+    public var node: NodeCPU?
+
+    public init(usageNs: UInt64, pressure: CPUPressure? = nil, node: NodeCPU? = nil) {
+        self.usageNs = usageNs
+        self.pressure = pressure
+        self.node = node
+    }
+}
+
+/// Pressure stall information for CPU: the share of time at least one
+/// runnable task waited for a CPU.
+public struct CPUPressure: Sendable, Equatable, Codable {
+    /// "some avg10" (the last 10 s), in permille.
+    public var someAvg10Permille: UInt32
+    /// Growth of "some total" in the interval, ns.
+    public var someStallNs: UInt64
+
+    public init(someAvg10Permille: UInt32, someStallNs: UInt64) {
+        self.someAvg10Permille = someAvg10Permille
+        self.someStallNs = someStallNs
+    }
+}
+
+/// The node's CPUs at the end of an interval.
+public struct NodeCPU: Sendable, Equatable, Codable {
+    /// CPUs online.
+    public var cpus: UInt32
+    /// Tasks runnable at the sample (`/proc/stat` procs_running).
+    public var runnable: UInt32
+    /// `/proc/pressure/cpu`; nil on kernels without PSI.
+    public var pressure: CPUPressure?
+
+    public init(cpus: UInt32, runnable: UInt32, pressure: CPUPressure? = nil) {
+        self.cpus = cpus
+        self.runnable = runnable
+        self.pressure = pressure
     }
 }
 

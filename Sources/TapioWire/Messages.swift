@@ -319,7 +319,7 @@ public struct EventBatch: Sendable, Equatable {
                 d.pointee.answers = list
                 ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_DNS
                 ce.pointee.dns = d
-            case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup):
+            case .cpuThrottle(let periods, let throttledPeriods, let throttledNs, let intervalNs, let cgroup, let usage):
                 let d = arena.allocate(Tapio__V1__CpuThrottle.self, count: 1)
                 tapio__v1__cpu_throttle__init(d)
                 d.pointee.periods = periods
@@ -327,6 +327,29 @@ public struct EventBatch: Sendable, Equatable {
                 d.pointee.throttled_ns = throttledNs
                 d.pointee.interval_ns = intervalNs
                 d.pointee.cgroup = ref(cgroup)
+                func pressure(_ p: CPUPressure?) -> UnsafeMutablePointer<Tapio__V1__CpuPressure>? {
+                    guard let p else { return nil }
+                    let c = arena.allocate(Tapio__V1__CpuPressure.self, count: 1)
+                    tapio__v1__cpu_pressure__init(c)
+                    c.pointee.some_avg10_permille = p.someAvg10Permille
+                    c.pointee.some_stall_ns = p.someStallNs
+                    return c
+                }
+                if let usage {
+                    let u = arena.allocate(Tapio__V1__CpuUsage.self, count: 1)
+                    tapio__v1__cpu_usage__init(u)
+                    u.pointee.usage_ns = usage.usageNs
+                    u.pointee.pressure = pressure(usage.pressure)
+                    if let node = usage.node {
+                        let n = arena.allocate(Tapio__V1__NodeCpu.self, count: 1)
+                        tapio__v1__node_cpu__init(n)
+                        n.pointee.cpus = node.cpus
+                        n.pointee.runnable = node.runnable
+                        n.pointee.pressure = pressure(node.pressure)
+                        u.pointee.node = n
+                    }
+                    d.pointee.usage = u
+                }
                 ce.pointee.detail_case = TAPIO__V1__EVENT__DETAIL_CPU_THROTTLE
                 ce.pointee.cpu_throttle = d
             case .memoryPressure(let source, let count, let usage, let limit, let psi, let intervalNs, let cgroup):
@@ -498,7 +521,15 @@ public struct EventBatch: Sendable, Equatable {
                                   serverPort: try port(d.server_port), id: UInt16(truncatingIfNeeded: d.id), answers: answers)
                 case TAPIO__V1__EVENT__DETAIL_CPU_THROTTLE:
                     let d = ce.cpu_throttle.pointee
-                    detail = .cpuThrottle(periods: d.periods, throttledPeriods: d.throttled_periods, throttledNs: d.throttled_ns, intervalNs: d.interval_ns, cgroup: try lookup(d.cgroup))
+                    func pressure(_ p: UnsafeMutablePointer<Tapio__V1__CpuPressure>?) -> CPUPressure? {
+                        p.map { CPUPressure(someAvg10Permille: $0.pointee.some_avg10_permille, someStallNs: $0.pointee.some_stall_ns) }
+                    }
+                    let usage = d.usage.map { u in
+                        CPUUsage(usageNs: u.pointee.usage_ns, pressure: pressure(u.pointee.pressure),
+                                 node: u.pointee.node.map { NodeCPU(cpus: $0.pointee.cpus, runnable: $0.pointee.runnable, pressure: pressure($0.pointee.pressure)) })
+                    }
+                    detail = .cpuThrottle(periods: d.periods, throttledPeriods: d.throttled_periods, throttledNs: d.throttled_ns, intervalNs: d.interval_ns,
+                                          cgroup: try lookup(d.cgroup), usage: usage)
                 case TAPIO__V1__EVENT__DETAIL_MEMORY_PRESSURE:
                     let d = ce.memory_pressure.pointee
                     detail = .memoryPressure(source: try lookup(d.source), count: d.count, usageBytes: d.usage_bytes, limitBytes: d.limit_bytes,

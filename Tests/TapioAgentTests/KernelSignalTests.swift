@@ -89,7 +89,7 @@ final class KernelSignalTests: XCTestCase {
             _ = try Self.run("/bin/sh", ["-c", "echo $$ > \(group)/cgroup.procs && timeout 1.5 sh -c 'while :; do :; done'; true"])
         }
         let throttled = events.contains {
-            if case .cpuThrottle(_, let periods, _, _, let cgroup) = $0.detail { return cgroup == "/" + name && periods > 0 }
+            if case .cpuThrottle(_, let periods, _, _, let cgroup, _) = $0.detail { return cgroup == "/" + name && periods > 0 }
             return false
         }
         XCTAssertTrue(throttled, "cpu_throttle for /\(name): \(events.filter { $0.kind == .cpuThrottle })")

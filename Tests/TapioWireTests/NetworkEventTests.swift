@@ -1,3 +1,4 @@
+import Foundation
 import TapioWire
 import XCTest
 
@@ -19,6 +20,13 @@ final class NetworkEventTests: XCTestCase {
                         answers: [IPAddress("10.0.2.7")!, IPAddress("fd00::7")!])),
             (.dns, .dns(name: "lost.example", qtype: 28, rcode: -1, latencyNs: 5_000_000_000, server: nil, serverPort: 0, id: 1, answers: [])),
             (.cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 450_000_000, intervalNs: 1_000_000_000, cgroup: "/lab/node1/api")),
+            (.cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/lab/node1",
+                                        usage: CPUUsage(usageNs: 480_000_000, pressure: CPUPressure(someAvg10Permille: 353, someStallNs: 310_000_000),
+                                                        node: NodeCPU(cpus: 2, runnable: 3, pressure: CPUPressure(someAvg10Permille: 120, someStallNs: 90_000_000))))),
+            (.cpuThrottle, .cpuThrottle(periods: 5, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/lab/node1/hog",
+                                        usage: CPUUsage(usageNs: 990_000_000))),
+            (.cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/",
+                                        usage: CPUUsage(usageNs: 0, node: NodeCPU(cpus: 64, runnable: 1)))),
             (.memoryPressure, .memoryPressure(source: "limit", count: 120, usageBytes: 33_000_000, limitBytes: 33_554_432, psiSomeAvg10Permille: 125,
                                               intervalNs: 1_000_000_000, cgroup: "/lab/node1/redis")),
             (.ioError, .ioError(error: ENOSPC, syscall: "write", count: 31, intervalNs: 1_000_000_000)),
@@ -29,6 +37,30 @@ final class NetworkEventTests: XCTestCase {
         }
         let batch = EventBatch(node: "n", epoch: 1, sequence: 1, events: events)
         XCTAssertEqual(try EventBatch.decode(batch.encoded()), batch)
+    }
+
+    /// CPU usage rides on `cpu_throttle` as new fields: an event of an agent
+    /// that does not report it has none, in JSON and in the engine's stored
+    /// events (checkpoints written before the fields existed still read).
+    func testCPUUsageIsAbsentFromOlderEventsAndShownWhenReported() throws {
+        let old = #"{"cpuThrottle":{"periods":10,"throttledPeriods":3,"throttledNs":5,"intervalNs":1000000000,"cgroup":"/kubepods"}}"#
+        let decoded = try JSONDecoder().decode(TapioEvent.Detail.self, from: Data(old.utf8))
+        XCTAssertEqual(decoded, .cpuThrottle(periods: 10, throttledPeriods: 3, throttledNs: 5, intervalNs: 1_000_000_000, cgroup: "/kubepods", usage: nil))
+        XCTAssertNil(TapioEvent(kind: .cpuThrottle, timeNs: 0, detail: decoded).detailFields["usage_ns"])
+        let batch = EventBatch(node: "n", epoch: 1, sequence: 1, events: [TapioEvent(kind: .cpuThrottle, timeNs: 1, detail: decoded)])
+        XCTAssertEqual(try EventBatch.decode(batch.encoded()).events.first?.detail, decoded)
+
+        let root = TapioEvent(kind: .cpuThrottle, timeNs: 0, detail: .cpuThrottle(
+            periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/",
+            usage: CPUUsage(usageNs: 1_500_000_000, pressure: CPUPressure(someAvg10Permille: 255, someStallNs: 200_000_000),
+                            node: NodeCPU(cpus: 2, runnable: 4, pressure: nil))))
+        let f = root.detailFields
+        XCTAssertEqual(f["usage_ns"], .int(1_500_000_000))
+        XCTAssertEqual(f["psi_some_avg10"], .double(25.5))
+        XCTAssertEqual(f["psi_some_stall_ns"], .int(200_000_000))
+        XCTAssertEqual(f["node_cpus"], .int(2))
+        XCTAssertEqual(f["node_runnable"], .int(4))
+        XCTAssertNil(f["node_psi_some_avg10"], "no node PSI read: none shown")
     }
 
     func testJSONFieldsNameOutcomesReasonsAndCodes() {

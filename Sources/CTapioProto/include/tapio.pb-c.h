@@ -28,6 +28,9 @@ typedef struct Tapio__V1__TcpLatency Tapio__V1__TcpLatency;
 typedef struct Tapio__V1__PacketDrop Tapio__V1__PacketDrop;
 typedef struct Tapio__V1__Dns Tapio__V1__Dns;
 typedef struct Tapio__V1__CpuThrottle Tapio__V1__CpuThrottle;
+typedef struct Tapio__V1__CpuUsage Tapio__V1__CpuUsage;
+typedef struct Tapio__V1__CpuPressure Tapio__V1__CpuPressure;
+typedef struct Tapio__V1__NodeCpu Tapio__V1__NodeCpu;
 typedef struct Tapio__V1__MemoryPressure Tapio__V1__MemoryPressure;
 typedef struct Tapio__V1__IoError Tapio__V1__IoError;
 typedef struct Tapio__V1__Event Tapio__V1__Event;
@@ -384,6 +387,11 @@ struct  Tapio__V1__Dns
     , 0, 0, 0, 0, {0,NULL}, 0, 0, 0,NULL }
 
 
+/*
+ * A cgroup's CPU accounting for one interval: CFS throttling and, from
+ * agents that report it, the CPU time it used and how long its tasks waited
+ * for a CPU (docs/events.md, cpu_throttle).
+ */
 struct  Tapio__V1__CpuThrottle
 {
   ProtobufCMessage base;
@@ -398,10 +406,76 @@ struct  Tapio__V1__CpuThrottle
    * string ref: cgroup path
    */
   uint32_t cgroup;
+  /*
+   * absent from agents that do not report usage
+   */
+  Tapio__V1__CpuUsage *usage;
 };
 #define TAPIO__V1__CPU_THROTTLE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__cpu_throttle__descriptor) \
-    , 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, NULL }
+
+
+struct  Tapio__V1__CpuUsage
+{
+  ProtobufCMessage base;
+  /*
+   * CPU time the cgroup's tasks used in the interval (cpu.stat usage_usec, v1 cpuacct.usage)
+   */
+  uint64_t usage_ns;
+  /*
+   * the cgroup's cpu.pressure; absent where the kernel keeps none
+   */
+  Tapio__V1__CpuPressure *pressure;
+  /*
+   * only on the event of the watched subtree's root: the node as a whole
+   */
+  Tapio__V1__NodeCpu *node;
+};
+#define TAPIO__V1__CPU_USAGE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__cpu_usage__descriptor) \
+    , 0, NULL, NULL }
+
+
+/*
+ * Pressure stall information: the share of time some runnable task waited for a CPU.
+ */
+struct  Tapio__V1__CpuPressure
+{
+  ProtobufCMessage base;
+  /*
+   * "some avg10", in permille
+   */
+  uint32_t some_avg10_permille;
+  /*
+   * growth of "some total" in the interval
+   */
+  uint64_t some_stall_ns;
+};
+#define TAPIO__V1__CPU_PRESSURE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__cpu_pressure__descriptor) \
+    , 0, 0 }
+
+
+struct  Tapio__V1__NodeCpu
+{
+  ProtobufCMessage base;
+  /*
+   * CPUs online
+   */
+  uint32_t cpus;
+  /*
+   * tasks runnable at the sample (/proc/stat procs_running)
+   */
+  uint32_t runnable;
+  /*
+   * /proc/pressure/cpu; absent without PSI
+   */
+  Tapio__V1__CpuPressure *pressure;
+};
+#define TAPIO__V1__NODE_CPU__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&tapio__v1__node_cpu__descriptor) \
+    , 0, 0, NULL }
 
 
 struct  Tapio__V1__MemoryPressure
@@ -997,6 +1071,63 @@ Tapio__V1__CpuThrottle *
 void   tapio__v1__cpu_throttle__free_unpacked
                      (Tapio__V1__CpuThrottle *message,
                       ProtobufCAllocator *allocator);
+/* Tapio__V1__CpuUsage methods */
+void   tapio__v1__cpu_usage__init
+                     (Tapio__V1__CpuUsage         *message);
+size_t tapio__v1__cpu_usage__get_packed_size
+                     (const Tapio__V1__CpuUsage   *message);
+size_t tapio__v1__cpu_usage__pack
+                     (const Tapio__V1__CpuUsage   *message,
+                      uint8_t             *out);
+size_t tapio__v1__cpu_usage__pack_to_buffer
+                     (const Tapio__V1__CpuUsage   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__CpuUsage *
+       tapio__v1__cpu_usage__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__cpu_usage__free_unpacked
+                     (Tapio__V1__CpuUsage *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__CpuPressure methods */
+void   tapio__v1__cpu_pressure__init
+                     (Tapio__V1__CpuPressure         *message);
+size_t tapio__v1__cpu_pressure__get_packed_size
+                     (const Tapio__V1__CpuPressure   *message);
+size_t tapio__v1__cpu_pressure__pack
+                     (const Tapio__V1__CpuPressure   *message,
+                      uint8_t             *out);
+size_t tapio__v1__cpu_pressure__pack_to_buffer
+                     (const Tapio__V1__CpuPressure   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__CpuPressure *
+       tapio__v1__cpu_pressure__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__cpu_pressure__free_unpacked
+                     (Tapio__V1__CpuPressure *message,
+                      ProtobufCAllocator *allocator);
+/* Tapio__V1__NodeCpu methods */
+void   tapio__v1__node_cpu__init
+                     (Tapio__V1__NodeCpu         *message);
+size_t tapio__v1__node_cpu__get_packed_size
+                     (const Tapio__V1__NodeCpu   *message);
+size_t tapio__v1__node_cpu__pack
+                     (const Tapio__V1__NodeCpu   *message,
+                      uint8_t             *out);
+size_t tapio__v1__node_cpu__pack_to_buffer
+                     (const Tapio__V1__NodeCpu   *message,
+                      ProtobufCBuffer     *buffer);
+Tapio__V1__NodeCpu *
+       tapio__v1__node_cpu__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   tapio__v1__node_cpu__free_unpacked
+                     (Tapio__V1__NodeCpu *message,
+                      ProtobufCAllocator *allocator);
 /* Tapio__V1__MemoryPressure methods */
 void   tapio__v1__memory_pressure__init
                      (Tapio__V1__MemoryPressure         *message);
@@ -1310,6 +1441,15 @@ typedef void (*Tapio__V1__Dns_Closure)
 typedef void (*Tapio__V1__CpuThrottle_Closure)
                  (const Tapio__V1__CpuThrottle *message,
                   void *closure_data);
+typedef void (*Tapio__V1__CpuUsage_Closure)
+                 (const Tapio__V1__CpuUsage *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__CpuPressure_Closure)
+                 (const Tapio__V1__CpuPressure *message,
+                  void *closure_data);
+typedef void (*Tapio__V1__NodeCpu_Closure)
+                 (const Tapio__V1__NodeCpu *message,
+                  void *closure_data);
 typedef void (*Tapio__V1__MemoryPressure_Closure)
                  (const Tapio__V1__MemoryPressure *message,
                   void *closure_data);
@@ -1379,6 +1519,9 @@ extern const ProtobufCMessageDescriptor tapio__v1__tcp_latency__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__packet_drop__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__dns__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__cpu_throttle__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__cpu_usage__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__cpu_pressure__descriptor;
+extern const ProtobufCMessageDescriptor tapio__v1__node_cpu__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__memory_pressure__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__io_error__descriptor;
 extern const ProtobufCMessageDescriptor tapio__v1__event__descriptor;
