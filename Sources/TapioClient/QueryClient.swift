@@ -131,29 +131,14 @@ public final class QueryClient: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let promise = group.next().makePromise(of: QueryResponse.self)
-        let sslContext = self.sslContext
-        let serverHostname = self.serverHostname
         let diagnosis = HandshakeDiagnosis(client: self)
         let channel: Channel
         do {
-            channel = try ClientBootstrap(group: group)
-                .connectTimeout(.seconds(10))
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        let tls = try diagnosis.makeHandler(context: sslContext, serverHostname: serverHostname)
-                        try channel.pipeline.syncOperations.addHandlers([
-                            tls,
-                            ByteToMessageHandler(ClientFrameDecoder(maximumPayload: 256 << 20)),
-                            ResponseHandler(promise: promise, diagnosis: diagnosis),
-                        ])
-                    }
-                }
-                .connect(host: host, port: port).wait()
+            channel = try connect(group: group, diagnosis: diagnosis) { ResponseHandler(promise: promise, diagnosis: diagnosis) }
         } catch {
             // Every promise must be completed, or NIO reports it as leaked.
-            let failure = QueryError(.unreachable, "cannot connect to \(host):\(port): \(Self.connectFailure(error))")
-            promise.fail(failure)
-            throw failure
+            promise.fail(error)
+            throw error
         }
         defer { channel.close(promise: nil) }
         let frame = Frame(type: .query, payload: request.encoded()).encoded()
@@ -165,22 +150,35 @@ public final class QueryClient: Sendable {
         return try promise.futureResult.wait()
     }
 
-    /// Sends a request and returns the JSON document, throwing on an error status.
-    public func json(_ method: String, _ params: [String: String] = [:]) throws -> JSONValue {
-        let response = try query(QueryRequest(method: method, params: params))
-        guard response.status == 0 else {
-            switch WireErrorCode(rawValue: response.status) {
-            case .forbidden:
-                let who = (try? DevelopmentPKI.identity(ofCertificateFile: certificateFile)).map { "CN=\($0.commonName), O=\($0.role)" } ?? "?"
-                throw QueryError(.forbidden, "the server refused the certificate \(certificateFile) (\(who)): \(response.error)")
-            case .shuttingDown:
-                throw QueryError(.connectionClosed, "the server is shutting down: \(response.error)")
-            default:
-                throw QueryError(.refused, "server refused the query: \(response.error) (code \(response.status))")
-            }
-        }
+    /// A connection to the query port: TLS, the frame decoder, then `handler`.
+    func connect(group: EventLoopGroup, diagnosis: HandshakeDiagnosis, handler: @escaping @Sendable () -> ChannelHandler) throws -> Channel {
+        let sslContext = self.sslContext
+        let serverHostname = self.serverHostname
         do {
-            return try JSONValue.parse(response.json)
+            return try ClientBootstrap(group: group)
+                .connectTimeout(.seconds(10))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let tls = try diagnosis.makeHandler(context: sslContext, serverHostname: serverHostname)
+                        try channel.pipeline.syncOperations.addHandlers([
+                            tls,
+                            ByteToMessageHandler(ClientFrameDecoder(maximumPayload: 256 << 20)),
+                            handler(),
+                        ])
+                    }
+                }
+                .connect(host: host, port: port).wait()
+        } catch {
+            throw QueryError(.unreachable, "cannot connect to \(host):\(port): \(Self.connectFailure(error))")
+        }
+    }
+
+    /// The answer as a JSON value, for tools and tests that want the
+    /// document as it came; programs use the typed methods (`incidents()`, …).
+    public func json(_ method: String, _ params: [String: String] = [:]) throws -> JSONValue {
+        let bytes = try document(method, params)
+        do {
+            return try JSONValue.parse(bytes)
         } catch {
             throw QueryError(.other, "the server's answer is not JSON")
         }

@@ -100,6 +100,14 @@ public struct QueryEvent: Sendable, Equatable, Codable {
     public var usageBytes: Int64?
     public var limitBytes: Int64?
     public var psiSomeAvg10: Double?
+    /// cpu_throttle: CPU time the cgroup used in the interval, ns, and its
+    /// pressure stall; on the watched subtree's root, the node's CPUs,
+    /// runnable tasks and pressure.
+    public var usageNs: Int64?
+    public var psiSomeStallNs: Int64?
+    public var nodeCpus: Int64?
+    public var nodeRunnable: Int64?
+    public var nodePsiSomeAvg10: Double?
     // io_error
     public var errorCode: Int64?
     public var syscall: String?
@@ -148,6 +156,8 @@ public struct QueryEvent: Sendable, Equatable, Codable {
         periods = try f.int("periods"); throttledPeriods = try f.int("throttled_periods"); throttledNs = try f.int("throttled_ns")
         cgroup = try f.string("cgroup"); source = try f.string("source")
         usageBytes = try f.int("usage_bytes"); limitBytes = try f.int("limit_bytes"); psiSomeAvg10 = try f.double("psi_some_avg10")
+        usageNs = try f.int("usage_ns"); psiSomeStallNs = try f.int("psi_some_stall_ns"); nodeCpus = try f.int("node_cpus")
+        nodeRunnable = try f.int("node_runnable"); nodePsiSomeAvg10 = try f.double("node_psi_some_avg10")
         errorCode = try f.int("error_code"); syscall = try f.string("syscall")
         dstPeer = try f.peer("dst"); srcPeer = try f.peer("src"); serverPeer = try f.peer("server")
         extra = f.rest
@@ -178,6 +188,8 @@ public struct QueryEvent: Sendable, Equatable, Codable {
         put("periods", periods); put("throttled_periods", throttledPeriods); put("throttled_ns", throttledNs)
         put("cgroup", cgroup); put("source", source); put("usage_bytes", usageBytes); put("limit_bytes", limitBytes)
         if let psiSomeAvg10 { o["psi_some_avg10"] = .double(psiSomeAvg10) }
+        put("usage_ns", usageNs); put("psi_some_stall_ns", psiSomeStallNs); put("node_cpus", nodeCpus); put("node_runnable", nodeRunnable)
+        if let nodePsiSomeAvg10 { o["node_psi_some_avg10"] = .double(nodePsiSomeAvg10) }
         put("error_code", errorCode); put("syscall", syscall)
         for (prefix, peer) in [("dst", dstPeer), ("src", srcPeer), ("server", serverPeer)] {
             guard let peer else { continue }

@@ -51,6 +51,10 @@ public final class CorrelationService: Sendable {
     /// Told the incidents that changed after every pass (their JSON as
     /// stored), on the engine's thread: it must hand them on, not wait.
     private let observer = Mutex<(@Sendable ([JSONValue]) -> Void)?>(nil)
+    /// Told the incidents that changed after every pass, as the model, with
+    /// whether each is new (never persisted before): the query
+    /// subscriptions. On the engine's thread; they must not wait.
+    private let changeObservers = Mutex<[@Sendable ([IncidentChange]) -> Void]>([])
     private let store: any EventStore
     private let logger: Logger
     public let configuration: Configuration
@@ -304,6 +308,7 @@ public final class CorrelationService: Sendable {
         openByCause.withLock { $0 = Dictionary(grouping: incidents.filter { $0.status == .open }) { $0.rootCauses.first?.kind.rawValue ?? "unknown" }.mapValues(\.count) }
         let changed = incidents.filter { i in persisted.withLock { $0[i.id] != i.updatedNs } }
         var changedJSON: [JSONValue] = []
+        let changes = changed.map { i in IncidentChange(incident: i, isNew: persisted.withLock { $0[i.id] == nil }) }
         for i in changed {
             let json = i.explainJSON(weights: configuration.engine.weights)
             changedJSON.append(json)
@@ -317,7 +322,39 @@ public final class CorrelationService: Sendable {
         }
         // Told whether or not the save worked: an alert matters most when the store fails.
         if !changedJSON.isEmpty, let observer = observer.withLock({ $0 }) { observer(changedJSON) }
+        if !changes.isEmpty { for o in changeObservers.withLock({ $0 }) { o(changes) } }
     }
+
+    /// An incident that changed in a pass; `isNew`: the first time it is persisted (it opened).
+    public struct IncidentChange: Sendable {
+        public var incident: Incident
+        public var isNew: Bool
+    }
+
+    /// `observer` is told the incidents that changed after every pass, on
+    /// the engine's thread (it must only hand them on). Any number may observe.
+    public func observeChanges(_ observer: @escaping @Sendable ([IncidentChange]) -> Void) {
+        changeObservers.withLock { $0.append(observer) }
+    }
+
+    /// The live incidents the engine holds, then stored ones it no longer holds.
+    func incidentModels(status: Incident.Status?, sinceNs: Int64?) throws -> (live: [Incident], stored: [StoredIncident]) {
+        let live = engine.withLock { $0.incidents(status: status, sinceNs: sinceNs) }
+        let liveIds = Set(live.map(\.id))
+        let stored = try store.incidents().filter { s in
+            !liveIds.contains(s.id) && (status == nil || s.status == status!.rawValue) && (sinceNs == nil || s.updatedNs >= sinceNs!)
+        }
+        return (live, stored)
+    }
+
+    /// The live incident `id`, or the store's document of it.
+    func incidentModel(id: String) throws -> (live: Incident?, stored: StoredIncident?) {
+        if let i = engine.withLock({ $0.incident(id: id) }) { return (i, nil) }
+        return (nil, try store.incidents().first { $0.id == id })
+    }
+
+    /// The dependency graph as the engine holds it now.
+    var graph: DependencyGraph { engine.withLock { $0.graph } }
 
     /// The `incidents` answer: live incidents from the engine, then stored ones
     /// it no longer holds (older than the replay window).

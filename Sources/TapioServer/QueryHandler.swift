@@ -1,25 +1,34 @@
 import Logging
 import NIOCore
 import NIOPosix
+import TapioCorrelation
+import TapioQueryAPI
 import TapioStore
 import TapioWire
 
 /// Answers the CLI on the query listener. Only certificates with the operator
 /// role may ask (checked as the TLS handshake completes, by `ConnectionGuard`,
 /// and again here at the first frame); each request is one `query` frame
-/// answered by one `query_response` frame carrying a JSON document
-/// (docs/protocol.md).
+/// answered by one `query_response` frame carrying a JSON document of the
+/// query API's types (docs/protocol.md). A `subscribe` query turns the
+/// connection into a stream of `query_response` frames: a snapshot, then
+/// incident changes as the engine makes them, and keepalives
+/// (`QuerySubscriptions`).
 final class QueryHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
     typealias OutboundOut = Frame
 
     private let server: ServerContext
     private let queries: NIOThreadPool
+    private let subscriptions: QuerySubscriptions
     private var authorized: Bool?
+    /// Set once the connection subscribed: it carries nothing else then.
+    private var subscription: QuerySubscriptions.Subscriber?
 
-    init(server: ServerContext, queries: NIOThreadPool) {
+    init(server: ServerContext, queries: NIOThreadPool, subscriptions: QuerySubscriptions) {
         self.server = server
         self.queries = queries
+        self.subscriptions = subscriptions
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -33,6 +42,10 @@ final class QueryHandler: ChannelInboundHandler {
                 return
             }
         }
+        guard subscription == nil else {
+            respond(context: context, QueryResponse(status: WireErrorCode.unexpectedFrame.rawValue, error: "this connection carries a subscription; query on another connection"), close: true)
+            return
+        }
         guard frame.type == .query else {
             respond(context: context, QueryResponse(status: WireErrorCode.unexpectedFrame.rawValue, error: "expected a query frame, got \(frame.type)"), close: true)
             return
@@ -45,6 +58,10 @@ final class QueryHandler: ChannelInboundHandler {
             return
         }
         server.metrics.add("tapio_server_queries_total{method=\"\(labelValue(request.method))\"}")
+        if request.method == QueryMethod.subscribe.rawValue {
+            subscribe(context: context, request)
+            return
+        }
         let server = self.server
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         queries.runIfActive(eventLoop: context.eventLoop) {
@@ -53,13 +70,49 @@ final class QueryHandler: ChannelInboundHandler {
             let (handler, context) = loopBound.value
             switch result {
             case .success(let json):
-                handler.respond(context: context, QueryResponse(json: Array(json.serialized().utf8)), close: false)
+                handler.respond(context: context, QueryResponse(json: json), close: false)
             case .failure(let error as WireError):
                 handler.respond(context: context, QueryResponse(status: error.code, error: error.message), close: false)
             case .failure(let error):
                 handler.respond(context: context, QueryResponse(status: WireErrorCode.storageFailed.rawValue, error: "\(error)"), close: false)
             }
         }
+    }
+
+    /// Registers the connection for changes first, then sends the snapshot
+    /// (changes that arrive meanwhile wait behind it), then keepalives.
+    private func subscribe(context: ChannelHandlerContext, _ request: QueryRequest) {
+        let keepalive: TimeAmount
+        do {
+            keepalive = try QuerySubscriptions.keepalive(request.params)
+        } catch let error as WireError {
+            respond(context: context, QueryResponse(status: error.code, error: error.message), close: false)
+            return
+        } catch {
+            return
+        }
+        let subscriber = subscriptions.add(channel: context.channel, keepalive: keepalive)
+        subscription = subscriber
+        let server = self.server
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        queries.runIfActive(eventLoop: context.eventLoop) {
+            try QueryCoding.encode(SubscriptionMessage(type: .snapshot, time: rfc3339(ns: wallClockNs()),
+                                                       incidents: try QueryExecutor(server: server).incidents(status: nil, sinceNs: nil).incidents))
+        }.whenComplete { result in
+            let (handler, context) = loopBound.value
+            switch result {
+            case .success(let json):
+                subscriber.started(snapshot: json)
+            case .failure(let error):
+                handler.subscriptions.remove(subscriber)
+                handler.respond(context: context, QueryResponse(status: WireErrorCode.storageFailed.rawValue, error: "\(error)"), close: true)
+            }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let subscription { subscriptions.remove(subscription) }
+        context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -72,7 +125,9 @@ final class QueryHandler: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
-            context.close(promise: nil)
+            // A subscriber sends nothing after its query; the keepalives it
+            // is sent find out whether it is still there.
+            if subscription == nil { context.close(promise: nil) }
             return
         }
         if event is ServerShutdownEvent {
@@ -96,29 +151,62 @@ final class QueryHandler: ChannelInboundHandler {
 struct QueryExecutor {
     let server: ServerContext
 
-    func execute(_ request: QueryRequest) throws -> JSONValue {
-        switch request.method {
-        case "events": return try events(request.params)
-        case "nodes": return try nodes()
-        case "pods": return pods()
-        case "incidents":
-            if let status = request.params["status"], !["open", "resolved", "all"].contains(status) {
+    /// The answer to `request`, encoded (sorted keys).
+    func execute(_ request: QueryRequest) throws -> [UInt8] {
+        switch QueryMethod(rawValue: request.method) {
+        case .events: return try QueryCoding.encode(events(request.params))
+        case .nodes: return try QueryCoding.encode(nodes())
+        case .pods: return try QueryCoding.encode(pods())
+        case .incidents:
+            let status = request.params["status"] ?? "all"
+            guard ["open", "resolved", "all"].contains(status) else {
                 throw WireError(.badRequest, "status must be open, resolved or all")
             }
-            let status = request.params["status"] == "all" ? nil : request.params["status"]
-            return try server.correlation.incidentsJSON(status: status, sinceNs: request.params["since_ns"].flatMap { Int64($0) })
-        case "timeline", "explain":
-            guard let id = request.params["id"] else { throw WireError(.badRequest, "\(request.method) needs an incident id") }
-            guard let doc = try server.correlation.incidentJSON(id: id, explain: request.method == "explain") else {
-                throw WireError(.badRequest, "no incident \(id)")
+            var sinceNs: Int64?
+            if let text = request.params["since_ns"] {
+                guard let v = Int64(text) else { throw WireError(.badRequest, "since_ns must be an integer, got \(text)") }
+                sinceNs = v
             }
-            return doc
-        case "services": return server.correlation.servicesJSON()
-        default: throw WireError(.badRequest, "unknown query method \(request.method)")
+            return try QueryCoding.encode(incidents(status: status == "all" ? nil : Incident.Status(rawValue: status), sinceNs: sinceNs))
+        case .timeline, .explain:
+            guard let id = request.params["id"] else { throw WireError(.badRequest, "\(request.method) needs an incident id") }
+            guard let incident = try incident(id: id, explain: request.method == "explain") else { throw WireError(.badRequest, "no incident \(id)") }
+            return try QueryCoding.encode(incident)
+        case .services: return try QueryCoding.encode(ServicesAnswer(server.correlation.graph))
+        case .subscribe: throw WireError(.badRequest, "subscribe is answered on its own connection")
+        case nil: throw WireError(.badRequest, "unknown query method \(request.method); one of: \(QueryMethod.allCases.map(\.rawValue).joined(separator: ", "))")
         }
     }
 
-    private func events(_ params: [String: String]) throws -> JSONValue {
+    /// Live incidents from the engine, then stored ones it no longer holds
+    /// (older than the replay window), as the list has them.
+    func incidents(status: Incident.Status?, sinceNs: Int64?) throws -> IncidentsAnswer {
+        let (live, stored) = try server.correlation.incidentModels(status: status, sinceNs: sinceNs)
+        var out = live.map { QueryIncident($0) }
+        for s in stored {
+            do {
+                out.append(try QueryIncident(stored: s).summary)
+            } catch {
+                server.logger.error("a stored incident cannot be read", metadata: ["incident": "\(s.id)", "error": "\(error)"])
+            }
+        }
+        return IncidentsAnswer(incidents: out)
+    }
+
+    /// One incident with its timeline (`explain`: also every link's factors and the weights).
+    func incident(id: String, explain: Bool) throws -> QueryIncident? {
+        let (live, stored) = try server.correlation.incidentModel(id: id)
+        if let live {
+            return QueryIncident(live, timeline: true, explainWith: explain ? server.correlation.configuration.engine.weights : nil)
+        }
+        guard let stored else { return nil }
+        var i = try QueryIncident(stored: stored)
+        // The store keeps the explain document; timeline answers without the explanation.
+        if !explain { (i.links, i.weights, i.model) = (nil, nil, nil) }
+        return i
+    }
+
+    private func events(_ params: [String: String]) throws -> EventsAnswer {
         var query = EventQuery()
         func int64(_ key: String) throws -> Int64? {
             guard let text = params[key] else { return nil }
@@ -153,15 +241,13 @@ struct QueryExecutor {
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
         let events = try Self.filtered(query, store: server.store, scanLimit: server.configuration.limits.maxQueryEvents)
-        var answer: [String: JSONValue] = ["events": .array(events.map { peerAttributed($0.json) }), "count": .int(Int64(events.count))]
+        var answer = EventsAnswer(events: try events.map { try QueryEvent(fields: peerAttributed($0.json)) })
         // Time retention has deleted is said, not answered with silently less.
         if let horizon = try server.store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
-            answer["retention"] = .object([
-                "deleted_before": .string(rfc3339(ns: horizon)), "deleted_before_ns": .int(horizon),
-                "note": .string("events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)"),
-            ])
+            answer.retention = RetentionNotice(deletedBefore: rfc3339(ns: horizon), deletedBeforeNs: horizon,
+                                               note: "events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)")
         }
-        return .object(answer)
+        return answer
     }
 
     /// The store's answer to `query`, filtered again with `EventQuery.matches`
@@ -209,8 +295,8 @@ struct QueryExecutor {
     /// Adds the pod, namespace and service behind `src_ip`/`dst_ip` (and a DNS
     /// server) from the cluster-wide inventory: the other end of a connection
     /// is usually on another node.
-    private func peerAttributed(_ event: JSONValue) -> JSONValue {
-        guard case .object(var o) = event else { return event }
+    private func peerAttributed(_ event: JSONValue) -> [String: JSONValue] {
+        guard case .object(var o) = event else { return [:] }
         for (field, prefix) in [("dst_ip", "dst"), ("src_ip", "src"), ("server", "server")] {
             guard let ip = o[field]?.stringValue, let pod = server.pods.pod(ip: ip) else { continue }
             o[prefix + "_pod"] = .string(pod.name)
@@ -218,55 +304,37 @@ struct QueryExecutor {
             if !pod.service.isEmpty { o[prefix + "_service"] = .string(pod.service) }
             o[prefix + "_node"] = .string(pod.node)
         }
-        return .object(o)
+        return o
     }
 
-    private func pods() -> JSONValue {
-        .object(["pods": .array(server.pods.all().map { p in
-            .object([
-                "uid": .string(p.uid), "name": .string(p.name), "namespace": .string(p.namespace), "node": .string(p.node),
-                "ips": .array(p.ips.map { .string($0) }), "service": .string(p.service),
-                "owner_kind": .string(p.ownerKind), "owner_name": .string(p.ownerName),
-                "labels": .object(p.labels.mapValues { .string($0) }), "container_ids": .array(p.containerIds.map { .string($0) }),
-            ])
-        })])
+    private func pods() -> PodsAnswer {
+        PodsAnswer(pods: server.pods.all().map { p in
+            QueryPod(uid: p.uid, name: p.name, namespace: p.namespace, node: p.node, ips: p.ips, service: p.service,
+                     ownerKind: p.ownerKind, ownerName: p.ownerName, labels: p.labels, containerIds: p.containerIds)
+        })
     }
 
-    private func nodes() throws -> JSONValue {
+    private func nodes() throws -> NodesAnswer {
         let now = wallClockNs()
-        var out: [JSONValue] = []
+        var out: [QueryNode] = []
         for snap in server.registry.snapshot() {
             let r = snap.record
-            let drops = try server.store.drops(node: r.node)
-            var dropObject: [String: JSONValue] = [:]
+            var drops: [String: Int64] = [:]
             var total: Int64 = 0
-            for d in drops {
+            for d in try server.store.drops(node: r.node) {
                 // Counts are reported saturated at Int64.max, never wrapped or trapped.
                 let count = Int64(clamping: d.count)
-                dropObject["\(d.kind.name)/\(d.reason)"] = .int(count)
+                drops["\(d.kind.name)/\(d.reason)"] = count
                 let (sum, overflow) = total.addingReportingOverflow(count)
                 total = overflow ? .max : sum
             }
-            out.append(.object([
-                "node": .string(r.node),
-                "connected": .bool(snap.connected),
-                "agent_version": .string(r.agentVersion),
-                "boot_id": .string(r.bootId),
-                "capabilities": .array(r.capabilities.map { .string($0) }),
-                "degraded": .array(r.degraded.map { .string($0) }),
-                "first_seen": .string(rfc3339(ns: r.firstSeenNs)),
-                "last_seen": .string(rfc3339(ns: r.lastSeenNs)),
-                "last_seen_age_s": .double(Double(now - r.lastSeenNs) / 1e9),
-                "clock_offset_ns": .int(r.clockOffsetNs),
-                "clock_error_ns": .int(r.clockErrorNs),
-                "clock_samples": .int(Int64(snap.clockSamples)),
-                "events_received": .int(r.eventsReceived),
-                "batches_received": .int(r.batchesReceived),
-                "duplicate_batches": .int(r.duplicateBatches),
-                "drops": .object(dropObject),
-                "drops_total": .int(total),
-            ]))
+            out.append(QueryNode(node: r.node, connected: snap.connected, agentVersion: r.agentVersion, bootId: r.bootId,
+                                 capabilities: r.capabilities, degraded: r.degraded, firstSeen: rfc3339(ns: r.firstSeenNs),
+                                 lastSeen: rfc3339(ns: r.lastSeenNs), lastSeenAgeS: Double(now - r.lastSeenNs) / 1e9,
+                                 clockOffsetNs: r.clockOffsetNs, clockErrorNs: r.clockErrorNs, clockSamples: Int64(snap.clockSamples),
+                                 eventsReceived: r.eventsReceived, batchesReceived: r.batchesReceived, duplicateBatches: r.duplicateBatches,
+                                 drops: drops, dropsTotal: total))
         }
-        return .object(["nodes": .array(out)])
+        return NodesAnswer(nodes: out)
     }
 }

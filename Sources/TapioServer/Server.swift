@@ -145,12 +145,14 @@ public final class TapioServer: Sendable {
         let queryPolicy = ConnectionPolicy(listener: .query, role: PeerIdentity.operatorRole, action: "query", limits: limits) { code, message in
             Frame(type: .queryResponse, payload: QueryResponse(status: code.rawValue, error: message).encoded())
         }
+        let subscriptions = QuerySubscriptions()
+        correlation.observeChanges { subscriptions.publish($0) }
         let query = try bootstrap(tls: tls, listener: .query, maxConnections: limits.maxQueryConnections) { [queries, metrics] channel in
             try channel.pipeline.syncOperations.addHandlers([
                 ConnectionGuard(policy: queryPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: min(limits.maxQueryFrameBytes, limits.maxFrameBytes))),
                 MessageToByteHandler(FrameEncoder()),
-                QueryHandler(server: context, queries: queries),
+                QueryHandler(server: context, queries: queries, subscriptions: subscriptions),
             ])
         }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
         state.withLock { $0.listeners.append(query) }
