@@ -99,6 +99,18 @@ let package = Package(
             ]
         ),
 
+        // A NATS client on SwiftNIO: core protocol, TLS, reconnect, the JetStream subset
+        // the distributed mode uses (streams, pull consumers, KV) (docs/nats.md).
+        .target(
+            name: "TapioNATS",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
         // The web UI `tapio ui` serves: pages rendered from the query API, the timeline lanes (docs/ui.md).
         .target(
             name: "TapioUI",
@@ -160,6 +172,16 @@ let package = Package(
                            "TapioQueryAPI"]
         ),
         .testTarget(name: "TapioQueryAPITests", dependencies: ["TapioQueryAPI", "TapioWire"]),
+        .testTarget(
+            name: "TapioNATSTests",
+            dependencies: [
+                "TapioNATS", "TapioTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]
