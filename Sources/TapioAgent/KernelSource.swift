@@ -131,7 +131,7 @@ public final class KernelSource: @unchecked Sendable {
         load { () throws(KernelObjectFailure) in try DNSObject(settings) }
         // Not BPF: counters the kernel keeps in cgroup files.
         let watcher = cgroups.configuration
-        let cpuSource = watcher.v2Mount != nil || watcher.v1CPUMount != nil
+        let cpuSource = watcher.v2Mount != nil || watcher.v1CPUMount != nil || watcher.v1CPUAcctMount != nil
         let memorySource = watcher.v2Mount != nil || watcher.v1MemoryMount != nil
         programs.append(Program(name: "cgroup cpu.stat", capability: "cpu_throttle", attached: cpuSource, error: cpuSource ? "" : "no cgroup cpu controller mounted"))
         programs.append(Program(name: "cgroup memory files", capability: "memory_pressure", attached: memorySource, error: memorySource ? "" : "no cgroup memory controller mounted"))
