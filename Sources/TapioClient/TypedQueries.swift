@@ -79,8 +79,8 @@ extension QueryClient {
     /// `.connectionClosed` when the server closed it (a restart), `.timeout`
     /// when nothing, not even a keepalive, came for `silenceSeconds`
     /// (default three keepalive intervals, at least 5 s), or what the server
-    /// refused.
-    public func subscribe(keepaliveMs: Int64 = 5_000, silenceSeconds: Double? = nil,
+    /// refused. At `until` it returns normally, whatever is under way.
+    public func subscribe(keepaliveMs: Int64 = 5_000, silenceSeconds: Double? = nil, until: Date? = nil,
                           onMessage: (SubscriptionMessage) throws -> Bool) throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
@@ -92,7 +92,10 @@ extension QueryClient {
         channel.writeAndFlush(ByteBuffer(bytes: Frame(type: .query, payload: request.encoded()).encoded()), promise: nil)
         let silence = silenceSeconds ?? max(5, 3 * Double(keepaliveMs) / 1000)
         while true {
-            guard let next = inbox.take(timeoutSeconds: silence) else {
+            let left = until.map { $0.timeIntervalSinceNow } ?? .infinity
+            if left <= 0 { return }
+            guard let next = inbox.take(timeoutSeconds: min(silence, left)) else {
+                if left <= silence { return }
                 throw QueryError(.timeout, "no message from \(host):\(port) within \(Int(silence.rounded())) s (the server sends a keepalive every \(keepaliveMs) ms)")
             }
             let response = try checked(try next.get())

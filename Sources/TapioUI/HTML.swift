@@ -33,19 +33,6 @@ func urlEncode(_ s: String) -> String {
     return s.addingPercentEncoding(withAllowedCharacters: allowed) ?? ""
 }
 
-extension JSONValue {
-    var str: String { stringValue ?? "" }
-    var double: Double? {
-        switch self {
-        case .double(let d): return d
-        case .int(let i): return Double(i)
-        default: return nil
-        }
-    }
-    var array: [JSONValue] { arrayValue ?? [] }
-    var strings: [String] { array.compactMap(\.stringValue) }
-}
-
 func fmt(_ v: Double, _ digits: Int = 2) -> String { String(format: "%.\(digits)f", v) }
 
 /// "12.3 ms", "850 µs", "2.10 s".

@@ -1,10 +1,20 @@
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
-/// One query to tapio-server: a method of the query API (docs/protocol.md,
-/// "Queries") and its params, answered with the JSON document. Errors are
-/// shown as their description, so it should say in words what is wrong.
-public typealias UIQuery = @Sendable (_ method: String, _ params: [String: String]) throws -> JSONValue
+/// The queries the pages ask tapio-server (docs/protocol.md, "Queries"),
+/// answered with the query API's types. Errors are shown as their
+/// description, so they should say in words what is wrong.
+public protocol UIQueries: Sendable {
+    /// `status`: `open`, `resolved` or `all`.
+    func incidents(status: String) throws -> IncidentsAnswer
+    /// One incident with its timeline, links and weights.
+    func explain(id: String) throws -> QueryIncident
+    func services() throws -> ServicesAnswer
+    func nodes() throws -> NodesAnswer
+    /// `params` as the `events` method takes them.
+    func events(_ params: [String: String]) throws -> EventsAnswer
+}
 
 /// A rendered page: what `<main>` holds, and the title and tab around it.
 struct Rendered {
@@ -22,7 +32,7 @@ struct NotFound: Error, CustomStringConvertible {
 enum Pages {
     /// The page at `path` with its query `params`; throws the query's error
     /// (or `NotFound`).
-    static func render(path: String, params: [String: String], query: UIQuery) throws -> Rendered {
+    static func render(path: String, params: [String: String], query: UIQueries) throws -> Rendered {
         if path == "/" || path == "/incidents" { return try incidents(params, query) }
         if path.hasPrefix("/incidents/") {
             let id = String(path.dropFirst("/incidents/".count))
@@ -37,11 +47,10 @@ enum Pages {
 
     // MARK: Incidents
 
-    static func incidents(_ params: [String: String], _ query: UIQuery) throws -> Rendered {
+    static func incidents(_ params: [String: String], _ query: UIQueries) throws -> Rendered {
         let status = ["open", "resolved"].contains(params["status"] ?? "") ? params["status"]! : "all"
-        let doc = try query("incidents", ["status": status])
-        let list = (doc["incidents"]?.array ?? []).sorted { ($0["opened_at"]?.str ?? "") > ($1["opened_at"]?.str ?? "") }
-        let open = list.filter { $0["status"]?.str == "open" }.count
+        let list = try query.incidents(status: status).incidents.sorted { $0.openedAt > $1.openedAt }
+        let open = list.filter { $0.status == "open" }.count
         var out = "<h1>Incidents</h1><p class=\"tabs\">"
         for s in ["all", "open", "resolved"] {
             out += "<a href=\"/?status=\(s)\"\(s == status ? " class=\"active\"" : "")>\(s)</a>"
@@ -52,26 +61,22 @@ enum Pages {
         }
         out += "<table class=\"incidents\"><thead><tr><th>Incident</th><th>Status</th><th>Opened (UTC)</th><th>Top root cause</th><th>Confidence</th><th>Affected services</th><th>Title</th></tr></thead><tbody>"
         for i in list {
-            let id = i["id"]?.str ?? ""
-            let st = i["status"]?.str ?? ""
-            let top = i["root_causes"]?.array.first
+            let id = i.id
+            let st = i.status
+            let top = i.topCause
             // Incidents that do not page are kept and shown as observations (docs/correlation.md, "Paging").
-            let pages: String
-            switch i["pages"] {
-            case .bool(true)?: pages = " <span class=\"badge page\" title=\"worth paging a person\">page</span>"
-            case .bool(false)?: pages = " <span class=\"badge observation\" title=\"below the paging floor or inferred only: not paged\">observation</span>"
-            default: pages = ""
-            }
+            let pages = i.pages ? " <span class=\"badge page\" title=\"worth paging a person\">page</span>"
+                : " <span class=\"badge observation\" title=\"below the paging floor or inferred only: not paged\">observation</span>"
             out += "<tr class=\"incident\" data-id=\"\(esc(id))\" data-status=\"\(esc(st))\"><td><a href=\"/incidents/\(urlEncode(id))\" class=\"mono\">\(esc(id))</a></td>"
-            out += "<td><span class=\"badge \(esc(st))\">\(esc(st))</span>\(pages)</td><td>\(esc(shortTime(i["opened_at"]?.str ?? "")))</td>"
+            out += "<td><span class=\"badge \(esc(st))\">\(esc(st))</span>\(pages)</td><td>\(esc(shortTime(i.openedAt)))</td>"
             if let top {
-                out += "<td class=\"root-cause\" data-kind=\"\(esc(top["kind"]?.str ?? ""))\" data-entity=\"\(esc(top["entity"]?.str ?? ""))\"><b>\(esc(top["kind"]?.str ?? ""))</b> \(esc(top["entity"]?.str ?? ""))"
-                out += top["inferred"] == .bool(true) ? " <span class=\"badge inferred\">inferred</span>" : ""
-                out += "</td><td>\(confidenceBar(top["confidence"]?.double ?? 0))</td>"
+                out += "<td class=\"root-cause\" data-kind=\"\(esc(top.kind))\" data-entity=\"\(esc(top.entity))\"><b>\(esc(top.kind))</b> \(esc(top.entity))"
+                out += top.inferred ? " <span class=\"badge inferred\">inferred</span>" : ""
+                out += "</td><td>\(confidenceBar(top.confidence))</td>"
             } else {
                 out += "<td class=\"muted\">none yet</td><td></td>"
             }
-            out += "<td>\(esc((i["affected"]?["services"]?.strings ?? []).joined(separator: ", ")))</td><td>\(esc(i["title"]?.str ?? ""))</td></tr>"
+            out += "<td>\(esc(i.affected.services.joined(separator: ", ")))</td><td>\(esc(i.title))</td></tr>"
         }
         return Rendered(title: "Incidents", tab: "incidents", fragment: out + "</tbody></table>")
     }
@@ -79,86 +84,76 @@ enum Pages {
     // MARK: One incident
 
     /// `from_ns` and `to_ns` zoom the timeline in on that stretch.
-    static func incident(id: String, params: [String: String] = [:], _ query: UIQuery) throws -> Rendered {
-        let doc = try query("explain", ["id": id])
+    static func incident(id: String, params: [String: String] = [:], _ query: UIQueries) throws -> Rendered {
+        let doc = try query.explain(id: id)
         var window: (from: Int64, to: Int64)?
         if let from = params["from_ns"].flatMap({ Int64($0) }), let to = params["to_ns"].flatMap({ Int64($0) }), to > from { window = (from, to) }
-        let st = doc["status"]?.str ?? ""
-        var out = "<p><a href=\"/\">← Incidents</a></p><h1 class=\"incident-id\" data-id=\"\(esc(doc["id"]?.str ?? id))\">\(esc(doc["id"]?.str ?? id)) "
+        let st = doc.status
+        var out = "<p><a href=\"/\">← Incidents</a></p><h1 class=\"incident-id\" data-id=\"\(esc(doc.id))\">\(esc(doc.id)) "
         out += "<span class=\"badge \(esc(st))\">\(esc(st))</span>"
-        switch doc["pages"] {
-        case .bool(true)?: out += " <span class=\"badge page\">page</span>"
-        case .bool(false)?: out += " <span class=\"badge observation\">observation, not paged</span>"
-        default: break
+        out += doc.pages ? " <span class=\"badge page\">page</span>" : " <span class=\"badge observation\">observation, not paged</span>"
+        out += "</h1><p>\(esc(doc.title))</p><div class=\"meta\">"
+        for (label, time) in [("detected", doc.detectedAt), ("opened", doc.openedAt), ("updated", doc.updatedAt), ("resolved", doc.resolvedAt)] {
+            if let t = time, !t.isEmpty { out += "<span>\(label) <b>\(esc(shortTime(t)))</b></span>" }
         }
-        out += "</h1><p>\(esc(doc["title"]?.str ?? ""))</p><div class=\"meta\">"
-        for (label, key) in [("detected", "detected_at"), ("opened", "opened_at"), ("updated", "updated_at"), ("resolved", "resolved_at")] {
-            if let t = doc[key]?.stringValue { out += "<span>\(label) <b>\(esc(shortTime(t)))</b></span>" }
-        }
-        let affected = doc["affected"]
-        out += "<span>services <b>\(esc((affected?["services"]?.strings ?? []).joined(separator: ", ")))</b></span>"
-        out += "<span>nodes <b>\(esc((affected?["nodes"]?.strings ?? []).joined(separator: ", ")))</b></span>"
-        if let merged = doc["merged_ids"]?.strings, !merged.isEmpty { out += "<span>merged <b>\(esc(merged.joined(separator: ", ")))</b></span>" }
+        out += "<span>services <b>\(esc(doc.affected.services.joined(separator: ", ")))</b></span>"
+        out += "<span>nodes <b>\(esc(doc.affected.nodes.joined(separator: ", ")))</b></span>"
+        if !doc.mergedIds.isEmpty { out += "<span>merged <b>\(esc(doc.mergedIds.joined(separator: ", ")))</b></span>" }
         out += "</div>"
 
         out += "<h2>Root causes, ranked</h2>"
-        let causes = doc["root_causes"]?.array ?? []
-        if causes.isEmpty { out += "<div class=\"card muted\">No candidate yet.</div>" }
-        for (rank, c) in causes.enumerated() {
-            let kind = c["kind"]?.str ?? "", entity = c["entity"]?.str ?? ""
-            out += "<div class=\"card cause\(rank == 0 ? " top" : "")\" data-rank=\"\(rank + 1)\" data-kind=\"\(esc(kind))\" data-entity=\"\(esc(entity))\">"
-            out += "<h3>#\(rank + 1) <b>\(esc(kind))</b> at \(esc(entity)) \(confidenceBar(c["confidence"]?.double ?? 0))"
-            out += c["inferred"] == .bool(true) ? " <span class=\"badge inferred\" title=\"no cause event seen; inferred from the symptoms\">inferred</span>" : ""
-            out += "</h3><div class=\"meta\"><span>first seen <b>\(esc(shortTime(c["first_seen"]?.str ?? "")))</b></span><span>nodes <b>\(esc((c["nodes"]?.strings ?? []).joined(separator: ", ")))</b></span></div>"
-            out += factorTable(c["factors"]?.array ?? [])
-            let evidence = c["evidence"]?.strings ?? []
-            if !evidence.isEmpty {
-                out += "<details\(rank == 0 ? " open" : "")><summary>evidence (\(evidence.count))</summary><ul class=\"mono\">"
-                for e in evidence.prefix(20) { out += "<li>\(esc(e))</li>" }
+        if doc.rootCauses.isEmpty { out += "<div class=\"card muted\">No candidate yet.</div>" }
+        for (rank, c) in doc.rootCauses.enumerated() {
+            out += "<div class=\"card cause\(rank == 0 ? " top" : "")\" data-rank=\"\(rank + 1)\" data-kind=\"\(esc(c.kind))\" data-entity=\"\(esc(c.entity))\">"
+            out += "<h3>#\(rank + 1) <b>\(esc(c.kind))</b> at \(esc(c.entity)) \(confidenceBar(c.confidence))"
+            out += c.inferred ? " <span class=\"badge inferred\" title=\"no cause event seen; inferred from the symptoms\">inferred</span>" : ""
+            out += "</h3><div class=\"meta\"><span>first seen <b>\(esc(shortTime(c.firstSeen)))</b></span><span>nodes <b>\(esc(c.nodes.joined(separator: ", ")))</b></span></div>"
+            out += factorTable(c.factors)
+            if !c.evidence.isEmpty {
+                out += "<details\(rank == 0 ? " open" : "")><summary>evidence (\(c.evidence.count))</summary><ul class=\"mono\">"
+                for e in c.evidence.prefix(20) { out += "<li>\(esc(e))</li>" }
                 out += "</ul></details>"
             }
             out += "</div>"
         }
-        if let model = doc["model"]?.stringValue { out += "<p class=\"muted\">\(esc(model)); a factor's contribution is value × weight.</p>" }
+        if let model = doc.model { out += "<p class=\"muted\">\(esc(model)); a factor's contribution is value × weight.</p>" }
 
         out += "<h2>Timeline: one lane per node</h2>" + TimelineLanes.fragment(doc, heading: false, window: window, links: true)
 
         out += "<h2>Symptoms</h2>"
-        let symptoms = doc["symptoms"]?.array ?? []
-        if symptoms.isEmpty { out += "<div class=\"card muted\">None.</div>" } else {
+        if doc.symptoms.isEmpty { out += "<div class=\"card muted\">None.</div>" } else {
             out += "<table class=\"symptoms\"><thead><tr><th>Entity</th><th>Kind</th><th>Towards</th><th>Since (UTC)</th><th>Last</th><th class=\"num\">Count</th><th class=\"num\">Baseline</th><th>Active</th></tr></thead><tbody>"
-            for s in symptoms {
-                out += "<tr><td>\(esc(s["entity"]?.str ?? ""))</td><td><code>\(esc(s["kind"]?.str ?? ""))</code></td><td>\(esc(s["peer"]?.str ?? ""))</td>"
-                out += "<td>\(esc(timeOfDay(s["since"]?.str ?? "")))</td><td>\(esc(timeOfDay(s["last"]?.str ?? "")))</td><td class=\"num\">\(s["count"]?.intValue ?? 0)</td>"
-                out += "<td class=\"num\">\(fmt(s["baseline"]?.double ?? 0, 3)) \(esc((s["baseline_unit"]?.str ?? "").replacingOccurrences(of: "_", with: " ")))</td>"
-                out += "<td>\(s["active"] == .bool(true) ? "<span class=\"badge open\">firing</span>" : "<span class=\"muted\">ended</span>")</td></tr>"
+            for s in doc.symptoms {
+                out += "<tr><td>\(esc(s.entity))</td><td><code>\(esc(s.kind))</code></td><td>\(esc(s.peer ?? ""))</td>"
+                out += "<td>\(esc(timeOfDay(s.since)))</td><td>\(esc(timeOfDay(s.last)))</td><td class=\"num\">\(s.count)</td>"
+                out += "<td class=\"num\">\(fmt(s.baseline, 3)) \(esc(s.baselineUnit.replacingOccurrences(of: "_", with: " ")))</td>"
+                out += "<td>\(s.active ? "<span class=\"badge open\">firing</span>" : "<span class=\"muted\">ended</span>")</td></tr>"
             }
             out += "</tbody></table>"
         }
 
-        let links = doc["links"]?.array ?? []
+        let links = doc.links ?? []
         if !links.isEmpty {
             out += "<h2>Causal links</h2><table class=\"links\"><thead><tr><th>Cause</th><th>Symptom</th><th>Relation</th><th>Confidence</th></tr></thead><tbody>"
-            for l in links.sorted(by: { ($0["confidence"]?.double ?? 0) > ($1["confidence"]?.double ?? 0) }) {
-                let s = l["symptom"]
-                out += "<tr><td>\(esc(l["cause"]?["kind"]?.str ?? "")) \(esc(l["cause"]?["entity"]?.str ?? ""))</td>"
-                out += "<td>\(esc(s?["kind"]?.str ?? "")) at \(esc(s?["entity"]?.str ?? ""))\(s?["peer"]?.stringValue.map { " → " + esc($0) } ?? "")</td>"
-                out += "<td><code>\(esc(l["relation"]?.str ?? ""))</code></td><td>\(confidenceBar(l["confidence"]?.double ?? 0))</td></tr>"
+            for l in links.sorted(by: { $0.confidence > $1.confidence }) {
+                out += "<tr><td>\(esc(l.cause.kind)) \(esc(l.cause.entity))</td>"
+                out += "<td>\(esc(l.symptom.kind)) at \(esc(l.symptom.entity))\(l.symptom.peer.map { " → " + esc($0) } ?? "")</td>"
+                out += "<td><code>\(esc(l.relation))</code></td><td>\(confidenceBar(l.confidence))</td></tr>"
             }
             out += "</tbody></table>"
         }
-        return Rendered(title: doc["id"]?.str ?? id, tab: "incidents", fragment: out)
+        return Rendered(title: doc.id, tab: "incidents", fragment: out)
     }
 
-    static func factorTable(_ factors: [JSONValue]) -> String {
+    static func factorTable(_ factors: [QueryIncident.Factor]) -> String {
         guard !factors.isEmpty else { return "" }
-        let contributions = factors.map { ($0["value"]?.double ?? 0) * ($0["weight"]?.double ?? 0) }
+        let contributions = factors.map { $0.value * $0.weight }
         let largest = max(0.01, contributions.map(abs).max() ?? 1)
         var out = "<table class=\"factors\"><thead><tr><th>Factor</th><th class=\"num\">Value</th><th class=\"num\">Weight</th><th>Contribution</th></tr></thead><tbody>"
         for (f, c) in zip(factors, contributions) {
             let w = Int((abs(c) / largest * 120).rounded())
-            out += "<tr data-factor=\"\(esc(f["name"]?.str ?? ""))\"><td>\(esc((f["name"]?.str ?? "").replacingOccurrences(of: "_", with: " ")))</td>"
-            out += "<td class=\"num\">\(fmt(f["value"]?.double ?? 0, 3))</td><td class=\"num\">\(fmt(f["weight"]?.double ?? 0, 2))</td>"
+            out += "<tr data-factor=\"\(esc(f.name))\"><td>\(esc(f.name.replacingOccurrences(of: "_", with: " ")))</td>"
+            out += "<td class=\"num\">\(fmt(f.value, 3))</td><td class=\"num\">\(fmt(f.weight, 2))</td>"
             out += "<td><span class=\"factor-bar \(c < 0 ? "neg" : "pos")\" style=\"width:\(w)px\"></span> \(abs(c) < 0.005 ? "0.00" : (c > 0 ? "+" : "") + fmt(c, 2))</td></tr>"
         }
         return out + "</tbody></table>"
@@ -166,29 +161,30 @@ enum Pages {
 
     // MARK: Service map
 
-    static func services(_ query: UIQuery) throws -> Rendered {
-        let doc = try query("services", [:])
-        let open = (try query("incidents", ["status": "open"]))["incidents"]?.array ?? []
-        let causes = Set(open.compactMap { $0["root_causes"]?.array.first?["entity"]?.stringValue })
-        let affected = Set(open.flatMap { $0["affected"]?["services"]?.strings ?? [] })
+    static func services(_ query: UIQueries) throws -> Rendered {
+        let doc = try query.services()
+        let open = try query.incidents(status: "open").incidents
+        let causes = Set(open.compactMap { $0.topCause?.entity })
+        let affected = Set(open.flatMap(\.affected.services))
         var out = "<h1>Service map</h1><p class=\"muted\">Who connects to whom, learned from the TCP connects the agents saw and from DNS answers. "
         out += "Red edges had failed connects (thicker: a larger share); red boxes are the root cause of an open incident, orange ones affected by one.</p>"
         out += "<div class=\"svgwrap\">\(ServiceMap.svg(doc, causes: causes, affected: affected))</div>"
         let edges = ServiceMap.edges(doc)
         if !edges.isEmpty {
             out += "<h2>Edges</h2><table class=\"edges\"><thead><tr><th>Client</th><th>Server</th><th class=\"num\">Connects</th><th class=\"num\">Failed</th><th class=\"num\">Fail %</th><th>Failures by outcome</th><th class=\"num\">Connect p50</th><th class=\"num\">p99</th><th class=\"num\">Response p50</th><th>Last seen</th></tr></thead><tbody>"
-            for (e, raw) in zip(edges, doc["services"]?.array ?? []) {
-                var outcomes: [String] = []
-                if case .object(let o)? = raw["failures_by_outcome"] { outcomes = o.keys.sorted().map { "\($0) \(o[$0]?.intValue ?? 0)" } }
+            for (e, raw) in zip(edges, doc.services) {
+                let o = raw.failuresByOutcome
+                let outcomes = o.keys.sorted().map { "\($0) \(o[$0]!)" }
                 out += "<tr class=\"\(e.failures > 0 ? "failing" : "")\"><td>\(esc(e.client))</td><td>\(esc(e.server))</td><td class=\"num\">\(e.connects)</td><td class=\"num\">\(e.failures)</td>"
                 out += "<td class=\"num\">\(fmt(e.ratio * 100, 1))</td><td>\(esc(outcomes.joined(separator: ", ")))</td><td class=\"num\">\(fmt(e.p50)) ms</td><td class=\"num\">\(fmt(e.p99)) ms</td>"
-                out += "<td class=\"num\">\(e.responseCount > 0 ? fmt(e.responseP50) + " ms" : "–")</td><td>\(esc(shortTime(raw["last_seen"]?.str ?? "")))</td></tr>"
+                out += "<td class=\"num\">\(e.responseCount > 0 ? fmt(e.responseP50) + " ms" : "–")</td><td>\(esc(shortTime(raw.lastSeen)))</td></tr>"
             }
             out += "</tbody></table>"
         }
-        if case .object(let names)? = doc["names"], !names.isEmpty {
+        let names = doc.names
+        if !names.isEmpty {
             out += "<h2>DNS names</h2><table class=\"names\"><thead><tr><th>Name</th><th>Service</th></tr></thead><tbody>"
-            for name in names.keys.sorted() { out += "<tr><td class=\"mono\">\(esc(name))</td><td>\(esc(names[name]?.str ?? ""))</td></tr>" }
+            for name in names.keys.sorted() { out += "<tr><td class=\"mono\">\(esc(name))</td><td>\(esc(names[name]!))</td></tr>" }
             out += "</tbody></table>"
         }
         return Rendered(title: "Service map", tab: "services", fragment: out)
@@ -199,24 +195,23 @@ enum Pages {
     /// The agents: connected or not, their clock offset with its
     /// uncertainty (what the timeline's bars come from), what they delivered
     /// and lost, programs that could not run.
-    static func nodes(_ query: UIQuery) throws -> Rendered {
-        let list = (try query("nodes", [:]))["nodes"]?.array ?? []
+    static func nodes(_ query: UIQueries) throws -> Rendered {
+        let list = try query.nodes().nodes
         var out = "<h1>Nodes</h1><p class=\"muted\">Each agent's clock offset is estimated from time-sync exchanges on its connection; "
         out += "its uncertainty is the ± every event of that node carries on the timeline.</p>"
         guard !list.isEmpty else { return Rendered(title: "Nodes", tab: "nodes", fragment: out + "<div class=\"card muted\">No agent has connected yet.</div>") }
         out += "<table class=\"nodes\"><thead><tr><th>Node</th><th>Connected</th><th>Last seen (UTC)</th><th class=\"num\">Clock offset</th><th class=\"num\">Events</th><th class=\"num\">Dropped</th><th>Programs</th><th>Agent</th></tr></thead><tbody>"
-        for n in list.sorted(by: { ($0["node"]?.str ?? "") < ($1["node"]?.str ?? "") }) {
-            let connected = n["connected"] == .bool(true)
-            let offset = Double(n["clock_offset_ns"]?.intValue ?? 0), error = Double(n["clock_error_ns"]?.intValue ?? 0)
-            let degraded = n["degraded"]?.strings ?? []
-            var drops: [String] = []
-            if case .object(let d)? = n["drops"] { drops = d.keys.sorted().map { "\($0) \(d[$0]?.intValue ?? 0)" } }
-            out += "<tr class=\"node\" data-node=\"\(esc(n["node"]?.str ?? ""))\"><td><b>\(esc(n["node"]?.str ?? ""))</b></td>"
+        for n in list.sorted(by: { $0.node < $1.node }) {
+            let connected = n.connected
+            let offset = Double(n.clockOffsetNs), error = Double(n.clockErrorNs)
+            let degraded = n.degraded
+            let drops = n.drops.keys.sorted().map { "\($0) \(n.drops[$0]!)" }
+            out += "<tr class=\"node\" data-node=\"\(esc(n.node))\"><td><b>\(esc(n.node))</b></td>"
             out += "<td>\(connected ? "<span class=\"badge resolved\">connected</span>" : "<span class=\"badge\">not connected</span>")</td>"
-            out += "<td>\(esc(shortTime(n["last_seen"]?.str ?? "")))</td><td class=\"num mono\">\(offset < 0 ? "−" : "+")\(esc(duration(ns: abs(offset)))) ± \(esc(duration(ns: error)))</td>"
-            out += "<td class=\"num\">\(n["events_received"]?.intValue ?? 0)</td><td class=\"num\" title=\"\(esc(drops.joined(separator: ", ")))\">\(n["drops_total"]?.intValue ?? 0)</td>"
-            out += "<td>\(n["capabilities"]?.array.count ?? 0) running\(degraded.isEmpty ? "" : ", <span class=\"badge inferred\">\(degraded.count) degraded</span> " + esc(degraded.joined(separator: ", ")))</td>"
-            out += "<td class=\"mono\">\(esc(n["agent_version"]?.str ?? ""))</td></tr>"
+            out += "<td>\(esc(shortTime(n.lastSeen)))</td><td class=\"num mono\">\(offset < 0 ? "−" : "+")\(esc(duration(ns: abs(offset)))) ± \(esc(duration(ns: error)))</td>"
+            out += "<td class=\"num\">\(n.eventsReceived)</td><td class=\"num\" title=\"\(esc(drops.joined(separator: ", ")))\">\(n.dropsTotal)</td>"
+            out += "<td>\(n.capabilities.count) running\(degraded.isEmpty ? "" : ", <span class=\"badge inferred\">\(degraded.count) degraded</span> " + esc(degraded.joined(separator: ", ")))</td>"
+            out += "<td class=\"mono\">\(esc(n.agentVersion))</td></tr>"
         }
         return Rendered(title: "Nodes", tab: "nodes", fragment: out + "</tbody></table>")
     }
@@ -225,7 +220,7 @@ enum Pages {
 
     /// Filters: kind, node, pod (a trailing * matches a prefix), since (a
     /// duration back from now or an RFC 3339 time), limit.
-    static func events(_ params: [String: String], _ query: UIQuery, nowNs: Int64 = wallClockNs()) throws -> Rendered {
+    static func events(_ params: [String: String], _ query: UIQueries, nowNs: Int64 = wallClockNs()) throws -> Rendered {
         let kind = params["kind"].flatMap { $0.isEmpty ? nil : $0 }
         let node = params["node"].flatMap { $0.isEmpty ? nil : $0 }
         let pod = params["pod"].flatMap { $0.isEmpty ? nil : $0 }
@@ -245,7 +240,7 @@ enum Pages {
                 problems.append("cannot read since \(since): use a duration back from now (30s, 15m, 2h, 1d) or an RFC 3339 time")
             }
         }
-        let nodes = ((try? query("nodes", [:]))?["nodes"]?.array ?? []).compactMap { $0["node"]?.stringValue }.sorted()
+        let nodes = ((try? query.nodes())?.nodes ?? []).map(\.node).sorted()
         var out = "<h1>Events</h1><form class=\"filters\" method=\"get\" action=\"/events\">"
         out += "<label>kind<select name=\"kind\"><option value=\"\">any</option>"
         for k in EventKind.allCases.dropFirst() {
@@ -259,17 +254,18 @@ enum Pages {
         if !problems.isEmpty {
             return Rendered(title: "Events", tab: "events", fragment: out + "<div class=\"error-box\">\(esc(problems.joined(separator: "\n")))</div>")
         }
-        let doc = try query("events", q)
-        let events = (doc["events"]?.array ?? []).reversed()
+        let doc = try query.events(q)
+        let events = doc.events.reversed()
         out += "<p class=\"muted\">\(events.count) event\(events.count == 1 ? "" : "s"), newest first (at most \(limit))."
-        if let note = doc["retention"]?["note"]?.stringValue { out += " \(esc(note))." }
+        if let note = doc.retention?.note { out += " \(esc(note))." }
         out += "</p>"
         guard !events.isEmpty else { return Rendered(title: "Events", tab: "events", fragment: out + "<div class=\"card muted\">No events match.</div>") }
         out += "<table class=\"events\"><thead><tr><th>Time (UTC)</th><th>Node</th><th>Kind</th><th>Pod</th><th>Process</th><th>Detail</th></tr></thead><tbody>"
         let common: Set<String> = ["time", "time_ns", "node", "kind", "pod", "namespace", "comm", "pid", "cgroup_id", "container_id", "time_error_ns"]
         for e in events {
             var detail: [String] = []
-            if case .object(let o) = e {
+            do {
+                let o = e.fields
                 for key in o.keys.sorted() where !common.contains(key) {
                     let v = o[key]!
                     let text: String
@@ -281,11 +277,11 @@ enum Pages {
                     detail.append("\(key)=\(text)")
                 }
             }
-            let podName = e["pod"]?.str ?? ""
-            let ns = e["namespace"]?.str ?? ""
-            out += "<tr class=\"event\" data-kind=\"\(esc(e["kind"]?.str ?? ""))\" data-node=\"\(esc(e["node"]?.str ?? ""))\"><td class=\"mono\">\(esc(shortTime(e["time"]?.str ?? "")))\(esc(fraction(e["time"]?.str ?? "")))</td>"
-            out += "<td>\(esc(e["node"]?.str ?? ""))</td><td><code>\(esc(e["kind"]?.str ?? ""))</code></td>"
-            out += "<td>\(esc(ns.isEmpty ? podName : "\(ns)/\(podName)"))</td><td>\(esc(e["comm"]?.str ?? ""))\(e["pid"]?.intValue.map { " <span class=\"muted\">\($0)</span>" } ?? "")</td>"
+            let podName = e.pod ?? ""
+            let ns = e.namespace ?? ""
+            out += "<tr class=\"event\" data-kind=\"\(esc(e.kind))\" data-node=\"\(esc(e.node))\"><td class=\"mono\">\(esc(shortTime(e.time)))\(esc(fraction(e.time)))</td>"
+            out += "<td>\(esc(e.node))</td><td><code>\(esc(e.kind))</code></td>"
+            out += "<td>\(esc(ns.isEmpty ? podName : "\(ns)/\(podName)"))</td><td>\(esc(e.comm ?? ""))\(e.pid.map { " <span class=\"muted\">\($0)</span>" } ?? "")</td>"
             out += "<td class=\"mono\">\(esc(detail.joined(separator: " ")))</td></tr>"
         }
         return Rendered(title: "Events", tab: "events", fragment: out + "</tbody></table>")

@@ -1,4 +1,5 @@
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
 /// The dependency graph of `services` as an SVG: callers on the left, the
@@ -20,12 +21,10 @@ enum ServiceMap {
         var responseCount: Int64
     }
 
-    static func edges(_ doc: JSONValue) -> [Edge] {
-        (doc["services"]?.array ?? []).map { e in
-            Edge(client: e["client"]?.str ?? "?", server: e["server"]?.str ?? "?", connects: e["connects"]?.intValue ?? 0,
-                 failures: e["failures"]?.intValue ?? 0, ratio: e["failure_ratio"]?.double ?? 0,
-                 p50: e["connect_latency"]?["p50_ms"]?.double ?? 0, p99: e["connect_latency"]?["p99_ms"]?.double ?? 0,
-                 responseP50: e["response_latency"]?["p50_ms"]?.double ?? 0, responseCount: e["response_latency"]?["count"]?.intValue ?? 0)
+    static func edges(_ doc: ServicesAnswer) -> [Edge] {
+        doc.services.map { e in
+            Edge(client: e.client, server: e.server, connects: e.connects, failures: e.failures, ratio: e.failureRatio,
+                 p50: e.connectLatency.p50Ms, p99: e.connectLatency.p99Ms, responseP50: e.responseLatency.p50Ms, responseCount: e.responseLatency.count)
         }
     }
 
@@ -57,7 +56,7 @@ enum ServiceMap {
 
     /// `causes`: entities that are a root cause of an open incident;
     /// `affected`: services an open incident affects.
-    static func svg(_ doc: JSONValue, causes: Set<String>, affected: Set<String>) -> String {
+    static func svg(_ doc: ServicesAnswer, causes: Set<String>, affected: Set<String>) -> String {
         let edges = edges(doc)
         guard !edges.isEmpty else {
             return "<p class=\"muted\">No connections learned yet: the map fills in as agents report TCP connects between pods.</p>"

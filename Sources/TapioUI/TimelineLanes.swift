@@ -1,4 +1,5 @@
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
 /// An incident's timeline drawn as one lane per node on the corrected clock
@@ -27,14 +28,12 @@ public enum TimelineLanes {
         var concurrentWith: [String]
     }
 
-    static func entries(_ doc: JSONValue) -> [Entry] {
+    static func entries(_ doc: QueryIncident) -> [Entry] {
         var out: [Entry] = []
-        for e in doc["timeline"]?.array ?? [] {
-            guard let t = e["time_ns"]?.intValue ?? parseTime(e["time"]?.str ?? "") else { continue }
-            out.append(Entry(number: 0, id: e["id"]?.str ?? "", timeNs: t, errorNs: max(0, e["time_error_ns"]?.intValue ?? 0),
-                             node: e["node"]?.str ?? "?", kind: e["kind"]?.str ?? "", entity: e["entity"]?.str ?? "",
-                             summary: e["summary"]?.str ?? "", time: e["time"]?.str ?? rfc3339(ns: t),
-                             isCause: e["role"]?.str == "cause", concurrentWith: e["concurrent_with"]?.strings ?? []))
+        for e in doc.timeline ?? [] {
+            out.append(Entry(number: 0, id: e.id, timeNs: e.timeNs, errorNs: max(0, e.timeErrorNs), node: e.node, kind: e.kind, entity: e.entity,
+                             summary: e.summary, time: e.time.isEmpty ? rfc3339(ns: e.timeNs) : e.time, isCause: e.role == "cause",
+                             concurrentWith: e.concurrentWith))
         }
         out.sort { ($0.timeNs, $0.node, $0.id) < ($1.timeNs, $1.node, $1.id) }
         for i in out.indices { out[i].number = i + 1 }
@@ -58,20 +57,20 @@ public enum TimelineLanes {
     /// declarations a file needs.
     /// `window`: only this stretch of time (`from`/`to` in ns), for the
     /// page's zoom; `links`: bands link to a zoom on themselves.
-    public static func svg(_ doc: JSONValue, standalone: Bool = false) -> String {
+    public static func svg(_ doc: QueryIncident, standalone: Bool = false) -> String {
         svg(doc, standalone: standalone, window: nil, links: false)
     }
 
-    static func svg(_ doc: JSONValue, standalone: Bool, window: (from: Int64, to: Int64)?, links: Bool) -> String {
+    static func svg(_ doc: QueryIncident, standalone: Bool, window: (from: Int64, to: Int64)?, links: Bool) -> String {
         let entries = entries(doc)
         let width = labelWidth + plotWidth + rightMargin
         var body = ""
         var y = 8.0
         if standalone {
-            body += "<text x=\"8\" y=\"\(y + 14)\" class=\"title\">\(esc("\(doc["id"]?.str ?? "")  \(doc["status"]?.str ?? "")  \(doc["title"]?.str ?? "")"))</text>"
+            body += "<text x=\"8\" y=\"\(y + 14)\" class=\"title\">\(esc("\(doc.id)  \(doc.status)  \(doc.title)"))</text>"
             y += 22
-            for (rank, c) in (doc["root_causes"]?.array ?? []).prefix(3).enumerated() {
-                let line = "#\(rank + 1) \(c["kind"]?.str ?? "") \(c["entity"]?.str ?? "")  confidence \(fmt(c["confidence"]?.double ?? 0))"
+            for (rank, c) in doc.rootCauses.prefix(3).enumerated() {
+                let line = "#\(rank + 1) \(c.kind) \(c.entity)  confidence \(fmt(c.confidence))"
                 body += "<text x=\"8\" y=\"\(y + 13)\" class=\"cause-line\">\(esc(line))</text>"
                 y += 18
             }
@@ -206,8 +205,8 @@ public enum TimelineLanes {
 
     /// A whole HTML document: the lanes and the list of events as a table,
     /// every summary whole. No script, no external file.
-    public static func htmlDocument(_ doc: JSONValue) -> String {
-        let title = "\(doc["id"]?.str ?? "") \(doc["title"]?.str ?? "")"
+    public static func htmlDocument(_ doc: QueryIncident) -> String {
+        let title = "\(doc.id) \(doc.title)"
         return """
             <!doctype html>
             <html lang="en"><head><meta charset="utf-8"><title>\(esc(title))</title><style>\(styleSheet)</style></head>
@@ -217,13 +216,13 @@ public enum TimelineLanes {
 
     /// The timeline section of a page: optionally the incident's heading,
     /// then the lanes and the numbered list of events.
-    static func fragment(_ doc: JSONValue, heading: Bool, window: (from: Int64, to: Int64)? = nil, links: Bool = false) -> String {
+    static func fragment(_ doc: QueryIncident, heading: Bool, window: (from: Int64, to: Int64)? = nil, links: Bool = false) -> String {
         var out = ""
         if heading {
-            out += "<h1>\(esc(doc["id"]?.str ?? "")) <span class=\"badge \(esc(doc["status"]?.str ?? ""))\">\(esc(doc["status"]?.str ?? ""))</span></h1>"
-            out += "<p>\(esc(doc["title"]?.str ?? ""))</p><ol>"
-            for c in doc["root_causes"]?.array ?? [] {
-                out += "<li><b>\(esc(c["kind"]?.str ?? ""))</b> \(esc(c["entity"]?.str ?? "")) \(confidenceBar(c["confidence"]?.double ?? 0))</li>"
+            out += "<h1>\(esc(doc.id)) <span class=\"badge \(esc(doc.status))\">\(esc(doc.status))</span></h1>"
+            out += "<p>\(esc(doc.title))</p><ol>"
+            for c in doc.rootCauses {
+                out += "<li><b>\(esc(c.kind))</b> \(esc(c.entity)) \(confidenceBar(c.confidence))</li>"
             }
             out += "</ol>"
         }

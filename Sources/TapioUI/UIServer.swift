@@ -30,12 +30,12 @@ public final class UIServer: Sendable {
     }
 
     public let configuration: Configuration
-    private let query: UIQuery
+    private let query: UIQueries
     private let group: MultiThreadedEventLoopGroup
     private let pool: NIOThreadPool
     private let channel = Mutex<Channel?>(nil)
 
-    public init(configuration: Configuration, query: @escaping UIQuery) {
+    public init(configuration: Configuration, query: UIQueries) {
         self.configuration = configuration
         self.query = query
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -107,7 +107,7 @@ struct Response: Sendable {
 /// channel so it is tested directly.
 struct Router: Sendable {
     let configuration: UIServer.Configuration
-    let query: UIQuery
+    let query: UIQueries
 
     var cookieName: String { "tapio_ui_\(configuration.port)" }
 

@@ -111,10 +111,10 @@ struct ResolvedConnection {
     }
 
     /// Runs one query; a failure comes back in words with what fixes it.
-    func json(_ method: String, _ params: [String: String] = [:]) throws -> JSONValue {
+    func ask<T>(_ query: (QueryClient) throws -> T) throws -> T {
         let c = try client()
         do {
-            return try c.json(method, params)
+            return try query(c)
         } catch let error as QueryError {
             throw CLIError(explain(error))
         }

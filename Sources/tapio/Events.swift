@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
 struct Events: ParsableCommand {
@@ -74,15 +75,15 @@ struct Events: ParsableCommand {
     func run() throws {
         let params = try parameters()
         guard follow else {
-            let doc = try connection.json("events", params)
+            let answer = try connection.ask { try $0.events(params) }
             switch connection.output {
-            case .json: print(doc.serialized())
-            case .ndjson: for e in doc["events"]?.arrayValue ?? [] { print(e.serialized()) }
-            case .table, .svg, .html: print(table(Self.header, (doc["events"]?.arrayValue ?? []).map(Self.row)))
+            case .json: print(QueryCoding.string(answer))
+            case .ndjson: for e in answer.events { print(QueryCoding.string(e)) }
+            case .table, .svg, .html: print(table(Self.header, answer.events.map(Self.row)))
             }
             // The answer is short of what retention deleted: said on stderr,
             // so stdout stays the events.
-            if let note = doc["retention"]?["note"]?.stringValue {
+            if let note = answer.retention?.note {
                 FileHandle.standardError.write(Data("tapio: \(note)\n".utf8))
             }
             return
@@ -92,10 +93,8 @@ struct Events: ParsableCommand {
 
     static let header = ["TIME", "NODE", "KIND", "PID", "COMM", "POD", "DETAIL"]
 
-    static func row(_ e: JSONValue) -> [String] {
-        [e["time"]?.stringValue ?? "", e["node"]?.stringValue ?? "", e["kind"]?.stringValue ?? "",
-         e["pid"]?.intValue.map(String.init) ?? "", e["comm"]?.stringValue ?? "",
-         e["pod"]?.stringValue.map { "\(e["namespace"]?.stringValue ?? "")/\($0)" } ?? "", eventDetail(e)]
+    static func row(_ e: QueryEvent) -> [String] {
+        [e.time, e.node, e.kind, e.pid.map(String.init) ?? "", e.comm ?? "", e.pod.map { "\(e.namespace ?? "")/\($0)" } ?? "", eventDetail(e)]
     }
 
     /// Polls with a moving `since_ns`: each ask covers from the newest event
@@ -103,7 +102,7 @@ struct Events: ParsableCommand {
     /// JSON object) are skipped. Table rows are printed as they come, with
     /// fixed column widths (a stream cannot be measured first).
     private func followEvents(_ initial: [String: String]) throws {
-        var stream = Reconnecting(connection: connection, interval: interval)
+        let stream = Reconnecting(connection: connection, interval: interval)
         var shown: [String: Int64] = [:]
         var newest: Int64?
         let firstSince = initial["since_ns"].flatMap { Int64($0) }
@@ -111,11 +110,12 @@ struct Events: ParsableCommand {
         let widths = [30, 10, 15, 7, 15, 24]
         if connection.output == .table { emit(Self.header, widths: widths) }
         while true {
-            guard let doc = try stream.query("events", params) else { continue }
-            for e in doc["events"]?.arrayValue ?? [] {
-                let key = e.serialized()
+            let asked = params
+            guard let answer = try stream.attempt({ try $0.events(asked) }) else { continue }
+            for e in answer.events {
+                let key = QueryCoding.string(e)
                 guard shown[key] == nil else { continue }
-                let t = e["time_ns"]?.intValue ?? 0
+                let t = e.timeNs
                 shown[key] = t
                 newest = max(newest ?? t, t)
                 switch connection.output {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TapioClient
+import TapioQueryAPI
 import TapioUI
 import TapioWire
 
@@ -14,12 +15,13 @@ struct Incidents: ParsableCommand {
     var since: String?
 
     func run() throws {
-        var params = ["status": status]
+        var sinceNs: Int64?
         if let since {
             guard let ns = parseDuration(since) else { throw ValidationError("cannot read duration \(since)") }
-            params["since_ns"] = String(wallClockNs() - ns)
+            sinceNs = wallClockNs() - ns
         }
-        connection.print(try connection.json("incidents", params), list: "incidents", table: incidentTable)
+        let answer = try connection.ask { [status] in try $0.incidents(status: status, sinceNs: sinceNs) }
+        connection.print(answer, items: answer.incidents, table: incidentTable)
     }
 }
 
@@ -27,23 +29,12 @@ struct Incidents: ParsableCommand {
 /// (`"pages"`, docs/correlation.md "Paging"): `no` marks an observation — its
 /// candidates are only inferred or below the paging floor — which alerts do
 /// not send. An incident from a server that predates the field pages.
-func incidentTable(_ doc: JSONValue) -> String {
-    let rows = (doc["incidents"]?.arrayValue ?? []).map { i -> [String] in
-        let top = i["root_causes"]?.arrayValue?.first
-        let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") (\(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0)))" } ?? "-"
-        let services = (i["affected"]?["services"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")
-        let pages = i["pages"] == .bool(false) ? "no" : "yes"
-        return [i["id"]?.stringValue ?? "", i["status"]?.stringValue ?? "", pages, i["opened_at"]?.stringValue ?? "", cause, services, i["title"]?.stringValue ?? ""]
+func incidentTable(_ answer: IncidentsAnswer) -> String {
+    let rows = answer.incidents.map { i -> [String] in
+        let cause = i.topCause.map { "\($0.kind) \($0.entity) (\(String(format: "%.2f", $0.confidence)))" } ?? "-"
+        return [i.id, i.status, i.pages ? "yes" : "no", i.openedAt, cause, i.affected.services.joined(separator: ","), i.title]
     }
     return table(["ID", "STATUS", "PAGES", "OPENED", "TOP ROOT CAUSE (CONFIDENCE)", "AFFECTED", "TITLE"], rows)
-}
-
-func number(_ v: JSONValue) -> Double? {
-    switch v {
-    case .double(let d): return d
-    case .int(let i): return Double(i)
-    default: return nil
-    }
 }
 
 struct Timeline: ParsableCommand {
@@ -62,20 +53,24 @@ struct Timeline: ParsableCommand {
     }
 
     func run() throws {
-        let doc: JSONValue
+        let incident: QueryIncident
         if let file {
             guard let data = FileManager.default.contents(atPath: file) else { throw CLIError("cannot read \(file)") }
-            guard let parsed = try? JSONValue.parse(Array(data)), parsed["timeline"] != nil else {
-                throw CLIError("\(file) is not a timeline saved with `tapio timeline ID -o json`")
+            let saved: QueryIncident
+            do {
+                saved = try QueryCoding.decode(QueryIncident.self, from: Array(data))
+            } catch {
+                throw CLIError("\(file) is not a timeline saved with `tapio timeline ID -o json`: \(error)")
             }
-            doc = parsed
+            guard saved.timeline != nil else { throw CLIError("\(file) is not a timeline saved with `tapio timeline ID -o json`: it has no timeline") }
+            incident = saved
         } else {
-            doc = try connection.json("timeline", ["id": id!])
+            incident = try connection.ask { [id] in try $0.timeline(id: id!) }
         }
         switch connection.output {
-        case .svg: print(TimelineLanes.svg(doc, standalone: true))
-        case .html: print(TimelineLanes.htmlDocument(doc))
-        default: connection.print(doc, list: nil) { timelineText($0, width: terminalWidth()) }
+        case .svg: print(TimelineLanes.svg(incident, standalone: true))
+        case .html: print(TimelineLanes.htmlDocument(incident))
+        default: connection.print(incident) { timelineText($0, width: terminalWidth()) }
         }
     }
 }
@@ -87,31 +82,29 @@ struct Timeline: ParsableCommand {
 /// onto continuation lines under its column; the event kind and the rest
 /// are in `-o json`. Times are the time of day in UTC, the date said once above
 /// (the full time when the events span two days).
-func timelineText(_ doc: JSONValue, width: Int) -> String {
+func timelineText(_ incident: QueryIncident, width: Int) -> String {
     let width = max(width, 60)
-    var out = "\(doc["id"]?.stringValue ?? "")  \(doc["status"]?.stringValue ?? "")  \(doc["title"]?.stringValue ?? "")\n"
-    for (rank, c) in (doc["root_causes"]?.arrayValue ?? []).enumerated() {
-        out += "  #\(rank + 1) \(c["kind"]?.stringValue ?? "") \(c["entity"]?.stringValue ?? "")  confidence \(String(format: "%.2f", c["confidence"].flatMap(number) ?? 0))\n"
+    var out = "\(incident.id)  \(incident.status)  \(incident.title)\n"
+    for (rank, c) in incident.rootCauses.enumerated() {
+        out += "  #\(rank + 1) \(c.kind) \(c.entity)  confidence \(String(format: "%.2f", c.confidence))\n"
     }
-    let entries = doc["timeline"]?.arrayValue ?? []
+    let entries = incident.timeline ?? []
     guard !entries.isEmpty else { return out + "\n(no timeline entries)" }
-    let times = entries.map { $0["time"]?.stringValue ?? "" }
+    let times = entries.map(\.time)
     let days = Set(times.map { $0.prefix(10) })
     let sameDay = days.count == 1
-    let nodes = Set(entries.compactMap { $0["node"]?.stringValue })
+    let nodes = Set(entries.map(\.node))
     var legend = "\(entries.count) events on \(nodes.count) node\(nodes.count == 1 ? "" : "s")"
     legend += sameDay ? ", times UTC on \(days.first!)" : ""
     legend += "; ≈ marks an event concurrent with another (their uncertainty intervals overlap)"
     out += "\n" + wrap(legend, width).joined(separator: "\n") + "\n\n"
     let rows = entries.enumerated().map { index, e -> [String] in
-        let concurrent = !(e["concurrent_with"]?.arrayValue ?? []).isEmpty
+        let concurrent = !e.concurrentWith.isEmpty
         let time = times[index]
         let shown = sameDay && time.count > 11 ? String(time.dropFirst(11).dropLast(time.hasSuffix("Z") ? 1 : 0)) : time
-        let role = e["role"]?.stringValue == "cause" ? "[cause] " : ""
-        return [(concurrent ? "≈ " : "  ") + shown,
-                String(format: "±%.1fms", Double(e["time_error_ns"]?.intValue ?? 0) / 1e6),
-                shorten(e["node"]?.stringValue ?? "", 16), shorten(e["entity"]?.stringValue ?? "", 20),
-                role + (e["summary"]?.stringValue ?? "")]
+        let role = e.role == "cause" ? "[cause] " : ""
+        return [(concurrent ? "≈ " : "  ") + shown, String(format: "±%.1fms", Double(e.timeErrorNs) / 1e6),
+                shorten(e.node, 16), shorten(e.entity, 20), role + e.summary]
     }
     let header = ["  TIME", "±", "NODE", "ENTITY", "SUMMARY"]
     var widths = header.map(\.count)
@@ -173,15 +166,14 @@ struct Explain: ParsableCommand {
     var id: String
 
     func run() throws {
-        connection.print(try connection.json("explain", ["id": id]), list: nil) { doc in
-            var out = "\(doc["id"]?.stringValue ?? "")  \(doc["title"]?.stringValue ?? "")\n"
-            for (rank, c) in (doc["root_causes"]?.arrayValue ?? []).enumerated() {
-                out += "\n#\(rank + 1) \(c["kind"]?.stringValue ?? "") \(c["entity"]?.stringValue ?? "")  confidence \(String(format: "%.3f", c["confidence"].flatMap(number) ?? 0))\n"
-                let rows = (c["factors"]?.arrayValue ?? []).map { f in
-                    ["  " + (f["name"]?.stringValue ?? ""), String(format: "%.3f", f["value"].flatMap(number) ?? 0), String(format: "%.3f", f["weight"].flatMap(number) ?? 0)]
-                }
+        let incident = try connection.ask { [id] in try $0.explain(id: id) }
+        connection.print(incident) { i in
+            var out = "\(i.id)  \(i.title)\n"
+            for (rank, c) in i.rootCauses.enumerated() {
+                out += "\n#\(rank + 1) \(c.kind) \(c.entity)  confidence \(String(format: "%.3f", c.confidence))\n"
+                let rows = c.factors.map { f in ["  " + f.name, String(format: "%.3f", f.value), String(format: "%.3f", f.weight)] }
                 out += table(["  FACTOR", "VALUE", "WEIGHT"], rows) + "\n"
-                for e in (c["evidence"]?.arrayValue ?? []).prefix(5) { out += "  evidence: \(e.stringValue ?? "")\n" }
+                for e in c.evidence.prefix(5) { out += "  evidence: \(e)\n" }
             }
             return out
         }
@@ -194,13 +186,11 @@ struct Services: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        connection.print(try connection.json("services"), list: "services") { doc in
-            let rows = (doc["services"]?.arrayValue ?? []).map { e -> [String] in
-                let lat = e["connect_latency"]
-                return [e["client"]?.stringValue ?? "", e["server"]?.stringValue ?? "", e["connects"]?.intValue.map(String.init) ?? "0",
-                        e["failures"]?.intValue.map(String.init) ?? "0",
-                        String(format: "%.1f%%", 100 * (e["failure_ratio"].flatMap(number) ?? 0)),
-                        String(format: "%.2fms", lat?["p50_ms"].flatMap(number) ?? 0), String(format: "%.2fms", lat?["p99_ms"].flatMap(number) ?? 0)]
+        let answer = try connection.ask { try $0.services() }
+        connection.print(answer, items: answer.services) { doc in
+            let rows = doc.services.map { e -> [String] in
+                [e.client, e.server, String(e.connects), String(e.failures), String(format: "%.1f%%", 100 * e.failureRatio),
+                 String(format: "%.2fms", e.connectLatency.p50Ms), String(format: "%.2fms", e.connectLatency.p99Ms)]
             }
             return table(["CLIENT", "SERVER", "CONNECTS", "FAILURES", "FAIL%", "CONNECT P50", "P99"], rows)
         }
@@ -211,44 +201,69 @@ struct Watch: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stream incident changes as they happen (one line per change; -o json or ndjson: one JSON object per line).",
         discussion: """
-            Asks the server every --interval seconds and prints what changed since the last answer. When the server             goes away (a restart, a rollout) a status line says so on stderr and watch waits for it to come back,             without repeating the changes it already printed.
+            Subscribes to the server's incident changes: the server pushes each one as its engine makes it, and a \
+            keepalive every --interval seconds while nothing happens. When the server goes away (a restart, a rollout) \
+            a status line says so on stderr and watch reconnects when it is back, without repeating the changes it \
+            already printed.
             """)
 
     @OptionGroup var connection: ConnectionOptions
-    @Option(help: "Seconds between asks.")
-    var interval: Double = 1
+    @Option(help: "Seconds between the server's keepalives (0.1 to 60); a connection silent for three of them is taken as lost.")
+    var interval: Double = 5
     @Option(help: "Stop after this many seconds (default: run until interrupted).")
     var duration: Double?
 
     func validate() throws {
-        if interval <= 0 { throw ValidationError("--interval must be positive") }
+        if interval < 0.1 || interval > 60 { throw ValidationError("--interval must be from 0.1 to 60 seconds") }
         if connection.output.isDrawing { throw ValidationError(OutputFormat.drawingsOnlyForTimeline) }
     }
 
     func run() throws {
-        var stream = Reconnecting(connection: connection, interval: interval)
+        let stream = Reconnecting(connection: connection, interval: 0.2)
         var seen: [String: String] = [:]
         let deadline = duration.map { Date(timeIntervalSinceNow: $0) }
+        let keepaliveMs = Int64((interval * 1000).rounded())
         while deadline.map({ Date() < $0 }) ?? true {
-            guard let doc = try stream.query("incidents", ["status": "all"]) else { continue }
-            for i in doc["incidents"]?.arrayValue ?? [] {
-                guard let id = i["id"]?.stringValue else { continue }
-                let top = i["root_causes"]?.arrayValue?.first
-                let signature = "\(i["status"]?.stringValue ?? "")|\(top?["kind"]?.stringValue ?? "")|\(top?["entity"]?.stringValue ?? "")|\(i["updated_at"]?.stringValue ?? "")"
-                guard seen[id] != signature else { continue }
-                let change = seen[id] == nil ? "opened" : (i["status"] == .string("resolved") ? "resolved" : "updated")
-                seen[id] = signature
-                switch connection.output {
-                case .json, .ndjson:
-                    print(JSONValue.object(["change": .string(change), "incident": i]).serialized())
-                case .table, .svg, .html:
-                    let cause = top.map { "\($0["kind"]?.stringValue ?? "") \($0["entity"]?.stringValue ?? "") \(String(format: "%.2f", $0["confidence"].flatMap(number) ?? 0))" } ?? "-"
-                    let observation = i["pages"] == .bool(false) ? "  (observation: does not page)" : ""
-                    print("\(rfc3339(ns: wallClockNs()))  \(change)  \(id)  \(cause)  \(i["title"]?.stringValue ?? "")\(observation)")
+            _ = try stream.attempt { client in
+                try client.subscribe(keepaliveMs: keepaliveMs, until: deadline) { message in
+                    switch message.type {
+                    case .snapshot:
+                        stream.connected()
+                        for i in message.incidents ?? [] { report(i, seen: &seen) }
+                    case .change:
+                        if let i = message.incident { report(i, seen: &seen) }
+                    case .keepalive:
+                        break
+                    }
+                    fflush(nil)  // every stream: lines reach a pipe as they happen
+                    return true
                 }
             }
-            fflush(nil)  // every stream: lines reach a pipe as they happen
-            Thread.sleep(forTimeInterval: interval)
         }
     }
+
+    /// Prints a line when the incident is new to this watch or changed
+    /// since it was last printed (status, top cause or update time): a
+    /// snapshot after a reconnect repeats nothing already said.
+    private func report(_ i: QueryIncident, seen: inout [String: String]) {
+        let top = i.topCause
+        let signature = "\(i.status)|\(top?.kind ?? "")|\(top?.entity ?? "")|\(i.updatedAt)"
+        guard seen[i.id] != signature else { return }
+        let change: SubscriptionMessage.Change = seen[i.id] == nil ? .opened : (i.isResolved ? .resolved : .updated)
+        seen[i.id] = signature
+        switch connection.output {
+        case .json, .ndjson:
+            print(QueryCoding.string(WatchLine(change: change, incident: i)))
+        case .table, .svg, .html:
+            let cause = top.map { "\($0.kind) \($0.entity) \(String(format: "%.2f", $0.confidence))" } ?? "-"
+            let observation = i.pages ? "" : "  (observation: does not page)"
+            print("\(rfc3339(ns: wallClockNs()))  \(change.rawValue)  \(i.id)  \(cause)  \(i.title)\(observation)")
+        }
+    }
+}
+
+/// One line of `watch -o json`.
+struct WatchLine: Encodable {
+    var change: SubscriptionMessage.Change
+    var incident: QueryIncident
 }

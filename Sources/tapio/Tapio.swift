@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TapioClient
+import TapioQueryAPI
 import TapioWire
 
 enum OutputFormat: String, ExpressibleByArgument {
@@ -12,26 +13,31 @@ enum OutputFormat: String, ExpressibleByArgument {
 }
 
 extension ConnectionOptions {
-    /// One query, failures in words (see `ResolvedConnection.explain`).
-    func json(_ method: String, _ params: [String: String] = [:]) throws -> JSONValue {
-        try resolve().json(method, params)
+    /// One query through the typed client, failures in words (see `ResolvedConnection.explain`).
+    func ask<T>(_ query: (QueryClient) throws -> T) throws -> T {
+        try resolve().ask(query)
     }
 
-    /// Prints a document as `-o` asks: `json` the whole document, `ndjson`
-    /// each element of its `key` array on a line of its own (the whole
-    /// document on one line when it has no such array), `table` via `table`.
-    func print(_ doc: JSONValue, list key: String?, table: (JSONValue) -> String) {
+    /// Prints an answer as `-o` asks: `json` the whole document, `ndjson`
+    /// each of `items` on a line of its own (the whole document on one line
+    /// when there are none), `table` via `table`.
+    func print<Answer: Encodable, Item: Encodable>(_ answer: Answer, items: [Item]?, table: (Answer) -> String) {
         switch output {
-        case .json: Swift.print(doc.serialized())
+        case .json: Swift.print(QueryCoding.string(answer))
         case .ndjson:
-            if let key, let items = doc[key]?.arrayValue {
-                for item in items { Swift.print(item.serialized()) }
+            if let items {
+                for item in items { Swift.print(QueryCoding.string(item)) }
             } else {
-                Swift.print(doc.serialized())
+                Swift.print(QueryCoding.string(answer))
             }
-        case .table: Swift.print(table(doc))
+        case .table: Swift.print(table(answer))
         case .svg, .html: Tapio.exit(withError: CLIError(OutputFormat.drawingsOnlyForTimeline))
         }
+    }
+
+    /// `print` for an answer that is one document (no list).
+    func print<Answer: Encodable>(_ answer: Answer, table: (Answer) -> String) {
+        print(answer, items: [Answer]?.none, table: table)
     }
 }
 
@@ -67,15 +73,12 @@ struct Nodes: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        connection.print(try connection.json("nodes"), list: "nodes") { doc in
-            let rows = (doc["nodes"]?.arrayValue ?? []).map { n -> [String] in
-                let offset = Double(n["clock_offset_ns"]?.intValue ?? 0) / 1e6
-                let error = Double(n["clock_error_ns"]?.intValue ?? 0) / 1e6
-                let degraded = n["degraded"]?.arrayValue?.count ?? 0
-                return [n["node"]?.stringValue ?? "", n["connected"] == .bool(true) ? "yes" : "no", n["last_seen"]?.stringValue ?? "",
-                        String(format: "%+.3f ± %.3f ms", offset, error), n["events_received"]?.intValue.map(String.init) ?? "0",
-                        n["drops_total"]?.intValue.map(String.init) ?? "0",
-                        (n["capabilities"]?.arrayValue?.count).map { "\($0) running, \(degraded) degraded" } ?? ""]
+        let answer = try connection.ask { try $0.nodes() }
+        connection.print(answer, items: answer.nodes) { doc in
+            let rows = doc.nodes.map { n -> [String] in
+                [n.node, n.connected ? "yes" : "no", n.lastSeen,
+                 String(format: "%+.3f ± %.3f ms", Double(n.clockOffsetNs) / 1e6, Double(n.clockErrorNs) / 1e6), String(n.eventsReceived),
+                 String(n.dropsTotal), "\(n.capabilities.count) running, \(n.degraded.count) degraded"]
             }
             return table(["NODE", "CONNECTED", "LAST SEEN", "CLOCK OFFSET", "EVENTS", "DROPS", "PROGRAMS"], rows)
         }
@@ -88,11 +91,9 @@ struct Pods: ParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() throws {
-        connection.print(try connection.json("pods"), list: "pods") { doc in
-            let rows = (doc["pods"]?.arrayValue ?? []).map { p -> [String] in
-                [p["namespace"]?.stringValue ?? "", p["name"]?.stringValue ?? "", p["service"]?.stringValue ?? "", p["node"]?.stringValue ?? "",
-                 (p["ips"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")]
-            }
+        let answer = try connection.ask { try $0.pods() }
+        connection.print(answer, items: answer.pods) { doc in
+            let rows = doc.pods.map { p in [p.namespace, p.name, p.service, p.node, p.ips.joined(separator: ",")] }
             return table(["NAMESPACE", "POD", "SERVICE", "NODE", "IPS"], rows)
         }
     }
@@ -128,49 +129,49 @@ struct Certs: ParsableCommand {
     }
 }
 
-func eventDetail(_ e: JSONValue) -> String {
-    switch e["kind"]?.stringValue {
-    case "process_exec": return e["filename"]?.stringValue ?? ""
-    case "process_exit":
-        let signal = e["signal"]?.intValue ?? 0
-        return signal != 0 ? "signal=\(signal)" : "exit_code=\(e["exit_code"]?.intValue ?? 0)"
-    case "oom_kill":
-        return "victim=\(e["victim_pid"]?.intValue ?? 0) (\(e["victim_comm"]?.stringValue ?? "")) anon_rss=\(e["anon_rss_kb"]?.intValue ?? 0)kB"
-    case "tcp_connect":
-        let count = e["count"]?.intValue ?? 1
-        return "\(peer(e)) \(e["outcome"]?.stringValue ?? "")\(count > 1 ? " x\(count)" : "") \(ms(e["latency_ns"]))"
-    case "tcp_listen":
-        return "\(e["ip"]?.stringValue ?? "*"):\(e["port"]?.intValue ?? 0) \(e["state"]?.stringValue ?? "")"
-    case "tcp_reset":
-        return "\(peer(e)) \(e["direction"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 1)"
-    case "tcp_retransmit":
-        return "\(peer(e)) retransmits=\(e["count"]?.intValue ?? 0)"
-    case "tcp_latency":
-        return "\(peer(e)) srtt=\(e["srtt_us"]?.intValue ?? 0)us responses=\(e["responses"]?.intValue ?? 0) avg=\(ms(e["response_ns_avg"])) max=\(ms(e["response_ns_max"]))"
-    case "packet_drop":
-        return "\(e["reason"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0) \(e["protocol"]?.stringValue ?? "") \(peer(e))"
-    case "dns":
-        return "\(e["qtype"]?.stringValue ?? "") \(e["name"]?.stringValue ?? "") \(e["rcode"]?.stringValue ?? "") \(ms(e["latency_ns"]))"
-    case "cpu_throttle":
-        return "\(e["cgroup"]?.stringValue ?? "") throttled \(e["throttled_periods"]?.intValue ?? 0)/\(e["periods"]?.intValue ?? 0) periods, \(ms(e["throttled_ns"]))"
-    case "memory_pressure":
-        return "\(e["cgroup"]?.stringValue ?? "") \(e["source"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0) usage=\((e["usage_bytes"]?.intValue ?? 0) >> 20)MiB limit=\((e["limit_bytes"]?.intValue ?? 0) >> 20)MiB"
-    case "io_error":
-        return "\(e["syscall"]?.stringValue ?? "") \(e["errno"]?.stringValue ?? "") x\(e["count"]?.intValue ?? 0)"
-    default: return ""
+func eventDetail(_ e: QueryEvent) -> String {
+    switch e.eventKind {
+    case .processExec: return e.filename ?? ""
+    case .processExit:
+        let signal = e.signal ?? 0
+        return signal != 0 ? "signal=\(signal)" : "exit_code=\(e.exitCode ?? 0)"
+    case .oomKill:
+        return "victim=\(e.victimPid ?? 0) (\(e.victimComm ?? "")) anon_rss=\(e.anonRssKb ?? 0)kB"
+    case .tcpConnect:
+        let count = e.count ?? 1
+        return "\(peer(e)) \(e.outcome ?? "")\(count > 1 ? " x\(count)" : "") \(ms(e.latencyNs))"
+    case .tcpListen:
+        return "\(e.ip ?? "*"):\(e.port ?? 0) \(e.state ?? "")"
+    case .tcpReset:
+        return "\(peer(e)) \(e.direction ?? "") x\(e.count ?? 1)"
+    case .tcpRetransmit:
+        return "\(peer(e)) retransmits=\(e.count ?? 0)"
+    case .tcpLatency:
+        return "\(peer(e)) srtt=\(e.srttUs ?? 0)us responses=\(e.responses ?? 0) avg=\(ms(e.responseNsAvg)) max=\(ms(e.responseNsMax))"
+    case .packetDrop:
+        return "\(e.reason ?? "") x\(e.count ?? 0) \(e.ipProtocol ?? "") \(peer(e))"
+    case .dns:
+        return "\(e.qtype ?? "") \(e.name ?? "") \(e.rcode ?? "") \(ms(e.latencyNs))"
+    case .cpuThrottle:
+        return "\(e.cgroup ?? "") throttled \(e.throttledPeriods ?? 0)/\(e.periods ?? 0) periods, \(ms(e.throttledNs))"
+    case .memoryPressure:
+        return "\(e.cgroup ?? "") \(e.source ?? "") x\(e.count ?? 0) usage=\((e.usageBytes ?? 0) >> 20)MiB limit=\((e.limitBytes ?? 0) >> 20)MiB"
+    case .ioError:
+        return "\(e.syscall ?? "") \(e.errno ?? "") x\(e.count ?? 0)"
+    case .unspecified, nil: return ""
     }
 }
 
 /// "10.0.1.5:41000 → 10.0.2.7:6379 (redis)".
-func peer(_ e: JSONValue) -> String {
-    let src = "\(e["src_ip"]?.stringValue ?? "?"):\(e["src_port"]?.intValue ?? 0)"
-    var dst = "\(e["dst_ip"]?.stringValue ?? "?"):\(e["dst_port"]?.intValue ?? 0)"
-    if let service = e["dst_service"]?.stringValue ?? e["dst_pod"]?.stringValue { dst += " (\(service))" }
+func peer(_ e: QueryEvent) -> String {
+    let src = "\(e.srcIp ?? "?"):\(e.srcPort ?? 0)"
+    var dst = "\(e.dstIp ?? "?"):\(e.dstPort ?? 0)"
+    if let peer = e.dstPeer { dst += " (\(peer.service ?? peer.pod))" }
     return "\(src) → \(dst)"
 }
 
-func ms(_ v: JSONValue?) -> String {
-    String(format: "%.3fms", Double(v?.intValue ?? 0) / 1e6)
+func ms(_ ns: Int64?) -> String {
+    String(format: "%.3fms", Double(ns ?? 0) / 1e6)
 }
 
 /// "500ms", "30s", "5m", "2h", "1d" → ns.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TapioClient
+import TapioQueryAPI
 import TapioUI
 import TapioWire
 
@@ -39,7 +40,7 @@ struct UI: ParsableCommand {
         // A wrong certificate or CA is said now, not on the first page; an
         // unreachable server may come up later, and the pages say so meanwhile.
         do {
-            _ = try resolved.client().json("nodes")
+            _ = try resolved.client().nodes()
         } catch let error as QueryError where error.isTransient {
             FileHandle.standardError.write(Data("tapio: \(resolved.explain(error))\n  Serving the UI anyway; its pages show the error until the server answers.\n".utf8))
         } catch let error as QueryError {
@@ -50,7 +51,7 @@ struct UI: ParsableCommand {
         config.host = address.host
         config.port = address.port
         config.token = noToken ? nil : (token ?? Self.randomToken())
-        let server = UIServer(configuration: config) { method, params in try resolved.json(method, params) }
+        let server = UIServer(configuration: config, query: ServerQueries(connection: resolved))
         let bound: Int
         do {
             bound = try server.start().port ?? address.port
@@ -67,6 +68,16 @@ struct UI: ParsableCommand {
         print("(interrupt to stop)")
         fflush(nil)
         try server.wait()
+    }
+
+    /// The pages' queries through this command's connection, failures in words.
+    struct ServerQueries: UIQueries {
+        let connection: ResolvedConnection
+        func incidents(status: String) throws -> IncidentsAnswer { try connection.ask { try $0.incidents(status: status) } }
+        func explain(id: String) throws -> QueryIncident { try connection.ask { try $0.explain(id: id) } }
+        func services() throws -> ServicesAnswer { try connection.ask { try $0.services() } }
+        func nodes() throws -> NodesAnswer { try connection.ask { try $0.nodes() } }
+        func events(_ params: [String: String]) throws -> EventsAnswer { try connection.ask { try $0.events(params) } }
     }
 
     static func randomToken() -> String {

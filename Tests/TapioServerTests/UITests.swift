@@ -2,6 +2,7 @@ import Foundation
 #if canImport(FoundationXML)
 import FoundationXML
 #endif
+import TapioQueryAPI
 import TapioServer
 import TapioTestSupport
 @testable import TapioUI
@@ -261,21 +262,16 @@ final class UITests: XCTestCase {
     /// Names from the cluster (a pod, a DNS name) are text, never markup.
     func testWhatTheClusterNamesIsEscaped() throws {
         let evil = "<script>alert(1)</script>\"'&"
-        let incident = JSONValue.object([
-            "id": .string("inc-1"), "status": .string("open"), "title": .string(evil), "pages": .bool(false),
-            "affected": .object(["services": .array([.string(evil)])]),
-            "root_causes": .array([.object(["kind": .string("crash"), "entity": .string(evil), "confidence": .double(0.9)])]),
-            "timeline": .array([.object(["id": .string("e1"), "time": .string("2026-12-01T10:00:00.000000001Z"), "time_ns": .int(1_764_583_200_000_000_001),
-                                         "time_error_ns": .int(1000), "node": .string(evil), "kind": .string("dns"), "entity": .string(evil),
-                                         "summary": .string(evil), "role": .string("symptom"), "concurrent_with": .array([])])]),
-        ])
-        let query: UIQuery = { method, _ in
-            switch method {
-            case "incidents": return .object(["incidents": .array([incident])])
-            case "services": return .object(["services": .array([.object(["client": .string(evil), "server": .string("redis"), "connects": .int(3), "failures": .int(1)])])])
-            default: return incident
-            }
-        }
+        let incident = QueryIncident(
+            id: "inc-1", status: "open", title: evil, openedAt: "2026-12-01T10:00:00Z", affected: .init(services: [evil]),
+            rootCauses: [.init(entity: evil, kind: "crash", confidence: 0.9)], pages: false,
+            timeline: [.init(id: "e1", time: "2026-12-01T10:00:00.000000001Z", timeNs: 1_764_583_200_000_000_001, timeErrorNs: 1000, node: evil,
+                             kind: "dns", entity: evil, summary: evil, role: "symptom", concurrentWith: [])])
+        let latency = ServiceEdge.Latency(count: 0, meanMs: 0, p50Ms: 0, p99Ms: 0, maxMs: 0)
+        let services = ServicesAnswer(services: [ServiceEdge(client: evil, server: "redis", connects: 3, failures: 1, failuresByOutcome: ["refused": 1],
+                                                             failureRatio: 0.333, ports: [6379], connectLatency: latency, responseLatency: latency,
+                                                             firstSeen: "", lastSeen: "")], names: [:])
+        let query = FixedQueries(incident: incident, graph: services)
         for path in ["/", "/incidents/inc-1", "/services"] {
             let html = try Pages.render(path: path, params: [:], query: query).fragment
             XCTAssertFalse(html.contains("<script>"), "\(path): \(html)")
@@ -289,6 +285,17 @@ final class UITests: XCTestCase {
         XCTAssertTrue(map.contains("<g class=\"edge failing\""), "the edge with a failed connect is marked")
         let svg = try SVGLanes(TimelineLanes.svg(incident, standalone: true))
         XCTAssertEqual(svg.nodes, [evil], "the lane's name survives as text")
+    }
+
+    /// Answers the pages' queries with fixed documents.
+    struct FixedQueries: UIQueries {
+        var incident: QueryIncident
+        var graph: ServicesAnswer
+        func incidents(status: String) throws -> IncidentsAnswer { IncidentsAnswer(incidents: [incident.summary]) }
+        func explain(id: String) throws -> QueryIncident { incident }
+        func services() throws -> ServicesAnswer { graph }
+        func nodes() throws -> NodesAnswer { NodesAnswer(nodes: []) }
+        func events(_ params: [String: String]) throws -> EventsAnswer { EventsAnswer(events: []) }
     }
 
     // MARK: - Helpers
