@@ -89,7 +89,8 @@ extension NATSClient {
         public var pingInterval: Duration = .seconds(20)
         public var maxPingsOutstanding: Int = 2
         public var reconnect: Reconnect = .forever
-        /// Pause after each full pass through the server list.
+        /// Pause before trying again the server just lost (or the only one),
+        /// and between passes through the list; other servers are tried at once.
         public var reconnectWait: Duration = .milliseconds(250)
         /// Longest control line accepted from the server (bytes).
         public var maxControlLine: Int = 4096
@@ -468,8 +469,12 @@ public final class NATSClient: Sendable {
         while true {
             var reasons: [String] = []
             for step in 1...servers.count {
-                if isClosed { return }
                 let index = (lastIndex + step) % servers.count
+                // The other servers at once (fail over fast); the one just lost,
+                // or the only one, after a pause: a server that accepts and then
+                // drops every connection must not get a connection storm.
+                if index == lastIndex || round > 0 && step == 1 { try? await Task.sleep(for: configuration.reconnectWait) }
+                if isClosed { return }
                 do {
                     let (channel, info, reason) = try await open(servers[index])
                     install(channel: channel, info: info, server: servers[index], index: index, reason: reason)
@@ -484,7 +489,6 @@ public final class NATSClient: Sendable {
                 giveUp(NATSError.cannotConnect(reasons))
                 return
             }
-            try? await Task.sleep(for: configuration.reconnectWait)
         }
     }
 
