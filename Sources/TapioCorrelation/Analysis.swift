@@ -94,7 +94,7 @@ struct Analysis {
         var candidates: [Candidate] = []
         for e in examine.sorted() {
             let all = engine.causes.events(of: e, from: from, to: end)
-            candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention].contains($0.signal) },
+            candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention, .cpuUsage, .cpuPressure].contains($0.signal) },
                                      opened: all.filter { $0.signal == .listenerOpened }).filter(early)
         }
 
@@ -150,11 +150,18 @@ struct Analysis {
             // throttled cgroup there is a service held to its own quota (a
             // sibling), which starves nobody.
             let podsHere = engine.topology.hasPods(node: node)
-            let contentionAll = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }
-                .filter { podsHere && $0.signal == .nodeContention && $0.node == node }
-            let stalls = victims.sorted().flatMap { engine.causes.events(of: $0, from: from, to: until) }
-                .filter { $0.node == node && $0.signal == .memoryPressure && memoryStall($0) }
-            var starvation = (contentionAll + stalls).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+            let nodeEvents = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }.filter { $0.node == node }
+            let contentionAll = nodeEvents.filter { podsHere && $0.signal == .nodeContention }
+            let victimEvents = victims.sorted().flatMap { engine.causes.events(of: $0, from: from, to: until) }.filter { $0.node == node }
+            let stalls = victimEvents.filter { $0.signal == .memoryPressure && memoryStall($0) }
+            // CPU pressure (where the agent reports it): a victim waiting for
+            // a CPU while not throttled by its own quota, or the node's root
+            // waiting — unless a victim here was held to its own quota, whose
+            // waits the node's figure includes.
+            let ownQuota = victimEvents.contains { $0.signal == .cpuThrottle }
+            let cpuWaits = victimEvents.filter { $0.signal == .cpuPressure }
+                + nodeEvents.filter { podsHere && !ownQuota && $0.signal == .cpuPressure && isNodeRoot($0) }
+            var starvation = (contentionAll + stalls + cpuWaits).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
             if let near = starvation.firstIndex(where: { $0.timeNs >= lo }) {
                 var start = near
                 while start > 0 && starvation[start].timeNs - starvation[start - 1].timeNs <= cfg.starvationGapNs { start -= 1 }
@@ -168,6 +175,13 @@ struct Analysis {
                 let slack = cfg.neighbourSlackNs
                 let cpuShort = starvation.contains { isCPU($0) }
                 let memoryShort = starvation.contains { !isCPU($0) }
+                // Where the node's agent reports CPU usage (its root's
+                // samples), CPU is consumed by using it: a pod's share of
+                // what the node used over the shortage. Elsewhere (older
+                // agents) the rule of before: throttled at its own quota, or
+                // started before the shortage and still running.
+                let usage = cpuShort ? cpuConsumption(node: node, onNode: onNode, excluding: pathEntities.union(victims),
+                                                      from: first - slack, to: last + slack, lookback: from) : nil
                 for x in onNode where !pathEntities.contains(x) && !victims.contains(x) {
                     // What the neighbour consumed meanwhile: its own quota
                     // used up (throttled) or its memory at the limit, for the
@@ -177,10 +191,13 @@ struct Analysis {
                         guard c.node == node else { return false }
                         let during = c.timeNs >= first - slack && c.timeNs <= last + slack
                         switch c.signal {
-                        case .cpuThrottle: return cpuShort && during
+                        case .cpuUsage: return usage?.consumers.contains(x) == true && during
+                        case .cpuThrottle: return usage == nil && cpuShort && during
                         case .memoryPressure: return memoryShort && during
                         case .workloadStart:
-                            guard c.timeNs <= first + slack else { return false }
+                            // Where usage is known, a start is no evidence of
+                            // consuming CPU; for memory it stays as it was.
+                            guard usage == nil || memoryShort, c.timeNs <= first + slack else { return false }
                             let exit = engine.causes.exitTime(node: c.node, pid: c.observed.event.pid)
                             return exit == nil || exit! >= last - slack
                         default: return false
@@ -470,6 +487,54 @@ struct Analysis {
     private func isCPU(_ c: CauseEvent) -> Bool {
         if case .cpuThrottle = c.observed.event.detail { return true }
         return false
+    }
+
+    /// The event of a node's root cgroup (it carries the node's CPUs).
+    private func isNodeRoot(_ c: CauseEvent) -> Bool {
+        if case .cpuThrottle(_, _, _, _, _, let usage?) = c.observed.event.detail { return usage.node != nil }
+        return false
+    }
+
+    struct CPUConsumption {
+        /// Entities that consumed the CPU the victims lacked.
+        var consumers: Set<String>
+    }
+
+    /// Who consumed the node's CPU in `from...to`, from the agents' usage
+    /// samples; nil when the node's agent reports no usage there (its root
+    /// sends a sample every interval; an older agent none), so the rule of
+    /// before applies. A consumer used at least `neighbourCPUShare` of what
+    /// the node used, or at least `neighbourCPUCores` CPUs on average while
+    /// it was the largest consumer apart from `excluding` (the victims and
+    /// the failing paths). A pod's usage is that of its largest cgroup (its
+    /// pod cgroup holds its containers').
+    private func cpuConsumption(node: String, onNode: [String], excluding: Set<String>, from: Int64, to: Int64, lookback: Int64) -> CPUConsumption? {
+        var nodeUsage: UInt64 = 0, nodeInterval: UInt64 = 0
+        var reported = false
+        var byEntity: [String: UInt64] = [:]
+        for x in onNode {
+            var byCgroup: [String: UInt64] = [:]
+            for c in engine.causes.events(of: x, from: lookback, to: to) where c.node == node && c.signal == .cpuUsage {
+                guard case .cpuThrottle(_, _, _, let interval, let cgroup, let usage?) = c.observed.event.detail else { continue }
+                if usage.node != nil { reported = true }
+                guard c.timeNs >= from else { continue }
+                if usage.node != nil {
+                    nodeUsage += usage.usageNs
+                    nodeInterval += interval
+                } else {
+                    byCgroup[cgroup, default: 0] += usage.usageNs
+                }
+            }
+            if let most = byCgroup.values.max(), !excluding.contains(x) { byEntity[x] = most }
+        }
+        guard reported else { return nil }
+        let largest = byEntity.values.max() ?? 0
+        let consumers = byEntity.filter { x, used in
+            let share = nodeUsage == 0 ? 0 : Double(used) / Double(nodeUsage)
+            let cores = nodeInterval == 0 ? 0 : Double(used) / Double(nodeInterval)
+            return share >= cfg.neighbourCPUShare || (cores >= cfg.neighbourCPUCores && used == largest)
+        }
+        return CPUConsumption(consumers: Set(consumers.keys))
     }
 
     /// A memory_pressure sample whose PSI says the workload stalled on memory

@@ -11,6 +11,15 @@ enum Signal: String, Sendable, Comparable, Codable {
     /// node-level or system cgroup): the node is short of the resource. Not
     /// a candidate of its own while a neighbour on the node can be named.
     case nodeContention
+    /// CPU time a pod's cgroup used, or the node's (the watched root's
+    /// event): what a neighbour consumed, and what the node had. Not a cause
+    /// by itself.
+    case cpuUsage
+    /// Tasks waiting for a CPU (PSI) while their cgroup was not held to its
+    /// own quota: a pod's, or the node's (its root cgroup, else
+    /// /proc/pressure/cpu, else more runnable tasks than CPUs). Starvation
+    /// evidence, not a cause by itself.
+    case cpuPressure
 
     static func < (a: Signal, b: Signal) -> Bool { a.rawValue < b.rawValue }
 }
@@ -207,8 +216,15 @@ func summarize(_ o: ObservedEvent, entity: String) -> String {
         return "\(count) packets \(f.source?.description ?? "?") → \(peer(f)) dropped: \(reason)"
     case .dns(let name, _, let rcode, _, _, _, _, _):
         return "\(who) lookup \(name): \(dnsRcodeName(rcode))"
-    case .cpuThrottle(let periods, let throttled, _, _, _, _):
-        return "\(who) throttled in \(throttled)/\(periods) periods"
+    case .cpuThrottle(let periods, let throttled, _, let intervalNs, _, let usage):
+        var parts: [String] = []
+        if throttled > 0 || usage == nil { parts.append("throttled in \(throttled)/\(periods) periods") }
+        if let usage {
+            let cpus = intervalNs == 0 ? 0 : Double(usage.usageNs) / Double(intervalNs)
+            parts.append("used \(round3(cpus)) CPU" + (usage.node.map { " of \($0.cpus)" } ?? ""))
+            if let p = usage.pressure ?? usage.node?.pressure, p.someAvg10Permille > 0 { parts.append("waited for CPU \(Double(p.someAvg10Permille) / 10)%") }
+        }
+        return "\(who) " + parts.joined(separator: ", ")
     case .memoryPressure(let source, _, let usage, let limit, let psi, _, _):
         return "\(who) memory pressure (\(source)): \(usage / 1_048_576)/\(limit / 1_048_576) MiB, psi \(Double(psi) / 10)%"
     case .ioError(let error, let syscall, let count, _):

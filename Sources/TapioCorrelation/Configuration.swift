@@ -65,6 +65,21 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// starvation and still overlap it: cgroup counters are sampled once a
     /// second and stamped with the start of their interval.
     public var neighbourSlackNs: Int64 = 2_000_000_000
+    /// Where agents report CPU usage (`cpu_throttle` with usage: the node's
+    /// root is reported every interval), a neighbour is named for a CPU
+    /// shortage only when it consumed the CPU: over the shortage (± the
+    /// slack) its pod used at least this share of what the whole node used
+    /// (0.25: a quarter; on a node held to half a CPU, an eighth of a CPU) ...
+    public var neighbourCPUShare: Double = 0.25
+    /// ... or at least this many CPUs on average while it was the largest
+    /// consumer of the node's pods other than the victims (a big node, where
+    /// one busy pod is a small share).
+    public var neighbourCPUCores: Double = 0.5
+    /// Waiting for a CPU at this PSI "some avg10" (percent) is starvation:
+    /// a victim's cgroup not throttled by its own quota, or the node's.
+    /// Without PSI the node counts as short when more tasks are runnable
+    /// than it has CPUs.
+    public var cpuPressureStarvationPsi: Double = 25
     /// Root-cause candidates kept per incident.
     public var maxCandidates: Int = 5
     /// Evidence events kept per candidate and representative events per symptom.

@@ -432,10 +432,23 @@ public struct CorrelationEngine: Sendable {
                 addCause(.dnsFailure, EntityRef(name: name, quality: 1, pod: nil, isService: false), e)
                 observe(SeriesKey(observer: me.name, kind: .dnsErrors, peer: name), from: me.name, to: name, bucket: bucket, count: 1, event: e)
             }
-        case .cpuThrottle(let periods, let throttled, _, _, _, _):
+        case .cpuThrottle(let periods, let throttled, _, _, _, let usage):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)
+            if let usage {
+                // What a pod consumed and what the node had (its root's
+                // event); a cgroup that is neither (a parent of pods, a
+                // system slice) cannot be told from the pods' parent.
+                let root = usage.node != nil
+                if me.pod != nil || root { addCause(.cpuUsage, me, e) }
+                // Waiting for a CPU while not held to its own quota: starved.
+                var psi = usage.pressure.map { Double($0.someAvg10Permille) / 10 }
+                if root, psi == nil { psi = usage.node?.pressure.map { Double($0.someAvg10Permille) / 10 } }
+                let waited = psi.map { $0 >= configuration.cpuPressureStarvationPsi }
+                    ?? (root && usage.node!.runnable > usage.node!.cpus)
+                if waited && ratio < configuration.throttleCauseRatio && (me.pod != nil || root) { addCause(.cpuPressure, me, e) }
+            }
             // A cgroup that is no pod's (the node's, a system slice) is the
             // node short of CPU: evidence for a neighbour, not a symptom.
             if me.pod == nil {

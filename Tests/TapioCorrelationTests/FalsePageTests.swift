@@ -329,6 +329,165 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(loss?.factors.first { $0.name == "contradicted" }?.value, 1)
     }
 
+    // MARK: Agents that report CPU usage
+
+    /// The api on node2 slows down from 30 s while the node is short of CPU
+    /// (its cgroup above the pods throttled); a batch pod's process starts
+    /// just before and keeps running. Node2's agent reports usage: its root
+    /// every second, and each pod that used 5 % of a CPU or more.
+    func starvedAPI(batchUses batch: Double, nodeShort: Bool = true, until: Double = 45) -> SyntheticCluster {
+        var c = SyntheticCluster()
+        c.healthy(until: until, skip: ["frontend>api"])
+        c.exec(29.5, "batch", pid: 980, comm: "job", file: "/usr/bin/job")
+        for t in stride(from: 0.0, to: until, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 30 && nodeShort { nodeThrottled(&c, t + 0.25) }
+            guard t.truncatingRemainder(dividingBy: 1) == 0 else { continue }
+            let busy = t >= 30 ? batch : 0
+            cpuSample(&c, t + 0.2, nodeUsed: t >= 30 && nodeShort ? 0.5 : 0.1 + busy, pods: ["api": 0.08, "batch": busy])
+        }
+        return c
+    }
+
+    /// One second of node2's CPU as an agent that reports usage sends it:
+    /// the root (the node, `cpus` CPUs, `nodeUsed` of them busy, `psi` % of
+    /// the time someone waited), and each pod above the agent's floor.
+    func cpuSample(_ c: inout SyntheticCluster, _ at: Double, nodeUsed: Double, psi: Double? = nil, cpus: UInt32 = 2,
+                   pods: [String: Double] = [:], podPSI: [String: Double] = [:]) {
+        func pressure(_ p: Double?) -> CPUPressure? { p.map { CPUPressure(someAvg10Permille: UInt32($0 * 10), someStallNs: UInt64($0 * 1e7)) } }
+        c.add(at, "api", .cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/",
+                                                     usage: CPUUsage(usageNs: UInt64(nodeUsed * 1e9), pressure: pressure(psi),
+                                                                     node: NodeCPU(cpus: cpus, runnable: 1, pressure: pressure(psi)))),
+              pid: 0, attributed: false, comm: "")
+        for (pod, used) in pods.sorted(by: { $0.key < $1.key }) where used >= 0.05 || (podPSI[pod] ?? 0) >= 10 {
+            c.add(at + 0.001, pod, .cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000,
+                                                               cgroup: "/kubepods/\(pod)", usage: CPUUsage(usageNs: UInt64(used * 1e9), pressure: pressure(podPSI[pod]))),
+                  pid: 0, comm: "")
+        }
+    }
+
+    /// Issue 13's pattern where usage is known: a process started next to a
+    /// starved api and consumed nothing. It is not named; the node's own
+    /// shortage is the candidate.
+    func testAStartedProcessThatConsumesNoCPUNextToAStarvedVictimIsNoNeighbour() {
+        let engine = starvedAPI(batchUses: 0.01).engine()
+        let causes = engine.incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+        XCTAssertTrue(causes.contains { $0.entity == "host@node2" && $0.kind == .cpuThrottle }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
+    /// The same with a pod that used most of what the node had: it is named,
+    /// with its usage as evidence, and it pages.
+    func testAPodThatConsumedTheCPUTheVictimLackedIsNamed() {
+        let incidents = starvedAPI(batchUses: 0.4).engine().incidents
+        XCTAssertEqual(incidents.count, 1, "\(incidents.map(\.title))")
+        guard let inc = incidents.first, let top = inc.rootCauses.first else { return XCTFail("no root cause") }
+        XCTAssertEqual(top.entity, "batch")
+        XCTAssertEqual(top.kind, .noisyNeighbour)
+        XCTAssertTrue(inc.pages, "confidence \(top.confidence)")
+        XCTAssertTrue(top.evidence.contains { $0.contains("batch (job pid 980)") || $0.contains("used 0.4 CPU") }, "\(top.evidence)")
+        XCTAssertTrue(top.evidence.contains { $0.contains("used 0.4 CPU") }, "its consumption is the evidence: \(top.evidence)")
+    }
+
+    /// Agents that do not report usage (older ones, every recorded lab run
+    /// before it existed) keep the rule of before: the same started process
+    /// next to the same shortage is named, for having started before it and
+    /// still running.
+    func testWithoutUsageReportsAStartedProcessIsStillNamedAsBefore() {
+        var c = starvedAPI(batchUses: 0.01)
+        c.events.removeAll { if case .cpuThrottle(_, _, _, _, _, _?) = $0.event.detail { return true } else { return false } }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertTrue(causes.contains { $0.entity == "batch" && $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
+    /// No quota anywhere: the node's CPUs are simply all busy. The api waits
+    /// for a CPU (its cpu.pressure, not throttled) while a batch pod uses
+    /// 1.6 of the node's 2 CPUs: the batch pod is named.
+    func testAVictimWaitingForCPUOnABusyNodeNamesThePodThatUsedIt() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            guard t.truncatingRemainder(dividingBy: 1) == 0 else { continue }
+            let hot = t >= 30
+            cpuSample(&c, t + 0.2, nodeUsed: hot ? 1.98 : 0.3, psi: hot ? 45 : 1, pods: ["api": 0.3, "batch": hot ? 1.6 : 0.0, "worker": 0.06],
+                      podPSI: ["api": hot ? 40 : 0])
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertEqual(causes.first?.entity, "batch", "\(causes.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })")
+        XCTAssertEqual(causes.first?.kind, .noisyNeighbour)
+        XCTAssertFalse(causes.contains { $0.entity == "worker" }, "a pod using little is no neighbour")
+    }
+
+    /// The api is held to its own CPU quota (throttled): the node's root
+    /// shows tasks waiting because of it, and another pod is busy. Nobody
+    /// took the api's CPU: that pod is no neighbour.
+    func testAVictimThrottledAtItsOwnQuotaIsNotStarvedByABusyPod() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            if t >= 30 { c.throttle(t + 0.2, "api", ratio: 0.9) }
+            guard t.truncatingRemainder(dividingBy: 1) == 0 else { continue }
+            cpuSample(&c, t + 0.2, nodeUsed: 1.2, psi: t >= 30 ? 40 : 1, pods: ["api": 0.03, "batch": 1.0])
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.contains { $0.kind == .noisyNeighbour }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+        XCTAssertEqual(causes.first.map { "\($0.entity)/\($0.kind.rawValue)" }, "api/cpu_throttle")
+    }
+
+    /// A busy pod next to a slow api on a node where nobody waits for a CPU
+    /// (low pressure, nothing throttled): consuming is not enough without a
+    /// starved victim.
+    func testABusyPodWithoutAStarvedVictimIsNoNeighbour() {
+        var c = SyntheticCluster()
+        c.healthy(until: 45, skip: ["frontend>api"])
+        for t in stride(from: 0.0, to: 45, by: 0.5) {
+            c.connect(t, "frontend", "api", .established, count: 4)
+            c.latency(t + 0.3, "frontend", "api", ms: t >= 30 ? 100 : 5)
+            guard t.truncatingRemainder(dividingBy: 1) == 0 else { continue }
+            cpuSample(&c, t + 0.2, nodeUsed: 1.1, psi: 3, pods: ["api": 0.1, "batch": 0.95])
+        }
+        let engine = c.engine()
+        XCTAssertFalse(engine.incidents.flatMap(\.rootCauses).contains { $0.kind == .noisyNeighbour })
+        assertNothingPages(engine)
+    }
+
+    /// A host without pods whose agent reports usage: a local service is
+    /// busy and everything waits for the CPUs while loopback responses slow
+    /// down. Nothing there is a pod that could starve another: no page.
+    func testABusyHostWithoutPodsPagesNothing() {
+        let lo = IPAddress("127.0.0.1")
+        var events: [ObservedEvent] = []
+        func add(_ at: Double, pid: UInt32, comm: String, _ kind: EventKind, _ detail: TapioEvent.Detail) {
+            let t = SyntheticCluster.ns(at)
+            events.append(ObservedEvent(node: "solo", timeNs: t, errorNs: 1_000_000,
+                                        event: TapioEvent(kind: kind, timeNs: t, pid: pid, comm: comm, detail: detail)))
+        }
+        add(0, pid: 10, comm: "app", .tcpListen, .tcpListen(address: lo, port: 8080, open: true))
+        add(29.9, pid: 77, comm: "backup", .processExec, .exec(filename: "/usr/bin/backup"))
+        let hog = CPUPressure(someAvg10Permille: 600, someStallNs: 600_000_000)
+        for t in stride(from: 0.0, to: 60, by: 0.5) {
+            let out = Flow(source: lo, destination: lo, sourcePort: 0, destinationPort: 8080)
+            add(t, pid: 20, comm: "checker", .tcpConnect, .tcpConnect(flow: out, outcome: .established, latencyNs: 50_000, error: 0, count: 4))
+            let ms: UInt64 = t >= 30 && t < 40 ? 80 : 2
+            add(t + 0.01, pid: 20, comm: "checker", .tcpLatency, .tcpLatency(flow: out, srttUs: 20, responses: 4, responseNsTotal: ms * 4_000_000,
+                                                                               responseNsMax: ms * 1_000_000, intervalNs: 500_000_000))
+            guard t.truncatingRemainder(dividingBy: 1) == 0 else { continue }
+            let hot = t >= 30 && t < 40
+            add(t + 0.2, pid: 0, comm: "", .cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000, cgroup: "/",
+                                                                      usage: CPUUsage(usageNs: hot ? 3_900_000_000 : 300_000_000, pressure: hot ? hog : nil,
+                                                                                      node: NodeCPU(cpus: 4, runnable: hot ? 9 : 1, pressure: hot ? hog : nil))))
+            add(t + 0.2, pid: 0, comm: "", .cpuThrottle, .cpuThrottle(periods: 0, throttledPeriods: 0, throttledNs: 0, intervalNs: 1_000_000_000,
+                                                                      cgroup: "/system.slice/backup.service", usage: CPUUsage(usageNs: hot ? 3_500_000_000 : 0)))
+        }
+        let engine = CorrelationEngine.replay(events)
+        assertNothingPages(engine)
+    }
+
     /// The node's own cgroup (no pod's) throttled in most periods.
     func nodeThrottled(_ c: inout SyntheticCluster, _ at: Double) {
         c.add(at, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000, cgroup: "/kubepods"),
