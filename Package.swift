@@ -182,7 +182,7 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
-        .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport"]),
+        .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport", "TapioQueryAPI"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]
 )

@@ -1,5 +1,6 @@
 import Foundation
 import TapioClient
+import TapioQueryAPI
 import TapioWire
 
 /// Where the programs and files of a run come from.
@@ -146,13 +147,13 @@ public final class LabRun: @unchecked Sendable {
         }
         let events = queryEvents(sinceNs: state.current.items.isEmpty ? 0 : runStartNs, untilNs: endNs)
         let entities = entityMap()
-        let baseline = Scoring.baseline(events: events.filter { ($0["time_ns"]?.intValue ?? 0) >= loadStartNs },
+        let baseline = Scoring.baseline(events: events.filter { $0.timeNs >= loadStartNs },
                                         scope: s.baselineScope) { e in
             entities.entity(of: e)
         }
-        var serverTimeline: [JSONValue] = []
-        if let top = incidents.first(where: { (Scoring.openedNs($0) ?? .max) >= (s.isHealthy ? 0 : since) }), let id = top["id"]?.stringValue {
-            serverTimeline = (try? liveClient?.json("timeline", ["id": id], timeout: 10))?["timeline"]?.arrayValue ?? []
+        var serverTimeline: [QueryIncident.TimelineEntry] = []
+        if let top = incidents.first(where: { (Scoring.openedNs($0) ?? .max) >= (s.isHealthy ? 0 : since) }) {
+            serverTimeline = (try? liveClient?.timeline(id: top.id, timeoutSeconds: 10))??.timeline ?? []
         }
         let load = LoadSummary(file: plan.runDirectory + "/load.txt")
         if load.ok == 0 { notes.append("the load never got a successful answer: the lab's services did not come up (see \(plan.runDirectory)/logs)") }
@@ -169,8 +170,7 @@ public final class LabRun: @unchecked Sendable {
             serverIncidents: incidents, serverTimeline: serverTimeline, load: load, healthy: s.isHealthy)
         try? Shell.write(report.json.serialized(pretty: true) + "\n", to: plan.runDirectory + "/report.json")
         try? Shell.write(report.text, to: plan.runDirectory + "/report.txt")
-        try? Shell.write(JSONValue.object(["count": .int(Int64(events.count)), "events": .array(events)]).serialized() + "\n",
-                         to: plan.runDirectory + "/events.json")
+        try? Shell.write(QueryCoding.string(EventsAnswer(events: events)) + "\n", to: plan.runDirectory + "/events.json")
         return report
     }
 
@@ -302,7 +302,7 @@ public final class LabRun: @unchecked Sendable {
         // Probe the port first: QueryClient's failed connect trips a debug
         // assertion in NIO (a leaked promise), so it must never fail to connect.
         let deadline = Date(timeIntervalSinceNow: 20)
-        while !LabRun.portOpen(queryPort) || (try? client!.json("nodes", [:], timeout: 2)) == nil {
+        while !LabRun.portOpen(queryPort) || (try? client!.nodes(timeoutSeconds: 2)) == nil {
             guard Date() < deadline, infra["tapio-server"]!.isRunning else {
                 throw LabError("tapio-server did not come up; see \(plan.runDirectory)/logs/tapio-server.log")
             }
@@ -352,8 +352,8 @@ public final class LabRun: @unchecked Sendable {
         let names = Set(scenario.topology.nodes.map(\.name))
         let deadline = Date(timeIntervalSinceNow: 40)
         while true {
-            let nodes = (try? liveClient?.json("nodes", [:], timeout: 2))??["nodes"]?.arrayValue ?? []
-            let up = Set(nodes.filter { $0["connected"] == .bool(true) }.compactMap { $0["node"]?.stringValue })
+            let nodes = (try? liveClient?.nodes(timeoutSeconds: 2))??.nodes ?? []
+            let up = Set(nodes.filter(\.connected).map(\.node))
             if names.isSubset(of: up) { break }
             for n in names where infra["agent-\(n)"]?.isRunning == false {
                 throw LabError("tapio-agent for \(n) exited; see \(plan.runDirectory)/logs/agent-\(n).log")
@@ -496,13 +496,13 @@ public final class LabRun: @unchecked Sendable {
     /// The query client while the server runs (nil after it died: a query then would not connect).
     var liveClient: QueryClient? { infra["tapio-server"]?.isRunning == true ? client : nil }
 
-    func queryIncidents(final: Bool = false) -> [JSONValue] {
+    func queryIncidents(final: Bool = false) -> [QueryIncident] {
         guard let client = liveClient, !incidentsUnsupported else {
             if final, infra["tapio-server"]?.isRunning != true { notes.append("tapio-server is not running at the end of the run") }
             return []
         }
         do {
-            return try client.json("incidents", ["status": "all"], timeout: 10)["incidents"]?.arrayValue ?? []
+            return try client.incidents(status: "all", timeoutSeconds: 10).incidents
         } catch {
             let text = "\(error)"
             if text.contains("unknown query method") || text.contains("code 7") {
@@ -515,10 +515,10 @@ public final class LabRun: @unchecked Sendable {
         }
     }
 
-    func queryEvents(sinceNs: Int64, untilNs: Int64) -> [JSONValue] {
+    func queryEvents(sinceNs: Int64, untilNs: Int64) -> [QueryEvent] {
         guard let client = liveClient else { return [] }
         do {
-            return try client.json("events", ["since_ns": String(sinceNs), "until_ns": String(untilNs), "limit": "100000"], timeout: 30)["events"]?.arrayValue ?? []
+            return try client.events(["since_ns": String(sinceNs), "until_ns": String(untilNs), "limit": "100000"], timeoutSeconds: 30).events
         } catch {
             notes.append("events query failed: \(error)")
             return []
@@ -532,14 +532,13 @@ public final class LabRun: @unchecked Sendable {
         var byPod: [String: String]
         var byCgroup: [Int64: String]
 
-        func entity(of e: JSONValue) -> String? {
-            if let pod = e["pod"]?.stringValue, let s = byPod[pod] { return s }
-            if let s = e["service"]?.stringValue, !s.isEmpty { return s }
-            if let id = e["cgroup_id"]?.intValue, let s = byCgroup[id] { return s }
+        func entity(of e: QueryEvent) -> String? {
+            if let pod = e.pod, let s = byPod[pod] { return s }
+            if let id = e.cgroupId, let s = byCgroup[id] { return s }
             // A packet dropped before any socket (netfilter, a qdisc) has no
-            // task; the agent names the pod it was addressed to.
-            if let s = e["dst_service"]?.stringValue, !s.isEmpty { return s }
-            if let pod = e["dst_pod"]?.stringValue, let s = byPod[pod] { return s }
+            // task; the server names the pod it was addressed to.
+            if let s = e.dstPeer?.service, !s.isEmpty { return s }
+            if let pod = e.dstPeer?.pod, let s = byPod[pod] { return s }
             return nil
         }
     }
@@ -591,13 +590,5 @@ public final class LabRun: @unchecked Sendable {
         _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
         _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         return Int(UInt16(bigEndian: addr.sin_port))
-    }
-}
-
-extension QueryClient {
-    func json(_ method: String, _ params: [String: String], timeout: Int64) throws -> JSONValue {
-        let response = try query(QueryRequest(method: method, params: params), timeoutSeconds: timeout)
-        guard response.status == 0 else { throw QueryError("server refused the query: \(response.error) (code \(response.status))") }
-        return try JSONValue.parse(response.json)
     }
 }

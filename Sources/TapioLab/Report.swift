@@ -1,4 +1,5 @@
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
 /// What `tapio-lab run` prints (binding shape: docs/lab.md).
@@ -23,8 +24,8 @@ public struct RunReport: Sendable {
     public var notes: [String]
     public var runDirectory: String
     public var labTimeline: [LabTimeline.Entry]
-    public var serverIncidents: [JSONValue]
-    public var serverTimeline: [JSONValue]
+    public var serverIncidents: [QueryIncident]
+    public var serverTimeline: [QueryIncident.TimelineEntry]
     public var load: LoadSummary
     public var healthy: Bool
 
@@ -66,16 +67,15 @@ public struct RunReport: Sendable {
         out += observations == 0 ? "\n" : " (\(paging) paging, \(observations) observation\(observations == 1 ? "" : "s") that page\(observations == 1 ? "s" : "") nobody)\n"
         for inc in serverIncidents {
             let role = Scoring.pages(inc) ? "" : "  observation (does not page)"
-            out += "  \(inc["id"]?.stringValue ?? "?")  \(inc["status"]?.stringValue ?? "")  \(inc["title"]?.stringValue ?? "")  opened \(inc["opened_at"]?.stringValue ?? "?")\(role)\n"
-            for rc in inc["root_causes"]?.arrayValue ?? [] {
-                let conf = Scoring.number(rc["confidence"]).map { String(format: "%.2f", $0) } ?? "?"
-                out += "     root cause \(rc["entity"]?.stringValue ?? "?") \(rc["kind"]?.stringValue ?? "?") confidence \(conf)\n"
+            out += "  \(inc.id)  \(inc.status)  \(inc.title)  opened \(inc.openedAt.isEmpty ? "?" : inc.openedAt)\(role)\n"
+            for rc in inc.rootCauses {
+                out += "     root cause \(rc.entity) \(rc.kind) confidence \(String(format: "%.2f", rc.confidence))\n"
             }
         }
         if !serverTimeline.isEmpty {
             out += "\n== timeline of the top incident (server)\n"
             for e in serverTimeline {
-                out += "  \(e["time"]?.stringValue ?? "")  \(e["node"]?.stringValue ?? "")  \(e["kind"]?.stringValue ?? "")  \(e["entity"]?.stringValue ?? "")  \(e["summary"]?.stringValue ?? "")\n"
+                out += "  \(e.time)  \(e.node)  \(e.kind)  \(e.entity)  \(e.summary)\n"
             }
         }
         for n in notes { out += "\nnote: \(n)" }

@@ -1,4 +1,5 @@
 import Foundation
+import TapioQueryAPI
 import TapioWire
 
 /// A root-cause candidate as reported, best first.
@@ -35,35 +36,34 @@ public enum Scoring {
         return expected.contains(first.cause)
     }
 
-    /// Whether the server pages a person for this incident (`"pages"`,
+    /// Whether the server pages a person for this incident (`pages`,
     /// docs/correlation.md "Paging"). An incident without the field (a server
-    /// from before paging) pages: every incident paged then.
-    public static func pages(_ incident: JSONValue) -> Bool {
-        if case .bool(let p)? = incident["pages"] { return p }
-        return true
+    /// from before paging) pages: every incident paged then (`QueryIncident`
+    /// reads it so).
+    public static func pages(_ incident: QueryIncident) -> Bool {
+        incident.pages
     }
 
     /// The incidents a run is scored on. On a healthy run only those that
     /// page: an incident that pages nobody is an observation, not a false
     /// page (the report still lists it). On a fault run every incident, paging
     /// or not: what is scored there is the answer, not whether it paged.
-    public static func scored(_ incidents: [JSONValue], healthy: Bool) -> [JSONValue] {
+    public static func scored(_ incidents: [QueryIncident], healthy: Bool) -> [QueryIncident] {
         healthy ? incidents.filter(pages) : incidents
     }
 
     /// The root causes of every incident opened at or after `sinceNs`, one
     /// list: ranked by confidence, each (entity, kind) once with its highest
     /// confidence.
-    public static func reported(incidents: [JSONValue], sinceNs: Int64) -> [RankedCause] {
+    public static func reported(incidents: [QueryIncident], sinceNs: Int64) -> [RankedCause] {
         var best: [Cause: Double] = [:]
         var order: [Cause] = []
         for incident in incidents {
             let opened = openedNs(incident) ?? Int64.max
             guard opened >= sinceNs else { continue }
-            for rc in incident["root_causes"]?.arrayValue ?? [] {
-                guard let entity = rc["entity"]?.stringValue, let kind = rc["kind"]?.stringValue else { continue }
-                let c = Cause(entity: entity, kind: kind)
-                let conf = number(rc["confidence"]) ?? 0
+            for rc in incident.rootCauses {
+                let c = Cause(entity: rc.entity, kind: rc.kind)
+                let conf = rc.confidence
                 if let old = best[c] { best[c] = max(old, conf) } else { best[c] = conf; order.append(c) }
             }
         }
@@ -75,20 +75,12 @@ public enum Scoring {
     }
 
     /// When the incident was detected (its first symptom), else opened.
-    public static func detectedNs(_ incident: JSONValue) -> Int64? {
-        incident["detected_at"]?.stringValue.flatMap(RFC3339.parseNs) ?? openedNs(incident)
+    public static func detectedNs(_ incident: QueryIncident) -> Int64? {
+        RFC3339.parseNs(incident.detectedAt) ?? openedNs(incident)
     }
 
-    public static func openedNs(_ incident: JSONValue) -> Int64? {
-        incident["opened_at"]?.stringValue.flatMap(RFC3339.parseNs)
-    }
-
-    static func number(_ v: JSONValue?) -> Double? {
-        switch v {
-        case .double(let d): return d
-        case .int(let i): return Double(i)
-        default: return nil
-        }
+    public static func openedNs(_ incident: QueryIncident) -> Int64? {
+        RFC3339.parseNs(incident.openedAt)
     }
 
     /// The trivial rule the engine must beat: the most recent OOM kill, bad
@@ -98,28 +90,28 @@ public enum Scoring {
     /// exits of one service make it a crash loop; a drop whose kernel reason
     /// names netfilter is a firewall drop, any other a packet loss.
     /// `entityOf` names an event's service (nil: not a lab service).
-    public static func baseline(events: [JSONValue], scope: Set<String>,
-                                entityOf: (JSONValue) -> String?) -> [RankedCause] {
+    public static func baseline(events: [QueryEvent], scope: Set<String>,
+                                entityOf: (QueryEvent) -> String?) -> [RankedCause] {
         var evidence: [(time: Int64, cause: Cause)] = []
         var oomPids: [Int64: Int64] = [:]
         var crashes: [String: Int] = [:]
-        for e in events.sorted(by: { ($0["time_ns"]?.intValue ?? 0) < ($1["time_ns"]?.intValue ?? 0) }) {
-            let t = e["time_ns"]?.intValue ?? 0
-            let kind = e["kind"]?.stringValue ?? ""
+        for e in events.sorted(by: { $0.timeNs < $1.timeNs }) {
+            let t = e.timeNs
+            let kind = e.kind
             guard let entity = entityOf(e), scope.contains(entity) else { continue }
             switch kind {
             case "oom_kill":
-                oomPids[e["victim_pid"]?.intValue ?? e["pid"]?.intValue ?? -1] = t
+                oomPids[e.victimPid ?? e.pid ?? -1] = t
                 evidence.append((t, Cause(entity: entity, kind: "oom_kill")))
             case "process_exit":
-                let signal = e["signal"]?.intValue ?? 0
-                let code = e["exit_code"]?.intValue ?? 0
+                let signal = e.signal ?? 0
+                let code = e.exitCode ?? 0
                 guard signal != 0 || code != 0 else { continue }
-                if signal == 9, let at = oomPids[e["pid"]?.intValue ?? -2], t - at < 5_000_000_000 { continue }
+                if signal == 9, let at = oomPids[e.pid ?? -2], t - at < 5_000_000_000 { continue }
                 crashes[entity, default: 0] += 1
                 evidence.append((t, Cause(entity: entity, kind: crashes[entity]! >= 3 ? "crash_loop" : "crash")))
             case "packet_drop":
-                let reason = (e["reason"]?.stringValue ?? "").uppercased()
+                let reason = (e.reason ?? "").uppercased()
                 evidence.append((t, Cause(entity: entity, kind: reason.contains("NETFILTER") ? "firewall_drop" : "packet_loss")))
             default:
                 continue

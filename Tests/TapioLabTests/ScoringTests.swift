@@ -1,4 +1,5 @@
 @testable import TapioLab
+import TapioQueryAPI
 import TapioWire
 import XCTest
 
@@ -24,7 +25,7 @@ final class ScoringTests: XCTestCase {
     }
 
     func testReportedMergesIncidentsByConfidenceAndSkipsOlderOnes() throws {
-        let doc = try JSONValue.parse(Array("""
+        let doc = try QueryCoding.decode(IncidentsAnswer.self, from: Array("""
             {"incidents": [
               {"id": "inc-1", "opened_at": "2026-01-01T00:00:00Z",
                "root_causes": [{"entity": "nginx", "kind": "crash", "confidence": 0.99}]},
@@ -36,13 +37,14 @@ final class ScoringTests: XCTestCase {
             ]}
             """.utf8))
         let since = RFC3339.parseNs("2026-01-01T00:01:00Z")!
-        let r = Scoring.reported(incidents: doc["incidents"]!.arrayValue!, sinceNs: since)
+        let r = Scoring.reported(incidents: doc.incidents, sinceNs: since)
         XCTAssertEqual(r.map(\.cause), [redisOOM, Cause(entity: "api", kind: "crash")])
         XCTAssertEqual(r[1].confidence, 0.5)
     }
 
-    private func incidents(_ text: String) throws -> [JSONValue] {
-        try XCTUnwrap(JSONValue.parse(Array(text.utf8))["incidents"]?.arrayValue)
+    /// Incidents as a server answers them (fields older servers lacked read as their defaults).
+    private func incidents(_ text: String) throws -> [QueryIncident] {
+        try QueryCoding.decode(IncidentsAnswer.self, from: Array(text.utf8)).incidents
     }
 
     /// A healthy run's observation (an inferred crash from clients that hung
@@ -92,7 +94,7 @@ final class ScoringTests: XCTestCase {
         XCTAssertEqual(Scoring.accuracy(expected: [redisOOM], reported: r, k: 1), 1)
     }
 
-    private func report(healthy: Bool, incidents list: [JSONValue], beforeFault: Int = 0) -> RunReport {
+    private func report(healthy: Bool, incidents list: [QueryIncident], beforeFault: Int = 0) -> RunReport {
         let expected = healthy ? [] : [redisOOM]
         let reported = Scoring.reported(incidents: Scoring.scored(list, healthy: healthy), sinceNs: 0)
         return RunReport(scenario: healthy ? "healthy" : "oom-kill", expected: expected, reported: reported,
@@ -141,10 +143,11 @@ final class ScoringTests: XCTestCase {
         XCTAssertNil(RFC3339.parseNs("yesterday"))
     }
 
-    private func event(_ kind: String, _ t: Int64, _ cgroup: Int64, _ extra: [String: JSONValue] = [:]) -> JSONValue {
-        var o: [String: JSONValue] = ["kind": .string(kind), "time_ns": .int(t), "cgroup_id": .int(cgroup), "pid": .int(100 + cgroup)]
+    private func event(_ kind: String, _ t: Int64, _ cgroup: Int64, _ extra: [String: JSONValue] = [:]) -> QueryEvent {
+        var o: [String: JSONValue] = ["kind": .string(kind), "time": .string(rfc3339(ns: t)), "time_ns": .int(t), "time_error_ns": .int(0),
+                                      "agent_time": .string(rfc3339(ns: t)), "node": .string("node-a"), "cgroup_id": .int(cgroup), "pid": .int(100 + cgroup)]
         for (k, v) in extra { o[k] = v }
-        return .object(o)
+        return try! QueryEvent(fields: o)
     }
 
     func testBaselineTakesTheMostRecentOOMExitOrDropInScope() {
@@ -156,7 +159,7 @@ final class ScoringTests: XCTestCase {
             event("process_exit", 22, 1, ["exit_code": .int(0)]),  // a clean exit is no cause
             event("process_exit", 25, 3, ["exit_code": .int(2)]),
         ]
-        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
+        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e.cgroupId!] }
         XCTAssertEqual(b.map(\.cause), [redisOOM])
     }
 
@@ -164,7 +167,7 @@ final class ScoringTests: XCTestCase {
         let services: [Int64: String] = [1: "api", 2: "redis"]
         var events = (0..<3).map { event("process_exit", Int64($0), 1, ["exit_code": .int(1)]) }
         events.append(event("packet_drop", 1, 2, ["reason": .string("NETFILTER_DROP")]))
-        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e["cgroup_id"]!.intValue!] }
+        let b = Scoring.baseline(events: events, scope: ["api", "redis"]) { e in services[e.cgroupId!] }
         XCTAssertEqual(b.map(\.cause), [Cause(entity: "api", kind: "crash_loop"), Cause(entity: "redis", kind: "firewall_drop")])
     }
 }
