@@ -180,18 +180,23 @@ struct Analysis {
                 // what the node used over the shortage. Elsewhere (older
                 // agents) the rule of before: throttled at its own quota, or
                 // started before the shortage and still running.
-                let usage = cpuShort ? cpuConsumption(node: node, onNode: onNode, excluding: pathEntities.union(victims),
+                let usage = cpuShort ? cpuConsumption(node: node, excluding: pathEntities.union(victims),
                                                       from: first - slack, to: last + slack, lookback: from) : nil
-                for x in onNode where !pathEntities.contains(x) && !victims.contains(x) {
+                let neighbours = Set(onNode).union(usage == nil ? [] : engine.cpuUsage.pods(of: node)).sorted()
+                for x in neighbours where !pathEntities.contains(x) && !victims.contains(x) {
                     // What the neighbour consumed meanwhile: its own quota
                     // used up (throttled) or its memory at the limit, for the
                     // resource the victim lacked; or it started before the
                     // starvation began and still ran when it last showed.
-                    let evs = engine.causes.events(of: x, from: from, to: until).filter { c in
+                    // A consumer's evidence: when it began to consume (even
+                    // before the shortage) and its latest samples up to the
+                    // cause window's end.
+                    let consumed = usage?.consumers.contains(x) == true
+                        ? engine.cpuUsage.samples(node: node, pod: x).filter { $0.timeNs >= from && $0.timeNs <= until } : []
+                    let evs = consumed + engine.causes.events(of: x, from: from, to: until).filter { c in
                         guard c.node == node else { return false }
                         let during = c.timeNs >= first - slack && c.timeNs <= last + slack
                         switch c.signal {
-                        case .cpuUsage: return usage?.consumers.contains(x) == true && during
                         case .cpuThrottle: return usage == nil && cpuShort && during
                         case .memoryPressure: return memoryShort && during
                         case .workloadStart:
@@ -501,37 +506,26 @@ struct Analysis {
     }
 
     /// Who consumed the node's CPU in `from...to`, from the agents' usage
-    /// samples; nil when the node's agent reports no usage there (its root
-    /// sends a sample every interval; an older agent none), so the rule of
-    /// before applies. A consumer used at least `neighbourCPUShare` of what
-    /// the node used, or at least `neighbourCPUCores` CPUs on average while
-    /// it was the largest consumer apart from `excluding` (the victims and
-    /// the failing paths). A pod's usage is that of its largest cgroup (its
-    /// pod cgroup holds its containers').
-    private func cpuConsumption(node: String, onNode: [String], excluding: Set<String>, from: Int64, to: Int64, lookback: Int64) -> CPUConsumption? {
-        var nodeUsage: UInt64 = 0, nodeInterval: UInt64 = 0
-        var reported = false
-        var byEntity: [String: UInt64] = [:]
-        for x in onNode {
-            var byCgroup: [String: UInt64] = [:]
-            for c in engine.causes.events(of: x, from: lookback, to: to) where c.node == node && c.signal == .cpuUsage {
-                guard case .cpuThrottle(_, _, _, let interval, let cgroup, let usage?) = c.observed.event.detail else { continue }
-                if usage.node != nil { reported = true }
-                guard c.timeNs >= from else { continue }
-                if usage.node != nil {
-                    nodeUsage += usage.usageNs
-                    nodeInterval += interval
-                } else {
-                    byCgroup[cgroup, default: 0] += usage.usageNs
-                }
-            }
-            if let most = byCgroup.values.max(), !excluding.contains(x) { byEntity[x] = most }
+    /// samples; nil when the node's agent reports no usage since `lookback`
+    /// (its root sends a sample every interval; an older agent none), so the
+    /// rule of before applies. A consumer used at least `neighbourCPUShare`
+    /// of what the node used, or at least `neighbourCPUCores` CPUs on
+    /// average while it was the largest consumer apart from `excluding` (the
+    /// victims and the failing paths).
+    private func cpuConsumption(node: String, excluding: Set<String>, from: Int64, to: Int64, lookback: Int64) -> CPUConsumption? {
+        let log = engine.cpuUsage
+        let lo = floorDiv(from, cfg.bucketNs), hi = floorDiv(to, cfg.bucketNs)
+        guard log.reports(node: node, from: floorDiv(lookback, cfg.bucketNs), to: hi) else { return nil }
+        let total = log.node(node, from: lo, to: hi)
+        var byPod: [String: UInt64] = [:]
+        for x in log.pods(of: node) where !excluding.contains(x) {
+            let used = log.usage(node: node, pod: x, from: lo, to: hi)
+            if used > 0 { byPod[x] = used }
         }
-        guard reported else { return nil }
-        let largest = byEntity.values.max() ?? 0
-        let consumers = byEntity.filter { x, used in
-            let share = nodeUsage == 0 ? 0 : Double(used) / Double(nodeUsage)
-            let cores = nodeInterval == 0 ? 0 : Double(used) / Double(nodeInterval)
+        let largest = byPod.values.max() ?? 0
+        let consumers = byPod.filter { _, used in
+            let share = total.usageNs == 0 ? 0 : Double(used) / Double(total.usageNs)
+            let cores = total.intervalNs == 0 ? 0 : Double(used) / Double(total.intervalNs)
             return share >= cfg.neighbourCPUShare || (cores >= cfg.neighbourCPUCores && used == largest)
         }
         return CPUConsumption(consumers: Set(consumers.keys))

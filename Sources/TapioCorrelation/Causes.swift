@@ -11,9 +11,8 @@ enum Signal: String, Sendable, Comparable, Codable {
     /// node-level or system cgroup): the node is short of the resource. Not
     /// a candidate of its own while a neighbour on the node can be named.
     case nodeContention
-    /// CPU time a pod's cgroup used, or the node's (the watched root's
-    /// event): what a neighbour consumed, and what the node had. Not a cause
-    /// by itself.
+    /// CPU time a pod used (kept in `CPUUsageLog`, not as cause events): as
+    /// a neighbour's evidence, what it consumed.
     case cpuUsage
     /// Tasks waiting for a CPU (PSI) while their cgroup was not held to its
     /// own quota: a pod's, or the node's (its root cgroup, else
@@ -112,6 +111,98 @@ struct CauseStore: Sendable, Codable {
             entitiesByNode[node] = kept.isEmpty ? nil : kept
         }
         exits = exits.filter { $0.value.timeNs >= t }
+    }
+}
+
+/// The CPU time agents report per cgroup (`cpu_throttle` with usage), kept
+/// compactly: per node the root's usage (the node's) and per pod its
+/// cgroups' usage, summed per bucket, plus a few recent samples as evidence.
+/// Usage arrives every second for every busy pod of every node, healthy or
+/// not, so it is not kept as cause events.
+struct CPUUsageLog: Sendable, Codable {
+    struct NodeBucket: Sendable, Codable {
+        var usageNs: UInt64 = 0
+        var intervalNs: UInt64 = 0
+    }
+
+    struct Pod: Sendable, Codable {
+        /// bucket → cgroup path → usage, ns.
+        var buckets: [Int64: [String: UInt64]] = [:]
+        /// The first sample of its current run of samples (it began to
+        /// consume then) and the latest samples, oldest first.
+        var runStart: CauseEvent?
+        var recent: [CauseEvent] = []
+    }
+
+    static let recentSamples = 4
+    /// node → bucket → the node's usage (its root's samples).
+    private(set) var nodes: [String: [Int64: NodeBucket]] = [:]
+    /// node → pod entity → its usage.
+    private(set) var pods: [String: [String: Pod]] = [:]
+
+    mutating func addNode(_ node: String, bucket: Int64, usageNs: UInt64, intervalNs: UInt64) {
+        nodes[node, default: [:]][bucket, default: NodeBucket()].usageNs += usageNs
+        nodes[node]![bucket]!.intervalNs += intervalNs
+    }
+
+    /// `gapNs`: samples further apart than this are separate runs.
+    mutating func addPod(_ sample: CauseEvent, bucket: Int64, cgroup: String, usageNs: UInt64, gapNs: Int64) {
+        var p = pods[sample.node]?[sample.entity] ?? Pod()
+        p.buckets[bucket, default: [:]][cgroup, default: 0] += usageNs
+        if let last = p.recent.last, sample.timeNs - last.timeNs <= gapNs {} else { p.runStart = sample }
+        p.recent.append(sample)
+        if p.recent.count > CPUUsageLog.recentSamples { p.recent.removeFirst(p.recent.count - CPUUsageLog.recentSamples) }
+        pods[sample.node, default: [:]][sample.entity] = p
+    }
+
+    /// Whether `node`'s agent reported usage (its root) in buckets `from...to`.
+    func reports(node: String, from: Int64, to: Int64) -> Bool {
+        nodes[node]?.keys.contains { $0 >= from && $0 <= to } ?? false
+    }
+
+    /// The node's usage and the time it covers in buckets `from...to`.
+    func node(_ node: String, from: Int64, to: Int64) -> NodeBucket {
+        var out = NodeBucket()
+        for (b, v) in nodes[node] ?? [:] where b >= from && b <= to {
+            out.usageNs += v.usageNs
+            out.intervalNs += v.intervalNs
+        }
+        return out
+    }
+
+    /// Pods of `node` with usage.
+    func pods(of node: String) -> [String] { (pods[node] ?? [:]).keys.sorted() }
+
+    /// A pod's usage in buckets `from...to`: that of its largest cgroup (a
+    /// pod cgroup holds its containers').
+    func usage(node: String, pod: String, from: Int64, to: Int64) -> UInt64 {
+        var byCgroup: [String: UInt64] = [:]
+        for (b, cgroups) in pods[node]?[pod]?.buckets ?? [:] where b >= from && b <= to {
+            for (c, u) in cgroups { byCgroup[c, default: 0] += u }
+        }
+        return byCgroup.values.max() ?? 0
+    }
+
+    /// Samples of a pod to show as evidence: when its run began and the latest.
+    func samples(node: String, pod: String) -> [CauseEvent] {
+        guard let p = pods[node]?[pod] else { return [] }
+        let start = p.runStart.map { s in p.recent.contains { $0.observed == s.observed } ? [] : [s] } ?? []
+        return start + p.recent
+    }
+
+    mutating func prune(beforeBucket b: Int64) {
+        for n in nodes.keys.sorted() {
+            let kept = nodes[n]!.filter { $0.key >= b }
+            nodes[n] = kept.isEmpty ? nil : kept
+        }
+        for n in pods.keys.sorted() {
+            var byPod = pods[n]!
+            for e in byPod.keys.sorted() {
+                byPod[e]!.buckets = byPod[e]!.buckets.filter { $0.key >= b }
+                if byPod[e]!.buckets.isEmpty { byPod[e] = nil }
+            }
+            pods[n] = byPod.isEmpty ? nil : byPod
+        }
     }
 }
 

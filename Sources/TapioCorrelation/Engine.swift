@@ -36,6 +36,7 @@ public struct CorrelationEngine: Sendable {
 
     var topology = Topology()
     var causes = CauseStore()
+    var cpuUsage = CPUUsageLog()
     var deliveries = DeliveryLog()
     private var pending: [ObservedEvent] = []
     private var maxSeenNs: Int64 = .min
@@ -64,6 +65,8 @@ public struct CorrelationEngine: Sendable {
         var watermarkNs: Int64
         var topology: Topology
         var causes: CauseStore
+        /// Absent from checkpoints written before usage was kept.
+        var cpuUsage: CPUUsageLog?
         var deliveries: DeliveryLog
         var pending: [ObservedEvent]
         var maxSeenNs: Int64
@@ -82,7 +85,7 @@ public struct CorrelationEngine: Sendable {
 
     /// The engine's state as bytes (JSON).
     public func checkpoint() throws -> [UInt8] {
-        let state = State(graph: graph, statistics: statistics, watermarkNs: watermarkNs, topology: topology, causes: causes,
+        let state = State(graph: graph, statistics: statistics, watermarkNs: watermarkNs, topology: topology, causes: causes, cpuUsage: cpuUsage,
                           deliveries: deliveries, pending: pending, maxSeenNs: maxSeenNs, series: series, touched: touched,
                           currentBucket: currentBucket, firstBucket: firstBucket, openIncidents: openIncidents,
                           resolvedIncidents: resolvedIncidents, aliases: aliases)
@@ -107,6 +110,7 @@ public struct CorrelationEngine: Sendable {
         watermarkNs = state.watermarkNs
         topology = state.topology
         causes = state.causes
+        cpuUsage = state.cpuUsage ?? CPUUsageLog()
         deliveries = state.deliveries
         pending = state.pending
         maxSeenNs = state.maxSeenNs
@@ -436,12 +440,19 @@ public struct CorrelationEngine: Sendable {
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
             let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)
-            if let usage {
+            if let usage, case .cpuThrottle(_, _, _, let intervalNs, let cgroup, _) = ev.detail {
                 // What a pod consumed and what the node had (its root's
                 // event); a cgroup that is neither (a parent of pods, a
                 // system slice) cannot be told from the pods' parent.
                 let root = usage.node != nil
-                if me.pod != nil || root { addCause(.cpuUsage, me, e) }
+                let b = floorDiv(e.timeNs, configuration.bucketNs)
+                if root {
+                    cpuUsage.addNode(e.node, bucket: b, usageNs: usage.usageNs, intervalNs: intervalNs)
+                } else if me.pod != nil {
+                    cpuUsage.addPod(CauseEvent(signal: .cpuUsage, entity: me.name, quality: me.quality, observed: e, addresses: Set(me.pod!.info.ips), port: 0,
+                                               summary: summarize(e, entity: me.name)),
+                                    bucket: b, cgroup: cgroup, usageNs: usage.usageNs, gapNs: configuration.starvationGapNs)
+                }
                 // Waiting for a CPU while not held to its own quota: starved.
                 var psi = usage.pressure.map { Double($0.someAvg10Permille) / 10 }
                 if root, psi == nil { psi = usage.node?.pressure.map { Double($0.someAvg10Permille) / 10 } }
@@ -491,6 +502,7 @@ public struct CorrelationEngine: Sendable {
         if b % 30 == 0 {
             let horizonNs = end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs
             causes.prune(before: horizonNs)
+            cpuUsage.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             deliveries.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             // A series silent for a long time forgets its baseline (it would have decayed to zero).
             let horizon = b - Int64(configuration.forgetSeriesAfterNs / configuration.bucketNs)

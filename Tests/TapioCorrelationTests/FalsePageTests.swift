@@ -488,6 +488,32 @@ final class FalsePageTests: XCTestCase {
         assertNothingPages(engine)
     }
 
+    /// The usage kept so far is part of a checkpoint: restored mid-way
+    /// through the shortage, the engine names the same neighbour. A
+    /// checkpoint written before usage was kept still reads.
+    func testUsageKeptSoFarSurvivesACheckpoint() throws {
+        let c = starvedAPI(batchUses: 0.4)
+        let events = c.events.sorted { $0.timeNs < $1.timeNs }
+        let half = events.firstIndex { $0.timeNs >= SyntheticCluster.ns(36) }!
+        var kept = CorrelationEngine()
+        for node in c.inventory.keys.sorted() { kept.updateInventory(node: node, pods: c.inventory[node]!) }
+        kept.ingest(Array(events[..<half]))
+        kept.advance(toNs: SyntheticCluster.ns(36))
+        let bytes = try kept.checkpoint()
+        var restored = try CorrelationEngine(checkpoint: bytes)
+        let rest = Array(events[half...])
+        kept.ingest(rest)
+        restored.ingest(rest)
+        kept.finish()
+        restored.finish()
+        XCTAssertEqual(restored.incidents, kept.incidents)
+        XCTAssertEqual(kept.incidents.first?.rootCauses.first?.entity, "batch")
+
+        var json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any])
+        XCTAssertNotNil(json.removeValue(forKey: "cpuUsage"), "the checkpoint holds the usage")
+        XCTAssertNoThrow(try CorrelationEngine(checkpoint: Array(JSONSerialization.data(withJSONObject: json))))
+    }
+
     /// The node's own cgroup (no pod's) throttled in most periods.
     func nodeThrottled(_ c: inout SyntheticCluster, _ at: Double) {
         c.add(at, "api", .cpuThrottle, .cpuThrottle(periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000, cgroup: "/kubepods"),
