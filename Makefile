@@ -17,9 +17,10 @@ BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-
 # (Debian's python3 + python3-protobuf, with protoc to generate its module),
 # iproute2/util-linux for namespaces and mounts, promtool (prometheus) to check
 # the /metrics both programs serve, Alertmanager for the alerting test,
-# Chromium (headless) for the web UI test.
+# Chromium (headless) for the web UI test, nats-server (JetStream; single
+# server and 3-node cluster) for the NATS client's tests.
 TEST_PACKAGES := python3 python3-protobuf python3-yaml protobuf-compiler iproute2 util-linux procps dnsmasq-base prometheus \
-	prometheus-alertmanager chromium
+	prometheus-alertmanager chromium nats-server
 # Lab: the real services and tools the fault lab runs and injects faults with.
 LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-linux coreutils
 # Images (`make images` only): buildah builds them from deploy/docker/Dockerfile

@@ -208,7 +208,7 @@ final class NATSConnectionHandler: ChannelDuplexHandler {
         } else if error is NIOSSLError || error is BoringSSLError {
             fail(context: context, NATSError.tlsMismatch("TLS with \(settings.server) failed: \(error)"))
         } else if let io = error as? IOError {
-            fail(context: context, NATSError.serverError("connection to \(settings.server): \(io)"))
+            fail(context: context, NATSError.connectionFailed("connection to \(settings.server) failed: \(String(cString: strerror(io.errnoCode)))"))
         } else {
             fail(context: context, NATSError.protocolViolation("\(error)"))
         }

@@ -14,6 +14,8 @@ public enum NATSError: Error, Sendable, Equatable, CustomStringConvertible {
     case tlsMismatch(String)
     /// The connection was lost while the operation waited; it may or may not have happened.
     case connectionLost
+    /// The socket failed (reset, refused, unreachable), with the system's words.
+    case connectionFailed(String)
     /// The client was closed by its owner.
     case closed
     /// No reply (or no connection) within the time allowed.
@@ -34,6 +36,7 @@ public enum NATSError: Error, Sendable, Equatable, CustomStringConvertible {
         case .cannotConnect(let reasons): return "cannot connect to any NATS server: \(reasons.joined(separator: "; "))"
         case .tlsMismatch(let why): return "TLS: \(why)"
         case .connectionLost: return "the connection to the NATS server was lost before the operation completed"
+        case .connectionFailed(let why): return why
         case .closed: return "the NATS client is closed"
         case .timeout(let what): return "timed out: \(what)"
         case .noResponders(let subject): return "no responders: nothing subscribes to '\(subject)'"

@@ -57,6 +57,8 @@ final class NATSTestServer {
     }
 
     var address: NATSServerAddress { NATSServerAddress(host: "127.0.0.1", port: port) }
+    var pid: pid_t? { process?.pid }
+    var isRunning: Bool { process?.isRunning ?? false }
     var log: String { process?.log ?? "" }
 
     /// Starts the server and waits until its client port accepts connections.
