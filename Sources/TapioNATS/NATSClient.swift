@@ -243,7 +243,8 @@ public final class NATSClient: Sendable {
     public func flush() async throws {
         let (channel, _) = try await connection()
         let pong = channel.eventLoop.makePromise(of: Void.self)
-        channel.writeAndFlush(NATSOutbound.ping(pong), promise: nil)
+        // A channel that closed meanwhile never hands the PING to the handler: fail the PONG here.
+        channel.writeAndFlush(NATSOutbound.ping(pong)).whenFailure { pong.fail($0) }
         try await pong.futureResult.get()
     }
 
@@ -290,7 +291,10 @@ public final class NATSClient: Sendable {
         let timeout = timeout ?? configuration.requestTimeout
         let promise = group.next().makePromise(of: NATSMessage.self)
         let token: UInt64 = try state.withLock { state in
-            if case .closed = state.phase { throw NATSError.closed }
+            if case .closed = state.phase {
+                promise.fail(NATSError.closed)
+                throw NATSError.closed
+            }
             let token = state.nextToken
             state.nextToken += 1
             state.requests[token] = PendingRequest(subject: subject, promise: promise, timeout: nil)
@@ -350,30 +354,33 @@ public final class NATSClient: Sendable {
 
     /// The current connection, waiting up to `requestTimeout` while reconnecting.
     private func connection() async throws -> (any Channel, NATSServerInfo) {
-        let promise = group.next().makePromise(of: (any Channel, NATSServerInfo).self)
-        let waiter: UInt64? = try state.withLock { state in
+        enum Now { case ready(any Channel, NATSServerInfo), wait(UInt64, EventLoopPromise<(any Channel, NATSServerInfo)>) }
+        let now: Now = try state.withLock { state in
             switch state.phase {
             case .connected(let channel, _, let info, _):
-                promise.succeed((channel, info))
-                return nil
+                return .ready(channel, info)
             case .closed:
-                throw state.lastError.map { _ in NATSError.closed } ?? NATSError.closed
+                throw NATSError.closed
             case .connecting, .reconnecting:
                 let id = state.nextToken
                 state.nextToken += 1
+                let promise = group.next().makePromise(of: (any Channel, NATSServerInfo).self)
                 state.connectionWaiters[id] = promise
-                return id
+                return .wait(id, promise)
             }
         }
-        if let waiter {
+        switch now {
+        case .ready(let channel, let info):
+            return (channel, info)
+        case .wait(let waiter, let promise):
             let timeout = configuration.requestTimeout
             let timer = group.next().scheduleTask(in: TimeAmount(timeout)) { [self] in
                 let p = state.withLock { $0.connectionWaiters.removeValue(forKey: waiter) }
                 p?.fail(NATSError.timeout("no connection to a NATS server within \(timeout)"))
             }
             promise.futureResult.whenComplete { _ in timer.cancel() }
+            return try await promise.futureResult.get()
         }
-        return try await promise.futureResult.get()
     }
 
     /// TCP, then the handshake; the channel, the server's INFO and where its close reason will be.
@@ -457,7 +464,7 @@ public final class NATSClient: Sendable {
         // A request in flight may have been answered on the lost connection: its outcome is unknown.
         for r in outcome.requests { r.timeout?.cancel(); r.promise.fail(NATSError.connectionLost) }
         if case .off = configuration.reconnect {
-            giveUp(NATSError.connectionLost)
+            giveUp(reason)
             return
         }
         Task { await reconnect(after: outcome.index) }
@@ -493,7 +500,7 @@ public final class NATSClient: Sendable {
     }
 
     /// The client closes itself after the reconnect policy ran out.
-    private func giveUp(_ error: NATSError) {
+    private func giveUp(_ error: any Error) {
         let (waiters, subscriptions) = state.withLock { state in
             state.phase = .closed
             state.lastError = error

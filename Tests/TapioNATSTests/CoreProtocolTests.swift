@@ -134,4 +134,14 @@ final class CoreProtocolTests: NATSTestCase {
         let message = await receive(1, from: subscription).first
         XCTAssertEqual(message?.string, "after restart")
     }
+
+    func testTheClientAnswersTheServersPingsAndStaysConnected() async throws {
+        // The server PINGs every second and drops a client after 2 unanswered.
+        let server = try startServer(jetStream: false, extraConfig: ["ping_interval: \"1s\"", "ping_max: 2"])
+        let client = try await connect([server])
+        try await Task.sleep(for: .seconds(4))
+        XCTAssertEqual(client.reconnectCount, 0, "the server dropped the client: \(String(describing: client.lastError))")
+        XCTAssertNil(client.lastError)
+        try await client.flush()
+    }
 }

@@ -19,6 +19,8 @@ final class MalformedServerTests: XCTestCase {
         /// A normal handshake; at the first SUB, a valid MSG for it written one
         /// byte per TCP write, then these bytes.
         case splitMessageThenGarbage(String)
+        /// A normal handshake, then no answer to anything.
+        case silentAfterHandshake
     }
 
     final class Counter: Sendable {
@@ -50,6 +52,11 @@ final class MalformedServerTests: XCTestCase {
                 if received.contains("PING\r\n"), !answered {
                     answered = true
                     context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: garbage)), promise: nil)
+                }
+            case .silentAfterHandshake:
+                if received.contains("PING\r\n"), !answered {
+                    answered = true
+                    context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "PONG\r\n")), promise: nil)
                 }
             case .splitMessageThenGarbage(let garbage):
                 if received.hasPrefix("CONNECT"), received.contains("PING\r\n"), !answered {
@@ -133,6 +140,28 @@ final class MalformedServerTests: XCTestCase {
             XCTAssertEqual(again?.string, "hello")
             await client.close()
             XCTAssertTrue(client.isClosed)
+        }
+    }
+
+    func testAServerThatStopsAnsweringPingsIsDroppedAfterTheAllowedNumber() async throws {
+        try await withFakeServer(.silentAfterHandshake) { port, _ in
+            var config = NATSClient.Configuration(servers: [NATSServerAddress(host: "127.0.0.1", port: port)])
+            config.pingInterval = .milliseconds(100)
+            config.maxPingsOutstanding = 2
+            config.reconnect = .off
+            var logger = Logger(label: "tapio.nats.test")
+            logger.logLevel = .critical
+            let client = try await NATSClient.connect(config, logger: logger)
+            let closed = eventually(timeout: 10) { client.isClosed }
+            XCTAssertTrue(closed, "the client stayed on a server that answers no PING")
+            guard case NATSError.timeout(let what)? = client.lastError as? NATSError else {
+                return XCTFail("last error: \(String(describing: client.lastError))")
+            }
+            XCTAssertTrue(what.contains("2 PINGs"), what)
+            do {
+                try await client.publish("x", string: "after close")
+                XCTFail("published on a closed client")
+            } catch NATSError.closed {}
         }
     }
 }

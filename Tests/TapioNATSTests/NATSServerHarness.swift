@@ -29,7 +29,7 @@ final class NATSTestServer {
 
     /// Writes the config; `start()` runs it. `routes` are the cluster ports of all nodes (its own included).
     init(name: String, directory: String, jetStream: Bool = true, clusterPort: Int = 0, routes: [Int] = [],
-         tlsDirectory: String? = nil, auth: Auth = .none, maxPayload: Int? = nil) throws {
+         tlsDirectory: String? = nil, auth: Auth = .none, maxPayload: Int? = nil, extraConfig: [String] = []) throws {
         self.name = name
         self.port = TestSupport.freePort()
         self.clusterPort = clusterPort
@@ -52,6 +52,7 @@ final class NATSTestServer {
         case .userPassword(let user, let password): lines.append("authorization { user: \"\(user)\", password: \"\(password)\" }")
         case .token(let token): lines.append("authorization { token: \"\(token)\" }")
         }
+        lines += extraConfig
         config = self.directory + "/nats.conf"
         try lines.joined(separator: "\n").appending("\n").write(toFile: config, atomically: true, encoding: .utf8)
     }
@@ -113,8 +114,9 @@ class NATSTestCase: XCTestCase {
     }
 
     func startServer(name: String = "n1", jetStream: Bool = true, tlsDirectory: String? = nil,
-                     auth: NATSTestServer.Auth = .none, maxPayload: Int? = nil) throws -> NATSTestServer {
-        let server = try NATSTestServer(name: name, directory: directory, jetStream: jetStream, tlsDirectory: tlsDirectory, auth: auth, maxPayload: maxPayload)
+                     auth: NATSTestServer.Auth = .none, maxPayload: Int? = nil, extraConfig: [String] = []) throws -> NATSTestServer {
+        let server = try NATSTestServer(name: name, directory: directory, jetStream: jetStream, tlsDirectory: tlsDirectory,
+                                        auth: auth, maxPayload: maxPayload, extraConfig: extraConfig)
         servers.append(server)
         try server.start()
         return server
