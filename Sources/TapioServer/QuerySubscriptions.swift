@@ -51,9 +51,13 @@ final class QuerySubscriptions: Sendable {
         let targets = subscribers.withLock { Array($0.values) }
         guard !targets.isEmpty else { return }
         let now = rfc3339(ns: wallClockNs())
-        let frames = changes.compactMap { c -> [UInt8]? in
-            let kind: SubscriptionMessage.Change = c.incident.status == .resolved ? .resolved : (c.isNew ? .opened : .updated)
-            return try? QueryCoding.encode(SubscriptionMessage(type: .change, time: now, change: kind, incident: QueryIncident(c.incident)))
+        // A new incident is announced as opened; one that is new and already
+        // resolved (it ended within one pass) as opened, then resolved.
+        let frames = changes.flatMap { c -> [[UInt8]] in
+            let resolved = c.incident.status == .resolved
+            let kinds: [SubscriptionMessage.Change] = c.isNew ? (resolved ? [.opened, .resolved] : [.opened]) : [resolved ? .resolved : .updated]
+            let incident = QueryIncident(c.incident)
+            return kinds.compactMap { try? QueryCoding.encode(SubscriptionMessage(type: .change, time: now, change: $0, incident: incident)) }
         }
         for s in targets { s.deliver(frames) }
     }
