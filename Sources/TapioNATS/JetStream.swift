@@ -250,7 +250,7 @@ public struct JetStream: Sendable {
 
     public func streamInfo(_ name: String) async throws -> StreamInfo {
         try Self.validateName(name, "stream")
-        return try await call("STREAM.INFO.\(name)", body: Optional<String>.none)
+        return try await call("STREAM.INFO.\(name)")
     }
 
     /// A stored message by its stream sequence, from the stream's leader.
@@ -295,6 +295,9 @@ public struct JetStream: Sendable {
     // MARK: Publishing
 
     /// Publishes to a stream's subject and waits for the stream's acknowledgement.
+    /// Not retried here: after `connectionLost`, `timeout` or `noResponders`
+    /// (a cluster electing the stream's leader answers so for a moment) the
+    /// caller resends with the same `messageID`, and the stream stores it once.
     /// - Parameters:
     ///   - messageID: `Nats-Msg-Id`; a resend with the same id within the
     ///     stream's duplicate window is acknowledged as a duplicate and not stored again.
@@ -331,7 +334,7 @@ public struct JetStream: Sendable {
     public func consumerInfo(stream: String, consumer: String) async throws -> ConsumerInfo {
         try Self.validateName(stream, "stream")
         try Self.validateName(consumer, "consumer")
-        return try await call("CONSUMER.INFO.\(stream).\(consumer)", body: Optional<String>.none)
+        return try await call("CONSUMER.INFO.\(stream).\(consumer)")
     }
 
     /// Fetches up to `batch` messages from a pull consumer. With `noWait`, only
@@ -345,10 +348,15 @@ public struct JetStream: Sendable {
         let inbox = "\(client.inboxPrefix).fetch.\(NATSClient.randomToken())"
         let subscription = try client.subscribe(inbox)
         defer { subscription.unsubscribe() }
-        var request: [String: Int64] = ["batch": Int64(batch)]
-        if noWait { request["no_wait"] = 1 } else { request["expires"] = expires.nanoseconds }
-        var body = try JSONEncoder().encode(request)
-        if noWait { body = Data(String(decoding: body, as: UTF8.self).replacingOccurrences(of: "\"no_wait\":1", with: "\"no_wait\":true").utf8) }
+        struct PullRequest: Encodable {
+            var batch: Int
+            /// Nanoseconds the server holds the request open.
+            var expires: Int64?
+            var noWait: Bool?
+            enum CodingKeys: String, CodingKey { case batch, expires, noWait = "no_wait" }
+        }
+        let request = noWait ? PullRequest(batch: batch, noWait: true) : PullRequest(batch: batch, expires: expires.nanoseconds)
+        let body = try JSONEncoder().encode(request)
         try await client.publish("\(apiPrefix).CONSUMER.MSG.NEXT.\(stream).\(consumer)", payload: ByteBuffer(bytes: body), replyTo: inbox)
         // The server ends a short batch with a 404 (no messages) or 408 (expired);
         // the local deadline only guards against a server that says nothing.
@@ -395,8 +403,17 @@ public struct JetStream: Sendable {
 
     // MARK: The API
 
+    /// An API call with a JSON body.
     func call<Answer: Decodable>(_ api: String, body: some Encodable) async throws -> Answer {
-        let payload = try (body as? Optional<String>).map { _ in Data() } ?? JSONEncoder().encode(body)
+        try await call(api, payload: JSONEncoder().encode(body))
+    }
+
+    /// An API call with an empty body (INFO, STREAM.INFO, CONSUMER.INFO).
+    func call<Answer: Decodable>(_ api: String) async throws -> Answer {
+        try await call(api, payload: Data())
+    }
+
+    private func call<Answer: Decodable>(_ api: String, payload: Data) async throws -> Answer {
         let reply = try await client.request("\(apiPrefix).\(api)", payload: ByteBuffer(bytes: payload), timeout: timeout)
         return try Self.decodeAnswer(Answer.self, reply, what: api)
     }

@@ -106,6 +106,7 @@ extension NATSClient {
 }
 
 /// A NATS client (core protocol, request-reply; `JetStream` builds on it).
+/// Its connection keeps it alive: end it with `close()`.
 public final class NATSClient: Sendable {
     public let configuration: Configuration
     private let group: any EventLoopGroup

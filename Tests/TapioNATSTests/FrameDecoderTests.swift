@@ -145,3 +145,21 @@ private struct DescribingDecoder: ByteToMessageDecoder {
         try decode(context: context, buffer: &buffer)
     }
 }
+
+/// The stream sequence of a fetched message comes from its ack subject.
+final class AckSubjectTests: XCTestCase {
+    func testBothFormsOfTheAckSubjectAreRead() throws {
+        let short = try JetStreamMessage.parseAckSubject("$JS.ACK.FEED.engine.2.17.5.1733560000000000000.3")
+        XCTAssertEqual(short.delivered, 2)
+        XCTAssertEqual(short.stream, 17)
+        XCTAssertEqual(short.consumer, 5)
+        XCTAssertEqual(short.pending, 3)
+        let long = try JetStreamMessage.parseAckSubject("$JS.ACK.hub.ACCHASH.FEED.engine.1.42.40.1733560000000000000.0.rnd")
+        XCTAssertEqual(long.stream, 42)
+        XCTAssertEqual(long.consumer, 40)
+        XCTAssertEqual(long.delivered, 1)
+        for bad in ["_INBOX.x.1", "$JS.ACK.FEED.engine.x.17.5.1.3", "$JS.ACK.FEED.engine.2.17", "$JS.ACK.a.b.c.d.e.f.g.h.i.j"] {
+            XCTAssertThrowsError(try JetStreamMessage.parseAckSubject(bad), bad)
+        }
+    }
+}

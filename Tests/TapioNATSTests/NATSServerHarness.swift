@@ -152,7 +152,7 @@ class NATSTestCase: XCTestCase {
         while ContinuousClock.now < deadline {
             do {
                 struct AccountInfo: Decodable { var streams: Int }
-                let _: AccountInfo = try await js.call("INFO", body: Optional<String>.none)
+                let _: AccountInfo = try await js.call("INFO")
                 return
             } catch {
                 last = "\(error)"
