@@ -206,12 +206,19 @@ final class CLITests: XCTestCase {
         XCTAssertFalse(follow.stdout.contains("tapio:"), "status lines stay off stdout")
     }
 
-    func testWatchReportsAnIncidentOnceAcrossAServerRestart() throws {
+    /// watch subscribes: with keepalives a minute apart, an incident the
+    /// engine opens after watch started can only reach it as a push, and
+    /// the server is never asked for its incidents. A restart closes the
+    /// subscription; watch says so, subscribes again when the server is
+    /// back, and does not announce again what it already printed.
+    func testWatchIsPushedAnIncidentOpenedAfterItStartedAndRidesOutAServerRestart() throws {
         let server = try RestartableServer(nodes: ["node-a", "node-b"])
         let cli = try TapioCLI()
-        let watch = try cli.start(["watch", "-o", "ndjson", "--interval", "0.2"], env: server.cliEnvironment)
+        let watch = try cli.start(["watch", "-o", "ndjson", "--interval", "60"], env: server.cliEnvironment)
         defer { watch.stop() }
         XCTAssertTrue(eventually { watch.isRunning && !watch.stderr.contains("Error") })
+        XCTAssertTrue(eventually { server.metrics?.value("tapio_server_queries_total{method=\"subscribe\"}") == 1 }, "watch subscribed: \(watch.stderr)")
+        XCTAssertEqual(watch.stdout, "", "nothing to report yet")
 
         // Refused connections to redis after its OOM kill (as CorrelationTests).
         let (api, apiSender) = try server.agent(node: "node-a")
@@ -238,9 +245,11 @@ final class CLITests: XCTestCase {
         apiSender.drainAndStop(graceSeconds: 1)
         redisSender.drainAndStop(graceSeconds: 1)
 
-        XCTAssertTrue(eventually(timeout: 30) { watch.stdout.contains("\"opened\"") }, "watch reports the incident: \(watch.stdout) \(watch.stderr)")
+        XCTAssertTrue(eventually(timeout: 20) { watch.stdout.contains("\"opened\"") }, "watch reports the incident: \(watch.stdout) \(watch.stderr)")
         let opened = try XCTUnwrap(watch.stdout.split(separator: "\n").first.map { try JSONValue.parse(Array($0.utf8)) })
         XCTAssertEqual(opened["incident"]?["root_causes"]?.arrayValue?.first?["kind"], .string("oom_kill"))
+        XCTAssertEqual(server.metrics?.value("tapio_server_queries_total{method=\"incidents\"}"), 0, "pushed, not polled")
+        XCTAssertEqual(server.metrics?.value("tapio_server_queries_total{method=\"subscribe\"}"), 1, "one subscription all along")
         let linesBefore = watch.stdout.split(separator: "\n").count
 
         server.stop()
@@ -248,9 +257,11 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(watch.isRunning, "watch does not exit when the server goes away")
         try server.start()
         XCTAssertTrue(eventually(timeout: 30) { watch.stderr.contains("reconnected") }, watch.stderr)
-        // A few more asks after the reconnect: the incident the restarted server still holds is not reported again.
-        let asked = Date(timeIntervalSinceNow: 1)
-        XCTAssertTrue(eventually { Date() > asked })
+        XCTAssertEqual(server.metrics?.value("tapio_server_queries_total{method=\"subscribe\"}"), 1, "subscribed again to the restarted server")
+        XCTAssertEqual(server.metrics?.value("tapio_server_queries_total{method=\"incidents\"}"), 0)
+        // The restarted server's snapshot holds the incident: it is not reported again.
+        let settled = Date(timeIntervalSinceNow: 1)
+        XCTAssertTrue(eventually { Date() > settled })
         let after = watch.stdout.split(separator: "\n").filter { (try? JSONValue.parse(Array($0.utf8))["change"]) == .string("opened") }
         XCTAssertEqual(after.count, 1, watch.stdout)
         XCTAssertGreaterThanOrEqual(watch.stdout.split(separator: "\n").count, linesBefore)
@@ -517,6 +528,9 @@ final class RestartableServer {
         server?.shutdown()
         server = nil
     }
+
+    /// The running server's metrics (nil while stopped).
+    var metrics: ServerMetrics? { server?.metrics }
 
     var cliEnvironment: [String: String] {
         ["TAPIO_SERVER": "127.0.0.1:\(queryPort)", "TAPIO_TLS_DIR": pki + "/operators/alice"]
