@@ -158,7 +158,7 @@ struct Analysis {
             // a CPU while not throttled by its own quota, or the node's root
             // waiting — unless a victim here was held to its own quota, whose
             // waits the node's figure includes.
-            let ownQuota = victimEvents.contains { $0.signal == .cpuThrottle }
+            let ownQuota = victimEvents.contains { $0.signal == .cpuThrottle && $0.timeNs >= lo }
             let cpuWaits = victimEvents.filter { $0.signal == .cpuPressure }
                 + nodeEvents.filter { podsHere && !ownQuota && $0.signal == .cpuPressure && isNodeRoot($0) }
             var starvation = (contentionAll + stalls + cpuWaits).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
@@ -184,13 +184,13 @@ struct Analysis {
                                                       from: first - slack, to: last + slack, lookback: from) : nil
                 let neighbours = Set(onNode).union(usage == nil ? [] : engine.cpuUsage.pods(of: node)).sorted()
                 for x in neighbours where !pathEntities.contains(x) && !victims.contains(x) {
-                    // What the neighbour consumed meanwhile: its own quota
-                    // used up (throttled) or its memory at the limit, for the
-                    // resource the victim lacked; or it started before the
-                    // starvation began and still ran when it last showed.
-                    // A consumer's evidence: when it began to consume (even
-                    // before the shortage) and its latest samples up to the
-                    // cause window's end.
+                    // What the neighbour consumed meanwhile, for the
+                    // resource the victim lacked: CPU it used (where usage is
+                    // reported; its evidence is when it began to consume and
+                    // its latest samples), else its own quota used up
+                    // (throttled); its memory at the limit; or it started
+                    // before the starvation began and still ran when it last
+                    // showed.
                     let consumed = usage?.consumers.contains(x) == true
                         ? engine.cpuUsage.samples(node: node, pod: x).filter { $0.timeNs >= from && $0.timeNs <= until } : []
                     let evs = consumed + engine.causes.events(of: x, from: from, to: until).filter { c in
