@@ -87,6 +87,39 @@ final class MessageTests: XCTestCase {
         XCTAssertEqual(decoded["drops"], .array([.object(["kind": .string("EVENT_KIND_OOM_KILL"), "reason": .string("ringbuf_full"), "count": .int(2)])]))
     }
 
+    /// CPU usage is a sub-message of `cpu_throttle` that decoders built from
+    /// the schema before it skip: Python's protobuf, with the schema as it
+    /// was (without `usage`), reads the rest of the event unchanged; with
+    /// today's schema it reads the usage too.
+    func testADecoderOfTheSchemaBeforeCPUUsageSkipsIt() throws {
+        let root = TapioEvent(kind: .cpuThrottle, timeNs: 1_795_000_000_000_000_000, comm: "", cgroupId: 7, detail: .cpuThrottle(
+            periods: 10, throttledPeriods: 9, throttledNs: 400_000_000, intervalNs: 1_000_000_000, cgroup: "/kubepods",
+            usage: CPUUsage(usageNs: 480_000_000, pressure: CPUPressure(someAvg10Permille: 377, someStallNs: 799_889_000),
+                            node: NodeCPU(cpus: 2, runnable: 4, pressure: CPUPressure(someAvg10Permille: 532, someStallNs: 1)))))
+        let batch = EventBatch(node: "n", epoch: 1, sequence: 1, events: [root])
+        let schema = try String(contentsOfFile: TestSupport.packageRoot + "/proto/tapio.proto", encoding: .utf8)
+        let before = schema.split(separator: "\n", omittingEmptySubsequences: false).filter { !$0.contains("CpuUsage usage = 6;") }.joined(separator: "\n")
+        XCTAssertNotEqual(before, schema, "the usage field is in the schema")
+
+        func decode(with proto: String) throws -> JSONValue {
+            let dir = try TestSupport.temporaryDirectory("tapio-pb-old")
+            try proto.write(toFile: dir + "/tapio.proto", atomically: true, encoding: .utf8)
+            let gen = try TestSupport.run("/usr/bin/protoc", ["--proto_path=\(dir)", "--python_out=\(dir)", "\(dir)/tapio.proto"])
+            XCTAssertEqual(gen.status, 0, gen.stderr)
+            try Data(batch.encoded()).write(to: URL(fileURLWithPath: dir + "/batch.bin"))
+            let r = try TestSupport.run(TestSupport.systemPython, [TestSupport.interopScript, "decode-batch", dir, dir + "/batch.bin"])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            return try XCTUnwrap(JSONValue.parse(Array(r.stdout.utf8))["events"]?.arrayValue?.first)
+        }
+        let old = try decode(with: before)
+        let now = try decode(with: schema)
+        for (key, value) in root.detailFields {
+            XCTAssertEqual(now[key], value, "today's schema: \(key)")
+            let usage = ["usage_ns", "psi_some_avg10", "psi_some_stall_ns", "node_cpus", "node_runnable", "node_psi_some_avg10"].contains(key)
+            XCTAssertEqual(old[key], usage ? nil : value, "the schema before usage: \(key)")
+        }
+    }
+
     func testRFC3339HasNanoseconds() {
         XCTAssertEqual(rfc3339(ns: 0), "1970-01-01T00:00:00.000000000Z")
         XCTAssertEqual(rfc3339(ns: 1_795_791_547_311_600_106), "2026-11-27T14:59:07.311600106Z")

@@ -81,6 +81,21 @@ def decode_batch(pb_dir, path):
             o = e.oom_kill
             out.update(victim_pid=o.victim_pid, victim_comm=s(o.victim_comm), victim_uid=o.victim_uid,
                        total_vm_kb=o.total_vm_kb, anon_rss_kb=o.anon_rss_kb, file_rss_kb=o.file_rss_kb)
+        elif which == "cpu_throttle":
+            c = e.cpu_throttle
+            out.update(periods=c.periods, throttled_periods=c.throttled_periods, throttled_ns=c.throttled_ns,
+                       interval_ns=c.interval_ns, cgroup=s(c.cgroup))
+            # A schema from before usage was reported has no such field: its
+            # decoder skips the bytes.
+            if "usage" in c.DESCRIPTOR.fields_by_name and c.HasField("usage"):
+                u = c.usage
+                out["usage_ns"] = u.usage_ns
+                if u.HasField("pressure"):
+                    out.update(psi_some_avg10=u.pressure.some_avg10_permille / 10, psi_some_stall_ns=u.pressure.some_stall_ns)
+                if u.HasField("node"):
+                    out.update(node_cpus=u.node.cpus, node_runnable=u.node.runnable)
+                    if u.node.HasField("pressure"):
+                        out["node_psi_some_avg10"] = u.node.pressure.some_avg10_permille / 10
         events.append(out)
     drops = [{"kind": pb.EventKind.Name(d.kind), "reason": d.reason, "count": d.count} for d in batch.drops]
     print(json.dumps({"node": batch.node, "epoch": batch.epoch, "sequence": batch.sequence,
