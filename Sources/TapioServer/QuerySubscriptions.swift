@@ -72,6 +72,7 @@ final class QuerySubscriptions: Sendable {
             var pending: [[UInt8]] = []
             var lastSent = NIODeadline.now()
             var timer: RepeatedTask?
+            var unwritableWrites = 0
         }
         private let state: NIOLoopBoundBox<State>
 
@@ -121,10 +122,17 @@ final class QuerySubscriptions: Sendable {
 
         private func write(_ json: [UInt8]) {
             guard channel.isActive else { return }
-            guard channel.isWritable else {
-                // The client does not read what it subscribed to.
-                close()
-                return
+            // Past the channel's high-water mark (a large snapshot on its
+            // way), a bounded number of frames more; beyond that the client
+            // is not reading what it subscribed to.
+            if channel.isWritable {
+                state.value.unwritableWrites = 0
+            } else {
+                state.value.unwritableWrites += 1
+                if state.value.unwritableWrites > QuerySubscriptions.maximumPending {
+                    close()
+                    return
+                }
             }
             state.value.lastSent = .now()
             channel.writeAndFlush(Frame(type: .queryResponse, payload: QueryResponse(json: json).encoded()), promise: nil)
