@@ -159,9 +159,12 @@ public struct ConsumerInfo: Decodable, Sendable {
     /// Messages not yet delivered.
     public var pending: UInt64
     public var ackPending: Int
+    /// In a cluster: the server leading this consumer.
+    public var cluster: StreamInfo.Cluster?
 
     enum CodingKeys: String, CodingKey {
         case name, streamName = "stream_name", delivered, ackFloor = "ack_floor", pending = "num_pending", ackPending = "num_ack_pending"
+        case cluster
     }
 }
 
