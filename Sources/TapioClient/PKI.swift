@@ -56,7 +56,10 @@ public enum DevelopmentPKI {
         guard tapio_cert_identity_file(path, &cn, cn.count, &org, org.count) == 0 else {
             throw PKIError("cannot read a certificate identity from \(path)")
         }
-        return (String(cString: cn), String(cString: org))
+        func text(_ chars: [CChar]) -> String {
+            String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+        return (text(cn), text(org))
     }
 
     static func isValidName(_ name: String) -> Bool {
