@@ -1,10 +1,10 @@
-// One connection's protocol logic, on its event loop: wait for INFO, upgrade
-// to TLS when either side wants it, send CONNECT and a PING, and call the
-// connection open at the PONG (an -ERR before it — bad credentials — fails
-// the handshake in the server's words). Once open: answer the server's PINGs,
-// send our own and close the connection when too many go unanswered, hand
-// messages to the client. The first error seen is kept as the reason the
-// connection closed.
+// One connection's I/O on its event loop, driven by
+// NATSConnectionStateMachine: at INFO, upgrade to TLS when either side wants
+// it and send CONNECT and a PING; at the PONG, report the connection open (an
+// -ERR before it — bad credentials — fails the handshake in the server's
+// words). Once open: answer the server's PINGs, send our own on a timer and
+// close the connection when too many go unanswered, hand messages to the
+// client. The first error seen is kept as the reason the connection closed.
 
 import Foundation
 import NIOCore
@@ -48,24 +48,20 @@ final class NATSConnectionHandler: ChannelDuplexHandler {
         var maxPingsOutstanding: Int
     }
 
-    private enum Phase { case awaitingInfo, awaitingPong, open, closed }
-    private enum PongWaiter { case handshake, keepalive, flush(EventLoopPromise<Void>) }
-
     private let settings: Settings
     private let handshake: EventLoopPromise<NATSServerInfo>
     private let events: any NATSConnectionEvents
     private let closeReason: NATSCloseReason
-    private var phase = Phase.awaitingInfo
-    private var waiters = CircularBuffer<PongWaiter>()
-    private var keepalivesOutstanding = 0
+    private var state: NATSConnectionStateMachine
     private var timer: Scheduled<Void>?
     private var pingTask: RepeatedTask?
 
     init(settings: Settings, handshake: EventLoopPromise<NATSServerInfo>, events: any NATSConnectionEvents, closeReason: NATSCloseReason) {
         self.settings = settings
-        self.closeReason = closeReason
         self.handshake = handshake
         self.events = events
+        self.closeReason = closeReason
+        self.state = NATSConnectionStateMachine(maxPingsOutstanding: settings.maxPingsOutstanding)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -83,72 +79,50 @@ final class NATSConnectionHandler: ChannelDuplexHandler {
         let ctx = NIOLoopBound(context, eventLoop: context.eventLoop)
         let seconds = Double(settings.handshakeTimeout.nanoseconds) / 1e9
         timer = context.eventLoop.scheduleTask(in: settings.handshakeTimeout) {
-            guard handler.value.phase == .awaitingInfo || handler.value.phase == .awaitingPong else { return }
+            guard handler.value.state.isHandshaking else { return }
             handler.value.fail(context: ctx.value, NATSError.timeout("no NATS handshake with \(handler.value.settings.server) within \(seconds) s"))
         }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let op = unwrapInboundIn(data)
-        switch (phase, op) {
-        case (.closed, _):
+        switch state.received(unwrapInboundIn(data)) {
+        case .none:
             return
-        case (.awaitingInfo, .info(let info)):
+        case .connect(let info):
             do {
                 try startTLSIfWanted(context: context, info: info)
             } catch {
                 return fail(context: context, error)
             }
-            phase = .awaitingPong
-            var options = settings.connect
-            options.tlsRequired = settings.sslContext != nil
             var buffer = context.channel.allocator.buffer(capacity: 256)
             buffer.writeString("CONNECT ")
-            buffer.writeBytes((try? JSONEncoder().encode(options)) ?? Data("{}".utf8))
+            buffer.writeBytes((try? JSONEncoder().encode(settings.connect)) ?? Data("{}".utf8))
             buffer.writeString("\r\nPING\r\n")
-            waiters.append(.handshake)
-            pendingInfo = info
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        case (.awaitingPong, .error(let text)), (.awaitingInfo, .error(let text)):
-            fail(context: context, NATSError.serverError(text))
-        case (.awaitingInfo, _):
-            fail(context: context, NATSError.protocolViolation("the server's first operation is not INFO"))
-        case (_, .ping):
-            var buffer = context.channel.allocator.buffer(capacity: 6)
-            buffer.writeString("PONG\r\n")
-            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        case (_, .pong):
-            guard let waiter = waiters.popFirst() else {
-                return fail(context: context, NATSError.protocolViolation("PONG without a PING"))
-            }
-            switch waiter {
-            case .handshake:
-                phase = .open
-                timer?.cancel()
-                startKeepalive(context: context)
-                if let info = pendingInfo { handshake.succeed(info) }
-            case .keepalive:
-                keepalivesOutstanding -= 1
-            case .flush(let promise):
-                promise.succeed()
-            }
-        case (.open, .message(let message)):
+        case .sendPong:
+            context.writeAndFlush(wrapOutboundOut(Self.pong), promise: nil)
+        case .opened(let info):
+            timer?.cancel()
+            startKeepalive(context: context)
+            handshake.succeed(info)
+        case .completeFlush(let promise):
+            promise.succeed()
+        case .deliver(let message):
             events.received(message)
-        case (.open, .info(let info)):
+        case .infoChanged(let info):
             events.serverInfoChanged(info)
-        case (.open, .error(let text)):
+        case .serverError(let text):
             // Permissions violations leave the connection open; for every other
             // -ERR the server closes it, and this text is the reason.
             closeReason.setIfFirst(NATSError.serverError(text))
             events.serverError(text)
-        case (_, .ok):
-            return
-        case (.awaitingPong, .message), (.awaitingPong, .info):
-            fail(context: context, NATSError.protocolViolation("message or INFO before the handshake's PONG"))
+        case .close(let error):
+            fail(context: context, error)
         }
     }
 
-    private var pendingInfo: NATSServerInfo?
+    private static let ping = ByteBuffer(string: "PING\r\n")
+    private static let pong = ByteBuffer(string: "PONG\r\n")
 
     private func startTLSIfWanted(context: ChannelHandlerContext, info: NATSServerInfo) throws {
         guard let sslContext = settings.sslContext else {
@@ -170,35 +144,28 @@ final class NATSConnectionHandler: ChannelDuplexHandler {
     }
 
     private func keepalive(context: ChannelHandlerContext) {
-        guard phase == .open else { return }
-        if keepalivesOutstanding >= settings.maxPingsOutstanding {
-            return fail(context: context, NATSError.timeout("\(keepalivesOutstanding) PINGs to \(settings.server) unanswered"))
+        switch state.keepaliveDue() {
+        case .sendPing: context.writeAndFlush(wrapOutboundOut(Self.ping), promise: nil)
+        case .idle: return
+        case .unanswered(let count): fail(context: context, NATSError.timeout("\(count) PINGs to \(settings.server) unanswered"))
         }
-        keepalivesOutstanding += 1
-        waiters.append(.keepalive)
-        var buffer = context.channel.allocator.buffer(capacity: 6)
-        buffer.writeString("PING\r\n")
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
         case .bytes(let bytes):
-            guard phase == .open else {
+            guard state.isOpen else {
                 promise?.fail(NATSError.connectionLost)
                 return
             }
             context.write(wrapOutboundOut(bytes), promise: promise)
         case .ping(let pong):
-            guard phase == .open else {
+            guard state.flushRequested(pong) else {
                 pong.fail(NATSError.connectionLost)
                 promise?.fail(NATSError.connectionLost)
                 return
             }
-            waiters.append(.flush(pong))
-            var buffer = context.channel.allocator.buffer(capacity: 6)
-            buffer.writeString("PING\r\n")
-            context.write(wrapOutboundOut(buffer), promise: promise)
+            context.write(wrapOutboundOut(Self.ping), promise: promise)
         }
     }
 
@@ -215,21 +182,18 @@ final class NATSConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        let wasOpen = phase == .open
-        phase = .closed
         timer?.cancel()
         pingTask?.cancel()
+        let (wasOpen, flushes) = state.closed()
         let reason = closeReason.error ?? (wasOpen ? NATSError.connectionLost : NATSError.serverError("\(settings.server) closed the connection during the handshake"))
         if !wasOpen { handshake.fail(reason) }
-        while let waiter = waiters.popFirst() {
-            if case .flush(let promise) = waiter { promise.fail(NATSError.connectionLost) }
-        }
+        for promise in flushes { promise.fail(NATSError.connectionLost) }
         context.fireChannelInactive()
     }
 
     private func fail(context: ChannelHandlerContext, _ error: any Error) {
         closeReason.setIfFirst(error)
-        guard phase != .closed else { return }
+        guard state.phase != .closed else { return }
         context.close(promise: nil)
     }
 }
