@@ -147,12 +147,15 @@ struct CPUUsageLog: Sendable, Codable {
 
     /// `gapNs`: samples further apart than this are separate runs.
     mutating func addPod(_ sample: CauseEvent, bucket: Int64, cgroup: String, usageNs: UInt64, gapNs: Int64) {
-        var p = pods[sample.node]?[sample.entity] ?? Pod()
+        // In place: a pod's buckets are never copied out of the dictionary.
+        Self.add(sample, to: &pods[sample.node, default: [:]][sample.entity, default: Pod()], bucket: bucket, cgroup: cgroup, usageNs: usageNs, gapNs: gapNs)
+    }
+
+    private static func add(_ sample: CauseEvent, to p: inout Pod, bucket: Int64, cgroup: String, usageNs: UInt64, gapNs: Int64) {
         p.buckets[bucket, default: [:]][cgroup, default: 0] += usageNs
         if let last = p.recent.last, sample.timeNs - last.timeNs <= gapNs {} else { p.runStart = sample }
         p.recent.append(sample)
         if p.recent.count > CPUUsageLog.recentSamples { p.recent.removeFirst(p.recent.count - CPUUsageLog.recentSamples) }
-        pods[sample.node, default: [:]][sample.entity] = p
     }
 
     /// Whether `node`'s agent reported usage (its root) in buckets `from...to`.

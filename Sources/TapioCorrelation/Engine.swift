@@ -466,7 +466,10 @@ public struct CorrelationEngine: Sendable {
                 if ratio >= configuration.throttleCauseRatio { addCause(.nodeContention, me, e) }
             } else {
                 if ratio >= configuration.throttleCauseRatio { addCause(.cpuThrottle, me, e) }
-                observe(SeriesKey(observer: me.name, kind: .throttling, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, level: ratio, event: e)
+                // A sample of a cgroup without a quota (usage alone) says nothing of throttling.
+                if periods > 0 {
+                    observe(SeriesKey(observer: me.name, kind: .throttling, peer: ""), from: nil, to: nil, bucket: bucket, count: 1, level: ratio, event: e)
+                }
             }
         case .memoryPressure(_, _, let usage, let limit, let psi, _, _):
             let me = topology.entity(of: e)
