@@ -58,6 +58,9 @@ final class QueryAPITests: XCTestCase {
                 }
             }
             if scenario == "cascade" { XCTAssertGreaterThan(attributed, 0, "peers are attributed") }
+            if scenario == "cpu-throttle" {
+                XCTAssertTrue(events.events.contains { $0.usageNs != nil }, "the recording's agents report CPU usage, and it is read")
+            }
 
             let nodes = try strict(NodesAnswer.self, try raw(.nodes), "\(scenario) nodes")
             XCTAssertGreaterThanOrEqual(nodes.nodes.count, 2, "\(scenario): the run's nodes")
