@@ -30,17 +30,17 @@ final class UITests: XCTestCase {
 
         // What the server itself answers, to hold the pages against.
         let client = try fixture.harness.operatorClient()
-        let incidents = try client.json("incidents", ["status": "all"])["incidents"]?.arrayValue ?? []
-        let incident = try XCTUnwrap(incidents.first { $0["root_causes"]?.arrayValue?.first?["entity"]?.stringValue == "redis" },
-                                     "the replayed cascade has an incident with redis at the top: \(incidents.map { $0["title"]?.stringValue ?? "" })")
-        let id = try XCTUnwrap(incident["id"]?.stringValue)
-        let top = try XCTUnwrap(incident["root_causes"]?.arrayValue?.first)
-        XCTAssertEqual(top["kind"]?.stringValue, "crash")
-        let timeline = try client.json("timeline", ["id": id])["timeline"]?.arrayValue ?? []
-        let timelineNodes = Set(timeline.compactMap { $0["node"]?.stringValue })
+        let incidents = try client.incidents(status: "all").incidents
+        let incident = try XCTUnwrap(incidents.first { $0.topCause?.entity == "redis" },
+                                     "the replayed cascade has an incident with redis at the top: \(incidents.map(\.title))")
+        let id = incident.id
+        let top = try XCTUnwrap(incident.topCause)
+        XCTAssertEqual(top.kind, "crash")
+        let timeline = try client.timeline(id: id).timeline ?? []
+        let timelineNodes = Set(timeline.map(\.node))
         XCTAssertGreaterThanOrEqual(timelineNodes.count, 2, "the cascade's timeline spans nodes: \(timelineNodes)")
-        let edges = try client.json("services")["services"]?.arrayValue ?? []
-        let services = Set(edges.flatMap { [$0["client"]?.stringValue, $0["server"]?.stringValue].compactMap { $0 } })
+        let edges = try client.services().services
+        let services = Set(edges.flatMap { [$0.client, $0.server] })
         XCTAssertTrue(services.contains("redis") && services.contains("api"), "\(services)")
 
         let ui = try fixture.startUI()
@@ -65,7 +65,7 @@ final class UITests: XCTestCase {
         XCTAssertEqual(Self.matches(page, "<g class=\"event (?:cause|symptom)").count, timeline.count, "every timeline event is drawn")
         XCTAssertTrue(page.contains("<g class=\"event cause"), "causes are drawn")
         XCTAssertTrue(page.contains("class=\"err\""), "uncertainty bars are drawn")
-        if timeline.contains(where: { !($0["concurrent_with"]?.arrayValue ?? []).isEmpty }) {
+        if timeline.contains(where: { !$0.concurrentWith.isEmpty }) {
             XCTAssertTrue(page.contains("class=\"concurrent-band\""), "concurrent events are shown as such")
         }
         XCTAssertTrue(page.contains("<table class=\"symptoms\">") && page.contains("connect_refused"), "the symptoms are listed")
@@ -81,15 +81,15 @@ final class UITests: XCTestCase {
         // The service map: every service a box, the failing edge marked.
         let map = try browser.dom(ui.url("/services"), saveTo: output + "/services.html")
         for s in services { XCTAssertTrue(map.contains("class=\"svc-node") && map.contains("data-name=\"\(s)\""), "service \(s) on the map") }
-        let failing = edges.filter { ($0["failures"]?.intValue ?? 0) > 0 }
+        let failing = edges.filter { $0.failures > 0 }
         for e in failing {
-            XCTAssertTrue(map.contains("<g class=\"edge failing\" data-client=\"\(e["client"]?.stringValue ?? "")\" data-server=\"\(e["server"]?.stringValue ?? "")\""),
-                          "failing edge \(e["client"]?.stringValue ?? "") → \(e["server"]?.stringValue ?? "") is marked")
+            XCTAssertTrue(map.contains("<g class=\"edge failing\" data-client=\"\(e.client)\" data-server=\"\(e.server)\""),
+                          "failing edge \(e.client) → \(e.server) is marked")
         }
         XCTAssertFalse(failing.isEmpty, "the cascade has failed connects to redis")
 
         // Events, filtered by kind and node.
-        let node = try XCTUnwrap(timeline.first { $0["kind"]?.stringValue == "process_exit" }?["node"]?.stringValue ?? timelineNodes.sorted().first)
+        let node = try XCTUnwrap(timeline.first { $0.kind == "process_exit" }?.node ?? timelineNodes.sorted().first)
         let events = try browser.dom(ui.url("/events?kind=process_exit&node=\(node)&limit=50"), saveTo: output + "/events.html")
         let kinds = Self.matches(events, "<tr class=\"event\" data-kind=\"([^\"]+)\"")
         XCTAssertFalse(kinds.isEmpty, "process exits of \(node) are listed")
@@ -98,7 +98,7 @@ final class UITests: XCTestCase {
 
         // Nodes: every agent of the run, with its clock offset.
         let nodesPage = try browser.dom(ui.url("/nodes"), saveTo: output + "/nodes.html")
-        let known = (try client.json("nodes")["nodes"]?.arrayValue ?? []).compactMap { $0["node"]?.stringValue }
+        let known = try client.nodes().nodes.map(\.node)
         XCTAssertFalse(known.isEmpty)
         XCTAssertEqual(Set(Self.matches(nodesPage, "<tr class=\"node\" data-node=\"([^\"]+)\"")), Set(known), "every node is listed")
         XCTAssertTrue(timelineNodes.isSubset(of: Set(known)), "the timeline's nodes are the run's agents")
@@ -206,16 +206,16 @@ final class UITests: XCTestCase {
     func testTimelineAsSVGIsXMLWithOneLanePerNode() throws {
         let fixture = try RecordedServer(scenario: "cascade")
         let client = try fixture.harness.operatorClient()
-        let incidents = try client.json("incidents", ["status": "all"])["incidents"]?.arrayValue ?? []
-        let id = try XCTUnwrap(incidents.first { $0["root_causes"]?.arrayValue?.first?["entity"]?.stringValue == "redis" }?["id"]?.stringValue)
-        let timeline = try client.json("timeline", ["id": id])["timeline"]?.arrayValue ?? []
+        let incidents = try client.incidents(status: "all").incidents
+        let id = try XCTUnwrap(incidents.first { $0.topCause?.entity == "redis" }?.id)
+        let timeline = try client.timeline(id: id).timeline ?? []
         let cli = try TapioCLI()
         let connection = ["--server", "127.0.0.1:\(fixture.harness.queryPort)", "--tls-dir", fixture.harness.pki + "/operators/alice"]
         let svg = try cli.run(connection + ["timeline", id, "-o", "svg"])
         XCTAssertEqual(svg.status, 0, svg.stderr)
         let lanes = try SVGLanes(svg.stdout)
         XCTAssertEqual(lanes.root, "svg")
-        XCTAssertEqual(lanes.nodes.sorted(), Set(timeline.compactMap { $0["node"]?.stringValue }).sorted(), "one lane per node")
+        XCTAssertEqual(lanes.nodes.sorted(), Set(timeline.map(\.node)).sorted(), "one lane per node")
         XCTAssertEqual(lanes.events, timeline.count, "every event drawn")
         XCTAssertTrue(svg.stdout.contains(id) && svg.stdout.contains("crash redis"), "the file says which incident and cause")
         let dir = try TestSupport.temporaryDirectory("tapio-ui-svg")
