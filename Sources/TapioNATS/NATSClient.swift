@@ -416,7 +416,7 @@ public final class NATSClient: Sendable {
             channel = try await bootstrap.connect(host: server.host, port: server.port).get()
         } catch {
             handshake.fail(error)
-            throw error
+            throw Self.connectFailure(error)
         }
         do {
             let info = try await handshake.futureResult.get()
@@ -514,6 +514,22 @@ public final class NATSClient: Sendable {
     }
 
     // MARK: - Helpers
+
+    /// A TCP connect failure in the system's words ("Connection refused");
+    /// the server's address is added by the caller.
+    private static func connectFailure(_ error: any Error) -> NATSError {
+        let reasons: [String]
+        if let failures = error as? NIOConnectionError {
+            reasons = failures.connectionErrors.map { failure in
+                (failure.error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\(failure.error)"
+            } + (failures.dnsAError.map { ["DNS: \($0)"] } ?? []) + (failures.dnsAAAAError.map { ["DNS: \($0)"] } ?? [])
+        } else if let io = error as? IOError {
+            reasons = [String(cString: strerror(io.errnoCode))]
+        } else {
+            reasons = ["\(error)"]
+        }
+        return .connectionFailed("TCP connect failed: \(reasons.isEmpty ? "\(error)" : Set(reasons).sorted().joined(separator: ", "))")
+    }
 
     private static func subLine(sid: UInt64, subject: String, queue: String?) -> ByteBuffer {
         ByteBuffer(string: "SUB \(subject) \(queue.map { $0 + " " } ?? "")\(sid)\r\n")

@@ -144,4 +144,30 @@ final class CoreProtocolTests: NATSTestCase {
         XCTAssertNil(client.lastError)
         try await client.flush()
     }
+
+    func testOperationsWaitForAReconnectUpToTheirTimeoutAndFailOnceTheClientGivesUp() async throws {
+        let server = try startServer(jetStream: false)
+        let client = try await connect([server]) {
+            $0.requestTimeout = .milliseconds(500)
+            $0.reconnect = .rounds(8)
+            $0.reconnectWait = .milliseconds(250)
+        }
+        server.kill9()
+        do {
+            try await client.publish("x", string: "while the server is down")
+            XCTFail("a publish succeeded with no server")
+        } catch NATSError.timeout(let what) {
+            XCTAssertTrue(what.contains("no connection"), what)
+        }
+        let gaveUp = eventually(timeout: 20) { client.isClosed }
+        XCTAssertTrue(gaveUp, "the client did not give up after its reconnect rounds")
+        guard case NATSError.cannotConnect(let reasons)? = client.lastError as? NATSError else {
+            return XCTFail("last error: \(String(describing: client.lastError))")
+        }
+        XCTAssertTrue(reasons.joined().contains("127.0.0.1:\(server.port)"), "\(reasons)")
+        do {
+            _ = try await client.request("x", payload: [UInt8]())
+            XCTFail("a request succeeded on a client that gave up")
+        } catch NATSError.closed {}
+    }
 }

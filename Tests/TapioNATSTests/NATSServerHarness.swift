@@ -29,7 +29,7 @@ final class NATSTestServer {
 
     /// Writes the config; `start()` runs it. `routes` are the cluster ports of all nodes (its own included).
     init(name: String, directory: String, jetStream: Bool = true, clusterPort: Int = 0, routes: [Int] = [],
-         tlsDirectory: String? = nil, auth: Auth = .none, maxPayload: Int? = nil, extraConfig: [String] = []) throws {
+         tlsDirectory: String? = nil, extraTLS: [String] = [], auth: Auth = .none, maxPayload: Int? = nil, extraConfig: [String] = []) throws {
         self.name = name
         self.port = TestSupport.freePort()
         self.clusterPort = clusterPort
@@ -45,7 +45,7 @@ final class NATSTestServer {
             lines.append("cluster { name: tapio-test, listen: 127.0.0.1:\(clusterPort), routes: [\(routeList)] }")
         }
         if let tls = tlsDirectory {
-            lines.append("tls { cert_file: \"\(tls)/tls.crt\", key_file: \"\(tls)/tls.key\", ca_file: \"\(tls)/ca.crt\", timeout: 5 }")
+            lines.append("tls { cert_file: \"\(tls)/tls.crt\", key_file: \"\(tls)/tls.key\", ca_file: \"\(tls)/ca.crt\", timeout: 5\(extraTLS.map { ", " + $0 }.joined()) }")
         }
         switch auth {
         case .none: break
@@ -113,9 +113,9 @@ class NATSTestCase: XCTestCase {
         if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
     }
 
-    func startServer(name: String = "n1", jetStream: Bool = true, tlsDirectory: String? = nil,
+    func startServer(name: String = "n1", jetStream: Bool = true, tlsDirectory: String? = nil, extraTLS: [String] = [],
                      auth: NATSTestServer.Auth = .none, maxPayload: Int? = nil, extraConfig: [String] = []) throws -> NATSTestServer {
-        let server = try NATSTestServer(name: name, directory: directory, jetStream: jetStream, tlsDirectory: tlsDirectory,
+        let server = try NATSTestServer(name: name, directory: directory, jetStream: jetStream, tlsDirectory: tlsDirectory, extraTLS: extraTLS,
                                         auth: auth, maxPayload: maxPayload, extraConfig: extraConfig)
         servers.append(server)
         try server.start()

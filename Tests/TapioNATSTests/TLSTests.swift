@@ -43,4 +43,27 @@ final class TLSTests: NATSTestCase {
             XCTAssertTrue(reasons.joined().contains("TLS"), "\(reasons)")
         }
     }
+
+    func testAServerThatVerifiesClientsAcceptsTheClientsCertificateAndRefusesNone() async throws {
+        let pki = try TestSupport.makePKI(in: directory, nodes: ["n1"])
+        let server = try startServer(jetStream: false, tlsDirectory: pki + "/server", extraTLS: ["verify: true"])
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(pki + "/server/ca.crt")
+        tls.certificateChain = try NIOSSLCertificate.fromPEMFile(pki + "/nodes/n1/tls.crt").map { .certificate($0) }
+        tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: pki + "/nodes/n1/tls.key", format: .pem))
+        let client = try await connect([server]) { $0.tls = tls }
+        try await client.flush()
+        XCTAssertNil(client.lastError)
+
+        var anonymous = TLSConfiguration.makeClientConfiguration()
+        anonymous.trustRoots = .file(pki + "/server/ca.crt")
+        do {
+            _ = try await connect([server]) { $0.tls = anonymous }
+            XCTFail("a client without a certificate was served by a server that verifies clients")
+        } catch NATSError.cannotConnect(let reasons) {
+            let text = reasons.joined()
+            XCTAssertTrue(text.contains("TLS with 127.0.0.1:\(server.port) failed"), text)
+            XCTAssertTrue(text.uppercased().contains("CERTIFICATE"), text)
+        }
+    }
 }
