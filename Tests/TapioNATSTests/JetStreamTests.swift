@@ -121,6 +121,25 @@ final class JetStreamTests: NATSTestCase {
         XCTAssertEqual(info.ackPending, 0)
     }
 
+    func testANakedMessageComesAgainAtOnceWithItsDeliveryCountRaised() async throws {
+        let server = try startServer()
+        let client = try await connect([server])
+        let js = JetStream(client: client)
+        try await waitForJetStream(js)
+        try await js.createStream(StreamConfiguration(name: "WORK", subjects: ["work"]))
+        _ = try await js.publish("work", payload: Array("job".utf8))
+        var config = ConsumerConfiguration(durableName: "worker")
+        config.ackWait = .seconds(60)  // a redelivery within the test can only come from the nak
+        try await js.createConsumer(stream: "WORK", config)
+        let first = try await js.fetch(stream: "WORK", consumer: "worker", batch: 1, expires: .seconds(2))
+        XCTAssertEqual(first.map(\.deliveryCount), [1])
+        try await js.nak(try XCTUnwrap(first.first))
+        let again = try await js.fetch(stream: "WORK", consumer: "worker", batch: 1, expires: .seconds(5))
+        XCTAssertEqual(again.map(\.streamSequence), [1])
+        XCTAssertEqual(again.map(\.deliveryCount), [2])
+        XCTAssertEqual(again.map(\.consumerSequence), [2])
+    }
+
     func testKeyValueCompareAndSetRefusesAStaleRevision() async throws {
         let server = try startServer()
         let client = try await connect([server])
