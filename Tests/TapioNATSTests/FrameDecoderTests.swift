@@ -86,6 +86,38 @@ final class FrameDecoderTests: XCTestCase {
         XCTAssertThrowsError(try NATSFrameDecoder(maxPayload: 1 << 20).next(&buffer))
     }
 
+    /// Mutations of a valid stream (bytes changed, dropped, duplicated, digits
+    /// inserted into sizes): each either decodes or is refused with a
+    /// protocolViolation — never a trap, never another error. Seeded, so a
+    /// failure repeats.
+    func testMutatedInputIsDecodedOrRefusedNeverATrap() throws {
+        let valid = Array((info + "PING\r\nMSG a.b 7 r 5\r\nhello\r\nHMSG c 8 24 27\r\nNATS/1.0 503 x\r\nA: b\r\n\r\nxyz\r\n-ERR 'e'\r\n").utf8)
+        XCTAssertEqual(try decodeAll(String(decoding: valid, as: UTF8.self)).count, 5, "the stream mutated is not valid to begin with")
+        var rng = SplitMix64(seed: 0x7A91)
+        let alphabet = Array("0123456789 \r\n:.-'{}\"NATS/HMSG".utf8) + [0, 255]
+        var refused = 0
+        for _ in 0..<10_000 {
+            var bytes = valid
+            for _ in 0..<(1 + Int(rng.next() % 4)) {
+                let at = Int(rng.next() % UInt64(bytes.count))
+                switch rng.next() % 4 {
+                case 0: bytes[at] = alphabet[Int(rng.next() % UInt64(alphabet.count))]
+                case 1: bytes.remove(at: at)
+                case 2: bytes.insert(bytes[at], at: at)
+                default: bytes.insert(contentsOf: Array("9999".utf8), at: at)
+                }
+                if bytes.isEmpty { bytes = [13] }
+            }
+            var buffer = ByteBuffer(bytes: bytes)
+            do {
+                while try NATSFrameDecoder(maxPayload: 4096).next(&buffer) != nil {}
+            } catch NATSError.protocolViolation {
+                refused += 1
+            }
+        }
+        XCTAssertGreaterThan(refused, 500, "the mutations hardly ever produced invalid input: the test tests little")
+    }
+
     func testHeaderBlocksRoundTripWithStatusAndRepeatedNames() throws {
         var headers = NATSHeaders([("Nats-Msg-Id", "n1-7"), ("X", "1"), ("X", "2")])
         headers.status = 404
@@ -161,5 +193,18 @@ final class AckSubjectTests: XCTestCase {
         for bad in ["_INBOX.x.1", "$JS.ACK.FEED.engine.x.17.5.1.3", "$JS.ACK.FEED.engine.2.17", "$JS.ACK.a.b.c.d.e.f.g.h.i.j"] {
             XCTAssertThrowsError(try JetStreamMessage.parseAckSubject(bad), bad)
         }
+    }
+}
+
+/// A small seeded generator (SplitMix64), so mutation tests repeat exactly.
+struct SplitMix64 {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
