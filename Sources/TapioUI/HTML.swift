@@ -78,8 +78,8 @@ func page(title: String, active: String, fragment: String, live: Bool = true) ->
         """
 }
 
-/// Polls `/api/fragment` every 2 s for the page it is on and swaps the
-/// fragment in when it changed (keeping which `<details>` are open, and not
+/// Polls `/api/fragment` every 2 s for the page it is on (and at once when
+/// `/api/changes` says incidents changed) and swaps the fragment in when it changed (keeping which `<details>` are open, and not
 /// while a filter field is being edited); a failed poll is said in the status
 /// line and the last answer stays on screen.
 let liveScript = """
@@ -110,8 +110,20 @@ let liveScript = """
           .catch(function (e) { status.textContent = 'not updated: tapio ui does not answer (' + e + ')'; status.className = 'status error'; })
           .then(function () { busy = false; });
       }
+      // Incident changes the server pushes: /api/changes answers when there
+      // is one (404: this UI has no feed, the 2 s poll does it all). Started
+      // once the page has settled: a long-poll is a request that is always
+      // open, and renderers that wait for the network to go quiet (headless
+      // ones dumping the DOM) would wait forever.
+      function follow(after) {
+        fetch('/api/changes?after=' + after, {credentials: 'same-origin', cache: 'no-store'})
+          .then(function (r) { if (!r.ok) throw r.status; return r.json(); })
+          .then(function (d) { if (after >= 0 && d.generation > after) poll(); follow(d.generation); })
+          .catch(function (e) { if (e !== 404 && e !== 401) setTimeout(function () { follow(-1); }, 2000); });
+      }
       poll();
       setInterval(poll, 2000);
+      setTimeout(function () { follow(-1); }, 5000);
     })();
     """
 

@@ -31,13 +31,17 @@ public final class UIServer: Sendable {
 
     public let configuration: Configuration
     private let query: UIQueries
+    private let feed: IncidentFeed?
     private let group: MultiThreadedEventLoopGroup
     private let pool: NIOThreadPool
     private let channel = Mutex<Channel?>(nil)
 
-    public init(configuration: Configuration, query: UIQueries) {
+    /// `feed`: incident changes pushed by the server, for `/api/changes`
+    /// (nil: pages only poll).
+    public init(configuration: Configuration, query: UIQueries, feed: IncidentFeed? = nil) {
         self.configuration = configuration
         self.query = query
+        self.feed = feed
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         pool = NIOThreadPool(numberOfThreads: max(1, configuration.queryThreads))
     }
@@ -47,6 +51,7 @@ public final class UIServer: Sendable {
         pool.start()
         let router = Router(configuration: configuration, query: query)
         let pool = self.pool
+        let feed = self.feed
         let bound: Channel
         do {
             bound = try ServerBootstrap(group: group)
@@ -54,7 +59,7 @@ public final class UIServer: Sendable {
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
                     channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMapThrowing {
-                        try channel.pipeline.syncOperations.addHandler(UIHTTPHandler(router: router, pool: pool))
+                        try channel.pipeline.syncOperations.addHandler(UIHTTPHandler(router: router, pool: pool, feed: feed))
                     }
                 }
                 .bind(host: configuration.host, port: configuration.port).wait()
@@ -116,6 +121,13 @@ struct Router: Sendable {
             return Response(status: .methodNotAllowed, contentType: "text/plain; charset=utf-8", body: "the UI only reads: GET\n", headers: [("Allow", "GET, HEAD")])
         }
         let (path, params) = Self.split(target)
+        if let refusal = refusal(path: path, params: params, cookie: cookie) { return refusal }
+        return route(path: path, params: params)
+    }
+
+    /// The answer when the request may not be served as it is: the token's
+    /// redirect, or the refusal without it; nil when it may.
+    func refusal(path: String, params: [String: String], cookie: String?) -> Response? {
         if let token = configuration.token {
             if let given = params["token"] {
                 guard Self.same(given, token) else { return denied() }
@@ -130,6 +142,10 @@ struct Router: Sendable {
             }
             guard let value = Self.cookie(cookieName, in: cookie), Self.same(value, token) else { return denied() }
         }
+        return nil
+    }
+
+    func route(path: String, params: [String: String]) -> Response {
         switch path {
         case "/ui.js": return Response(status: .ok, contentType: "text/javascript; charset=utf-8", body: liveScript)
         case "/favicon.ico": return Response(status: .noContent, contentType: "text/plain", body: "")
@@ -208,11 +224,13 @@ final class UIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let router: Router
     private let pool: NIOThreadPool
+    private let feed: IncidentFeed?
     private var head: HTTPRequestHead?
 
-    init(router: Router, pool: NIOThreadPool) {
+    init(router: Router, pool: NIOThreadPool, feed: IncidentFeed?) {
         self.router = router
         self.pool = pool
+        self.feed = feed
     }
 
     /// Headers on every answer: no caching of cluster data, scripts only from
@@ -234,6 +252,23 @@ final class UIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             let router = self.router
             let cookie = head.headers["Cookie"].joined(separator: "; ")
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            if let feed, head.method == .GET, head.uri.hasPrefix("/api/changes") {
+                // A long-poll waits on the event loop, not on a query thread.
+                let (path, params) = Router.split(head.uri)
+                if path == "/api/changes" {
+                    if let refusal = router.refusal(path: path, params: params, cookie: cookie.isEmpty ? nil : cookie) {
+                        write(context: context, refusal, headOnly: false, version: head.version)
+                        return
+                    }
+                    let after = params["after"].flatMap { Int($0) } ?? -1
+                    let wait = params["wait_s"].flatMap { Int64($0) } ?? IncidentFeed.maximumWaitSeconds
+                    feed.next(after: after, on: context.eventLoop, waitSeconds: wait).whenSuccess { generation in
+                        let (handler, context) = bound.value
+                        handler.write(context: context, .json(.object(["generation": .int(Int64(generation))])), headOnly: false, version: head.version)
+                    }
+                    return
+                }
+            }
             pool.runIfActive(eventLoop: context.eventLoop) {
                 router.respond(method: head.method, target: head.uri, cookie: cookie.isEmpty ? nil : cookie)
             }.whenComplete { result in

@@ -51,7 +51,9 @@ struct UI: ParsableCommand {
         config.host = address.host
         config.port = address.port
         config.token = noToken ? nil : (token ?? Self.randomToken())
-        let server = UIServer(configuration: config, query: ServerQueries(connection: resolved))
+        let feed = IncidentFeed()
+        Self.follow(resolved, into: feed)
+        let server = UIServer(configuration: config, query: ServerQueries(connection: resolved), feed: feed)
         let bound: Int
         do {
             bound = try server.start().port ?? address.port
@@ -78,6 +80,27 @@ struct UI: ParsableCommand {
         func services() throws -> ServicesAnswer { try connection.ask { try $0.services() } }
         func nodes() throws -> NodesAnswer { try connection.ask { try $0.nodes() } }
         func events(_ params: [String: String]) throws -> EventsAnswer { try connection.ask { try $0.events(params) } }
+    }
+
+    /// Keeps a subscription to the server's incident changes for the pages'
+    /// live updates, on a thread of its own for as long as the UI runs; a
+    /// lost connection is tried again every 2 s (the pages say meanwhile
+    /// what their own queries meet).
+    static func follow(_ connection: ResolvedConnection, into feed: IncidentFeed) {
+        let thread = Thread {
+            while true {
+                do {
+                    try connection.client().subscribe(keepaliveMs: 5_000) { message in
+                        if message.type != .keepalive { feed.changed() }
+                        return true
+                    }
+                } catch {
+                    Thread.sleep(forTimeInterval: 2)
+                }
+            }
+        }
+        thread.name = "incident-feed"
+        thread.start()
     }
 
     static func randomToken() -> String {

@@ -133,7 +133,7 @@ final class QueryAPITests: XCTestCase {
         XCTAssertTrue(eventually { messages.all.first?.type == .snapshot }, "the snapshot comes first: \(messages.all)")
         XCTAssertEqual(messages.all.first?.incidents, [], "an empty server has no incident")
 
-        try feedOOMKillBehindRefusedConnects(harness)
+        try Self.feedOOMKillBehindRefusedConnects(harness)
         XCTAssertTrue(eventually(timeout: 30) { messages.all.contains { $0.type == .change } }, "a change is pushed: \(messages.all.map(\.type))")
         let first = try XCTUnwrap(messages.all.first { $0.type == .change })
         XCTAssertEqual(first.change, .opened, "a new incident opens (the events are 90 s old, so it may resolve at once: then a resolved change follows)")
@@ -205,7 +205,7 @@ final class QueryAPITests: XCTestCase {
     }
 
     /// Refused connects from api to redis after redis was OOM-killed (as CorrelationTests).
-    func feedOOMKillBehindRefusedConnects(_ harness: ServerHarness) throws {
+    static func feedOOMKillBehindRefusedConnects(_ harness: ServerHarness) throws {
         let (api, apiSender) = try harness.agent(node: "node-a")
         let (redis, redisSender) = try harness.agent(node: "node-b")
         apiSender.setInventory(Inventory(pods: [PodInfo(uid: "a", name: "api-1", namespace: "shop", node: "node-a", ips: ["10.0.1.10"], service: "api")]))

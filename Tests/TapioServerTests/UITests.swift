@@ -129,6 +129,7 @@ final class UITests: XCTestCase {
         XCTAssertEqual(try HTTP.get(port: ui.port, path: "/").status, 401)
         XCTAssertEqual(try HTTP.get(port: ui.port, path: "/?token=not-the-token").status, 401)
         XCTAssertEqual(try HTTP.get(port: ui.port, path: "/api/fragment?path=/").status, 401)
+        XCTAssertEqual(try HTTP.get(port: ui.port, path: "/api/changes?after=0").status, 401, "the change feed wants the token too")
         let redirect = try HTTP.get(port: ui.port, path: "/events?kind=dns&token=\(ui.token)")
         XCTAssertEqual(redirect.status, 303)
         XCTAssertEqual(redirect.headers["location"], "/events?kind=dns", "the token is taken out of the address")
@@ -257,6 +258,46 @@ final class UITests: XCTestCase {
         let zoomed = Axis(intervals, window: (0, 10 * ms), x0: 100, width: 1000)
         XCTAssertEqual(zoomed.segments.count, 1)
         XCTAssertEqual(zoomed.x(5 * ms), 600, accuracy: 0.001, "a zoom is one linear stretch")
+    }
+
+    /// `tapio ui` subscribes to the server's incident changes: a page's
+    /// long-poll on /api/changes is answered as soon as an incident opens,
+    /// not at its 2 s poll or the long-poll's end, and the fragment fetched
+    /// then shows the incident.
+    func testAnIncidentThatOpensIsPushedToTheLongPollingPage() throws {
+        let harness = try ServerHarness(nodes: ["node-a", "node-b"])
+        let port = TestSupport.freePort()
+        let process = try TapioCLI().start(["ui", "--server", "127.0.0.1:\(harness.queryPort)", "--tls-dir", harness.pki + "/operators/alice",
+                                            "--listen", "127.0.0.1:\(port)", "--no-token"])
+        defer { process.stop() }
+        XCTAssertTrue(eventually(timeout: 30) { process.stdout.contains("http://") }, process.stderr)
+        @Sendable func generation(_ query: String) throws -> Int {
+            let r = try HTTP.get(port: port, path: "/api/changes?" + query)
+            guard r.status == 200, let g = try JSONValue.parse(Array(r.body.utf8))["generation"]?.intValue else {
+                throw TestSupportError("no generation: \(r.status) \(r.body)")
+            }
+            return Int(g)
+        }
+        // The subscription's snapshot is the first generation.
+        var start = 0
+        XCTAssertTrue(eventually { start = (try? generation("after=-1")) ?? 0; return start >= 1 }, "the UI subscribed: \(process.stderr)")
+        XCTAssertEqual(try generation("after=\(start)&wait_s=1"), start, "nothing changed: the long-poll ends with the same generation")
+
+        let answered = Collected()
+        let from = start
+        let waiting = Thread {
+            let began = Date()
+            let g = (try? generation("after=\(from)&wait_s=25")) ?? -1
+            answered.ended("\(g) \(Date().timeIntervalSince(began))")
+        }
+        waiting.start()
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(harness)
+        XCTAssertTrue(eventually(timeout: 30) { answered.end != nil }, "the long-poll is answered")
+        let parts = try XCTUnwrap(answered.end).split(separator: " ")
+        XCTAssertGreaterThan(Int(parts[0]) ?? -1, start, "a newer generation")
+        XCTAssertLessThan(Double(parts[1]) ?? 99, 20, "answered when the incident opened, not at the long-poll's end")
+        let fragment = try HTTP.get(port: port, path: "/api/fragment?path=%2F")
+        XCTAssertTrue(fragment.body.contains("data-kind=\\\"oom_kill\\\" data-entity=\\\"redis\\\""), fragment.body)
     }
 
     /// Names from the cluster (a pod, a DNS name) are text, never markup.
