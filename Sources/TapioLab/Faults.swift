@@ -108,7 +108,7 @@ extension LabRun {
             // SERVFAIL (forwarded to a broken upstream); SIGHUP re-reads both files.
             let name = f.target.contains(".") ? f.target : plan.dnsName(f.target)
             let rcode = (f.string("rcode") ?? "NXDOMAIN").uppercased()
-            let hosts = plan.hostsFile.split(separator: "\n").filter { !$0.hasSuffix(" " + name) }.map { $0 + "\n" }.joined()
+            let hosts = hostsFile.split(separator: "\n").filter { !$0.hasSuffix(" " + name) }.map { $0 + "\n" }.joined()
             try Shell.write(hosts, to: dnsDir + "/hosts")
             if rcode == "SERVFAIL" {
                 try Shell.write("server=/\(name)/\(LabPlan.dnsIP)#\(LabPlan.badDNSPort)\n", to: dnsDir + "/servers")
@@ -116,7 +116,7 @@ extension LabRun {
             reloadDNS()
             timeline.note("FAULT dns: \(name) answers \(rcode) (dnsmasq reloaded)")
             return { [self] in
-                try? Shell.write(plan.hostsFile, to: dnsDir + "/hosts")
+                try? Shell.write(hostsFile, to: dnsDir + "/hosts")
                 try? Shell.write("", to: dnsDir + "/servers")
                 reloadDNS()
                 timeline.note("REVERT dns: \(name) resolves again")
@@ -136,6 +136,9 @@ extension LabRun {
 
         case "start":
             let s = services[f.target]!
+            // A service stopped by an earlier `start`'s revert (a soak
+            // repeats its activities) may run and restart again.
+            s.release()
             try s.start()
             timeline.note("FAULT start: \(f.target) started on \(scenario.service(f.target)!.node) (pid \(s.pid ?? 0))")
             return { [timeline] in
@@ -143,6 +146,48 @@ extension LabRun {
                 s.signal(SIGTERM)
                 timeline.note("REVERT start: \(f.target) stopped")
             }
+
+        case "scale":
+            // A Deployment scaled up and down: the replica (a service declared
+            // `start: on_fault`) starts, and once it listens its address joins
+            // the DNS name of the service it replicates (a Service's endpoints,
+            // round-robin in nginx's resolver). Scaled down the Kubernetes way:
+            // the endpoint leaves first, the pod is stopped (SIGTERM) after a
+            // drain longer than the resolver's 1 s cache.
+            let svc = scenario.service(f.target)!
+            let s = services[f.target]!
+            guard let joins = f.string("joins"), let joined = scenario.service(joins) else {
+                throw LabError("scale needs params.joins: the service whose name the replica joins")
+            }
+            let line = "\(plan.serviceIP(svc.name)) \(plan.dnsName(joined.name))"
+            s.release()
+            try s.start()
+            let ready = waitForListener(svc, timeout: 10)
+            extraHosts.append(line)
+            try Shell.write(hostsFile, to: dnsDir + "/hosts")
+            reloadDNS()
+            timeline.note("FAULT scale: \(svc.name) started on \(svc.node) (pid \(s.pid ?? 0)), \(ready ? "listening" : "not listening after 10 s"); joins \(plan.dnsName(joined.name))")
+            let drain = f.double("drain_s") ?? 2.5
+            return { [self] in
+                extraHosts.removeAll { $0 == line }
+                try? Shell.write(hostsFile, to: dnsDir + "/hosts")
+                reloadDNS()
+                timeline.note("REVERT scale: \(svc.name) left \(plan.dnsName(joined.name)); stopped in \(drain) s")
+                DispatchQueue.global().asyncAfter(deadline: .now() + drain) { [timeline] in
+                    s.hold()
+                    s.signal(SIGTERM)
+                    timeline.note("REVERT scale: \(svc.name) stopped (SIGTERM)")
+                }
+            }
+
+        case "dns_restart":
+            // The node-local DNS cache restarts: dnsmasq gets SIGTERM, is gone
+            // for `down_s` and starts again with the same configuration. Queries
+            // in the gap are refused (no listener) and retried by the clients.
+            let down = f.double("down_s") ?? 0.1
+            try restartDNS(downS: down)
+            timeline.note("FAULT dns_restart: dnsmasq restarted (down \(down) s, pid \(infra["dnsmasq"]?.pid ?? 0))")
+            return noop
 
         case "disk_fill":
             let svc = scenario.service(f.target)!

@@ -43,6 +43,12 @@ public final class LabRun: @unchecked Sendable {
     var notes: [String] = []
     var originalQuota: [String: String] = [:]
     var helpers: [Child] = []
+    /// Called about every 200 ms while the load runs (warmup and observation):
+    /// how a soak samples the server's and agents' resources.
+    var onTick: ((LabRun) -> Void)?
+    /// Whether the report reads every event of the run back (the baseline and
+    /// events.json); a long soak leaves it out.
+    var collectEvents = true
 
     public init(scenario: Scenario, options: LabOptions) throws {
         guard geteuid() == 0 else { throw LabError("tapio-lab needs root (network namespaces, cgroups, BPF)") }
@@ -92,7 +98,10 @@ public final class LabRun: @unchecked Sendable {
 
         // Warmup: steady load, the engine learns its baseline.
         let warmupEnd = Date(timeIntervalSinceNow: s.timing.warmupS)
-        while Date() < warmupEnd { try LabSignals.sleep(min(1, max(0, warmupEnd.timeIntervalSinceNow))) }
+        while Date() < warmupEnd {
+            onTick?(self)
+            try LabSignals.sleep(min(0.2, max(0, warmupEnd.timeIntervalSinceNow)))
+        }
 
         // Faults on schedule; the server is polled for incidents meanwhile.
         let faultStartNs = Shell.nowNs()
@@ -129,6 +138,7 @@ public final class LabRun: @unchecked Sendable {
                     timeline.note("server's top-1 is correct: \(reported[0].entity)/\(reported[0].kind)")
                 }
             }
+            onTick?(self)
             try LabSignals.sleep(0.2)
         }
         for a in active.reversed() { a.revert() }
@@ -145,7 +155,7 @@ public final class LabRun: @unchecked Sendable {
         if top1S == nil, Scoring.topOneCorrect(expected: s.expected, reported: reported) {
             top1S = max(0, Double(endNs - expectedFaultNs) / 1e9)
         }
-        let events = queryEvents(sinceNs: state.current.items.isEmpty ? 0 : runStartNs, untilNs: endNs)
+        let events = collectEvents ? queryEvents(sinceNs: state.current.items.isEmpty ? 0 : runStartNs, untilNs: endNs) : []
         let entities = entityMap()
         let baseline = Scoring.baseline(events: events.filter { $0.timeNs >= loadStartNs },
                                         scope: s.baselineScope) { e in
@@ -170,7 +180,7 @@ public final class LabRun: @unchecked Sendable {
             serverIncidents: incidents, serverTimeline: serverTimeline, load: load, healthy: s.isHealthy)
         try? Shell.write(report.json.serialized(pretty: true) + "\n", to: plan.runDirectory + "/report.json")
         try? Shell.write(report.text, to: plan.runDirectory + "/report.txt")
-        try? Shell.write(QueryCoding.string(EventsAnswer(events: events)) + "\n", to: plan.runDirectory + "/events.json")
+        if collectEvents { try? Shell.write(QueryCoding.string(EventsAnswer(events: events)) + "\n", to: plan.runDirectory + "/events.json") }
         return report
     }
 
@@ -280,7 +290,7 @@ public final class LabRun: @unchecked Sendable {
 
     // MARK: server and agents
 
-    private func startInfra(_ name: String, _ argv: [String], netns: String? = nil, stopOrder: Int = 0) throws -> Child {
+    func startInfra(_ name: String, _ argv: [String], netns: String? = nil, stopOrder: Int = 0) throws -> Child {
         let p = try Spawner.spawn(argv, netns: netns, cgroups: infraCgroups, log: plan.runDirectory + "/logs/\(name).log")
         try state.addProcess(name: name, pid: p.pid, stopOrder: stopOrder)
         infra[name] = p
@@ -390,7 +400,7 @@ public final class LabRun: @unchecked Sendable {
             user=root
 
             """, to: dnsDir + "/dnsmasq.conf")
-        _ = try startInfra("dnsmasq", ["/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=\(dnsDir)/dnsmasq.conf"], netns: plan.fabricNetns)
+        _ = try startInfra("dnsmasq", dnsArgv, netns: plan.fabricNetns)
         // A broken upstream the SERVFAIL fault points a name at.
         _ = try startInfra("bad-dns", ["/usr/bin/python3", options.labDirectory + "/services/bad_dns.py",
                                        "--listen", "\(LabPlan.dnsIP):\(LabPlan.badDNSPort)"], netns: plan.fabricNetns)
@@ -399,6 +409,36 @@ public final class LabRun: @unchecked Sendable {
 
     func reloadDNS() {
         if let p = infra["dnsmasq"], p.isRunning { kill(p.pid, SIGHUP) }
+    }
+
+    /// Records added to the cluster DNS while the run goes on (a scaled-up replica's address).
+    var extraHosts: [String] = []
+
+    /// The DNS hosts file now: every service's record and the added ones.
+    var hostsFile: String { plan.hostsFile + extraHosts.map { $0 + "\n" }.joined() }
+
+    private var dnsArgv: [String] { ["/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=\(dnsDir)/dnsmasq.conf"] }
+
+    /// Stops dnsmasq (SIGTERM), waits `downS` and starts it again.
+    func restartDNS(downS: Double) throws {
+        if let old = infra["dnsmasq"] {
+            old.terminate(grace: 2)
+            state.removeProcess(pid: old.pid)
+        }
+        try LabSignals.sleep(downS)
+        _ = try startInfra("dnsmasq", dnsArgv, netns: plan.fabricNetns)
+    }
+
+    /// Whether the service listens on its port within `timeout` seconds (ss in its node).
+    func waitForListener(_ svc: ServiceSpec, timeout: Double) -> Bool {
+        guard let port = svc.effectivePort else { return true }
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        while Date() < deadline {
+            let r = Shell.run(["ip", "netns", "exec", plan.netns(node: svc.node), "ss", "-Hltn", "sport", "=", ":\(port)"])
+            if r.output.contains(plan.serviceIP(svc.name) + ":\(port)") { return true }
+            if (try? LabSignals.sleep(0.1)) == nil { return false }
+        }
+        return false
     }
 
     // MARK: services and load
@@ -456,7 +496,14 @@ public final class LabRun: @unchecked Sendable {
             argv += spec.volumeMb != nil ? ["--appendonly", "yes", "--appendfsync", "everysec"] : ["--appendonly", "no"]
         case .command:
             argv = spec.argv!.map { a in
-                a.replacingOccurrences(of: "{lab}", with: options.labDirectory)
+                var a = a
+                // {ip:<service>} and {port:<service>}: another service's pod
+                // address, as a client in a cluster is given its peer's.
+                for other in scenario.services {
+                    a = a.replacingOccurrences(of: "{ip:\(other.name)}", with: plan.serviceIP(other.name))
+                        .replacingOccurrences(of: "{port:\(other.name)}", with: String(other.effectivePort ?? 0))
+                }
+                return a.replacingOccurrences(of: "{lab}", with: options.labDirectory)
                     .replacingOccurrences(of: "{ip}", with: ip)
                     .replacingOccurrences(of: "{port}", with: String(port))
                     .replacingOccurrences(of: "{volume}", with: volume(spec.name))

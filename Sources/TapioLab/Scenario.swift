@@ -107,7 +107,7 @@ public struct Timing: Codable, Sendable, Equatable {
 
 public struct FaultSpec: Codable, Sendable, Equatable {
     /// memory_fill, stop, kill, crash_loop, firewall_drop, packet_loss,
-    /// bandwidth, dns, cpu_quota, start, disk_fill (docs/lab.md).
+    /// bandwidth, dns, cpu_quota, start, disk_fill, scale, dns_restart (docs/lab.md).
     public var type: String
     /// A service name (a DNS name for `dns`).
     public var target: String
@@ -139,7 +139,7 @@ public struct FaultSpec: Codable, Sendable, Equatable {
 
     public static let types: Set<String> = [
         "memory_fill", "stop", "kill", "crash_loop", "firewall_drop", "packet_loss",
-        "bandwidth", "dns", "cpu_quota", "start", "disk_fill",
+        "bandwidth", "dns", "cpu_quota", "start", "disk_fill", "scale", "dns_restart",
     ]
 }
 
@@ -247,9 +247,10 @@ extension Scenario {
         guard timing.warmupS >= 0, timing.observeS > 0 else { throw fail("timing: warmup ≥ 0 and observe > 0 seconds") }
         for f in faults {
             guard FaultSpec.types.contains(f.type) else { throw fail("unknown fault type \(f.type); one of \(FaultSpec.types.sorted().joined(separator: ", "))") }
-            if f.type != "dns", service(f.target) == nil { throw fail("fault \(f.type) targets unknown service \(f.target)") }
+            if f.type != "dns", f.type != "dns_restart", service(f.target) == nil { throw fail("fault \(f.type) targets unknown service \(f.target)") }
             if f.type == "disk_fill", service(f.target)?.volumeMb == nil { throw fail("disk_fill needs a service with volume_mb") }
-            if f.type == "start", service(f.target)?.startsWithRun != false { throw fail("start needs a service with start: on_fault") }
+            if f.type == "start" || f.type == "scale", service(f.target)?.startsWithRun != false { throw fail("\(f.type) needs a service with start: on_fault") }
+            if f.type == "scale", f.string("joins").flatMap(service) == nil { throw fail("scale needs params.joins naming the service the replica joins") }
             guard f.atS >= 0, f.atS < timing.observeS else { throw fail("fault \(f.type) at \(f.atS) s is outside the observed \(timing.observeS) s") }
         }
         for c in expected where !Cause.kinds.contains(c.kind) {

@@ -188,7 +188,7 @@ public final class ManagedService: @unchecked Sendable {
 
     public func start() throws {
         try lock.withLock {
-            guard !stopping else { return }
+            guard !stopping, process?.isRunning != true else { return }
             let p = try Spawner.spawn(argv, netns: netns, cgroups: cgroups, log: log)
             try state.addProcess(name: name, pid: p.pid)
             process = p

@@ -25,24 +25,40 @@ class DNSError(Exception):
     pass
 
 
-def resolve(name, server, timeout=1.0, tries=2):
-    """An A query for `name` to `server` (IP), answered address or DNSError(rcode name)."""
+def resolve(name, server, timeout=1.0, tries=2, refused_retries=5):
+    """An A query for `name` to `server` (IP), answered address or DNSError(rcode name).
+
+    A query refused because nothing listens (the DNS server restarting) is
+    retried after 0.1 s, up to `refused_retries` times, as a stub resolver
+    retries its server; a timeout is retried `tries` times."""
     qid = random.randint(0, 0xFFFF)
     labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
     query = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack(">HH", 1, 1)
     last = "timeout"
-    for _ in range(tries):
+    attempt = 0
+    refused = 0
+    while attempt < tries:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(timeout)
         try:
-            s.sendto(query, (server, 53))
-            data, _ = s.recvfrom(2048)
+            s.connect((server, 53))
+            s.send(query)
+            data = s.recv(2048)
         except socket.timeout:
+            attempt += 1
+            continue
+        except ConnectionRefusedError:
+            refused += 1
+            if refused > refused_retries:
+                raise DNSError("refused")
+            last = "refused"
+            time.sleep(0.1)
             continue
         finally:
             s.close()
         rid, flags, qd, an, _, _ = struct.unpack(">HHHHHH", data[:12])
         if rid != qid:
+            attempt += 1
             continue
         rcode = flags & 0xF
         if rcode != 0:
