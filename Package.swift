@@ -111,6 +111,19 @@ let package = Package(
             ]
         ),
 
+        // Events for queries in ClickHouse over its HTTP interface: the client, the
+        // day-partitioned table, batch writes, the `events` answer, retention (docs/clickhouse.md).
+        .target(
+            name: "TapioClickHouse",
+            dependencies: [
+                "TapioWire", "TapioStore", "TapioQueryAPI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
         // The web UI `tapio ui` serves: pages rendered from the query API, the timeline lanes (docs/ui.md).
         .target(
             name: "TapioUI",
@@ -183,6 +196,7 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
+        .testTarget(name: "TapioClickHouseTests", dependencies: ["TapioClickHouse", "TapioStore", "TapioQueryAPI", "TapioWire", "TapioTestSupport"]),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport", "TapioQueryAPI"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]

@@ -729,7 +729,7 @@ public final class SegmentEventStore: EventStore {
 extension StoredEvent {
     /// An event of a stored batch, placed on the server's clock as it was
     /// when the batch arrived.
-    init(batch: EventBatch, event e: TapioEvent, clock: ClockCorrection, detail: [String: JSONValue]) {
+    public init(batch: EventBatch, event e: TapioEvent, clock: ClockCorrection, detail: [String: JSONValue]) {
         self.init(node: batch.node, kind: e.kind, timeNs: e.timeNs &- clock.offsetNs, agentTimeNs: e.timeNs, timeErrorNs: clock.errorNs,
                   pid: e.pid, ppid: e.ppid, uid: e.uid, comm: e.comm, cgroupId: e.cgroupId, netns: e.netns,
                   containerId: e.containerId, pod: e.pod, namespace: e.namespace, detail: detail,

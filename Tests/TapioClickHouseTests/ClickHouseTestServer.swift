@@ -1,0 +1,107 @@
+import Foundation
+import TapioTestSupport
+import XCTest
+
+/// Debian's clickhouse-server (package clickhouse-server, 18.16), started by
+/// a test on free loopback ports with a config, users file and data
+/// directory the test writes in a temporary directory: nothing of the
+/// system's installation (/etc/clickhouse-server, /var/lib/clickhouse, its
+/// service) is read or touched. Stopped at the end of the test, also when
+/// it fails (and killed by `ChildProcess` if nobody stops it).
+final class ClickHouseTestServer {
+    let directory: String
+    let httpPort: Int
+    let tcpPort: Int
+    /// A user with a password, for the authentication tests.
+    static let user = "tapio"
+    static let password = "s3cret 'with' \\ quotes"
+    private var process: ChildProcess?
+
+    static func binary() throws -> String {
+        for path in ["/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"] where FileManager.default.isExecutableFile(atPath: path) {
+            return path
+        }
+        let why = "clickhouse-server is missing (Debian package clickhouse-server; make deps installs it)"
+        if TestSupport.bpfRequired { throw TestSupportError("TAPIO_REQUIRE_BPF=1 but \(why)") }
+        throw XCTSkip(why)
+    }
+
+    init() throws {
+        let binary = try Self.binary()
+        directory = try TestSupport.temporaryDirectory("tapio-clickhouse")
+        httpPort = TestSupport.freePort()
+        var tcp = TestSupport.freePort()
+        while tcp == httpPort { tcp = TestSupport.freePort() }
+        tcpPort = tcp
+        for sub in ["data", "tmp", "user_files", "format_schemas"] {
+            try FileManager.default.createDirectory(atPath: "\(directory)/\(sub)", withIntermediateDirectories: true)
+        }
+        let config = """
+            <?xml version="1.0"?>
+            <yandex>
+              <logger><level>warning</level><log>\(directory)/server.log</log><errorlog>\(directory)/error.log</errorlog><console>0</console></logger>
+              <listen_host>127.0.0.1</listen_host>
+              <http_port>\(httpPort)</http_port>
+              <tcp_port>\(tcpPort)</tcp_port>
+              <path>\(directory)/data/</path>
+              <tmp_path>\(directory)/tmp/</tmp_path>
+              <user_files_path>\(directory)/user_files/</user_files_path>
+              <format_schema_path>\(directory)/format_schemas/</format_schema_path>
+              <users_config>\(directory)/users.xml</users_config>
+              <default_profile>default</default_profile>
+              <default_database>default</default_database>
+              <timezone>UTC</timezone>
+              <mark_cache_size>268435456</mark_cache_size>
+              <max_concurrent_queries>16</max_concurrent_queries>
+              <keep_alive_timeout>3</keep_alive_timeout>
+            </yandex>
+            """
+        let password = Self.password.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+        let users = """
+            <?xml version="1.0"?>
+            <yandex>
+              <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+              <users>
+                <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
+                <\(Self.user)><password>\(password)</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></\(Self.user)>
+              </users>
+              <quotas><default></default></quotas>
+            </yandex>
+            """
+        try config.write(toFile: "\(directory)/config.xml", atomically: true, encoding: .utf8)
+        try users.write(toFile: "\(directory)/users.xml", atomically: true, encoding: .utf8)
+        let process = try ChildProcess(binary, ["--config-file=\(directory)/config.xml"], logPath: "\(directory)/stdout.log")
+        self.process = process
+        // The HTTP port is bound once the server has loaded its tables and is ready.
+        let up = eventually(timeout: 60) { !process.isRunning || Self.accepts(port: httpPort) }
+        guard up, process.isRunning else {
+            let log = (try? String(contentsOfFile: "\(directory)/error.log", encoding: .utf8)) ?? process.log
+            process.stop(signal: SIGKILL)
+            throw TestSupportError("clickhouse-server did not start on 127.0.0.1:\(httpPort): \(log.suffix(2000))")
+        }
+    }
+
+    var isRunning: Bool { process?.isRunning ?? false }
+
+    static func accepts(port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = UInt16(port).bigEndian
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; the directory is removed.
+    func stop() {
+        process?.stop(signal: SIGTERM, timeout: 5)
+        process = nil
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    deinit { stop() }
+}
