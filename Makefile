@@ -18,9 +18,12 @@ BUILD_PACKAGES := libbpf-dev libelf-dev zlib1g-dev libprotobuf-c-dev protobuf-c-
 # iproute2/util-linux for namespaces and mounts, promtool (prometheus) to check
 # the /metrics both programs serve, Alertmanager for the alerting test,
 # Chromium (headless) for the web UI test, nats-server (JetStream; single
-# server and 3-node cluster) for the NATS client's tests.
+# server and 3-node cluster) for the NATS client's tests, clickhouse-server
+# (18.16; its libraries come with it) for the ClickHouse event store's tests,
+# which start it on their own ports: the system service the package sets up
+# is stopped and disabled right after it is installed (docs/clickhouse.md).
 TEST_PACKAGES := python3 python3-protobuf python3-yaml protobuf-compiler iproute2 util-linux procps dnsmasq-base prometheus \
-	prometheus-alertmanager chromium nats-server
+	prometheus-alertmanager chromium nats-server clickhouse-server
 # Lab: the real services and tools the fault lab runs and injects faults with.
 LAB_PACKAGES := redis-server nginx-light dnsmasq-base iptables iproute2 util-linux coreutils
 # Images (`make images` only): buildah builds them from deploy/docker/Dockerfile
@@ -43,7 +46,16 @@ deps:
 		echo "installing:$$missing"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		case " $$missing " in *" clickhouse-server "*) $(clickhouse-service-off);; esac; \
 	fi
+
+# Debian's clickhouse-server package enables (and, where services may start,
+# starts) a system service on ports 8123 and 9000; nothing here uses it.
+clickhouse-service-off = \
+	if [ -d /run/systemd/system ]; then systemctl disable --now clickhouse-server >/dev/null 2>&1 || true; \
+	else service clickhouse-server stop >/dev/null 2>&1 || true; \
+		rm -f /etc/systemd/system/multi-user.target.wants/clickhouse-server.service; fi; \
+	update-rc.d clickhouse-server disable >/dev/null 2>&1 || true
 
 # Release build of the four programs.
 build: deps bpf
