@@ -91,6 +91,10 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     public var forgetSeriesAfterNs: Int64 = 3_600_000_000_000
     /// Cause events kept per entity (older ones dropped first).
     public var maxCauseEventsPerEntity: Int = 512
+    /// (client, name) pairs whose last DNS answer is remembered, to tell a
+    /// retried lookup from a failed one; past it, answers older than a
+    /// minute are forgotten.
+    public var maxDNSAnswerEntries: Int = 10_000
 
     public var thresholds: [SymptomKind: SymptomThreshold] = SymptomThreshold.defaults
     public var weights = ConfidenceWeights()

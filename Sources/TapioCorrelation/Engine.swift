@@ -24,8 +24,24 @@ public struct CorrelationEngine: Sendable {
         /// Resets the client end of a connection sent (a client or a proxy
         /// that hung up): aborts, not failures, so not counted as `resets`.
         public var clientAborts: UInt64 = 0
+        /// DNS queries that went unanswered but were retried and answered:
+        /// the same client was answered for the same name after it sent
+        /// them (a DNS server restarting, a lost datagram). Not DNS errors.
+        public var dnsRetriesAnswered: UInt64 = 0
 
         public init() {}
+
+        /// Counters a checkpoint written before they existed lacks start at 0.
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            processed = try c.decodeIfPresent(UInt64.self, forKey: .processed) ?? 0
+            late = try c.decodeIfPresent(UInt64.self, forKey: .late) ?? 0
+            pending = try c.decodeIfPresent(Int.self, forKey: .pending) ?? 0
+            series = try c.decodeIfPresent(Int.self, forKey: .series) ?? 0
+            restartsSuppressed = try c.decodeIfPresent(UInt64.self, forKey: .restartsSuppressed) ?? 0
+            clientAborts = try c.decodeIfPresent(UInt64.self, forKey: .clientAborts) ?? 0
+            dnsRetriesAnswered = try c.decodeIfPresent(UInt64.self, forKey: .dnsRetriesAnswered) ?? 0
+        }
     }
 
     public let configuration: CorrelationConfiguration
@@ -38,6 +54,9 @@ public struct CorrelationEngine: Sendable {
     var causes = CauseStore()
     var cpuUsage = CPUUsageLog()
     var deliveries = DeliveryLog()
+    /// When each client entity was last answered (NOERROR) for each name,
+    /// keyed `entity NUL name`: what tells a retried query from a failed one.
+    private var dnsAnswered: [String: Int64] = [:]
     private var pending: [ObservedEvent] = []
     private var maxSeenNs: Int64 = .min
     private var series: [SeriesKey: Series] = [:]
@@ -68,6 +87,8 @@ public struct CorrelationEngine: Sendable {
         /// Absent from checkpoints written before usage was kept.
         var cpuUsage: CPUUsageLog?
         var deliveries: DeliveryLog
+        /// Absent from checkpoints written before retried lookups were told apart.
+        var dnsAnswered: [String: Int64]?
         var pending: [ObservedEvent]
         var maxSeenNs: Int64
         var series: [SeriesKey: Series]
@@ -86,7 +107,7 @@ public struct CorrelationEngine: Sendable {
     /// The engine's state as bytes (JSON).
     public func checkpoint() throws -> [UInt8] {
         let state = State(graph: graph, statistics: statistics, watermarkNs: watermarkNs, topology: topology, causes: causes, cpuUsage: cpuUsage,
-                          deliveries: deliveries, pending: pending, maxSeenNs: maxSeenNs, series: series, touched: touched,
+                          deliveries: deliveries, dnsAnswered: dnsAnswered, pending: pending, maxSeenNs: maxSeenNs, series: series, touched: touched,
                           currentBucket: currentBucket, firstBucket: firstBucket, openIncidents: openIncidents,
                           resolvedIncidents: resolvedIncidents, aliases: aliases)
         return Array(try JSONEncoder().encode(state))
@@ -112,6 +133,7 @@ public struct CorrelationEngine: Sendable {
         causes = state.causes
         cpuUsage = state.cpuUsage ?? CPUUsageLog()
         deliveries = state.deliveries
+        dnsAnswered = state.dnsAnswered ?? [:]
         pending = state.pending
         maxSeenNs = state.maxSeenNs
         series = state.series
@@ -121,6 +143,10 @@ public struct CorrelationEngine: Sendable {
         openIncidents = state.openIncidents
         resolvedIncidents = state.resolvedIncidents
         aliases = state.aliases
+    }
+
+    private mutating func pruneDNSAnswers(beforeNs: Int64) {
+        dnsAnswered = dnsAnswered.filter { $0.value >= beforeNs }
     }
 
     // MARK: Input
@@ -426,12 +452,22 @@ public struct CorrelationEngine: Sendable {
             }
             observe(SeriesKey(observer: c.name, kind: .packetDrops, peer: s.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
-        case .dns(let name, _, let rcode, _, _, _, _, let answers):
+        case .dns(let name, _, let rcode, let latencyNs, _, _, _, let answers):
             let me = topology.entity(of: e)
             topology.sawEntity(me.name, node: e.node)
+            let answeredKey = me.name + "\u{0}" + name
             if rcode == 0 {
                 topology.learnAnswer(name: name, answers: answers)
                 if let svc = topology.service(ofName: name) { graph.resolved(name: name, service: svc) }
+                dnsAnswered[answeredKey] = max(dnsAnswered[answeredKey] ?? .min, e.timeNs)
+                if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(beforeNs: e.timeNs - 60_000_000_000) }
+            } else if rcode == -1, let answered = dnsAnswered[answeredKey], answered >= e.timeNs - Int64(clamping: latencyNs) {
+                // A query that got no answer (its event comes at the agent's
+                // timeout, `latencyNs` after it was sent), while the same
+                // client asked again and was answered after sending it: the
+                // lookup was retried and succeeded. What a client sees is a
+                // slower lookup, not a failed one.
+                statistics.dnsRetriesAnswered += 1
             } else {
                 addCause(.dnsFailure, EntityRef(name: name, quality: 1, pod: nil, isService: false), e)
                 observe(SeriesKey(observer: me.name, kind: .dnsErrors, peer: name), from: me.name, to: name, bucket: bucket, count: 1, event: e)

@@ -89,6 +89,43 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(engine.statistics.clientAborts, 20 * (10 + 10 + 6 + 4))
     }
 
+    /// The cluster's DNS server restarts three times; each time the api's
+    /// queries sent in the gap get no answer (the agent reports each as a
+    /// TIMEOUT when its 5 s timeout expires) and the api asks again 0.1 s
+    /// later and is answered. Every request succeeds: nothing opens.
+    func testDNSQueriesRetriedAndAnsweredAreNoDNSFailure() {
+        var c = SyntheticCluster()
+        c.healthy(until: 70)
+        for restart in [30.0, 40.0, 50.0] {
+            for q in 0..<4 {
+                let sent = restart + Double(q) * 0.05
+                c.dns(sent + 5, "api", name: "redis.shop.svc", rcode: -1, latencyNs: 5_000_000_000)
+                c.dns(sent + 0.1, "api", name: "redis.shop.svc", rcode: 0, answer: "10.0.3.10")
+            }
+        }
+        let engine = c.engine()
+        XCTAssertEqual(engine.incidents.map(\.title), [])
+        XCTAssertEqual(engine.statistics.dnsRetriesAnswered, 12)
+    }
+
+    /// The real thing next to it: the DNS server stays down for 15 s, so the
+    /// retries go unanswered too. The timeouts are a DNS failure.
+    func testDNSQueriesThatRetriesDoNotAnswerAreADNSFailure() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 60, skip: ["dns", "api>redis"])
+        for t in stride(from: 30.0, to: 45, by: 0.25) {
+            c.dns(t + 5, "api", name: "redis.shop.svc", rcode: -1, latencyNs: 5_000_000_000)
+        }
+        c.healthy(from: 60, until: 70)
+        let engine = c.engine()
+        let top = engine.incidents.first?.rootCauses.first
+        XCTAssertEqual(top?.kind, .dnsFailure, "\(engine.incidents.map(\.title))")
+        XCTAssertEqual(top?.entity, "redis.shop.svc")
+        XCTAssertTrue(engine.incidents.first?.pages ?? false)
+        XCTAssertEqual(engine.statistics.dnsRetriesAnswered, 0)
+    }
+
     /// A process starts on the api's node and sleeps while the api slows
     /// down; nothing on the node is short of CPU or memory. The slowdown is
     /// kept as an observation (a latency symptom with an inferred cause),

@@ -90,8 +90,8 @@ struct SyntheticCluster {
         add(at, who, .tcpListen, .tcpListen(address: IPAddress("0.0.0.0"), port: pod(who).port, open: open))
     }
 
-    mutating func dns(_ at: Double, _ who: String, name: String, rcode: Int32, answer: String? = nil) {
-        add(at, who, .dns, .dns(name: name, qtype: 1, rcode: rcode, latencyNs: 400_000, server: IPAddress("10.0.0.2"), serverPort: 53, id: 7,
+    mutating func dns(_ at: Double, _ who: String, name: String, rcode: Int32, answer: String? = nil, latencyNs: UInt64 = 400_000) {
+        add(at, who, .dns, .dns(name: name, qtype: 1, rcode: rcode, latencyNs: latencyNs, server: IPAddress("10.0.0.2"), serverPort: 53, id: 7,
                                 answers: answer.map { [IPAddress($0)!] } ?? []))
     }
 
