@@ -79,7 +79,7 @@ let package = Package(
             name: "TapioServer",
             dependencies: [
                 "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS", "TapioAlerting",
-                "TapioQueryAPI",
+                "TapioQueryAPI", "TapioNATS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -155,7 +155,7 @@ let package = Package(
         .executableTarget(
             name: "tapio-server",
             dependencies: [
-                "TapioServer", "TapioStore", "TapioCorrelation", "TapioWire", "TapioAlerting",
+                "TapioServer", "TapioStore", "TapioCorrelation", "TapioWire", "TapioAlerting", "TapioNATS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -182,7 +182,7 @@ let package = Package(
         .testTarget(
             name: "TapioServerTests",
             dependencies: ["TapioServer", "TapioClient", "TapioWire", "TapioAgent", "TapioStore", "TapioAlerting", "TapioUI", "TapioTestSupport",
-                           "TapioQueryAPI"]
+                           "TapioQueryAPI", "TapioNATS"]
         ),
         .testTarget(name: "TapioQueryAPITests", dependencies: ["TapioQueryAPI", "TapioWire"]),
         .testTarget(

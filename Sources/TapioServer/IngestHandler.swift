@@ -20,6 +20,8 @@ final class ServerContext: Sendable {
     let correlation: CorrelationService
     /// Batch appends, committed in groups on the storage thread.
     let commits: GroupCommit
+    /// What the agent connections use: the same registry and metrics, the local log as sink.
+    let ingest: IngestContext
 
     init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, correlation: CorrelationService,
          metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
@@ -30,14 +32,40 @@ final class ServerContext: Sendable {
         self.pods = pods
         self.metrics = metrics
         self.storage = storage
-        self.commits = GroupCommit(store: store, storage: storage, histograms: metrics.histograms, correlation: correlation)
+        let commits = GroupCommit(store: store, storage: storage, histograms: metrics.histograms, correlation: correlation)
+        self.commits = commits
         self.logger = logger
         self.version = version
+        self.ingest = IngestContext(configuration: configuration, registry: registry, pods: pods, metrics: metrics, logger: logger, version: version,
+                                    sink: LocalBatchSink(store: store, storage: storage, commits: commits, correlation: correlation))
+    }
+}
+
+/// What an agent connection needs, in every role: limits, the live node
+/// registry and pod directory, metrics, and the sink that makes batches durable.
+final class IngestContext: Sendable {
+    let configuration: ServerConfiguration
+    let registry: NodeRegistry
+    let pods: PodDirectory
+    let metrics: ServerMetrics
+    let logger: Logger
+    let version: String
+    let sink: any BatchSink
+
+    init(configuration: ServerConfiguration, registry: NodeRegistry, pods: PodDirectory, metrics: ServerMetrics, logger: Logger, version: String, sink: any BatchSink) {
+        self.configuration = configuration
+        self.registry = registry
+        self.pods = pods
+        self.metrics = metrics
+        self.logger = logger
+        self.version = version
+        self.sink = sink
     }
 }
 
 /// The agent side of the protocol on one connection: hello (identity checked
-/// against the client certificate), then batches stored durably before each
+/// against the client certificate), then batches made durable by the sink
+/// (the local log, or a JetStream stream in the ingest role) before each
 /// ack, time-sync exchanges, goodbye. Any violation closes this connection
 /// only.
 ///
@@ -55,7 +83,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         case closing
     }
 
-    private let server: ServerContext
+    private let server: IngestContext
     private var logger: Logger
     private var state = State.awaitingHello
     /// Batches handed to storage and not yet acknowledged.
@@ -74,7 +102,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var outstandingSyncs: [UInt64: Int64] = [:]
     private var shutdownRequested = false
 
-    init(server: ServerContext) {
+    init(server: IngestContext) {
         self.server = server
         self.logger = server.logger
     }
@@ -188,11 +216,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         // Stop reading until the ack state is known, so no batch overtakes the hello-ack.
         pauseReads(context: context)
 
-        let store = server.store
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        server.storage.runIfActive(eventLoop: context.eventLoop) {
-            try store.durablePrefix(node: hello.node, epoch: hello.streamEpoch)
-        }.whenComplete { result in
+        server.sink.durablePrefix(node: hello.node, epoch: hello.streamEpoch, eventLoop: context.eventLoop).whenComplete { result in
             let (handler, context) = loopBound.value
             // The peer may have gone while the store answered.
             guard context.channel.isActive, case .streaming = handler.state else { return }
@@ -231,13 +256,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !conflicts.isEmpty {
             logger.warning("pod addresses claimed by more than one node are left unattributed", metadata: ["addresses": "\(conflicts.sorted().prefix(8).joined(separator: ","))"])
         }
-        server.correlation.updateInventory(node: node, pods: pods)
-        let store = server.store
-        let logger = self.logger
-        server.storage.submit { state in
-            guard case .active = state else { return }
-            do { try store.savePods(node: node, pods: pods) } catch { logger.error("saving pods failed", metadata: ["error": "\(error)"]) }
-        }
+        server.sink.savePods(node: node, pods: pods, logger: logger)
     }
 
     /// The largest sequence a batch may carry: sequences are stored as
@@ -263,8 +282,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                                                              maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
         let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        server.commits.append(BatchAppend(batch: batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops),
-                              observed: observed, eventLoop: context.eventLoop).whenComplete { result in
+        server.sink.append(BatchAppend(batch: batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops),
+                           observed: observed, eventLoop: context.eventLoop).whenComplete { result in
             let (handler, context) = loopBound.value
             handler.pendingStores -= 1
             switch result {
@@ -293,7 +312,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .failure(let error):
                 // Not acknowledged: the agent keeps the batch and resends it;
                 // the hello-ack after reconnecting ends before it.
-                handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "sequence": "\(batch.sequence)"])
+                handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "epoch": "\(batch.epoch)", "sequence": "\(batch.sequence)"])
                 handler.reject(context: context, .storageFailed, "storage failed; resend later", metric: "storage")
             }
         }
@@ -310,7 +329,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
         pauseReads(context: context)
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let loop = context.eventLoop
-        server.correlation.whenRoom {
+        server.sink.whenRoom {
             loop.execute {
                 let (handler, context) = loopBound.value
                 guard handler.waitingForEngine, handler.engineWaitGeneration == generation else { return }
@@ -401,12 +420,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func persist(_ record: NodeRecord) {
-        let store = server.store
-        let logger = self.logger
-        server.storage.submit { state in
-            guard case .active = state else { return }
-            do { try store.saveNode(record) } catch { logger.error("saving node state failed", metadata: ["error": "\(error)"]) }
-        }
+        server.sink.saveNode(record, logger: logger)
     }
 }
 

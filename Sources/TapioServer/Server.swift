@@ -137,7 +137,7 @@ public final class TapioServer: Sendable {
                 ConnectionGuard(policy: ingestPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: limits.maxFrameBytes)),
                 MessageToByteHandler(FrameEncoder()),
-                IngestHandler(server: context),
+                IngestHandler(server: context.ingest),
             ])
         }.bind(host: configuration.ingestHost, port: configuration.ingestPort).wait()
         state.withLock { $0.listeners.append(ingest) }
@@ -328,6 +328,18 @@ public final class TapioServer: Sendable {
     }
 }
 
+/// What the HTTP endpoint of a server in any role answers.
+protocol HTTPStatusSource: Sendable {
+    func metricsText() -> String
+    func healthReport() -> ServerHealth.Report
+    func readinessReport() -> ServerHealth.Report
+}
+
+extension TapioServer: HTTPStatusSource {
+    func healthReport() -> ServerHealth.Report { health.health() }
+    func readinessReport() -> ServerHealth.Report { health.readiness() }
+}
+
 /// GET /metrics (Prometheus text), GET /healthz (the store takes writes and
 /// the engine advances; 503 with what is wrong otherwise) and GET /readyz
 /// (listening, restored, not shutting down).
@@ -335,10 +347,10 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let server: TapioServer
+    private let server: any HTTPStatusSource
     private var path = ""
 
-    init(server: TapioServer) {
+    init(server: any HTTPStatusSource) {
         self.server = server
     }
 
@@ -353,10 +365,10 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             switch path {
             case "/metrics": (status, body) = (.ok, server.metricsText())
             case "/healthz", "/livez":
-                let report = server.health.health()
+                let report = server.healthReport()
                 (status, body) = (report.ok ? .ok : .serviceUnavailable, report.text)
             case "/readyz":
-                let report = server.health.readiness()
+                let report = server.readinessReport()
                 (status, body) = (report.ok ? .ok : .serviceUnavailable, report.text)
             default: (status, body) = (.notFound, "not found\n")
             }

@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import TapioAlerting
 import TapioCorrelation
+import TapioNATS
 import TapioServer
 import TapioStore
 import TapioWire
@@ -12,6 +13,7 @@ struct ServerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-server",
         abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
+        discussion: "One binary in roles (--role): all (the default) is the whole server in one process with its own log; ingest is a stateless replica that publishes every batch to a NATS JetStream stream (docs/scaling.md).",
         version: TapioVersion.current,
         subcommands: [Serve.self, Replay.self, Calibrate.self, BenchIngest.self, BenchSink.self, BenchEngine.self],
         defaultSubcommand: Serve.self)
@@ -194,11 +196,44 @@ struct BenchEngine: ParsableCommand {
     }
 }
 
+/// What one `tapio-server` process does (docs/scaling.md).
+enum ServerRole: String, ExpressibleByArgument, CaseIterable {
+    /// Ingest, the local log, the engine and queries in one process.
+    case all
+    /// A stateless ingest replica publishing batches to NATS JetStream.
+    case ingest
+}
+
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the server (the default).")
 
-    @Option(help: "Directory of the durable event store.")
-    var dataDir: String
+    @Option(help: ArgumentHelp("What this process does: all (ingest, local event log, correlation and queries in one process; the default) or ingest (a stateless replica: agents' batches go to a NATS JetStream stream, acknowledged after JetStream's; needs --nats).",
+                               valueName: "all|ingest"))
+    var role: ServerRole = .all
+
+    @Option(help: "Directory of the durable event store (role all; required there).")
+    var dataDir: String?
+
+    @Option(help: ArgumentHelp("NATS server of the JetStream cluster, nats://HOST:PORT or tls://HOST:PORT (role ingest; repeat for each server).", valueName: "url"))
+    var nats: [String] = []
+    @Option(help: "JetStream stream the batches go to (created or updated at start; subjects tapio.events.> and tapio.inventory.>).")
+    var natsStream = "TAPIO_EVENTS"
+    @Option(help: "Replicas of the stream: 1 for a single NATS server, 3 for a cluster of three or more.")
+    var natsReplicas = 1
+    @Option(help: "The stream's duplicate window: a batch resent within it is stored once (s, m, h: 10m). It must outlast an agent's resend after a lost acknowledgement.")
+    var natsDuplicateWindow = "10m"
+    @Option(help: "JetStream deletes batches older than this (s, m, h, d, w); 0: no age limit.")
+    var natsMaxAge = "7d"
+    @Option(help: "Seconds a publish waits for JetStream's acknowledgement (or for a connection) before the batch is left unacknowledged.")
+    var natsPublishTimeout: Double = 5
+    @Option(help: "Directory with ca.crt (verifies the NATS servers) and optionally tls.crt and tls.key (a client certificate); turns TLS on towards NATS.")
+    var natsTlsDir: String?
+    @Option(help: "NATS user name (with --nats-password-file).")
+    var natsUser: String?
+    @Option(help: "File holding the NATS user's password (trailing newlines ignored).")
+    var natsPasswordFile: String?
+    @Option(help: "File holding a NATS authentication token (trailing newlines ignored).")
+    var natsTokenFile: String?
 
     @Option(help: "Directory with ca.crt, tls.crt, tls.key (cert-manager secret layout).")
     var tlsDir: String?
@@ -211,7 +246,7 @@ struct Serve: ParsableCommand {
 
     @Option(help: "Agent ingest listener, HOST:PORT.")
     var listen = "127.0.0.1:7400"
-    @Option(help: "Operator query listener, HOST:PORT.")
+    @Option(help: "Operator query listener, HOST:PORT (role all).")
     var queryListen = "127.0.0.1:7401"
     @Option(help: "HTTP /metrics, /healthz and /readyz listener, HOST:PORT, or 'off'.")
     var metricsListen = "127.0.0.1:9400"
@@ -280,7 +315,10 @@ struct Serve: ParsableCommand {
         } else {
             throw ValidationError("give --tls-dir, or all of --tls-ca, --tls-cert and --tls-key")
         }
-        var config = ServerConfiguration(dataDirectory: dataDir, tls: tls)
+        let nats = try natsConfiguration()
+        if role == .all, dataDir == nil { throw ValidationError("--data-dir is required (role all)") }
+        if role == .ingest, dataDir != nil { throw ValidationError("--data-dir is not used in role ingest: an ingest replica keeps no data (the stream does)") }
+        var config = ServerConfiguration(dataDirectory: dataDir ?? "", tls: tls)
         (config.ingestHost, config.ingestPort) = try parseHostPort(listen)
         (config.queryHost, config.queryPort) = try parseHostPort(queryListen)
         if metricsListen == "off" {
@@ -309,7 +347,7 @@ struct Serve: ParsableCommand {
         config.timeSyncInterval = .milliseconds(Int64(timeSyncInterval * 1000))
         do {
             config.storage.retentionNs = try StorageLimits.parseDuration(retention)
-            config.storage.maxDiskBytes = try StorageLimits.parseSize(maxDisk, directory: dataDir)
+            if let dataDir { config.storage.maxDiskBytes = try StorageLimits.parseSize(maxDisk, directory: dataDir) }
         } catch {
             throw ValidationError("\(error)")
         }
@@ -331,6 +369,14 @@ struct Serve: ParsableCommand {
         // is listening (a quick rollout, a test) is not lost.
         let termination = TerminationSignal()
         signal(SIGPIPE, SIG_IGN)
+        if let nats {
+            let replica = IngestReplica(configuration: config, nats: nats, operations: operations, logger: logger)
+            _ = try replica.start()
+            termination.wait()
+            logger.info("shutting down: no new connections; draining")
+            replica.shutdown()
+            return
+        }
         // A second server on the same data directory stops here, naming the holder.
         let server = try TapioServer(configuration: config, operations: operations, logger: logger)
         _ = try server.start()
@@ -342,6 +388,65 @@ struct Serve: ParsableCommand {
 }
 
 extension Serve {
+    /// The NATS side of role ingest from the flags; nil in role all (where
+    /// NATS flags are refused rather than ignored).
+    func natsConfiguration() throws -> NATSIngestConfiguration? {
+        guard role == .ingest else {
+            let given = [("--nats", !nats.isEmpty), ("--nats-tls-dir", natsTlsDir != nil), ("--nats-user", natsUser != nil),
+                         ("--nats-password-file", natsPasswordFile != nil), ("--nats-token-file", natsTokenFile != nil)].filter(\.1).map(\.0)
+            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")) only apply to --role ingest") }
+            return nil
+        }
+        guard !nats.isEmpty else { throw ValidationError("--role ingest needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
+        var c: NATSIngestConfiguration
+        do {
+            c = NATSIngestConfiguration(servers: try nats.map { try NATSServerAddress($0) })
+        } catch {
+            throw ValidationError("--nats: \(error)")
+        }
+        c.stream = natsStream
+        guard !natsStream.isEmpty, natsStream.utf8.allSatisfy({ $0 > 32 && $0 < 127 && !".*>/\\".utf8.contains($0) }) else {
+            throw ValidationError("--nats-stream: '\(natsStream)' is not a JetStream stream name (printable, no spaces, no . * > / \\)")
+        }
+        guard (1...5).contains(natsReplicas) else { throw ValidationError("--nats-replicas must be 1 to 5 (JetStream's limit), got \(natsReplicas)") }
+        c.replicas = natsReplicas
+        do {
+            let window = try StorageLimits.parseDuration(natsDuplicateWindow)
+            guard window >= 1_000_000_000 else { throw ValidationError("--nats-duplicate-window must be at least 1s") }
+            c.duplicateWindow = .nanoseconds(window)
+            c.maxAge = natsMaxAge == "0" ? .zero : .nanoseconds(try StorageLimits.parseDuration(natsMaxAge))
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        if c.maxAge != .zero, c.maxAge < c.duplicateWindow {
+            throw ValidationError("--nats-max-age (\(natsMaxAge)) must not be shorter than --nats-duplicate-window (\(natsDuplicateWindow))")
+        }
+        guard natsPublishTimeout > 0, natsPublishTimeout <= 300 else {
+            throw ValidationError("--nats-publish-timeout must be between 0 and 300 seconds, got \(natsPublishTimeout)")
+        }
+        c.publishTimeout = .milliseconds(Int64(natsPublishTimeout * 1000))
+        if let dir = natsTlsDir {
+            do { c.tls = try NATSIngestConfiguration.tls(directory: dir) } catch { throw ValidationError("--nats-tls-dir: \(error)") }
+        } else if nats.contains(where: { $0.hasPrefix("tls://") }) {
+            c.tls = NATSIngestConfiguration.systemTLS
+        }
+        func secret(_ path: String, _ flag: String) throws -> String {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw ValidationError("\(flag): cannot read \(path)") }
+            let value = String(text.reversed().drop { $0 == "\n" || $0 == "\r" }.reversed())
+            guard !value.isEmpty else { throw ValidationError("\(flag): \(path) is empty") }
+            return value
+        }
+        switch (natsUser, natsPasswordFile, natsTokenFile) {
+        case (nil, nil, nil): break
+        case (let user?, let file?, nil): c.authentication = .userPassword(user: user, password: try secret(file, "--nats-password-file"))
+        case (nil, nil, let file?): c.authentication = .token(try secret(file, "--nats-token-file"))
+        default: throw ValidationError("NATS credentials: give --nats-user with --nats-password-file, or --nats-token-file alone")
+        }
+        return c
+    }
+
     /// The alert receivers and rules from the flags (docs/alerts.md).
     func alertingConfiguration() throws -> AlertingConfiguration {
         var a = AlertingConfiguration()
