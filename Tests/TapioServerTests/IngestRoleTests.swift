@@ -47,7 +47,9 @@ final class IngestRoleTests: XCTestCase {
     func testEveryAcknowledgedBatchIsInTheStreamOnceAndAResendAfterALostAckIsADuplicate() async throws {
         let server = try startNATS()
         let replica = try startReplica(nats: [server])
+        let other = try startReplica(nats: [server])
         try replica.waitUntilReady()
+        try other.waitUntilReady()
 
         let epoch = UInt64(wallClockNs())
         let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
@@ -58,10 +60,11 @@ final class IngestRoleTests: XCTestCase {
         let acks = try agent.acks(30, timeoutMs: 20_000)
         XCTAssertEqual(Set(acks.map(\.sequence)), Set(1...30), "acks for every batch, exactly those")
 
-        // The acks of 21…30 are "lost": the agent reconnects (here to the same
-        // replica) and resends them; each is acknowledged again, none stored again.
+        // The acks of 21…30 are "lost": the agent reconnects, to the other
+        // replica, and resends them; each is acknowledged again, none stored again.
         agent.close()
-        let again = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let again = try ProtocolAgent(port: other.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        XCTAssertEqual(again.helloAck?.ackedSequence, 0)
         for b in batches[20...] { try again.send(b) }
         let reacks = try again.acks(10, timeoutMs: 20_000)
         XCTAssertEqual(Set(reacks.map(\.sequence)), Set(21...30))
@@ -79,9 +82,12 @@ final class IngestRoleTests: XCTestCase {
         }
         let metrics = try replica.metrics()
         XCTAssertTrue(metrics.contains("tapio_server_batches_total 30\n"), metrics)
-        XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 10\n"), metrics)
+        XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 0\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_events_future_total 1\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_nats_connected 1\n"), metrics)
+        let otherMetrics = try other.metrics()
+        XCTAssertTrue(otherMetrics.contains("tapio_server_batches_total 0\n"), otherMetrics)
+        XCTAssertTrue(otherMetrics.contains("tapio_server_duplicate_batches_total 10\n"), otherMetrics)
     }
 
     func testWithoutNATSTheReplicaIsNotReadyAndAcknowledgesNothingThenServesOnceNATSIsUp() async throws {
@@ -115,6 +121,75 @@ final class IngestRoleTests: XCTestCase {
         assertExactlyOnce(stored, node: "node-b", epoch: epoch, sequences: 1...1)
     }
 
+    func testAgentsMoveToTheOtherReplicaAfterKill9AndTheStreamHoldsEveryBatchOnce() async throws {
+        let cluster = try startCluster()
+        let a = try startReplica(nats: cluster, replicas: 3)
+        let b = try startReplica(nats: cluster, replicas: 3)
+        try a.waitUntilReady()
+        try b.waitUntilReady()
+
+        let agents = try ["node-a", "node-b"].map { try TestAgent(node: $0, pki: pki) }
+        for agent in agents { senders.append(agent.connect(port: a.ingestPort)) }
+        // Batches go out without waiting for acks, so some are in flight (published
+        // or not, acknowledged or not) when the replica dies.
+        for _ in 0..<20 { for agent in agents { agent.addBatch() } }
+        XCTAssertTrue(eventually(timeout: 20) { agents.allSatisfy { $0.outbox.stats.ackedBatches >= 5 } }, "replica A acknowledged batches before the kill")
+        // Killed while batches are being sealed, sent and published.
+        var ackedBefore: [UInt64] = []
+        for i in 0..<20 {
+            for agent in agents { agent.addBatch() }
+            if i == 5 {
+                a.process.stop(signal: SIGKILL)
+                ackedBefore = agents.map { $0.outbox.stats.ackedBatches }
+            }
+        }
+
+        // The Service sends the agents to the replica that is left: same outbox, new connection.
+        for s in senders { s.drainAndStop(graceSeconds: 0) }
+        senders.removeAll()
+        for agent in agents { senders.append(agent.connect(port: b.ingestPort)) }
+        for _ in 0..<10 { for agent in agents { agent.addBatch() } }
+        XCTAssertTrue(eventually(timeout: 60) { agents.allSatisfy { $0.outbox.unacknowledged == 0 && $0.outbox.pendingEvents == 0 } },
+                      "every batch acknowledged by replica B: \(agents.map { "\($0.outbox.unacknowledged) left" })\n\(b.process.log.suffix(2000))")
+
+        let stored = try await streamedBatches(try await jetStream(cluster))
+        for (agent, before) in zip(agents, ackedBefore) {
+            XCTAssertLessThan(before, agent.outbox.lastSequence, "\(agent.node): replica A was killed before it had acknowledged everything")
+            assertExactlyOnce(stored, node: agent.node, epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
+            let pids = stored.filter { $0.node == agent.node }.flatMap { (try? EventBatch.decode($0.payload).events.map(\.pid)) ?? [] }
+            XCTAssertEqual(pids.count, agent.eventsAdded, "\(agent.node): events in the stream")
+            XCTAssertEqual(Set(pids), Set((1...agent.eventsAdded).map(UInt32.init)), "\(agent.node): every event, once")
+        }
+        let duplicates = try b.metrics().split(separator: "\n").first { $0.hasPrefix("tapio_server_duplicate_batches_total ") }
+        print("after the kill of replica A: replica B reports \(duplicates ?? "?") (resends of batches A had published)")
+    }
+
+    func testIngestContinuesWhenTheNATSNodeTheReplicaUsesIsKilled() async throws {
+        let cluster = try startCluster()
+        let replica = try startReplica(nats: cluster, replicas: 3)
+        try replica.waitUntilReady()
+        let agent = try TestAgent(node: "node-a", pki: pki)
+        senders.append(agent.connect(port: replica.ingestPort))
+        for _ in 0..<10 { agent.addBatch() }
+        XCTAssertTrue(eventually(timeout: 20) { agent.outbox.unacknowledged == 0 })
+
+        // The replica names its NATS server on /healthz.
+        let health = try replica.http("/healthz").body
+        let used = try XCTUnwrap(cluster.first { health.contains("127.0.0.1:\($0.port)") }, "no NATS server named in /healthz: \(health)")
+        used.kill9()
+        for _ in 0..<20 { agent.addBatch() }
+        XCTAssertTrue(eventually(timeout: 60) { agent.outbox.unacknowledged == 0 && agent.outbox.pendingEvents == 0 },
+                      "\(agent.outbox.unacknowledged) batches unacknowledged after NATS node \(used.name) was killed\n\(replica.process.log.suffix(3000))")
+        XCTAssertTrue(eventually(timeout: 20) { (try? replica.http("/readyz").status) == 200 }, "ready again on another NATS node")
+        let metrics = try replica.metrics()
+        XCTAssertFalse(metrics.contains("tapio_server_nats_reconnects_total 0\n"), "the replica moved to another NATS node: \(metrics)")
+
+        let alive = cluster.filter { $0 !== used }
+        let stored = try await streamedBatches(try await jetStream(alive))
+        assertExactlyOnce(stored, node: "node-a", epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
+        XCTAssertEqual(stored.reduce(0) { $0 + ((try? EventBatch.decode($1.payload).events.count) ?? 0) }, agent.eventsAdded)
+    }
+
     // MARK: - Harness
 
     private func startNATS() throws -> NATSTestServer {
@@ -122,6 +197,12 @@ final class IngestRoleTests: XCTestCase {
         nats.append(server)
         try server.start()
         return server
+    }
+
+    private func startCluster() throws -> [NATSTestServer] {
+        let cluster = try NATSTestServer.startCluster(directory: directory)
+        nats += cluster
+        return cluster
     }
 
     private func startReplica(nats servers: [NATSTestServer], replicas streamReplicas: Int = 1) throws -> IngestReplicaProcess {
@@ -168,6 +249,45 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertEqual(missing, [], "\(node): acknowledged batches missing from the stream", file: file, line: line)
         XCTAssertEqual(twice, [], "\(node): batches stored more than once", file: file, line: line)
         XCTAssertEqual(extra, [], "\(node): batches in the stream that were never sent", file: file, line: line)
+    }
+}
+
+/// A real agent without the kernel part: an outbox fed by the test (50
+/// events a batch, pids counting up from 1) and the agent's sender.
+final class TestAgent {
+    let node: String
+    let outbox: Outbox
+    let pki: String
+    private(set) var eventsAdded = 0
+
+    init(node: String, pki: String) throws {
+        self.node = node
+        self.pki = pki
+        var limits = Outbox.Limits()
+        limits.maxEvents = 50
+        outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: limits, spoolDirectory: nil)
+    }
+
+    /// A sender on this outbox to the replica at `port` (started).
+    func connect(port: Int) -> Sender {
+        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
+                                          node: node, bootId: "test", capabilities: ["process_exit"], degraded: [])
+        config.maximumBackoffMs = 200
+        config.refusalInitialBackoffMs = 100
+        config.refusalMaximumBackoffMs = 500
+        var logger = Logger(label: "tapio-agent-test")
+        logger.logLevel = .critical
+        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
+        sender.start()
+        return sender
+    }
+
+    func addBatch() {
+        for _ in 0..<50 {
+            eventsAdded += 1
+            outbox.add(event(UInt32(eventsAdded), comm: "worker"))
+        }
+        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
     }
 }
 
