@@ -58,9 +58,10 @@ public final class ClickHouseEventStore: Sendable {
 
     /// Creates both tables if they are missing (existing ones are left as they are).
     ///
-    /// The sorting key is also the identity ReplacingMergeTree collapses
-    /// on: an event is (node, epoch, sequence, idx), and the columns before
-    /// them are the `events` filters, most selective last but time.
+    /// The sorting key leads with the `events` filters (kind, namespace,
+    /// pod, node, then time) and ends in an event's identity (node, epoch,
+    /// sequence, idx), on which ReplacingMergeTree collapses a batch
+    /// written twice.
     public func createIfMissing() async throws {
         try await client.execute("""
             CREATE TABLE IF NOT EXISTS \(table) (
