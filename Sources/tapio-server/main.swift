@@ -394,10 +394,13 @@ extension Serve {
         guard role == .ingest else {
             let given = [("--nats", !nats.isEmpty), ("--nats-tls-dir", natsTlsDir != nil), ("--nats-user", natsUser != nil),
                          ("--nats-password-file", natsPasswordFile != nil), ("--nats-token-file", natsTokenFile != nil)].filter(\.1).map(\.0)
-            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")) only apply to --role ingest") }
+            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest only (this is --role \(role.rawValue))") }
             return nil
         }
         guard !nats.isEmpty else { throw ValidationError("--role ingest needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
+        if let url = nats.first(where: { $0.contains("://") && !$0.hasPrefix("nats://") && !$0.hasPrefix("tls://") }) {
+            throw ValidationError("--nats: '\(url)' is neither nats:// nor tls://")
+        }
         var c: NATSIngestConfiguration
         do {
             c = NATSIngestConfiguration(servers: try nats.map { try NATSServerAddress($0) })

@@ -55,6 +55,7 @@ final class IngestRoleTests: XCTestCase {
         let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
         XCTAssertEqual(agent.helloAck?.ackedSequence, 0, "an ingest replica claims no prefix (docs/scaling.md)")
         // Batch 30 holds an event an hour ahead: set aside by the server, counted in the message.
+        try agent.sendInventory(Inventory(pods: [PodInfo(uid: "u1", name: "web-1", namespace: "shop", node: "", ips: ["10.1.0.7"])]))
         let batches = (1...30).map { agent.batch(UInt64($0), future: $0 == 30) }
         for b in batches { try agent.send(b) }
         let acks = try agent.acks(30, timeoutMs: 20_000)
@@ -80,6 +81,11 @@ final class IngestRoleTests: XCTestCase {
             XCTAssertGreaterThan(s.receivedNs, Int64(epoch))
             XCTAssertEqual(s.serverDrops, s.sequence == 30 ? [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: 1)] : [])
         }
+        // The pods the agent reported, for the stream's consumers, under the node's name.
+        let lastInventory = try await js.lastMessage(stream: "TAPIO_EVENTS", subject: StreamedBatch.inventoryPrefix + ".node-a")
+        let inventory = try XCTUnwrap(lastInventory, "no inventory in the stream")
+        XCTAssertEqual(try Inventory.decode(inventory.payload).pods.map { "\($0.node)/\($0.namespace)/\($0.name)" }, ["node-a/shop/web-1"])
+
         let metrics = try replica.metrics()
         XCTAssertTrue(metrics.contains("tapio_server_batches_total 30\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 0\n"), metrics)
@@ -88,6 +94,9 @@ final class IngestRoleTests: XCTestCase {
         let otherMetrics = try other.metrics()
         XCTAssertTrue(otherMetrics.contains("tapio_server_batches_total 0\n"), otherMetrics)
         XCTAssertTrue(otherMetrics.contains("tapio_server_duplicate_batches_total 10\n"), otherMetrics)
+        // SIGTERM: a graceful stop.
+        XCTAssertEqual(replica.process.stop(signal: SIGTERM, timeout: 15), 0, replica.process.log.suffix(2000).description)
+        XCTAssertTrue(replica.process.log.contains("tapio-server ingest replica stopped"))
     }
 
     func testWithoutNATSTheReplicaIsNotReadyAndAcknowledgesNothingThenServesOnceNATSIsUp() async throws {
@@ -188,6 +197,32 @@ final class IngestRoleTests: XCTestCase {
         let stored = try await streamedBatches(try await jetStream(alive))
         assertExactlyOnce(stored, node: "node-a", epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
         XCTAssertEqual(stored.reduce(0) { $0 + ((try? EventBatch.decode($1.payload).events.count) ?? 0) }, agent.eventsAdded)
+    }
+
+    func testAStreamedBatchReadBackSaysWhatIsWrongWithIt() throws {
+        let batch = EventBatch(node: "ip-10-0-0-1.ec2.internal", epoch: 7, sequence: 3, events: [event(1, comm: "x")])
+        let append = BatchAppend(batch: batch, payload: batch.encoded(), clock: ClockCorrection(offsetNs: -5, errorNs: 9), receivedNs: 42,
+                                 serverDrops: [DropCount(kind: .unspecified, reason: "future time", count: 2)])
+        let message = StreamedBatch(append)
+        XCTAssertEqual(message.subject, "tapio.events.ip-10-0-0-1%2Eec2%2Einternal", "one subject token per node")
+        XCTAssertEqual(message.messageID, "ip-10-0-0-1%2Eec2%2Einternal:7:3")
+        XCTAssertEqual(try StreamedBatch(headers: message.headers, payload: message.payload), message)
+
+        var noEpoch = message.headers
+        noEpoch["Tapio-Epoch"] = nil
+        XCTAssertThrowsError(try StreamedBatch(headers: noEpoch, payload: message.payload)) {
+            XCTAssertTrue("\($0)".contains("Tapio-Epoch"), "\($0)")
+        }
+        var otherSequence = message.headers
+        otherSequence["Tapio-Sequence"] = "4"
+        XCTAssertThrowsError(try StreamedBatch(headers: otherSequence, payload: message.payload)) {
+            XCTAssertTrue("\($0)".contains("7/4"), "\($0)")
+        }
+        var badDrops = message.headers
+        badDrops["Tapio-Server-Drops"] = "0/x"
+        XCTAssertThrowsError(try StreamedBatch(headers: badDrops, payload: message.payload)) {
+            XCTAssertTrue("\($0)".contains("Tapio-Server-Drops"), "\($0)")
+        }
     }
 
     // MARK: - Harness
@@ -362,6 +397,8 @@ final class ProtocolAgent {
     }
 
     func send(_ batch: EventBatch) throws { try connection.send(.eventBatch, batch.encoded()) }
+
+    func sendInventory(_ inventory: Inventory) throws { try connection.send(.inventory, inventory.encoded()) }
 
     func acks(_ count: Int, timeoutMs: Int64) throws -> [Ack] {
         var out: [Ack] = []
