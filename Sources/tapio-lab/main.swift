@@ -25,7 +25,7 @@ struct TapioLabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-lab",
         abstract: "Builds nodes (network namespaces + cgroups) on this machine, runs real services and tapio, injects a fault and scores the answer.",
-        subcommands: [Run.self, Bench.self, Cleanup.self, List.self])
+        subcommands: [Run.self, Bench.self, Soak.self, Cleanup.self, List.self])
 }
 
 struct Run: ParsableCommand {
@@ -74,6 +74,38 @@ struct Bench: ParsableCommand {
                 FileHandle.standardError.write(Data(($0 + "\n").utf8))
             }
             print(json ? report.json.serialized(pretty: true) : report.text)
+        } catch let e as LabError where e.description == LabError.interrupted.description {
+            FileHandle.standardError.write(Data("tapio-lab: interrupted; everything it created is removed\n".utf8))
+            throw ExitCode(130)
+        }
+    }
+}
+
+struct Soak: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the healthy scenarios' activities together, repeated, for N minutes against one server and agents: incidents that paged (must be none), events/s, the server's and agents' CPU and RSS over time. Exits 1 if an incident paged.")
+
+    @Option(help: "Minutes to run, the 15 s warmup included.")
+    var minutes: Double = 30
+    @Option(help: "Only these healthy scenarios (comma-separated; default: every healthy scenario).")
+    var only: String?
+    @Flag(help: "Print the soak's JSON (also written to soak.json in the run directory) instead of the table.")
+    var json = false
+    @OptionGroup var locations: Locations
+
+    func run() throws {
+        LabSignals.install()
+        let options = locations.options()
+        let names = only.map { $0.split(separator: ",").map(String.init) } ?? LabFiles.scenarioNames(labDirectory: options.labDirectory)
+        let healthy = try names.map { try LabFiles.resolve($0, labDirectory: options.labDirectory) }.filter { only != nil || $0.isHealthy }
+        let scenario = try LabSoak.scenario(mixing: healthy, minutes: minutes)
+        FileHandle.standardError.write(Data("soak: \(scenario.description ?? ""); \(scenario.faults.count) activities\n".utf8))
+        do {
+            let report = try LabSoak.run(scenario: scenario, options: options) {
+                FileHandle.standardError.write(Data(("soak: " + $0 + "\n").utf8))
+            }
+            print(json ? report.json.serialized(pretty: true) : report.text, terminator: "")
+            if !report.passed { throw ExitCode(1) }
         } catch let e as LabError where e.description == LabError.interrupted.description {
             FileHandle.standardError.write(Data("tapio-lab: interrupted; everything it created is removed\n".utf8))
             throw ExitCode(130)
