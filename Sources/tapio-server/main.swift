@@ -273,7 +273,7 @@ struct Serve: ParsableCommand {
     var timeSyncInterval: Double = 2
     @Option(help: "Seconds between reads of the TLS files; a renewed, valid set serves new connections. 0: never.")
     var tlsReloadInterval: Double = 5
-    @Option(help: "Seconds between the store's write checks (/healthz).")
+    @Option(help: "Seconds between the store's write checks (/healthz; role all).")
     var storeCheckInterval: Double = 5
     @Option(help: "Alertmanager to send incident alerts to (its v2 API), e.g. http://alertmanager:9093. Repeat for each instance of a cluster.")
     var alertmanager: [String] = []
@@ -291,9 +291,9 @@ struct Serve: ParsableCommand {
     var alertMinConfidence: Double = 0
     @Option(help: "Seconds between re-sends of open alerts to Alertmanager (each valid for four periods).")
     var alertResendInterval: Double = 60
-    @Option(help: "Delete stored events whose batch arrived longer ago than this (s, m, h, d, w: 7d, 36h).")
+    @Option(help: "Delete stored events whose batch arrived longer ago than this (s, m, h, d, w: 7d, 36h; role all).")
     var retention = "7d"
-    @Option(help: "Keep the event store under this size by deleting the oldest events: bytes with K, M, G, T (20GiB), or a percentage of the data directory's volume.")
+    @Option(help: "Keep the event store under this size by deleting the oldest events: bytes with K, M, G, T (20GiB), or a percentage of the data directory's volume (role all).")
     var maxDisk = "80%"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
@@ -396,6 +396,12 @@ extension Serve {
                          ("--nats-password-file", natsPasswordFile != nil), ("--nats-token-file", natsTokenFile != nil)].filter(\.1).map(\.0)
             if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest only (this is --role \(role.rawValue))") }
             return nil
+        }
+        let unused = [("--alertmanager", !alertmanager.isEmpty), ("--webhook", webhook != nil), ("--webhook-secret-file", webhookSecretFile != nil),
+                      ("--otlp-endpoint", otlpEndpoint != nil), ("--alert-link-base", alertLinkBase != nil), ("--alert-tls-ca", alertTlsCa != nil)]
+            .filter(\.1).map(\.0)
+        if !unused.isEmpty {
+            throw ValidationError("\(unused.joined(separator: ", ")): incidents are not made in role ingest (no engine runs here), so nothing would be sent")
         }
         guard !nats.isEmpty else { throw ValidationError("--role ingest needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
         if let url = nats.first(where: { $0.contains("://") && !$0.hasPrefix("nats://") && !$0.hasPrefix("tls://") }) {
