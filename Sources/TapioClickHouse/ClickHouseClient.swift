@@ -40,9 +40,9 @@ public struct ClickHouseConfiguration: Sendable {
     /// below ClickHouse's own `keep_alive_timeout` (3 s by default), so the
     /// client does not write to a connection the server is closing.
     public var idleTimeout: Duration
-    /// The longest statement text sent (ClickHouse's `max_query_size`, set
-    /// for each statement; the rows of an INSERT do not count). A longer one
-    /// is refused before it is sent.
+    /// The longest statement text sent; the rows of an INSERT do not count.
+    /// A longer one is refused before it is sent; one above ClickHouse's
+    /// default `max_query_size` (256 KiB) raises it to this for itself.
     public var maxStatementBytes: Int
 
     public init(host: String = "127.0.0.1", port: Int = 8123, credentials: Credentials = .none, database: String? = nil,
@@ -142,7 +142,11 @@ public final class ClickHouseClient: Sendable {
             throw ClickHouseError.statementTooLarge(bytes: statement.utf8.count, limit: configuration.maxStatementBytes, statement: statement)
         }
         // Errors come as a status, not after a 200 and half an answer.
-        var query = [("wait_end_of_query", "1"), ("max_query_size", String(configuration.maxStatementBytes))]
+        var query = [("wait_end_of_query", "1")]
+        // Only a statement above ClickHouse's default max_query_size raises
+        // it: a readonly user may not change settings, and answers the
+        // default for everything shorter.
+        if statement.utf8.count > Self.defaultMaxQuerySize { query.append(("max_query_size", String(configuration.maxStatementBytes))) }
         if let db = configuration.database { query.append(("database", db)) }
         if data != nil { query.append(("query", statement)) }
         let uri = "/?" + query.map { "\($0.0)=\(Self.percentEncoded($0.1))" }.joined(separator: "&")
@@ -168,6 +172,8 @@ public final class ClickHouseClient: Sendable {
         do {
             response = try await send(head: head, body: body, on: channel, statement: statement)
         } catch ResponseHandler.Failure.closedBeforeAnswer where reused {
+            logger.debug("a reused ClickHouse connection was closed before answering; sending again on a new one",
+                         metadata: ["host": "\(configuration.host)", "port": "\(configuration.port)"])
             (channel, reused) = try await connection(fresh: true)
             do {
                 response = try await send(head: head, body: body, on: channel, statement: statement)
@@ -208,10 +214,8 @@ public final class ClickHouseClient: Sendable {
             + configuration.requestTimeout.components.attoseconds / 1_000_000_000)
         let request = ResponseHandler.Request(head: head, body: body, limit: configuration.maxResponseBytes, promise: promise)
         channel.writeAndFlush(request).cascadeFailure(to: promise)
-        let timer = channel.eventLoop.scheduleTask(in: timeout) {
-            promise.fail(ResponseHandler.Failure.timedOut)
-            channel.close(promise: nil)
-        }
+        // Failing the promise is enough: the catch below closes the connection.
+        let timer = channel.eventLoop.scheduleTask(in: timeout) { promise.fail(ResponseHandler.Failure.timedOut) }
         defer { timer.cancel() }
         do {
             return try await promise.futureResult.get()
@@ -274,6 +278,9 @@ public final class ClickHouseClient: Sendable {
         }
         if !kept { channel.close(promise: nil) }
     }
+
+    /// ClickHouse's own `max_query_size` (256 KiB).
+    static let defaultMaxQuerySize = 262_144
 
     /// RFC 3986 unreserved characters stay, every other byte is %XX.
     static func percentEncoded(_ s: String) -> String {

@@ -231,6 +231,38 @@ final class ClickHouseEventStoreTests: XCTestCase {
         XCTAssertEqual(none.count, 0)
     }
 
+    func testAReadonlyUserReadsAndAStatementAboveClickHousesDefaultSizeStillRuns() async throws {
+        let s = try start()
+        let events = try ClickHouseEventStore(client: client(s), table: "events_ro")
+        try await events.createIfMissing()
+        // A name that makes the filter statement longer than 256 KiB.
+        let huge = String(repeating: "p", count: 300_000)
+        let batch = EventBatch(node: "n", epoch: 1, sequence: 1, events: [
+            TapioEvent(kind: .processExec, timeNs: Self.day0, pod: huge), TapioEvent(kind: .processExec, timeNs: Self.day0 + 1, pod: "small"),
+        ])
+        try await events.write([.init(batch, clock: .none)])
+        let got = try await events.events(EventQuery(pod: huge))
+        XCTAssertEqual(got.map(\.pod), [huge])
+
+        let reader = try ClickHouseEventStore(client: client(s) { $0.credentials = .headers(user: ClickHouseTestServer.reader, password: "") },
+                                              table: "events_ro")
+        let answer = try await reader.answer(EventQuery())
+        XCTAssertEqual(answer.events.map(\.pod), [huge, "small"], "a readonly user runs every ordinary query")
+        do {
+            _ = try await reader.events(EventQuery(pod: huge))
+            XCTFail("readonly may not raise max_query_size")
+        } catch let ClickHouseError.server(_, code, message, _) {
+            XCTAssertEqual(code, 164)
+            XCTAssertTrue(message.contains("readonly"), message)
+        }
+        do {
+            try await reader.write([.init(batch, clock: .none)])
+            XCTFail("readonly may not write")
+        } catch let ClickHouseError.server(_, code, _, _) {
+            XCTAssertEqual(code, 164)
+        }
+    }
+
     func testDroppingOldDaysIsCountedAndTheAnswerSaysSo() async throws {
         let s = try start()
         let events = try ClickHouseEventStore(client: client(s), table: "events_e")

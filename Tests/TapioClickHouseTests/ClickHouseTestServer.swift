@@ -15,6 +15,8 @@ final class ClickHouseTestServer {
     /// A user with a password, for the authentication tests.
     static let user = "tapio"
     static let password = "s3cret 'with' \\ quotes"
+    /// A user whose profile is readonly (may not write or change settings).
+    static let reader = "reader"
     private var process: ChildProcess?
 
     static func binary() throws -> String {
@@ -60,10 +62,11 @@ final class ClickHouseTestServer {
         let users = """
             <?xml version="1.0"?>
             <yandex>
-              <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+              <profiles><default><max_memory_usage>2000000000</max_memory_usage></default><readonly><readonly>1</readonly></readonly></profiles>
               <users>
                 <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
                 <\(Self.user)><password>\(password)</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></\(Self.user)>
+                <\(Self.reader)><password></password><networks><ip>127.0.0.1</ip></networks><profile>readonly</profile><quota>default</quota></\(Self.reader)>
               </users>
               <quotas><default></default></quotas>
             </yandex>
