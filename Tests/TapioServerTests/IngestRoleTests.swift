@@ -99,6 +99,41 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertTrue(replica.process.log.contains("tapio-server ingest replica stopped"))
     }
 
+    func testBatchesAKilledReplicaPublishedAreDuplicatesOnTheOtherReplica() async throws {
+        let server = try startNATS()
+        let a = try startReplica(nats: [server])
+        let b = try startReplica(nats: [server])
+        try a.waitUntilReady()
+        try b.waitUntilReady()
+        let js = try await jetStream([server])
+
+        // Replica A publishes 20 batches; the agent reads none of its acks
+        // before A is killed, so for the agent all 20 are unacknowledged.
+        let epoch = UInt64(wallClockNs())
+        let agent = try ProtocolAgent(port: a.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let batches = (1...20).map { agent.batch(UInt64($0)) }
+        for batch in batches { try agent.send(batch) }
+        var published: UInt64 = 0
+        let deadline = Date(timeIntervalSinceNow: 20)
+        while published < 20, Date() < deadline {
+            published = try await js.streamInfo("TAPIO_EVENTS").state.messages
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        XCTAssertEqual(published, 20, "replica A published the batches")
+        a.process.stop(signal: SIGKILL)
+        agent.close()
+
+        let moved = try ProtocolAgent(port: b.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        XCTAssertEqual(moved.helloAck?.ackedSequence, 0)
+        for batch in batches { try moved.send(batch) }
+        XCTAssertEqual(Set(try moved.acks(20, timeoutMs: 20_000).map(\.sequence)), Set(1...20))
+        moved.close()
+        let metrics = try b.metrics()
+        XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 20\n"), metrics)
+        XCTAssertTrue(metrics.contains("tapio_server_batches_total 0\n"), metrics)
+        assertExactlyOnce(try await streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...20)
+    }
+
     func testWithoutNATSTheReplicaIsNotReadyAndAcknowledgesNothingThenServesOnceNATSIsUp() async throws {
         // Configured, its port chosen, not started yet.
         let server = try NATSTestServer(name: "late", directory: directory)
@@ -197,6 +232,32 @@ final class IngestRoleTests: XCTestCase {
         let stored = try await streamedBatches(try await jetStream(alive))
         assertExactlyOnce(stored, node: "node-a", epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
         XCTAssertEqual(stored.reduce(0) { $0 + ((try? EventBatch.decode($1.payload).events.count) ?? 0) }, agent.eventsAdded)
+    }
+
+    func testRoleFlagsThatCannotWorkAreRefusedInWords() throws {
+        let binary = try TestSupport.product("tapio-server")
+        let tls = ["--tls-dir", pki + "/server"]
+        let cases: [([String], String)] = [
+            (["--role", "ingest"] + tls, "--role ingest needs at least one --nats URL"),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--data-dir", directory + "/d"] + tls, "--data-dir is not used in role ingest"),
+            (["--data-dir", directory + "/d", "--nats", "nats://127.0.0.1:4222"] + tls, "--nats: for --role ingest only"),
+            (["--role", "ingest", "--nats", "http://127.0.0.1:4222"] + tls, "neither nats:// nor tls://"),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--nats-replicas", "7"] + tls, "--nats-replicas must be 1 to 5"),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--nats-max-age", "1m"] + tls, "must not be shorter than --nats-duplicate-window"),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--nats-tls-dir", directory + "/none"] + tls, "--nats-tls-dir: "),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--nats-user", "u"] + tls, "give --nats-user with --nats-password-file"),
+            (["--role", "ingest", "--nats", "nats://127.0.0.1:4222", "--webhook", "http://127.0.0.1:1/"] + tls, "--webhook: incidents are not made in role ingest"),
+            (["--role", "correlate"] + tls, "'correlate' is invalid for '--role <all|ingest>'"),
+        ]
+        for (arguments, expected) in cases {
+            let r = try TestSupport.run(binary, arguments, timeout: 20)
+            XCTAssertNotEqual(r.status, 0, "\(arguments) started")
+            XCTAssertTrue(r.stderr.contains(expected), "\(arguments): expected '\(expected)' in: \(r.stderr)")
+        }
+        let help = try TestSupport.run(binary, ["serve", "--help"], timeout: 20).stdout
+        for flag in ["--role <all|ingest>", "--nats <url>", "--nats-stream", "--nats-replicas", "--nats-duplicate-window", "--nats-tls-dir", "--nats-token-file"] {
+            XCTAssertTrue(help.contains(flag), "--help lacks \(flag)")
+        }
     }
 
     func testAStreamedBatchReadBackSaysWhatIsWrongWithIt() throws {
