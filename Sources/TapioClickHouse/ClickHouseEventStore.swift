@@ -185,7 +185,9 @@ public final class ClickHouseEventStore: Sendable {
                        attribute: ([String: JSONValue]) -> [String: JSONValue] = { $0 }) async throws -> EventsAnswer {
         let events = try await self.events(query)
         var answer = EventsAnswer(events: try events.map { e in
-            guard case .object(let o) = e.json else { return try QueryEvent(fields: [:]) }
+            guard case .object(let o) = e.json else {
+                throw ClickHouseError.malformedAnswer("an event of node \(e.node) did not become a JSON object")
+            }
             return try QueryEvent(fields: attribute(o))
         })
         if let horizon = try await retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
