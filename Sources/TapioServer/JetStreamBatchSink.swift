@@ -168,6 +168,8 @@ final class JetStreamBatchSink: BatchSink {
         var client: NATSClient?
         var streamReady = false
         var stopped = false
+        /// The background connect and stream set-up is running.
+        var settingUp = false
         /// What went wrong last while connecting or setting up the stream.
         var problem = "connecting to NATS"
     }
@@ -204,8 +206,16 @@ final class JetStreamBatchSink: BatchSink {
     }
 
     /// Connects and creates or updates the stream in the background, retrying
-    /// every second (logging each new reason once) until both are done.
+    /// every second (logging each new reason once) until both are done. Called
+    /// again when publishes find no stream (deleted, or its leader lost): a
+    /// run already under way is left to finish.
     func start() {
+        let begin = state.withLock { s -> Bool in
+            guard !s.stopped, !s.settingUp else { return false }
+            s.settingUp = true
+            return true
+        }
+        guard begin else { return }
         let task = Task { [self] in
             var lastLogged = ""
             func note(_ problem: String) {
@@ -245,6 +255,7 @@ final class JetStreamBatchSink: BatchSink {
                     state.withLock {
                         $0.streamReady = true
                         $0.problem = ""
+                        $0.settingUp = false
                     }
                     logger.info("JetStream stream ready", metadata: [
                         "stream": "\(info.config.name)", "replicas": "\(info.config.replicas)", "subjects": "\(info.config.subjects.joined(separator: ","))",
@@ -291,7 +302,7 @@ final class JetStreamBatchSink: BatchSink {
         let js = JetStream(client: client, timeout: configuration.publishTimeout)
         let stream = configuration.stream
         let (metrics, logger, latency) = (self.metrics, self.logger, self.publishLatency)
-        promise.completeWithTask {
+        promise.completeWithTask { [self] in
             let started = ContinuousClock.now
             do {
                 let ack = try await js.publish(message.subject, payload: message.payload, messageID: message.messageID, headers: message.headers)
@@ -304,6 +315,7 @@ final class JetStreamBatchSink: BatchSink {
             } catch {
                 let failure = PublishError(error)
                 metrics.add(Self.failureMetric(failure.reason))
+                if failure.reason == .noResponders { self.streamMissing() }
                 logger.warning("publishing a batch to JetStream failed; not acknowledged, the agent resends it", metadata: [
                     "node": "\(message.node)", "epoch": "\(message.epoch)", "sequence": "\(message.sequence)",
                     "reason": "\(failure.reason.rawValue)", "error": "\(failure.description)",
@@ -312,6 +324,24 @@ final class JetStreamBatchSink: BatchSink {
             }
         }
         return promise.futureResult
+    }
+
+    /// No stream answered a publish: JetStream answers so for a moment while
+    /// it elects the stream's leader, and for good when the stream was
+    /// deleted. Set it up again (a no-op update in the first case), and be
+    /// not ready until that worked.
+    private func streamMissing() {
+        let wasReady = state.withLock { s -> Bool in
+            defer {
+                s.streamReady = false
+                s.problem = "no stream answered on \(StreamedBatch.subjectPrefix).>: setting up stream \(configuration.stream) again"
+            }
+            return s.streamReady
+        }
+        if wasReady {
+            logger.warning("no stream answers for the batches; creating or updating it again", metadata: ["stream": "\(configuration.stream)"])
+            start()
+        }
     }
 
     /// Claims no batch. The stream cannot say cheaply which sequences of an

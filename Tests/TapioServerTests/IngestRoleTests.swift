@@ -134,6 +134,30 @@ final class IngestRoleTests: XCTestCase {
         assertExactlyOnce(try await streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...20)
     }
 
+    func testAStreamDeletedUnderARunningReplicaIsCreatedAgain() async throws {
+        let server = try startNATS()
+        let replica = try startReplica(nats: [server])
+        try replica.waitUntilReady()
+        let js = try await jetStream([server])
+        let deleted = try await js.client.request("$JS.API.STREAM.DELETE.TAPIO_EVENTS", payload: [UInt8](), timeout: .seconds(5))
+        XCTAssertTrue(String(decoding: deleted.payload.readableBytesView, as: UTF8.self).contains("\"success\":true"))
+
+        let epoch = UInt64(wallClockNs())
+        let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        try agent.send(agent.batch(1))
+        XCTAssertEqual(try agent.error(timeoutMs: 10_000)?.code, WireErrorCode.storageFailed.rawValue, "no stream: not acknowledged")
+        agent.close()
+        XCTAssertTrue(replica.process.log.contains("creating or updating it again"), replica.process.log)
+        try replica.waitUntilReady(timeout: 20)
+
+        let again = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        try again.send(again.batch(1))
+        XCTAssertEqual(try again.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
+        again.close()
+        assertExactlyOnce(try await streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...1)
+        XCTAssertTrue(try replica.metrics().contains("tapio_server_nats_publish_failures_total{reason=\"no_responders\"} 1\n"))
+    }
+
     func testWithoutNATSTheReplicaIsNotReadyAndAcknowledgesNothingThenServesOnceNATSIsUp() async throws {
         // Configured, its port chosen, not started yet.
         let server = try NATSTestServer(name: "late", directory: directory)
