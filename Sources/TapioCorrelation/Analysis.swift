@@ -248,6 +248,14 @@ struct Analysis {
         func links(_ c: Candidate) -> [Link] {
             symptoms.compactMap { s in
                 guard let (rel, topo) = relation(c, s) else { return nil }
+                // A closed listener is felt by those who talk to it as
+                // connections refused or broken, never as a slower answer or
+                // retransmitted segments: nothing reaches a closed port. (A
+                // replica drained and stopped, then a slow client elsewhere,
+                // once paged as the replica's listener_closed.) Symptoms
+                // further up a cascade keep their link.
+                if c.kind == .listenerClosed, rel == "direct" || rel == "graph",
+                   ![.connectRefused, .connectErrors, .resets].contains(s.key.kind) { return nil }
                 return Link(symptom: s, relation: rel, topology: topo, time: c.inferred ? 0.5 : proximity(c, s), prior: cfg.priors.prior(c.kind, s.key.kind))
             }
         }

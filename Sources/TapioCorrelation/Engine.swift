@@ -578,7 +578,13 @@ public struct CorrelationEngine: Sendable {
 
     private mutating func refresh(_ i: Int, end: Int64) {
         var inc = openIncidents[i]
-        let fresh = Analysis(engine: self).evaluate(inc, at: end)
+        var fresh = Analysis(engine: self).evaluate(inc, at: end)
+        // A restart explains an incident led by its planned stop whether the
+        // stop's symptoms opened it or joined one already shown (an
+        // observation still open): such an incident pages only when a new one
+        // would be shown — the listener not back within the grace, or the
+        // symptoms going on after it came back.
+        if fresh.plannedStop != nil, !publishable(fresh, end: end) { fresh.pages = false }
         if fresh.contentDiffers(from: inc.snapshot) || inc.snapshot.id.isEmpty {
             inc.snapshot = fresh
             inc.snapshot.updatedNs = end

@@ -126,6 +126,35 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(engine.statistics.dnsRetriesAnswered, 0)
     }
 
+    /// redis slows down for a few seconds (an observation opens: latency
+    /// with an inferred cause, paging nobody), and while it is still open
+    /// redis is restarted on purpose (SIGTERM, refused for a second, listening
+    /// again). The restart's symptoms join the open observation; a restart
+    /// explains them as it would in an incident of their own, so nothing pages.
+    func testARestartJoiningAnOpenObservationDoesNotPage() {
+        var c = SyntheticCluster()
+        c.healthy(until: 24)
+        c.healthy(from: 24, until: 60, skip: ["api>redis"])
+        for t in stride(from: 24.0, to: 30, by: 0.5) {
+            c.connect(t, "api", "redis", .established, count: 4)
+            c.latency(t + 0.03, "api", "redis", ms: t < 28 ? 80 : 1)
+        }
+        c.exit(30, "redis", signal: SIGTERM)
+        c.listen(30.001, "redis", open: false)
+        for t in stride(from: 30.05, to: 31.1, by: 0.25) { c.connect(t, "api", "redis", .refused, count: 5) }
+        c.exec(31.1, "redis", pid: 311, comm: "redis-server", file: "/usr/bin/redis-server")
+        c.add(31.2, "redis", .tcpListen, .tcpListen(address: IPAddress("0.0.0.0"), port: 6379, open: true), pid: 311)
+        for t in stride(from: 31.2, to: 60, by: 0.5) {
+            c.connect(t, "api", "redis", .established, count: 4)
+            c.latency(t + 0.03, "api", "redis", ms: 1)
+        }
+        c.healthy(from: 60, until: 100)
+        let engine = c.engine()
+        XCTAssertTrue(engine.incidents.flatMap(\.symptoms).contains { $0.kind == .connectRefused },
+                      "the restart's refusals joined the observation: \(engine.incidents.map(\.title))")
+        assertNothingPages(engine)
+    }
+
     /// A process starts on the api's node and sleeps while the api slows
     /// down; nothing on the node is short of CPU or memory. The slowdown is
     /// kept as an observation (a latency symptom with an inferred cause),
