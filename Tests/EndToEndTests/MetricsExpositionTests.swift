@@ -11,8 +11,12 @@ final class MetricsExpositionTests: XCTestCase {
     private var dir = ""
     private var server: ChildProcess?
     private var agent: ChildProcess?
+    private var replica: ChildProcess?
+    private var nats: NATSTestServer?
 
     override func tearDown() {
+        replica?.stop(signal: SIGKILL)
+        nats?.kill9()
         agent?.stop(signal: SIGKILL)
         server?.stop(signal: SIGKILL)
         if !dir.isEmpty { try? FileManager.default.removeItem(atPath: dir) }
@@ -83,7 +87,17 @@ final class MetricsExpositionTests: XCTestCase {
         XCTAssertGreaterThan(Self.value("tapio_server_ingest_lag_seconds_count", in: later) ?? 0, 0, later)
         XCTAssertEqual(Self.value("tapio_server_ingest_lag_seconds_bucket{le=\"+Inf\"}", in: later), Self.value("tapio_server_ingest_lag_seconds_count", in: later))
 
-        let families = Self.families(serverText).union(Self.families(agentText))
+        // An ingest replica (`--role ingest`, docs/scaling.md) exposes the
+        // ingest families and the NATS publisher's: the same checks.
+        let replicaText = try ingestReplicaMetrics(pki: pki)
+        let replicaFile = dir + "/replica.prom"
+        try replicaText.write(toFile: replicaFile, atomically: true, encoding: .utf8)
+        let replicaCheck = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(replicaFile)"])
+        XCTAssertEqual(replicaCheck.status, 0, "promtool on the ingest replica's /metrics:\n\(replicaCheck.stdout)\(replicaCheck.stderr)")
+        XCTAssertFalse(replicaText.contains("Not in the server's metrics catalog"), "a replica metric without its own help:\n\(replicaText)")
+        XCTAssertTrue(replicaText.contains("\ntapio_server_nats_connected 1\n"), replicaText)
+
+        let families = Self.families(serverText).union(Self.families(agentText)).union(Self.families(replicaText))
         try checkRules(promtool: promtool, families: families)
         try checkDashboard(promtool: promtool, families: families)
         try checkDocs(families: families)
@@ -134,8 +148,25 @@ final class MetricsExpositionTests: XCTestCase {
         XCTAssertEqual(check.status, 0, "the dashboard's queries:\n\(check.stdout)\(check.stderr)")
     }
 
+    /// /metrics of `tapio-server --role ingest` publishing to a real
+    /// nats-server (Debian's; `make deps` installs it), once it is ready.
+    private func ingestReplicaMetrics(pki: String) throws -> String {
+        let server = try NATSTestServer(name: "metrics-nats", directory: dir)
+        nats = server
+        try server.start()
+        let ingest = TestSupport.freePort(), metrics = TestSupport.freePort()
+        replica = try ChildProcess(try TestSupport.product("tapio-server"), [
+            "--role", "ingest", "--tls-dir", pki + "/server", "--listen", "127.0.0.1:\(ingest)",
+            "--metrics-listen", "127.0.0.1:\(metrics)", "--nats", server.url,
+        ], logPath: dir + "/replica.log")
+        XCTAssertTrue(eventually(timeout: 40) { (try? TestSupport.httpGet(port: metrics, path: "/readyz"))?.status == 200 },
+                      "ingest replica ready; its log:\n\(replica!.log.suffix(3000))")
+        return try TestSupport.httpGet(port: metrics, path: "/metrics").body
+    }
+
     /// The metrics tables of docs/operations.md ("Metrics and health") list
-    /// every family the server and the agent expose, and nothing else.
+    /// every family the server (in both roles) and the agent expose, and
+    /// nothing else.
     private func checkDocs(families: Set<String>) throws {
         let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
         guard let start = docs.range(of: "\n## Metrics and health\n") else { return XCTFail("docs/operations.md has no \"Metrics and health\" section") }
