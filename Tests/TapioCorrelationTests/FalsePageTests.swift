@@ -155,6 +155,32 @@ final class FalsePageTests: XCTestCase {
         assertNothingPages(engine)
     }
 
+    /// A scale-down: the frontend stops sending to cart (its endpoint is
+    /// gone), cart is stopped (SIGTERM, listener closed, never back), and
+    /// 5 s later the frontend's exchanges with cart's address show latency
+    /// and retransmits (late segments of old flows, a client elsewhere
+    /// reading slowly). Nobody is refused: a closed listener explains none of
+    /// it, and nothing names cart's listener.
+    func testAListenerClosedOnAScaleDownIsNoCauseOfLatency() {
+        var c = SyntheticCluster()
+        c.healthy(until: 60, skip: ["frontend>cart"])
+        for t in stride(from: 0.0, to: 28, by: 0.5) {
+            c.connect(t + 0.05, "frontend", "cart", .established, count: 2)
+            c.latency(t + 0.06, "frontend", "cart", ms: 3)
+        }
+        c.exit(30, "cart", signal: SIGTERM)
+        c.listen(30.001, "cart", open: false)
+        for t in stride(from: 35.0, to: 45, by: 0.5) {
+            c.latency(t + 0.06, "frontend", "cart", ms: 90)
+            c.add(t + 0.07, "frontend", .tcpRetransmit, .tcpRetransmit(flow: c.flow("frontend", "cart"), count: 15, intervalNs: 500_000_000))
+        }
+        c.healthy(from: 60, until: 100)
+        let engine = c.engine()
+        XCTAssertFalse(engine.incidents.flatMap(\.rootCauses).contains { $0.kind == .listenerClosed },
+                       "\(engine.incidents.map { "\($0.title): \($0.rootCauses.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })" })")
+        assertNothingPages(engine)
+    }
+
     /// A process starts on the api's node and sleeps while the api slows
     /// down; nothing on the node is short of CPU or memory. The slowdown is
     /// kept as an observation (a latency symptom with an inferred cause),
