@@ -167,6 +167,7 @@ let package = Package(
             name: "tapio-lab",
             dependencies: [
                 "TapioLab",
+                "TapioWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TapioLab
+import TapioWire
 
 struct Locations: ParsableArguments {
     @Option(help: "Directory with tapio-server and tapio-agent (default: beside tapio-lab).")
@@ -25,6 +26,7 @@ struct TapioLabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-lab",
         abstract: "Builds nodes (network namespaces + cgroups) on this machine, runs real services and tapio, injects a fault and scores the answer.",
+        version: TapioVersion.current,
         subcommands: [Run.self, Bench.self, Soak.self, Cleanup.self, List.self])
 }
 

@@ -33,6 +33,16 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(version.stdout.trimmingCharacters(in: .whitespacesAndNewlines), TapioVersion.current)
     }
 
+    /// `--version` on every program, not only the CLI: what an operator
+    /// checks first when a node and the server disagree.
+    func testEveryProgramPrintsItsVersion() throws {
+        for program in ["tapio", "tapio-agent", "tapio-server", "tapio-lab"] {
+            let r = try TestSupport.run(try TestSupport.product(program), ["--version"])
+            XCTAssertEqual(r.status, 0, "\(program) --version: \(r.stderr)")
+            XCTAssertEqual(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines), TapioVersion.current, program)
+        }
+    }
+
     func testCompletionScriptsAreGenerated() throws {
         let cli = try TapioCLI()
         for shell in ["bash", "zsh", "fish"] {
