@@ -65,6 +65,7 @@ enum MetricsCatalog {
         "tapio_correlation_series": .init(kind: .gauge, help: "Rate series kept (entity x symptom kind x peer).", unlabelled: true),
         "tapio_correlation_restarts_suppressed_total": .init(kind: .counter, help: "Incidents never shown because a restart explained them.", unlabelled: true),
         "tapio_correlation_client_aborts_total": .init(kind: .counter, help: "TCP resets from the client end of a connection (a client or proxy that hung up), as either end reported them: aborts, not failures, so no symptom.", unlabelled: true),
+        "tapio_correlation_dns_retries_answered_total": .init(kind: .counter, help: "DNS queries that went unanswered while the same client asked again for the same name and was answered (a DNS server restarting, a lost datagram): retried lookups, not DNS errors, so no symptom.", unlabelled: true),
         "tapio_correlation_queue_events": .init(kind: .gauge, help: "Events waiting in the correlation engine's queue.", unlabelled: true),
         "tapio_correlation_queue_capacity_events": .init(kind: .gauge, help: "Capacity of the correlation engine's queue, in events.", unlabelled: true),
         "tapio_node_connected": .init(kind: .gauge, help: "1 while the node's agent is connected.", unlabelled: false),
@@ -166,6 +167,7 @@ extension TapioServer {
                               ("tapio_correlation_series", Int64(c.series)),
                               ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
                               ("tapio_correlation_client_aborts_total", Int64(c.clientAborts)),
+                              ("tapio_correlation_dns_retries_answered_total", Int64(c.dnsRetriesAnswered)),
                               ("tapio_correlation_queue_events", Int64(correlation.queueDepth)),
                               ("tapio_correlation_queue_capacity_events", Int64(correlation.configuration.queueEvents))] {
             byName[name] = [.init([], value)]
