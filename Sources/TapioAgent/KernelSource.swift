@@ -29,6 +29,9 @@ public final class KernelSource: @unchecked Sendable {
         /// where cgroup_skb (DNS) attaches when there is no `cgroupRoot`, and its
         /// hierarchies are what the cgroup watcher reads.
         public var hostCgroupfs: String?
+        /// Kinds not reported (`--disable`): the kernel programs skip them
+        /// (a mask in their settings) and the cgroup files' events of these
+        /// kinds are left out.
         public var disabledKinds: Set<EventKind> = []
         /// Ring buffer sizes by object ("process", "net", "dns"); 0 or absent:
         /// the loader's default. Powers of two, multiples of the page size.
@@ -279,7 +282,7 @@ public final class KernelSource: @unchecked Sendable {
     /// The cgroup counters (not BPF) and the network-namespace filter.
     private func harvest(into context: PollContext) {
         if let net, configuration.cgroupRoot != nil { allowNetworkNamespaces(net) }
-        for var event in cgroups.scan(nowNs: configuration.clock.now()) {
+        for var event in cgroups.scan(nowNs: configuration.clock.now()) where !configuration.disabledKinds.contains(event.kind) {
             enrich(&event, 0)
             eventCount.add(1, ordering: .relaxed)
             context.outbox.add(event)

@@ -66,6 +66,8 @@ struct AgentCommand: ParsableCommand {
     var readIntervalMs: Int32 = 50
     @Option(help: ArgumentHelp("Benchmark only: emit one event per getppid() of tasks with this comm (make bench).", visibility: .hidden))
     var benchStormComm: String?
+    @Option(name: .customLong("disable"), help: ArgumentHelp("An event kind not to report, by name (e.g. cpu_throttle, dns); repeatable. Its kernel programs skip it, or its cgroup files' events are left out.", valueName: "kind"))
+    var disabledKinds: [String] = []
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -92,6 +94,12 @@ struct AgentCommand: ParsableCommand {
         config.dataDirectory = dataDir
         config.spoolDirectory = noSpool ? nil : (spoolDir ?? dataDir + "/spool")
         config.kernel.cgroupRoot = cgroupRoot
+        for name in disabledKinds {
+            guard let kind = EventKind(name: name), kind != .unspecified else {
+                throw ValidationError("--disable \(name): not an event kind (\(EventKind.allCases.filter { $0 != .unspecified }.map(\.name).joined(separator: ", ")))")
+            }
+            config.kernel.disabledKinds.insert(kind)
+        }
         config.kernel.hostCgroupfs = hostCgroupfs
         config.hostProc = hostProc
         for spec in ringBuffers {

@@ -43,6 +43,18 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// `tapio-agent --disable KIND` takes the kinds' names from docs/events.md
+    /// and refuses any other name in words, listing the names it knows.
+    func testTheAgentRefusesAnUnknownKindToDisableInWords() throws {
+        let r = try TestSupport.run(try TestSupport.product("tapio-agent"), [
+            "--server", "127.0.0.1:1", "--node-name", "n", "--tls-dir", "/nowhere", "--disable", "cpu_throttle", "--disable", "cpu_throtle",
+        ])
+        XCTAssertEqual(r.status, 64, r.stderr)
+        XCTAssertTrue(r.stderr.contains("--disable cpu_throtle: not an event kind ("), r.stderr)
+        XCTAssertTrue(r.stderr.contains("memory_pressure"), r.stderr)
+        XCTAssertFalse(r.stderr.contains("--disable cpu_throttle:"), "a known name is accepted: \(r.stderr)")
+    }
+
     func testCompletionScriptsAreGenerated() throws {
         let cli = try TapioCLI()
         for shell in ["bash", "zsh", "fish"] {
