@@ -9,15 +9,17 @@ import XCTest
 /// An agent that speaks the protocol frame by frame, so a test can send what
 /// a real agent never would: gaps, old epochs, huge values, odd sequences.
 final class RawAgent {
-    let connection: TLSConnection
+    /// Closed by `close()` or when the agent is released.
+    private(set) var connection: TLSConnection!
     let node: String
     let epoch: UInt64
     private(set) var helloAck: HelloAck?
 
-    init(harness: ServerHarness, node: String, epoch: UInt64, hello: Bool = true) throws {
+    /// To any ingest listener (a server's, an ingest replica's) with the node's certificate.
+    init(port: Int, tls: AgentTLSFiles, node: String, epoch: UInt64, hello: Bool = true) throws {
         self.node = node
         self.epoch = epoch
-        connection = try TLSConnection(endpoint: .init(host: "127.0.0.1", port: UInt16(harness.ingestPort), serverName: "localhost", tls: harness.nodeTLS(node)),
+        connection = try TLSConnection(endpoint: .init(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: tls),
                                        timeoutMs: 5000)
         if hello {
             try connection.send(.hello, Hello(node: node, agentVersion: "raw", bootId: "raw", capabilities: [], streamEpoch: epoch).encoded())
@@ -26,6 +28,14 @@ final class RawAgent {
             helloAck = try HelloAck.decode(f.payload)
         }
     }
+
+    convenience init(harness: ServerHarness, node: String, epoch: UInt64, hello: Bool = true) throws {
+        try self.init(port: harness.ingestPort, tls: harness.nodeTLS(node), node: node, epoch: epoch, hello: hello)
+    }
+
+    func close() { connection = nil }
+
+    func sendInventory(_ inventory: Inventory) throws { try connection.send(.inventory, inventory.encoded()) }
 
     /// The next frame matching `condition`, answering time syncs on the way;
     /// nil after `timeoutMs` without one.

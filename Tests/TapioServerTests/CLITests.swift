@@ -243,29 +243,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(watch.stdout, "", "nothing to report yet")
 
         // Refused connections to redis after its OOM kill (as CorrelationTests).
-        let (api, apiSender) = try server.agent(node: "node-a")
-        let (redis, redisSender) = try server.agent(node: "node-b")
-        apiSender.setInventory(Inventory(pods: [PodInfo(uid: "a", name: "api-1", namespace: "shop", node: "node-a", ips: ["10.0.1.10"], service: "api")]))
-        redisSender.setInventory(Inventory(pods: [PodInfo(uid: "r", name: "redis-0", namespace: "shop", node: "node-b", ips: ["10.0.2.10"], service: "redis")]))
-        let t0 = wallClockNs() - 90_000_000_000
-        func at(_ s: Double) -> Int64 { t0 + Int64(s * 1e9) }
-        let flow = Flow(source: IPAddress("10.0.1.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
-        func connect(_ s: Double, _ outcome: ConnectOutcome, _ count: UInt32) -> TapioEvent {
-            TapioEvent(kind: .tcpConnect, timeNs: at(s), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
-                       detail: .tcpConnect(flow: flow, outcome: outcome, latencyNs: 200_000, error: outcome == .refused ? ECONNREFUSED : 0, count: count))
-        }
-        for i in 0..<80 { api.add(connect(Double(i) * 0.5, .established, 2)) }
-        for i in 80..<100 { api.add(connect(Double(i) * 0.5, .refused, 6)) }
-        redis.add(TapioEvent(kind: .oomKill, timeNs: at(39.9), pid: 301, comm: "redis-server", pod: "redis-0", namespace: "shop",
-                             detail: .oomKill(victimPid: 301, victimComm: "redis-server", victimUid: 999, totalVmKb: 600_000, anonRssKb: 512_000, fileRssKb: 100)))
-        redis.add(TapioEvent(kind: .processExit, timeNs: at(39.95), pid: 301, comm: "redis-server", pod: "redis-0", namespace: "shop",
-                             detail: .exit(exitCode: 0, signal: 9, coreDumped: false)))
-        redis.add(TapioEvent(kind: .tcpListen, timeNs: at(39.96), pid: 301, comm: "redis-server", pod: "redis-0", namespace: "shop",
-                             detail: .tcpListen(address: IPAddress("0.0.0.0"), port: 6379, open: false)))
-        for box in [api, redis] { box.sealIfDue(nowNs: wallClockNs(), force: true) }
-        XCTAssertTrue(eventually { api.unacknowledged == 0 && redis.unacknowledged == 0 })
-        apiSender.drainAndStop(graceSeconds: 1)
-        redisSender.drainAndStop(graceSeconds: 1)
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try server.agent(node: $0) })
 
         XCTAssertTrue(eventually(timeout: 20) { watch.stdout.contains("\"opened\"") }, "watch reports the incident: \(watch.stdout) \(watch.stderr)")
         let opened = try XCTUnwrap(watch.stdout.split(separator: "\n").first.map { try JSONValue.parse(Array($0.utf8)) })

@@ -52,11 +52,12 @@ final class IngestRoleTests: XCTestCase {
         try other.waitUntilReady()
 
         let epoch = UInt64(wallClockNs())
-        let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let agent = try RawAgent(port: replica.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         XCTAssertEqual(agent.helloAck?.ackedSequence, 0, "an ingest replica claims no prefix (docs/scaling.md)")
         // Batch 30 holds an event an hour ahead: set aside by the server, counted in the message.
         try agent.sendInventory(Inventory(pods: [PodInfo(uid: "u1", name: "web-1", namespace: "shop", node: "", ips: ["10.1.0.7"])]))
-        let batches = (1...30).map { agent.batch(UInt64($0), future: $0 == 30) }
+        let anHourAhead = wallClockNs() + 3600 * 1_000_000_000
+        let batches = (1...30).map { agent.batch(UInt64($0), events: $0 == 30 ? [event(30, comm: "raw-30", time: anHourAhead)] : nil) }
         for b in batches { try agent.send(b) }
         let acks = try agent.acks(30, timeoutMs: 20_000)
         XCTAssertEqual(Set(acks.map(\.sequence)), Set(1...30), "acks for every batch, exactly those")
@@ -64,7 +65,7 @@ final class IngestRoleTests: XCTestCase {
         // The acks of 21…30 are "lost": the agent reconnects, to the other
         // replica, and resends them; each is acknowledged again, none stored again.
         agent.close()
-        let again = try ProtocolAgent(port: other.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let again = try RawAgent(port: other.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         XCTAssertEqual(again.helloAck?.ackedSequence, 0)
         for b in batches[20...] { try again.send(b) }
         let reacks = try again.acks(10, timeoutMs: 20_000)
@@ -110,7 +111,7 @@ final class IngestRoleTests: XCTestCase {
         // Replica A publishes 20 batches; the agent reads none of its acks
         // before A is killed, so for the agent all 20 are unacknowledged.
         let epoch = UInt64(wallClockNs())
-        let agent = try ProtocolAgent(port: a.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let agent = try RawAgent(port: a.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         let batches = (1...20).map { agent.batch(UInt64($0)) }
         for batch in batches { try agent.send(batch) }
         var published: UInt64 = 0
@@ -123,7 +124,7 @@ final class IngestRoleTests: XCTestCase {
         a.process.stop(signal: SIGKILL)
         agent.close()
 
-        let moved = try ProtocolAgent(port: b.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let moved = try RawAgent(port: b.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         XCTAssertEqual(moved.helloAck?.ackedSequence, 0)
         for batch in batches { try moved.send(batch) }
         XCTAssertEqual(Set(try moved.acks(20, timeoutMs: 20_000).map(\.sequence)), Set(1...20))
@@ -143,14 +144,14 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertTrue(String(decoding: deleted.payload.readableBytesView, as: UTF8.self).contains("\"success\":true"))
 
         let epoch = UInt64(wallClockNs())
-        let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let agent = try RawAgent(port: replica.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         try agent.send(agent.batch(1))
         XCTAssertEqual(try agent.error(timeoutMs: 10_000)?.code, WireErrorCode.storageFailed.rawValue, "no stream: not acknowledged")
         agent.close()
         XCTAssertTrue(replica.process.log.contains("creating or updating it again"), replica.process.log)
         try replica.waitUntilReady(timeout: 20)
 
-        let again = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-a", epoch: epoch)
+        let again = try RawAgent(port: replica.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-a"), node: "node-a", epoch: epoch)
         try again.send(again.batch(1))
         XCTAssertEqual(try again.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
         again.close()
@@ -169,7 +170,7 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertTrue(ready.body.contains("nats:"), "readyz says why: \(ready.body)")
 
         let epoch = UInt64(wallClockNs())
-        let agent = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-b", epoch: epoch)
+        let agent = try RawAgent(port: replica.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-b"), node: "node-b", epoch: epoch)
         try agent.send(agent.batch(1))
         let refusal = try agent.error(timeoutMs: 10_000)
         XCTAssertEqual(refusal?.code, WireErrorCode.storageFailed.rawValue, "the batch is refused, not acknowledged")
@@ -181,7 +182,7 @@ final class IngestRoleTests: XCTestCase {
 
         try server.start()
         try replica.waitUntilReady()
-        let retry = try ProtocolAgent(port: replica.ingestPort, pki: pki, node: "node-b", epoch: epoch)
+        let retry = try RawAgent(port: replica.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-b"), node: "node-b", epoch: epoch)
         try retry.send(retry.batch(1))
         XCTAssertEqual(try retry.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
         retry.close()
@@ -444,69 +445,3 @@ final class IngestReplicaProcess {
     }
 }
 
-/// An agent speaking the protocol frame by frame, so a test decides what is resent when.
-final class ProtocolAgent {
-    /// Closed when released.
-    private var connection: TLSConnection!
-    let node: String
-    let epoch: UInt64
-    private(set) var helloAck: HelloAck?
-
-    init(port: Int, pki: String, node: String, epoch: UInt64) throws {
-        self.node = node
-        self.epoch = epoch
-        connection = try TLSConnection(endpoint: .init(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node)),
-                                       timeoutMs: 5000)
-        try connection.send(.hello, Hello(node: node, agentVersion: "test", bootId: "test", capabilities: [], streamEpoch: epoch).encoded())
-        guard let f = try next(where: { $0.type == .helloAck || $0.type == .error }) else { throw ConnectionError("no hello-ack") }
-        guard f.type == .helloAck else { throw ConnectionError("refused: \((try? WireError.decode(f.payload).message) ?? "?")") }
-        helloAck = try HelloAck.decode(f.payload)
-    }
-
-    func close() { connection = nil }
-
-    func next(timeoutMs: Int64 = 5000, where condition: (Frame) -> Bool) throws -> Frame? {
-        let deadline = monotonicNs() + timeoutMs * 1_000_000
-        while monotonicNs() < deadline {
-            guard let f = try connection.receive(timeoutMs: 50) else { continue }
-            if f.type == .timeSync {
-                var sync = try TimeSync.decode(f.payload)
-                sync.t2 = wallClockNs()
-                sync.t3 = wallClockNs()
-                try connection.send(.timeSync, sync.encoded())
-                continue
-            }
-            if condition(f) { return f }
-        }
-        return nil
-    }
-
-    func send(_ batch: EventBatch) throws { try connection.send(.eventBatch, batch.encoded()) }
-
-    func sendInventory(_ inventory: Inventory) throws { try connection.send(.inventory, inventory.encoded()) }
-
-    func acks(_ count: Int, timeoutMs: Int64) throws -> [Ack] {
-        var out: [Ack] = []
-        while out.count < count, let f = try next(timeoutMs: timeoutMs, where: { $0.type == .ack || $0.type == .error }) {
-            guard f.type == .ack else { throw ConnectionError("error frame: \((try? WireError.decode(f.payload).message) ?? "?")") }
-            out.append(try Ack.decode(f.payload))
-        }
-        return out
-    }
-
-    func error(timeoutMs: Int64) throws -> WireError? {
-        do {
-            guard let f = try next(timeoutMs: timeoutMs, where: { $0.type == .error || $0.type == .ack }) else { return nil }
-            guard f.type == .error else { throw ConnectionError("acknowledged: \((try? Ack.decode(f.payload)).map { "\($0.sequence)" } ?? "?")") }
-            return try WireError.decode(f.payload)
-        } catch let e as ConnectionError where !e.description.hasPrefix("acknowledged") {
-            return nil
-        }
-    }
-
-    func batch(_ sequence: UInt64, future: Bool = false) -> EventBatch {
-        let time = future ? wallClockNs() + 3600 * 1_000_000_000 : wallClockNs()
-        return EventBatch(node: node, epoch: epoch, sequence: sequence,
-                          events: [event(UInt32(truncatingIfNeeded: sequence), comm: "raw-\(sequence)", time: time)])
-    }
-}

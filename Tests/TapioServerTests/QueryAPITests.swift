@@ -1,4 +1,5 @@
 import Foundation
+import TapioAgent
 import TapioClient
 import TapioQueryAPI
 import TapioServer
@@ -206,8 +207,13 @@ final class QueryAPITests: XCTestCase {
 
     /// Refused connects from api to redis after redis was OOM-killed (as CorrelationTests).
     static func feedOOMKillBehindRefusedConnects(_ harness: ServerHarness) throws {
-        let (api, apiSender) = try harness.agent(node: "node-a")
-        let (redis, redisSender) = try harness.agent(node: "node-b")
+        try feedOOMKillBehindRefusedConnects(agent: { try harness.agent(node: $0) })
+    }
+
+    /// The same, through agents of any server a test runs (`agent(node)`).
+    static func feedOOMKillBehindRefusedConnects(agent: (String) throws -> (Outbox, Sender)) throws {
+        let (api, apiSender) = try agent("node-a")
+        let (redis, redisSender) = try agent("node-b")
         apiSender.setInventory(Inventory(pods: [PodInfo(uid: "a", name: "api-1", namespace: "shop", node: "node-a", ips: ["10.0.1.10"], service: "api")]))
         redisSender.setInventory(Inventory(pods: [PodInfo(uid: "r", name: "redis-0", namespace: "shop", node: "node-b", ips: ["10.0.2.10"], service: "redis")]))
         let t0 = wallClockNs() - 90_000_000_000
