@@ -18,7 +18,9 @@ import TapioWire
 public final class IngestReplica: Sendable {
     public let configuration: ServerConfiguration
     public let operations: ServerConfiguration.Operations
-    public let metrics = ServerMetrics()
+    public let metrics: ServerMetrics
+    /// Open connections per listener and those to drain on shutdown.
+    private let admission: ConnectionAdmission
     public let registry = NodeRegistry(restoring: [])
     let sink: JetStreamBatchSink
     private let pods = PodDirectory(restoring: [])
@@ -29,8 +31,6 @@ public final class IngestReplica: Sendable {
     private struct RunState {
         var ingest: Channel?
         var http: Channel?
-        var connections: [ObjectIdentifier: Channel] = [:]
-        var open: [Listener: Int] = [:]
         var phase = Phase.starting
         var tls: TLSReloader?
     }
@@ -51,6 +51,9 @@ public final class IngestReplica: Sendable {
         self.configuration = configuration
         self.operations = operations
         self.logger = logger
+        let metrics = ServerMetrics()
+        self.metrics = metrics
+        self.admission = ConnectionAdmission(metrics: metrics)
         self.sink = JetStreamBatchSink(configuration: nats, metrics: metrics, logger: logger)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
     }
@@ -89,7 +92,7 @@ public final class IngestReplica: Sendable {
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { [self, metrics] channel in
-                    guard admit(channel, listener: .ingest, maxConnections: limits.maxConnections, drain: true) else { return channel.close() }
+                    guard admission.admit(channel, listener: .ingest, maxConnections: limits.maxConnections, drain: true) else { return channel.close() }
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandlers([
                             NIOSSLServerHandler(context: tls.context),
@@ -125,7 +128,7 @@ public final class IngestReplica: Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { [self, metrics] channel in
-                guard admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else { return channel.close() }
+                guard admission.admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else { return channel.close() }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: timeout, metric: "metrics_timeout", metrics: metrics))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
@@ -135,36 +138,17 @@ public final class IngestReplica: Sendable {
             .bind(host: configuration.metricsHost ?? "127.0.0.1", port: configuration.metricsPort).wait()
     }
 
-    private func admit(_ channel: Channel, listener: Listener, maxConnections: Int, drain: Bool) -> Bool {
-        let admitted = state.withLock { s -> Bool in
-            guard s.phase == .running || listener == .metrics, s.open[listener, default: 0] < maxConnections else { return false }
-            s.open[listener, default: 0] += 1
-            if drain { s.connections[ObjectIdentifier(channel)] = channel }
-            return true
-        }
-        guard admitted else {
-            metrics.add("tapio_server_connections_rejected_total{reason=\"limit\",listener=\"\(listener.rawValue)\"}")
-            return false
-        }
-        channel.closeFuture.whenComplete { _ in
-            self.state.withLock { s in
-                s.open[listener, default: 1] -= 1
-                if drain { s.connections.removeValue(forKey: ObjectIdentifier(channel)) }
-            }
-        }
-        return true
-    }
-
     /// Stop accepting, let every connection finish publishing and
     /// acknowledging what it accepted (up to the grace period), goodbye,
     /// then close NATS and the HTTP listener.
     public func shutdown() {
-        let (ingest, http, connections, tls, phase) = state.withLock { s in
+        let (ingest, http, tls, phase) = state.withLock { s in
             let before = s.phase
             if s.phase != .stopped { s.phase = .shuttingDown }
-            return (s.ingest, s.http, Array(s.connections.values), s.tls, before)
+            return (s.ingest, s.http, s.tls, before)
         }
         guard phase != .stopped else { return }
+        let connections = admission.stopAccepting()
         tls?.stop()
         try? ingest?.close().wait()
         for c in connections { c.pipeline.fireUserInboundEventTriggered(ServerShutdownEvent()) }
@@ -192,7 +176,7 @@ public final class IngestReplica: Sendable {
         logger.info("tapio-server ingest replica stopped")
     }
 
-    public var connectionCount: Int { state.withLock { $0.connections.count } }
+    public var connectionCount: Int { admission.drainingCount }
 
     /// Why the replica should get no agents now, nil when it should.
     public var notReadyReason: String? {
@@ -225,7 +209,7 @@ extension IngestReplica: HTTPStatusSource {
             let name = key.split(separator: "{", maxSplits: 1).first.map(String.init) ?? key
             byName[name, default: []].append(.init(rawLabels: String(key.dropFirst(name.count)), value))
         }
-        let (connections, open) = state.withLock { ($0.connections.count, $0.open) }
+        let (connections, open) = (admission.drainingCount, admission.openByListener)
         byName["tapio_server_connections"] = [.init([], connections)]
         byName["tapio_server_listener_connections"] = [Listener.ingest, .metrics].map { .init([("listener", $0.rawValue)], open[$0] ?? 0) }
         byName["tapio_server_healthy"] = [.init([], healthReport().ok ? 1 : 0)]

@@ -19,7 +19,9 @@ public final class TapioServer: Sendable {
     public static let version = TapioVersion.current
 
     public let configuration: ServerConfiguration
-    public let metrics = ServerMetrics()
+    public let metrics: ServerMetrics
+    /// Open connections per listener and those to drain on shutdown.
+    private let admission: ConnectionAdmission
     public let registry: NodeRegistry
     public let pods: PodDirectory
     public let correlation: CorrelationService
@@ -41,11 +43,6 @@ public final class TapioServer: Sendable {
         var listeners: [Channel] = []
         /// The /metrics listener, closed last on shutdown.
         var http: Channel?
-        /// Ingest and query connections (drained on shutdown).
-        var connections: [ObjectIdentifier: Channel] = [:]
-        /// Open connections per listener, each against its own limit.
-        var open: [Listener: Int] = [:]
-        var shuttingDown = false
         var storeCheck: RepeatedTask?
         var tls: TLSReloader?
     }
@@ -63,6 +60,9 @@ public final class TapioServer: Sendable {
         self.configuration = configuration
         self.operations = operations
         self.logger = logger
+        let metrics = ServerMetrics()
+        self.metrics = metrics
+        self.admission = ConnectionAdmission(metrics: metrics)
         self.lock = try DataDirectoryLock(directory: configuration.dataDirectory)
         self.health = ServerHealth(operations: operations)
         self.store = try SegmentEventStore(directory: configuration.dataDirectory, configuration: configuration.storage)
@@ -73,7 +73,6 @@ public final class TapioServer: Sendable {
             correlationConfiguration.checkpointPath = (configuration.dataDirectory as NSString).appendingPathComponent("engine.checkpoint")
         }
         self.correlation = CorrelationService(configuration: correlationConfiguration, store: store, logger: logger)
-        let metrics = self.metrics
         self.alerts = configuration.alerting.isEnabled
             ? try AlertNotifier(configuration: configuration.alerting, logger: logger) { metrics.add($0, $1) } : nil
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
@@ -188,7 +187,7 @@ public final class TapioServer: Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { [self, metrics] channel in
-                guard admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
+                guard admission.admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
@@ -242,7 +241,7 @@ public final class TapioServer: Sendable {
             // CAP_NET_ADMIN, so every accepted connection was closed in a pod.
             .childChannelOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] channel in
-                guard admit(channel, listener: listener, maxConnections: maxConnections, drain: true) else {
+                guard admission.admit(channel, listener: listener, maxConnections: maxConnections, drain: true) else {
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
@@ -254,46 +253,21 @@ public final class TapioServer: Sendable {
             }
     }
 
-    /// Counts a new connection against its listener's limit, or refuses it.
-    /// `drain`: the connection is asked to finish its work on shutdown.
-    private func admit(_ channel: Channel, listener: Listener, maxConnections: Int, drain: Bool) -> Bool {
-        let admitted = state.withLock { s -> Bool in
-            // /metrics, /healthz and /readyz answer until the drain ends.
-            guard !s.shuttingDown || listener == .metrics, s.open[listener, default: 0] < maxConnections else { return false }
-            s.open[listener, default: 0] += 1
-            if drain { s.connections[ObjectIdentifier(channel)] = channel }
-            return true
-        }
-        guard admitted else {
-            metrics.add("tapio_server_connections_rejected_total{reason=\"limit\",listener=\"\(listener.rawValue)\"}")
-            return false
-        }
-        channel.closeFuture.whenComplete { _ in
-            self.state.withLock { s in
-                s.open[listener, default: 1] -= 1
-                if drain { s.connections.removeValue(forKey: ObjectIdentifier(channel)) }
-            }
-        }
-        return true
-    }
-
     /// Open connections on one listener.
     func openConnections(on listener: Listener) -> Int {
-        state.withLock { $0.open[listener, default: 0] }
+        admission.open(on: listener)
     }
 
     public var connectionCount: Int {
-        state.withLock { $0.connections.count }
+        admission.drainingCount
     }
 
     /// Graceful shutdown: close the listeners, ask every connection to drain
     /// (store and acknowledge what it accepted, then goodbye), wait up to the
     /// grace period, then stop the threads.
     public func shutdown() {
-        let (listeners, http, connections, storeCheck, tls) = state.withLock { s in
-            s.shuttingDown = true
-            return (s.listeners, s.http, Array(s.connections.values), s.storeCheck, s.tls)
-        }
+        let connections = admission.stopAccepting()
+        let (listeners, http, storeCheck, tls) = state.withLock { s in (s.listeners, s.http, s.storeCheck, s.tls) }
         guard health.phase != .stopped else { return }
         health.set(.shuttingDown)
         storeCheck?.cancel()
