@@ -145,6 +145,13 @@ public final class LabRun: @unchecked Sendable {
         let endNs = Shell.nowNs()
         timeline.note("observation over; asking the server")
         try LabSignals.sleep(1.5)  // let the last batches arrive
+        if let nodes = (try? liveClient?.nodes(timeoutSeconds: 5))??.nodes, !nodes.isEmpty {
+            // What the server estimated each agent's clock to be off by (a node's
+            // `clock_offset_ms` shows here when it reached the agent).
+            timeline.note("clock offsets the server estimated: " + nodes.sorted { $0.node < $1.node }.map {
+                String(format: "%@ %+.1f ms", $0.node, Double($0.clockOffsetNs) / 1e6)
+            }.joined(separator: ", "))
+        }
 
         // The answer, the baseline, the timeline of the top incident.
         let incidents = queryIncidents(final: true)
@@ -350,9 +357,7 @@ public final class LabRun: @unchecked Sendable {
             if flags.contains("--metadata-file") { argv += ["--metadata-file", meta] }
             if let offset = node.clockOffsetMs, offset != 0 {
                 if flags.contains("--lab-clock-offset-ms") {
-                    // One word with `=`: as two, a negative offset ("-2500")
-                    // would be read as an option.
-                    argv.append("--lab-clock-offset-ms=\(offset)")
+                    argv.append(LabPlan.clockOffsetArgument(ms: offset))
                 } else {
                     notes.append("tapio-agent has no --lab-clock-offset-ms yet: node \(node.name) runs without its \(offset) ms clock offset")
                 }

@@ -57,6 +57,10 @@ public struct LabPlan: Sendable {
         return "10.77.1.\(11 + j)"
     }
 
+    /// The node agent's clock offset option, one word with `=`: as two
+    /// words a negative offset ("-2500") would be read as an option.
+    public static func clockOffsetArgument(ms: Int) -> String { "--lab-clock-offset-ms=\(ms)" }
+
     public func dnsName(_ service: String) -> String { service + "." + scenario.topology.effectiveDomain }
 
     /// `tapio-lab/<id>` below each cgroup mount.

@@ -98,6 +98,13 @@ final class LabRunTests: XCTestCase {
                       "baseline: \(baseline)")
         let runDir = try XCTUnwrap(report["run_dir"]?.stringValue)
         XCTAssertTrue(FileManager.default.fileExists(atPath: runDir + "/data"), "the server's data is kept in the run directory")
+        // node1's agent runs 2.5 s behind (`clock_offset_ms: -2500`, passed as
+        // one word): it started, and the server measured the offset.
+        let text = (try? String(contentsOfFile: runDir + "/report.txt", encoding: .utf8)) ?? ""
+        let offset = text.range(of: #"node1 [-+][0-9.]+ ms"#, options: .regularExpression).map { text[$0].split(separator: " ")[1] }
+        let ms = try XCTUnwrap(offset.flatMap { Double($0) }, "the server's clock estimate for node1 in report.txt:\n\(text)")
+        XCTAssertEqual(ms, -2500, accuracy: 50, "node1's agent clock offset as the server measured it")
+        XCTAssertFalse((report["notes"]?.arrayValue ?? []).contains { ($0.stringValue ?? "").contains("clock offset") }, "\(output)")
         let id = try XCTUnwrap(runID(runDir), "run id in \(runDir)/report.txt")
         assertClean(id)
     }

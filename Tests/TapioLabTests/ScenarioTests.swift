@@ -20,6 +20,14 @@ final class ScenarioTests: XCTestCase {
         XCTAssertLessThanOrEqual(smoke.timing.warmupS + smoke.timing.observeS, 20, "the test suite's scenario stays short")
     }
 
+    /// A negative clock offset reaches the agent as one word: as two,
+    /// "-2500" would be read as an option.
+    func testANegativeClockOffsetIsPassedAsOneWord() throws {
+        XCTAssertEqual(LabPlan.clockOffsetArgument(ms: -2500), "--lab-clock-offset-ms=-2500")
+        let s = try LabFiles.resolve("clock-skew-behind", labDirectory: lab)
+        XCTAssertEqual(s.node("node3")?.clockOffsetMs, -2500)
+    }
+
     /// The baseline sees every service on the nodes the failing path crosses:
     /// the red herring's crashing cron job on node1 too.
     func testBaselineScopeIsTheServicesOnThePathsNodes() throws {
