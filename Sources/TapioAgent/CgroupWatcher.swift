@@ -229,7 +229,7 @@ public final class CgroupWatcher: @unchecked Sendable {
     private func readNode() -> NodeCPU {
         let cpus = UInt32(max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         var runnable: UInt32 = 0
-        if let text = try? String(contentsOfFile: configuration.procRoot + "/stat", encoding: .utf8) {
+        if let text = ProcFile.text(configuration.procRoot + "/stat") {
             for line in text.split(separator: "\n") where line.hasPrefix("procs_running ") {
                 runnable = UInt32(line.split(separator: " ").last ?? "") ?? 0
             }
@@ -305,7 +305,7 @@ public final class CgroupWatcher: @unchecked Sendable {
 
 /// "key value" lines (cpu.stat, memory.events) as numbers.
 func readKeyValues(_ path: String) -> [String: UInt64]? {
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    guard let text = ProcFile.text(path) else { return nil }
     var out: [String: UInt64] = [:]
     for line in text.split(separator: "\n") {
         let parts = line.split(separator: " ")
@@ -316,7 +316,7 @@ func readKeyValues(_ path: String) -> [String: UInt64]? {
 
 /// A single number; "max" (no limit) reads as 0.
 func readNumber(_ path: String) -> UInt64? {
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    guard let text = ProcFile.text(path) else { return nil }
     let trimmed = text.trimmingCharacters(in: .whitespacesAndNewlines)
     if trimmed == "max" { return 0 }
     return UInt64(trimmed)
@@ -329,7 +329,7 @@ func readPSISomeAvg10(_ path: String) -> Double? {
 
 /// The "some" line of a pressure file: avg10 (percent) and total (µs).
 func readPSISome(_ path: String) -> (avg10: Double, totalUs: UInt64)? {
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    guard let text = ProcFile.text(path) else { return nil }
     for line in text.split(separator: "\n") where line.hasPrefix("some ") {
         var avg10: Double?
         var total: UInt64?

@@ -1,5 +1,6 @@
 import CTapioBPF
 import Foundation
+import TapioAttribution
 import Logging
 import Synchronization
 import TapioWire
@@ -297,7 +298,7 @@ public final class KernelSource: @unchecked Sendable {
         var visited = 0
         while let dir = dirs.popLast(), visited < 4000 {
             visited += 1
-            if let procs = try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8) {
+            if let procs = ProcFile.text(dir + "/cgroup.procs") {
                 for line in procs.split(separator: "\n") {
                     var st = stat()
                     guard stat("/proc/\(line)/ns/net", &st) == 0 else { continue }

@@ -1,4 +1,5 @@
 import Foundation
+import TapioAttribution
 import Synchronization
 import TapioWire
 
@@ -1031,7 +1032,7 @@ public final class Outbox: Sendable {
 
     /// Counts carried over from an earlier process: one `kind reason count` line each.
     private func readCarriedDrops() -> [DropKey: UInt64] {
-        guard let path = carriedPath, let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [:] }
+        guard let path = carriedPath, let text = ProcFile.text(path) else { return [:] }
         var drops: [DropKey: UInt64] = [:]
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: " ")

@@ -50,7 +50,7 @@ public struct HostCgroups: Sendable, Equatable, CustomStringConvertible {
     /// runs in a pod), else this mount namespace's first cgroup mounts (the agent
     /// runs on the host).
     public static func detect(configured: String? = nil, mountinfo: String? = nil) -> HostCgroups {
-        let text = mountinfo ?? ProcFile.read("/proc/self/mountinfo").map { String(decoding: $0, as: UTF8.self) } ?? ""
+        let text = mountinfo ?? ProcFile.text("/proc/self/mountinfo") ?? ""
         let mounts = parse(text)
         if let configured { return at(configured, mounts: mounts) }
         let inPod = at(defaultHostMount, mounts: mounts)
@@ -77,7 +77,7 @@ public struct HostCgroups: Sendable, Equatable, CustomStringConvertible {
     /// host), else a cgroup2 mount below it (`unified` on a hybrid host) and the
     /// v1 controller mounts below it (`memory`, `cpu,cpuacct`, ...).
     public static func at(_ root: String, mountinfo: String? = nil) -> HostCgroups {
-        let text = mountinfo ?? ProcFile.read("/proc/self/mountinfo").map { String(decoding: $0, as: UTF8.self) } ?? ""
+        let text = mountinfo ?? ProcFile.text("/proc/self/mountinfo") ?? ""
         return at(root, mounts: parse(text))
     }
 

@@ -35,8 +35,8 @@ public enum ProcCgroup {
 
     /// The entries of a live process, nil if it is gone (or procfs is not readable).
     public static func read(pid: Int32, procRoot: String = "/proc") -> [ProcCgroupEntry]? {
-        guard let data = ProcFile.read("\(procRoot)/\(pid)/cgroup") else { return nil }
-        return parse(String(decoding: data, as: UTF8.self))
+        guard let text = ProcFile.text("\(procRoot)/\(pid)/cgroup") else { return nil }
+        return parse(text)
     }
 
     /// What the process's cgroups say about it. The v2 line is tried first,
@@ -72,8 +72,8 @@ public enum CgroupMount {
 
     /// The cgroup2 mount point of this process's mount namespace.
     public static func cgroup2MountPoint() -> String? {
-        guard let data = ProcFile.read("/proc/self/mountinfo") else { return nil }
-        return cgroup2MountPoint(mountinfo: String(decoding: data, as: UTF8.self))
+        guard let text = ProcFile.text("/proc/self/mountinfo") else { return nil }
+        return cgroup2MountPoint(mountinfo: text)
     }
 
     static func unescape(_ s: String) -> String {
