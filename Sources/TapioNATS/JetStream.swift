@@ -113,8 +113,31 @@ public struct PublishAck: Decodable, Sendable, Equatable {
     }
 }
 
-/// A durable pull consumer's configuration.
+/// A pull consumer's configuration: durable (named), or ephemeral (an empty
+/// `durableName`, see `ConsumerConfiguration.ephemeral`).
 public struct ConsumerConfiguration: Encodable, Sendable {
+    /// Where a new consumer starts in the stream.
+    public enum DeliverPolicy: Sendable, Equatable {
+        /// The first message the stream holds.
+        case all
+        /// The message with this stream sequence (or the first after it, when it is gone).
+        case startSequence(UInt64)
+        /// The last message of every subject (a KV bucket's current values).
+        case lastPerSubject
+        /// The first message stored at or after this time.
+        case startTime(Date)
+    }
+    /// How deliveries are acknowledged.
+    public enum AckPolicy: String, Sendable {
+        /// Each message on its own.
+        case explicit
+        /// A message and every one delivered before it.
+        case all
+        /// Not at all: delivered is done (the consumer keeps its own position).
+        case none
+    }
+
+    /// Empty for an ephemeral consumer (the server names it).
     public var durableName: String
     /// Only messages on this subject (wildcards allowed); nil for the whole stream.
     public var filterSubject: String?
@@ -124,24 +147,56 @@ public struct ConsumerConfiguration: Encodable, Sendable {
     public var maxDeliver: Int = -1
     /// Messages delivered and not yet acknowledged, at most.
     public var maxAckPending: Int = 10_000
+    public var deliverPolicy: DeliverPolicy = .all
+    public var ackPolicy: AckPolicy = .explicit
+    /// An ephemeral consumer no client has pulled from for this long is
+    /// deleted by the server (nil: the server's default, 5 s).
+    public var inactiveThreshold: Duration?
 
     public init(durableName: String) { self.durableName = durableName }
+
+    /// An ephemeral pull consumer: the server names it and deletes it once
+    /// nobody pulls for `inactiveThreshold`. In a cluster it lives on one
+    /// server; when that one goes, the consumer goes with it (make a new one
+    /// from the position the client has reached).
+    public static func ephemeral(deliver: DeliverPolicy, ack: AckPolicy = .none, filterSubject: String? = nil,
+                                 inactiveThreshold: Duration = .seconds(10)) -> ConsumerConfiguration {
+        var c = ConsumerConfiguration(durableName: "")
+        c.deliverPolicy = deliver
+        c.ackPolicy = ack
+        c.filterSubject = filterSubject
+        c.inactiveThreshold = inactiveThreshold
+        return c
+    }
 
     enum CodingKeys: String, CodingKey {
         case durableName = "durable_name", filterSubject = "filter_subject", ackWait = "ack_wait", maxDeliver = "max_deliver"
         case maxAckPending = "max_ack_pending", ackPolicy = "ack_policy", deliverPolicy = "deliver_policy", replayPolicy = "replay_policy"
+        case optStartSequence = "opt_start_seq", optStartTime = "opt_start_time", inactiveThreshold = "inactive_threshold"
     }
 
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(durableName, forKey: .durableName)
+        if !durableName.isEmpty { try c.encode(durableName, forKey: .durableName) }
         try c.encodeIfPresent(filterSubject, forKey: .filterSubject)
         try c.encode(ackWait.nanoseconds, forKey: .ackWait)
         try c.encode(maxDeliver, forKey: .maxDeliver)
-        try c.encode(maxAckPending, forKey: .maxAckPending)
-        try c.encode("explicit", forKey: .ackPolicy)
-        try c.encode("all", forKey: .deliverPolicy)
+        if ackPolicy != .none { try c.encode(maxAckPending, forKey: .maxAckPending) }
+        try c.encode(ackPolicy.rawValue, forKey: .ackPolicy)
+        switch deliverPolicy {
+        case .all: try c.encode("all", forKey: .deliverPolicy)
+        case .lastPerSubject: try c.encode("last_per_subject", forKey: .deliverPolicy)
+        case .startSequence(let seq):
+            try c.encode("by_start_sequence", forKey: .deliverPolicy)
+            try c.encode(max(1, seq), forKey: .optStartSequence)
+        case .startTime(let date):
+            try c.encode("by_start_time", forKey: .deliverPolicy)
+            let format = ISO8601DateFormatter()
+            format.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            try c.encode(format.string(from: date), forKey: .optStartTime)
+        }
         try c.encode("instant", forKey: .replayPolicy)
+        try c.encodeIfPresent(inactiveThreshold?.nanoseconds, forKey: .inactiveThreshold)
     }
 }
 
@@ -332,6 +387,19 @@ public struct JetStream: Sendable {
             enum CodingKeys: String, CodingKey { case streamName = "stream_name", config }
         }
         return try await call("CONSUMER.DURABLE.CREATE.\(stream).\(config.durableName)", body: Body(streamName: stream, config: config))
+    }
+
+    /// Creates an ephemeral pull consumer (`ConsumerConfiguration.ephemeral`);
+    /// its server-given name is in the answer (`name`), for `fetch`.
+    public func createEphemeralConsumer(stream: String, _ config: ConsumerConfiguration) async throws -> ConsumerInfo {
+        try Self.validateName(stream, "stream")
+        guard config.durableName.isEmpty else { throw NATSError.invalidName("an ephemeral consumer has no durable name (got '\(config.durableName)')") }
+        struct Body: Encodable {
+            var streamName: String
+            var config: ConsumerConfiguration
+            enum CodingKeys: String, CodingKey { case streamName = "stream_name", config }
+        }
+        return try await call("CONSUMER.CREATE.\(stream)", body: Body(streamName: stream, config: config))
     }
 
     public func consumerInfo(stream: String, consumer: String) async throws -> ConsumerInfo {

@@ -6,6 +6,24 @@ import TapioCorrelation
 import TapioStore
 import TapioWire
 
+/// Where the engine's incidents are kept as documents beside it: the event
+/// store's table in role `all`, the replica's incident board (mirrored to a
+/// JetStream KV bucket) in role `correlate`. Queries read incidents the
+/// engine no longer holds from here.
+public protocol IncidentArchive: Sendable {
+    /// Upserts an incident as the engine last described it.
+    func saveIncident(_ incident: StoredIncident) throws
+    /// Every incident kept, oldest first.
+    func incidents() throws -> [StoredIncident]
+}
+
+/// The event store's incident table as the archive (role `all`).
+struct StoreIncidentArchive: IncidentArchive {
+    let store: any EventStore
+    func saveIncident(_ incident: StoredIncident) throws { try store.saveIncident(incident) }
+    func incidents() throws -> [StoredIncident] { try store.incidents() }
+}
+
 /// The correlation engine inside the server, on its own thread
 /// (`tapio-engine`). Ingest hands it every durable batch (events placed
 /// on the server's clock, with the clock correction they were stored with)
@@ -55,7 +73,10 @@ public final class CorrelationService: Sendable {
     /// whether each is new (never persisted before): the query
     /// subscriptions. On the engine's thread; they must not wait.
     private let changeObservers = Mutex<[@Sendable ([IncidentChange]) -> Void]>([])
-    private let store: any EventStore
+    /// The local log the engine is restored from (role `all`); nil in role
+    /// `correlate`, where the stream is the log and `adopt` restores.
+    private let store: (any EventStore)?
+    private let archive: any IncidentArchive
     private let logger: Logger
     public let configuration: Configuration
     /// The log position (store batch id) of the last batch the engine took:
@@ -73,6 +94,18 @@ public final class CorrelationService: Sendable {
     public init(configuration: Configuration, store: any EventStore, logger: Logger) {
         self.configuration = configuration
         self.store = store
+        self.archive = StoreIncidentArchive(store: store)
+        self.logger = logger
+        engine = Mutex(CorrelationEngine(configuration: configuration.engine))
+        feed = EngineFeed(capacity: max(1, configuration.queueEvents))
+    }
+
+    /// Without a local log (role `correlate`): incidents are kept in
+    /// `archive`, the engine starts empty or from `adopt(checkpoint:)`.
+    public init(configuration: Configuration, archive: any IncidentArchive, logger: Logger) {
+        self.configuration = configuration
+        self.store = nil
+        self.archive = archive
         self.logger = logger
         engine = Mutex(CorrelationEngine(configuration: configuration.engine))
         feed = EngineFeed(capacity: max(1, configuration.queueEvents))
@@ -82,6 +115,10 @@ public final class CorrelationService: Sendable {
     /// there is one (docs/storage.md, "Engine checkpoints"), else from the
     /// last `replayWindowNs` of the log.
     public func restore(nowNs: Int64, maxFutureSkewNs: Int64 = CorrelationService.defaultMaxFutureSkewNs) throws {
+        guard let store else {
+            try rememberArchived()
+            return
+        }
         var replayed = 0
         var from = "log"
         if let restored = loadCheckpoint() {
@@ -117,11 +154,51 @@ public final class CorrelationService: Sendable {
             published.withLock { $0 = statistics }
             replayed = log.batches
         }
-        for (id, updated) in try store.incidents().map({ ($0.id, $0.updatedNs) }) {
-            persisted.withLock { $0[id] = updated }
-        }
+        try rememberArchived()
         restored.withLock { $0 = (from, replayed) }
         logger.info("correlation engine restored", metadata: ["from": "\(from)", "batches_replayed": "\(replayed)"])
+    }
+
+    /// The archive's incidents count as persisted as they are: a pass saves
+    /// only those that change after this.
+    private func rememberArchived() throws {
+        for (id, updated) in try archive.incidents().map({ ($0.id, $0.updatedNs) }) {
+            persisted.withLock { $0[id] = updated }
+        }
+    }
+
+    /// Takes a checkpoint (`checkpointPosition`'s form: position, then the
+    /// engine's state) as the engine's state before `start` (role
+    /// `correlate`: the newest checkpoint in JetStream), advances it to
+    /// `nowNs`, and returns its position: the engine continues after it.
+    @discardableResult
+    public func adopt(checkpoint bytes: [UInt8], nowNs: Int64) throws -> Int64 {
+        guard let at = Self.checkpointPosition(bytes) else { throw CheckpointFile.Damaged(description: "checkpoint too short (\(bytes.count) bytes)") }
+        var e = try CorrelationEngine(checkpoint: Array(bytes[8...]), configuration: configuration.engine)
+        e.advance(toNs: nowNs)
+        let statistics = e.statistics
+        engine.withLock { $0 = e }
+        position.withLock { $0 = at }
+        published.withLock { $0 = statistics }
+        try rememberArchived()
+        restored.withLock { $0 = ("checkpoint", 0) }
+        return at
+    }
+
+    /// The engine's state now with the position it covers, in
+    /// `checkpointPosition`'s form (a copy taken under the engine's lock,
+    /// encoded on the caller's thread).
+    public func checkpointBytes() throws -> (position: Int64, bytes: [UInt8]) {
+        let (copy, at) = engine.withLock { e in (e, position.withLock { $0 }) }
+        return (at, Self.positioned(at, try copy.checkpoint()))
+    }
+
+    /// The position of the last batch the engine took (a store batch id in
+    /// role `all`, a stream sequence in role `correlate`).
+    public var logPosition: Int64 { position.withLock { $0 } }
+
+    static func positioned(_ at: Int64, _ state: [UInt8]) -> [UInt8] {
+        (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) } + state
     }
 
     /// A checkpoint's log position: its first 8 bytes, little-endian (the
@@ -164,8 +241,7 @@ public final class CorrelationService: Sendable {
             defer { checkpointing.withLock { $0 = false } }
             do {
                 let started = monotonicNs()
-                var bytes = (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) }  // checkpointPosition's form
-                bytes += try copy.checkpoint()
+                let bytes = Self.positioned(at, try copy.checkpoint())
                 let written = try CheckpointFile.write(bytes, to: path)
                 logger.info("engine checkpoint written", metadata: [
                     "position": "\(at)", "bytes": "\(written)", "seconds": "\(Double(monotonicNs() - started) / 1e9)"])
@@ -313,7 +389,7 @@ public final class CorrelationService: Sendable {
             let json = i.explainJSON(weights: configuration.engine.weights)
             changedJSON.append(json)
             do {
-                try store.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
+                try archive.saveIncident(StoredIncident(id: i.id, status: i.status.rawValue, openedNs: i.openedNs, updatedNs: i.updatedNs,
                                                       json: json.serialized()))
                 persisted.withLock { $0[i.id] = i.updatedNs }
             } catch {
@@ -341,7 +417,7 @@ public final class CorrelationService: Sendable {
     func incidentModels(status: Incident.Status?, sinceNs: Int64?) throws -> (live: [Incident], stored: [StoredIncident]) {
         let live = engine.withLock { $0.incidents(status: status, sinceNs: sinceNs) }
         let liveIds = Set(live.map(\.id))
-        let stored = try store.incidents().filter { s in
+        let stored = try archive.incidents().filter { s in
             !liveIds.contains(s.id) && (status == nil || s.status == status!.rawValue) && (sinceNs == nil || s.updatedNs >= sinceNs!)
         }
         return (live, stored)
@@ -350,7 +426,7 @@ public final class CorrelationService: Sendable {
     /// The live incident `id`, or the store's document of it.
     func incidentModel(id: String) throws -> (live: Incident?, stored: StoredIncident?) {
         if let i = engine.withLock({ $0.incident(id: id) }) { return (i, nil) }
-        return (nil, try store.incidents().first { $0.id == id })
+        return (nil, try archive.incidents().first { $0.id == id })
     }
 
     /// The dependency graph as the engine holds it now.
@@ -363,7 +439,7 @@ public final class CorrelationService: Sendable {
         let live = engine.withLock { $0.incidents(status: wanted, sinceNs: sinceNs) }
         var out = live.map { $0.toJSON() }
         let liveIds = Set(live.map(\.id))
-        for s in try store.incidents() where !liveIds.contains(s.id) {
+        for s in try archive.incidents() where !liveIds.contains(s.id) {
             guard wanted == nil || s.status == wanted!.rawValue, sinceNs == nil || s.updatedNs >= sinceNs! else { continue }
             if case .object(var o)? = try? JSONValue.parse(Array(s.json.utf8)) {
                 o.removeValue(forKey: "timeline")
@@ -379,7 +455,7 @@ public final class CorrelationService: Sendable {
         if let i = engine.withLock({ $0.incident(id: id) }) {
             return explain ? i.explainJSON(weights: configuration.engine.weights) : i.timelineJSON()
         }
-        guard let s = try store.incidents().first(where: { $0.id == id }) else { return nil }
+        guard let s = try archive.incidents().first(where: { $0.id == id }) else { return nil }
         return try JSONValue.parse(Array(s.json.utf8))
     }
 

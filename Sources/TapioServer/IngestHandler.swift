@@ -22,6 +22,8 @@ final class ServerContext: Sendable {
     let commits: GroupCommit
     /// What the agent connections use: the same registry and metrics, the local log as sink.
     let ingest: IngestContext
+    /// What the query listener answers from: the engine, the store, the registry.
+    let query: QueryContext
 
     init(configuration: ServerConfiguration, store: any EventStore, registry: NodeRegistry, pods: PodDirectory, correlation: CorrelationService,
          metrics: ServerMetrics, storage: NIOThreadPool, logger: Logger, version: String) {
@@ -36,6 +38,8 @@ final class ServerContext: Sendable {
         self.commits = commits
         self.logger = logger
         self.version = version
+        self.query = QueryContext(configuration: configuration, correlation: correlation, pods: pods, metrics: metrics, logger: logger,
+                                  store: store, registry: registry, role: "all")
         self.ingest = IngestContext(configuration: configuration, registry: registry, pods: pods, metrics: metrics, logger: logger, version: version,
                                     sink: LocalBatchSink(store: store, storage: storage, commits: commits, correlation: correlation))
     }

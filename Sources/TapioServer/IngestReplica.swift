@@ -122,20 +122,7 @@ public final class IngestReplica: Sendable {
     }
 
     private func bindMetrics() throws -> Channel {
-        let limits = configuration.limits
-        let timeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
-        return try ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.backlog, value: 256)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { [self, metrics] channel in
-                guard admission.admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else { return channel.close() }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: timeout, metric: "metrics_timeout", metrics: metrics))
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
-                }
-            }
-            .bind(host: configuration.metricsHost ?? "127.0.0.1", port: configuration.metricsPort).wait()
+        try MetricsHTTPHandler.bind(group: group, configuration: configuration, admission: admission, metrics: metrics, source: self)
     }
 
     /// Stop accepting, let every connection finish publishing and

@@ -93,13 +93,24 @@ public struct StreamedBatch: Sendable, Equatable {
 
     /// A message read back from the stream; throws saying what is missing or wrong.
     public init(headers: NATSHeaders, payload: [UInt8]) throws {
+        try self.init(headers: headers, payload: payload, batch: EventBatch.decode(payload))
+    }
+
+    /// A message of the stream as a consumer takes it: the message and its
+    /// batch, decoded with the same bound on events as ingest applies
+    /// (`Limits.maxBatchEvents`); throws saying what is wrong.
+    public static func read(headers: NATSHeaders, payload: [UInt8], maxEvents: Int) throws -> (message: StreamedBatch, batch: EventBatch) {
+        let batch = try EventBatch.decode(payload, maxEvents: maxEvents)
+        return (try StreamedBatch(headers: headers, payload: payload, batch: batch), batch)
+    }
+
+    private init(headers: NATSHeaders, payload: [UInt8], batch: EventBatch) throws {
         func field<T: LosslessStringConvertible>(_ name: String, _: T.Type) throws -> T {
             guard let text = headers[name], let value = T(text) else {
                 throw WireError(.malformed, "streamed batch without a valid \(name) header (\(headers[name] ?? "absent"))")
             }
             return value
         }
-        let batch = try EventBatch.decode(payload)
         self.node = batch.node
         self.epoch = try field("Tapio-Epoch", UInt64.self)
         self.sequence = try field("Tapio-Sequence", UInt64.self)
@@ -227,14 +238,8 @@ final class JetStreamBatchSink: BatchSink {
             }
             while !Task.isCancelled {
                 if state.withLock({ $0.client == nil }) {
-                    var c = NATSClient.Configuration(servers: configuration.servers)
-                    c.name = configuration.clientName
-                    c.tls = configuration.tls
-                    c.authentication = configuration.authentication
-                    c.requestTimeout = configuration.publishTimeout
-                    c.connectTimeout = .seconds(3)
                     do {
-                        let client = try await NATSClient.connect(c, logger: logger)
+                        let client = try await NATSClient.connect(configuration.clientConfiguration, logger: logger)
                         let keep = state.withLock { s -> Bool in
                             guard !s.stopped else { return false }
                             s.client = client
@@ -442,6 +447,18 @@ extension NATSIngestConfiguration {
             throw NATSError.tlsMismatch("\(directory) has only one of tls.crt and tls.key: give both for a client certificate, or neither")
         }
         return config
+    }
+
+    /// The NATS client's settings: these servers, TLS, credentials, the
+    /// connection's name; requests wait `publishTimeout`.
+    public var clientConfiguration: NATSClient.Configuration {
+        var c = NATSClient.Configuration(servers: servers)
+        c.name = clientName
+        c.tls = tls
+        c.authentication = authentication
+        c.requestTimeout = publishTimeout
+        c.connectTimeout = .seconds(3)
+        return c
     }
 
     /// The default TLS of a `tls://` server when no directory is given: the system's trust store.

@@ -18,14 +18,14 @@ final class QueryHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
     typealias OutboundOut = Frame
 
-    private let server: ServerContext
+    private let server: QueryContext
     private let queries: NIOThreadPool
     private let subscriptions: QuerySubscriptions
     private var authorized: Bool?
     /// Set once the connection subscribed: it carries nothing else then.
     private var subscription: QuerySubscriptions.Subscriber?
 
-    init(server: ServerContext, queries: NIOThreadPool, subscriptions: QuerySubscriptions) {
+    init(server: QueryContext, queries: NIOThreadPool, subscriptions: QuerySubscriptions) {
         self.server = server
         self.queries = queries
         self.subscriptions = subscriptions
@@ -147,16 +147,51 @@ final class QueryHandler: ChannelInboundHandler {
     }
 }
 
+/// What the query listener answers from, in every role that has one: the
+/// engine (live incidents, then the incident archive) always; the event
+/// store and the node registry only in role `all` (a correlate replica has
+/// neither: it says so instead of answering with nothing).
+final class QueryContext: Sendable {
+    let configuration: ServerConfiguration
+    let correlation: CorrelationService
+    let pods: PodDirectory
+    let metrics: ServerMetrics
+    let logger: Logger
+    let store: (any EventStore)?
+    let registry: NodeRegistry?
+    /// The role, named in refusals (`all`, `correlate`).
+    let role: String
+    /// Why the engine here holds no live state (a standby), nil while it
+    /// does: `services` and `pods` (what the engine learned from the
+    /// stream) are refused then rather than answered empty.
+    let engineInactive: @Sendable () -> String?
+
+    init(configuration: ServerConfiguration, correlation: CorrelationService, pods: PodDirectory, metrics: ServerMetrics, logger: Logger,
+         store: (any EventStore)?, registry: NodeRegistry?, role: String, engineInactive: @escaping @Sendable () -> String? = { nil }) {
+        self.configuration = configuration
+        self.correlation = correlation
+        self.pods = pods
+        self.metrics = metrics
+        self.logger = logger
+        self.store = store
+        self.registry = registry
+        self.role = role
+        self.engineInactive = engineInactive
+    }
+}
+
 /// The query methods, free of I/O but for the store (so they are tested directly).
 struct QueryExecutor {
-    let server: ServerContext
+    let server: QueryContext
 
     /// The answer to `request`, encoded (sorted keys).
     func execute(_ request: QueryRequest) throws -> [UInt8] {
         switch QueryMethod(rawValue: request.method) {
         case .events: return try QueryCoding.encode(events(request.params))
         case .nodes: return try QueryCoding.encode(nodes())
-        case .pods: return try QueryCoding.encode(pods())
+        case .pods:
+            if let why = server.engineInactive() { throw WireError(.badRequest, "pods: \(why)") }
+            return try QueryCoding.encode(pods())
         case .incidents:
             let status = request.params["status"] ?? "all"
             guard ["open", "resolved", "all"].contains(status) else {
@@ -172,7 +207,9 @@ struct QueryExecutor {
             guard let id = request.params["id"] else { throw WireError(.badRequest, "\(request.method) needs an incident id") }
             guard let incident = try incident(id: id, explain: request.method == "explain") else { throw WireError(.badRequest, "no incident \(id)") }
             return try QueryCoding.encode(incident)
-        case .services: return try QueryCoding.encode(ServicesAnswer(server.correlation.graph))
+        case .services:
+            if let why = server.engineInactive() { throw WireError(.badRequest, "services: \(why)") }
+            return try QueryCoding.encode(ServicesAnswer(server.correlation.graph))
         case .subscribe: throw WireError(.badRequest, "subscribe is answered on its own connection")
         case nil: throw WireError(.badRequest, "unknown query method \(request.method); one of: \(QueryMethod.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -207,6 +244,9 @@ struct QueryExecutor {
     }
 
     private func events(_ params: [String: String]) throws -> EventsAnswer {
+        guard let store = server.store else {
+            throw WireError(.badRequest, "events are not kept in role \(server.role) (the stream holds them; docs/scaling.md): ask a server in role all")
+        }
         var query = EventQuery()
         func int64(_ key: String) throws -> Int64? {
             guard let text = params[key] else { return nil }
@@ -240,10 +280,10 @@ struct QueryExecutor {
             guard limit > 0 else { throw WireError(.badRequest, "limit must be positive") }
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
-        let events = try Self.filtered(query, store: server.store, scanLimit: server.configuration.limits.maxQueryEvents)
+        let events = try Self.filtered(query, store: store, scanLimit: server.configuration.limits.maxQueryEvents)
         var answer = EventsAnswer(events: try events.map { try QueryEvent(fields: peerAttributed($0.json)) })
         // Time retention has deleted is said, not answered with silently less.
-        if let horizon = try server.store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
+        if let horizon = try store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
             answer.retention = RetentionNotice(deletedBefore: rfc3339(ns: horizon), deletedBeforeNs: horizon,
                                                note: "events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)")
         }
@@ -315,13 +355,16 @@ struct QueryExecutor {
     }
 
     private func nodes() throws -> NodesAnswer {
+        guard let store = server.store, let registry = server.registry else {
+            throw WireError(.badRequest, "nodes are known to the ingest replicas their agents use (each one's /metrics), not in role \(server.role) (docs/scaling.md)")
+        }
         let now = wallClockNs()
         var out: [QueryNode] = []
-        for snap in server.registry.snapshot() {
+        for snap in registry.snapshot() {
             let r = snap.record
             var drops: [String: Int64] = [:]
             var total: Int64 = 0
-            for d in try server.store.drops(node: r.node) {
+            for d in try store.drops(node: r.node) {
                 // Counts are reported saturated at Int64.max, never wrapped or trapped.
                 let count = Int64(clamping: d.count)
                 drops["\(d.kind.name)/\(d.reason)"] = count

@@ -151,7 +151,7 @@ public final class TapioServer: Sendable {
                 ConnectionGuard(policy: queryPolicy, metrics: metrics, logger: logger),
                 ByteToMessageHandler(FrameDecoder(maximumPayload: min(limits.maxQueryFrameBytes, limits.maxFrameBytes))),
                 MessageToByteHandler(FrameEncoder()),
-                QueryHandler(server: context, queries: queries, subscriptions: subscriptions),
+                QueryHandler(server: context.query, queries: queries, subscriptions: subscriptions),
             ])
         }.bind(host: configuration.queryHost, port: configuration.queryPort).wait()
         state.withLock { $0.listeners.append(query) }
@@ -181,22 +181,7 @@ public final class TapioServer: Sendable {
     }
 
     private func bindMetrics() throws -> Channel {
-        let limits = configuration.limits
-        let metricsTimeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
-        return try ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.backlog, value: 256)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { [self, metrics] channel in
-                guard admission.admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
-                    return channel.close()
-                }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: metricsTimeout, metric: "metrics_timeout", metrics: metrics))
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: self))
-                }
-            }
-            .bind(host: configuration.metricsHost ?? "127.0.0.1", port: configuration.metricsPort).wait()
+        try MetricsHTTPHandler.bind(group: group, configuration: configuration, admission: admission, metrics: metrics, source: self)
     }
 
     /// Every `storeCheckInterval`: a small fsynced write in the data directory
@@ -355,6 +340,30 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in bound.value.close(promise: nil) }
         }
+    }
+}
+
+extension MetricsHTTPHandler {
+    /// The HTTP listener of a process in any role (`--metrics-listen`):
+    /// its own connection limit, a deadline per connection, `source` answering.
+    static func bind(group: any EventLoopGroup, configuration: ServerConfiguration, admission: ConnectionAdmission, metrics: ServerMetrics,
+                     source: any HTTPStatusSource) throws -> Channel {
+        let limits = configuration.limits
+        let metricsTimeout = TimeAmount.nanoseconds(limits.metricsTimeout.nanoseconds)
+        return try ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                guard admission.admit(channel, listener: .metrics, maxConnections: limits.maxMetricsConnections, drain: false) else {
+                    return channel.close()
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionDeadline(timeout: metricsTimeout, metric: "metrics_timeout", metrics: metrics))
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(server: source))
+                }
+            }
+            .bind(host: configuration.metricsHost ?? "127.0.0.1", port: configuration.metricsPort).wait()
     }
 }
 

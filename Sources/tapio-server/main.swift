@@ -13,7 +13,15 @@ struct ServerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tapio-server",
         abstract: "Receives agents' event batches over mutual TLS, stores them durably, correlates, answers queries.",
-        discussion: "One binary in roles (--role): all (the default) is the whole server in one process with its own log; ingest is a stateless replica that publishes every batch to a NATS JetStream stream (docs/scaling.md).",
+        discussion: """
+            One binary in roles (--role; docs/scaling.md):
+              all        the whole server in one process with its own log (default)
+              ingest     stateless replicas: agents' batches go to a NATS JetStream
+                         stream, acknowledged after JetStream's
+              correlate  the engine on that stream: one replica active (a lease in
+                         JetStream KV), the others standing by to take over from
+                         its checkpoint; all of them answer incidents
+            """,
         version: TapioVersion.current,
         subcommands: [Serve.self, Replay.self, Calibrate.self, BenchIngest.self, BenchSink.self, BenchEngine.self],
         defaultSubcommand: Serve.self)
@@ -202,30 +210,36 @@ enum ServerRole: String, ExpressibleByArgument, CaseIterable {
     case all
     /// A stateless ingest replica publishing batches to NATS JetStream.
     case ingest
+    /// The correlation engine on the stream, one active with standbys.
+    case correlate
 }
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the server (the default).")
 
-    @Option(help: ArgumentHelp("What this process does: all (ingest, local event log, correlation and queries in one process; the default) or ingest (a stateless replica: agents' batches go to a NATS JetStream stream, acknowledged after JetStream's; needs --nats).",
-                               valueName: "all|ingest"))
+    @Option(help: ArgumentHelp("What this process does: all (ingest, local event log, correlation and queries in one process; the default), ingest (a stateless replica: agents' batches go to a NATS JetStream stream, acknowledged after JetStream's; needs --nats) or correlate (the correlation engine on that stream, one replica active and the others standing by; answers incidents on --query-listen; needs --nats).",
+                               valueName: "all|ingest|correlate"))
     var role: ServerRole = .all
 
     @Option(help: "Directory of the durable event store (role all; required there).")
     var dataDir: String?
 
-    @Option(help: ArgumentHelp("NATS server of the JetStream cluster, nats://HOST:PORT or tls://HOST:PORT (role ingest; repeat for each server).", valueName: "url"))
+    @Option(help: ArgumentHelp("NATS server of the JetStream cluster, nats://HOST:PORT or tls://HOST:PORT (roles ingest and correlate; repeat for each server).", valueName: "url"))
     var nats: [String] = []
-    @Option(help: "JetStream stream the batches go to (created or updated at start; subjects tapio.events.> and tapio.inventory.>).")
+    @Option(help: "JetStream stream the batches go to (role ingest creates or updates it at start; role correlate consumes it; subjects tapio.events.> and tapio.inventory.>).")
     var natsStream = "TAPIO_EVENTS"
-    @Option(help: "Replicas of the stream: 1 for a single NATS server, 3 for a cluster of three or more.")
+    @Option(help: "Replicas of the stream (role ingest) and of the KV buckets TAPIO_LEADER, TAPIO_ENGINE, TAPIO_INCIDENTS (role correlate): 1 for a single NATS server, 3 for a cluster of three or more.")
     var natsReplicas = 1
     @Option(help: "The stream's duplicate window: a batch resent within it is stored once (s, m, h: 10m). It must outlast an agent's resend after a lost acknowledgement.")
     var natsDuplicateWindow = "10m"
     @Option(help: "JetStream deletes batches older than this (s, m, h, d, w); 0: no age limit.")
     var natsMaxAge = "7d"
-    @Option(help: "Seconds a publish waits for JetStream's acknowledgement (or for a connection) before the batch is left unacknowledged.")
+    @Option(help: "Seconds a publish waits for JetStream's acknowledgement (or for a connection) before the batch is left unacknowledged; also the timeout of every JetStream call in role correlate.")
     var natsPublishTimeout: Double = 5
+    @Option(help: "Role correlate: seconds without a renewal after which a standby takes the engine lease over (and a leader that could not renew stops).")
+    var leaseTimeout: Double = 5
+    @Option(help: "Role correlate: seconds between the active engine's checkpoints to JetStream (each with the stream sequence it covers).")
+    var checkpointInterval: Double = 10
     @Option(help: "Directory with ca.crt (verifies the NATS servers) and optionally tls.crt and tls.key (a client certificate); turns TLS on towards NATS.")
     var natsTlsDir: String?
     @Option(help: "NATS user name (with --nats-password-file).")
@@ -246,7 +260,7 @@ struct Serve: ParsableCommand {
 
     @Option(help: "Agent ingest listener, HOST:PORT.")
     var listen = "127.0.0.1:7400"
-    @Option(help: "Operator query listener, HOST:PORT (role all).")
+    @Option(help: "Operator query listener, HOST:PORT (roles all and correlate).")
     var queryListen = "127.0.0.1:7401"
     @Option(help: "HTTP /metrics, /healthz and /readyz listener, HOST:PORT, or 'off'.")
     var metricsListen = "127.0.0.1:9400"
@@ -318,6 +332,9 @@ struct Serve: ParsableCommand {
         let nats = try natsConfiguration()
         if role == .all, dataDir == nil { throw ValidationError("--data-dir is required (role all)") }
         if role == .ingest, dataDir != nil { throw ValidationError("--data-dir is not used in role ingest: an ingest replica keeps no data (the stream does)") }
+        if role == .correlate, dataDir != nil {
+            throw ValidationError("--data-dir is not used in role correlate: the engine's checkpoints and incidents are kept in JetStream")
+        }
         var config = ServerConfiguration(dataDirectory: dataDir ?? "", tls: tls)
         (config.ingestHost, config.ingestPort) = try parseHostPort(listen)
         (config.queryHost, config.queryPort) = try parseHostPort(queryListen)
@@ -369,6 +386,25 @@ struct Serve: ParsableCommand {
         // is listening (a quick rollout, a test) is not lost.
         let termination = TerminationSignal()
         signal(SIGPIPE, SIG_IGN)
+        if let nats, role == .correlate {
+            for (name, seconds) in [("--lease-timeout", leaseTimeout), ("--checkpoint-interval", checkpointInterval)] where !(seconds >= 1 && seconds <= 3600) {
+                throw ValidationError("\(name) must be between 1 and 3600 seconds, got \(seconds)")
+            }
+            let holder = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
+            var settings = NATSCorrelateConfiguration(nats: nats, holder: holder)
+            settings.leaseTimeout = .milliseconds(Int64(leaseTimeout * 1000))
+            settings.renewInterval = .milliseconds(max(200, Int64(leaseTimeout * 1000) / 5))
+            settings.checkpointInterval = .milliseconds(Int64(checkpointInterval * 1000))
+            let replica = CorrelateReplica(configuration: config, settings: settings, operations: operations, logger: logger) { why in
+                logger.critical("exiting: the engine lease was lost", metadata: ["reason": "\(why)"])
+                Glibc.exit(3)
+            }
+            _ = try replica.start()
+            termination.wait()
+            logger.info("shutting down")
+            replica.shutdown()
+            return
+        }
         if let nats {
             let replica = IngestReplica(configuration: config, nats: nats, operations: operations, logger: logger)
             _ = try replica.start()
@@ -391,19 +427,22 @@ extension Serve {
     /// The NATS side of role ingest from the flags; nil in role all (where
     /// NATS flags are refused rather than ignored).
     func natsConfiguration() throws -> NATSIngestConfiguration? {
-        guard role == .ingest else {
+        guard role != .all else {
             let given = [("--nats", !nats.isEmpty), ("--nats-tls-dir", natsTlsDir != nil), ("--nats-user", natsUser != nil),
                          ("--nats-password-file", natsPasswordFile != nil), ("--nats-token-file", natsTokenFile != nil)].filter(\.1).map(\.0)
-            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest only (this is --role \(role.rawValue))") }
+            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest or correlate only (this is --role \(role.rawValue))") }
             return nil
         }
         let unused = [("--alertmanager", !alertmanager.isEmpty), ("--webhook", webhook != nil), ("--webhook-secret-file", webhookSecretFile != nil),
                       ("--otlp-endpoint", otlpEndpoint != nil), ("--alert-link-base", alertLinkBase != nil), ("--alert-tls-ca", alertTlsCa != nil)]
             .filter(\.1).map(\.0)
-        if !unused.isEmpty {
+        if !unused.isEmpty, role == .ingest {
             throw ValidationError("\(unused.joined(separator: ", ")): incidents are not made in role ingest (no engine runs here), so nothing would be sent")
         }
-        guard !nats.isEmpty else { throw ValidationError("--role ingest needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
+        if !unused.isEmpty {
+            throw ValidationError("\(unused.joined(separator: ", ")): alerts from role correlate are not built yet (docs/scaling.md); run them from role all")
+        }
+        guard !nats.isEmpty else { throw ValidationError("--role \(role.rawValue) needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
         if let url = nats.first(where: { $0.contains("://") && !$0.hasPrefix("nats://") && !$0.hasPrefix("tls://") }) {
             throw ValidationError("--nats: '\(url)' is neither nats:// nor tls://")
         }

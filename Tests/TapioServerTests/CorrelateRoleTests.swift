@@ -1,0 +1,284 @@
+import Foundation
+import Logging
+@testable import TapioAgent
+import TapioClient
+import TapioNATS
+import TapioQueryAPI
+@testable import TapioServer
+import TapioTestSupport
+import TapioWire
+import XCTest
+
+/// `tapio-server --role correlate` as operators run it: real nats-servers
+/// (three routed into a JetStream cluster), an ingest replica and two
+/// correlate replicas as processes of the built binary, agents speaking the
+/// real protocol. What the replicas answer is asked over the query
+/// protocol, as the CLI asks it.
+final class CorrelateRoleTests: XCTestCase {
+    private var directory = ""
+    private var pki = ""
+    private var nats: [NATSTestServer] = []
+    private var processes: [ChildProcess] = []
+    private var clients: [NATSClient] = []
+
+    override func setUpWithError() throws {
+        _ = try NATSTestServer.binary()
+        _ = try TestSupport.product("tapio-server")
+        directory = try TestSupport.temporaryDirectory("tapio-correlate-role")
+        pki = try TestSupport.makePKI(in: directory, nodes: ["node-a", "node-b", "node-c"])
+    }
+
+    override func tearDown() {
+        for p in processes { _ = p.stop(signal: SIGKILL, timeout: 10) }
+        let clients = self.clients
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            for c in clients { await c.close() }
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + 10)
+        for n in nats { n.stop() }
+        if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    // MARK: - Tests
+
+    func testAfterKill9OfTheActiveEngineTheStandbyLeadsFromTheCheckpointAndServesTheIncidentWithin10Seconds() async throws {
+        nats = try NATSTestServer.startCluster(directory: directory)
+        let ingest = try IngestReplicaProcess(index: 0, directory: directory, pki: pki, nats: nats.map(\.url), streamReplicas: 3)
+        processes.append(ingest.process)
+        try ingest.waitUntilReady()
+
+        // A starts first and takes the lease; B stands by.
+        let a = try startCorrelate("a")
+        try a.waitUntilReady()
+        XCTAssertTrue(eventually(timeout: 20) { a.metric("tapio_correlate_leader") == 1 }, "A leads\n\(a.process.log.suffix(3000))")
+        let b = try startCorrelate("b")
+        try b.waitUntilReady()
+        XCTAssertEqual(b.metric("tapio_correlate_leader"), 0, "B stands by")
+        let standby = try b.http("/readyz").body
+        XCTAssertTrue(standby.contains("standby"), standby)
+
+        // The feed that opens an incident: redis OOM-killed, api's connects refused.
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: ingest.ingestPort) })
+        var incidentID = ""
+        XCTAssertTrue(eventually(timeout: 60) {
+            guard let i = try? a.client().incidents().incidents.first(where: { $0.rootCauses.first?.kind == "oom_kill" }) else { return false }
+            incidentID = i.id
+            return true
+        }, "the active engine opened an incident with root cause oom_kill: \((try? a.client().json("incidents").serialized()) ?? "no answer")\n\(a.process.log.suffix(3000))")
+        let before = try a.client().timeline(id: incidentID)
+        XCTAssertEqual(before.rootCauses.first?.entity, "redis", "the service of the OOM-killed pod: \(before.rootCauses)")
+        // The standby answers it too, from the incident bucket.
+        XCTAssertTrue(eventually(timeout: 20) { (try? b.client().incidents().incidents.map(\.id))?.contains(incidentID) == true },
+                      "the standby serves the incident from the bucket")
+        XCTAssertThrowsError(try b.client().services(), "a standby has no service map") { error in
+            XCTAssertTrue("\(error)".contains("standby"), "\(error)")
+        }
+        XCTAssertThrowsError(try b.client().pods(), "nor the pods") { error in
+            XCTAssertTrue("\(error)".contains("standby"), "\(error)")
+        }
+        XCTAssertEqual(Set(try a.client().pods().pods.map { "\($0.node)/\($0.name)" }), ["node-a/api-1", "node-b/redis-0"],
+                       "the leader's pods, from the inventories in the stream")
+        // A checkpoint covering every message A took.
+        XCTAssertTrue(eventually(timeout: 30) {
+            let taken = a.metric("tapio_correlate_stream_sequence") ?? 0
+            return taken > 0 && a.metric("tapio_correlate_checkpoint_sequence") == taken
+        }, "A checkpointed what it took: \(a.metric("tapio_correlate_checkpoint_sequence") ?? -1) of \(a.metric("tapio_correlate_stream_sequence") ?? -1)")
+        let checkpointed = a.metric("tapio_correlate_checkpoint_sequence") ?? 0
+
+        // kill -9 of the active engine: B leads and serves the incident within 10 s.
+        let killed = Date()
+        _ = a.process.stop(signal: SIGKILL)
+        var served: QueryIncident?
+        let tookOver = eventually(timeout: 10) {
+            guard b.metric("tapio_correlate_leader") == 1, (try? b.http("/readyz").status) == 200 else { return false }
+            served = try? b.client().timeline(id: incidentID)
+            return served != nil
+        }
+        let elapsed = Date().timeIntervalSince(killed)
+        print("after kill -9 of the active engine: the standby led and served incident \(incidentID) after \(String(format: "%.1f", elapsed)) s")
+        XCTAssertTrue(tookOver, "within 10 s of the kill: leader \(b.metric("tapio_correlate_leader") ?? -1), /readyz \((try? b.http("/readyz").body) ?? "-")\n\(b.process.log.suffix(4000))")
+        XCTAssertLessThanOrEqual(elapsed, 10.5)
+        XCTAssertEqual(served?.rootCauses.first?.kind, "oom_kill")
+        XCTAssertEqual(served?.rootCauses.first?.entity, before.rootCauses.first?.entity)
+        XCTAssertFalse(served?.timeline?.isEmpty ?? true, "served with its timeline")
+        // From the checkpoint, with the engine's state: the service map it had learned.
+        XCTAssertTrue(b.process.log.contains("engine restored from the checkpoint in JetStream"), b.process.log.suffix(3000).description)
+        XCTAssertEqual(b.metric("tapio_correlate_checkpoint_sequence"), checkpointed, "B started after the checkpoint A wrote last")
+        let services = try b.client().services()
+        XCTAssertTrue(services.services.contains { $0.client == "api" && $0.server == "redis" && $0.failures > 0 },
+                      "the restored engine knows api's failing connects to redis: \(services.services.map { "\($0.client)->\($0.server)" })")
+
+        // A malformed message in the stream is counted and skipped; events
+        // sent after the kill reach the new leader.
+        let js = try await jetStream(nats)
+        _ = try await js.publish(StreamedBatch.subject(node: "node-c"), payload: Array("not a batch".utf8))
+        let epoch = UInt64(wallClockNs())
+        let raw = try RawAgent(port: ingest.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-c"), node: "node-c", epoch: epoch)
+        try raw.sendInventory(Inventory(pods: [PodInfo(uid: "c", name: "checkout-7", namespace: "shop", node: "", ips: ["10.0.3.10"], service: "checkout")]))
+        let flow = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
+        let connects = (0..<20).map { i in
+            TapioEvent(kind: .tcpConnect, timeNs: wallClockNs() - Int64(20 - i) * 100_000_000, pid: 700, comm: "checkout", pod: "checkout-7", namespace: "shop",
+                       detail: .tcpConnect(flow: flow, outcome: .established, latencyNs: 300_000, error: 0, count: 1))
+        }
+        try raw.send(raw.batch(1, events: connects))
+        XCTAssertEqual(try raw.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
+        raw.close()
+        XCTAssertTrue(eventually(timeout: 30) {
+            (try? b.client().services().services.contains { $0.client == "checkout" }) == true
+        }, "the new leader took the events sent after the kill: \((try? b.client().services().services.map { "\($0.client)->\($0.server)" }) ?? [])\n\(b.process.log.suffix(3000))")
+        XCTAssertEqual(b.metric("tapio_correlate_malformed_messages_total"), 1, "the malformed message counted once")
+        XCTAssertTrue(try b.client().pods().pods.contains { $0.node == "node-c" && $0.name == "checkout-7" }, "node-c's inventory, sent after the kill")
+        XCTAssertTrue(b.process.log.contains("a message of the stream cannot be read; skipped"))
+        XCTAssertTrue(b.process.isRunning)
+
+        // A stopped leader hands over at once: B is stopped with SIGTERM, A' (a new standby) leads.
+        let c = try startCorrelate("c")
+        try c.waitUntilReady()
+        XCTAssertEqual(c.metric("tapio_correlate_leader"), 0)
+        XCTAssertEqual(b.process.stop(signal: SIGTERM, timeout: 20), 0, b.process.log.suffix(2000).description)
+        XCTAssertTrue(b.process.log.contains("engine lease released"), b.process.log.suffix(2000).description)
+        XCTAssertTrue(eventually(timeout: 10) { c.metric("tapio_correlate_leader") == 1 && (try? c.http("/readyz").status) == 200 },
+                      "the standby leads after a graceful stop\n\(c.process.log.suffix(3000))")
+        XCTAssertTrue(eventually(timeout: 10) { (try? c.client().services().services.contains { $0.client == "checkout" }) == true },
+                      "from B's last checkpoint, written at its stop")
+        XCTAssertNotNil(try? c.client().timeline(id: incidentID))
+    }
+
+    func testCorrelateFlagsThatCannotWorkAreRefusedInWordsAndHelpNamesTheRole() throws {
+        let binary = try TestSupport.product("tapio-server")
+        let tls = ["--tls-dir", pki + "/server"]
+        let cases: [([String], String)] = [
+            (["--role", "correlate"] + tls, "--role correlate needs at least one --nats URL"),
+            (["--role", "correlate", "--nats", "nats://127.0.0.1:4222", "--data-dir", directory + "/d"] + tls, "--data-dir is not used in role correlate"),
+            (["--role", "correlate", "--nats", "nats://127.0.0.1:4222", "--webhook", "http://127.0.0.1:1/"] + tls, "alerts from role correlate are not built yet"),
+            (["--role", "correlate", "--nats", "nats://127.0.0.1:4222", "--lease-timeout", "0.1"] + tls, "--lease-timeout must be between 1 and 3600"),
+            (["--role", "query", "--nats", "nats://127.0.0.1:4222"] + tls, "'query' is invalid for '--role <all|ingest|correlate>'"),
+        ]
+        for (arguments, expected) in cases {
+            let r = try TestSupport.run(binary, arguments, timeout: 20)
+            XCTAssertNotEqual(r.status, 0, "\(arguments) started")
+            XCTAssertTrue(r.stderr.contains(expected), "\(arguments): expected '\(expected)' in: \(r.stderr)")
+        }
+        let overview = try TestSupport.run(binary, ["--help"], timeout: 20).stdout
+        XCTAssertTrue(overview.contains("correlate  the engine on that stream"), overview)
+        let help = try TestSupport.run(binary, ["serve", "--help"], timeout: 20).stdout
+        for flag in ["--role <all|ingest|correlate>", "--lease-timeout", "--checkpoint-interval", "--query-listen"] {
+            XCTAssertTrue(help.contains(flag), "--help lacks \(flag)")
+        }
+    }
+
+    /// The replica's /metrics passes promtool, every family has its own help,
+    /// and the correlate role's families are the table of docs/operations.md
+    /// ("Metrics of the correlate role"); the others it shares are in the
+    /// tables of "Metrics and health".
+    func testTheCorrelateReplicasMetricsAreDocumentedAndPassPromtool() throws {
+        let server = try NATSTestServer(name: "n1", directory: directory)
+        nats.append(server)
+        try server.start()
+        let replica = try startCorrelate("m", servers: [server], streamReplicas: 1)
+        try replica.waitUntilReady()
+        XCTAssertTrue(eventually(timeout: 20) { replica.metric("tapio_correlate_leader") == 1 })
+        let text = try replica.metrics()
+        XCTAssertFalse(text.contains(MetricsCatalog.unknownHelp), text)
+        if let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
+            let file = directory + "/correlate.prom"
+            try text.write(toFile: file, atomically: true, encoding: .utf8)
+            let check = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(file)"])
+            XCTAssertEqual(check.status, 0, "promtool:\n\(check.stdout)\(check.stderr)")
+        } else if TestSupport.bpfRequired {
+            XCTFail("promtool is not installed (Debian package prometheus)")
+        }
+        let exposed = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
+        let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
+        func table(_ heading: String) -> Set<String> {
+            guard let start = docs.range(of: "\n## \(heading)\n") else { return [] }
+            let section = String(docs[start.upperBound...]).components(separatedBy: "\n## ").first ?? ""
+            return Set(section.split(separator: "\n").filter { $0.hasPrefix("| `") }.map { String($0.dropFirst(3).prefix { $0 != "`" && $0 != "{" }) })
+        }
+        let own = table("Metrics of the correlate role")
+        let shared = table("Metrics and health")
+        XCTAssertFalse(own.isEmpty, "docs/operations.md has no \"Metrics of the correlate role\" table")
+        XCTAssertEqual(exposed.filter { $0.hasPrefix("tapio_correlate_") }.sorted(), own.filter { $0.hasPrefix("tapio_correlate_") }.sorted())
+        XCTAssertEqual(exposed.subtracting(own).subtracting(shared).sorted(), [], "exposed by the correlate replica, documented nowhere")
+        XCTAssertTrue(try replica.http("/readyz").body.contains("role: correlate, leader"))
+    }
+
+    // MARK: - Harness
+
+    private func startCorrelate(_ name: String, servers: [NATSTestServer]? = nil, streamReplicas: Int = 3) throws -> CorrelateReplicaProcess {
+        let replica = try CorrelateReplicaProcess(name: name, directory: directory, pki: pki, nats: (servers ?? nats).map(\.url), replicas: streamReplicas)
+        processes.append(replica.process)
+        return replica
+    }
+
+    /// A real agent's outbox and sender towards the ingest replica.
+    private func agent(node: String, port: Int) throws -> (Outbox, Sender) {
+        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: Outbox.Limits(), spoolDirectory: nil)
+        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
+                                          node: node, bootId: "test", capabilities: ["process_exec"], degraded: [])
+        config.maximumBackoffMs = 200
+        var logger = Logger(label: "tapio-agent-test")
+        logger.logLevel = .critical
+        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
+        sender.start()
+        return (outbox, sender)
+    }
+
+    private func jetStream(_ servers: [NATSTestServer]) async throws -> JetStream {
+        var config = NATSClient.Configuration(servers: servers.map { NATSServerAddress(host: "127.0.0.1", port: $0.port) })
+        config.connectTimeout = .seconds(3)
+        var logger = Logger(label: "tapio.correlate-role.test")
+        logger.logLevel = .warning
+        let client = try await NATSClient.connect(config, logger: logger)
+        clients.append(client)
+        return JetStream(client: client, timeout: .seconds(5))
+    }
+}
+
+/// One `tapio-server --role correlate` process on free loopback ports,
+/// checkpointing every 2 s (the default lease timeout, 5 s).
+final class CorrelateReplicaProcess {
+    let process: ChildProcess
+    let queryPort: Int
+    let metricsPort: Int
+    let pki: String
+
+    init(name: String, directory: String, pki: String, nats: [String], replicas: Int) throws {
+        self.pki = pki
+        queryPort = TestSupport.freePort()
+        metricsPort = TestSupport.freePort()
+        var arguments = ["--role", "correlate", "--tls-dir", pki + "/server",
+                         "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
+                         "--nats-replicas", "\(replicas)", "--checkpoint-interval", "2", "--log-level", "info"]
+        for url in nats { arguments += ["--nats", url] }
+        process = try ChildProcess(try TestSupport.product("tapio-server"), arguments, logPath: directory + "/correlate-\(name).log")
+    }
+
+    func http(_ path: String) throws -> (status: Int, body: String) { try TestSupport.httpGet(port: metricsPort, path: path) }
+
+    func metrics() throws -> String {
+        let r = try http("/metrics")
+        guard r.status == 200 else { throw TestSupportError("/metrics answered \(r.status)") }
+        return r.body
+    }
+
+    /// The value of an unlabelled series, nil when it cannot be read.
+    func metric(_ name: String) -> Double? {
+        guard let text = try? metrics() else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
+    }
+
+    func client() throws -> QueryClient {
+        try QueryClient(host: "127.0.0.1", port: queryPort, ca: pki + "/operators/alice/ca.crt",
+                        certificate: pki + "/operators/alice/tls.crt", key: pki + "/operators/alice/tls.key")
+    }
+
+    func waitUntilReady(timeout: TimeInterval = 40) throws {
+        let ready = eventually(timeout: timeout) { (try? http("/readyz").status) == 200 || !process.isRunning }
+        guard ready, process.isRunning else {
+            throw TestSupportError("correlate replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
+        }
+    }
+}
