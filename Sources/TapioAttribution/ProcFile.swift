@@ -17,26 +17,19 @@ public enum ProcFile {
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var out: [UInt8] = []
-        var chunk = 4096
-        while out.count < limit {
-            let want = min(chunk, limit - out.count)
-            let start = out.count
-            out.append(contentsOf: repeatElement(0, count: want))
-            let n = out.withUnsafeMutableBufferPointer { buffer in
-                Foundation.read(fd, buffer.baseAddress! + start, want)
-            }
-            if n < 0 {
-                if errno == EINTR {
-                    out.removeLast(want)
-                    continue
+        let complete = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 16 << 10) { chunk -> Bool in
+            while out.count < limit {
+                let n = Foundation.read(fd, chunk.baseAddress!, min(chunk.count, limit - out.count))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return false
                 }
-                return nil
+                if n == 0 { break }
+                out.append(contentsOf: UnsafeBufferPointer(rebasing: chunk[0..<n]))
             }
-            out.removeLast(want - n)
-            if n == 0 { break }
-            chunk = min(chunk * 2, 1 << 20)
+            return true
         }
-        return out
+        return complete ? out : nil
     }
 
     /// The file's text (UTF-8, invalid bytes replaced).
