@@ -120,8 +120,11 @@ public final class Agent: Sendable {
         }
         let index = pods
         kubernetes = configuration.kubernetesAPI.map { KubernetesAPISource(configuration: $0, index: index) }
+        // Only the ring-buffer reader attributes (every record and harvest
+        // goes through its thread), so one memo serves it without a lock.
+        let memo = AttributionMemo()
         kernel = try KernelSource(configuration: kernelConfig, logger: logger) { event, memoryCgroupId in
-            attributor.attribute(&event, memoryCgroupId: memoryCgroupId)
+            attributor.attribute(&event, memoryCgroupId: memoryCgroupId, memo: memo)
             if event.kind == .processExit { attributor.processExited(pid: event.pid) }
         }
         for p in kernel.programs {

@@ -101,6 +101,12 @@ public final class Attributor: Sendable {
     public let configuration: Configuration
     private let state = Mutex(State())
     private let procReadCount = Atomic<UInt64>(0)
+    /// Bumped whenever a cached entry is dropped or a pid's entry set to
+    /// expire: an `AttributionMemo` entry made before is not used after.
+    /// (Adding entries changes no answer the memo holds: it holds only
+    /// answers the kernel's cgroup ids decided, made after their pid was
+    /// remembered.)
+    private let changes = Atomic<UInt64>(0)
 
     /// Times a pid's `/proc/<pid>/cgroup` was read: only when no cgroup id
     /// named a record's container and the pid was not cached. Stays far below
@@ -127,19 +133,58 @@ public final class Attributor: Sendable {
     /// cgroup id (both 0 when unknown) and, only when neither names a
     /// container, its pid's `/proc/<pid>/cgroup`.
     public func attribute(cgroupId: UInt64, memoryCgroupId: UInt64, pid: UInt32) -> Attribution {
+        resolve(cgroupId: cgroupId, memoryCgroupId: memoryCgroupId, pid: pid).attribution
+    }
+
+    /// The attribution, and whether the kernel's cgroup ids alone decided
+    /// it (then the same ids, pid and caches give the same answer again:
+    /// no pid lookup with an expiry was involved).
+    private func resolve(cgroupId: UInt64, memoryCgroupId: UInt64, pid: UInt32) -> (attribution: Attribution, byIds: Bool) {
         var identity = cgroupId == 0 ? nil : cachedIdentity(cgroupId, memory: false)
         if identity == nil || identity!.info.isHost, memoryCgroupId != 0, let memory = cachedIdentity(memoryCgroupId, memory: true) {
             // The kernel's memory cgroup of the task is authoritative where the
             // v2 id says nothing (a hybrid host): a host answer here is final.
             if pid != 0, !memory.info.isHost { remember(pid, memory) }
-            return attribution(for: memory)
+            // An unresolved v2 id may resolve later and then decide instead.
+            return (attribution(for: memory), cgroupId == 0 || identity != nil)
         }
         if pid != 0, let known = identity, !known.info.isHost { remember(pid, known) }
+        if let known = identity, !known.info.isHost { return (attribution(for: known), true) }
         if identity == nil || identity!.info.isHost, pid != 0, let byPid = pidIdentity(pid) {
             if identity == nil || !byPid.info.isHost { identity = byPid }
         }
-        guard let identity else { return Attribution() }
-        return attribution(for: identity)
+        guard let identity else { return (Attribution(), false) }
+        return (attribution(for: identity), false)
+    }
+
+    /// `attribute(_:memoryCgroupId:)` through a memo of recent answers: an
+    /// event of a process seen just before (same cgroup ids and pid, no cache
+    /// or pod metadata changed since) costs two atomic loads instead of the
+    /// caches' locks and lookups. The ring-buffer reader keeps one memo.
+    public func attribute(_ event: inout TapioEvent, memoryCgroupId: UInt64, memo: AttributionMemo) {
+        guard event.pod.isEmpty && event.containerId.isEmpty else { return }
+        let stamp = AttributionMemo.Stamp(attributor: changes.load(ordering: .acquiring), pods: index.generation)
+        let slot = AttributionMemo.slot(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid)
+        if let hit = memo.entries[slot], hit.stamp == stamp, hit.cgroupId == event.cgroupId, hit.memoryCgroupId == memoryCgroupId, hit.pid == event.pid {
+            memo.hits &+= 1
+            event.containerId = hit.containerId
+            event.pod = hit.pod
+            event.namespace = hit.namespace
+            return
+        }
+        // Counters read from cgroup files (pid 0) take the path below.
+        guard event.pid != 0 else {
+            attribute(&event, memoryCgroupId: memoryCgroupId)
+            return
+        }
+        let (a, byIds) = resolve(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid)
+        event.containerId = a.containerId
+        event.pod = a.pod
+        event.namespace = a.namespace
+        if byIds {
+            memo.entries[slot] = .init(cgroupId: event.cgroupId, memoryCgroupId: memoryCgroupId, pid: event.pid, stamp: stamp,
+                                       containerId: a.containerId, pod: a.pod, namespace: a.namespace)
+        }
     }
 
     /// Fills `containerId`, `pod` and `namespace` of an event that has none.
@@ -175,10 +220,16 @@ public final class Attributor: Sendable {
         let found = Identity(path: path, info: CgroupPathInfo.parse(path))
         state.withLock { s in
             if memory {
-                if s.byMemoryCgroup.count >= configuration.maximumCgroupEntries { s.byMemoryCgroup.removeAll(keepingCapacity: true) }
+                if s.byMemoryCgroup.count >= configuration.maximumCgroupEntries {
+                    s.byMemoryCgroup.removeAll(keepingCapacity: true)
+                    changes.add(1, ordering: .releasing)
+                }
                 s.byMemoryCgroup[id] = found
             } else {
-                if s.byCgroup.count >= configuration.maximumCgroupEntries { s.byCgroup.removeAll(keepingCapacity: true) }
+                if s.byCgroup.count >= configuration.maximumCgroupEntries {
+                    s.byCgroup.removeAll(keepingCapacity: true)
+                    changes.add(1, ordering: .releasing)
+                }
                 s.byCgroup[id] = found
             }
         }
@@ -198,13 +249,15 @@ public final class Attributor: Sendable {
     /// Forgets a pid (on its `process_exit`; the number may be reused): a
     /// host answer at once, a container after `exitedPidGrace`.
     public func processExited(pid: UInt32) {
-        let expires = ContinuousClock.now + .milliseconds(Int64(milliseconds(configuration.exitedPidGrace)))
         state.withLock { s in
             guard let entry = s.byPid[pid] else { return }
+            let expires = ContinuousClock.now + .milliseconds(Int64(milliseconds(configuration.exitedPidGrace)))
             if entry.identity.info.isHost || configuration.exitedPidGrace <= 0 {
                 s.byPid[pid] = nil
+                changes.add(1, ordering: .releasing)
             } else if entry.expires == nil || entry.expires! > expires {
                 s.byPid[pid] = (entry.identity, expires)
+                changes.add(1, ordering: .releasing)
             }
         }
     }
@@ -215,7 +268,10 @@ public final class Attributor: Sendable {
     private func remember(_ pid: UInt32, _ identity: Identity) {
         state.withLock { s in
             if let known = s.byPid[pid], known.identity.path == identity.path { return }
-            if s.byPid.count >= configuration.maximumPidEntries { s.byPid.removeAll(keepingCapacity: true) }
+            if s.byPid.count >= configuration.maximumPidEntries {
+                s.byPid.removeAll(keepingCapacity: true)
+                changes.add(1, ordering: .releasing)
+            }
             s.byPid[pid] = (identity, nil)
         }
     }
@@ -244,6 +300,7 @@ public final class Attributor: Sendable {
             for id in deadCgroups { s.byCgroup[id] = nil }
             for id in deadMemoryCgroups { s.byMemoryCgroup[id] = nil }
         }
+        if !deadPids.isEmpty || !deadCgroups.isEmpty || !deadMemoryCgroups.isEmpty { changes.add(1, ordering: .releasing) }
         index.sweep()
     }
 
@@ -262,7 +319,10 @@ public final class Attributor: Sendable {
         // about to move into its container's cgroup.
         let expires: ContinuousClock.Instant? = info.isHost ? now + .milliseconds(Int64(milliseconds(configuration.hostPidTTL))) : nil
         state.withLock { s in
-            if s.byPid.count >= configuration.maximumPidEntries { s.byPid.removeAll(keepingCapacity: true) }
+            if s.byPid.count >= configuration.maximumPidEntries {
+                s.byPid.removeAll(keepingCapacity: true)
+                changes.add(1, ordering: .releasing)
+            }
             s.byPid[pid] = (found, expires)
         }
         return found
@@ -287,5 +347,38 @@ public final class Attributor: Sendable {
             a.service = unit
         }
         return a
+    }
+}
+
+/// Recent answers of `Attributor.attribute(_:memoryCgroupId:memo:)`, for one
+/// thread (the agent's ring-buffer reader): 256 slots by cgroup ids and pid,
+/// each valid only while neither the attributor's caches nor the pod
+/// metadata changed since it was made.
+public final class AttributionMemo: @unchecked Sendable {
+    struct Stamp: Equatable {
+        var attributor: UInt64
+        var pods: UInt64
+    }
+
+    struct Entry {
+        var cgroupId: UInt64
+        var memoryCgroupId: UInt64
+        var pid: UInt32
+        var stamp: Stamp
+        var containerId: String
+        var pod: String
+        var namespace: String
+    }
+
+    static let slots = 256
+    var entries = [Entry?](repeating: nil, count: AttributionMemo.slots)
+    /// Events answered from the memo.
+    public internal(set) var hits: UInt64 = 0
+
+    public init() {}
+
+    static func slot(cgroupId: UInt64, memoryCgroupId: UInt64, pid: UInt32) -> Int {
+        let mixed = (cgroupId ^ (memoryCgroupId &<< 21) ^ (UInt64(pid) &<< 42)) &* 0x9E37_79B9_7F4A_7C15
+        return Int(truncatingIfNeeded: mixed >> 56)
     }
 }

@@ -22,13 +22,16 @@ public final class PodIndex: Sendable {
     /// Seconds a deleted pod is still answered for. Default 120.
     public let retention: Double
     private let state = Mutex(State())
+    /// `State.generation`, readable without the lock (the ring-buffer
+    /// reader checks it on every event).
+    private let published = Atomic<UInt64>(0)
 
     public init(retention: Double = 120) {
         self.retention = retention
     }
 
     /// Bumped on every change, so readers can tell whether to look again.
-    public var generation: UInt64 { state.withLock { $0.generation } }
+    public var generation: UInt64 { published.load(ordering: .acquiring) }
     public var count: Int { state.withLock { $0.pods.count } }
     public var allPods: [PodInfo] { state.withLock { Array($0.pods.values) }.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) } }
 
@@ -40,6 +43,7 @@ public final class PodIndex: Sendable {
             for uid in s.pods.keys where !keep.contains(uid) { Self.remove(uid: uid, from: &s, retention: retention) }
             for pod in pods { Self.upsert(pod, into: &s) }
             s.generation += 1
+            published.store(s.generation, ordering: .releasing)
         }
     }
 
@@ -48,6 +52,7 @@ public final class PodIndex: Sendable {
         state.withLock { s in
             Self.upsert(pod, into: &s)
             s.generation += 1
+            published.store(s.generation, ordering: .releasing)
         }
     }
 
@@ -56,13 +61,20 @@ public final class PodIndex: Sendable {
         state.withLock { s in
             Self.remove(uid: uid, from: &s, retention: retention)
             s.generation += 1
+            published.store(s.generation, ordering: .releasing)
         }
     }
 
     /// Forgets deleted pods whose retention has passed.
     public func sweep(now: ContinuousClock.Instant = .now) {
         state.withLock { s in
+            let before = s.tombstones.count
             s.tombstones = s.tombstones.filter { $0.value.until > now }
+            // A forgotten pod no longer answers: attributions cached from it are stale.
+            if s.tombstones.count != before {
+                s.generation += 1
+                published.store(s.generation, ordering: .releasing)
+            }
         }
     }
 

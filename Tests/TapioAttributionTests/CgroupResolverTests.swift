@@ -125,4 +125,59 @@ final class CgroupResolverTests: XCTestCase {
         XCTAssertEqual(attributor.cachedEntries.cgroups, 1, "only the host cgroup is left")
         XCTAssertEqual(attributor.attribute(cgroupId: id, pid: 0), Attribution())
     }
+
+    /// The ring-buffer reader's memo answers what the caches and the pod
+    /// metadata would, and stops answering as soon as either changes.
+    func testTheMemoAnswersAsTheCachesAndFollowsTheirChanges() throws {
+        let containerPath = root + "/kubepods/burstable/pod\(uid)/\(container)"
+        let id = try mkcgroup(containerPath)
+        let hostId = try mkcgroup(root + "/system.slice/kubelet.service")
+        let index = PodIndex()
+        let resolver = CgroupIDResolver(configuration: .init(mountPoint: mount, scope: root))
+        // No procfs: the made-up pids below must not find real processes.
+        var configuration = Attributor.Configuration()
+        configuration.readsProc = false
+        let attributor = Attributor(index: index, resolver: resolver, configuration: configuration)
+        let memo = AttributionMemo()
+        func viaMemo(cgroupId: UInt64, pid: UInt32) -> [String] {
+            var event = TapioEvent(kind: .processExit, timeNs: 0, pid: pid, cgroupId: cgroupId)
+            attributor.attribute(&event, memoryCgroupId: 0, memo: memo)
+            return [event.containerId, event.pod, event.namespace]
+        }
+        // No pod metadata yet: the container is known, its pod is not.
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "", ""])
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "", ""])
+        XCTAssertEqual(memo.hits, 1, "the second event of the same process is answered from the memo")
+        // The pod's metadata arrives: the very next event has it.
+        index.replaceAll(try KubeDocument.pods(from: Fixtures.podListJSON()).pods.compactMap(PodInfo.init))
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "rabbit", "default"])
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "rabbit", "default"])
+        XCTAssertEqual(memo.hits, 2)
+        // Another process of the same container, and a host process, each their own answer.
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4343), [container, "rabbit", "default"])
+        XCTAssertEqual(viaMemo(cgroupId: hostId, pid: 4444), ["", "", ""])
+        // Every answer through the memo equals the one without it.
+        for (cgroupId, pid) in [(id, UInt32(4242)), (id, 4343), (hostId, 4444)] {
+            let plain = attributor.attribute(cgroupId: cgroupId, pid: pid)
+            XCTAssertEqual(viaMemo(cgroupId: cgroupId, pid: pid), [plain.containerId, plain.pod, plain.namespace])
+        }
+        // The pod is deleted (still answered for its retention), then forgotten:
+        // the memo does not keep answering for it.
+        index.remove(uid: uid)
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "rabbit", "default"])
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "rabbit", "default"])
+        index.sweep(now: .now + .seconds(3600))
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [container, "", ""])
+        // The container's cgroup goes: once the sweep forgets it, so does the memo.
+        XCTAssertTrue(eventually(timeout: 5) { rmdir(mount + containerPath) == 0 })
+        made.removeAll { $0 == containerPath }
+        attributor.sweep()
+        XCTAssertEqual(attributor.attribute(cgroupId: id, pid: 0), Attribution())
+        let hits = memo.hits
+        // Its process is still remembered by pid (records read after an exit need that).
+        let plain = attributor.attribute(cgroupId: id, pid: 4242)
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4242), [plain.containerId, plain.pod, plain.namespace])
+        XCTAssertEqual(memo.hits, hits, "answered by the caches, not by the memo's older answer")
+        XCTAssertEqual(viaMemo(cgroupId: id, pid: 4343), [plain.containerId, plain.pod, plain.namespace])
+    }
 }
