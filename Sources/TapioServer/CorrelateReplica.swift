@@ -121,9 +121,11 @@ struct SeenBatches {
 /// the KV bucket `TAPIO_INCIDENTS`. Every replica mirrors that bucket and
 /// answers queries: the active one from its engine, a standby from the
 /// mirror. A standby takes the lease when it has not been renewed for
-/// `leaseTimeout`; a leader that loses it (another holder, or no renewal
-/// for `leaseTimeout`) stops the process (`onLostLease`), so two engines
-/// never publish for long: the Deployment starts it again as a standby.
+/// `leaseTimeout`. A leader whose renewal is refused (another holder) stops
+/// the process (`onLostLease`; the Deployment starts it again as a
+/// standby); one that cannot renew (NATS unreachable) publishes no incident
+/// and writes no checkpoint past the lease timeout until a renewal goes
+/// through, so a replaced leader does not overwrite its successor.
 public final class CorrelateReplica: Sendable {
     public let configuration: ServerConfiguration
     public let settings: NATSCorrelateConfiguration
@@ -150,6 +152,11 @@ public final class CorrelateReplica: Sendable {
         var leader = false
         var leaderSinceNs: Int64 = 0
         var leaseRevision: UInt64 = 0
+        /// Monotonic ns until which the lease is surely this replica's: the
+        /// start of its last successful write plus the lease timeout (a
+        /// standby starts counting later than that). Past it, the leader
+        /// publishes no incident and writes no checkpoint.
+        var leaseValidUntilNs: Int64 = 0
         /// The holder of the lease as a standby last saw it.
         var otherHolder: String?
         var mirrorCaughtUp = false
@@ -185,7 +192,7 @@ public final class CorrelateReplica: Sendable {
         "tapio_correlate_events_total": .init(kind: .counter, help: "Events given to the engine.", unlabelled: true),
         "tapio_correlate_events_future_total": .init(kind: .counter, help: "Events dated more than the allowed skew after their batch arrived: not correlated.", unlabelled: true),
         "tapio_correlate_malformed_messages_total": .init(kind: .counter, help: "Messages of the stream that could not be read as a batch or an inventory: counted, logged and skipped.", unlabelled: true),
-        "tapio_correlate_consumer_restarts_total": .init(kind: .counter, help: "Times a consumer (of the stream or of the incident bucket) was made again after a fetch failed.", unlabelled: true),
+        "tapio_correlate_consumer_restarts_total": .init(kind: .counter, help: "Times a consumer (of the stream or of the incident bucket) was made again: a fetch failed, or messages were lost on the way.", unlabelled: true),
         "tapio_correlate_checkpoints_total": .init(kind: .counter, help: "Engine checkpoints written to JetStream, by result.", unlabelled: false,
                                                   initial: ["{result=\"written\"}", "{result=\"failed\"}"]),
         "tapio_correlate_checkpoint_sequence": .init(kind: .gauge, help: "Stream sequence the newest checkpoint this replica wrote or loaded covers.", unlabelled: true),
@@ -403,54 +410,71 @@ public final class CorrelateReplica: Sendable {
         let timeoutNs = settings.leaseTimeout.nanosecondsValue
         var seenRevision: UInt64 = 0
         var seenSinceNs = monotonicNs()
-        var lastRenewNs = monotonicNs()
         var lastError = ""
+        func take(_ revision: UInt64, sentNs: Int64, _ why: String) {
+            state.withLock { $0.leaseValidUntilNs = sentNs + timeoutNs }
+            lead(revision: revision, took: why, js: js, checkpoints: checkpoints, incidents: incidents)
+        }
         while !stopping {
             let (leader, revision) = state.withLock { ($0.leader, $0.leaseRevision) }
+            let sentNs = monotonicNs()
             do {
                 if leader {
                     let next = try await lease.update(key, leaseValue(), revision: revision)
-                    state.withLock { $0.leaseRevision = next }
-                    lastRenewNs = monotonicNs()
+                    state.withLock {
+                        $0.leaseRevision = next
+                        $0.leaseValidUntilNs = sentNs + timeoutNs
+                    }
                 } else if let entry = try await lease.get(key) {
                     let holder = (try? JSONValue.parse(entry.value))?["holder"]?.stringValue ?? ""
-                    if entry.revision != seenRevision {
-                        seenRevision = entry.revision
-                        seenSinceNs = monotonicNs()
-                        state.withLock { $0.otherHolder = holder.isEmpty ? nil : holder }
-                    }
-                    // Released by a leader that stopped, or not renewed in time: take it.
-                    if holder.isEmpty || monotonicNs() - seenSinceNs >= timeoutNs {
-                        let taken = try await lease.update(key, leaseValue(), revision: entry.revision)
-                        lead(revision: taken, took: holder.isEmpty ? "released" : "not renewed for \(settings.leaseTimeout) by \(holder)",
-                             js: js, checkpoints: checkpoints, incidents: incidents)
-                        lastRenewNs = monotonicNs()
+                    if holder == settings.holder {
+                        // A takeover whose answer was lost had landed.
+                        take(entry.revision, sentNs: sentNs, "this replica's own write was found in the lease")
+                    } else {
+                        if entry.revision != seenRevision {
+                            seenRevision = entry.revision
+                            seenSinceNs = monotonicNs()
+                            state.withLock { $0.otherHolder = holder.isEmpty ? nil : holder }
+                        }
+                        // Released by a leader that stopped, or not renewed in time: take it.
+                        if holder.isEmpty || monotonicNs() - seenSinceNs >= timeoutNs {
+                            let taken = try await lease.update(key, leaseValue(), revision: entry.revision)
+                            take(taken, sentNs: sentNs, holder.isEmpty ? "released" : "not renewed for \(settings.leaseTimeout) by \(holder)")
+                        }
                     }
                 } else {
                     let taken = try await lease.create(key, leaseValue())
-                    lead(revision: taken, took: "no holder", js: js, checkpoints: checkpoints, incidents: incidents)
-                    lastRenewNs = monotonicNs()
+                    take(taken, sentNs: sentNs, "no holder")
                 }
                 lastError = ""
             } catch let e as JetStreamError where e.errorCode == JetStreamError.wrongLastSequence {
-                if leader {
+                // A standby: another came first; it watches the new holder.
+                // A leader: a renewal whose answer was lost may have landed, then the lease is still its own.
+                if !leader {
+                } else if let entry = try? await lease.get(key), (try? JSONValue.parse(entry.value))?["holder"]?.stringValue == settings.holder {
+                    state.withLock {
+                        $0.leaseRevision = entry.revision
+                        $0.leaseValidUntilNs = sentNs + timeoutNs
+                    }
+                } else {
                     lost("another replica holds the engine lease now (renewal refused: \(e))")
                     return
                 }
-                // Another standby took it first: watch the new holder.
             } catch {
                 if "\(error)" != lastError {
-                    logger.warning("engine lease: NATS did not answer", metadata: ["error": "\(error)", "leader": "\(leader)"])
+                    logger.warning(leader ? "engine lease not renewed: NATS did not answer; past the lease timeout nothing is published until it is"
+                                          : "engine lease not read: NATS did not answer", metadata: ["error": "\(error)"])
                     lastError = "\(error)"
                 }
-                if leader, monotonicNs() - lastRenewNs >= timeoutNs {
-                    lost("the engine lease could not be renewed for \(settings.leaseTimeout) (\(error)); a standby may hold it now")
-                    return
-                }
+                // A standby counts only time in which it saw the lease unchanged.
+                if !leader { seenSinceNs = monotonicNs() }
             }
             try? await Task.sleep(for: settings.renewInterval)
         }
     }
+
+    /// Whether this replica surely holds the lease now (see `leaseValidUntilNs`).
+    private var leaseValid: Bool { state.withLock { $0.leader && monotonicNs() < $0.leaseValidUntilNs } }
 
     private func lost(_ why: String) {
         logger.critical("engine lease lost; stopping this replica so one engine runs (it starts again as a standby)", metadata: ["reason": "\(why)"])
@@ -526,22 +550,42 @@ public final class CorrelateReplica: Sendable {
 
     // MARK: Consuming the stream
 
-    /// Fetches the stream from `from` through an ephemeral consumer (made
-    /// again from the last sequence taken when a fetch fails: the server
-    /// holding it went, or it was idle too long) and hands each message to
-    /// the engine in stream order.
+    /// Fetches the stream from `from` through an ephemeral consumer without
+    /// acknowledgements (the checkpoint is the durable position) and hands
+    /// each message to the engine in stream order, each sequence once.
+    ///
+    /// Without acks, a message the server delivered to a pull request whose
+    /// answer never arrived (the connection moved to another NATS server
+    /// meanwhile) is not delivered again. So the order is checked: after the
+    /// first message of a consumer, each must follow the one before; on a
+    /// gap, or when the consumer says it delivered more than arrived, or when
+    /// a fetch fails (its server went, it idled out), the consumer is made
+    /// again from the first sequence not taken. A gap the stream really has
+    /// (messages deleted) costs one such restart.
     private func consume(_ js: JetStream, from start: ConsumerConfiguration.DeliverPolicy) async {
         let stream = settings.nats.stream
         var from = start
         var consumer: String?
         var seen = SeenBatches()
         var lastError = ""
+        var taken: UInt64 = 0
+        if case .startSequence(let s) = start { taken = s > 0 ? s - 1 : 0 }
+        var fresh = true
+        var lastCheckNs = monotonicNs()
+        func again(_ why: String, _ error: String = "") {
+            metrics.add("tapio_correlate_consumer_restarts_total")
+            logger.warning("consuming the stream again from the first sequence not taken", metadata: [
+                "stream": "\(stream)", "from": "\(from)", "why": "\(why)", "error": "\(error)"])
+            consumer = nil
+            fresh = true
+        }
         while !stopping {
             if consumer == nil {
                 do {
                     consumer = try await js.createEphemeralConsumer(stream: stream, .ephemeral(deliver: from, ack: .none)).name
                     logger.info("consuming the stream", metadata: ["stream": "\(stream)", "from": "\(from)", "consumer": "\(consumer!)"])
                     lastError = ""
+                    lastCheckNs = monotonicNs()
                 } catch {
                     if "\(error)" != lastError {
                         logger.warning("cannot consume the stream; retrying every second", metadata: ["stream": "\(stream)", "error": "\(error)"])
@@ -556,16 +600,27 @@ public final class CorrelateReplica: Sendable {
             do {
                 let messages = try await js.fetch(stream: stream, consumer: consumer!, batch: 256, expires: .milliseconds(500))
                 for m in messages {
+                    if !fresh, m.streamSequence != taken + 1 {
+                        if m.streamSequence <= taken { continue }
+                        again("sequence \(m.streamSequence) arrived after \(taken): the messages between were delivered to a pull request that was lost, or deleted")
+                        break
+                    }
+                    fresh = false
                     await take(m, seen: &seen)
-                    from = .startSequence(m.streamSequence + 1)
+                    taken = m.streamSequence
+                    from = .startSequence(taken + 1)
                 }
                 if let last = messages.last { metrics.set("tapio_correlate_stream_pending", Int64(clamping: last.pending)) }
+                if consumer != nil, messages.isEmpty, monotonicNs() - lastCheckNs > 2_000_000_000 {
+                    lastCheckNs = monotonicNs()
+                    let info = try await js.consumerInfo(stream: stream, consumer: consumer!)
+                    if info.delivered.streamSequence > taken {
+                        again("the consumer delivered up to \(info.delivered.streamSequence), \(taken) arrived")
+                    }
+                }
             } catch {
                 if stopping { return }
-                metrics.add("tapio_correlate_consumer_restarts_total")
-                logger.warning("fetching from the stream failed; consuming again from the next sequence", metadata: [
-                    "stream": "\(stream)", "from": "\(from)", "error": "\(error)"])
-                consumer = nil
+                again("a fetch failed", "\(error)")
                 try? await Task.sleep(for: .milliseconds(250))
             }
         }
@@ -645,6 +700,10 @@ public final class CorrelateReplica: Sendable {
     /// turns. Skipped when the engine has not moved since the last one.
     private func writeCheckpoint(final: Bool, bucket: KeyValue? = nil) async {
         guard let kv = bucket ?? checkpointBucket() else { return }
+        guard leaseValid else {
+            logger.warning("engine checkpoint not written: the lease is not surely this replica's (not renewed within the lease timeout)")
+            return
+        }
         do {
             let (position, bytes) = try correlation.checkpointBytes()
             let (last, slot) = state.withLock { ($0.checkpointSequence, $0.nextSlot) }
@@ -725,7 +784,7 @@ public final class CorrelateReplica: Sendable {
 
     @discardableResult
     private func publishPending(_ bucket: KeyValue? = nil) async -> Int {
-        guard let kv = bucket ?? incidentBucketHandle() else { return 0 }
+        guard let kv = bucket ?? incidentBucketHandle(), leaseValid else { return 0 }
         let batch = unpublished.withLock { u -> [StoredIncident] in
             defer { u.removeAll() }
             return Array(u.values)
@@ -750,6 +809,10 @@ public final class CorrelateReplica: Sendable {
 
     /// Reads the incident bucket into the board, from its first value and
     /// then as values arrive (an ephemeral consumer on the bucket's stream).
+    /// Acknowledged one by one, so a value delivered to a pull request that
+    /// was lost comes again after 5 s; an older value arriving after a
+    /// newer one is ignored by the board. Made again from the next sequence
+    /// when a fetch fails.
     private func mirrorIncidents(_ js: JetStream) async {
         let stream = "KV_\(settings.incidentBucket)"
         let prefix = "$KV.\(settings.incidentBucket)."
@@ -758,11 +821,16 @@ public final class CorrelateReplica: Sendable {
         while !stopping {
             do {
                 if consumer == nil {
-                    consumer = try await js.createEphemeralConsumer(stream: stream, .ephemeral(deliver: from, ack: .none)).name
+                    var c = ConsumerConfiguration.ephemeral(deliver: from, ack: .explicit)
+                    c.ackWait = .seconds(5)
+                    consumer = try await js.createEphemeralConsumer(stream: stream, c).name
                 }
                 let messages = try await js.fetch(stream: stream, consumer: consumer!, batch: 256, expires: .milliseconds(500))
                 for m in messages {
-                    from = .startSequence(m.streamSequence + 1)
+                    try? await js.ack(m, confirm: false)
+                    // A value delivered again (after a lost delivery) may be older than
+                    // the position: applied all the same, the board keeps the newest.
+                    if case .startSequence(let next) = from, m.streamSequence < next {} else { from = .startSequence(m.streamSequence + 1) }
                     guard m.subject.hasPrefix(prefix), m.headers?["KV-Operation"] == nil else { continue }
                     do {
                         board.mirror(try IncidentBoard.decode(Array(m.payload.readableBytesView)))
@@ -824,10 +892,9 @@ public final class CorrelateReplica: Sendable {
 
 extension CorrelateReplica: HTTPStatusSource {
     func healthReport() -> ServerHealth.Report {
-        let phase = state.withLock { $0.phase }
-        let client = state.withLock { $0.client }
+        let (phase, client, problem) = state.withLock { ($0.phase, $0.client, $0.problem) }
         let nats = client?.connectedServer.map { "nats: ok (\($0))" } ?? "nats: not connected"
-        return ServerHealth.Report(ok: phase == .running || phase == .shuttingDown, lines: [roleLine, nats])
+        return ServerHealth.Report(ok: phase == .running || phase == .shuttingDown, lines: [roleLine, nats] + (problem.isEmpty ? [] : [problem]))
     }
 
     /// Ready (a Service may send operators' queries here) while connected

@@ -146,6 +146,55 @@ final class CorrelateRoleTests: XCTestCase {
         XCTAssertNotNil(try? c.client().timeline(id: incidentID))
     }
 
+    func testTheEngineGoesOnWhenTheNATSNodeItsLeaderUsesIsKilled() async throws {
+        nats = try NATSTestServer.startCluster(directory: directory)
+        let ingest = try IngestReplicaProcess(index: 0, directory: directory, pki: pki, nats: nats.map(\.url), streamReplicas: 3)
+        processes.append(ingest.process)
+        try ingest.waitUntilReady()
+        let a = try startCorrelate("a")
+        try a.waitUntilReady()
+        XCTAssertTrue(eventually(timeout: 20) { a.metric("tapio_correlate_leader") == 1 }, "A leads\n\(a.process.log.suffix(3000))")
+        let b = try startCorrelate("b")
+        try b.waitUntilReady()
+
+        let (outbox, sender) = try agent(node: "node-c", port: ingest.ingestPort)
+        defer { sender.drainAndStop(graceSeconds: 0) }
+        func connects(from service: String, ip: String) {
+            sender.setInventory(Inventory(pods: [PodInfo(uid: service, name: service + "-1", namespace: "shop", node: "node-c", ips: [ip], service: service)]))
+            let flow = Flow(source: IPAddress(ip), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
+            for i in 0..<20 {
+                outbox.add(TapioEvent(kind: .tcpConnect, timeNs: wallClockNs() - Int64(20 - i) * 100_000_000, pid: 800, comm: service, pod: service + "-1",
+                                      namespace: "shop", detail: .tcpConnect(flow: flow, outcome: .established, latencyNs: 300_000, error: 0, count: 1)))
+            }
+            outbox.sealIfDue(nowNs: wallClockNs(), force: true)
+        }
+        func leaderServes(_ service: String) -> CorrelateReplicaProcess? {
+            [a, b].first { r in
+                r.process.isRunning && r.metric("tapio_correlate_leader") == 1
+                    && (try? r.client().services().services.contains { $0.client == service }) == true
+            }
+        }
+        connects(from: "cart", ip: "10.0.3.20")
+        XCTAssertTrue(eventually(timeout: 30) { leaderServes("cart") === a }, "A took the first events")
+
+        // The NATS node A is connected to (named on its /healthz) dies.
+        let health = try a.http("/healthz").body
+        let used = try XCTUnwrap(nats.first { health.contains("127.0.0.1:\($0.port)") }, "no NATS server named in /healthz: \(health)")
+        used.kill9()
+        connects(from: "billing", ip: "10.0.3.21")
+        XCTAssertTrue(eventually(timeout: 60) { outbox.unacknowledged == 0 }, "the ingest replica stored the batch after the NATS node died")
+        var leader: CorrelateReplicaProcess?
+        XCTAssertTrue(eventually(timeout: 60) {
+            leader = leaderServes("billing")
+            return leader != nil
+        }, "an engine took the events sent after NATS node \(used.name) died\nA: \(a.process.log.suffix(3000))\nB: \(b.process.log.suffix(2000))")
+        let leaders = [a, b].filter { $0.process.isRunning && $0.metric("tapio_correlate_leader") == 1 }
+        XCTAssertEqual(leaders.count, 1, "one engine leads")
+        print("after NATS node \(used.name) was killed: \(leader === a ? "A still leads" : "B leads")\(a.process.isRunning ? "" : " (A exited)"),",
+              "consumers made again: \(leader?.metric("tapio_correlate_consumer_restarts_total") ?? -1)")
+        XCTAssertTrue(eventually(timeout: 20) { (try? (leader ?? a).http("/readyz").status) == 200 }, "the leader is ready")
+    }
+
     func testCorrelateFlagsThatCannotWorkAreRefusedInWordsAndHelpNamesTheRole() throws {
         let binary = try TestSupport.product("tapio-server")
         let tls = ["--tls-dir", pki + "/server"]
