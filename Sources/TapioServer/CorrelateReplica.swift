@@ -6,6 +6,7 @@ import NIOSSL
 import Synchronization
 import TapioCorrelation
 import TapioNATS
+import TapioQueryAPI
 import TapioStore
 import TapioWire
 
@@ -65,11 +66,16 @@ final class IncidentBoard: IncidentArchive {
         onSave.withLock { $0 = body }
     }
 
-    /// An incident read from the bucket; an older version than the board's is ignored.
-    func mirror(_ incident: StoredIncident) {
+    /// An incident read from the bucket; an older version than the board's
+    /// (or the same) is ignored. Says whether it changed the board and
+    /// whether the incident was new to it.
+    @discardableResult
+    func mirror(_ incident: StoredIncident) -> (changed: Bool, isNew: Bool) {
         entries.withLock { e in
-            if let have = e[incident.id], have.updatedNs > incident.updatedNs { return }
+            let have = e[incident.id]
+            if let have, have.updatedNs >= incident.updatedNs { return (false, false) }
             e[incident.id] = incident
+            return (true, have == nil)
         }
     }
 
@@ -134,6 +140,9 @@ public final class CorrelateReplica: Sendable {
     let correlation: CorrelationService
     let board = IncidentBoard()
     let pods = PodDirectory(restoring: [])
+    /// Query connections that subscribed: told the engine's changes on the
+    /// leader, the incident bucket's on a standby.
+    private let subscriptions = QuerySubscriptions()
     private let admission: ConnectionAdmission
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
@@ -278,7 +287,7 @@ public final class CorrelateReplica: Sendable {
             let (leader, other) = state.withLock { ($0.leader, $0.otherHolder) }
             return leader ? nil : "\(holder) is a standby; ask the active engine (\(other ?? "none seen yet")), which holds the service map and the pods"
         }
-        let subscriptions = QuerySubscriptions()
+        let subscriptions = self.subscriptions
         correlation.observeChanges { subscriptions.publish($0) }
         return try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
@@ -833,7 +842,12 @@ public final class CorrelateReplica: Sendable {
                     if case .startSequence(let next) = from, m.streamSequence < next {} else { from = .startSequence(m.streamSequence + 1) }
                     guard m.subject.hasPrefix(prefix), m.headers?["KV-Operation"] == nil else { continue }
                     do {
-                        board.mirror(try IncidentBoard.decode(Array(m.payload.readableBytesView)))
+                        let incident = try IncidentBoard.decode(Array(m.payload.readableBytesView))
+                        let (changed, isNew) = board.mirror(incident)
+                        // The leader's subscribers hear its engine; a standby's hear the bucket.
+                        if changed, !state.withLock({ $0.leader }) {
+                            subscriptions.publish([(try QueryIncident(stored: incident).summary, isNew, incident.status == "resolved")])
+                        }
                     } catch {
                         metrics.add("tapio_correlate_malformed_messages_total")
                         logger.warning("an incident in the bucket cannot be read; skipped", metadata: ["key": "\(m.subject.dropFirst(prefix.count))", "error": "\(error)"])

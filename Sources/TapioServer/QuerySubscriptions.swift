@@ -48,16 +48,22 @@ final class QuerySubscriptions: Sendable {
     /// The incidents a pass changed, to every subscriber. On the engine's
     /// thread: encodes and hands over, never waits for a socket.
     func publish(_ changes: [CorrelationService.IncidentChange]) {
+        guard subscribers.withLock({ !$0.isEmpty }) else { return }
+        publish(changes.map { (QueryIncident($0.incident), $0.isNew, $0.incident.status == .resolved) })
+    }
+
+    /// Incidents as the list has them, each with whether it is new here and
+    /// resolved: what the engine changed in a pass, or (on a correlate
+    /// standby) what arrived from the incident bucket.
+    func publish(_ changes: [(incident: QueryIncident, isNew: Bool, resolved: Bool)]) {
         let targets = subscribers.withLock { Array($0.values) }
         guard !targets.isEmpty else { return }
         let now = rfc3339(ns: wallClockNs())
         // A new incident is announced as opened; one that is new and already
         // resolved (it ended within one pass) as opened, then resolved.
         let frames = changes.flatMap { c -> [[UInt8]] in
-            let resolved = c.incident.status == .resolved
-            let kinds: [SubscriptionMessage.Change] = c.isNew ? (resolved ? [.opened, .resolved] : [.opened]) : [resolved ? .resolved : .updated]
-            let incident = QueryIncident(c.incident)
-            return kinds.compactMap { try? QueryCoding.encode(SubscriptionMessage(type: .change, time: now, change: $0, incident: incident)) }
+            let kinds: [SubscriptionMessage.Change] = c.isNew ? (c.resolved ? [.opened, .resolved] : [.opened]) : [c.resolved ? .resolved : .updated]
+            return kinds.compactMap { try? QueryCoding.encode(SubscriptionMessage(type: .change, time: now, change: $0, incident: c.incident)) }
         }
         for s in targets { s.deliver(frames) }
     }

@@ -58,6 +58,27 @@ final class CorrelateRoleTests: XCTestCase {
         XCTAssertEqual(b.metric("tapio_correlate_leader"), 0, "B stands by")
         let standby = try b.http("/readyz").body
         XCTAssertTrue(standby.contains("standby"), standby)
+        // An operator subscribed to the standby hears of incidents the leader opens.
+        let heard = Collected()
+        let stopListening = Flag()
+        let listening = DispatchSemaphore(value: 0)
+        let subscriberClient = try b.client()
+        Thread {
+            do {
+                try subscriberClient.subscribe(keepaliveMs: 500) { m in
+                    heard.append(m)
+                    return !stopListening.isSet
+                }
+            } catch {
+                heard.ended("\(error)")
+            }
+            listening.signal()
+        }.start()
+        defer {
+            stopListening.set()
+            _ = listening.wait(timeout: .now() + 10)
+        }
+        XCTAssertTrue(eventually { heard.all.first?.type == .snapshot }, "the standby's snapshot: \(heard.all)")
 
         // The feed that opens an incident: redis OOM-killed, api's connects refused.
         try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: ingest.ingestPort) })
@@ -69,9 +90,11 @@ final class CorrelateRoleTests: XCTestCase {
         }, "the active engine opened an incident with root cause oom_kill: \((try? a.client().json("incidents").serialized()) ?? "no answer")\n\(a.process.log.suffix(3000))")
         let before = try a.client().timeline(id: incidentID)
         XCTAssertEqual(before.rootCauses.first?.entity, "redis", "the service of the OOM-killed pod: \(before.rootCauses)")
-        // The standby answers it too, from the incident bucket.
+        // The standby answers it too, from the incident bucket, and told its subscriber.
         XCTAssertTrue(eventually(timeout: 20) { (try? b.client().incidents().incidents.map(\.id))?.contains(incidentID) == true },
                       "the standby serves the incident from the bucket")
+        XCTAssertTrue(eventually(timeout: 10) { heard.all.contains { $0.type == .change && $0.change == .opened && $0.incident?.id == incidentID } },
+                      "the standby's subscriber heard the incident open: \(heard.all.map { "\($0.type) \($0.change.map { "\($0)" } ?? "")" }) \(heard.end ?? "")")
         XCTAssertThrowsError(try b.client().services(), "a standby has no service map") { error in
             XCTAssertTrue("\(error)".contains("standby"), "\(error)")
         }
