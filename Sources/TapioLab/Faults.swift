@@ -21,7 +21,7 @@ extension LabRun {
             } else {
                 let p = try Spawner.spawn(["/usr/bin/python3", "-c",
                                            "import time\nx=[]\nfor i in range(\(mb)):\n x.append(bytearray(1<<20))\n time.sleep(0.01)\ntime.sleep(3600)"],
-                                          netns: plan.netns(node: svc.node), cgroups: containerCgroups(svc.name),
+                                          netns: plan.podNetns(svc.name), cgroups: containerCgroups(svc.name),
                                           log: plan.runDirectory + "/logs/fault-memory_fill.log")
                 try track(p, "memory_fill")
                 timeline.note("FAULT memory_fill: a process in \(svc.name)'s container allocates \(mb) MB (limit \(svc.memoryLimitMb.map { "\($0) MiB" } ?? "none"))")
@@ -70,13 +70,14 @@ extension LabRun {
             let svc = scenario.service(f.target)!
             let port = Int(f.double("port") ?? Double(svc.effectivePort ?? 0))
             let rule = ["-I", "INPUT", "-d", plan.serviceIP(svc.name), "-p", "tcp", "--dport", String(port), "-j", "DROP"]
-            return try iptables(netns: plan.netns(node: svc.node), rule, what: "firewall_drop: DROP tcp to \(svc.name):\(port) on \(svc.node)")
+            // In the pod's own namespace (where a network policy's rule takes effect).
+            return try iptables(netns: plan.podNetns(svc.name), rule, what: "firewall_drop: DROP tcp to \(svc.name):\(port) on \(svc.node)")
 
         case "packet_loss":
             let svc = scenario.service(f.target)!
             let port = Int(f.double("port") ?? Double(svc.effectivePort ?? 0))
             let p = String(format: "%.3f", (f.double("percent") ?? 30) / 100)
-            let ns = plan.netns(node: svc.node)
+            let ns = plan.podNetns(svc.name)
             let ip = plan.serviceIP(svc.name)
             let r1 = try iptables(netns: ns, ["-I", "INPUT", "-d", ip, "-p", "tcp", "--dport", String(port),
                                               "-m", "statistic", "--mode", "random", "--probability", p, "-j", "DROP"],
@@ -88,7 +89,7 @@ extension LabRun {
 
         case "bandwidth":
             let svc = scenario.service(f.target)!
-            let ns = plan.netns(node: svc.node)
+            let ns = plan.podNetns(svc.name)
             let rate = Int(f.double("rate_kbit") ?? 64)
             let burst = f.string("burst") ?? "4kb"
             let latency = Int(f.double("latency_ms") ?? 50)
@@ -96,11 +97,11 @@ extension LabRun {
                              "rate", "\(rate)kbit", "burst", burst, "latency", "\(latency)ms"])
             let item = LabState.Item(kind: "qdisc", name: ns, detail: ["eth0"])
             try state.add(item)
-            timeline.note("FAULT bandwidth: tbf \(rate) kbit/s on \(svc.node)'s eth0 (\(svc.name)'s egress)")
+            timeline.note("FAULT bandwidth: tbf \(rate) kbit/s on \(svc.name)'s eth0 (its egress, in the pod's namespace on \(svc.node))")
             return { [state, timeline] in
                 Shell.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"])
                 state.remove(item)
-                timeline.note("REVERT bandwidth: tbf removed on \(svc.node)")
+                timeline.note("REVERT bandwidth: tbf removed on \(svc.name)'s eth0")
             }
 
         case "dns":

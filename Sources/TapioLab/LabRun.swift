@@ -144,6 +144,13 @@ public final class LabRun: @unchecked Sendable {
         for a in active.reversed() { a.revert() }
         let endNs = Shell.nowNs()
         timeline.note("observation over; asking the server")
+        for node in s.topology.nodes {
+            // An agent that died mid-run (or was stopped by something outside
+            // the lab) leaves the engine blind on its node: say so.
+            if let a = infra["agent-\(node.name)"], !a.isRunning {
+                notes.append("tapio-agent for \(node.name) ended during the run (\(a.exitDescription)); see \(plan.runDirectory)/logs/agent-\(node.name).log")
+            }
+        }
         try LabSignals.sleep(1.5)  // let the last batches arrive
         if let nodes = (try? liveClient?.nodes(timeoutSeconds: 5))??.nodes, !nodes.isEmpty {
             // What the server estimated each agent's clock to be off by (a node's
@@ -220,11 +227,35 @@ public final class LabRun: @unchecked Sendable {
             try ip(ns, ["link", "set", "lo", "up"])
             try ip(ns, ["link", "set", "eth0", "up"])
             try ip(ns, ["addr", "add", "\(plan.nodeIP(node.name))/\(LabPlan.prefixLength)", "dev", "eth0"])
+            // The node routes for its pods, as a node does (a bridge CNI's cni0 and forwarding).
+            try Shell.check(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            try ip(ns, ["link", "add", "cni0", "type", "bridge"])
+            try ip(ns, ["addr", "add", "\(plan.podGateway(node.name))/\(LabPlan.podPrefixLength)", "dev", "cni0"])
+            try ip(ns, ["link", "set", "cni0", "up"])
+            // The load client and the DNS server reach the pods through their node.
+            try ip(fab, ["route", "add", plan.podCIDR(node.name), "via", plan.nodeIP(node.name)])
+        }
+        for node in scenario.topology.nodes {
+            let ns = plan.netns(node: node.name)
+            // Host-gateway routes: every other node's pod CIDR via that node's address.
+            for other in scenario.topology.nodes where other.name != node.name {
+                try ip(ns, ["route", "add", plan.podCIDR(other.name), "via", plan.nodeIP(other.name)])
+            }
             for svc in scenario.services where svc.node == node.name {
-                try ip(ns, ["addr", "add", "\(plan.serviceIP(svc.name))/\(LabPlan.prefixLength)", "dev", "eth0"])
+                // The pod: its own namespace, a veth to the node's cni0, an address from the node's pod CIDR.
+                let pod = plan.podNetns(svc.name)
+                try Shell.check(["ip", "netns", "add", pod])
+                try state.add(.init(kind: "netns", name: pod))
+                let veth = plan.podVeth(svc.name)
+                try ip(ns, ["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod])
+                try ip(ns, ["link", "set", veth, "master", "cni0", "up"])
+                try ip(pod, ["link", "set", "lo", "up"])
+                try ip(pod, ["link", "set", "eth0", "up"])
+                try ip(pod, ["addr", "add", "\(plan.serviceIP(svc.name))/\(LabPlan.podPrefixLength)", "dev", "eth0"])
+                try ip(pod, ["route", "add", "default", "via", plan.podGateway(node.name)])
             }
         }
-        timeline.note("network: bridge in \(fab), nodes \(scenario.topology.nodes.map { "\($0.name)=\(plan.nodeIP($0.name))" }.joined(separator: " "))")
+        timeline.note("network: bridge in \(fab), nodes \(scenario.topology.nodes.map { "\($0.name)=\(plan.nodeIP($0.name)) pods \(plan.podCIDR($0.name))" }.joined(separator: ", ")); pods \(scenario.services.map { "\($0.name)=\(plan.serviceIP($0.name))" }.joined(separator: " "))")
     }
 
     // MARK: cgroups
@@ -439,7 +470,7 @@ public final class LabRun: @unchecked Sendable {
         guard let port = svc.effectivePort else { return true }
         let deadline = Date(timeIntervalSinceNow: timeout)
         while Date() < deadline {
-            let r = Shell.run(["ip", "netns", "exec", plan.netns(node: svc.node), "ss", "-Hltn", "sport", "=", ":\(port)"])
+            let r = Shell.run(["ip", "netns", "exec", plan.podNetns(svc.name), "ss", "-Hltn", "sport", "=", ":\(port)"])
             if r.output.contains(plan.serviceIP(svc.name) + ":\(port)") { return true }
             if (try? LabSignals.sleep(0.1)) == nil { return false }
         }
@@ -516,7 +547,7 @@ public final class LabRun: @unchecked Sendable {
                     .replacingOccurrences(of: "{run}", with: plan.runDirectory)
             }
         }
-        let managed = ManagedService(name: spec.name, argv: argv, netns: plan.netns(node: spec.node), cgroups: containerCgroups(spec.name),
+        let managed = ManagedService(name: spec.name, argv: argv, netns: plan.podNetns(spec.name), cgroups: containerCgroups(spec.name),
                                      log: plan.runDirectory + "/logs/\(spec.name).log", restarts: spec.restarts, state: state, timeline: timeline)
         services[spec.name] = managed
         supervisor.add(managed)

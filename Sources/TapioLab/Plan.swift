@@ -19,12 +19,18 @@ public struct PodIdentity: Sendable, Equatable {
 /// Names and addresses of one run, derived from the scenario and a run id:
 /// nothing here touches the machine, so it is tested on its own.
 ///
-/// Network: a "fabric" namespace holds the bridge `br0` (10.77.0.1/16, also
-/// the DNS server and the load client); node i is namespace
-/// `tlab-<id>-<node>` at 10.77.0.(11+i) with its veth on the bridge; service j
-/// has its own pod IP 10.77.1.(11+j) on its node's eth0. Nothing is added to
-/// the host's own namespace, so runs never collide with each other or with
-/// the host's addresses.
+/// Network, as a cluster with a bridge CNI and host-gateway routes: a
+/// "fabric" namespace holds the bridge `br0` (10.77.0.1/24, also the DNS
+/// server and the load client); node i is namespace `tlab-<id>-<node>` at
+/// 10.77.0.(11+i) with its veth on the bridge, IP forwarding on, its pod CIDR
+/// 10.77.(i+1).0/24 on a bridge `cni0` (gateway .1) and a route to every
+/// other node's pod CIDR via that node's address. Each pod is its own
+/// namespace `tlab-<id>-pod-<service>` whose `eth0` is a veth on its node's
+/// `cni0`, with an address 10.77.(i+1).(11+k) from the node's CIDR and a
+/// default route via the gateway: peers are pod addresses, and traffic between
+/// nodes is routed through the node namespaces. Nothing is added to the
+/// host's own namespace, so runs never collide with each other or with the
+/// host's addresses.
 public struct LabPlan: Sendable {
     public let scenario: Scenario
     public let id: String
@@ -35,7 +41,10 @@ public struct LabPlan: Sendable {
     public static let cgroupV1Mounts = ["memory": "/sys/fs/cgroup/memory", "cpu": "/sys/fs/cgroup/cpu"]
     public static let dnsIP = "10.77.0.1"
     public static let badDNSPort = 5354
-    public static let prefixLength = 16
+    /// The fabric's (nodes') subnet, 10.77.0.0/24.
+    public static let prefixLength = 24
+    /// A pod CIDR's prefix (one /24 a node).
+    public static let podPrefixLength = 24
 
     public init(scenario: Scenario, id: String, runDirectory: String, labDirectory: String) {
         self.scenario = scenario
@@ -52,9 +61,27 @@ public struct LabPlan: Sendable {
         return "10.77.0.\(11 + i)"
     }
 
+    /// The node's pod CIDR, 10.77.(i+1).0/24.
+    public func podCIDR(_ node: String) -> String { "10.77.\(nodeIndex(node) + 1).0/\(LabPlan.podPrefixLength)" }
+
+    /// The node's `cni0` address, the default gateway of its pods.
+    public func podGateway(_ node: String) -> String { "10.77.\(nodeIndex(node) + 1).1" }
+
+    func nodeIndex(_ node: String) -> Int { scenario.topology.nodes.firstIndex { $0.name == node } ?? 0 }
+
+    /// The pod's own address, from its node's pod CIDR (the k-th pod of the node is .11+k).
     public func serviceIP(_ service: String) -> String {
-        let j = scenario.services.firstIndex { $0.name == service } ?? 0
-        return "10.77.1.\(11 + j)"
+        guard let spec = scenario.service(service) else { return "10.77.1.11" }
+        let k = scenario.services.filter { $0.node == spec.node }.firstIndex { $0.name == service } ?? 0
+        return "10.77.\(nodeIndex(spec.node) + 1).\(11 + k)"
+    }
+
+    /// The pod's network namespace.
+    public func podNetns(_ service: String) -> String { "tlab-\(id)-pod-\(service)" }
+
+    /// The pod's veth in its node's namespace (on `cni0`); interface names are at most 15 bytes.
+    public func podVeth(_ service: String) -> String {
+        "veth\(scenario.services.firstIndex { $0.name == service } ?? 0)"
     }
 
     /// The node agent's clock offset option, one word with `=`: as two

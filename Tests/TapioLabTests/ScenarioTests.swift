@@ -28,6 +28,21 @@ final class ScenarioTests: XCTestCase {
         XCTAssertEqual(s.node("node3")?.clockOffsetMs, -2500)
     }
 
+    /// Each pod has its own address from its node's pod CIDR (a namespace of
+    /// its own, a veth to its node), so peers are pods, not nodes.
+    func testPodsHaveAddressesFromTheirNodesPodCIDR() throws {
+        let s = try LabFiles.resolve("noisy-neighbour", labDirectory: lab)
+        let plan = LabPlan(scenario: s, id: "abc123", runDirectory: "/tmp/r", labDirectory: lab)
+        XCTAssertEqual(plan.podCIDR("node1"), "10.77.1.0/24")
+        XCTAssertEqual(plan.podGateway("node2"), "10.77.2.1")
+        XCTAssertEqual(plan.serviceIP("frontend"), "10.77.1.11")
+        XCTAssertEqual(plan.serviceIP("api"), "10.77.2.11")
+        XCTAssertEqual(plan.serviceIP("batch-hog"), "10.77.2.12", "the second pod on node2")
+        XCTAssertEqual(plan.serviceIP("redis"), "10.77.3.11")
+        XCTAssertEqual(Set(s.services.map { plan.podNetns($0.name) }).count, s.services.count, "a namespace per pod")
+        XCTAssertTrue(s.services.allSatisfy { plan.podVeth($0.name).utf8.count <= 15 }, "interface names fit IFNAMSIZ")
+    }
+
     /// The baseline sees every service on the nodes the failing path crosses:
     /// the red herring's crashing cron job on node1 too.
     func testBaselineScopeIsTheServicesOnThePathsNodes() throws {
