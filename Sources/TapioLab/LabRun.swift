@@ -255,6 +255,18 @@ public final class LabRun: @unchecked Sendable {
                 try ip(pod, ["route", "add", "default", "via", plan.podGateway(node.name)])
             }
         }
+        // ClusterIP services, as kube-proxy programs every node. Bridged pod
+        // traffic passes iptables too (br_netfilter), as kube-proxy requires,
+        // so a client next to an endpoint is answered through the DNAT.
+        let rules = plan.serviceRules
+        for node in scenario.topology.nodes where !rules.isEmpty {
+            let ns = plan.netns(node: node.name)
+            Shell.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
+            for rule in rules { try Shell.check(["ip", "netns", "exec", ns, "iptables", "-t", "nat"] + rule) }
+        }
+        if !rules.isEmpty {
+            timeline.note("services: " + scenario.services.compactMap { s in plan.clusterIP(s.name).map { "\(s.name) \($0):\(s.effectivePort!) -> \(plan.endpoints(s.name).map { plan.serviceIP($0) }.joined(separator: ", "))" } }.joined(separator: "; ") + " (iptables DNAT, statistic random, on every node)")
+        }
         timeline.note("network: bridge in \(fab), nodes \(scenario.topology.nodes.map { "\($0.name)=\(plan.nodeIP($0.name)) pods \(plan.podCIDR($0.name))" }.joined(separator: ", ")); pods \(scenario.services.map { "\($0.name)=\(plan.serviceIP($0.name))" }.joined(separator: " "))")
     }
 
@@ -632,7 +644,10 @@ public final class LabRun: @unchecked Sendable {
             var st = stat()
             if lstat(LabPlan.cgroup2Mount + "/" + plan.containerCgroup(svc.name), &st) == 0 { byCgroup[Int64(st.st_ino)] = svc.name }
         }
-        return EntityMap(byPod: Dictionary(uniqueKeysWithValues: plan.pods.map { ($0.name, $0.service) }), byCgroup: byCgroup)
+        // A replica is its Deployment's service, as the engine names it.
+        let app = { (service: String) in self.scenario.service(service)?.app ?? service }
+        for (id, s) in byCgroup { byCgroup[id] = app(s) }
+        return EntityMap(byPod: Dictionary(uniqueKeysWithValues: plan.pods.map { ($0.name, app($0.service)) }), byCgroup: byCgroup)
     }
 
     // MARK: teardown

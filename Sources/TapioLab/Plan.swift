@@ -110,13 +110,73 @@ public struct LabPlan: Sendable {
         let hex = LabPlan.hexDigits(seed, count: 64 + 32 + 10)
         let u = Array(hex.dropFirst(64).prefix(32))
         let uid = "\(String(u[0..<8]))-\(String(u[8..<12]))-\(String(u[12..<16]))-\(String(u[16..<20]))-\(String(u[20..<32]))"
-        let template = String(hex.suffix(10))
+        // Replicas of one Deployment share its pod template (hash) and app name.
+        let app = spec?.app ?? service
+        let template = app == service ? String(hex.suffix(10))
+            : String(LabPlan.hexDigits("\(scenario.name)/\(app)/\(scenario.effectiveSeed)", count: 64 + 32 + 10).suffix(10))
         let alphabet = Array("bcdfghjklmnpqrstvwxz2456789")
         var h = LabPlan.fnv(seed + "/pod")
         var suffix = ""
         for _ in 0..<5 { suffix.append(alphabet[Int(h % UInt64(alphabet.count))]); h /= UInt64(alphabet.count) }
-        return PodIdentity(service: service, node: spec?.node ?? "", name: "\(service)-\(template)-\(suffix)", uid: uid,
+        return PodIdentity(service: service, node: spec?.node ?? "", name: "\(app)-\(template)-\(suffix)", uid: uid,
                            containerId: String(hex.prefix(64)), templateHash: template, ip: serviceIP(service))
+    }
+
+    /// A ClusterIP service's virtual address, 10.96.0.(10+j); nil without `cluster_ip`.
+    public func clusterIP(_ service: String) -> String? {
+        guard scenario.service(service)?.clusterIp == true else { return nil }
+        let j = scenario.services.firstIndex { $0.name == service } ?? 0
+        return "10.96.0.\(10 + j)"
+    }
+
+    /// The pods behind a service (its own and its replicas'), those that start with the run.
+    public func endpoints(_ service: String) -> [String] {
+        scenario.services.filter { ($0.name == service || $0.replicaOf == service) && $0.startsWithRun }.map(\.name)
+    }
+
+    /// kube-proxy's iptables mode for every ClusterIP service, as `iptables -t nat`
+    /// argument lists in order: `KUBE-SERVICES` from PREROUTING (pods' traffic
+    /// through the node) and OUTPUT (the node's own), one `KUBE-SVC-…` chain
+    /// per service that picks endpoint i of n with probability 1/(n−i)
+    /// (`statistic --mode random`), one `KUBE-SEP-…` chain per endpoint that
+    /// DNATs to the pod's address. Installed in every node's namespace; they
+    /// go with it.
+    public var serviceRules: [[String]] {
+        var rules: [[String]] = []
+        let services = scenario.services.filter { clusterIP($0.name) != nil }
+        guard !services.isEmpty else { return [] }
+        rules.append(["-N", "KUBE-SERVICES"])
+        rules.append(["-A", "PREROUTING", "-j", "KUBE-SERVICES"])
+        rules.append(["-A", "OUTPUT", "-j", "KUBE-SERVICES"])
+        for svc in services {
+            let vip = clusterIP(svc.name)!
+            let port = String(svc.effectivePort!)
+            let chain = "KUBE-SVC-" + LabPlan.chainHash("default/\(svc.name):tcp")
+            rules.append(["-N", chain])
+            rules.append(["-A", "KUBE-SERVICES", "-d", vip + "/32", "-p", "tcp", "--dport", port, "-j", chain])
+            let eps = endpoints(svc.name)
+            for (i, ep) in eps.enumerated() {
+                let sep = "KUBE-SEP-" + LabPlan.chainHash("default/\(svc.name):tcp/\(ep)")
+                rules.append(["-N", sep])
+                rules.append(["-A", sep, "-p", "tcp", "-j", "DNAT", "--to-destination", "\(serviceIP(ep)):\(port)"])
+                let n = eps.count - i
+                rules.append(["-A", chain] + (n > 1 ? ["-m", "statistic", "--mode", "random", "--probability", String(format: "%.5f", 1.0 / Double(n))] : []) + ["-j", sep])
+            }
+        }
+        return rules
+    }
+
+    /// 16 characters from A–Z and 2–7, as kube-proxy names its chains.
+    static func chainHash(_ s: String) -> String {
+        let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+        var h = fnv(s)
+        var out = ""
+        for i in 0..<16 {
+            if i == 12 { h = fnv(s + "/2") }
+            out.append(alphabet[Int(h & 31)])
+            h >>= 5
+        }
+        return out
     }
 
     public var pods: [PodIdentity] { scenario.services.map { pod($0.name) } }
@@ -126,6 +186,7 @@ public struct LabPlan: Sendable {
     public func podList(node: String, createdAt: String) -> JSONValue {
         let items: [JSONValue] = scenario.services.filter { $0.node == node }.map { s in
             let p = pod(s.name)
+            let app = s.app
             let running = s.startsWithRun
             var status: [String: JSONValue] = [
                 "phase": .string(running ? "Running" : "Pending"),
@@ -136,7 +197,7 @@ public struct LabPlan: Sendable {
                 "startTime": .string(createdAt),
             ]
             var containerStatus: [String: JSONValue] = [
-                "name": .string(s.name),
+                "name": .string(app),
                 "image": .string(LabPlan.image(s)),
                 "ready": .bool(running),
                 "restartCount": .int(0),
@@ -154,7 +215,7 @@ public struct LabPlan: Sendable {
             if let m = s.memoryLimitMb { limits["memory"] = .string("\(m)Mi") }
             if let c = s.cpuLimitPct { limits["cpu"] = .string("\(Int(c * 10))m") }
             if !limits.isEmpty { resources["limits"] = .object(limits) }
-            var container: [String: JSONValue] = ["name": .string(s.name), "image": .string(LabPlan.image(s)), "resources": .object(resources)]
+            var container: [String: JSONValue] = ["name": .string(app), "image": .string(LabPlan.image(s)), "resources": .object(resources)]
             if let port = s.effectivePort {
                 container["ports"] = .array([.object(["containerPort": .int(Int64(port)), "protocol": .string("TCP")])])
             }
@@ -163,13 +224,13 @@ public struct LabPlan: Sendable {
                 "kind": .string("Pod"),
                 "metadata": .object([
                     "name": .string(p.name),
-                    "generateName": .string("\(s.name)-\(p.templateHash)-"),
+                    "generateName": .string("\(app)-\(p.templateHash)-"),
                     "namespace": .string("default"),
                     "uid": .string(p.uid),
                     "creationTimestamp": .string(createdAt),
-                    "labels": .object(["app": .string(s.name), "pod-template-hash": .string(p.templateHash)]),
+                    "labels": .object(["app": .string(app), "pod-template-hash": .string(p.templateHash)]),
                     "ownerReferences": .array([.object([
-                        "apiVersion": .string("apps/v1"), "kind": .string("ReplicaSet"), "name": .string("\(s.name)-\(p.templateHash)"),
+                        "apiVersion": .string("apps/v1"), "kind": .string("ReplicaSet"), "name": .string("\(app)-\(p.templateHash)"),
                         "controller": .bool(true), "blockOwnerDeletion": .bool(true),
                     ])]),
                 ]),
@@ -198,9 +259,10 @@ public struct LabPlan: Sendable {
         }
     }
 
-    /// The dnsmasq hosts file: one A record per service.
+    /// The dnsmasq hosts file: one A record per service (not per replica),
+    /// its virtual IP for a ClusterIP service, else its pod's address.
     public var hostsFile: String {
-        scenario.services.map { "\(serviceIP($0.name)) \(dnsName($0.name))\n" }.joined()
+        scenario.services.filter { $0.replicaOf == nil }.map { "\(clusterIP($0.name) ?? serviceIP($0.name)) \(dnsName($0.name))\n" }.joined()
     }
 
     static func fnv(_ s: String) -> UInt64 {

@@ -76,7 +76,18 @@ public struct ServiceSpec: Codable, Sendable, Equatable {
     public var blobBytes: Int?
     /// api: bytes of the blob echoed to the caller (so a slow link is felt end to end).
     public var echoBytes: Int?
+    /// Another pod of `replicaOf`'s Deployment: the same app label, template
+    /// hash and ReplicaSet (so the same service to Tapio), its own pod, node
+    /// and address; the fields it does not set are `replicaOf`'s. It gets no
+    /// DNS record of its own: clients reach it through the service's name.
+    public var replicaOf: String?
+    /// The service gets a virtual IP (a ClusterIP Service): its DNS name
+    /// answers the VIP, and every node namespace DNATs connections to it to
+    /// one of the service's pods at random (kube-proxy's iptables mode).
+    public var clusterIp: Bool?
 
+    /// The Deployment (app label) the pod belongs to.
+    public var app: String { replicaOf ?? name }
     public var startsWithRun: Bool { (start ?? "always") != "on_fault" }
     public var restarts: Bool { (restart ?? "always") != "never" }
     public var effectivePort: Int? {
@@ -182,6 +193,16 @@ extension Scenario {
         }
         if case .object(var o) = doc {
             o["extends"] = nil
+            // A replica takes every field it does not set from the pod it replicates.
+            if case .array(let list)? = o["services"] {
+                o["services"] = .array(list.map { item in
+                    guard let of = item["replica_of"]?.stringValue,
+                          let original = list.first(where: { $0["name"]?.stringValue == of }),
+                          case .object(var base) = original else { return item }
+                    for key in ["name", "start", "cluster_ip", "replica_of"] { base[key] = nil }
+                    return merge(.object(base), item)
+                })
+            }
             if o["name"] == nil { o["name"] = .string(URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent) }
             doc = .object(o)
         }
@@ -240,6 +261,14 @@ extension Scenario {
             case .command:
                 guard !(s.argv ?? []).isEmpty else { throw fail("command service \(s.name) needs argv") }
             case .redis: break
+            }
+            if let of = s.replicaOf {
+                guard let original = service(of), original.replicaOf == nil, of != s.name else {
+                    throw fail("service \(s.name) is a replica of \(of), which is not a service of its own")
+                }
+            }
+            if s.clusterIp == true, s.replicaOf != nil || s.effectivePort == nil {
+                throw fail("cluster_ip is set on the service itself (not a replica), which needs a port")
             }
         }
         guard let target = service(load.target), target.effectivePort != nil else { throw fail("load target \(load.target) is not a service with a port") }

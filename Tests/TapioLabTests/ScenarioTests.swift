@@ -43,6 +43,50 @@ final class ScenarioTests: XCTestCase {
         XCTAssertTrue(s.services.allSatisfy { plan.podVeth($0.name).utf8.count <= 15 }, "interface names fit IFNAMSIZ")
     }
 
+    /// Two replicas of one Deployment behind a ClusterIP: one DNS record (the
+    /// VIP), kube-proxy's chains DNAT to each pod at random, and both pods are
+    /// the same service to Tapio (app label, template hash, ReplicaSet).
+    func testReplicasBehindAClusterIPAreOneServiceWithKubeProxyRules() throws {
+        let s = try LabFiles.resolve("service-replicas", labDirectory: lab)
+        let plan = LabPlan(scenario: s, id: "abc123", runDirectory: "/tmp/r", labDirectory: lab)
+        let replica = try XCTUnwrap(s.service("api-b"))
+        XCTAssertEqual(replica.type, .api, "a replica takes the fields it does not set from the pod it replicates")
+        XCTAssertEqual(replica.upstream, "redis")
+        XCTAssertEqual(replica.node, "node1")
+        XCTAssertEqual(replica.app, "api")
+        XCTAssertEqual(plan.serviceIP("api-b"), "10.77.1.12", "the second pod on node1")
+        XCTAssertNil(replica.clusterIp)
+        let vip = try XCTUnwrap(plan.clusterIP("api"))
+        XCTAssertNil(plan.clusterIP("redis"))
+        XCTAssertTrue(plan.hostsFile.contains("\(vip) api.tapio.lab\n"), plan.hostsFile)
+        XCTAssertFalse(plan.hostsFile.contains("api-b"), "a replica has no DNS name of its own")
+        XCTAssertEqual(plan.endpoints("api"), ["api", "api-b"])
+        let a = plan.pod("api"), b = plan.pod("api-b")
+        XCTAssertEqual(a.templateHash, b.templateHash)
+        XCTAssertNotEqual(a.uid, b.uid)
+        XCTAssertNotEqual(a.name, b.name)
+        XCTAssertTrue(b.name.hasPrefix("api-\(a.templateHash)-"), b.name)
+        let items = try XCTUnwrap(plan.podList(node: "node1", createdAt: "2026-01-01T00:00:00Z")["items"]?.arrayValue)
+        let pod = try XCTUnwrap(items.first { $0["metadata"]?["name"]?.stringValue == b.name })
+        XCTAssertEqual(pod["metadata"]?["labels"]?["app"]?.stringValue, "api")
+        XCTAssertEqual(pod["metadata"]?["ownerReferences"]?.arrayValue?.first?["name"]?.stringValue, "api-\(a.templateHash)")
+        XCTAssertEqual(pod["status"]?["podIP"]?.stringValue, plan.serviceIP("api-b"))
+
+        let rules = plan.serviceRules.map { $0.joined(separator: " ") }
+        XCTAssertTrue(rules.contains("-A PREROUTING -j KUBE-SERVICES"))
+        let svc = try XCTUnwrap(rules.first { $0.hasPrefix("-A KUBE-SERVICES -d \(vip)/32 -p tcp --dport 8080 -j KUBE-SVC-") })
+        let chain = String(svc.split(separator: " ").last!)
+        let jumps = rules.filter { $0.hasPrefix("-A \(chain) ") }
+        XCTAssertEqual(jumps.count, 2)
+        XCTAssertTrue(jumps[0].contains("-m statistic --mode random --probability 0.50000 -j KUBE-SEP-"), jumps[0])
+        XCTAssertFalse(jumps[1].contains("statistic"), "the last endpoint takes what is left")
+        for ep in ["api", "api-b"] {
+            XCTAssertTrue(rules.contains { $0.contains("-j DNAT --to-destination \(plan.serviceIP(ep)):8080") }, "\(ep): \(rules)")
+        }
+        XCTAssertTrue(LabPlan(scenario: try LabFiles.resolve("oom-kill", labDirectory: lab), id: "x", runDirectory: "/r", labDirectory: lab)
+            .serviceRules.isEmpty, "no ClusterIP, no rules")
+    }
+
     /// The baseline sees every service on the nodes the failing path crosses:
     /// the red herring's crashing cron job on node1 too.
     func testBaselineScopeIsTheServicesOnThePathsNodes() throws {
