@@ -149,10 +149,15 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             case (.streaming(let node, _), .timeSync):
                 let t4 = wallClockNs()
                 let sync = try TimeSync.decode(frame.payload)
-                guard let t1 = outstandingSyncs.removeValue(forKey: sync.id), t1 == sync.t1 else {
+                if let t1 = outstandingSyncs.removeValue(forKey: sync.id) {
+                    guard t1 == sync.t1 else { throw WireError(.malformed, "time sync \(sync.id) answered for another t1") }
+                    server.registry.addClockSample(node: node, t1: t1, t2: sync.t2, t3: sync.t3, t4: t4)
+                } else if sync.id == 0 || sync.id >= nextSyncID {
                     throw WireError(.malformed, "time sync \(sync.id) was not asked for")
                 }
-                server.registry.addClockSample(node: node, t1: t1, t2: sync.t2, t3: sync.t3, t4: t4)
+                // Else asked for and given up on (the reply came after many
+                // newer ones were sent, e.g. behind a backlog): too late to
+                // measure the clock with, and no fault of the agent's.
             case (.streaming, .heartbeat):
                 _ = try Heartbeat.decode(frame.payload)
             case (.streaming(let node, _), .goodbye):
@@ -362,11 +367,13 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func sendTimeSync(context: ChannelHandlerContext) {
-        guard context.channel.isActive, case .streaming = state else { return }
+        // Not while reads are paused: the reply would wait behind the
+        // backlog, and a round trip that long measures nothing.
+        guard context.channel.isActive, case .streaming = state, !readsPaused else { return }
         let id = nextSyncID
         nextSyncID += 1
-        // Unanswered exchanges do not pile up.
-        if outstandingSyncs.count > 16 { outstandingSyncs.removeAll() }
+        // Unanswered exchanges do not pile up: the oldest is given up on.
+        if outstandingSyncs.count >= 16, let oldest = outstandingSyncs.keys.min() { outstandingSyncs[oldest] = nil }
         let t1 = wallClockNs()
         outstandingSyncs[id] = t1
         context.writeAndFlush(wrapOutboundOut(Frame(type: .timeSync, payload: TimeSync(id: id, t1: t1).encoded())), promise: nil)

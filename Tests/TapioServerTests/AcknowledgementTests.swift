@@ -317,3 +317,43 @@ final class PeerConnectionLimitTests: XCTestCase {
         _ = held
     }
 }
+
+/// Time-sync exchanges on an ingest connection (docs/protocol.md).
+final class TimeSyncTests: XCTestCase {
+    private var harness: ServerHarness!
+
+    override func tearDown() {
+        harness = nil
+    }
+
+    /// An agent whose replies wait behind a backlog answers time syncs the
+    /// server has since given up on: the session goes on (it was closed as
+    /// malformed, which made the agent reconnect in the middle of a drain).
+    /// A reply to a sync never sent still closes the connection.
+    func testALateTimeSyncReplyKeepsTheSessionAndAnInventedOneClosesIt() throws {
+        harness = try ServerHarness { $0.timeSyncInterval = .milliseconds(10) }
+        let agent = try RawAgent(harness: harness, node: "node-a", epoch: 7)
+        // Hold every sync unanswered until the server has sent far more than it keeps.
+        var held: [TimeSync] = []
+        let deadline = monotonicNs() + 10_000_000_000
+        while held.count < 40, monotonicNs() < deadline {
+            guard let f = try agent.connection.receive(timeoutMs: 100) else { continue }
+            if f.type == .timeSync { held.append(try TimeSync.decode(f.payload)) }
+        }
+        XCTAssertEqual(held.count, 40, "the server sends a time sync every 10 ms")
+        for var sync in held {
+            sync.t2 = wallClockNs()
+            sync.t3 = wallClockNs()
+            try agent.connection.send(.timeSync, sync.encoded())
+        }
+        try agent.send(agent.batch(1))
+        XCTAssertEqual(try agent.acks(1).map(\.sequence), [1], "the session survives replies the server gave up on")
+
+        var invented = TimeSync(id: 1_000_000, t1: wallClockNs())
+        invented.t2 = invented.t1
+        invented.t3 = invented.t1
+        try agent.connection.send(.timeSync, invented.encoded())
+        let closing: WireError? = try agent.error()
+        XCTAssertTrue(closing?.message.contains("not asked for") ?? false, "a reply to a sync never sent closes the connection: \(String(describing: closing))")
+    }
+}
