@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Synchronization
+import TapioAlerting
 import TapioCorrelation
 import TapioNATS
 import TapioQueryAPI
@@ -151,6 +152,9 @@ public final class CorrelateReplica: Sendable {
     /// Incidents saved by the engine and not yet in the bucket, by id.
     private let unpublished = Mutex<[String: StoredIncident]>([:])
     private let onLostLease: @Sendable (String) -> Void
+    /// Incident notifications (`--alertmanager`, `--webhook`,
+    /// `--otlp-endpoint`): sent by the leader only, made when it takes the lease.
+    private let alerts = Mutex<AlertNotifier?>(nil)
 
     private struct RunState {
         var phase = Phase.starting
@@ -325,6 +329,8 @@ public final class CorrelateReplica: Sendable {
         for t in tasks { waitFor { await t.value } }
         if wasLeader {
             correlation.stop()
+            // After the engine's last pass, so its notifications are queued.
+            alerts.withLock { $0 }?.shutdown()
             waitFor { [self] in
                 await writeCheckpoint(final: true)
                 await publishPending()
@@ -545,6 +551,7 @@ public final class CorrelateReplica: Sendable {
                 from = .startTime(Date(timeIntervalSince1970: Double(wallClockNs() - replay) / 1e9))
             }
             board.publishSaves { [self] incident in unpublished.withLock { $0[incident.id] = incident } }
+            startAlerts()
             correlation.start()
             state.withLock { $0.engineRunning = true }
             let start = from
@@ -555,6 +562,30 @@ public final class CorrelateReplica: Sendable {
             }
         }
         state.withLock { $0.tasks.append(task) }
+    }
+
+    /// The leader's notifier, when receivers are configured. Incidents open
+    /// in the adopted engine and in the bucket count as announced (the
+    /// previous leader published each to the bucket in the pass that
+    /// notified it), so a takeover notifies only what changes after it.
+    private func startAlerts() {
+        guard configuration.alerting.isEnabled else { return }
+        do {
+            let metrics = self.metrics
+            let notifier = try AlertNotifier(configuration: configuration.alerting, logger: logger) { metrics.add($0, $1) }
+            var open: [String: JSONValue] = [:]
+            for s in (try? board.incidents()) ?? [] where s.status == "open" {
+                if let json = try? JSONValue.parse(Array(s.json.utf8)) { open[s.id] = json }
+            }
+            for json in correlation.openIncidentsJSON() {
+                if let id = json["id"]?.stringValue { open[id] = json }
+            }
+            notifier.start(restoring: Array(open.values))
+            correlation.observeIncidents { notifier.incidentsChanged($0) }
+            alerts.withLock { $0 = notifier }
+        } catch {
+            logger.error("incident notifications cannot start; the engine runs without them", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: Consuming the stream

@@ -439,9 +439,6 @@ extension Serve {
         if !unused.isEmpty, role == .ingest {
             throw ValidationError("\(unused.joined(separator: ", ")): incidents are not made in role ingest (no engine runs here), so nothing would be sent")
         }
-        if !unused.isEmpty {
-            throw ValidationError("\(unused.joined(separator: ", ")): alerts from role correlate are not built yet (docs/scaling.md); run them from role all")
-        }
         guard !nats.isEmpty else { throw ValidationError("--role \(role.rawValue) needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
         if let url = nats.first(where: { $0.contains("://") && !$0.hasPrefix("nats://") && !$0.hasPrefix("tls://") }) {
             throw ValidationError("--nats: '\(url)' is neither nats:// nor tls://")
