@@ -18,6 +18,16 @@ extension LabRun {
                                           netns: plan.fabricNetns, cgroups: infraCgroups, log: plan.runDirectory + "/logs/fault-memory_fill.log")
                 try track(p, "redis_fill")
                 timeline.note("FAULT memory_fill: writing \(mb) MB into \(svc.name) (memory limit \(svc.memoryLimitMb.map { "\($0) MiB" } ?? "none"))")
+            } else if svc.type == .api {
+                // The service itself grows: a request makes the api's own
+                // process allocate, so its process is the one past the limit.
+                let port = svc.effectivePort!
+                let p = try Spawner.spawn(["/usr/bin/python3", "-c",
+                                           "import urllib.request,sys\nr=urllib.request.urlopen(sys.argv[1],timeout=5)\nprint(r.status,r.read().decode().strip())",
+                                           "http://\(plan.serviceIP(svc.name)):\(port)/alloc?mb=\(mb)"],
+                                          netns: plan.fabricNetns, cgroups: infraCgroups, log: plan.runDirectory + "/logs/fault-memory_fill.log")
+                try track(p, "memory_fill")
+                timeline.note("FAULT memory_fill: a request makes \(svc.name) allocate \(mb) MB itself (limit \(svc.memoryLimitMb.map { "\($0) MiB" } ?? "none"))")
             } else {
                 let p = try Spawner.spawn(["/usr/bin/python3", "-c",
                                            "import time\nx=[]\nfor i in range(\(mb)):\n x.append(bytearray(1<<20))\n time.sleep(0.01)\ntime.sleep(3600)"],
@@ -109,6 +119,14 @@ extension LabRun {
             // SERVFAIL (forwarded to a broken upstream); SIGHUP re-reads both files.
             let name = f.target.contains(".") ? f.target : plan.dnsName(f.target)
             let rcode = (f.string("rcode") ?? "NXDOMAIN").uppercased()
+            if rcode == "TIMEOUT" {
+                // The resolver drops the name's queries: no answer at all, the
+                // clients time out and retry. A DROP for UDP to port 53 whose
+                // payload carries the name (its wire labels) at the DNS server.
+                let rule = ["-I", "INPUT", "-d", LabPlan.dnsIP, "-p", "udp", "--dport", "53", "-m", "string", "--algo", "bm", "--icase",
+                            "--hex-string", LabPlan.dnsQueryMatch(name), "-j", "DROP"]
+                return try iptables(netns: plan.fabricNetns, rule, what: "dns: queries for \(name) dropped at the resolver (no answer: timeouts)")
+            }
             let hosts = hostsFile.split(separator: "\n").filter { !$0.hasSuffix(" " + name) }.map { $0 + "\n" }.joined()
             try Shell.write(hosts, to: dnsDir + "/hosts")
             if rcode == "SERVFAIL" {

@@ -536,6 +536,7 @@ public final class LabRun: @unchecked Sendable {
             try Shell.write("{\"service\": \"\(spec.name)\", \"upstream\": \"\(plan.dnsName(up.name))\"}\n", to: dir + "/config.json")
             argv = ["/usr/bin/python3", options.labDirectory + "/services/api.py", "--listen", "\(ip):\(port)", "--dns", LabPlan.dnsIP,
                     "--redis-name", plan.dnsName(up.name), "--redis-port", String(up.effectivePort ?? 6379),
+                    ] + (up.type == .redis ? [] : ["--upstream-http"]) + [  // an api calling another api (or nginx) over HTTP
                     "--work-ms", String(spec.workMs ?? 0), "--blob-bytes", String(spec.blobBytes ?? 0),
                     "--echo-bytes", String(spec.echoBytes ?? 0), "--config", dir + "/config.json"]
         case .redis:

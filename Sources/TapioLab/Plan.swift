@@ -88,6 +88,13 @@ public struct LabPlan: Sendable {
     /// words a negative offset ("-2500") would be read as an option.
     public static func clockOffsetArgument(ms: Int) -> String { "--lab-clock-offset-ms=\(ms)" }
 
+    /// `name` as it is on the wire in a DNS query (length-prefixed labels and
+    /// the root's 0), as iptables' `--hex-string` matches it.
+    public static func dnsQueryMatch(_ name: String) -> String {
+        let labels = name.split(separator: ".").map { l in String(format: "%02x", l.utf8.count) + l.utf8.map { String(format: "%02x", $0) }.joined() }
+        return "|" + labels.joined() + "00|"
+    }
+
     public func dnsName(_ service: String) -> String { service + "." + scenario.topology.effectiveDomain }
 
     /// `tapio-lab/<id>` below each cgroup mount.

@@ -87,6 +87,19 @@ final class ScenarioTests: XCTestCase {
             .serviceRules.isEmpty, "no ClusterIP, no rules")
     }
 
+    /// The DNS timeout fault drops the queries that carry the name, as the
+    /// name is on the wire (length-prefixed labels).
+    func testDNSTimeoutMatchesTheNameAsItIsOnTheWire() throws {
+        XCTAssertEqual(LabPlan.dnsQueryMatch("redis.tapio.lab"), "|05726564697305746170696f036c616200|")
+        let s = try LabFiles.resolve("dns-timeout", labDirectory: lab)
+        XCTAssertEqual(s.faults.first?.string("rcode"), "TIMEOUT")
+        XCTAssertEqual(s.expected, [Cause(entity: "redis.tapio.lab", kind: "dns_failure")])
+        // Two application tiers: the api calls the catalog api, which calls redis.
+        let tiers = try LabFiles.resolve("api-tiers-oom", labDirectory: lab)
+        XCTAssertEqual(tiers.requestPath.services, ["frontend", "api", "catalog", "redis"])
+        XCTAssertEqual(tiers.requestPath.dnsNames, ["api.tapio.lab", "catalog.tapio.lab", "redis.tapio.lab"])
+    }
+
     /// The baseline sees every service on the nodes the failing path crosses:
     /// the red herring's crashing cron job on node1 too.
     func testBaselineScopeIsTheServicesOnThePathsNodes() throws {

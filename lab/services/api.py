@@ -5,7 +5,12 @@ resolver: the lab's network namespaces share the host's /etc/resolv.conf)
 and talking RESP to redis over a plain socket.
 
 GET /        -> INCR hits, GET blob from redis; 200, or 502 (redis), 503 (DNS)
+               (with --upstream-http: GET / from the upstream api instead, a
+               second application tier; 502 when it fails)
 GET /healthz -> 200 without touching redis
+GET /alloc?mb=N -> 202; a thread of the service allocates N MiB, 1 MiB every
+               10 ms, and holds it (a request that makes the service itself
+               grow: past its memory limit the kernel OOM-kills this process)
 
 The configuration file is read at start; a file that is not valid JSON makes
 the process exit 1 (how the lab's crash-loop fault breaks it: a bad rollout).
@@ -17,6 +22,7 @@ import random
 import socket
 import struct
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -139,6 +145,8 @@ class Worker:
             addr = resolve(self.args.redis_name, self.args.dns)
         except DNSError as e:
             return 503, "dns %s: %s\n" % (self.args.redis_name, e)
+        if self.args.upstream_http:
+            return self.call_api(addr)
         try:
             with socket.create_connection((addr, self.args.redis_port), timeout=self.args.redis_timeout) as s:
                 s.settimeout(self.args.redis_timeout)
@@ -152,13 +160,48 @@ class Worker:
             return 502, "redis %s:%d: %s\n" % (addr, self.args.redis_port, e)
         return 200, "hits=%d blob=%d\n%s" % (hits, len(blob), blob[: self.args.echo_bytes].decode(errors="replace"))
 
+    def call_api(self, addr):
+        """GET / from the upstream api (HTTP/1.1, a new connection a request)."""
+        try:
+            with socket.create_connection((addr, self.args.redis_port), timeout=self.args.redis_timeout) as s:
+                s.settimeout(self.args.redis_timeout)
+                s.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % self.args.redis_name.encode())
+                f = s.makefile("rb")
+                status = f.readline().split()
+                code = int(status[1]) if len(status) > 1 else 0
+                length = 0
+                while True:
+                    line = f.readline()
+                    if not line or line in (b"\r\n", b"\n"):
+                        break
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v.strip())
+                body = f.read(length) if length else b""
+        except Exception as e:  # refused, timeout, reset
+            return 502, "upstream %s:%d: %s\n" % (addr, self.args.redis_port, e)
+        if code != 200:
+            return 502, "upstream %s:%d answered %d\n" % (addr, self.args.redis_port, code)
+        return 200, "via %s\n%s" % (self.args.redis_name, body[: max(self.args.echo_bytes, 64)].decode(errors="replace"))
+
+
+HELD = []
+
+
+def allocate(mb):
+    """Allocates and touches `mb` MiB, 1 MiB every 10 ms, and keeps it."""
+    for _ in range(mb):
+        HELD.append(bytearray(b"\x01" * (1 << 20)))
+        time.sleep(0.01)
+
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--listen", required=True, help="IP:PORT")
     p.add_argument("--dns", required=True, help="DNS server IP")
-    p.add_argument("--redis-name", required=True)
-    p.add_argument("--redis-port", type=int, default=6379)
+    p.add_argument("--redis-name", required=True, help="the upstream's DNS name (redis, or an api with --upstream-http)")
+    p.add_argument("--redis-port", type=int, default=6379, help="the upstream's port")
+    p.add_argument("--upstream-http", action="store_true", help="the upstream is another api: GET / over HTTP instead of redis")
     p.add_argument("--redis-timeout", type=float, default=1.0)
     p.add_argument("--work-ms", type=float, default=0.0, help="CPU work per request")
     p.add_argument("--blob-bytes", type=int, default=0, help="size of the blob value, written when redis has none")
@@ -181,6 +224,11 @@ def main():
         def do_GET(self):
             if self.path == "/healthz":
                 code, body = 200, "ok\n"
+            elif self.path.startswith("/alloc"):
+                mb = int(dict(kv.split("=", 1) for kv in self.path.partition("?")[2].split("&") if "=" in kv).get("mb", "400"))
+                threading.Thread(target=allocate, args=(mb,), daemon=True).start()
+                print("api: allocating %d MiB on request" % mb, file=sys.stderr, flush=True)
+                code, body = 202, "allocating %d MiB\n" % mb
             else:
                 code, body = worker.handle()
             data = body.encode()
