@@ -93,8 +93,9 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     public var maxCauseEventsPerEntity: Int = 512
     /// (client, name) pairs whose last DNS answer is remembered, to tell a
     /// retried lookup from a failed one; past it, answers older than a
-    /// minute are forgotten.
-    public var maxDNSAnswerEntries: Int = 10_000
+    /// minute are forgotten, and under a flood of distinct names the oldest
+    /// until a quarter of the room is free (about 100 bytes an entry).
+    public var maxDNSAnswerEntries: Int = 65_536
 
     public var thresholds: [SymptomKind: SymptomThreshold] = SymptomThreshold.defaults
     public var weights = ConfidenceWeights()

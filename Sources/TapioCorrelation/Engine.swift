@@ -145,8 +145,26 @@ public struct CorrelationEngine: Sendable {
         aliases = state.aliases
     }
 
-    private mutating func pruneDNSAnswers(beforeNs: Int64) {
-        dnsAnswered = dnsAnswered.filter { $0.value >= beforeNs }
+    /// (client, name) pairs whose last answer is remembered now.
+    public var dnsAnswersRemembered: Int { dnsAnswered.count }
+
+    /// Past `maxDNSAnswerEntries`: answers older than a minute go, and when
+    /// that is not enough (a flood of distinct names), the oldest go until a
+    /// quarter of the room is free. A prune then comes once per quarter of
+    /// the bound's new answers, not on every answer: pruning only by age, a
+    /// flood of 90 000 names a second ran a filter over the whole map on
+    /// every answer and the engine fell to 3 000 events a second.
+    private mutating func pruneDNSAnswers(nowNs: Int64) {
+        dnsAnswered = dnsAnswered.filter { $0.value >= nowNs - 60_000_000_000 }
+        let keep = configuration.maxDNSAnswerEntries * 3 / 4
+        guard dnsAnswered.count > keep else { return }
+        let cutoff = dnsAnswered.values.sorted(by: >)[max(keep - 1, 0)]
+        dnsAnswered = dnsAnswered.filter { $0.value >= cutoff }
+        // Answers at the cutoff's very time may still be too many.
+        let surplus = dnsAnswered.count - keep
+        if surplus > 0 {
+            for key in dnsAnswered.filter({ $0.value == cutoff }).keys.prefix(surplus) { dnsAnswered[key] = nil }
+        }
     }
 
     // MARK: Input
@@ -460,7 +478,7 @@ public struct CorrelationEngine: Sendable {
                 topology.learnAnswer(name: name, answers: answers)
                 if let svc = topology.service(ofName: name) { graph.resolved(name: name, service: svc) }
                 dnsAnswered[answeredKey] = max(dnsAnswered[answeredKey] ?? .min, e.timeNs)
-                if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(beforeNs: e.timeNs - 60_000_000_000) }
+                if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(nowNs: e.timeNs) }
             } else if rcode == -1, let answered = dnsAnswered[answeredKey], answered >= e.timeNs - Int64(clamping: latencyNs) {
                 // A query that got no answer (its event comes at the agent's
                 // timeout, `latencyNs` after it was sent), while the same

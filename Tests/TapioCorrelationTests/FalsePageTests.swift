@@ -108,6 +108,26 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(engine.statistics.dnsRetriesAnswered, 12)
     }
 
+    /// A flood of distinct names (a crawler, a DNS benchmark) keeps the
+    /// remembered answers within their bound, and a retry answered after
+    /// the flood is still told from a failure.
+    func testAFloodOfDistinctNamesStaysBoundedAndRetriesAreStillRecognized() {
+        var c = SyntheticCluster()
+        c.healthy(until: 40)
+        for i in 0..<20_000 {
+            c.dns(20 + Double(i) / 2_000, "api", name: "host-\(i).example", rcode: 0, answer: "10.9.\(i / 250).\(i % 250)")
+        }
+        c.dns(35 + 5, "api", name: "redis.shop.svc", rcode: -1, latencyNs: 5_000_000_000)
+        c.dns(35.1, "api", name: "redis.shop.svc", rcode: 0, answer: "10.0.3.10")
+        var configuration = CorrelationConfiguration()
+        configuration.maxDNSAnswerEntries = 1_000
+        let engine = c.engine(configuration: configuration)
+        XCTAssertLessThanOrEqual(engine.dnsAnswersRemembered, 1_000)
+        XCTAssertGreaterThanOrEqual(engine.dnsAnswersRemembered, 750, "a prune keeps the newest three quarters")
+        XCTAssertEqual(engine.statistics.dnsRetriesAnswered, 1)
+        XCTAssertEqual(engine.incidents.map(\.title), [])
+    }
+
     /// The real thing next to it: the DNS server stays down for 15 s, so the
     /// retries go unanswered too. The timeouts are a DNS failure.
     func testDNSQueriesThatRetriesDoNotAnswerAreADNSFailure() {
