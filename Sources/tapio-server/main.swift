@@ -236,7 +236,7 @@ struct Serve: ParsableCommand {
     var natsMaxAge = "7d"
     @Option(help: "Seconds a publish waits for JetStream's acknowledgement (or for a connection) before the batch is left unacknowledged; also the timeout of every JetStream call in role correlate.")
     var natsPublishTimeout: Double = 5
-    @Option(help: "Role correlate: seconds without a renewal after which a standby takes the engine lease over (and a leader that could not renew stops).")
+    @Option(help: "Role correlate: seconds without a renewal after which a standby takes the engine lease over (a leader that could not renew for this long publishes nothing until it can).")
     var leaseTimeout: Double = 5
     @Option(help: "Role correlate: seconds between the active engine's checkpoints to JetStream (each with the stream sequence it covers).")
     var checkpointInterval: Double = 10
@@ -258,7 +258,7 @@ struct Serve: ParsableCommand {
     @Option(help: "Server private key (PEM).")
     var tlsKey: String?
 
-    @Option(help: "Agent ingest listener, HOST:PORT.")
+    @Option(help: "Agent ingest listener, HOST:PORT (roles all and ingest).")
     var listen = "127.0.0.1:7400"
     @Option(help: "Operator query listener, HOST:PORT (roles all and correlate).")
     var queryListen = "127.0.0.1:7401"
