@@ -29,9 +29,10 @@
 # BENCH_EXEC_WORKERS: see above. BENCH_DRAIN_SECONDS: how long a section waits
 # after its storm for the server to have every event read (default 30).
 # BENCH_KEEP=1 keeps the work directory (logs, metrics, samples).
-# BENCH_SPOOL=1 runs the agent with its spool, as deployed (every sealed batch
-# written and fsynced as a spool record, docs/protocol.md); without it the
-# agent runs with --no-spool. Every agent gets a fresh --data-dir.
+# The agent runs as deployed, with its spool (every sealed batch written as a
+# spool record and synced, docs/protocol.md); BENCH_SPOOL=0 runs it with
+# --no-spool (unacknowledged batches in memory only, up to 64 MiB of them).
+# Every agent gets a fresh --data-dir.
 set -euo pipefail
 bin=${1:?usage: bench.sh BIN_DIR [CLIENTS] [SECONDS]}
 clients=${2:-4}
@@ -91,7 +92,7 @@ agent_has() {
 # A fresh agent for a section; extra arguments are added to its command line.
 start_agent() {
 	"$bin/tapio-agent" --server 127.0.0.1:17500 --server-name localhost --node-name bench --tls-dir "$work/pki/nodes/bench" \
-		--metrics-listen 127.0.0.1:17502 --data-dir "$(mktemp -d "$work/agent.XXXXXX")" $([ -n "${BENCH_SPOOL:-}" ] || echo --no-spool) "$@" 2>>"$work/agent.log" &
+		--metrics-listen 127.0.0.1:17502 --data-dir "$(mktemp -d "$work/agent.XXXXXX")" $([ "${BENCH_SPOOL:-1}" != 0 ] || echo --no-spool) "$@" 2>>"$work/agent.log" &
 	agent=$!
 	pids+=($agent)
 	for _ in $(seq 100); do
@@ -216,7 +217,7 @@ start, end, before, after, attempts, counted, events, bytes_, batches, drops, cl
 secs = float(end) - float(start)
 cpu = float(after) - float(before)
 print()
-print(f"connection storm: {clients} clients for {secs:.1f} s" + (" (agent with a spool directory)" if os.environ.get("BENCH_SPOOL") else ""))
+print(f"connection storm: {clients} clients for {secs:.1f} s" + (" (agent without a spool: BENCH_SPOOL=0)" if os.environ.get("BENCH_SPOOL") == "0" else ""))
 print(f"  connect attempts        {int(attempts):>10}  ({int(attempts)/secs:,.0f}/s)")
 print(f"  counted by tapio        {int(counted):>10}  ({'equal' if int(counted) == int(attempts) else 'DIFFERENT'})")
 print(f"  agent CPU               {cpu:>10.2f} s  ({100*cpu/secs:.1f} % of one core)")
