@@ -195,13 +195,17 @@ extension Scenario {
             o["extends"] = nil
             // A replica takes every field it does not set from the pod it replicates.
             if case .array(let list)? = o["services"] {
-                o["services"] = .array(list.map { item in
-                    guard let of = item["replica_of"]?.stringValue,
-                          let original = list.first(where: { $0["name"]?.stringValue == of }),
-                          case .object(var base) = original else { return item }
+                var services: [JSONValue] = []
+                for item in list {
+                    guard let of = item["replica_of"]?.stringValue else { services.append(item); continue }
+                    guard let original = list.first(where: { $0["name"]?.stringValue == of && $0["replica_of"] == nil }),
+                          case .object(var base) = original else {
+                        throw ScenarioError("\(path): service \(item["name"]?.stringValue ?? "?") is a replica of \(of), which is not a service of its own")
+                    }
                     for key in ["name", "start", "cluster_ip", "replica_of"] { base[key] = nil }
-                    return merge(.object(base), item)
-                })
+                    services.append(merge(.object(base), item))
+                }
+                o["services"] = .array(services)
             }
             if o["name"] == nil { o["name"] = .string(URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent) }
             doc = .object(o)
@@ -280,6 +284,10 @@ extension Scenario {
             if f.type == "disk_fill", service(f.target)?.volumeMb == nil { throw fail("disk_fill needs a service with volume_mb") }
             if f.type == "start" || f.type == "scale", service(f.target)?.startsWithRun != false { throw fail("\(f.type) needs a service with start: on_fault") }
             if f.type == "scale", f.string("joins").flatMap(service) == nil { throw fail("scale needs params.joins naming the service the replica joins") }
+            if f.type == "scale", f.string("joins").flatMap(service)?.clusterIp == true {
+                // A scale joins the name's DNS records; a ClusterIP's endpoints are its iptables rules, built once.
+                throw fail("scale cannot join \(f.string("joins")!), a cluster_ip service (its endpoints are fixed when the nodes are built)")
+            }
             guard f.atS >= 0, f.atS < timing.observeS else { throw fail("fault \(f.type) at \(f.atS) s is outside the observed \(timing.observeS) s") }
         }
         for c in expected where !Cause.kinds.contains(c.kind) {

@@ -135,6 +135,8 @@ final class ScenarioTests: XCTestCase {
             (#"{"extends": "three-tier", "faults": [{"type": "meteor", "target": "redis", "at_s": 1}]}"#, "unknown fault type"),
             (#"{"extends": "three-tier", "expected": [{"entity": "redis", "kind": "sadness"}]}"#, "not a root-cause kind"),
             (#"{"extends": "three-tier", "faults": [{"type": "stop", "target": "nope", "at_s": 1}]}"#, "unknown service"),
+            (#"{"extends": "three-tier", "services": [{"name": "api-b", "replica_of": "nope", "node": "node3"}]}"#, "not a service of its own"),
+            (#"{"extends": "three-tier", "services": [{"name": "api", "cluster_ip": true}, {"name": "api-b", "replica_of": "api", "node": "node3", "start": "on_fault"}], "faults": [{"type": "scale", "target": "api-b", "at_s": 1, "params": {"joins": "api"}}]}"#, "cluster_ip service"),
         ] {
             try body.write(toFile: dir + "/bad.json", atomically: true, encoding: .utf8)
             XCTAssertThrowsError(try Scenario.load(path: dir + "/bad.json", labDirectory: lab)) { error in
