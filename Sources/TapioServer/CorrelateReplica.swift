@@ -622,7 +622,9 @@ public final class CorrelateReplica: Sendable {
         while !stopping {
             if consumer == nil {
                 do {
-                    consumer = try await js.createEphemeralConsumer(stream: stream, .ephemeral(deliver: from, ack: .none)).name
+                    // A minute without a pull before the server drops it: the engine's
+                    // backpressure may hold the next fetch back for a while.
+                    consumer = try await js.createEphemeralConsumer(stream: stream, .ephemeral(deliver: from, ack: .none, inactiveThreshold: .seconds(60))).name
                     logger.info("consuming the stream", metadata: ["stream": "\(stream)", "from": "\(from)", "consumer": "\(consumer!)"])
                     lastError = ""
                     lastCheckNs = monotonicNs()
