@@ -3,8 +3,10 @@ import Logging
 @testable import TapioAgent
 import TapioClient
 import TapioNATS
+import Synchronization
 import TapioQueryAPI
 @testable import TapioServer
+import TapioStore
 import TapioTestSupport
 import TapioWire
 import XCTest
@@ -404,5 +406,54 @@ final class CorrelateReplicaProcess {
         guard ready, process.isRunning else {
             throw TestSupportError("correlate replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
         }
+    }
+}
+
+/// The correlate role's pieces that need no server: the set of batches taken,
+/// the incident board, the checkpoint checksum.
+final class CorrelateRolePartsTests: XCTestCase {
+    func testABatchIsTakenOncePerNodeEpochAndSequenceInAnyOrder() {
+        var seen = SeenBatches()
+        XCTAssertTrue(seen.insert(node: "a", epoch: 1, sequence: 2))
+        XCTAssertTrue(seen.insert(node: "a", epoch: 1, sequence: 1))
+        XCTAssertFalse(seen.insert(node: "a", epoch: 1, sequence: 2), "below the contiguous prefix")
+        XCTAssertFalse(seen.insert(node: "a", epoch: 1, sequence: 1))
+        XCTAssertTrue(seen.insert(node: "a", epoch: 1, sequence: 5))
+        XCTAssertFalse(seen.insert(node: "a", epoch: 1, sequence: 5), "above a gap")
+        XCTAssertTrue(seen.insert(node: "a", epoch: 1, sequence: 3))
+        XCTAssertTrue(seen.insert(node: "a", epoch: 2, sequence: 1), "another epoch")
+        XCTAssertTrue(seen.insert(node: "b", epoch: 1, sequence: 1), "another node")
+    }
+
+    func testTheBoardKeepsTheNewestVersionOfEachIncidentAndSaysWhatChanged() throws {
+        let board = IncidentBoard()
+        let v1 = StoredIncident(id: "inc-1", status: "open", openedNs: 10, updatedNs: 20, json: #"{"id":"inc-1","title":"x"}"#)
+        var v2 = v1
+        v2.updatedNs = 30
+        v2.status = "resolved"
+        XCTAssertTrue(board.mirror(v2) == (true, true))
+        XCTAssertTrue(board.mirror(v1) == (false, false), "an older version arriving late changes nothing")
+        XCTAssertTrue(board.mirror(v2) == (false, false), "nor the same one again")
+        XCTAssertEqual(try board.incidents(), [v2])
+        let saved = Mutex<[String]>([])
+        board.publishSaves { i in saved.withLock { $0.append(i.id) } }
+        try board.saveIncident(StoredIncident(id: "inc-0", status: "open", openedNs: 5, updatedNs: 6, json: "{}"))
+        XCTAssertEqual(saved.withLock { $0 }, ["inc-0"], "the engine's saves are handed to the publisher")
+        XCTAssertEqual(try board.incidents().map(\.id), ["inc-0", "inc-1"], "oldest first")
+
+        // The bucket's value reads back as it was written; anything else is refused in words.
+        XCTAssertEqual(try IncidentBoard.decode(IncidentBoard.encode(v2)).updatedNs, 30)
+        XCTAssertEqual(try JSONValue.parse(Array(IncidentBoard.decode(IncidentBoard.encode(v2)).json.utf8)), try JSONValue.parse(Array(v2.json.utf8)))
+        XCTAssertThrowsError(try IncidentBoard.decode(Array(#"{"id":"x"}"#.utf8))) { XCTAssertTrue("\($0)".contains("without id, status"), "\($0)") }
+        XCTAssertThrowsError(try IncidentBoard.decode(Array("not json".utf8)))
+    }
+
+    func testTheCheckpointChecksumChangesWithAnyByte() {
+        let bytes = (0..<1000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        var other = bytes
+        other[500] ^= 1
+        XCTAssertEqual(CorrelateReplica.checksum(bytes), CorrelateReplica.checksum(bytes))
+        XCTAssertNotEqual(CorrelateReplica.checksum(bytes), CorrelateReplica.checksum(other))
+        XCTAssertNotEqual(CorrelateReplica.checksum(bytes), CorrelateReplica.checksum(Array(bytes.dropLast())))
     }
 }
