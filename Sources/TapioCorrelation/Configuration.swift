@@ -89,6 +89,17 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// A series with no event for this long is dropped (memory stays bounded
     /// by the entities active recently).
     public var forgetSeriesAfterNs: Int64 = 3_600_000_000_000
+    /// A dependency (client → server edge) not seen for this long is
+    /// forgotten, and past `maxGraphEdges` the least recently seen go first
+    /// (down to three quarters of it): a workload that talks to ever new
+    /// addresses does not grow the graph (about 1 KiB an edge, in every
+    /// checkpoint) without bound.
+    public var forgetEdgeAfterNs: Int64 = 86_400_000_000_000
+    public var maxGraphEdges: Int = 50_000
+    /// Addresses remembered by the name that answered them or the entity
+    /// seen serving on them, each map; past it, that map starts afresh
+    /// (traffic and answers teach it again).
+    public var maxLearnedAddresses: Int = 262_144
     /// Cause events kept per entity (older ones dropped first).
     public var maxCauseEventsPerEntity: Int = 512
     /// (client, name) pairs whose last DNS answer is remembered, to tell a

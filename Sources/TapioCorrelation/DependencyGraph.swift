@@ -118,6 +118,22 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         edgeMap[k] = e
     }
 
+    public var edgeCount: Int { edgeMap.count }
+
+    /// Forgets edges last seen before `seenBeforeNs`; then, past `maxEdges`,
+    /// the least recently seen until three quarters of `maxEdges` are left.
+    /// Returns how many went.
+    @discardableResult
+    mutating func forget(seenBeforeNs: Int64, maxEdges: Int) -> Int {
+        let before = edgeMap.count
+        edgeMap = edgeMap.filter { $0.value.lastSeenNs >= seenBeforeNs }
+        if edgeMap.count > maxEdges {
+            let newest = edgeMap.sorted { ($0.value.lastSeenNs, $0.key) > ($1.value.lastSeenNs, $1.key) }.prefix(maxEdges * 3 / 4)
+            edgeMap = Dictionary(uniqueKeysWithValues: newest.map { ($0.key, $0.value) })
+        }
+        return before - edgeMap.count
+    }
+
     mutating func resolved(name: String, service: String) {
         names[name] = service
     }

@@ -145,6 +145,14 @@ public struct CorrelationEngine: Sendable {
         aliases = state.aliases
     }
 
+    /// Past `maxGraphEdges` (a burst of new peers between two periodic
+    /// prunes), the graph forgets its least recently seen edges at once.
+    private mutating func boundGraph(nowNs: Int64) {
+        if graph.edgeCount > configuration.maxGraphEdges {
+            graph.forget(seenBeforeNs: nowNs - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
+        }
+    }
+
     /// (client, name) pairs whose last answer is remembered now.
     public var dnsAnswersRemembered: Int { dnsAnswered.count }
 
@@ -374,6 +382,7 @@ public struct CorrelationEngine: Sendable {
                 deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
             }
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
+            boundGraph(nowNs: e.timeNs)
             let kind: SymptomKind?
             switch outcome {
             case .established: kind = nil
@@ -390,7 +399,7 @@ public struct CorrelationEngine: Sendable {
             topology.sawEntity(me.name, node: e.node)
             topology.sawListener(me.name, port: port)
             if open {
-                topology.sawServer(me.name, address: address)
+                topology.sawServer(me.name, address: address, limit: configuration.maxLearnedAddresses)
                 addCause(.listenerOpened, me, e, port: port)
             }
             if !open {
@@ -427,7 +436,7 @@ public struct CorrelationEngine: Sendable {
             topology.sawEntity(local.name, node: e.node)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
             if flow.destinationPort == 0 && flow.sourcePort != 0 {
-                topology.sawServer(local.name, address: flow.source)
+                topology.sawServer(local.name, address: flow.source, limit: configuration.maxLearnedAddresses)
                 topology.sawServerPort(flow.sourcePort)
             } else if flow.sourcePort == 0 {
                 topology.sawServerPort(flow.destinationPort)
@@ -440,6 +449,7 @@ public struct CorrelationEngine: Sendable {
             let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
             graph.response(client: c.name, server: s.name, port: c.name == local.name ? flow.destinationPort : flow.sourcePort,
                            meanNs: meanNs, responses: responses, timeNs: e.timeNs)
+            boundGraph(nowNs: e.timeNs)
             observe(SeriesKey(observer: local.name, kind: .latency, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: 1, level: Double(meanNs) / 1e6, event: e)
         case .packetDrop(let reason, let count, let flow, _, _, _):
@@ -475,7 +485,7 @@ public struct CorrelationEngine: Sendable {
             topology.sawEntity(me.name, node: e.node)
             let answeredKey = me.name + "\u{0}" + name
             if rcode == 0 {
-                topology.learnAnswer(name: name, answers: answers)
+                topology.learnAnswer(name: name, answers: answers, limit: configuration.maxLearnedAddresses)
                 if let svc = topology.service(ofName: name) { graph.resolved(name: name, service: svc) }
                 dnsAnswered[answeredKey] = max(dnsAnswered[answeredKey] ?? .min, e.timeNs)
                 if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(nowNs: e.timeNs) }
@@ -559,6 +569,7 @@ public struct CorrelationEngine: Sendable {
         if b % 30 == 0 {
             let horizonNs = end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs
             causes.prune(before: horizonNs)
+            graph.forget(seenBeforeNs: end - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
             cpuUsage.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             deliveries.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             // A series silent for a long time forgets its baseline (it would have decayed to zero).

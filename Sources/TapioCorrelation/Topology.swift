@@ -168,9 +168,13 @@ struct Topology: Sendable, Codable {
         return nil
     }
 
-    mutating func learnAnswer(name: String, answers: [IPAddress]) {
+    mutating func learnAnswer(name: String, answers: [IPAddress], limit: Int = .max) {
         guard !answers.isEmpty else { return }
         let ips = answers.map(\.description)
+        // A flood of distinct names or addresses starts the maps afresh
+        // rather than growing them without bound.
+        if addressesByName[name] == nil, addressesByName.count >= limit { addressesByName.removeAll(keepingCapacity: true) }
+        if nameByIP.count + ips.count > limit { nameByIP.removeAll(keepingCapacity: true) }
         addressesByName[name] = ips
         for ip in ips { nameByIP[ip] = name }
     }
@@ -181,10 +185,13 @@ struct Topology: Sendable, Codable {
 
     /// `entity` serves on `address` (a listener bound to it, the server end
     /// of a measured flow); addresses in the inventory keep their pod.
-    mutating func sawServer(_ entity: String, address: IPAddress?) {
+    mutating func sawServer(_ entity: String, address: IPAddress?, limit: Int = .max) {
         guard let a = address, !a.isUnspecified else { return }
         let text = a.description
-        if byIP[text] == nil && ownerByIP[text] != entity { ownerByIP[text] = entity }
+        if byIP[text] == nil && ownerByIP[text] != entity {
+            if ownerByIP[text] == nil, ownerByIP.count >= limit { ownerByIP.removeAll(keepingCapacity: true) }
+            ownerByIP[text] = entity
+        }
     }
 
     mutating func sawListener(_ entity: String, port: UInt16) {

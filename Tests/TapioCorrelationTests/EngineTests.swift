@@ -194,6 +194,35 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(g.toJSON()["services"]?.arrayValue?.count, 4)
     }
 
+    /// An api that connects to ever new addresses (a crawler, a client of a
+    /// CDN) keeps the graph within its bound, the cluster's own live edges
+    /// stay, and edges not seen for `forgetEdgeAfterNs` go.
+    func testTheGraphStaysBoundedAndForgetsEdgesNotSeenForLong() {
+        var c = SyntheticCluster()
+        c.healthy(until: 200)
+        for i in 0..<5_000 {
+            c.connect(10 + Double(i) / 100, "api", ip: "198.51.\(i / 250).\(i % 250)", port: 443, .established)
+        }
+        var configuration = CorrelationConfiguration()
+        configuration.maxGraphEdges = 1_000
+        configuration.forgetEdgeAfterNs = 100_000_000_000
+        let g = c.engine(configuration: configuration).graph
+        XCTAssertLessThanOrEqual(g.edgeCount, 1_000)
+        XCTAssertTrue(g.hasEdge("frontend", "api"), "edges in use stay")
+        XCTAssertTrue(g.hasEdge("api", "redis"))
+        // The crawler's first peers were last seen over 100 s before the end.
+        XCTAssertNil(g.edge(client: "api", server: "198.51.0.0"))
+
+        var quiet = SyntheticCluster()
+        quiet.healthy(until: 60)
+        quiet.connect(30, "api", ip: "203.0.113.7", port: 443, .established)
+        quiet.healthy(from: 60, until: 400, skip: ["api>db"])
+        let aged = quiet.engine(configuration: configuration).graph
+        XCTAssertFalse(aged.hasEdge("api", "db"), "not seen for 340 s, forgotten after 100")
+        XCTAssertNil(aged.edge(client: "api", server: "203.0.113.7"))
+        XCTAssertTrue(aged.hasEdge("api", "redis"))
+    }
+
     func testBrierScoreOfTopOneConfidences() {
         func rc(_ e: String, _ k: CauseKind, _ p: Double) -> RootCause {
             RootCause(entity: e, kind: k, confidence: p, factors: [], firstSeenNs: 0, evidence: [], nodes: [], inferred: false)
