@@ -197,7 +197,7 @@ public final class CorrelateReplica: Sendable {
     /// The metric families of this role (docs/operations.md, "Metrics of the correlate role").
     static let families: [String: MetricsCatalog.Family] = [
         "tapio_correlate_leader": .init(kind: .gauge, help: "1 while this replica holds the engine lease and runs the engine; 0 while it stands by.", unlabelled: true),
-        "tapio_correlate_leases_taken_total": .init(kind: .counter, help: "Times this replica took the engine lease (created it, or took it over from a holder that stopped renewing).", unlabelled: true),
+        "tapio_correlate_leases_taken_total": .init(kind: .counter, help: "Times this replica took the engine lease (created it, or took it from a holder that released it or stopped renewing).", unlabelled: true),
         "tapio_correlate_stream_sequence": .init(kind: .gauge, help: "Stream sequence of the last message the engine took (0 on a standby).", unlabelled: true),
         "tapio_correlate_stream_pending": .init(kind: .gauge, help: "Messages of the stream after the last one fetched, as the consumer last said.", unlabelled: true),
         "tapio_correlate_batches_total": .init(kind: .counter, help: "Batches taken from the stream and given to the engine.", unlabelled: true),
