@@ -79,7 +79,7 @@ let package = Package(
             name: "TapioServer",
             dependencies: [
                 "TapioWire", "TapioStore", "TapioCorrelation", "CTapioTLS", "TapioAlerting",
-                "TapioQueryAPI", "TapioNATS",
+                "TapioQueryAPI", "TapioNATS", "TapioClickHouse",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -849,51 +849,15 @@ public final class CorrelateReplica: Sendable {
         return try? KeyValue(jetStream: JetStream(client: client, timeout: settings.nats.publishTimeout), bucket: settings.incidentBucket)
     }
 
-    /// Reads the incident bucket into the board, from its first value and
-    /// then as values arrive (an ephemeral consumer on the bucket's stream).
-    /// Acknowledged one by one, so a value delivered to a pull request that
-    /// was lost comes again after 5 s; an older value arriving after a
-    /// newer one is ignored by the board. Made again from the next sequence
-    /// when a fetch fails.
+    /// Reads the incident bucket into the board (`IncidentMirror`); a
+    /// standby's subscribers hear each incident that arrives new or changed
+    /// (the leader's hear its engine).
     private func mirrorIncidents(_ js: JetStream) async {
-        let stream = "KV_\(settings.incidentBucket)"
-        let prefix = "$KV.\(settings.incidentBucket)."
-        var from = ConsumerConfiguration.DeliverPolicy.all
-        var consumer: String?
-        while !stopping {
-            do {
-                if consumer == nil {
-                    var c = ConsumerConfiguration.ephemeral(deliver: from, ack: .explicit)
-                    c.ackWait = .seconds(5)
-                    consumer = try await js.createEphemeralConsumer(stream: stream, c).name
-                }
-                let messages = try await js.fetch(stream: stream, consumer: consumer!, batch: 256, expires: .milliseconds(500))
-                for m in messages {
-                    try? await js.ack(m, confirm: false)
-                    // A value delivered again (after a lost delivery) may be older than
-                    // the position: applied all the same, the board keeps the newest.
-                    if case .startSequence(let next) = from, m.streamSequence < next {} else { from = .startSequence(m.streamSequence + 1) }
-                    guard m.subject.hasPrefix(prefix), m.headers?["KV-Operation"] == nil else { continue }
-                    do {
-                        let incident = try IncidentBoard.decode(Array(m.payload.readableBytesView))
-                        let (changed, isNew) = board.mirror(incident)
-                        // The leader's subscribers hear its engine; a standby's hear the bucket.
-                        if changed, !state.withLock({ $0.leader }) {
-                            subscriptions.publish([(try QueryIncident(stored: incident).summary, isNew, incident.status == "resolved")])
-                        }
-                    } catch {
-                        metrics.add("tapio_correlate_malformed_messages_total")
-                        logger.warning("an incident in the bucket cannot be read; skipped", metadata: ["key": "\(m.subject.dropFirst(prefix.count))", "error": "\(error)"])
-                    }
-                }
-                if messages.last.map({ $0.pending == 0 }) ?? true { state.withLock { $0.mirrorCaughtUp = true } }
-            } catch {
-                if stopping { return }
-                metrics.add("tapio_correlate_consumer_restarts_total")
-                logger.warning("reading the incident bucket failed; reading again from the next value", metadata: ["error": "\(error)"])
-                consumer = nil
-                try? await Task.sleep(for: .milliseconds(500))
-            }
+        let mirror = IncidentMirror(bucket: settings.incidentBucket, board: board, metrics: metrics, logger: logger,
+                                    malformedMetric: "tapio_correlate_malformed_messages_total", restartMetric: "tapio_correlate_consumer_restarts_total")
+        await mirror.run(js, stopping: { [self] in stopping }, caughtUp: { [self] in state.withLock { $0.mirrorCaughtUp = true } }) { [self] incident, isNew in
+            guard !state.withLock({ $0.leader }) else { return }
+            subscriptions.publish([(try QueryIncident(stored: incident).summary, isNew, incident.status == "resolved")])
         }
     }
 

@@ -165,9 +165,15 @@ final class QueryContext: Sendable {
     /// does: `services` and `pods` (what the engine learned from the
     /// stream) are refused then rather than answered empty.
     let engineInactive: @Sendable () -> String?
+    /// Where `events` is answered from when there is no local store (role
+    /// query: ClickHouse): the parsed query and the peer attribution in,
+    /// the typed answer out. Nil where events are not kept.
+    let eventSource: (@Sendable (EventQuery, _ attribute: @escaping @Sendable ([String: JSONValue]) -> [String: JSONValue]) throws -> EventsAnswer)?
 
     init(configuration: ServerConfiguration, correlation: CorrelationService, pods: PodDirectory, metrics: ServerMetrics, logger: Logger,
-         store: (any EventStore)?, registry: NodeRegistry?, role: String, engineInactive: @escaping @Sendable () -> String? = { nil }) {
+         store: (any EventStore)?, registry: NodeRegistry?, role: String, engineInactive: @escaping @Sendable () -> String? = { nil },
+         eventSource: (@Sendable (EventQuery, _ attribute: @escaping @Sendable ([String: JSONValue]) -> [String: JSONValue]) throws -> EventsAnswer)? = nil) {
+        self.eventSource = eventSource
         self.configuration = configuration
         self.correlation = correlation
         self.pods = pods
@@ -245,8 +251,25 @@ struct QueryExecutor {
 
     private func events(_ params: [String: String]) throws -> EventsAnswer {
         guard let store = server.store else {
-            throw WireError(.badRequest, "events are not kept in role \(server.role) (the stream holds them; docs/scaling.md): ask a server in role all")
+            if let source = server.eventSource {
+                // The store applies every filter itself (ClickHouse: in SQL).
+                return try source(try eventQuery(params)) { peerAttributed(.object($0)) }
+            }
+            throw WireError(.badRequest, "events are not kept in role \(server.role) (the stream holds them; docs/scaling.md): ask a server in role all or query")
         }
+        let query = try eventQuery(params)
+        let events = try Self.filtered(query, store: store, scanLimit: server.configuration.limits.maxQueryEvents)
+        var answer = EventsAnswer(events: try events.map { try QueryEvent(fields: peerAttributed($0.json)) })
+        // Time retention has deleted is said, not answered with silently less.
+        if let horizon = try store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
+            answer.retention = RetentionNotice(deletedBefore: rfc3339(ns: horizon), deletedBeforeNs: horizon,
+                                               note: "events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)")
+        }
+        return answer
+    }
+
+    /// The `events` parameters as the store's query; refused in words when one is wrong.
+    private func eventQuery(_ params: [String: String]) throws -> EventQuery {
         var query = EventQuery()
         func int64(_ key: String) throws -> Int64? {
             guard let text = params[key] else { return nil }
@@ -280,14 +303,7 @@ struct QueryExecutor {
             guard limit > 0 else { throw WireError(.badRequest, "limit must be positive") }
             query.limit = Int(min(limit, Int64(server.configuration.limits.maxQueryEvents)))
         }
-        let events = try Self.filtered(query, store: store, scanLimit: server.configuration.limits.maxQueryEvents)
-        var answer = EventsAnswer(events: try events.map { try QueryEvent(fields: peerAttributed($0.json)) })
-        // Time retention has deleted is said, not answered with silently less.
-        if let horizon = try store.retainedFromNs(), (query.sinceNs ?? .min) <= horizon {
-            answer.retention = RetentionNotice(deletedBefore: rfc3339(ns: horizon), deletedBeforeNs: horizon,
-                                               note: "events up to \(rfc3339(ns: horizon)) were deleted by retention (--retention, --max-disk)")
-        }
-        return answer
+        return query
     }
 
     /// The store's answer to `query`, filtered again with `EventQuery.matches`

@@ -21,6 +21,9 @@ struct ServerCommand: ParsableCommand {
               correlate  the engine on that stream: one replica active (a lease in
                          JetStream KV), the others standing by to take over from
                          its checkpoint; all of them answer incidents
+              query      writes the stream's batches to ClickHouse (replicas share
+                         one durable consumer) and answers events from ClickHouse,
+                         incidents from the incident bucket
             """,
         version: TapioVersion.current,
         subcommands: [Serve.self, Replay.self, Calibrate.self, BenchIngest.self, BenchSink.self, BenchEngine.self],
@@ -212,19 +215,21 @@ enum ServerRole: String, ExpressibleByArgument, CaseIterable {
     case ingest
     /// The correlation engine on the stream, one active with standbys.
     case correlate
+    /// Events from the stream into ClickHouse; events and incidents for operators.
+    case query
 }
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the server (the default).")
 
-    @Option(help: ArgumentHelp("What this process does: all (ingest, local event log, correlation and queries in one process; the default), ingest (a stateless replica: agents' batches go to a NATS JetStream stream, acknowledged after JetStream's; needs --nats) or correlate (the correlation engine on that stream, one replica active and the others standing by; answers incidents on --query-listen; needs --nats).",
-                               valueName: "all|ingest|correlate"))
+    @Option(help: ArgumentHelp("What this process does: all (ingest, local event log, correlation and queries in one process; the default), ingest (a stateless replica: agents' batches go to a NATS JetStream stream, acknowledged after JetStream's; needs --nats) correlate (the correlation engine on that stream, one replica active and the others standing by; answers incidents on --query-listen; needs --nats) or query (writes the stream's events to ClickHouse and answers events from there and incidents from the incident bucket on --query-listen; needs --nats and --clickhouse).",
+                               valueName: "all|ingest|correlate|query"))
     var role: ServerRole = .all
 
     @Option(help: "Directory of the durable event store (role all; required there).")
     var dataDir: String?
 
-    @Option(help: ArgumentHelp("NATS server of the JetStream cluster, nats://HOST:PORT or tls://HOST:PORT (roles ingest and correlate; repeat for each server).", valueName: "url"))
+    @Option(help: ArgumentHelp("NATS server of the JetStream cluster, nats://HOST:PORT or tls://HOST:PORT (roles ingest, correlate and query; repeat for each server).", valueName: "url"))
     var nats: [String] = []
     @Option(help: "JetStream stream the batches go to (role ingest creates or updates it at start; role correlate consumes it; subjects tapio.events.> and tapio.inventory.>).")
     var natsStream = "TAPIO_EVENTS"
@@ -240,6 +245,18 @@ struct Serve: ParsableCommand {
     var leaseTimeout: Double = 5
     @Option(help: "Role correlate: seconds between the active engine's checkpoints to JetStream (each with the stream sequence it covers).")
     var checkpointInterval: Double = 10
+    @Option(help: ArgumentHelp("Role query: ClickHouse's HTTP interface, http://HOST:PORT (plain HTTP; the client has no TLS yet: keep ClickHouse on a trusted network).", valueName: "url"))
+    var clickhouse: String?
+    @Option(help: "Role query: ClickHouse user (sent with --clickhouse-password-file in ClickHouse's X-ClickHouse-User/-Key headers); default: ClickHouse's default user.")
+    var clickhouseUser: String?
+    @Option(help: "Role query: file holding the ClickHouse user's password (trailing newlines ignored).")
+    var clickhousePasswordFile: String?
+    @Option(help: "Role query: ClickHouse database of the events table (default: the user's default database).")
+    var clickhouseDatabase: String?
+    @Option(help: "Role query: the events table (created if missing; <table>_retention beside it).")
+    var clickhouseTable = "tapio_events"
+    @Option(help: "Role query: seconds a batch fetched by a query replica may go without its ClickHouse insert being accepted before the stream delivers it again (to any query replica).")
+    var queryAckWait: Double = 60
     @Option(help: "Directory with ca.crt (verifies the NATS servers) and optionally tls.crt and tls.key (a client certificate); turns TLS on towards NATS.")
     var natsTlsDir: String?
     @Option(help: "NATS user name (with --nats-password-file).")
@@ -260,7 +277,7 @@ struct Serve: ParsableCommand {
 
     @Option(help: "Agent ingest listener, HOST:PORT (roles all and ingest).")
     var listen = "127.0.0.1:7400"
-    @Option(help: "Operator query listener, HOST:PORT (roles all and correlate).")
+    @Option(help: "Operator query listener, HOST:PORT (roles all, correlate and query).")
     var queryListen = "127.0.0.1:7401"
     @Option(help: "HTTP /metrics, /healthz and /readyz listener, HOST:PORT, or 'off'.")
     var metricsListen = "127.0.0.1:9400"
@@ -305,7 +322,7 @@ struct Serve: ParsableCommand {
     var alertMinConfidence: Double = 0
     @Option(help: "Seconds between re-sends of open alerts to Alertmanager (each valid for four periods).")
     var alertResendInterval: Double = 60
-    @Option(help: "Delete stored events whose batch arrived longer ago than this (s, m, h, d, w: 7d, 36h; role all).")
+    @Option(help: "Delete stored events whose batch arrived longer ago than this (s, m, h, d, w: 7d, 36h; role all). Role query: drop ClickHouse's whole UTC days that ended longer ago than this.")
     var retention = "7d"
     @Option(help: "Keep the event store under this size by deleting the oldest events: bytes with K, M, G, T (20GiB), or a percentage of the data directory's volume (role all).")
     var maxDisk = "80%"
@@ -332,6 +349,14 @@ struct Serve: ParsableCommand {
         let nats = try natsConfiguration()
         if role == .all, dataDir == nil { throw ValidationError("--data-dir is required (role all)") }
         if role == .ingest, dataDir != nil { throw ValidationError("--data-dir is not used in role ingest: an ingest replica keeps no data (the stream does)") }
+        if role == .query, dataDir != nil {
+            throw ValidationError("--data-dir is not used in role query: events are kept in ClickHouse, incidents in JetStream")
+        }
+        if role != .query {
+            let given = [("--clickhouse", clickhouse != nil), ("--clickhouse-user", clickhouseUser != nil),
+                         ("--clickhouse-password-file", clickhousePasswordFile != nil), ("--clickhouse-database", clickhouseDatabase != nil)].filter(\.1).map(\.0)
+            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role query only (this is --role \(role.rawValue))") }
+        }
         if role == .correlate, dataDir != nil {
             throw ValidationError("--data-dir is not used in role correlate: the engine's checkpoints and incidents are kept in JetStream")
         }
@@ -405,6 +430,18 @@ struct Serve: ParsableCommand {
             replica.shutdown()
             return
         }
+        if let nats, role == .query {
+            let holder = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
+            var settings = NATSQueryConfiguration(nats: nats, holder: holder)
+            try clickhouseSettings(&settings)
+            settings.retention = config.storage.retentionNs.map { .nanoseconds($0) }
+            let replica = try QueryReplica(configuration: config, settings: settings, operations: operations, logger: logger)
+            _ = try replica.start()
+            termination.wait()
+            logger.info("shutting down")
+            replica.shutdown()
+            return
+        }
         if let nats {
             let replica = IngestReplica(configuration: config, nats: nats, operations: operations, logger: logger)
             _ = try replica.start()
@@ -430,14 +467,14 @@ extension Serve {
         guard role != .all else {
             let given = [("--nats", !nats.isEmpty), ("--nats-tls-dir", natsTlsDir != nil), ("--nats-user", natsUser != nil),
                          ("--nats-password-file", natsPasswordFile != nil), ("--nats-token-file", natsTokenFile != nil)].filter(\.1).map(\.0)
-            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest or correlate only (this is --role \(role.rawValue))") }
+            if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role ingest, correlate or query only (this is --role \(role.rawValue))") }
             return nil
         }
         let unused = [("--alertmanager", !alertmanager.isEmpty), ("--webhook", webhook != nil), ("--webhook-secret-file", webhookSecretFile != nil),
                       ("--otlp-endpoint", otlpEndpoint != nil), ("--alert-link-base", alertLinkBase != nil), ("--alert-tls-ca", alertTlsCa != nil)]
             .filter(\.1).map(\.0)
-        if !unused.isEmpty, role == .ingest {
-            throw ValidationError("\(unused.joined(separator: ", ")): incidents are not made in role ingest (no engine runs here), so nothing would be sent")
+        if !unused.isEmpty, role == .ingest || role == .query {
+            throw ValidationError("\(unused.joined(separator: ", ")): incidents are not made in role \(role.rawValue) (no engine runs here; the correlate leader notifies), so nothing would be sent")
         }
         guard !nats.isEmpty else { throw ValidationError("--role \(role.rawValue) needs at least one --nats URL (nats://HOST:PORT or tls://HOST:PORT)") }
         if let url = nats.first(where: { $0.contains("://") && !$0.hasPrefix("nats://") && !$0.hasPrefix("tls://") }) {
@@ -490,6 +527,40 @@ extension Serve {
         default: throw ValidationError("NATS credentials: give --nats-user with --nats-password-file, or --nats-token-file alone")
         }
         return c
+    }
+
+    /// ClickHouse from the flags (role query).
+    func clickhouseSettings(_ settings: inout NATSQueryConfiguration) throws {
+        guard let url = clickhouse else { throw ValidationError("--role query needs --clickhouse http://HOST:PORT (ClickHouse's HTTP interface)") }
+        guard url.hasPrefix("http://") else {
+            throw ValidationError("--clickhouse: '\(url)' is not http://HOST:PORT (the client speaks plain HTTP; there is no TLS to ClickHouse yet)")
+        }
+        var rest = String(url.dropFirst("http://".count))
+        while rest.hasSuffix("/") { rest.removeLast() }
+        guard !rest.contains("/"), !rest.contains("@") else { throw ValidationError("--clickhouse: give http://HOST:PORT only (no path, no credentials in the URL), got '\(url)'") }
+        if !rest.contains(":") { rest += ":8123" }
+        let (host, port) = try parseHostPort(rest)
+        (settings.clickhouseHost, settings.clickhousePort) = (host, port)
+        switch (clickhouseUser, clickhousePasswordFile) {
+        case (nil, nil): break
+        case (let user?, let file):
+            settings.clickhouseUser = user
+            if let file {
+                guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { throw ValidationError("--clickhouse-password-file: cannot read \(file)") }
+                settings.clickhousePassword = String(text.reversed().drop { $0 == "\n" || $0 == "\r" }.reversed())
+            }
+        case (nil, _?): throw ValidationError("--clickhouse-password-file needs --clickhouse-user")
+        }
+        settings.clickhouseDatabase = clickhouseDatabase
+        for (flag, name) in [("--clickhouse-table", clickhouseTable), ("--clickhouse-database", clickhouseDatabase ?? "default")] {
+            guard let first = name.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first),
+                  name.utf8.allSatisfy({ ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 95 }) else {
+                throw ValidationError("\(flag): '\(name)' is not a plain identifier (letters, digits and _, not starting with a digit)")
+            }
+        }
+        settings.clickhouseTable = clickhouseTable
+        guard queryAckWait >= 1, queryAckWait <= 3600 else { throw ValidationError("--query-ack-wait must be between 1 and 3600 seconds, got \(queryAckWait)") }
+        settings.ackWait = .milliseconds(Int64(queryAckWait * 1000))
     }
 
     /// The alert receivers and rules from the flags (docs/alerts.md).

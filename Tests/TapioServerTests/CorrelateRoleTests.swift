@@ -247,7 +247,7 @@ final class CorrelateRoleTests: XCTestCase {
             (["--role", "correlate"] + tls, "--role correlate needs at least one --nats URL"),
             (["--role", "correlate", "--nats", "nats://127.0.0.1:4222", "--data-dir", directory + "/d"] + tls, "--data-dir is not used in role correlate"),
             (["--role", "correlate", "--nats", "nats://127.0.0.1:4222", "--lease-timeout", "0.1"] + tls, "--lease-timeout must be between 1 and 3600"),
-            (["--role", "query", "--nats", "nats://127.0.0.1:4222"] + tls, "'query' is invalid for '--role <all|ingest|correlate>'"),
+            (["--role", "bogus", "--nats", "nats://127.0.0.1:4222"] + tls, "'bogus' is invalid for '--role <all|ingest|correlate|query>'"),
         ]
         for (arguments, expected) in cases {
             let r = try TestSupport.run(binary, arguments, timeout: 20)
@@ -257,7 +257,7 @@ final class CorrelateRoleTests: XCTestCase {
         let overview = try TestSupport.run(binary, ["--help"], timeout: 20).stdout
         XCTAssertTrue(overview.contains("correlate  the engine on that stream"), overview)
         let help = try TestSupport.run(binary, ["serve", "--help"], timeout: 20).stdout
-        for flag in ["--role <all|ingest|correlate>", "--lease-timeout", "--checkpoint-interval", "--query-listen"] {
+        for flag in ["--role <all|ingest|correlate|query>", "--lease-timeout", "--checkpoint-interval", "--query-listen"] {
             XCTAssertTrue(help.contains(flag), "--help lacks \(flag)")
         }
     }

@@ -1,5 +1,4 @@
 import Foundation
-import TapioTestSupport
 import XCTest
 
 /// Debian's clickhouse-server (package clickhouse-server, 18.16), started by
@@ -8,18 +7,18 @@ import XCTest
 /// system's installation (/etc/clickhouse-server, /var/lib/clickhouse, its
 /// service) is read or touched. Killed at the end of the test, also when
 /// it fails (and killed by `ChildProcess` if nobody stops it).
-final class ClickHouseTestServer {
-    let directory: String
-    let httpPort: Int
-    let tcpPort: Int
+public final class ClickHouseTestServer {
+    public let directory: String
+    public let httpPort: Int
+    public let tcpPort: Int
     /// A user with a password, for the authentication tests.
-    static let user = "tapio"
-    static let password = "s3cret 'with' \\ quotes"
+    public static let user = "tapio"
+    public static let password = "s3cret 'with' \\ quotes"
     /// A user whose profile is readonly (may not write or change settings).
-    static let reader = "reader"
+    public static let reader = "reader"
     private var process: ChildProcess?
 
-    static func binary() throws -> String {
+    public static func binary() throws -> String {
         for path in ["/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"] where FileManager.default.isExecutableFile(atPath: path) {
             return path
         }
@@ -28,7 +27,7 @@ final class ClickHouseTestServer {
         throw XCTSkip(why)
     }
 
-    init() throws {
+    public init() throws {
         let binary = try Self.binary()
         directory = try TestSupport.temporaryDirectory("tapio-clickhouse")
         httpPort = TestSupport.freePort()
@@ -84,9 +83,9 @@ final class ClickHouseTestServer {
         }
     }
 
-    var isRunning: Bool { process?.isRunning ?? false }
+    public var isRunning: Bool { process?.isRunning ?? false }
 
-    static func accepts(port: Int) -> Bool {
+    public static func accepts(port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
@@ -104,7 +103,7 @@ final class ClickHouseTestServer {
     /// signals, and 18.16 takes SIGTERM only in a handler no thread of it
     /// then accepts, so it would sit out any timeout. Nothing of its data is
     /// kept, so nothing is lost by not stopping it gracefully.
-    func stop() {
+    public func stop() {
         process?.stop(signal: SIGKILL, timeout: 10)
         process = nil
         try? FileManager.default.removeItem(atPath: directory)

@@ -1,0 +1,333 @@
+import Foundation
+import Logging
+@testable import TapioAgent
+import TapioClient
+import TapioNATS
+import TapioQueryAPI
+@testable import TapioServer
+import TapioTestSupport
+import TapioWire
+import XCTest
+
+/// `tapio-server --role query` as operators run it: a real nats-server and a
+/// real clickhouse-server, an ingest replica, a correlate replica and two
+/// query replicas as processes of the built binary, agents speaking the
+/// real protocol, and the `tapio` CLI and the query protocol asking.
+final class QueryRoleTests: XCTestCase {
+    private var directory = ""
+    private var pki = ""
+    private var nats: [NATSTestServer] = []
+    private var clickhouse: ClickHouseTestServer?
+    private var processes: [ChildProcess] = []
+    private var clients: [NATSClient] = []
+
+    override func setUpWithError() throws {
+        _ = try NATSTestServer.binary()
+        _ = try ClickHouseTestServer.binary()
+        _ = try TestSupport.product("tapio-server")
+        directory = try TestSupport.temporaryDirectory("tapio-query-role")
+        pki = try TestSupport.makePKI(in: directory, nodes: ["node-a", "node-b", "node-c"])
+    }
+
+    override func tearDown() {
+        for p in processes { _ = p.stop(signal: SIGKILL, timeout: 10) }
+        let clients = self.clients
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            for c in clients { await c.close() }
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + 10)
+        for n in nats { n.stop() }
+        clickhouse?.stop()
+        if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    func testEitherQueryReplicaAnswersEveryEventOnceFromClickHouseAndTheLeadersIncidentFromTheBucket() async throws {
+        let started = Date()
+        let server = try NATSTestServer(name: "n0", directory: directory)
+        try server.start()
+        nats = [server]
+        let clickhouse = try ClickHouseTestServer()
+        self.clickhouse = clickhouse
+        let ingest = try IngestReplicaProcess(index: 0, directory: directory, pki: pki, nats: [server.url], streamReplicas: 1)
+        processes.append(ingest.process)
+        try ingest.waitUntilReady()
+        let leader = try CorrelateReplicaProcess(name: "a", directory: directory, pki: pki, nats: [server.url], replicas: 1)
+        processes.append(leader.process)
+        let q1 = try startQuery("q1", clickhouse: clickhouse)
+        let q2 = try startQuery("q2", clickhouse: clickhouse)
+        try leader.waitUntilReady()
+        try q1.waitUntilReady()
+        try q2.waitUntilReady()
+        XCTAssertTrue(try q1.http("/readyz").body.contains("role: query"))
+
+        // The feed that opens an incident (redis OOM-killed behind api's refused
+        // connects), through real agent senders, and api's connects refused
+        // from then on, so it stays open.
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: ingest.ingestPort) })
+        let stopRefusing = keepRefusing(port: ingest.ingestPort)
+        defer { stopRefusing() }
+
+        // node-c: 40 batches of 10 events, each event its own pid, through the raw protocol.
+        let epoch = UInt64(wallClockNs())
+        let raw = try RawAgent(port: ingest.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-c"), node: "node-c", epoch: epoch)
+        try raw.sendInventory(Inventory(pods: [PodInfo(uid: "c", name: "worker-0", namespace: "jobs", node: "", ips: ["10.0.3.10"], service: "worker")]))
+        let t0 = wallClockNs() - 30_000_000_000
+        func events(_ sequence: UInt64) -> [TapioEvent] {
+            (0..<10).map { (i: Int) -> TapioEvent in
+                let time: Int64 = t0 + Int64(sequence) * 100_000_000 + Int64(i)
+                let pid: UInt32 = UInt32(sequence) * 100 + UInt32(i)
+                return TapioEvent(kind: .processExec, timeNs: time, pid: pid, comm: "job", pod: "worker-0", namespace: "jobs",
+                                  detail: .exec(filename: "/bin/job-\(sequence)-\(i)"))
+            }
+        }
+        for sequence in UInt64(1)...40 { try raw.send(raw.batch(sequence, events: events(sequence))) }
+        try ackedThrough(raw, 40)
+
+        // The stream holds some batches twice (republished under another
+        // message id, as after the duplicate window) and one message that is
+        // no batch: each event is still stored once, the message counted.
+        let js = try await jetStream(server)
+        let last = try await js.streamInfo("TAPIO_EVENTS").state.lastSequence
+        var republished = 0
+        for streamSequence in UInt64(1)...max(1, last) {
+            let stored = try await js.message(stream: "TAPIO_EVENTS", sequence: streamSequence)
+            guard stored.subject == StreamedBatch.subject(node: "node-c"), let s = stored.headers["Tapio-Sequence"], ["3", "17", "40"].contains(s) else { continue }
+            let ack = try await js.publish(stored.subject, payload: stored.payload, messageID: "again-\(s)", headers: stored.headers)
+            XCTAssertFalse(ack.duplicate)
+            republished += 1
+        }
+        XCTAssertEqual(republished, 3, "batches 3, 17 and 40 of node-c are in the stream twice")
+        _ = try await js.publish(StreamedBatch.subject(node: "node-c"), payload: Array("not a batch".utf8))
+
+        let cli = try TapioCLI()
+        func ndjson(_ q: QueryReplicaProcess, _ args: [String]) throws -> [JSONValue] {
+            let r = try cli.run(["events", "-o", "ndjson"] + args, env: ["TAPIO_SERVER": "127.0.0.1:\(q.queryPort)", "TAPIO_TLS_DIR": pki + "/operators/alice"])
+            guard r.status == 0 else { throw TestSupportError("tapio events through query replica: \(r.stderr)") }
+            return try r.stdout.split(separator: "\n").map { try JSONValue.parse(Array($0.utf8)) }
+        }
+        let filter = ["--node", "node-c", "--limit", "1000"]
+        XCTAssertTrue(eventually(timeout: 30) { ((try? ndjson(q2, filter))?.count ?? 0) >= 400 },
+                      "node-c's 400 events reached ClickHouse: \((try? ndjson(q2, filter).count) ?? -1)\n\(q1.process.log.suffix(2000))\n\(q2.process.log.suffix(2000))")
+        let through1 = try ndjson(q1, filter)
+        let through2 = try ndjson(q2, filter)
+        XCTAssertEqual(through1, through2, "both query replicas answer the same")
+        var byPid: [Int64: Int] = [:]
+        for e in through1 { byPid[e["pid"]?.intValue ?? -1, default: 0] += 1 }
+        let expected = Set((UInt64(1)...40).flatMap { s in (0..<10).map { Int64(s * 100) + Int64($0) } })
+        XCTAssertEqual(Set(byPid.keys), expected, "every event of every batch")
+        XCTAssertEqual(byPid.values.filter { $0 != 1 }.count, 0, "each stored once: \(byPid.filter { $0.value != 1 })")
+        XCTAssertEqual(through1.first?["filename"]?.stringValue, "/bin/job-1-0", "oldest first, with the event's fields")
+        XCTAssertEqual(through1.first?["kind"]?.stringValue, "process_exec")
+        // The same filters as role all, typed: kind, pod, pid, limit.
+        let typed = try q1.client().events(["node": "node-c", "kind": "process_exec", "pid": "1705", "pod": "worker-0"])
+        XCTAssertEqual(typed.events.map(\.pid), [1705])
+        XCTAssertEqual(try q2.client().events(["node": "node-c", "limit": "5"]).events.compactMap(\.pid), [4005, 4006, 4007, 4008, 4009],
+                       "the most recent 5, oldest first")
+        XCTAssertEqual(try q1.client().events(["service": "worker", "limit": "1000"]).events.count, 400, "a service is its pods in the inventories")
+        // The feed's events too (node-a's connects, node-b's OOM kill).
+        XCTAssertEqual(try q2.client().events(["kind": "oom_kill"]).events.map(\.node), ["node-b"])
+
+        // The incident the correlate leader opened, through both query replicas.
+        var incidentID = ""
+        XCTAssertTrue(eventually(timeout: 60) {
+            guard let id = (try? leader.client().incidents().incidents)?.first(where: { $0.status == "open" })?.id else { return false }
+            incidentID = id
+            return true
+        }, "the leader opened an incident\n\(leader.process.log.suffix(3000))")
+        for q in [q1, q2] {
+            XCTAssertTrue(eventually(timeout: 10) { (try? q.client().incidents().incidents.map(\.id))?.contains(incidentID) == true },
+                          "query replica answers the leader's incident from the bucket")
+            let timeline = try q.client().timeline(id: incidentID)
+            XCTAssertEqual(timeline.rootCauses.first?.kind, "oom_kill")
+            XCTAssertFalse(timeline.timeline?.isEmpty ?? true)
+        }
+        // What a query replica does not hold is refused in words.
+        XCTAssertThrowsError(try q1.client().services()) { XCTAssertTrue("\($0)".contains("role query"), "\($0)") }
+        XCTAssertThrowsError(try q1.client().json("nodes")) { XCTAssertTrue("\($0)".contains("role query"), "\($0)") }
+
+        // Between them, the two replicas wrote every batch and read the bad message once.
+        let written = (q1.metric("tapio_query_batches_written_total") ?? 0) + (q2.metric("tapio_query_batches_written_total") ?? 0)
+        XCTAssertGreaterThanOrEqual(written, 40)
+        XCTAssertEqual((q1.metric("tapio_query_malformed_messages_total") ?? 0) + (q2.metric("tapio_query_malformed_messages_total") ?? 0), 1)
+        XCTAssertTrue(q1.process.isRunning && q2.process.isRunning)
+
+        // kill -9 of one query replica: batches sent afterwards are written by the other.
+        _ = q1.process.stop(signal: SIGKILL)
+        for sequence in UInt64(41)...50 { try raw.send(raw.batch(sequence, events: events(sequence))) }
+        try ackedThrough(raw, 50)
+        raw.close()
+        XCTAssertTrue(eventually(timeout: 30) { ((try? ndjson(q2, filter))?.count ?? 0) >= 500 },
+                      "the other replica wrote what came after the kill\n\(q2.process.log.suffix(2000))")
+        let after = try ndjson(q2, filter).compactMap { $0["pid"]?.intValue }
+        XCTAssertEqual(after.count, Set(after).count, "still each event once")
+        XCTAssertEqual(after.count, 500)
+
+        // Its /metrics: promtool, and the tapio_query_* families are the documented table.
+        try checkMetrics(q2)
+        print("query role test took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+    }
+
+    func testFlagsThatCannotWorkAreRefusedInWords() throws {
+        let binary = try TestSupport.product("tapio-server")
+        let base = ["--role", "query", "--tls-dir", pki + "/server"]
+        for (args, words) in [
+            (base + ["--clickhouse", "http://127.0.0.1:8123"], "needs at least one --nats"),
+            (base + ["--nats", "nats://127.0.0.1:4222"], "needs --clickhouse"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "https://ch:8443"], "no TLS to ClickHouse"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--clickhouse-table", "x; DROP"], "not a plain identifier"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--data-dir", directory], "not used in role query"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--webhook", "http://x/"], "no engine runs here"),
+            (["--role", "correlate", "--tls-dir", pki + "/server", "--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123"], "for --role query only"),
+        ] {
+            let r = try TestSupport.run(binary, args)
+            XCTAssertNotEqual(r.status, 0, args.joined(separator: " "))
+            XCTAssertTrue((r.stderr + r.stdout).contains(words), "\(args.joined(separator: " ")): \(r.stderr)")
+        }
+        let help = try TestSupport.run(binary, ["serve", "--help"])
+        XCTAssertTrue(help.stdout.contains("query"), help.stdout)
+    }
+
+    // MARK: - Harness
+
+    /// Reads acknowledgements (cumulative) until one covers `sequence`.
+    private func ackedThrough(_ raw: RawAgent, _ sequence: UInt64) throws {
+        let deadline = Date(timeIntervalSinceNow: 20)
+        while Date() < deadline {
+            if let ack = try raw.acks(1, timeoutMs: 1000).last, ack.sequence >= sequence { return }
+        }
+        XCTFail("no acknowledgement of batch \(sequence) within 20 s")
+    }
+
+    private func startQuery(_ name: String, clickhouse: ClickHouseTestServer) throws -> QueryReplicaProcess {
+        let q = try QueryReplicaProcess(name: name, directory: directory, pki: pki, nats: nats.map(\.url), clickhousePort: clickhouse.httpPort)
+        processes.append(q.process)
+        return q
+    }
+
+    private func checkMetrics(_ replica: QueryReplicaProcess) throws {
+        let text = try replica.metrics()
+        if let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
+            let file = directory + "/query-metrics.txt"
+            try text.write(toFile: file, atomically: true, encoding: .utf8)
+            let check = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(file)"])
+            XCTAssertEqual(check.status, 0, "promtool:\n\(check.stdout)\(check.stderr)")
+        } else if TestSupport.bpfRequired {
+            XCTFail("promtool is not installed (Debian package prometheus)")
+        }
+        let exposed = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
+        let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
+        func table(_ heading: String) -> Set<String> {
+            guard let start = docs.range(of: "\n## \(heading)\n") else { return [] }
+            let section = String(docs[start.upperBound...]).components(separatedBy: "\n## ").first ?? ""
+            return Set(section.split(separator: "\n").filter { $0.hasPrefix("| `") }.map { String($0.dropFirst(3).prefix { $0 != "`" && $0 != "{" }) })
+        }
+        let own = table("Metrics of the query role")
+        let shared = table("Metrics and health")
+        XCTAssertFalse(own.isEmpty, "docs/operations.md has no \"Metrics of the query role\" table")
+        XCTAssertEqual(exposed.filter { $0.hasPrefix("tapio_query_") }.sorted(), own.filter { $0.hasPrefix("tapio_query_") }.sorted())
+        XCTAssertEqual(exposed.subtracting(own).subtracting(shared).sorted(), [], "exposed by the query replica, documented nowhere")
+    }
+
+    /// api-1 (node-a) keeps having its connects to redis refused, six every
+    /// half second, dated now, until the returned function is called.
+    private func keepRefusing(port: Int) -> () -> Void {
+        let tls = AgentTLSFiles(directory: pki + "/nodes/node-a")
+        let stop = Flag()
+        let done = DispatchSemaphore(value: 0)
+        let flow = Flow(source: IPAddress("10.0.1.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
+        Thread {
+            defer { done.signal() }
+            guard let raw = try? RawAgent(port: port, tls: tls, node: "node-a", epoch: UInt64(wallClockNs())) else { return }
+            var sequence: UInt64 = 0
+            while !stop.isSet {
+                sequence += 1
+                let refused = TapioEvent(kind: .tcpConnect, timeNs: wallClockNs(), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
+                                         detail: .tcpConnect(flow: flow, outcome: .refused, latencyNs: 200_000, error: ECONNREFUSED, count: 6))
+                do {
+                    try raw.send(raw.batch(sequence, events: [refused]))
+                    _ = try raw.acks(1, timeoutMs: 10_000)
+                } catch {
+                    break
+                }
+                Thread.sleep(forTimeInterval: 0.5)
+            }
+            raw.close()
+        }.start()
+        return {
+            guard !stop.isSet else { return }
+            stop.set()
+            _ = done.wait(timeout: .now() + 15)
+        }
+    }
+
+    /// A real agent's outbox and sender towards the ingest replica.
+    private func agent(node: String, port: Int) throws -> (Outbox, Sender) {
+        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: Outbox.Limits(), spoolDirectory: nil)
+        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
+                                          node: node, bootId: "test", capabilities: ["process_exec"], degraded: [])
+        config.maximumBackoffMs = 200
+        var logger = Logger(label: "tapio-agent-test")
+        logger.logLevel = .critical
+        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
+        sender.start()
+        return (outbox, sender)
+    }
+
+    private func jetStream(_ server: NATSTestServer) async throws -> JetStream {
+        var config = NATSClient.Configuration(servers: [NATSServerAddress(host: "127.0.0.1", port: server.port)])
+        config.connectTimeout = .seconds(3)
+        var logger = Logger(label: "tapio.query-role.test")
+        logger.logLevel = .warning
+        let client = try await NATSClient.connect(config, logger: logger)
+        clients.append(client)
+        return JetStream(client: client, timeout: .seconds(5))
+    }
+}
+
+/// One `tapio-server --role query` process on free loopback ports, its
+/// unacknowledged batches delivered again after 5 s.
+final class QueryReplicaProcess {
+    let process: ChildProcess
+    let queryPort: Int
+    let metricsPort: Int
+    let pki: String
+
+    init(name: String, directory: String, pki: String, nats: [String], clickhousePort: Int, extra: [String] = []) throws {
+        self.pki = pki
+        queryPort = TestSupport.freePort()
+        metricsPort = TestSupport.freePort()
+        var arguments = ["--role", "query", "--tls-dir", pki + "/server",
+                         "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
+                         "--clickhouse", "http://127.0.0.1:\(clickhousePort)", "--query-ack-wait", "5", "--log-level", "info"]
+        for url in nats { arguments += ["--nats", url] }
+        process = try ChildProcess(try TestSupport.product("tapio-server"), arguments + extra, logPath: directory + "/query-\(name).log")
+    }
+
+    func http(_ path: String) throws -> (status: Int, body: String) { try TestSupport.httpGet(port: metricsPort, path: path) }
+
+    func metrics() throws -> String {
+        let r = try http("/metrics")
+        guard r.status == 200 else { throw TestSupportError("/metrics answered \(r.status)") }
+        return r.body
+    }
+
+    /// The value of an unlabelled series, nil when it cannot be read.
+    func metric(_ name: String) -> Double? {
+        guard let text = try? metrics() else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
+    }
+
+    func client() throws -> QueryClient {
+        try QueryClient(host: "127.0.0.1", port: queryPort, ca: pki + "/operators/alice/ca.crt",
+                        certificate: pki + "/operators/alice/tls.crt", key: pki + "/operators/alice/tls.key")
+    }
+
+    func waitUntilReady(timeout: TimeInterval = 40) throws {
+        let ready = eventually(timeout: timeout) { (try? http("/readyz").status) == 200 || !process.isRunning }
+        guard ready, process.isRunning else {
+            throw TestSupportError("query replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
+        }
+    }
+}
