@@ -317,6 +317,7 @@ public final class QueryReplica: Sendable {
             $0.problem = ""
         }
         let js = JetStream(client: client, timeout: settings.nats.publishTimeout)
+        await ensureIncidentBucket(js)
         let mirror = IncidentMirror(bucket: settings.incidentBucket, board: board, metrics: metrics, logger: logger,
                                     malformedMetric: "tapio_query_malformed_messages_total", restartMetric: "tapio_query_consumer_restarts_total")
         let subscriptions = self.subscriptions
@@ -331,6 +332,27 @@ public final class QueryReplica: Sendable {
         ]
         state.withLock { $0.tasks += tasks }
         await write(js)
+    }
+
+    /// The incident bucket, made when no correlate replica made it yet (as
+    /// that role makes it: `--nats-replicas`), so a query replica serves an
+    /// empty incident list instead of waiting; an existing one is left as it is.
+    private func ensureIncidentBucket(_ js: JetStream) async {
+        do {
+            _ = try await js.streamInfo("KV_\(settings.incidentBucket)")
+            return
+        } catch let e as JetStreamError where e.errorCode == 10059 || e.code == 404 {
+        } catch {
+            return  // the mirror retries and says why
+        }
+        var c = KeyValueConfiguration(bucket: settings.incidentBucket)
+        c.replicas = settings.nats.replicas
+        do {
+            _ = try await js.createKeyValue(c)
+            logger.info("incident bucket created (no correlate replica had made it yet)", metadata: ["bucket": "\(settings.incidentBucket)"])
+        } catch {
+            logger.warning("cannot create the incident bucket; waiting for a correlate replica to make it", metadata: ["bucket": "\(settings.incidentBucket)", "error": "\(error)"])
+        }
     }
 
     // MARK: Writing the stream to ClickHouse

@@ -72,15 +72,36 @@ public final class ClickHouseTestServer {
             """
         try config.write(toFile: "\(directory)/config.xml", atomically: true, encoding: .utf8)
         try users.write(toFile: "\(directory)/users.xml", atomically: true, encoding: .utf8)
+        try launch(binary)
+    }
+
+    private func launch(_ binary: String) throws {
         let process = try ChildProcess(binary, ["--config-file=\(directory)/config.xml"], logPath: "\(directory)/stdout.log")
         self.process = process
         // The HTTP port is bound once the server has loaded its tables and is ready.
+        let httpPort = self.httpPort
         let up = eventually(timeout: 60) { !process.isRunning || Self.accepts(port: httpPort) }
         guard up, process.isRunning else {
             let log = (try? String(contentsOfFile: "\(directory)/error.log", encoding: .utf8)) ?? process.log
             process.stop(signal: SIGKILL)
+            self.process = nil
             throw TestSupportError("clickhouse-server did not start on 127.0.0.1:\(httpPort): \(log.suffix(2000))")
         }
+    }
+
+    /// Kills the server (SIGKILL) and keeps its directory, so `restart()`
+    /// brings it back on the same ports with the same data.
+    public func kill() {
+        process?.stop(signal: SIGKILL, timeout: 10)
+        process = nil
+    }
+
+    /// Starts the killed server again on its ports, over its data.
+    public func restart() throws {
+        kill()
+        // The ports are free again once the killed process is gone.
+        _ = eventually(timeout: 10) { !Self.accepts(port: httpPort) }
+        try launch(try Self.binary())
     }
 
     public var isRunning: Bool { process?.isRunning ?? false }

@@ -169,6 +169,60 @@ final class QueryRoleTests: XCTestCase {
         print("query role test took \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
     }
 
+    func testWhileClickHouseIsDownNothingIsAcknowledgedAndEveryBatchIsWrittenOnceWhenItIsBack() async throws {
+        let server = try NATSTestServer(name: "n0", directory: directory)
+        try server.start()
+        nats = [server]
+        let clickhouse = try ClickHouseTestServer()
+        self.clickhouse = clickhouse
+        let ingest = try IngestReplicaProcess(index: 0, directory: directory, pki: pki, nats: [server.url], streamReplicas: 1)
+        processes.append(ingest.process)
+        try ingest.waitUntilReady()
+        // No correlate replica: the query replica makes the incident bucket itself and serves an empty list.
+        let q = try startQuery("q", clickhouse: clickhouse)
+        try q.waitUntilReady()
+        XCTAssertEqual(try q.client().incidents().incidents.count, 0)
+
+        let raw = try RawAgent(port: ingest.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-c"), node: "node-c", epoch: UInt64(wallClockNs()))
+        defer { raw.close() }
+        let t0 = wallClockNs() - 10_000_000_000
+        func send(_ sequences: ClosedRange<UInt64>) throws {
+            for sequence in sequences {
+                let events = (0..<5).map { (i: Int) -> TapioEvent in
+                    TapioEvent(kind: .processExit, timeNs: t0 + Int64(sequence) * 1_000_000 + Int64(i), pid: UInt32(sequence) * 10 + UInt32(i),
+                               comm: "job", pod: "worker-0", namespace: "jobs", detail: .exit(exitCode: 0, signal: 0, coreDumped: false))
+                }
+                try raw.send(raw.batch(sequence, events: events))
+            }
+            try ackedThrough(raw, sequences.upperBound)
+        }
+        func pids() -> [Int64]? { try? q.client().events(["node": "node-c", "limit": "1000"]).events.compactMap(\.pid) }
+        try send(1...10)
+        XCTAssertTrue(eventually(timeout: 20) { pids()?.count == 50 }, "\(pids()?.count ?? -1)\n\(q.process.log.suffix(2000))")
+
+        // ClickHouse goes: the stream keeps the batches, the replica acknowledges none of them.
+        clickhouse.kill()
+        try send(11...20)
+        XCTAssertTrue(eventually(timeout: 20) { (q.metric("tapio_query_insert_failures_total") ?? 0) >= 1 }, q.process.log.suffix(2000).description)
+        XCTAssertThrowsError(try q.client().events(["node": "node-c"])) { XCTAssertTrue("\($0)".contains("events from ClickHouse"), "\($0)") }
+        XCTAssertTrue(try q.http("/healthz").body.contains("clickhouse: the last insert failed"))
+        XCTAssertEqual(try q.client().incidents().incidents.count, 0, "incidents still answer")
+        let js = try await jetStream(server)
+        let info = try await js.consumerInfo(stream: "TAPIO_EVENTS", consumer: "TAPIO_QUERY_WRITER")
+        let lastSequence = try await js.streamInfo("TAPIO_EVENTS").state.lastSequence
+        XCTAssertLessThan(info.ackFloor.streamSequence, lastSequence,
+                          "batches ClickHouse did not take are not acknowledged")
+        XCTAssertTrue(q.process.log.contains("ClickHouse did not accept an insert"), q.process.log.suffix(2000).description)
+
+        // Back: every batch written, each event once.
+        try clickhouse.restart()
+        XCTAssertTrue(eventually(timeout: 30) { pids()?.count == 100 }, "\(pids()?.count ?? -1)\n\(q.process.log.suffix(2000))")
+        let all = pids() ?? []
+        XCTAssertEqual(Set(all), Set((UInt64(1)...20).flatMap { s in (0..<5).map { Int64(s * 10) + Int64($0) } }))
+        XCTAssertEqual(all.count, Set(all).count, "each event once")
+        XCTAssertTrue(q.process.isRunning)
+    }
+
     func testFlagsThatCannotWorkAreRefusedInWords() throws {
         let binary = try TestSupport.product("tapio-server")
         let base = ["--role", "query", "--tls-dir", pki + "/server"]
