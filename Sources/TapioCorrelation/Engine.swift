@@ -629,14 +629,17 @@ public struct CorrelationEngine: Sendable {
 
     /// Whether an incident may be shown: unless its leading candidate is a
     /// listener closed on purpose, at once; otherwise once the restart grace
-    /// has passed without the listener coming back, or when the symptoms go
-    /// on after it came back.
+    /// has passed without the listener coming back, or when a symptom that
+    /// began before the restart settled goes on after it. A symptom that
+    /// begins after (a load spike 25 s later, while the restart's incident
+    /// waits out its quiet period) is another episode, not the restart
+    /// failing: it paged `listener_closed` for a restart that had worked.
     private func publishable(_ i: Incident, end: Int64) -> Bool {
         guard let stop = i.plannedStop else { return true }
         let b = configuration.bucketNs
         if let r = stop.reopenedNs, r - stop.closedNs <= configuration.restartGraceNs {
             let settled = (floorDiv(r, b) + 2) * b
-            return i.symptoms.contains { $0.lastNs > settled }
+            return i.symptoms.contains { $0.sinceNs < settled && $0.lastNs > settled }
         }
         return end >= stop.closedNs + configuration.restartGraceNs
     }
