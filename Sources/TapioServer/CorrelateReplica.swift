@@ -939,18 +939,7 @@ extension CorrelateReplica: HTTPStatusSource {
         byName["tapio_server_nats_reconnects_total"] = [.init([], client?.reconnectCount ?? 0)]
         let causes = correlation.openIncidentsByRootCause
         byName["tapio_server_incidents_open"] = (CauseKind.allCases.map(\.rawValue) + ["unknown"]).map { .init([("root_cause_kind", $0)], causes[$0] ?? 0) }
-        let c = correlation.statistics
-        for (name, value) in [("tapio_correlation_events_processed_total", Int64(c.processed)),
-                              ("tapio_correlation_late_events_total", Int64(c.late)),
-                              ("tapio_correlation_pending_events", Int64(c.pending)),
-                              ("tapio_correlation_series", Int64(c.series)),
-                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
-                              ("tapio_correlation_client_aborts_total", Int64(c.clientAborts)),
-                              ("tapio_correlation_dns_retries_answered_total", Int64(c.dnsRetriesAnswered)),
-                              ("tapio_correlation_queue_events", Int64(correlation.queueDepth)),
-                              ("tapio_correlation_queue_capacity_events", Int64(correlation.configuration.queueEvents))] {
-            byName[name] = [.init([], value)]
-        }
+        for (name, value) in correlation.metricValues { byName[name] = [.init([], value)] }
         var text = MetricsText()
         for name in byName.keys.sorted() {
             let family = Self.families[name] ?? MetricsCatalog.family(name)

@@ -160,18 +160,7 @@ extension TapioServer {
         }
         let horizonNs = (try? store.retainedFromNs()).flatMap { $0 }
         byName["tapio_server_store_retained_from_seconds"] = [.init([], horizonNs.map { Double($0) / 1e9 } ?? 0.0)]
-        let c = correlation.statistics
-        for (name, value) in [("tapio_correlation_events_processed_total", Int64(c.processed)),
-                              ("tapio_correlation_late_events_total", Int64(c.late)),
-                              ("tapio_correlation_pending_events", Int64(c.pending)),
-                              ("tapio_correlation_series", Int64(c.series)),
-                              ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
-                              ("tapio_correlation_client_aborts_total", Int64(c.clientAborts)),
-                              ("tapio_correlation_dns_retries_answered_total", Int64(c.dnsRetriesAnswered)),
-                              ("tapio_correlation_queue_events", Int64(correlation.queueDepth)),
-                              ("tapio_correlation_queue_capacity_events", Int64(correlation.configuration.queueEvents))] {
-            byName[name] = [.init([], value)]
-        }
+        for (name, value) in correlation.metricValues { byName[name] = [.init([], value)] }
         let snaps = registry.snapshot()
         func perNode(_ value: (NodeRegistry.Snapshot) -> String) -> [MetricsText.Sample] {
             snaps.map { s in
@@ -200,5 +189,22 @@ extension TapioServer {
         }
         text.addProcessMetrics()
         return text.text
+    }
+}
+
+extension CorrelationService {
+    /// The engine's `tapio_correlation_*` samples, one value each: the same
+    /// families in role all and in a correlate replica.
+    var metricValues: [(name: String, value: Int64)] {
+        let c = statistics
+        return [("tapio_correlation_events_processed_total", Int64(c.processed)),
+                ("tapio_correlation_late_events_total", Int64(c.late)),
+                ("tapio_correlation_pending_events", Int64(c.pending)),
+                ("tapio_correlation_series", Int64(c.series)),
+                ("tapio_correlation_restarts_suppressed_total", Int64(c.restartsSuppressed)),
+                ("tapio_correlation_client_aborts_total", Int64(c.clientAborts)),
+                ("tapio_correlation_dns_retries_answered_total", Int64(c.dnsRetriesAnswered)),
+                ("tapio_correlation_queue_events", Int64(queueDepth)),
+                ("tapio_correlation_queue_capacity_events", Int64(configuration.queueEvents))]
     }
 }
