@@ -11,10 +11,11 @@ import TapioWire
 /// numbered, encoded batches of at most `maxEvents` events and `maxBatchBytes`
 /// bytes (tightened to the limits the server announces in its hello-ack).
 ///
-/// With a spool directory, each batch is written to it as a checksummed
-/// record (`SpoolRecord`, fsynced with its directory) as soon as it is
-/// sealed, and its file is deleted when the server acknowledges exactly that
-/// batch; a crash loses only what the kernel had not handed over yet. An
+/// With a spool directory, each batch is appended to it as a checksummed
+/// record (`SpoolRecord`) in a segment file (`SpoolSegments`: a group with
+/// one write and one fdatasync) as soon as it is sealed, and settled there
+/// when the server acknowledges exactly that batch; a crash loses only what
+/// the kernel had not handed over yet. An
 /// in-memory copy is kept for sending up to `maxMemoryBytes`. A batch that
 /// does not fit the spool (`maxSpoolBytes`) stays in memory; when memory is
 /// full too, the oldest such batch is dropped and its events counted
@@ -22,15 +23,15 @@ import TapioWire
 ///
 /// With a spooler thread (`startSpooler`, as the agent runs it), the
 /// ring-buffer reader only appends: the spooler seals (encoding outside the
-/// lock), writes a group of records with one sync, and keeps only the newest
+/// lock), appends a group of records with one sync, and keeps only the newest
 /// `memoryWindowBytes` of spooled batches in memory (older ones are read back
 /// to be sent). With a state directory, `CrashCounters` account for every
 /// event read, so that the next start reports what a crash lost.
 ///
 /// At start, the records a previous process left are loaded and sent again
 /// with their own epoch (the server deduplicates by node, epoch, sequence). A
-/// record that cannot be read is moved to `quarantine/` and its events are
-/// counted (`spool_corrupt`). A batch larger than the server accepts never
+/// record that cannot be read (torn, damaged) is copied to `quarantine/` and
+/// its events are counted (`spool_corrupt`). A batch larger than the server accepts never
 /// blocks the rest: if this process never sent it, its events are sealed
 /// again within the limits; otherwise the server may hold it already, and it
 /// is dropped and its events counted (`batch_too_large`).
@@ -56,6 +57,10 @@ public final class Outbox: Sendable {
         /// `maxMemoryBytes`) unreserved.
         public var maxSpoolQueueBytes = 8 << 20
         public var maxSpoolBytes = 256 << 20
+        /// A spool segment is appended to up to this size (at most a quarter
+        /// of `maxSpoolBytes`), then the next one starts; a segment goes when
+        /// every batch in it is settled.
+        public var segmentBytes = 8 << 20
 
         public init() {}
     }
@@ -69,7 +74,7 @@ public final class Outbox: Sendable {
         /// The encoded batch, while memory allows.
         var memory: [UInt8]?
         /// Its spool record, once written and synced.
-        var file: String?
+        var spooled: SpoolLocation?
         /// Spool bytes reserved or used by its record.
         var fileBytes = 0
         /// A spool write is under way (outside the lock).
@@ -183,6 +188,8 @@ public final class Outbox: Sendable {
     public let epoch: UInt64
     public let limits: Limits
     public let spoolDirectory: String?
+    /// The spool's files, with a spool directory.
+    private let spool: SpoolSegments?
     /// Where the crash counters (and, without a spool, the carried drops) live.
     public let stateDirectory: String?
     /// What the crash counters of a previous process said, when it did not stop cleanly.
@@ -200,6 +207,7 @@ public final class Outbox: Sendable {
         self.epoch = epoch
         self.limits = limits
         self.spoolDirectory = spoolDirectory
+        spool = spoolDirectory.map { SpoolSegments(directory: $0, segmentBytes: min(limits.segmentBytes, limits.maxSpoolBytes / 4)) }
         self.stateDirectory = stateDirectory
         var recovered: CrashCounters.Snapshot?
         if let state = stateDirectory {
@@ -213,8 +221,8 @@ public final class Outbox: Sendable {
         if let dir = spoolDirectory {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         }
-        if let dir = spoolDirectory {
-            try loadSpool(dir)
+        if let spool {
+            try loadSpool(spool)
         } else if stateDirectory != nil {
             let carried = readCarriedDrops()
             state.withLock { s in
@@ -247,68 +255,19 @@ public final class Outbox: Sendable {
     /// Why the crash counters could not be created (then a crash's losses go uncounted).
     public var countersProblem: String? { state.withLock { $0.countersProblem } }
 
-    private func recordPath(_ dir: String, _ epoch: UInt64, _ sequence: UInt64) -> String { "\(dir)/\(epoch)-\(sequence).batch" }
     private var carriedPath: String? { (spoolDirectory ?? stateDirectory).map { $0 + "/carried-drops" } }
 
     /// Batches a previous run left in the spool go first, in (epoch, sequence)
     /// order. Unreadable records are quarantined and counted, and the count is
     /// saved before they are moved, so that a crash now counts them twice at
     /// worst, never not at all.
-    private func loadSpool(_ dir: String) throws {
-        var found: [Entry] = []
-        var bad: [String] = []
-        var corruptEvents: UInt64 = 0
-        var seen = Set<String>()
-        let names = try FileManager.default.contentsOfDirectory(atPath: dir)
-        // Renamed records first, then those a crash left under their temporary name.
-        let ordered = names.filter { $0.hasSuffix(".batch") }.sorted() + names.filter { $0.hasSuffix(".batch.tmp") }.sorted()
-        for name in ordered {
-            let path = dir + "/" + name
-            guard let data = FileManager.default.contents(atPath: path) else {
-                // Unreadable: nothing is known about it, not even its event count.
-                bad.append(path)
-                corruptEvents += 1
-                continue
-            }
-            let bytes = [UInt8](data)
-            var record: SpoolRecord
-            var keptAt = path
-            do {
-                record = try SpoolRecord.decode(bytes)
-            } catch let error as SpoolRecord.DecodeError {
-                if !name.hasSuffix(".tmp"), let legacy = try? EventBatch.decode(bytes), !legacy.events.isEmpty {
-                    // A batch an older agent spooled as a bare EventBatch: wrap it in a record.
-                    record = SpoolRecord(epoch: legacy.epoch, sequence: legacy.sequence, eventCount: UInt32(clamping: legacy.events.count), payload: bytes)
-                    keptAt = recordPath(dir, record.epoch, record.sequence)
-                    if seen.contains(keptAt) { unlink(path); continue }
-                    guard (try? writeDurably(keptAt, record.encode())) != nil else {
-                        bad.append(path)
-                        corruptEvents += UInt64(legacy.events.count)
-                        continue
-                    }
-                    if keptAt != path { unlink(path) }
-                } else {
-                    bad.append(path)
-                    // Exact when the header checks out; otherwise at least one
-                    // (only a batch of counts only holds none).
-                    corruptEvents += UInt64(error.eventCount ?? 1)
-                    continue
-                }
-            }
-            let final = recordPath(dir, record.epoch, record.sequence)
-            if seen.contains(final) {
-                // The same batch twice: a completed write whose rename was interrupted, next to its renamed copy.
-                unlink(path)
-                continue
-            }
-            if keptAt != final, !bad.contains(final), rename(keptAt, final) == 0 {
-                keptAt = final
-            }
-            seen.insert(final)
-            found.append(Entry(epoch: record.epoch, sequence: record.sequence, events: Int(record.eventCount), payloadBytes: record.payload.count,
-                               memory: nil, file: keptAt, fileBytes: SpoolRecord.headerSize + record.payload.count))
+    private func loadSpool(_ spool: SpoolSegments) throws {
+        let loaded = try spool.load()
+        let found = loaded.batches.map { b in
+            Entry(epoch: b.epoch, sequence: b.sequence, events: b.events, payloadBytes: b.payloadBytes,
+                  memory: nil, spooled: b.location, fileBytes: b.recordBytes)
         }
-        found.sort { ($0.epoch, $0.sequence) < ($1.epoch, $1.sequence) }
+        let corruptEvents = loaded.damage.reduce(UInt64(0)) { saturatingAdd($0, $1.events) }
         let carried = readCarriedDrops()
         state.withLock { s in
             s.entries = found
@@ -321,15 +280,7 @@ public final class Outbox: Sendable {
             }
             s.carriedFilePresent = carriedPath.map { FileManager.default.fileExists(atPath: $0) } ?? false
         }
-        if !bad.isEmpty {
-            let quarantine = dir + "/quarantine"
-            try? FileManager.default.createDirectory(atPath: quarantine, withIntermediateDirectories: true)
-            for path in bad {
-                let target = quarantine + "/" + (path as NSString).lastPathComponent + ".\(wallClockNs())"
-                if rename(path, target) != 0 { unlink(path) }
-            }
-            syncDirectory(dir)
-        }
+        spool.quarantine(loaded.damage)
     }
 
     // MARK: - Producer side
@@ -647,14 +598,14 @@ public final class Outbox: Sendable {
         if s.memoryBytes > 2 * window { s.peakSinceTrim = true }
         var i = 0
         while s.memoryBytes > window, i < s.entries.count {
-            if s.entries[i].memory != nil, s.entries[i].file != nil {
+            if s.entries[i].memory != nil, s.entries[i].spooled != nil {
                 s.memoryBytes -= s.entries[i].payloadBytes
                 s.entries[i].memory = nil
             }
             i += 1
         }
         while s.memoryBytes > limits.maxMemoryBytes {
-            guard let i = s.entries.firstIndex(where: { $0.memory != nil && $0.file == nil && !$0.writing && !$0.sent }) else { return }
+            guard let i = s.entries.firstIndex(where: { $0.memory != nil && $0.spooled == nil && !$0.writing && !$0.sent }) else { return }
             let e = s.entries.remove(at: i)
             s.memoryBytes -= e.payloadBytes
             s.count(e.events, spoolDirectory == nil ? "queue_full" : "spool_full")
@@ -665,19 +616,21 @@ public final class Outbox: Sendable {
     /// Picks the batches held only in memory that fit the spool, oldest first,
     /// and reserves their room. While writes fail, only the newest is tried.
     private func reserveSpoolWrites(_ s: inout State, all: Bool = false) -> [SpoolWrite] {
-        guard spoolDirectory != nil else { return [] }
+        guard let spool else { return [] }
+        // Settled records not yet given back (their segment holds others) take room too.
+        let dead = spool.deadBytes
         var writes: [SpoolWrite] = []
         var queued = s.queuedBytes
         var skipped = false
         let scanAll = all || s.unspooledBehind
         for i in s.entries.indices.reversed() {
-            if s.entries[i].file != nil || s.entries[i].writing {
+            if s.entries[i].spooled != nil || s.entries[i].writing {
                 // Without a batch left behind, everything older is spooled too.
                 if scanAll { continue } else { break }
             }
             guard let bytes = s.entries[i].memory else { continue }
             let size = SpoolRecord.headerSize + bytes.count
-            guard s.spoolBytes + size <= limits.maxSpoolBytes, all || !s.background || queued + size <= limits.maxSpoolQueueBytes || writes.isEmpty && queued == 0 else {
+            guard s.spoolBytes + dead + size <= limits.maxSpoolBytes, all || !s.background || queued + size <= limits.maxSpoolQueueBytes || writes.isEmpty && queued == 0 else {
                 skipped = true
                 continue
             }
@@ -696,47 +649,39 @@ public final class Outbox: Sendable {
         return writes.reversed()
     }
 
-    /// Writes the records (each synced, then the directory once) and records
-    /// which batches are now safe on disk.
+    /// Appends the records (one write, one sync) and records which batches
+    /// are now safe on disk.
     private func finishSeal(_ writes: [SpoolWrite]) {
-        if let dir = spoolDirectory, !writes.isEmpty {
-            let paths = writes.map { recordPath(dir, $0.epoch, $0.sequence) }
-            let ok = writeGroupDurably(paths, writes.map {
-                SpoolRecord(epoch: $0.epoch, sequence: $0.sequence, eventCount: UInt32(clamping: $0.events), payload: $0.payload).encode()
-            })
-            let written = writes.indices.map { (writes[$0], ok[$0] ? paths[$0] : nil) }
-            syncDirectory(dir)
-            var orphans: [String] = []
-            var failed: [String] = []
+        if let spool, !writes.isEmpty {
+            let locations = spool.append(writes.map { SpoolSegments.Record(epoch: $0.epoch, sequence: $0.sequence, events: $0.events, payload: $0.payload) })
+            var orphans: [SpoolLocation] = []
             state.withLock { s in
-                for (w, path) in written {
+                for (w, location) in zip(writes, locations) {
                     guard let i = s.entries.lastIndex(where: { $0.epoch == w.epoch && $0.sequence == w.sequence }) else {
                         // Acknowledged or dropped while it was being written.
                         s.spoolBytes -= w.recordBytes
-                        if let path { orphans.append(path) }
+                        if let location { orphans.append(location) }
                         continue
                     }
                     s.entries[i].writing = false
-                    s.spoolFailing = path == nil
-                    if path == nil { s.unspooledBehind = true }
-                    if let path {
-                        s.entries[i].file = path
+                    s.spoolFailing = location == nil
+                    if let location {
+                        s.entries[i].spooled = location
                         s.madeDurable(i)
                     } else {
+                        s.unspooledBehind = true
                         s.spoolBytes -= s.entries[i].fileBytes
                         s.entries[i].fileBytes = 0
-                        // A batch re-sealed in place of another must not leave the other behind.
-                        failed.append(recordPath(dir, w.epoch, w.sequence))
                     }
                 }
                 // Counts carried over from an earlier process are now in a batch on disk.
-                if s.carriedFilePresent, written.contains(where: { $0.1 != nil && $0.0.epoch == epoch }) {
+                if s.carriedFilePresent, zip(writes, locations).contains(where: { $0.1 != nil && $0.0.epoch == epoch }) {
                     if let path = carriedPath { unlink(path) }
                     s.carriedFilePresent = false
                 }
                 enforceMemoryLimit(&s)
             }
-            for path in orphans + failed { unlink(path) }
+            spool.release(orphans)
         }
         signal()
     }
@@ -748,14 +693,15 @@ public final class Outbox: Sendable {
     /// sent (too large for the server, unreadable or vanished from the spool)
     /// are dropped, counted, and skipped.
     public func nextToSend(window: Int) -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? {
-        var doomed: [String] = []
+        var doomed: [SpoolLocation] = []
+        var quarantined: [SpoolLocation] = []
         var writes: [SpoolWrite] = []
         // A record is read outside the lock (the ring-buffer reader takes it
         // for every event), then the choice is made again with what was read.
         var prefetched: (epoch: UInt64, sequence: UInt64, result: Result<[UInt8], DropReason>)?
         var next: (epoch: UInt64, sequence: UInt64, payload: [UInt8])?
         while true {
-            var toRead: (path: String, entry: Entry)?
+            var toRead: (location: SpoolLocation, entry: Entry)?
             next = state.withLock { s -> (epoch: UInt64, sequence: UInt64, payload: [UInt8])? in
                 var inFlight = 0
                 var i = 0
@@ -765,9 +711,9 @@ public final class Outbox: Sendable {
                     let e = s.entries[i]
                     var reason: String?
                     var payload = e.memory
-                    if payload == nil, let path = e.file {
+                    if payload == nil, let location = e.spooled {
                         guard let p = prefetched, p.epoch == e.epoch, p.sequence == e.sequence else {
-                            toRead = (path, e)
+                            toRead = (location, e)
                             return nil
                         }
                         switch p.result {
@@ -783,6 +729,8 @@ public final class Outbox: Sendable {
                             guard !e.writing, !s.sealing else { return nil }
                             s.entries.remove(at: i)
                             release(e, &s)
+                            // Its record (if any) must not come back after a restart beside its parts.
+                            if let location = e.spooled { doomed.append(location) }
                             // Its events are accounted for again as the new batches are.
                             if e.accounted, let kinds = e.kinds { s.counters?.account(kinds, negate: true) }
                             sealEvents(events, &s, replacing: (i, e.sequence))
@@ -796,8 +744,8 @@ public final class Outbox: Sendable {
                         let reason = reason ?? "spool_lost"
                         s.entries.remove(at: i)
                         release(e, &s)
-                        if let path = e.file {
-                            if reason == "spool_corrupt", let dir = spoolDirectory { quarantine(path, dir) } else { doomed.append(path) }
+                        if let location = e.spooled {
+                            if reason == "spool_corrupt" { quarantined.append(location) } else { doomed.append(location) }
                         }
                         s.count(e.events, reason)
                         s.settle(e)
@@ -809,22 +757,14 @@ public final class Outbox: Sendable {
                 }
                 return nil
             }
-            guard let (path, entry) = toRead else { break }
-            prefetched = (entry.epoch, entry.sequence, readRecord(path, entry))
+            guard let (location, entry) = toRead else { break }
+            prefetched = (entry.epoch, entry.sequence, spool.map { $0.read(location).mapError { DropReason($0.reason) } } ?? .failure(DropReason("spool_lost")))
         }
-        for path in doomed { unlink(path) }
         if !writes.isEmpty { finishSeal(writes) }
+        // After the parts of a batch sealed again are on disk, when they are written here.
+        spool?.release(doomed)
+        for location in quarantined { spool?.quarantine(location) }
         return next
-    }
-
-    private func readRecord(_ path: String, _ e: Entry) -> Result<[UInt8], DropReason> {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            return .failure(DropReason(FileManager.default.fileExists(atPath: path) ? "spool_corrupt" : "spool_lost"))
-        }
-        guard let record = try? SpoolRecord.decode([UInt8](data)), record.epoch == e.epoch, record.sequence == e.sequence else {
-            return .failure(DropReason("spool_corrupt"))
-        }
-        return .success(record.payload)
     }
 
     private struct DropReason: Error {
@@ -832,15 +772,9 @@ public final class Outbox: Sendable {
         init(_ reason: String) { self.reason = reason }
     }
 
-    private func quarantine(_ path: String, _ dir: String) {
-        let q = dir + "/quarantine"
-        try? FileManager.default.createDirectory(atPath: q, withIntermediateDirectories: true)
-        if rename(path, q + "/" + (path as NSString).lastPathComponent + ".\(wallClockNs())") != 0 { unlink(path) }
-    }
-
     private func release(_ e: Entry, _ s: inout State) {
         if e.memory != nil { s.memoryBytes -= e.payloadBytes }
-        if e.file != nil { s.spoolBytes -= e.fileBytes }
+        if e.spooled != nil { s.spoolBytes -= e.fileBytes }
     }
 
     /// The server holds exactly the batch (epoch, sequence) durably.
@@ -857,16 +791,16 @@ public final class Outbox: Sendable {
     }
 
     private func remove(where match: (Entry) -> Bool) {
-        let (removed, files) = state.withLock { s -> (Int, [String]) in
+        let (removed, settled) = state.withLock { s -> (Int, [SpoolLocation]) in
             var removed = 0
-            var files: [String] = []
+            var settled: [SpoolLocation] = []
             var i = 0
             while i < s.entries.count {
                 guard match(s.entries[i]) else { i += 1; continue }
                 let e = s.entries.remove(at: i)
                 release(e, &s)
                 removed += 1
-                if let f = e.file { files.append(f) }
+                if let location = e.spooled { settled.append(location) }
                 s.ackedBatches += 1
                 s.settle(e)
                 if e.sequence > s.durableSequence, let drops = e.drops {
@@ -882,9 +816,9 @@ public final class Outbox: Sendable {
                     }
                 }
             }
-            return (removed, files)
+            return (removed, settled)
         }
-        for path in files { unlink(path) }
+        spool?.release(settled)
         if removed > 0 { signal() }
     }
 
@@ -913,7 +847,7 @@ public final class Outbox: Sendable {
     public var stats: Stats {
         state.withLock { s in
             Stats(sealedBatches: s.sealedBatches, ackedBatches: s.ackedBatches, unacknowledged: s.entries.count,
-                  memoryBytes: s.memoryBytes, spoolBytes: s.spoolBytes,
+                  memoryBytes: s.memoryBytes, spoolBytes: s.spoolBytes + (spool?.deadBytes ?? 0),
                   drops: s.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
                       .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) })
         }
@@ -948,8 +882,8 @@ public final class Outbox: Sendable {
         }
         finishSeal(state.withLock { reserveSpoolWrites(&$0, all: true) })
         return state.withLock { s in
-            let unsaved = s.entries.filter { $0.file == nil }
-            s.entries.removeAll { $0.file == nil }
+            let unsaved = s.entries.filter { $0.spooled == nil }
+            s.entries.removeAll { $0.spooled == nil }
             for e in unsaved {
                 release(e, &s)
                 s.settle(e)
@@ -973,10 +907,10 @@ public final class Outbox: Sendable {
                 } catch {
                     break
                 }
-                guard let i = s.entries.lastIndex(where: { $0.file != nil }) else { break }
+                guard let i = s.entries.lastIndex(where: { $0.spooled != nil }) else { break }
                 let e = s.entries.remove(at: i)
                 release(e, &s)
-                if let path = e.file { unlink(path) }
+                if let location = e.spooled { spool?.releaseFreeing(location) }
                 lost += e.events
                 s.count(e.events, "spool_full")
             }
@@ -1004,7 +938,7 @@ public final class Outbox: Sendable {
     /// reach the server): the counters now, less those of the newest such batch.
     private func unreportedDrops(_ s: State) -> [DropKey: UInt64] {
         var reported = s.ackedDrops
-        if let newest = s.entries.last(where: { $0.epoch == epoch && $0.file != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
+        if let newest = s.entries.last(where: { $0.epoch == epoch && $0.spooled != nil && $0.drops != nil }), newest.sequence > s.ackedSequence {
             reported = newest.drops!
         }
         var unreported: [DropKey: UInt64] = [:]
@@ -1017,8 +951,8 @@ public final class Outbox: Sendable {
         state.withLock { s in
             s.entries.compactMap { e in
                 if let b = e.memory { return b }
-                guard let path = e.file, let data = FileManager.default.contents(atPath: path) else { return nil }
-                return try? SpoolRecord.decode([UInt8](data)).payload
+                guard let location = e.spooled else { return nil }
+                return try? spool?.read(location).get()
             }
         }
     }
@@ -1047,75 +981,7 @@ public final class Outbox: Sendable {
         guard let path = carriedPath else { return }
         let text = drops.sorted { ($0.key.kind.rawValue, $0.key.reason) < ($1.key.kind.rawValue, $1.key.reason) }
             .map { "\($0.key.kind.rawValue) \($0.key.reason) \($0.value)\n" }.joined()
-        try writeDurably(path, Array(text.utf8))
-    }
-
-    /// Writes a file under a temporary name, syncs it, renames it into place
-    /// and (unless the caller batches that) syncs the directory.
-    private func writeDurably(_ path: String, _ bytes: [UInt8], syncDirectory syncDir: Bool = true) throws {
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SpoolError("cannot create \(tmp)", errno: errno) }
-        func fail(_ what: String) -> SpoolError {
-            let error = SpoolError("cannot \(what) \(tmp)", errno: errno)
-            close(fd)
-            unlink(tmp)
-            return error
-        }
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
-            if n < 0, errno == EINTR { continue }
-            guard n > 0 else { throw fail("write") }
-            offset += n
-        }
-        guard fsync(fd) == 0 else { throw fail("sync") }
-        close(fd)
-        guard rename(tmp, path) == 0 else {
-            let error = SpoolError("cannot rename \(tmp)", errno: errno)
-            unlink(tmp)
-            throw error
-        }
-        if syncDir { syncDirectory((path as NSString).deletingLastPathComponent) }
-    }
-
-    /// Group commit: every record written under its temporary name first,
-    /// then synced: one `syncfs` of the spool's filesystem for a group of
-    /// several (one fsync each costs a journal commit each, which kept the
-    /// spooler behind a storm at about 4 MB/s here), else each fsynced; then
-    /// each renamed into place. The caller syncs the directory once.
-    private func writeGroupDurably(_ paths: [String], _ contents: [[UInt8]]) -> [Bool] {
-        var fds = [Int32](repeating: -1, count: paths.count)
-        for (i, path) in paths.enumerated() {
-            let fd = open(path + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { continue }
-            let bytes = contents[i]
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
-                if n < 0, errno == EINTR { continue }
-                guard n > 0 else { break }
-                offset += n
-            }
-            if offset == bytes.count {
-                fds[i] = fd
-            } else {
-                close(fd)
-                unlink(path + ".tmp")
-            }
-        }
-        var ok = [Bool](repeating: false, count: paths.count)
-        var synced = false
-        if let fd = fds.first(where: { $0 >= 0 }), fds.filter({ $0 >= 0 }).count >= 4 {
-            synced = fileSystemSync(fd) == 0
-        }
-        for (i, fd) in fds.enumerated() where fd >= 0 {
-            ok[i] = synced || fsync(fd) == 0
-            close(fd)
-            if ok[i] { ok[i] = rename(paths[i] + ".tmp", paths[i]) == 0 }
-            if !ok[i] { unlink(paths[i] + ".tmp") }
-        }
-        return ok
+        try writeFileDurably(path, Array(text.utf8))
     }
 
     /// After a backlog has drained, hands the heap's free memory back to the
@@ -1134,13 +1000,6 @@ public final class Outbox: Sendable {
         }
     }
 
-    private func syncDirectory(_ dir: String) {
-        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { return }
-        _ = fsync(fd)
-        close(fd)
-    }
-
     // MARK: - Waiting
 
     private func signal() {
@@ -1157,10 +1016,6 @@ public final class Outbox: Sendable {
     }
 }
 
-/// syncfs(2): flushes the filesystem that holds the descriptor's file.
-@_silgen_name("syncfs")
-private func fileSystemSync(_ fd: Int32) -> Int32
-
 /// glibc's malloc_trim (in <malloc.h>, which the Glibc module leaves out).
 @_silgen_name("malloc_trim")
 private func heapTrim(_ pad: Int) -> Int32
@@ -1168,13 +1023,4 @@ private func heapTrim(_ pad: Int) -> Int32
 private func saturatingAdd(_ a: UInt64, _ b: UInt64) -> UInt64 {
     let (sum, overflow) = a.addingReportingOverflow(b)
     return overflow ? .max : sum
-}
-
-struct SpoolError: Error, CustomStringConvertible {
-    var description: String
-    var errno: Int32
-    init(_ description: String, errno: Int32) {
-        self.description = "\(description): errno \(errno)"
-        self.errno = errno
-    }
 }

@@ -19,6 +19,9 @@
 /// The header has its own checksum so that the event count is still known
 /// (and counted as dropped) when only the payload is damaged. `decode` never
 /// traps: any input either decodes or throws.
+///
+/// A spool segment (`SpoolSegments`) is records back to back, nothing
+/// between them; `scan` splits one into its records and damaged pieces.
 public struct SpoolRecord: Sendable, Equatable {
     public static let magic: [UInt8] = [0x54, 0x50, 0x53, 0x52]
     public static let version: UInt8 = 1
@@ -46,18 +49,90 @@ public struct SpoolRecord: Sendable, Equatable {
     }
 
     public func encode() -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(Self.headerSize + payload.count)
-        out += Self.magic
-        out += [Self.version, 0, 0, 0]
-        Self.append(epoch, to: &out)
-        Self.append(sequence, to: &out)
-        Self.append(eventCount, to: &out)
-        Self.append(UInt32(truncatingIfNeeded: payload.count), to: &out)
-        Self.append(CRC32.checksum(out[0..<32]), to: &out)
-        Self.append(CRC32.checksum(payload[...]), to: &out)
+        var out = payload.withUnsafeBytes { Self.header(epoch: epoch, sequence: sequence, eventCount: eventCount, payload: $0) }
         out += payload
         return out
+    }
+
+    /// The header of the record holding `payload`: a record is written as
+    /// this and the payload side by side, without copying the payload.
+    public static func header(epoch: UInt64, sequence: UInt64, eventCount: UInt32, payload: UnsafeRawBufferPointer) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(headerSize)
+        out += magic
+        out += [version, 0, 0, 0]
+        append(epoch, to: &out)
+        append(sequence, to: &out)
+        append(eventCount, to: &out)
+        append(UInt32(truncatingIfNeeded: payload.count), to: &out)
+        append(CRC32.checksum(out[0..<32]), to: &out)
+        append(CRC32.checksum(payload), to: &out)
+        return out
+    }
+
+    /// One piece of a segment: a record, or bytes that are not one.
+    public struct Piece: Sendable, Equatable {
+        public var offset: Int
+        /// Bytes the piece spans.
+        public var length: Int
+        /// Every check holds: the bytes decode to the record.
+        public var intact: Bool
+        /// From the header when its checksum holds (else nil and zeros):
+        /// a damaged record's events are still known and counted.
+        public var eventCount: UInt32?
+        public var epoch: UInt64 = 0
+        public var sequence: UInt64 = 0
+        public var payloadCRC: UInt32 = 0
+    }
+
+    /// Splits records written back to back into pieces, in order, covering
+    /// every byte. A record whose header checks out spans its stated length
+    /// (to the end when the bytes stop short: a torn write); bytes that start
+    /// no record with a valid header are one damaged piece up to the next
+    /// that does. Never traps.
+    public static func scan(_ bytes: UnsafeRawBufferPointer) -> [Piece] {
+        var pieces: [Piece] = []
+        let n = bytes.count
+        var offset = 0
+        while offset < n {
+            guard let h = parseHeader(bytes, at: offset) else {
+                var next = offset + 1
+                while next < n, parseHeader(bytes, at: next) == nil { next += 1 }
+                pieces.append(Piece(offset: offset, length: next - offset, intact: false, eventCount: nil))
+                offset = next
+                continue
+            }
+            let end = offset + headerSize + Int(h.length)
+            var piece = Piece(offset: offset, length: min(end, n) - offset, intact: false, eventCount: h.events,
+                              epoch: h.epoch, sequence: h.sequence, payloadCRC: h.payloadCRC)
+            if end <= n, h.wellFormed {
+                piece.intact = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[(offset + headerSize)..<end])) == h.payloadCRC
+            }
+            pieces.append(piece)
+            offset = piece.offset + piece.length
+        }
+        return pieces
+    }
+
+    private struct Header {
+        var epoch: UInt64
+        var sequence: UInt64
+        var events: UInt32
+        var length: UInt32
+        var payloadCRC: UInt32
+        /// Version and reserved bytes as this agent writes them.
+        var wellFormed: Bool
+    }
+
+    /// A header at `offset` whose magic and checksum hold.
+    private static func parseHeader(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> Header? {
+        guard offset >= 0, bytes.count - offset >= headerSize,
+              bytes[offset] == magic[0], bytes[offset + 1] == magic[1], bytes[offset + 2] == magic[2], bytes[offset + 3] == magic[3] else { return nil }
+        func u32(_ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 << 8 | UInt32(bytes[offset + at + $1]) } }
+        func u64(_ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 << 8 | UInt64(bytes[offset + at + $1]) } }
+        guard CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + 32)])) == u32(32) else { return nil }
+        return Header(epoch: u64(8), sequence: u64(16), events: u32(24), length: u32(28), payloadCRC: u32(36),
+                      wellFormed: bytes[offset + 4] == version && bytes[offset + 5] == 0 && bytes[offset + 6] == 0 && bytes[offset + 7] == 0)
     }
 
     public static func decode(_ bytes: [UInt8]) throws -> SpoolRecord {

@@ -327,14 +327,15 @@ final class DeliveryTests: XCTestCase {
         // is known about it any more, not even how many events it held).
         let damaged = records[records.count / 2]
         let truncated = records[records.count - 1]
-        let truncatedEvents = try XCTUnwrap(Self.spoolRecordEventCount(truncated.path))
+        let truncatedEvents = truncated.events
         let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: damaged.path))
-        handle.seek(toFileOffset: 40 + 5)
+        handle.seek(toFileOffset: UInt64(damaged.offset + 40 + 5))
         let byte = handle.readData(ofLength: 1)
-        handle.seek(toFileOffset: 40 + 5)
+        handle.seek(toFileOffset: UInt64(damaged.offset + 40 + 5))
         handle.write(Data([byte.first! ^ 0xFF]))
         handle.closeFile()
-        XCTAssertEqual(truncate(truncated.path, 20), 0)
+        // The last record is the end of the newest segment: cut inside its header, as a torn write.
+        XCTAssertEqual(truncate(truncated.path, off_t(truncated.offset + 20)), 0)
 
         try startAgent(waitConnected: false)
         try startServer()
@@ -617,20 +618,30 @@ final class DeliveryTests: XCTestCase {
             .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
     }
 
-    private func spoolRecords(in directory: String? = nil) -> [(path: String, events: Int)] {
+    /// The unsettled records in the spool's segment files (records back to
+    /// back: a 40-byte header with the event count, big-endian, at 24 and the
+    /// payload length at 28), oldest first; records named in a segment's
+    /// `.acks` marks (32 bytes each, the offset first) are settled.
+    private func spoolRecords(in directory: String? = nil) -> [(path: String, offset: Int, events: Int)] {
         let spoolDir = directory ?? spoolDir
-        let names = ((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? []).filter { $0.hasSuffix(".batch") }
-        return names.sorted().compactMap { name in
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: spoolDir)) ?? [])
+            .filter { $0.hasPrefix("segment-") && $0.hasSuffix(".spool") }.sorted()
+        return names.flatMap { name -> [(path: String, offset: Int, events: Int)] in
             let path = spoolDir + "/" + name
-            return Self.spoolRecordEventCount(path).map { (path, $0) }
+            guard let data = FileManager.default.contents(atPath: path) else { return [] }
+            let bytes = [UInt8](data)
+            let marks = [UInt8](FileManager.default.contents(atPath: String(path.dropLast(".spool".count)) + ".acks") ?? Data())
+            let settled = Set(stride(from: 0, to: marks.count - marks.count % 32, by: 32).map { i in marks[i..<(i + 8)].reduce(0) { $0 << 8 | Int($1) } })
+            var records: [(path: String, offset: Int, events: Int)] = []
+            var offset = 0
+            while offset + 40 <= bytes.count {
+                let events = bytes[(offset + 24)..<(offset + 28)].reduce(0) { $0 << 8 | Int($1) }
+                let length = bytes[(offset + 28)..<(offset + 32)].reduce(0) { $0 << 8 | Int($1) }
+                if !settled.contains(offset) { records.append((path, offset, events)) }
+                offset += 40 + length
+            }
+            return records
         }
-    }
-
-    /// The event count in a spool record's header (big-endian UInt32 at 24).
-    private static func spoolRecordEventCount(_ path: String) -> Int? {
-        guard let data = FileManager.default.contents(atPath: path), data.count >= 40 else { return nil }
-        let bytes = [UInt8](data)
-        return bytes[24..<28].reduce(0) { $0 << 8 | Int($1) }
     }
 
     private func query(_ arguments: [String]) throws -> [String: Any] {

@@ -85,6 +85,23 @@ final class OutboxDeliveryTests: XCTestCase {
         ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
     }
 
+    /// The records in the spool's segment files, oldest first, with the file each is in.
+    private func segmentRecords(_ dir: String) -> [(path: String, piece: SpoolRecord.Piece)] {
+        files(dir).filter { $0.hasPrefix("segment-") && $0.hasSuffix(".spool") }.flatMap { name -> [(path: String, piece: SpoolRecord.Piece)] in
+            let path = dir + "/" + name
+            let bytes = [UInt8](FileManager.default.contents(atPath: path) ?? Data())
+            return bytes.withUnsafeBytes { SpoolRecord.scan($0) }.map { (path, $0) }
+        }
+    }
+
+    /// Overwrites bytes of a file in place.
+    private func overwrite(_ path: String, at offset: Int, with bytes: [UInt8]) throws {
+        let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: path))
+        defer { handle.closeFile() }
+        handle.seek(toFileOffset: UInt64(offset))
+        handle.write(Data(bytes))
+    }
+
     // MARK: 7: batches the server refuses
 
     func testSealedBatchesStayWithinTheByteBudgetAndKeepEveryEventInOrder() throws {
@@ -209,11 +226,12 @@ final class OutboxDeliveryTests: XCTestCase {
             let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
             for pid in 1...30 { outbox.add(exitEvent(UInt32(pid))) }
         }
-        // Sequence 2's payload damaged, a garbage file, and a "file" that cannot be read at all.
-        let damaged = spool + "/5-2.batch"
-        var bytes = [UInt8](try XCTUnwrap(FileManager.default.contents(atPath: damaged)))
-        bytes[bytes.count - 3] ^= 0x40
-        try Data(bytes).write(to: URL(fileURLWithPath: damaged))
+        // Sequence 2's payload damaged in its segment, and (as an older agent
+        // left them) a garbage file and a "file" that cannot be read at all.
+        let damaged = try XCTUnwrap(segmentRecords(spool).first { $0.piece.sequence == 2 })
+        let at = damaged.piece.offset + damaged.piece.length - 3
+        let byte = try XCTUnwrap(FileManager.default.contents(atPath: damaged.path))[at]
+        try overwrite(damaged.path, at: at, with: [byte ^ 0x40])
         try Data("not a batch".utf8).write(to: URL(fileURLWithPath: spool + "/5-7.batch"))
         try FileManager.default.createDirectory(atPath: spool + "/5-8.batch", withIntermediateDirectories: false)
 
@@ -238,7 +256,8 @@ final class OutboxDeliveryTests: XCTestCase {
             for pid in 1...20 { outbox.add(exitEvent(UInt32(pid))) }
         }
         let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
-        try Data("overwritten".utf8).write(to: URL(fileURLWithPath: spool + "/5-1.batch"))
+        let first = try XCTUnwrap(segmentRecords(spool).first { $0.piece.sequence == 1 })
+        try overwrite(first.path, at: first.piece.offset, with: Array("overwritten".utf8))
         XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 2)
         XCTAssertEqual(drops(restarted, "spool_corrupt"), 10)
         XCTAssertEqual(files(spool + "/quarantine").count, 1)
@@ -396,12 +415,14 @@ final class OutboxDeliveryTests: XCTestCase {
 
     func testASpooledBatchThatVanishesCountsItsEventsNotOne() throws {
         let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        var oneBatchEach = limits(events: 10)
+        oneBatchEach.segmentBytes = 1
         do {
-            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool)
+            let outbox = try Outbox(node: "n", epoch: 5, limits: oneBatchEach, spoolDirectory: spool)
             for pid in 1...20 { outbox.add(exitEvent(UInt32(pid))) }
         }
         let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
-        try FileManager.default.removeItem(atPath: spool + "/5-1.batch")
+        try FileManager.default.removeItem(atPath: try XCTUnwrap(segmentRecords(spool).first { $0.piece.sequence == 1 }).path)
         XCTAssertEqual(restarted.nextToSend(window: 32)?.sequence, 2)
         XCTAssertEqual(drops(restarted, "spool_lost"), 10)
     }
@@ -424,6 +445,8 @@ final class OutboxDeliveryTests: XCTestCase {
         XCTAssertEqual(try held(), ["5-1", "5-2", "6-1", "6-3", "6-4"])
         outbox.acknowledgePrefix(epoch: 6, through: 3)
         XCTAssertEqual(try held(), ["5-1", "5-2", "6-4"])
-        XCTAssertEqual(files(spool).filter { $0.hasSuffix(".batch") }, ["5-1.batch", "5-2.batch", "6-4.batch"])
+        // What the spool holds for the next start: exactly the batches not acknowledged.
+        let next = try Outbox(node: "n", epoch: 7, limits: limits(events: 1), spoolDirectory: spool)
+        XCTAssertEqual(try batches(next).map { "\($0.epoch)-\($0.sequence)" }, ["5-1", "5-2", "6-4"])
     }
 }

@@ -32,6 +32,15 @@ final class AgentDeliveryTests: XCTestCase {
         try h.server.store.drops(node: node).filter { $0.reason == reason }.reduce(0) { $0 + $1.count }
     }
 
+    /// The records in the spool's segment files, with the file each is in.
+    private func segmentRecords(_ spool: String) -> [(path: String, piece: SpoolRecord.Piece)] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? []).filter { $0.hasPrefix("segment-") && $0.hasSuffix(".spool") }
+        return names.sorted().flatMap { name -> [(path: String, piece: SpoolRecord.Piece)] in
+            let bytes = [UInt8](FileManager.default.contents(atPath: spool + "/" + name) ?? Data())
+            return bytes.withUnsafeBytes { SpoolRecord.scan($0) }.map { (spool + "/" + name, $0) }
+        }
+    }
+
     private func limits(events: Int) -> Outbox.Limits {
         var limits = Outbox.Limits()
         limits.maxEvents = events
@@ -93,10 +102,11 @@ final class AgentDeliveryTests: XCTestCase {
             epoch = outbox.epoch
             for pid in 1...30 { outbox.add(event(UInt32(pid), comm: "spooled")) }
         }
-        let damaged = spool + "/\(epoch)-2.batch"
-        var bytes = [UInt8](try XCTUnwrap(FileManager.default.contents(atPath: damaged)))
-        bytes[bytes.count / 2] ^= 0x01
-        try Data(bytes).write(to: URL(fileURLWithPath: damaged))
+        // Sequence 2's payload damaged in its segment.
+        let damaged = try XCTUnwrap(segmentRecords(spool).first { $0.piece.epoch == epoch && $0.piece.sequence == 2 })
+        var bytes = [UInt8](try XCTUnwrap(FileManager.default.contents(atPath: damaged.path)))
+        bytes[damaged.piece.offset + SpoolRecord.headerSize + (damaged.piece.length - SpoolRecord.headerSize) / 2] ^= 0x01
+        try Data(bytes).write(to: URL(fileURLWithPath: damaged.path))
 
         let (outbox, sender) = try h.agent(node: node, spool: spool)
         defer { sender.drainAndStop(graceSeconds: 1) }
@@ -136,7 +146,9 @@ final class AgentDeliveryTests: XCTestCase {
     func testWhatAKilledAgentHadSealedArrivesAfterItRestarts() throws {
         let h = try ServerHarness()
         let spool = try TestSupport.temporaryDirectory("tapio-spool")
+        var earlier: UInt64 = 0
         try earlierRun(spool: spool, limits: limits(events: 10)) { outbox in
+            earlier = outbox.epoch
             for pid in 1...95 { outbox.add(event(UInt32(pid), comm: "before-kill")) }
             outbox.sealIfDue(nowNs: wallClockNs(), force: true)
             // No shutdown, no spoolRemaining(): the process is gone.
@@ -146,8 +158,8 @@ final class AgentDeliveryTests: XCTestCase {
         XCTAssertTrue(eventually { outbox.unacknowledged == 0 })
         let pids = try stored(h).filter { $0.comm == "before-kill" }.map(\.pid)
         XCTAssertEqual(pids.sorted(), Array(1...95).map(UInt32.init), "each once")
-        let left = try FileManager.default.contentsOfDirectory(atPath: spool).filter { $0.hasSuffix(".batch") }
-        XCTAssertEqual(left, [], "acknowledged records are deleted")
+        // The earlier run's segment held nothing but acknowledged batches: gone.
+        XCTAssertEqual(segmentRecords(spool).filter { $0.piece.epoch == earlier }.count, 0, "acknowledged records are deleted")
     }
 
     // 4, agent side: an earlier epoch that does not start at sequence 1.
