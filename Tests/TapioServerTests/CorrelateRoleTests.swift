@@ -21,7 +21,7 @@ final class CorrelateRoleTests: XCTestCase {
     private var pki = ""
     private var nats: [NATSTestServer] = []
     private var processes: [ChildProcess] = []
-    private var clients: [NATSClient] = []
+    private let natsClients = NATSClientPool()
 
     override func setUpWithError() throws {
         _ = try NATSTestServer.binary()
@@ -32,13 +32,7 @@ final class CorrelateRoleTests: XCTestCase {
 
     override func tearDown() {
         for p in processes { _ = p.stop(signal: SIGKILL, timeout: 10) }
-        let clients = self.clients
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            for c in clients { await c.close() }
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
+        natsClients.closeAll()
         for n in nats { n.stop() }
         if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
     }
@@ -87,8 +81,8 @@ final class CorrelateRoleTests: XCTestCase {
 
         // The feed that opens an incident: redis OOM-killed, api's connects
         // refused, and refused still (so it stays open across the takeovers).
-        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: ingest.ingestPort) })
-        let stopRefusing = keepRefusing(port: ingest.ingestPort)
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try RoleTests.agent(node: $0, port: ingest.ingestPort, pki: self.pki) })
+        let stopRefusing = RoleTests.keepRefusing(port: ingest.ingestPort, pki: pki)
         defer { stopRefusing() }
         // The incident the leader announces (an open one) is the one followed.
         var incidentID = ""
@@ -149,7 +143,7 @@ final class CorrelateRoleTests: XCTestCase {
 
         // A malformed message in the stream is counted and skipped; events
         // sent after the kill reach the new leader.
-        let js = try await jetStream(nats)
+        let js = try await natsClients.jetStream(nats)
         _ = try await js.publish(StreamedBatch.subject(node: "node-c"), payload: Array("not a batch".utf8))
         let epoch = UInt64(wallClockNs())
         let raw = try RawAgent(port: ingest.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-c"), node: "node-c", epoch: epoch)
@@ -202,7 +196,7 @@ final class CorrelateRoleTests: XCTestCase {
         let b = try startCorrelate("b")
         try b.waitUntilReady()
 
-        let (outbox, sender) = try agent(node: "node-c", port: ingest.ingestPort)
+        let (outbox, sender) = try RoleTests.agent(node: "node-c", port: ingest.ingestPort, pki: pki)
         defer { sender.drainAndStop(graceSeconds: 0) }
         func connects(from service: String, ip: String) {
             sender.setInventory(Inventory(pods: [PodInfo(uid: service, name: service + "-1", namespace: "shop", node: "node-c", ips: [ip], service: service)]))
@@ -275,26 +269,7 @@ final class CorrelateRoleTests: XCTestCase {
         XCTAssertTrue(eventually(timeout: 20) { replica.metric("tapio_correlate_leader") == 1 })
         let text = try replica.metrics()
         XCTAssertFalse(text.contains(MetricsCatalog.unknownHelp), text)
-        if let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
-            let file = directory + "/correlate.prom"
-            try text.write(toFile: file, atomically: true, encoding: .utf8)
-            let check = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(file)"])
-            XCTAssertEqual(check.status, 0, "promtool:\n\(check.stdout)\(check.stderr)")
-        } else if TestSupport.bpfRequired {
-            XCTFail("promtool is not installed (Debian package prometheus)")
-        }
-        let exposed = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
-        let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
-        func table(_ heading: String) -> Set<String> {
-            guard let start = docs.range(of: "\n## \(heading)\n") else { return [] }
-            let section = String(docs[start.upperBound...]).components(separatedBy: "\n## ").first ?? ""
-            return Set(section.split(separator: "\n").filter { $0.hasPrefix("| `") }.map { String($0.dropFirst(3).prefix { $0 != "`" && $0 != "{" }) })
-        }
-        let own = table("Metrics of the correlate role")
-        let shared = table("Metrics and health")
-        XCTAssertFalse(own.isEmpty, "docs/operations.md has no \"Metrics of the correlate role\" table")
-        XCTAssertEqual(exposed.filter { $0.hasPrefix("tapio_correlate_") }.sorted(), own.filter { $0.hasPrefix("tapio_correlate_") }.sorted())
-        XCTAssertEqual(exposed.subtracting(own).subtracting(shared).sorted(), [], "exposed by the correlate replica, documented nowhere")
+        try RoleTests.checkMetricsDocumented(text, role: "correlate", scratchFile: directory + "/correlate.prom")
         XCTAssertTrue(try replica.http("/readyz").body.contains("role: correlate, leader"))
     }
 
@@ -305,107 +280,6 @@ final class CorrelateRoleTests: XCTestCase {
                                                   extra: extra)
         processes.append(replica.process)
         return replica
-    }
-
-    /// api-1 (node-a) keeps having its connects to redis refused, six every
-    /// half second, dated now, until the returned function is called.
-    private func keepRefusing(port: Int) -> () -> Void {
-        let tls = AgentTLSFiles(directory: pki + "/nodes/node-a")
-        let stop = Flag()
-        let done = DispatchSemaphore(value: 0)
-        let flow = Flow(source: IPAddress("10.0.1.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
-        Thread {
-            defer { done.signal() }
-            guard let raw = try? RawAgent(port: port, tls: tls, node: "node-a", epoch: UInt64(wallClockNs())) else { return }
-            var sequence: UInt64 = 0
-            while !stop.isSet {
-                sequence += 1
-                let refused = TapioEvent(kind: .tcpConnect, timeNs: wallClockNs(), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
-                                         detail: .tcpConnect(flow: flow, outcome: .refused, latencyNs: 200_000, error: ECONNREFUSED, count: 6))
-                do {
-                    try raw.send(raw.batch(sequence, events: [refused]))
-                    _ = try raw.acks(1, timeoutMs: 10_000)
-                } catch {
-                    break
-                }
-                Thread.sleep(forTimeInterval: 0.5)
-            }
-            raw.close()
-        }.start()
-        return {
-            guard !stop.isSet else { return }
-            stop.set()
-            _ = done.wait(timeout: .now() + 15)
-        }
-    }
-
-    /// A real agent's outbox and sender towards the ingest replica.
-    private func agent(node: String, port: Int) throws -> (Outbox, Sender) {
-        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: Outbox.Limits(), spoolDirectory: nil)
-        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
-                                          node: node, bootId: "test", capabilities: ["process_exec"], degraded: [])
-        config.maximumBackoffMs = 200
-        var logger = Logger(label: "tapio-agent-test")
-        logger.logLevel = .critical
-        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
-        sender.start()
-        return (outbox, sender)
-    }
-
-    private func jetStream(_ servers: [NATSTestServer]) async throws -> JetStream {
-        var config = NATSClient.Configuration(servers: servers.map { NATSServerAddress(host: "127.0.0.1", port: $0.port) })
-        config.connectTimeout = .seconds(3)
-        var logger = Logger(label: "tapio.correlate-role.test")
-        logger.logLevel = .warning
-        let client = try await NATSClient.connect(config, logger: logger)
-        clients.append(client)
-        return JetStream(client: client, timeout: .seconds(5))
-    }
-}
-
-/// One `tapio-server --role correlate` process on free loopback ports,
-/// checkpointing every 2 s (the default lease timeout, 5 s).
-final class CorrelateReplicaProcess {
-    let process: ChildProcess
-    let queryPort: Int
-    let metricsPort: Int
-    let pki: String
-
-    init(name: String, directory: String, pki: String, nats: [String], replicas: Int, extra: [String] = []) throws {
-        self.pki = pki
-        queryPort = TestSupport.freePort()
-        metricsPort = TestSupport.freePort()
-        var arguments = ["--role", "correlate", "--tls-dir", pki + "/server",
-                         "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
-                         "--nats-replicas", "\(replicas)", "--checkpoint-interval", "2", "--log-level", "info"]
-        for url in nats { arguments += ["--nats", url] }
-        process = try ChildProcess(try TestSupport.product("tapio-server"), arguments + extra, logPath: directory + "/correlate-\(name).log")
-    }
-
-    func http(_ path: String) throws -> (status: Int, body: String) { try TestSupport.httpGet(port: metricsPort, path: path) }
-
-    func metrics() throws -> String {
-        let r = try http("/metrics")
-        guard r.status == 200 else { throw TestSupportError("/metrics answered \(r.status)") }
-        return r.body
-    }
-
-    /// The value of an unlabelled series, nil when it cannot be read.
-    func metric(_ name: String) -> Double? {
-        guard let text = try? metrics() else { return nil }
-        return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
-    }
-
-    func client() throws -> QueryClient {
-        try QueryClient(host: "127.0.0.1", port: queryPort, ca: pki + "/operators/alice/ca.crt",
-                        certificate: pki + "/operators/alice/tls.crt", key: pki + "/operators/alice/tls.key")
-    }
-
-    func waitUntilReady(timeout: TimeInterval = 40) throws {
-        let ready = eventually(timeout: timeout) { (try? http("/readyz").status) == 200 || !process.isRunning }
-        guard ready, process.isRunning else {
-            throw TestSupportError("correlate replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
-        }
     }
 }
 

@@ -24,7 +24,7 @@ final class DistributedModeTests: XCTestCase {
     private var nats: [NATSTestServer] = []
     private var clickhouse: ClickHouseTestServer?
     private var processes: [ChildProcess] = []
-    private var clients: [NATSClient] = []
+    private let natsClients = NATSClientPool()
     private var senders: [Sender] = []
     private var service: ServiceProxy?
     private var stopLoad: (() -> Void)?
@@ -43,13 +43,7 @@ final class DistributedModeTests: XCTestCase {
         for s in senders { s.drainAndStop(graceSeconds: 0) }
         service?.stop()
         for p in processes { _ = p.stop(signal: SIGKILL, timeout: 10) }
-        let clients = self.clients
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            for c in clients { await c.close() }
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
+        natsClients.closeAll()
         for n in nats { n.stop() }
         clickhouse?.stop()
         if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
@@ -90,8 +84,8 @@ final class DistributedModeTests: XCTestCase {
         // The feed that opens an incident (redis OOM-killed, api's connects
         // refused), then three agents sending steadily, api's (node-a) with
         // its connects to redis still refused, so the incident stays open.
-        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: service.port) })
-        let agents = try ["node-a", "node-b", "node-c"].map { try LoadAgent(node: $0, pki: pki) }
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try RoleTests.agent(node: $0, port: service.port, pki: self.pki) })
+        let agents = try ["node-a", "node-b", "node-c"].map { try TestAgent(node: $0, pki: pki, eventsPerBatch: 20, firstPid: 100_001) }
         let pods = ["node-a": PodInfo(uid: "a", name: "api-1", namespace: "shop", node: "node-a", ips: ["10.0.1.10"], service: "api"),
                     "node-b": PodInfo(uid: "r", name: "redis-0", namespace: "shop", node: "node-b", ips: ["10.0.2.10"], service: "redis"),
                     "node-c": PodInfo(uid: "w", name: "worker-0", namespace: "jobs", node: "node-c", ips: ["10.0.3.10"], service: "worker")]
@@ -123,7 +117,7 @@ final class DistributedModeTests: XCTestCase {
         XCTAssertTrue(eventually(timeout: 20) { progressed(beyond: [0, 0, 0], by: 5) }, "the agents sent through ingest A: \(acked())")
         XCTAssertGreaterThanOrEqual(service.connections(to: ingestA.ingestPort), 3, "the agents are connected to ingest A")
         XCTAssertEqual(service.connections(to: ingestB.ingestPort), 0, "no agent used ingest B yet")
-        XCTAssertEqual(Self.value(try ingestB.metrics(), "tapio_server_batches_total"), 0)
+        XCTAssertEqual(ingestB.metric("tapio_server_batches_total"), 0)
         // A burst of batches, so some are in flight (published or not,
         // acknowledged or not) when the replica dies.
         let beforeIngestKill = acked()
@@ -133,11 +127,11 @@ final class DistributedModeTests: XCTestCase {
                       "every agent continued through ingest B: acked \(beforeIngestKill) → \(acked())\n\(ingestB.process.log.suffix(3000))")
         let throughB = try ingestB.metrics()
         for agent in agents {
-            XCTAssertEqual(Self.value(throughB, "tapio_node_connected{node=\"\(agent.node)\"}"), 1, "\(agent.node) is connected to ingest B")
+            XCTAssertEqual(RoleTests.value(throughB, "tapio_node_connected{node=\"\(agent.node)\"}"), 1, "\(agent.node) is connected to ingest B")
         }
-        XCTAssertGreaterThan(Self.value(throughB, "tapio_server_batches_total") ?? 0, 0)
+        XCTAssertGreaterThan(RoleTests.value(throughB, "tapio_server_batches_total") ?? 0, 0)
         phase("ingest A killed: the agents went on through ingest B (acked batches \(beforeIngestKill) → \(acked()), "
-              + "ingest B counted \(Int(Self.value(throughB, "tapio_server_duplicate_batches_total") ?? -1)) resends as duplicates)")
+              + "ingest B counted \(Int(RoleTests.value(throughB, "tapio_server_duplicate_batches_total") ?? -1)) resends as duplicates)")
 
         // 2. kill -9 of the active engine: B leads and answers the incident within 10 s, through the CLI.
         let cli = try TapioCLI()
@@ -185,12 +179,12 @@ final class DistributedModeTests: XCTestCase {
 
         // The stream: every batch of every agent once, by (node, epoch, sequence), every event once.
         let alive = nats.filter { $0 !== used }
-        let stored = try await streamedBatches(try await jetStream(alive))
+        let stored = try await RoleTests.streamedBatches(try await natsClients.jetStream(alive))
         for agent in agents {
             XCTAssertGreaterThan(agent.outbox.lastSequence, 30, "\(agent.node) sent through all three kills")
-            assertExactlyOnce(stored, node: agent.node, epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
+            RoleTests.assertExactlyOnce(stored, node: agent.node, epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
             let pids = stored.filter { $0.node == agent.node && $0.epoch == agent.outbox.epoch }
-                .flatMap { (try? EventBatch.decode($0.payload).events.filter { $0.comm == LoadAgent.comm }.map(\.pid)) ?? [] }
+                .flatMap { (try? EventBatch.decode($0.payload).events.filter { $0.comm == TestAgent.comm }.map(\.pid)) ?? [] }
             XCTAssertEqual(pids.count, agent.eventsAdded, "\(agent.node): events in the stream")
             XCTAssertEqual(Set(pids), agent.pids, "\(agent.node): every event, once")
         }
@@ -200,7 +194,7 @@ final class DistributedModeTests: XCTestCase {
         func workerPids(_ q: QueryReplicaProcess, _ node: String) -> [Int64]? {
             guard let out = try? ask(q.queryPort, ["events", "-o", "ndjson", "--node", node, "--kind", "process_exit", "--limit", "100000"]),
                   let events = try? out.split(separator: "\n").map({ try JSONValue.parse(Array($0.utf8)) }) else { return nil }
-            return events.filter { $0["comm"]?.stringValue == LoadAgent.comm }.compactMap { $0["pid"]?.intValue }
+            return events.filter { $0["comm"]?.stringValue == TestAgent.comm }.compactMap { $0["pid"]?.intValue }
         }
         XCTAssertTrue(eventually(timeout: 60) { agents.allSatisfy { workerPids(q2, $0.node)?.count ?? 0 >= $0.eventsAdded } },
                       "every event reached ClickHouse: \(agents.map { "\($0.node) \(workerPids(q2, $0.node)?.count ?? -1) of \($0.eventsAdded)" })"
@@ -238,7 +232,7 @@ final class DistributedModeTests: XCTestCase {
     /// Every agent seals a batch of 20 events every 250 ms; api's (node-a)
     /// batches carry six refused connects to redis every 500 ms. Returns the
     /// function that stops it (waiting for the last batch to be sealed).
-    private static func load(_ agents: [LoadAgent]) -> () -> Void {
+    private static func load(_ agents: [TestAgent]) -> () -> Void {
         let stop = Flag()
         let done = DispatchSemaphore(value: 0)
         Thread {
@@ -246,7 +240,7 @@ final class DistributedModeTests: XCTestCase {
             while !stop.isSet {
                 tick += 1
                 for agent in agents {
-                    agent.addBatch(agent.node == "node-a" && tick % 2 == 0 ? [Self.refusedConnect()] : [])
+                    agent.addBatch(agent.node == "node-a" && tick % 2 == 0 ? [RoleTests.refusedConnect()] : [])
                 }
                 Thread.sleep(forTimeInterval: 0.25)
             }
@@ -256,111 +250,6 @@ final class DistributedModeTests: XCTestCase {
             guard !stop.isSet else { return }
             stop.set()
             _ = done.wait(timeout: .now() + 10)
-        }
-    }
-
-    private static func refusedConnect() -> TapioEvent {
-        let flow = Flow(source: IPAddress("10.0.1.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
-        return TapioEvent(kind: .tcpConnect, timeNs: wallClockNs(), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
-                          detail: .tcpConnect(flow: flow, outcome: .refused, latencyNs: 200_000, error: ECONNREFUSED, count: 6))
-    }
-
-    /// A real agent's outbox and sender towards `port`.
-    private func agent(node: String, port: Int) throws -> (Outbox, Sender) {
-        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: Outbox.Limits(), spoolDirectory: nil)
-        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
-                                          node: node, bootId: "test", capabilities: ["process_exec"], degraded: [])
-        config.maximumBackoffMs = 200
-        var logger = Logger(label: "tapio-agent-test")
-        logger.logLevel = .critical
-        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
-        sender.start()
-        return (outbox, sender)
-    }
-
-    private func jetStream(_ servers: [NATSTestServer]) async throws -> JetStream {
-        var config = NATSClient.Configuration(servers: servers.map { NATSServerAddress(host: "127.0.0.1", port: $0.port) })
-        config.connectTimeout = .seconds(3)
-        var logger = Logger(label: "tapio.distributed.test")
-        logger.logLevel = .warning
-        let client = try await NATSClient.connect(config, logger: logger)
-        clients.append(client)
-        return JetStream(client: client, timeout: .seconds(5))
-    }
-
-    /// Every batch message of the stream, in stream order.
-    private func streamedBatches(_ js: JetStream) async throws -> [StreamedBatch] {
-        let state = try await js.streamInfo("TAPIO_EVENTS").state
-        var out: [StreamedBatch] = []
-        guard state.lastSequence >= state.firstSequence, state.messages > 0 else { return out }
-        for sequence in state.firstSequence...state.lastSequence {
-            let m = try await js.message(stream: "TAPIO_EVENTS", sequence: sequence)
-            guard m.subject.hasPrefix(StreamedBatch.subjectPrefix + ".") else { continue }
-            out.append(try StreamedBatch(headers: m.headers, payload: m.payload))
-        }
-        return out
-    }
-
-    private func assertExactlyOnce(_ stored: [StreamedBatch], node: String, epoch: UInt64, sequences: ClosedRange<UInt64>,
-                                   file: StaticString = #filePath, line: UInt = #line) {
-        var count: [UInt64: Int] = [:]
-        for s in stored where s.node == node && s.epoch == epoch { count[s.sequence, default: 0] += 1 }
-        XCTAssertEqual(sequences.filter { count[$0] == nil }, [], "\(node): acknowledged batches missing from the stream", file: file, line: line)
-        XCTAssertEqual(count.filter { $0.value > 1 }.keys.sorted(), [], "\(node): batches stored more than once", file: file, line: line)
-        XCTAssertEqual(count.keys.filter { !sequences.contains($0) }.sorted(), [], "\(node): batches never sent", file: file, line: line)
-    }
-
-    /// The value of one series (name with its labels) in a /metrics text.
-    private static func value(_ text: String, _ series: String) -> Double? {
-        text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
-    }
-}
-
-/// A real agent without the kernel part: an outbox fed by the test (20
-/// planned process exits a batch, pids counting up from 100 001, clear of
-/// the feed's api and redis processes) and the agent's sender.
-final class LoadAgent: @unchecked Sendable {
-    static let comm = "worker"
-    let node: String
-    let outbox: Outbox
-    let pki: String
-    private let lock = NSLock()
-    private var added = 0
-
-    init(node: String, pki: String) throws {
-        self.node = node
-        self.pki = pki
-        var limits = Outbox.Limits()
-        limits.maxEvents = 50
-        outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: limits, spoolDirectory: nil)
-    }
-
-    var eventsAdded: Int { lock.withLock { added } }
-    var pids: Set<UInt32> { Set((0..<eventsAdded).map { 100_001 + UInt32($0) }) }
-
-    func connect(port: Int, inventory: Inventory) -> Sender {
-        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
-                                          node: node, bootId: "test", capabilities: ["process_exit"], degraded: [])
-        config.maximumBackoffMs = 200
-        config.refusalInitialBackoffMs = 100
-        config.refusalMaximumBackoffMs = 500
-        var logger = Logger(label: "tapio-agent-test")
-        logger.logLevel = .critical
-        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
-        sender.setInventory(inventory)
-        sender.start()
-        return sender
-    }
-
-    /// 20 exits and `extra`, sealed into one batch.
-    func addBatch(_ extra: [TapioEvent] = []) {
-        lock.withLock {
-            for _ in 0..<20 {
-                added += 1
-                outbox.add(event(100_000 + UInt32(added), comm: Self.comm))
-            }
-            for e in extra { outbox.add(e) }
-            outbox.sealIfDue(nowNs: wallClockNs(), force: true)
         }
     }
 }

@@ -18,7 +18,7 @@ final class IngestRoleTests: XCTestCase {
     private var pki = ""
     private var nats: [NATSTestServer] = []
     private var replicas: [IngestReplicaProcess] = []
-    private var clients: [NATSClient] = []
+    private let natsClients = NATSClientPool()
     private var senders: [Sender] = []
 
     override func setUpWithError() throws {
@@ -31,13 +31,7 @@ final class IngestRoleTests: XCTestCase {
     override func tearDown() {
         for s in senders { s.drainAndStop(graceSeconds: 0) }
         for r in replicas { r.process.stop(signal: SIGTERM, timeout: 10) }
-        let clients = self.clients
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            for c in clients { await c.close() }
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
+        natsClients.closeAll()
         for n in nats { n.stop() }
         if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
     }
@@ -73,9 +67,9 @@ final class IngestRoleTests: XCTestCase {
         again.close()
 
         let js = try await jetStream([server])
-        let stored = try await streamedBatches(js)
+        let stored = try await RoleTests.streamedBatches(js)
         XCTAssertEqual(stored.count, 30, "messages in the stream")
-        assertExactlyOnce(stored, node: "node-a", epoch: epoch, sequences: 1...30)
+        RoleTests.assertExactlyOnce(stored, node: "node-a", epoch: epoch, sequences: 1...30)
         for s in stored {
             let batch = try EventBatch.decode(s.payload)
             XCTAssertEqual(batch.events.first?.comm, "raw-\(s.sequence)", "the payload is the batch as sent")
@@ -132,7 +126,7 @@ final class IngestRoleTests: XCTestCase {
         let metrics = try b.metrics()
         XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 20\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_batches_total 0\n"), metrics)
-        assertExactlyOnce(try await streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...20)
+        RoleTests.assertExactlyOnce(try await RoleTests.streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...20)
     }
 
     func testAStreamDeletedUnderARunningReplicaIsCreatedAgain() async throws {
@@ -155,7 +149,7 @@ final class IngestRoleTests: XCTestCase {
         try again.send(again.batch(1))
         XCTAssertEqual(try again.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
         again.close()
-        assertExactlyOnce(try await streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...1)
+        RoleTests.assertExactlyOnce(try await RoleTests.streamedBatches(js), node: "node-a", epoch: epoch, sequences: 1...1)
         XCTAssertTrue(try replica.metrics().contains("tapio_server_nats_publish_failures_total{reason=\"no_responders\"} 1\n"))
     }
 
@@ -186,8 +180,8 @@ final class IngestRoleTests: XCTestCase {
         try retry.send(retry.batch(1))
         XCTAssertEqual(try retry.acks(1, timeoutMs: 20_000).map(\.sequence), [1])
         retry.close()
-        let stored = try await streamedBatches(try await jetStream([server]))
-        assertExactlyOnce(stored, node: "node-b", epoch: epoch, sequences: 1...1)
+        let stored = try await RoleTests.streamedBatches(try await jetStream([server]))
+        RoleTests.assertExactlyOnce(stored, node: "node-b", epoch: epoch, sequences: 1...1)
     }
 
     func testAgentsMoveToTheOtherReplicaAfterKill9AndTheStreamHoldsEveryBatchOnce() async throws {
@@ -221,10 +215,10 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertTrue(eventually(timeout: 60) { agents.allSatisfy { $0.outbox.unacknowledged == 0 && $0.outbox.pendingEvents == 0 } },
                       "every batch acknowledged by replica B: \(agents.map { "\($0.outbox.unacknowledged) left" })\n\(b.process.log.suffix(2000))")
 
-        let stored = try await streamedBatches(try await jetStream(cluster))
+        let stored = try await RoleTests.streamedBatches(try await jetStream(cluster))
         for (agent, before) in zip(agents, ackedBefore) {
             XCTAssertLessThan(before, agent.outbox.lastSequence, "\(agent.node): replica A was killed before it had acknowledged everything")
-            assertExactlyOnce(stored, node: agent.node, epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
+            RoleTests.assertExactlyOnce(stored, node: agent.node, epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
             let pids = stored.filter { $0.node == agent.node }.flatMap { (try? EventBatch.decode($0.payload).events.map(\.pid)) ?? [] }
             XCTAssertEqual(pids.count, agent.eventsAdded, "\(agent.node): events in the stream")
             XCTAssertEqual(Set(pids), Set((1...agent.eventsAdded).map(UInt32.init)), "\(agent.node): every event, once")
@@ -254,8 +248,8 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertFalse(metrics.contains("tapio_server_nats_reconnects_total 0\n"), "the replica moved to another NATS node: \(metrics)")
 
         let alive = cluster.filter { $0 !== used }
-        let stored = try await streamedBatches(try await jetStream(alive))
-        assertExactlyOnce(stored, node: "node-a", epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
+        let stored = try await RoleTests.streamedBatches(try await jetStream(alive))
+        RoleTests.assertExactlyOnce(stored, node: "node-a", epoch: agent.outbox.epoch, sequences: 1...agent.outbox.lastSequence)
         XCTAssertEqual(stored.reduce(0) { $0 + ((try? EventBatch.decode($1.payload).events.count) ?? 0) }, agent.eventsAdded)
     }
 
@@ -334,114 +328,6 @@ final class IngestRoleTests: XCTestCase {
     }
 
     private func jetStream(_ servers: [NATSTestServer]) async throws -> JetStream {
-        var config = NATSClient.Configuration(servers: servers.map { NATSServerAddress(host: "127.0.0.1", port: $0.port) })
-        config.connectTimeout = .seconds(3)
-        config.reconnectWait = .milliseconds(100)
-        var logger = Logger(label: "tapio.ingest-role.test")
-        logger.logLevel = .warning
-        let client = try await NATSClient.connect(config, logger: logger)
-        clients.append(client)
-        return JetStream(client: client, timeout: .seconds(5))
-    }
-
-    /// Every batch message of the stream, in stream order, decoded as a consumer would.
-    private func streamedBatches(_ js: JetStream, stream: String = "TAPIO_EVENTS") async throws -> [StreamedBatch] {
-        let state = try await js.streamInfo(stream).state
-        var out: [StreamedBatch] = []
-        guard state.lastSequence >= state.firstSequence, state.messages > 0 else { return out }
-        for sequence in state.firstSequence...state.lastSequence {
-            let m = try await js.message(stream: stream, sequence: sequence)
-            guard m.subject.hasPrefix(StreamedBatch.subjectPrefix + ".") else { continue }
-            let batch = try StreamedBatch(headers: m.headers, payload: m.payload)
-            XCTAssertEqual(m.subject, StreamedBatch.subject(node: batch.node))
-            XCTAssertEqual(m.headers["Nats-Msg-Id"], batch.messageID)
-            out.append(batch)
-        }
-        return out
-    }
-
-    private func assertExactlyOnce(_ stored: [StreamedBatch], node: String, epoch: UInt64, sequences: ClosedRange<UInt64>,
-                                   file: StaticString = #filePath, line: UInt = #line) {
-        var count: [UInt64: Int] = [:]
-        for s in stored where s.node == node && s.epoch == epoch { count[s.sequence, default: 0] += 1 }
-        let missing = sequences.filter { count[$0] == nil }
-        let twice = count.filter { $0.value > 1 }.keys.sorted()
-        let extra = count.keys.filter { !sequences.contains($0) }.sorted()
-        XCTAssertEqual(missing, [], "\(node): acknowledged batches missing from the stream", file: file, line: line)
-        XCTAssertEqual(twice, [], "\(node): batches stored more than once", file: file, line: line)
-        XCTAssertEqual(extra, [], "\(node): batches in the stream that were never sent", file: file, line: line)
+        try await natsClients.jetStream(servers, reconnectWait: .milliseconds(100))
     }
 }
-
-/// A real agent without the kernel part: an outbox fed by the test (50
-/// events a batch, pids counting up from 1) and the agent's sender.
-final class TestAgent {
-    let node: String
-    let outbox: Outbox
-    let pki: String
-    private(set) var eventsAdded = 0
-
-    init(node: String, pki: String) throws {
-        self.node = node
-        self.pki = pki
-        var limits = Outbox.Limits()
-        limits.maxEvents = 50
-        outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: limits, spoolDirectory: nil)
-    }
-
-    /// A sender on this outbox to the replica at `port` (started).
-    func connect(port: Int) -> Sender {
-        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
-                                          node: node, bootId: "test", capabilities: ["process_exit"], degraded: [])
-        config.maximumBackoffMs = 200
-        config.refusalInitialBackoffMs = 100
-        config.refusalMaximumBackoffMs = 500
-        var logger = Logger(label: "tapio-agent-test")
-        logger.logLevel = .critical
-        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
-        sender.start()
-        return sender
-    }
-
-    func addBatch() {
-        for _ in 0..<50 {
-            eventsAdded += 1
-            outbox.add(event(UInt32(eventsAdded), comm: "worker"))
-        }
-        outbox.sealIfDue(nowNs: wallClockNs(), force: true)
-    }
-}
-
-/// One `tapio-server --role ingest` process on free loopback ports.
-final class IngestReplicaProcess {
-    let process: ChildProcess
-    let ingestPort: Int
-    let metricsPort: Int
-
-    init(index: Int, directory: String, pki: String, nats: [String], streamReplicas: Int) throws {
-        ingestPort = TestSupport.freePort()
-        metricsPort = TestSupport.freePort()
-        var arguments = ["--role", "ingest", "--tls-dir", pki + "/server",
-                         "--listen", "127.0.0.1:\(ingestPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
-                         "--nats-replicas", "\(streamReplicas)", "--nats-publish-timeout", "3", "--log-level", "info"]
-        for url in nats { arguments += ["--nats", url] }
-        process = try ChildProcess(try TestSupport.product("tapio-server"), arguments, logPath: directory + "/replica-\(index).log")
-    }
-
-    func http(_ path: String) throws -> (status: Int, body: String) { try TestSupport.httpGet(port: metricsPort, path: path) }
-
-    func metrics() throws -> String {
-        let r = try http("/metrics")
-        guard r.status == 200 else { throw TestSupportError("/metrics answered \(r.status)") }
-        return r.body
-    }
-
-    /// /readyz 200: listening, NATS connected, the stream created.
-    func waitUntilReady(timeout: TimeInterval = 40) throws {
-        let ready = eventually(timeout: timeout) { (try? http("/readyz").status) == 200 || !process.isRunning }
-        guard ready, process.isRunning else {
-            throw TestSupportError("ingest replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
-        }
-    }
-}
-

@@ -19,7 +19,7 @@ final class QueryRoleTests: XCTestCase {
     private var nats: [NATSTestServer] = []
     private var clickhouse: ClickHouseTestServer?
     private var processes: [ChildProcess] = []
-    private var clients: [NATSClient] = []
+    private let natsClients = NATSClientPool()
 
     override func setUpWithError() throws {
         _ = try NATSTestServer.binary()
@@ -31,13 +31,7 @@ final class QueryRoleTests: XCTestCase {
 
     override func tearDown() {
         for p in processes { _ = p.stop(signal: SIGKILL, timeout: 10) }
-        let clients = self.clients
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            for c in clients { await c.close() }
-            done.signal()
-        }
-        _ = done.wait(timeout: .now() + 10)
+        natsClients.closeAll()
         for n in nats { n.stop() }
         clickhouse?.stop()
         if !directory.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
@@ -65,8 +59,8 @@ final class QueryRoleTests: XCTestCase {
         // The feed that opens an incident (redis OOM-killed behind api's refused
         // connects), through real agent senders, and api's connects refused
         // from then on, so it stays open.
-        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try self.agent(node: $0, port: ingest.ingestPort) })
-        let stopRefusing = keepRefusing(port: ingest.ingestPort)
+        try QueryAPITests.feedOOMKillBehindRefusedConnects(agent: { try RoleTests.agent(node: $0, port: ingest.ingestPort, pki: self.pki) })
+        let stopRefusing = RoleTests.keepRefusing(port: ingest.ingestPort, pki: pki)
         defer { stopRefusing() }
 
         // node-c: 40 batches of 10 events, each event its own pid, through the raw protocol.
@@ -88,7 +82,7 @@ final class QueryRoleTests: XCTestCase {
         // The stream holds some batches twice (republished under another
         // message id, as after the duplicate window) and one message that is
         // no batch: each event is still stored once, the message counted.
-        let js = try await jetStream(server)
+        let js = try await natsClients.jetStream([server])
         let last = try await js.streamInfo("TAPIO_EVENTS").state.lastSequence
         var republished = 0
         for streamSequence in UInt64(1)...max(1, last) {
@@ -207,7 +201,7 @@ final class QueryRoleTests: XCTestCase {
         XCTAssertThrowsError(try q.client().events(["node": "node-c"])) { XCTAssertTrue("\($0)".contains("events from ClickHouse"), "\($0)") }
         XCTAssertTrue(try q.http("/healthz").body.contains("clickhouse: the last insert failed"))
         XCTAssertEqual(try q.client().incidents().incidents.count, 0, "incidents still answer")
-        let js = try await jetStream(server)
+        let js = try await natsClients.jetStream([server])
         let info = try await js.consumerInfo(stream: "TAPIO_EVENTS", consumer: "TAPIO_QUERY_WRITER")
         let lastSequence = try await js.streamInfo("TAPIO_EVENTS").state.lastSequence
         XCTAssertLessThan(info.ackFloor.streamSequence, lastSequence,
@@ -261,127 +255,6 @@ final class QueryRoleTests: XCTestCase {
     }
 
     private func checkMetrics(_ replica: QueryReplicaProcess) throws {
-        let text = try replica.metrics()
-        if let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
-            let file = directory + "/query-metrics.txt"
-            try text.write(toFile: file, atomically: true, encoding: .utf8)
-            let check = try TestSupport.run("/bin/sh", ["-c", "\(promtool) check metrics < \(file)"])
-            XCTAssertEqual(check.status, 0, "promtool:\n\(check.stdout)\(check.stderr)")
-        } else if TestSupport.bpfRequired {
-            XCTFail("promtool is not installed (Debian package prometheus)")
-        }
-        let exposed = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
-        let docs = try String(contentsOfFile: TestSupport.packageRoot + "/docs/operations.md", encoding: .utf8)
-        func table(_ heading: String) -> Set<String> {
-            guard let start = docs.range(of: "\n## \(heading)\n") else { return [] }
-            let section = String(docs[start.upperBound...]).components(separatedBy: "\n## ").first ?? ""
-            return Set(section.split(separator: "\n").filter { $0.hasPrefix("| `") }.map { String($0.dropFirst(3).prefix { $0 != "`" && $0 != "{" }) })
-        }
-        let own = table("Metrics of the query role")
-        let shared = table("Metrics and health")
-        XCTAssertFalse(own.isEmpty, "docs/operations.md has no \"Metrics of the query role\" table")
-        XCTAssertEqual(exposed.filter { $0.hasPrefix("tapio_query_") }.sorted(), own.filter { $0.hasPrefix("tapio_query_") }.sorted())
-        XCTAssertEqual(exposed.subtracting(own).subtracting(shared).sorted(), [], "exposed by the query replica, documented nowhere")
-    }
-
-    /// api-1 (node-a) keeps having its connects to redis refused, six every
-    /// half second, dated now, until the returned function is called.
-    private func keepRefusing(port: Int) -> () -> Void {
-        let tls = AgentTLSFiles(directory: pki + "/nodes/node-a")
-        let stop = Flag()
-        let done = DispatchSemaphore(value: 0)
-        let flow = Flow(source: IPAddress("10.0.1.10"), destination: IPAddress("10.0.2.10"), sourcePort: 0, destinationPort: 6379)
-        Thread {
-            defer { done.signal() }
-            guard let raw = try? RawAgent(port: port, tls: tls, node: "node-a", epoch: UInt64(wallClockNs())) else { return }
-            var sequence: UInt64 = 0
-            while !stop.isSet {
-                sequence += 1
-                let refused = TapioEvent(kind: .tcpConnect, timeNs: wallClockNs(), pid: 201, comm: "python3", pod: "api-1", namespace: "shop",
-                                         detail: .tcpConnect(flow: flow, outcome: .refused, latencyNs: 200_000, error: ECONNREFUSED, count: 6))
-                do {
-                    try raw.send(raw.batch(sequence, events: [refused]))
-                    _ = try raw.acks(1, timeoutMs: 10_000)
-                } catch {
-                    break
-                }
-                Thread.sleep(forTimeInterval: 0.5)
-            }
-            raw.close()
-        }.start()
-        return {
-            guard !stop.isSet else { return }
-            stop.set()
-            _ = done.wait(timeout: .now() + 15)
-        }
-    }
-
-    /// A real agent's outbox and sender towards the ingest replica.
-    private func agent(node: String, port: Int) throws -> (Outbox, Sender) {
-        let outbox = try Outbox(node: node, epoch: UInt64(wallClockNs()), limits: Outbox.Limits(), spoolDirectory: nil)
-        var config = Sender.Configuration(host: "127.0.0.1", port: UInt16(port), serverName: "localhost", tls: AgentTLSFiles(directory: pki + "/nodes/" + node),
-                                          node: node, bootId: "test", capabilities: ["process_exec"], degraded: [])
-        config.maximumBackoffMs = 200
-        var logger = Logger(label: "tapio-agent-test")
-        logger.logLevel = .critical
-        let sender = Sender(configuration: config, outbox: outbox, logger: logger)
-        sender.start()
-        return (outbox, sender)
-    }
-
-    private func jetStream(_ server: NATSTestServer) async throws -> JetStream {
-        var config = NATSClient.Configuration(servers: [NATSServerAddress(host: "127.0.0.1", port: server.port)])
-        config.connectTimeout = .seconds(3)
-        var logger = Logger(label: "tapio.query-role.test")
-        logger.logLevel = .warning
-        let client = try await NATSClient.connect(config, logger: logger)
-        clients.append(client)
-        return JetStream(client: client, timeout: .seconds(5))
-    }
-}
-
-/// One `tapio-server --role query` process on free loopback ports, its
-/// unacknowledged batches delivered again after 5 s.
-final class QueryReplicaProcess {
-    let process: ChildProcess
-    let queryPort: Int
-    let metricsPort: Int
-    let pki: String
-
-    init(name: String, directory: String, pki: String, nats: [String], clickhousePort: Int, extra: [String] = []) throws {
-        self.pki = pki
-        queryPort = TestSupport.freePort()
-        metricsPort = TestSupport.freePort()
-        var arguments = ["--role", "query", "--tls-dir", pki + "/server",
-                         "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
-                         "--clickhouse", "http://127.0.0.1:\(clickhousePort)", "--query-ack-wait", "5", "--log-level", "info"]
-        for url in nats { arguments += ["--nats", url] }
-        process = try ChildProcess(try TestSupport.product("tapio-server"), arguments + extra, logPath: directory + "/query-\(name).log")
-    }
-
-    func http(_ path: String) throws -> (status: Int, body: String) { try TestSupport.httpGet(port: metricsPort, path: path) }
-
-    func metrics() throws -> String {
-        let r = try http("/metrics")
-        guard r.status == 200 else { throw TestSupportError("/metrics answered \(r.status)") }
-        return r.body
-    }
-
-    /// The value of an unlabelled series, nil when it cannot be read.
-    func metric(_ name: String) -> Double? {
-        guard let text = try? metrics() else { return nil }
-        return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
-    }
-
-    func client() throws -> QueryClient {
-        try QueryClient(host: "127.0.0.1", port: queryPort, ca: pki + "/operators/alice/ca.crt",
-                        certificate: pki + "/operators/alice/tls.crt", key: pki + "/operators/alice/tls.key")
-    }
-
-    func waitUntilReady(timeout: TimeInterval = 40) throws {
-        let ready = eventually(timeout: timeout) { (try? http("/readyz").status) == 200 || !process.isRunning }
-        guard ready, process.isRunning else {
-            throw TestSupportError("query replica not ready within \(Int(timeout)) s: \((try? http("/readyz").body) ?? "no answer")\n\(process.log.suffix(3000))")
-        }
+        try RoleTests.checkMetricsDocumented(try replica.metrics(), role: "query", scratchFile: directory + "/query-metrics.txt")
     }
 }
