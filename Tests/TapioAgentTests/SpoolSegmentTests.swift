@@ -1,5 +1,5 @@
 import Foundation
-import TapioAgent
+@testable import TapioAgent
 import TapioTestSupport
 import TapioWire
 import XCTest
@@ -163,6 +163,31 @@ final class SpoolSegmentTests: XCTestCase {
         XCTAssertEqual(files(spool).filter { $0.contains(".batch") }, [], "each old file goes once its batch is acknowledged")
         let restarted = try Outbox(node: "n", epoch: 6, spoolDirectory: spool)
         XCTAssertEqual(try batches(restarted).map { "\($0.epoch)-\($0.sequence)" }, ["5-1"], "delivered once")
+    }
+
+    func testGivingBackTheNewestRecordAtAFullDiskCutsTheSegmentPastSettledRecordsAfterIt() throws {
+        let dir = try TestSupport.temporaryDirectory("tapio-spool")
+        let store = SpoolSegments(directory: dir, segmentBytes: 1 << 20)
+        XCTAssertEqual(try store.load().batches.count, 0)
+        let records = (UInt64(1)...3).map { sequence in
+            SpoolSegments.Record(epoch: 5, sequence: sequence, events: 1,
+                                 payload: EventBatch(node: "n", epoch: 5, sequence: sequence, events: [exitEvent(UInt32(sequence))]).encoded())
+        }
+        let locations = store.append(records).compactMap { $0 }
+        XCTAssertEqual(locations.count, 3)
+        guard case .segment(let first) = locations[0] else { return XCTFail("\(locations)") }
+        store.release([locations[2]])
+        // Sequence 2 makes room: the bytes of 2 and of the settled 3 go back.
+        store.releaseFreeing(locations[1])
+        let path = dir + "/" + (try XCTUnwrap(segments(dir).first))
+        XCTAssertEqual(try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int, first.length)
+        XCTAssertEqual(store.deadBytes, 0)
+        XCTAssertEqual(try store.read(locations[0]).get(), records[0].payload)
+        // The next append goes where the cut left off.
+        let next = store.append([records[2]])
+        guard case .segment(let again)? = next.first else { return XCTFail("\(next)") }
+        XCTAssertEqual(again.offset, first.length)
+        XCTAssertEqual(try store.read(.segment(again)).get(), records[2].payload)
     }
 
     /// A process killed between the append and its fdatasync (or a machine
