@@ -3,8 +3,10 @@
 # YAML file parses, every file a kustomization.yaml names exists, and, where
 # the tools are installed, the overlays build (`kubectl kustomize`), the
 # one-command install renders (scripts/install.sh --render) with what it must
-# hold (scripts/check-install.py), the core objects match the Kubernetes
-# schema (`kubernetes-validate`, pip) and the scripts pass shellcheck.
+# hold (scripts/check-install.py), the distributed overlay holds what
+# docs/scaling.md describes (scripts/check-distributed.py), the core objects
+# match the Kubernetes schema (`kubernetes-validate`, pip) and the scripts
+# pass shellcheck.
 # No cluster is contacted. cert-manager and Prometheus Operator objects are
 # not schema-checked.
 set -euo pipefail
@@ -64,6 +66,14 @@ if command -v kubectl >/dev/null; then
 			echo "FAIL kustomize: $dir"; echo "$out"; status=1
 		fi
 	done
+	# The distributed overlay: roles, NATS, ClickHouse, Services, budgets and
+	# policies as docs/scaling.md describes them (scripts/check-distributed.py).
+	if kubectl kustomize kubernetes/overlays/distributed >"$tmp/distributed.yaml" 2>/dev/null \
+		&& "$python" scripts/check-distributed.py "$tmp/distributed.yaml" ../docs/scaling.md; then
+		echo "distributed: the overlay's roles, NATS, ClickHouse, Services, budgets and policies ok"
+	else
+		status=1
+	fi
 	# The one-command install as shipped and with every option, rendered
 	# without a cluster (scripts/install.sh --render), and what it must hold.
 	for options in "--nodes node-a,node-b" \
