@@ -63,6 +63,8 @@ final class SpoolSegments: Sendable {
     /// The descriptor appends go through. Lock order: `writer`, then `table`.
     private struct Writer {
         var fd: Int32 = -1
+        /// The segment's name is durable in the directory.
+        var named = false
     }
 
     private let table = Mutex(Table())
@@ -144,7 +146,6 @@ final class SpoolSegments: Sendable {
                 if s.bytes == 0 || s.bytes + buffer.count <= segmentBytes { return (id, s.bytes) }
                 return nil
             }
-            var fresh = false
             let id: UInt64
             let start: Int
             if let planned {
@@ -161,11 +162,11 @@ final class SpoolSegments: Sendable {
                 let fd = open(segmentPath(id), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
                 guard fd >= 0 else { return failed }
                 w.fd = fd
+                w.named = false
                 table.withLock { t in
                     t.segments[id] = Segment()
                     t.current = id
                 }
-                fresh = true
                 start = 0
             }
             let written = buffer.withUnsafeBytes { raw -> Int in
@@ -199,7 +200,10 @@ final class SpoolSegments: Sendable {
                 }
                 return failed
             }
-            if fresh, kept > 0 { syncDirectory(directory) }
+            if !w.named, kept > 0 {
+                syncDirectory(directory)
+                w.named = true
+            }
             table.withLock { t in
                 t.segments[id]?.bytes = start + keptBytes
                 var offset = start
