@@ -463,9 +463,21 @@ struct Analysis {
             out.insert(top, at: 0)
         }
         let standalone: [(Signal, CauseKind)] = [(.firewallDrop, .firewallDrop), (.packetLoss, .packetLoss), (.dnsFailure, .dnsFailure),
-                                                 (.cpuThrottle, .cpuThrottle), (.memoryPressure, .memoryPressure)]
+                                                 (.cpuThrottle, .cpuThrottle), (.memoryPressure, .memoryPressure),
+                                                 (.networkLatency, .networkLatency)]
+        // Drops on a path explain its slowness as well (a lost segment
+        // waits out a retransmit timeout; a queue that overflows was deep
+        // first): where the entity's traffic is dropped, its slow round
+        // trips are the loss's evidence, not a second cause beside it.
+        let dropping = by[.packetLoss] != nil ? Signal.packetLoss : by[.firewallDrop] != nil ? .firewallDrop : nil
         for (sig, kind) in standalone {
-            if let evs = by[sig] { out.append(make(kind, evs)) }
+            guard let evs = by[sig], !(sig == .networkLatency && dropping != nil) else { continue }
+            var c = make(kind, evs)
+            if sig == dropping, let slow = by[.networkLatency] {
+                c.events = (c.events + slow).sorted { ObservedEvent.precedes($0.observed, $1.observed) }
+                c.absorbed.append(.networkLatency)
+            }
+            out.append(c)
         }
         return out
     }

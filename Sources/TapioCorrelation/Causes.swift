@@ -3,6 +3,8 @@ import TapioWire
 /// A kernel observation that can be a cause (before it is linked to anything).
 enum Signal: String, Sendable, Comparable, Codable {
     case oomKill, exit, listenerClosed, firewallDrop, packetLoss, dnsFailure, cpuThrottle, memoryPressure, diskFull
+    /// A path's round trips far above their usual (`SlowPathRule`).
+    case networkLatency
     /// A process started: weak evidence of a noisy neighbour.
     case workloadStart
     /// A listener opened: not a cause, but how a restart is told from an outage.

@@ -42,6 +42,8 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// Time proximity decays as exp(−gap / timeDecayNs) once the gap between
     /// a cause and its symptom exceeds their clock uncertainty.
     public var timeDecayNs: Int64 = 10_000_000_000
+    /// When a path's round-trip time is a `network_latency` cause.
+    public var slowPath = SlowPathRule()
     /// A cpu_throttle sample with this share of throttled periods is a cause.
     public var throttleCauseRatio: Double = 0.2
     /// A memory_pressure sample is a cause at this PSI some avg10 (percent)
@@ -214,6 +216,23 @@ public struct ConfidenceWeights: Sendable, Equatable {
     }
 }
 
+/// When a tcp_latency sample says the network path itself is slow: its
+/// smoothed RTT at least `floorUs`, `factor` times the path's usual RTT
+/// (learned from `minSamples` samples or more), and at least
+/// `shareOfResponse` of the response time measured in the same interval.
+/// The floor lies above what a delayed ACK adds to a request's RTT when its
+/// server is merely slow (40 ms on Linux); the share keeps a server that
+/// answers slowly — its RTT padded by delayed ACKs — from reading as a slow
+/// path: there the response time is many times the RTT.
+public struct SlowPathRule: Sendable, Equatable {
+    public var floorUs: Double = 50_000
+    public var factor: Double = 4
+    public var minSamples: UInt64 = 5
+    public var shareOfResponse: Double = 0.5
+
+    public init() {}
+}
+
 /// How typical a cause kind is for a symptom kind (0…1). A pair not listed
 /// has `unlisted`.
 public struct PatternPriors: Sendable, Equatable {
@@ -229,6 +248,7 @@ public struct PatternPriors: Sendable, Equatable {
         .memoryPressure: [.latency: 0.6, .exits: 0.4, .throttling: 0.2],
         .diskFull: [.ioErrors: 0.95, .exits: 0.6, .connectErrors: 0.6, .resets: 0.6, .latency: 0.5, .connectRefused: 0.5],
         .noisyNeighbour: [.latency: 0.8, .throttling: 0.7, .connectTimeout: 0.4, .retransmits: 0.2],
+        .networkLatency: [.latency: 0.9, .connectTimeout: 0.4, .retransmits: 0.3],
     ]
     public var unlisted: Double = 0.05
 

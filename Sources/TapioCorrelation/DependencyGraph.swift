@@ -17,6 +17,10 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         public var connectLatency = LatencySummary()
         /// Request → response time, ns (from tcp_latency).
         public var responseLatency = LatencySummary()
+        /// The path's usual round-trip time (tcp_latency's srtt), learned
+        /// only from samples that were not elevated. Absent from checkpoints
+        /// written before it was kept.
+        public var roundTrip: RoundTripBaseline?
         public var firstSeenNs: Int64
         public var lastSeenNs: Int64
 
@@ -31,6 +35,7 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
                 "failure_ratio": .double(connects == 0 ? 0 : round3(Double(failureCount) / Double(connects))),
                 "ports": .array(ports.sorted().map { .int(Int64(clamping: $0)) }),
                 "connect_latency": connectLatency.json, "response_latency": responseLatency.json,
+                "srtt_ms": .double(round3((roundTrip?.meanUs ?? 0) / 1000)),
                 "first_seen": .string(rfc3339(ns: firstSeenNs)), "last_seen": .string(rfc3339(ns: lastSeenNs)),
             ])
         }
@@ -71,6 +76,17 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         var json: JSONValue {
             .object(["count": .int(Int64(clamping: count)), "mean_ms": .double(round3(meanNs / 1e6)), "p50_ms": .double(round3(Double(quantileNs(0.5)) / 1e6)),
                      "p99_ms": .double(round3(Double(quantileNs(0.99)) / 1e6)), "max_ms": .double(round3(Double(maxNs) / 1e6))])
+        }
+    }
+
+    /// An exponentially weighted mean of a path's smoothed RTT, µs.
+    public struct RoundTripBaseline: Sendable, Equatable, Codable {
+        public var meanUs: Double = 0
+        public var samples: UInt64 = 0
+
+        mutating func learn(_ us: Double) {
+            samples += 1
+            meanUs += (us - meanUs) * max(0.05, 1 / Double(samples))
         }
     }
 
@@ -116,6 +132,28 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         e.firstSeenNs = min(e.firstSeenNs, timeNs)
         e.lastSeenNs = max(e.lastSeenNs, timeNs)
         edgeMap[k] = e
+    }
+
+    /// A smoothed RTT sample of the path `client` → `server` (either end's
+    /// view) with the mean response time of the same interval. Returns the
+    /// path's usual RTT (µs) when the sample is elevated — at least
+    /// `rule.floorUs`, `rule.factor` times the usual, and at least
+    /// `rule.shareOfResponse` of the response time (the time went on the
+    /// wire, not in the server) — and then does not learn from it; nil
+    /// otherwise, or while fewer than `rule.minSamples` were learned.
+    mutating func roundTrip(client: String, server: String, srttUs: UInt32, responseMeanNs: UInt64, rule: SlowPathRule) -> Double? {
+        let k = DependencyGraph.key(client, server)
+        guard var e = edgeMap[k], srttUs > 0 else { return nil }
+        var b = e.roundTrip ?? RoundTripBaseline()
+        let us = Double(srttUs)
+        if b.samples >= rule.minSamples, us >= rule.floorUs, us >= rule.factor * b.meanUs,
+           us * 1000 >= rule.shareOfResponse * Double(responseMeanNs) {
+            return b.meanUs
+        }
+        b.learn(us)
+        e.roundTrip = b
+        edgeMap[k] = e
+        return nil
     }
 
     public var edgeCount: Int { edgeMap.count }

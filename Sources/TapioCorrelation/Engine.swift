@@ -447,8 +447,18 @@ public struct CorrelationEngine: Sendable {
                                count: UInt64(responses))
             }
             let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
-            graph.response(client: c.name, server: s.name, port: c.name == local.name ? flow.destinationPort : flow.sourcePort,
-                           meanNs: meanNs, responses: responses, timeNs: e.timeNs)
+            let serverPort = c.name == local.name ? flow.destinationPort : flow.sourcePort
+            graph.response(client: c.name, server: s.name, port: serverPort, meanNs: meanNs, responses: responses, timeNs: e.timeNs)
+            // The path itself slow: round trips far above their usual while
+            // the answers take hardly longer than the round trips.
+            if responses > 0, c.name != s.name,
+               graph.roundTrip(client: c.name, server: s.name, srttUs: srttUs, responseMeanNs: meanNs, rule: configuration.slowPath) != nil {
+                let serverAddress = localServes ? flow.source : flow.destination
+                var addrs = Set<String>()
+                if let a = serverAddress { addrs.insert(a.description) }
+                addCause(.networkLatency, s, e, addresses: addrs, port: serverPort,
+                         serverEndpoint: Endpoint(serverAddress, serverPort), clientAddress: localServes ? flow.destination : flow.source)
+            }
             boundGraph(nowNs: e.timeNs)
             observe(SeriesKey(observer: local.name, kind: .latency, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: 1, level: Double(meanNs) / 1e6, event: e)

@@ -121,6 +121,10 @@ public enum CauseKind: String, Sendable, CaseIterable, Comparable, Codable {
     case memoryPressure = "memory_pressure"
     case diskFull = "disk_full"
     case noisyNeighbour = "noisy_neighbour"
+    /// The network path to a service is slow: round trips many times their
+    /// usual while the server's own answer time is not (a saturated link,
+    /// a deep queue, a slow hop).
+    case networkLatency = "network_latency"
 
     public static func < (a: CauseKind, b: CauseKind) -> Bool { a.rawValue < b.rawValue }
 }

@@ -166,7 +166,7 @@ public struct Cause: Codable, Sendable, Hashable {
 
     public static let kinds: Set<String> = [
         "oom_kill", "crash", "crash_loop", "listener_closed", "firewall_drop", "packet_loss",
-        "dns_failure", "cpu_throttle", "memory_pressure", "disk_full", "noisy_neighbour",
+        "dns_failure", "cpu_throttle", "memory_pressure", "disk_full", "noisy_neighbour", "network_latency",
     ]
 }
 

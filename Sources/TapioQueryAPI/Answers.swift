@@ -153,19 +153,22 @@ public struct ServiceEdge: Sendable, Equatable, Codable {
     public var ports: [Int64]
     public var connectLatency: Latency
     public var responseLatency: Latency
+    /// The path's usual smoothed RTT, ms (0 before any was measured); absent
+    /// from servers older than the `network_latency` cause.
+    public var srttMs: Double?
     public var firstSeen: String
     public var lastSeen: String
 
     public init(client: String, server: String, connects: Int64, failures: Int64, failuresByOutcome: [String: Int64], failureRatio: Double, ports: [Int64],
-                connectLatency: Latency, responseLatency: Latency, firstSeen: String, lastSeen: String) {
+                connectLatency: Latency, responseLatency: Latency, srttMs: Double? = nil, firstSeen: String, lastSeen: String) {
         (self.client, self.server, self.connects, self.failures, self.failuresByOutcome, self.failureRatio) = (client, server, connects, failures, failuresByOutcome, failureRatio)
-        (self.ports, self.connectLatency, self.responseLatency, self.firstSeen, self.lastSeen) = (ports, connectLatency, responseLatency, firstSeen, lastSeen)
+        (self.ports, self.connectLatency, self.responseLatency, self.srttMs, self.firstSeen, self.lastSeen) = (ports, connectLatency, responseLatency, srttMs, firstSeen, lastSeen)
     }
 
     enum CodingKeys: String, CodingKey {
         case client, server, connects, failures, ports
         case failuresByOutcome = "failures_by_outcome", failureRatio = "failure_ratio", connectLatency = "connect_latency"
-        case responseLatency = "response_latency", firstSeen = "first_seen", lastSeen = "last_seen"
+        case responseLatency = "response_latency", srttMs = "srtt_ms", firstSeen = "first_seen", lastSeen = "last_seen"
     }
 }
 

@@ -60,7 +60,7 @@ extension ServicesAnswer {
                         failuresByOutcome: e.failures.mapValues { Int64(clamping: $0) },
                         failureRatio: e.connects == 0 ? 0 : round3(Double(e.failureCount) / Double(e.connects)),
                         ports: e.ports.sorted().map { Int64($0) }, connectLatency: latency(e.connectLatency), responseLatency: latency(e.responseLatency),
-                        firstSeen: rfc3339(ns: e.firstSeenNs), lastSeen: rfc3339(ns: e.lastSeenNs))
+                        srttMs: round3((e.roundTrip?.meanUs ?? 0) / 1000), firstSeen: rfc3339(ns: e.firstSeenNs), lastSeen: rfc3339(ns: e.lastSeenNs))
         }, names: graph.names)
     }
 }

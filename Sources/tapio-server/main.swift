@@ -62,6 +62,8 @@ struct Calibrate: ParsableCommand {
     var recordings = "lab/recordings"
     @Option(help: "Gradient steps of the fit.")
     var iterations = 4000
+    @Option(help: "Candidates shown per recording.")
+    var top = 1
 
     func run() throws {
         let runs = try RecordedRun.loadAll(directory: recordings)
@@ -78,11 +80,12 @@ struct Calibrate: ParsableCommand {
             let (ranked, engine) = evaluate(run, current.weights)
             samples.append(run.samples(engine))
             rows.append((run.name, run.accuracy(ranked, k: 1), run.accuracy(ranked, k: 3), run.topOneBrier(ranked),
-                         ranked.first.map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" } ?? "-"))
+                         ranked.isEmpty ? "-" : ranked.prefix(max(top, 1)).map { "\($0.entity)/\($0.kind.rawValue) \(String(format: "%.2f", $0.confidence))" }
+                            .joined(separator: ", ")))
         }
         let all = samples.flatMap { $0 }
         let n = Double(runs.count)
-        print("recording                         AC@1  AC@3  brier  top-1 (current weights)")
+        print("recording                         AC@1  AC@3  brier  top-\(max(top, 1)) (current weights)")
         for r in rows { print(r.0.padding(toLength: 32, withPad: " ", startingAt: 0), String(format: "%5.2f %5.2f %6.3f", r.1, r.2, r.3), " ", r.4) }
         print("recordings: \(runs.count) of \(Set(runs.map(\.scenario)).count) scenarios; candidates: \(all.count), right: \(all.filter(\.correct).count)")
         print("                    AC@1   top-1 Brier  candidate Brier   (means over recordings)")

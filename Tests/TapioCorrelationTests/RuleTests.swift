@@ -140,6 +140,65 @@ final class RuleTests: XCTestCase {
         XCTAssertTrue(inc.symptoms.contains { $0.kind == .latency && $0.entity == "api" })
     }
 
+    /// A deep queue on redis's way out (tbf): round trips from microseconds
+    /// to 300 ms, redis itself answering in 50 µs as before.
+    func testASlowPathWhileTheServerAnswersFastIsNetworkLatency() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        var t = 30.0
+        while t < 45 {
+            c.connect(t, "api", "redis", .established, count: 4)
+            c.latency(t + 0.1, "api", "redis", ms: 320, srttUs: 300_000)
+            c.served(t + 0.2, "redis", "api", ms: 0.05, srttUs: 290_000)
+            t += 0.5
+        }
+        guard let (inc, rc) = top(c) else { return }
+        XCTAssertEqual(rc.entity, "redis")
+        XCTAssertEqual(rc.kind, .networkLatency)
+        XCTAssertGreaterThan(rc.confidence, 0.5)
+        XCTAssertTrue(inc.symptoms.contains { $0.kind == .latency && $0.entity == "api" && $0.peer == "redis" })
+    }
+
+    /// A slow server pads its clients' round trips with delayed ACKs (up to
+    /// tens of ms), but its answers take many times that: not the path.
+    func testASlowServerIsNoSlowPath() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        var t = 30.0
+        while t < 45 {
+            c.connect(t, "api", "redis", .established, count: 4)
+            c.latency(t + 0.1, "api", "redis", ms: 400, srttUs: 60_000)
+            c.served(t + 0.2, "redis", "api", ms: 390, srttUs: 200)
+            t += 0.5
+        }
+        let causes = c.engine().incidents.flatMap(\.rootCauses)
+        XCTAssertFalse(causes.isEmpty, "the latency is an incident")
+        XCTAssertFalse(causes.contains { $0.kind == .networkLatency }, "\(causes.map { "\($0.entity)/\($0.kind.rawValue)" })")
+    }
+
+    /// Where the slow path also drops (a queue that overflows), the drops are
+    /// the cause and the slow round trips their evidence.
+    func testDropsOnASlowPathMakeItPacketLoss() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        var t = 30.0
+        while t < 45 {
+            let reply = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 6379, destinationPort: 40000)
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "QDISC_DROP", count: 20, flow: reply, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000))
+            c.connect(t + 0.03, "api", "redis", .established, count: 4)
+            c.latency(t + 0.1, "api", "redis", ms: 320, srttUs: 300_000)
+            t += 0.5
+        }
+        guard let (inc, rc) = top(c) else { return }
+        XCTAssertEqual(rc.entity, "redis")
+        XCTAssertEqual(rc.kind, .packetLoss)
+        XCTAssertFalse(inc.rootCauses.contains { $0.kind == .networkLatency })
+        XCTAssertTrue(rc.evidence.contains { $0.contains("srtt 300") }, "\(rc.evidence)")
+    }
+
     func dnsFailure(rcode: Int32) {
         var c = SyntheticCluster()
         c.healthy(until: 30)

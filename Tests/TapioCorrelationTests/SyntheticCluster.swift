@@ -68,10 +68,18 @@ struct SyntheticCluster {
         add(at, from, .tcpConnect, .tcpConnect(flow: f, outcome: outcome, latencyNs: 0, error: 111, count: count))
     }
 
-    mutating func latency(_ at: Double, _ from: String, _ to: String, ms: Double) {
+    /// `from`'s view of its requests to `to`: response time and smoothed RTT.
+    mutating func latency(_ at: Double, _ from: String, _ to: String, ms: Double, srttUs: UInt32 = 200) {
         let f = Flow(source: IPAddress(pod(from).ip), destination: IPAddress(pod(to).ip), sourcePort: 0, destinationPort: pod(to).port)
         let total = UInt64(ms * 1e6) * 10
-        add(at, from, .tcpLatency, .tcpLatency(flow: f, srttUs: 200, responses: 10, responseNsTotal: total, responseNsMax: total / 5, intervalNs: 500_000_000))
+        add(at, from, .tcpLatency, .tcpLatency(flow: f, srttUs: srttUs, responses: 10, responseNsTotal: total, responseNsMax: total / 5, intervalNs: 500_000_000))
+    }
+
+    /// The server's view of the same: its own request → response time.
+    mutating func served(_ at: Double, _ server: String, _ client: String, ms: Double, srttUs: UInt32 = 200) {
+        let f = Flow(source: IPAddress(pod(server).ip), destination: IPAddress(pod(client).ip), sourcePort: pod(server).port, destinationPort: 0)
+        let total = UInt64(ms * 1e6) * 10
+        add(at, server, .tcpLatency, .tcpLatency(flow: f, srttUs: srttUs, responses: 10, responseNsTotal: total, responseNsMax: total / 5, intervalNs: 500_000_000))
     }
 
     mutating func oom(_ at: Double, _ victim: String) {
