@@ -15,6 +15,10 @@ public struct LabOptions: Sendable {
     public var verbose: Bool
     /// Seconds between incident polls while a fault is active.
     public var pollInterval: Double = 1
+    /// Run the server as docs/scaling.md's distributed mode (nats-server,
+    /// clickhouse-server, one ingest, correlate and query replica each)
+    /// instead of one `tapio-server --data-dir` (Distributed.swift).
+    public var distributed = false
 
     public init(binDirectory: String, labDirectory: String, runsDirectory: String, verbose: Bool) {
         self.binDirectory = binDirectory
@@ -38,8 +42,13 @@ public final class LabRun: @unchecked Sendable {
     let supervisor = Supervisor()
     var services: [String: ManagedService] = [:]
     var infra: [String: Child] = [:]
+    /// Asked for incidents and timelines: the server, or the correlate replica.
     var client: QueryClient?
+    /// Asked for events in the distributed mode: the query replica (nil: `client`).
+    var eventsClient: QueryClient?
     var queryPort = 0
+    /// The distributed mode's roles' /metrics and /readyz ports, by role.
+    var roleMetricsPorts: [String: Int] = [:]
     var notes: [String] = []
     var originalQuota: [String: String] = [:]
     var helpers: [Child] = []
@@ -152,13 +161,20 @@ public final class LabRun: @unchecked Sendable {
             }
         }
         try LabSignals.sleep(1.5)  // let the last batches arrive
-        if let nodes = (try? liveClient?.nodes(timeoutSeconds: 5))??.nodes, !nodes.isEmpty {
+        let known = self.nodes(timeoutSeconds: 5)
+        if options.distributed, roleMetric("ingest", "tapio_node_clock_offset_seconds").isEmpty {
+            timeline.note("clock offsets: not known in the distributed mode (the ingest replica's /metrics has no tapio_node_clock_offset_seconds)")
+        } else if !known.isEmpty {
             // What the server estimated each agent's clock to be off by (a node's
             // `clock_offset_ms` shows here when it reached the agent).
-            timeline.note("clock offsets the server estimated: " + nodes.sorted { $0.node < $1.node }.map {
+            timeline.note("clock offsets the server estimated: " + known.sorted { $0.node < $1.node }.map {
                 String(format: "%@ %+.1f ms", $0.node, Double($0.clockOffsetNs) / 1e6)
             }.joined(separator: ", "))
         }
+
+        // In the distributed mode the events reach ClickHouse through the
+        // stream; the baseline reads them from there.
+        if options.distributed, collectEvents { waitForEventsWritten(timeout: 15) }
 
         // The answer, the baseline, the timeline of the top incident.
         let incidents = queryIncidents(final: true)
@@ -191,7 +207,8 @@ public final class LabRun: @unchecked Sendable {
             baselineAc1: Scoring.accuracy(expected: s.expected, reported: baseline, k: 1),
             baselineAc3: Scoring.accuracy(expected: s.expected, reported: baseline, k: 3),
             notes: notes, runDirectory: plan.runDirectory, labTimeline: timeline.all,
-            serverIncidents: incidents, serverTimeline: serverTimeline, load: load, healthy: s.isHealthy)
+            serverIncidents: incidents, serverTimeline: serverTimeline, load: load, healthy: s.isHealthy,
+            mode: options.distributed ? "distributed" : "single")
         try? Shell.write(report.json.serialized(pretty: true) + "\n", to: plan.runDirectory + "/report.json")
         try? Shell.write(report.text, to: plan.runDirectory + "/report.txt")
         if collectEvents { try? Shell.write(QueryCoding.string(EventsAnswer(events: events)) + "\n", to: plan.runDirectory + "/events.json") }
@@ -348,6 +365,7 @@ public final class LabRun: @unchecked Sendable {
     }
 
     private func startServer() throws {
+        if options.distributed { return try startDistributed() }
         let pki = plan.runDirectory + "/pki"
         _ = try DevelopmentPKI.initialize(directory: pki, nodes: scenario.topology.nodes.map(\.name), operators: ["lab"])
         let ingest = LabRun.freePort()
@@ -410,8 +428,7 @@ public final class LabRun: @unchecked Sendable {
         let names = Set(scenario.topology.nodes.map(\.name))
         let deadline = Date(timeIntervalSinceNow: 40)
         while true {
-            let nodes = (try? liveClient?.nodes(timeoutSeconds: 2))??.nodes ?? []
-            let up = Set(nodes.filter(\.connected).map(\.node))
+            let up = Set(nodes().filter(\.connected).map(\.node))
             if names.isSubset(of: up) { break }
             for n in names where infra["agent-\(n)"]?.isRunning == false {
                 throw LabError("tapio-agent for \(n) exited; see \(plan.runDirectory)/logs/agent-\(n).log")
@@ -589,12 +606,28 @@ public final class LabRun: @unchecked Sendable {
 
     var incidentsUnsupported = false
 
+    /// The process that answers incidents: the server, or the correlate replica.
+    var serverName: String { options.distributed ? "tapio-correlate" : "tapio-server" }
+
     /// The query client while the server runs (nil after it died: a query then would not connect).
-    var liveClient: QueryClient? { infra["tapio-server"]?.isRunning == true ? client : nil }
+    var liveClient: QueryClient? { infra[serverName]?.isRunning == true ? client : nil }
+
+    /// The client for `events`: the query replica in the distributed mode.
+    var liveEventsClient: QueryClient? {
+        guard options.distributed else { return liveClient }
+        return infra["tapio-query"]?.isRunning == true ? eventsClient : nil
+    }
+
+    /// The agents as the server knows them: its `nodes` answer, or in the
+    /// distributed mode the ingest replica's /metrics.
+    func nodes(timeoutSeconds: Int64 = 2) -> [QueryNode] {
+        if options.distributed { return distributedNodes() }
+        return (try? liveClient?.nodes(timeoutSeconds: timeoutSeconds))??.nodes ?? []
+    }
 
     func queryIncidents(final: Bool = false) -> [QueryIncident] {
         guard let client = liveClient, !incidentsUnsupported else {
-            if final, infra["tapio-server"]?.isRunning != true { notes.append("tapio-server is not running at the end of the run") }
+            if final, infra[serverName]?.isRunning != true { notes.append("\(serverName) is not running at the end of the run") }
             return []
         }
         do {
@@ -612,7 +645,7 @@ public final class LabRun: @unchecked Sendable {
     }
 
     func queryEvents(sinceNs: Int64, untilNs: Int64) -> [QueryEvent] {
-        guard let client = liveClient else { return [] }
+        guard let client = liveEventsClient else { return [] }
         do {
             return try client.events(["since_ns": String(sinceNs), "until_ns": String(untilNs), "limit": "100000"], timeoutSeconds: 30).events
         } catch {

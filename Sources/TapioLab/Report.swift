@@ -28,6 +28,10 @@ public struct RunReport: Sendable {
     public var serverTimeline: [QueryIncident.TimelineEntry]
     public var load: LoadSummary
     public var healthy: Bool
+    /// Which server ran: `single` (one `tapio-server --data-dir`) or
+    /// `distributed` (NATS, ClickHouse and the ingest, correlate and query
+    /// roles; `run --distributed`).
+    public var mode: String = "single"
 
     public var json: JSONValue {
         func causes(_ list: [RankedCause]) -> JSONValue {
@@ -50,13 +54,18 @@ public struct RunReport: Sendable {
             "notes": .array(notes.map { .string($0) }),
             "run_dir": .string(runDirectory),
             "load": load.json,
+            "mode": .string(mode),
         ])
     }
 
     /// The human report: what the lab did, what the server answered, the score.
     public var text: String {
         var out = "scenario \(scenario)\(healthy ? " (healthy: the right answer is no incident that pages)" : "")\n"
-        out += "run directory \(runDirectory)\n\n== what the lab did\n"
+        out += "run directory \(runDirectory)\n"
+        out += mode == "distributed"
+            ? "server: distributed mode (nats-server, clickhouse-server, tapio-server --role ingest, correlate and query)\n"
+            : "server: single process (tapio-server --role all)\n"
+        out += "\n== what the lab did\n"
         let t0 = labTimeline.first?.timeNs ?? 0
         for e in labTimeline {
             out += String(format: "  %@  +%6.1fs  %@\n", LabTimeline.clock(e.timeNs), Double(e.timeNs - t0) / 1e9, e.text)

@@ -118,7 +118,7 @@ final class ResourceSampler: @unchecked Sendable {
             if let t = ResourceSampler.cpuTicks(pid: child.pid) { ticks[name] = t }
             if let r = ResourceSampler.rssBytes(pid: child.pid) { rss[name] = r }
         }
-        let nodes = (try? lab.liveClient?.nodes(timeoutSeconds: 2))??.nodes ?? []
+        let nodes = lab.nodes()
         let events = nodes.reduce(Int64(0)) { $0 + $1.eventsReceived }
         if firstNs == nil { firstNs = now }
         if let last {

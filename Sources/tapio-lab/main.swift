@@ -21,6 +21,8 @@ struct Locations: ParsableArguments {
     }
 }
 
+let distributedHelp = "Run the server in the distributed mode (docs/scaling.md): nats-server (JetStream) and clickhouse-server started in the run directory, and tapio-server as one ingest replica (the agents' server), one correlate replica (asked for incidents) and one query replica (asked for events), instead of one tapio-server --data-dir."
+
 @main
 struct TapioLabCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -38,11 +40,14 @@ struct Run: ParsableCommand {
     var scenario: String
     @Flag(help: "Print one JSON object instead of the report.")
     var json = false
+    @Flag(help: ArgumentHelp(distributedHelp))
+    var distributed = false
     @OptionGroup var locations: Locations
 
     func run() throws {
         LabSignals.install()
-        let options = locations.options()
+        var options = locations.options()
+        options.distributed = distributed
         let s = try LabFiles.resolve(scenario, labDirectory: options.labDirectory)
         do {
             let report = try LabRun(scenario: s, options: options).run()
@@ -64,11 +69,14 @@ struct Bench: ParsableCommand {
     var only: String?
     @Flag(help: "Print one JSON object instead of the tables.")
     var json = false
+    @Flag(help: ArgumentHelp(distributedHelp))
+    var distributed = false
     @OptionGroup var locations: Locations
 
     func run() throws {
         LabSignals.install()
-        let options = locations.options()
+        var options = locations.options()
+        options.distributed = distributed
         let names = only.map { $0.split(separator: ",").map(String.init) } ?? LabFiles.scenarioNames(labDirectory: options.labDirectory)
         let scenarios = try names.map { try LabFiles.resolve($0, labDirectory: options.labDirectory) }
         do {
