@@ -93,7 +93,12 @@ struct Analysis {
         for t in symptoms.compactMap(\.edgeTo) { examine.formUnion(engine.graph.dependencies(of: t)) }
         var candidates: [Candidate] = []
         for e in examine.sorted() {
-            let all = engine.causes.events(of: e, from: from, to: end)
+            // A listener closed after the last symptom began (the next
+            // rolling restart, 30 s later) is not why these symptoms began:
+            // with it, the restart that did explain them looked unfinished.
+            let all = engine.causes.events(of: e, from: from, to: end).filter { c in
+                c.signal != .listenerClosed || c.timeNs <= min(end, lastOnset + cfg.eventCauseLagNs + err(c.observed.errorNs) + symptomClock)
+            }
             candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention, .cpuUsage, .cpuPressure].contains($0.signal) },
                                      opened: all.filter { $0.signal == .listenerOpened }).filter(early)
         }

@@ -13,6 +13,10 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// time, 33,289 events): median 0.17 s, p99 1.02 s, max 1.30 s — the
     /// agents harvest aggregates once a second and batch for 0.2 s.
     public var allowedLatenessNs: Int64 = 1_500_000_000
+    /// Decide a symptom within its bucket as soon as what has arrived
+    /// already fires (`CorrelationEngine.decideEarly`), instead of only at
+    /// the bucket's end. The same symptoms either way; only sooner.
+    public var decideWithinBucket = true
     /// Buckets after the first event during which baselines learn and no
     /// symptom fires.
     public var warmupBuckets: Int = 5

@@ -61,6 +61,10 @@ public struct CorrelationEngine: Sendable {
     private var maxSeenNs: Int64 = .min
     private var series: [SeriesKey: Series] = [:]
     private var touched: Set<SeriesKey> = []
+    /// Series with events in the open bucket since its last early decision
+    /// (`decideEarly`). Not in checkpoints: a restored engine decides its
+    /// open bucket at its end.
+    private var unsettled: Set<SeriesKey> = []
     private var currentBucket: Int64?
     private var firstBucket: Int64 = 0
     private var openIncidents: [IncidentState] = []
@@ -222,6 +226,7 @@ public struct CorrelationEngine: Sendable {
                 }
             }
             currentBucket = b
+            if configuration.decideWithinBucket { decideEarly(b, mark: mark) }
         }
         watermarkNs = mark
     }
@@ -298,6 +303,7 @@ public struct CorrelationEngine: Sendable {
         s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
         series[key] = s
         touched.insert(key)
+        if bucket == currentBucket { unsettled.insert(key) }
         statistics.series = series.count
     }
 
@@ -589,30 +595,74 @@ public struct CorrelationEngine: Sendable {
         }
     }
 
-    private mutating func record(_ s: Series, _ v: BucketVerdict, current: Double, end: Int64) {
+    /// Decisions within the open bucket `b`: a series not yet part of an
+    /// incident whose bucket already fires with the events processed so far
+    /// opens (or joins) its incident now rather than at the bucket's end —
+    /// up to a bucket width plus a tick sooner. Sound, not a guess: a
+    /// bucket's count and level only grow as events arrive, and its
+    /// threshold rests on closed buckets alone, so what fires now fires at
+    /// the close as well, which confirms the symptom (`record`).
+    private mutating func decideEarly(_ b: Int64, mark: Int64) {
+        guard !unsettled.isEmpty else { return }
+        let keys = unsettled.sorted()
+        unsettled.removeAll()
+        guard b >= firstBucket + Int64(configuration.warmupBuckets) else { return }
+        let inIncidents = Set(openIncidents.flatMap(\.symptoms.keys))
+        var fired: [(Series, BucketVerdict)] = []
+        for key in keys where !inIncidents.contains(key) {
+            guard var s = series[key], s.buckets.last?.index == b else { continue }
+            if let v = s.close(b, threshold: configuration.threshold(key.kind), mayFire: true), v.firing { fired.append((series[key]!, v)) }
+        }
+        guard !fired.isEmpty else { return }
+        let before = Set(openIncidents.map(\.id))
+        var changed = Set<String>()
+        for (s, v) in fired {
+            if let id = record(s, v, current: v.count, end: mark, provisional: true) { changed.insert(id) }
+        }
+        for i in openIncidents.indices where changed.contains(openIncidents[i].id) || !before.contains(openIncidents[i].id) {
+            refresh(i, end: mark)
+        }
+        mergeIncidents(end: mark)
+    }
+
+    /// Returns the incident the symptom is now part of, if any.
+    @discardableResult
+    private mutating func record(_ s: Series, _ v: BucketVerdict, current: Double, end: Int64, provisional: Bool = false) -> String? {
         let key = s.key
         if let i = openIncidents.firstIndex(where: { $0.symptoms[key] != nil }) {
             var st = openIncidents[i].symptoms[key]!
+            if let early = st.provisionalCount {
+                // Decided within this bucket (`decideEarly`); its close
+                // confirms it with the bucket's whole count.
+                st.count += v.count - early
+                st.provisionalCount = nil
+                st.lastNs = end
+                for e in v.events where st.events.count < configuration.maxEvidence && !st.events.contains(e) { st.events.append(e) }
+                openIncidents[i].symptoms[key] = st
+                return openIncidents[i].id
+            }
             st.count += st.lastNs == end - configuration.bucketNs ? current : v.count
             st.lastNs = end
             for e in v.events where st.events.count < configuration.maxEvidence && !st.events.contains(e) { st.events.append(e) }
             openIncidents[i].symptoms[key] = st
-            return
+            return openIncidents[i].id
         }
-        let st = SymptomState(key: key, edgeFrom: s.edgeFrom, edgeTo: s.edgeTo, sinceNs: v.events.first?.timeNs ?? end - configuration.bucketNs,
+        var st = SymptomState(key: key, edgeFrom: s.edgeFrom, edgeTo: s.edgeTo, sinceNs: v.events.first?.timeNs ?? end - configuration.bucketNs,
                               lastNs: end, count: v.count, baseline: v.baseline, events: Array(v.events.prefix(configuration.maxEvidence)))
+        if provisional { st.provisionalCount = v.count }
         if let i = openIncidents.firstIndex(where: { $0.joins(st) }) {
             openIncidents[i].symptoms[key] = st
-            return
+            return openIncidents[i].id
         }
         // A process exiting again and again with nobody failing because of
         // it (a cron job off every request path) is no incident: exits only
         // join an incident that something else opened.
-        if key.kind == .exits { return }
+        if key.kind == .exits { return nil }
         let id = "inc-" + hex16(fnv1a("\(key.text)|\(st.sinceNs)"))
         var inc = IncidentState(id: id, openedNs: end)
         inc.symptoms[key] = st
         openIncidents.append(inc)
+        return id
     }
 
     private mutating func refresh(_ i: Int, end: Int64) {
@@ -623,7 +673,15 @@ public struct CorrelationEngine: Sendable {
         // observation still open): such an incident pages only when a new one
         // would be shown — the listener not back within the grace, or the
         // symptoms going on after it came back.
-        if fresh.plannedStop != nil, !publishable(fresh, end: end) { fresh.pages = false }
+        if fresh.plannedStop != nil, !publishable(fresh, inc.symptoms, end: end) { fresh.pages = false }
+        // Decided within a bucket, an incident is shown at once, but whether
+        // it pages waits for that bucket's close: a first look may name the
+        // right entity with a kind the rest of the bucket corrects (a crash
+        // that the next exit makes a crash loop; drops that what got through
+        // meanwhile reads as loss, not a firewall).
+        if inc.symptoms.values.contains(where: { $0.provisionalCount != nil }) {
+            fresh.pages = inc.snapshot.id.isEmpty ? false : inc.snapshot.pages
+        }
         if fresh.contentDiffers(from: inc.snapshot) || inc.snapshot.id.isEmpty {
             inc.snapshot = fresh
             inc.snapshot.updatedNs = end
@@ -633,7 +691,7 @@ public struct CorrelationEngine: Sendable {
             inc.snapshot = fresh
             inc.snapshot.updatedNs = updated
         }
-        if !inc.published { inc.published = publishable(fresh, end: end) }
+        if !inc.published { inc.published = publishable(fresh, inc.symptoms, end: end) }
         openIncidents[i] = inc
     }
 
@@ -644,12 +702,12 @@ public struct CorrelationEngine: Sendable {
     /// begins after (a load spike 25 s later, while the restart's incident
     /// waits out its quiet period) is another episode, not the restart
     /// failing: it paged `listener_closed` for a restart that had worked.
-    private func publishable(_ i: Incident, end: Int64) -> Bool {
+    private func publishable(_ i: Incident, _ symptoms: [SeriesKey: SymptomState], end: Int64) -> Bool {
         guard let stop = i.plannedStop else { return true }
         let b = configuration.bucketNs
         if let r = stop.reopenedNs, r - stop.closedNs <= configuration.restartGraceNs {
             let settled = (floorDiv(r, b) + 2) * b
-            return i.symptoms.contains { $0.sinceNs < settled && $0.lastNs > settled }
+            return symptoms.values.contains { $0.sinceNs < settled && $0.lastNs > settled }
         }
         return end >= stop.closedNs + configuration.restartGraceNs
     }
@@ -721,6 +779,9 @@ struct SymptomState: Sendable, Equatable, Codable {
     var count: Double
     var baseline: Double
     var events: [ObservedEvent]
+    /// Set while the symptom was decided within its first bucket and that
+    /// bucket has not closed yet: the count it was decided with.
+    var provisionalCount: Double? = nil
 }
 
 struct IncidentState: Sendable, Codable {

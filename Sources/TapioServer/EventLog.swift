@@ -8,6 +8,9 @@ import TapioWire
 /// reported. What `tapio-server replay` and `calibrate` run the engine over.
 public struct EventLog: Sendable {
     public var events: [ObservedEvent] = []
+    /// When each of `events` reached the server (its batch's arrival, on
+    /// the server's clock), in the same order.
+    public var arrivalNs: [Int64] = []
     public var inventory: [String: [PodInfo]] = [:]
     /// Batches the events came in.
     public var batches = 0
@@ -36,7 +39,9 @@ public struct EventLog: Sendable {
         while true {
             let page = try store.batches(sinceNs: since, limit: pageSize)
             for r in page {
-                log.events += CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
+                let observed = CorrelationService.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
+                log.events += observed
+                log.arrivalNs += repeatElement(r.receivedNs, count: observed.count)
                 log.lastBatchId = max(log.lastBatchId, r.id)
             }
             log.batches += page.count
@@ -49,6 +54,33 @@ public struct EventLog: Sendable {
     /// Runs the log through a fresh engine.
     public func replay(configuration: CorrelationConfiguration = CorrelationConfiguration()) -> CorrelationEngine {
         CorrelationEngine.replay(events, inventory: inventory, configuration: configuration)
+    }
+
+    /// What a live server's engine would have said over the run: each event
+    /// is given to the engine when it arrived, and the engine advances every
+    /// `tickNs` of server time, as the server's engine thread does.
+    /// `watch` sees the engine after every pass, with the pass's time.
+    public func replayLive(configuration: CorrelationConfiguration = CorrelationConfiguration(), tickNs: Int64 = 250_000_000,
+                           watch: (Int64, CorrelationEngine) -> Void = { _, _ in }) -> CorrelationEngine {
+        var engine = CorrelationEngine(configuration: configuration)
+        for node in inventory.keys.sorted() { engine.updateInventory(node: node, pods: inventory[node]!) }
+        let arrivals = arrivalNs.count == events.count ? arrivalNs : events.map(\.timeNs)
+        let order = events.indices.sorted { (arrivals[$0], $0) < (arrivals[$1], $1) }
+        guard let first = order.first, let last = order.last else { return engine }
+        var next = 0
+        var t = arrivals[first]
+        let end = arrivals[last] + configuration.allowedLatenessNs + 2 * configuration.bucketNs
+        while t <= end {
+            while next < order.count, arrivals[order[next]] <= t {
+                engine.ingest(events[order[next]])
+                next += 1
+            }
+            engine.advance(toNs: t)
+            watch(t, engine)
+            t += tickNs
+        }
+        engine.finish()
+        return engine
     }
 
     /// Feeds the log into `engine` (inventories first), without advancing it.

@@ -55,6 +55,68 @@ final class RecordedRunTests: XCTestCase {
         }
     }
 
+    /// Deciding within the bucket (`decideWithinBucket`) changes when, not
+    /// what: each recording replayed as a live server would see it (events
+    /// given to the engine as they arrived, a pass every 250 ms) ends with
+    /// the same answers as the replay of the whole log, the right top-1
+    /// comes no later than with decisions only at a bucket's end, and no
+    /// page names a wrong entity at any pass that did not without it. (Live,
+    /// the healthy runs once paged the first rolling restart at its
+    /// resolution, when the next restart's close 30 s later made it look
+    /// unfinished; the batch replay never showed it.)
+    func testDecidingWithinTheBucketChangesWhenNotWhat() throws {
+        struct Live {
+            var correctS: Double?
+            /// After the first kernel event of the right answer (its candidate's first evidence).
+            var afterEvidenceS: Double?
+            var falsePages: Set<String> = []
+            var ranked: [String] = []
+        }
+        func live(_ run: RecordedRun, early: Bool) -> Live {
+            var c = CorrelationConfiguration()
+            c.decideWithinBucket = early
+            var out = Live()
+            let engine = run.log.replayLive(configuration: c) { t, engine in
+                let ranked = run.ranked(engine)
+                if out.correctS == nil, !run.isHealthy, let f = run.faultNs, run.accuracy(ranked, k: 1) == 1 {
+                    out.correctS = Double(t - f) / 1e9
+                    out.afterEvidenceS = Double(t - ranked[0].firstSeenNs) / 1e9
+                }
+                // A page naming another entity than the fault's (on a healthy
+                // run: any page). A crash paged at the entity that then
+                // crash-loops is the right page, refined later.
+                for inc in run.scoredIncidents(engine) where inc.pages {
+                    if let top = inc.rootCauses.first, run.expected.contains(where: { $0.entity == top.entity }) { continue }
+                    out.falsePages.insert("\(inc.id) \(inc.rootCauses.first.map { "\($0.entity)/\($0.kind.rawValue)" } ?? "-")")
+                }
+            }
+            out.ranked = run.ranked(engine).prefix(3).map { "\($0.entity)/\($0.kind.rawValue)" }
+            return out
+        }
+        var sooner: [Double] = [], later: [Double] = [], soonerAfterEvidence: [Double] = [], laterAfterEvidence: [Double] = []
+        for run in try loadAll() {
+            let batch = run.ranked(run.log.replay()).prefix(3).map { "\($0.entity)/\($0.kind.rawValue)" }
+            let (a, b) = (live(run, early: true), live(run, early: false))
+            XCTAssertEqual(a.ranked, batch, "\(run.name): deciding within the bucket, live")
+            XCTAssertEqual(b.ranked, batch, "\(run.name): deciding at the bucket's end, live")
+            XCTAssertTrue(a.falsePages.isSubset(of: b.falsePages), "\(run.name): pages only with early decisions: \(a.falsePages.subtracting(b.falsePages))")
+            if run.isHealthy { XCTAssertEqual(a.falsePages, [], "\(run.name)") }
+            guard !run.isHealthy else { continue }
+            guard let s = a.correctS, let l = b.correctS else {
+                XCTFail("\(run.name): the right top-1 never came live (within the bucket \(String(describing: a.correctS)), at its end \(String(describing: b.correctS)))")
+                continue
+            }
+            XCTAssertLessThanOrEqual(s, l, "\(run.name): deciding within the bucket was later")
+            sooner.append(s)
+            later.append(l)
+            soonerAfterEvidence.append(a.afterEvidenceS ?? .nan)
+            laterAfterEvidence.append(b.afterEvidenceS ?? .nan)
+        }
+        func median(_ x: [Double]) -> Double { let y = x.sorted(); return y.isEmpty ? .nan : y[y.count / 2] }
+        print(String(format: "right top-1, live replay of %d fault recordings, median: %.2f s after the fault was injected and %.2f s after the answer's first kernel event deciding within the bucket; %.2f s and %.2f s at its end",
+                     sooner.count, median(sooner), median(soonerAfterEvidence), median(later), median(laterAfterEvidence)))
+    }
+
     /// The weights are the ones the calibration chose: the Brier score of the
     /// top-1 confidence over the recordings stays where docs/correlation.md
     /// says it is.
