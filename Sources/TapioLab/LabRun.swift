@@ -14,7 +14,7 @@ public struct LabOptions: Sendable {
     /// Print the lab's timeline to stderr as it happens.
     public var verbose: Bool
     /// Seconds between incident polls while a fault is active.
-    public var pollInterval: Double = 1
+    public var pollInterval: Double = 0.25
     /// Run the server as docs/scaling.md's distributed mode (nats-server,
     /// clickhouse-server, one ingest, correlate and query replica each)
     /// instead of one `tapio-server --data-dir` (Distributed.swift).
@@ -119,6 +119,7 @@ public final class LabRun: @unchecked Sendable {
         var active: [(fault: FaultSpec, until: Double?, revert: () -> Void)] = []
         var detectS: Double?
         var top1S: Double?
+        var top1AfterEvidenceS: Double?
         var lastPoll = -1.0
         let expectedFaultNs = faultStartNs + Int64((s.faults.map(\.atS).min() ?? 0) * 1e9)
         while true {
@@ -143,12 +144,14 @@ public final class LabRun: @unchecked Sendable {
                     timeline.note("server reports an incident: \(reported.first.map { "\($0.entity)/\($0.kind)" } ?? "no root cause yet")")
                 }
                 if top1S == nil, Scoring.topOneCorrect(expected: s.expected, reported: reported) {
-                    top1S = max(0, Double(Shell.nowNs() - expectedFaultNs) / 1e9)
+                    let now = Shell.nowNs()
+                    top1S = max(0, Double(now - expectedFaultNs) / 1e9)
+                    top1AfterEvidenceS = Scoring.firstEvidenceNs(of: reported[0], in: incidents).map { max(0, Double(now - $0) / 1e9) }
                     timeline.note("server's top-1 is correct: \(reported[0].entity)/\(reported[0].kind)")
                 }
             }
             onTick?(self)
-            try LabSignals.sleep(0.2)
+            try LabSignals.sleep(0.05)
         }
         for a in active.reversed() { a.revert() }
         let endNs = Shell.nowNs()
@@ -184,6 +187,7 @@ public final class LabRun: @unchecked Sendable {
         let before = s.isHealthy ? 0 : incidents.filter { (Scoring.openedNs($0) ?? .max) < since }.count
         if top1S == nil, Scoring.topOneCorrect(expected: s.expected, reported: reported) {
             top1S = max(0, Double(endNs - expectedFaultNs) / 1e9)
+            top1AfterEvidenceS = Scoring.firstEvidenceNs(of: reported[0], in: incidents).map { max(0, Double(endNs - $0) / 1e9) }
         }
         let events = collectEvents ? queryEvents(sinceNs: state.current.items.isEmpty ? 0 : runStartNs, untilNs: endNs) : []
         let entities = entityMap()
@@ -202,6 +206,7 @@ public final class LabRun: @unchecked Sendable {
             ac1: Scoring.accuracy(expected: s.expected, reported: reported, k: 1),
             ac3: Scoring.accuracy(expected: s.expected, reported: reported, k: 3),
             timeToDetectS: s.isHealthy ? nil : detectS, timeToTop1S: s.isHealthy ? nil : top1S,
+            timeToTop1AfterEvidenceS: s.isHealthy ? nil : top1AfterEvidenceS,
             incidents: incidents.count, paging: incidents.filter(Scoring.pages).count, incidentsBeforeFault: before,
             baseline: baseline,
             baselineAc1: Scoring.accuracy(expected: s.expected, reported: baseline, k: 1),

@@ -11,6 +11,10 @@ public struct RunReport: Sendable {
     public var ac3: Double
     public var timeToDetectS: Double?
     public var timeToTop1S: Double?
+    /// The same from the first kernel event of that answer (its root cause's
+    /// `first_seen`) instead of the fault's injection: an OOM kill, say,
+    /// comes seconds after the filler starts.
+    public var timeToTop1AfterEvidenceS: Double? = nil
     /// Incidents the server had open or resolved for this run.
     public var incidents: Int
     /// Of those, the ones that page (`"pages": true`); the others are
@@ -46,6 +50,7 @@ public struct RunReport: Sendable {
             "ac3": .double(ac3),
             "time_to_detect_s": seconds(timeToDetectS),
             "time_to_top1_s": seconds(timeToTop1S),
+            "time_to_top1_after_evidence_s": seconds(timeToTop1AfterEvidenceS),
             "incidents": .int(Int64(incidents)),
             "paging": .int(Int64(paging)),
             "observations": .int(Int64(incidents - paging)),
@@ -97,6 +102,7 @@ public struct RunReport: Sendable {
         out += "  reported   \(list(reported))\n"
         out += String(format: "  AC@1 %.2f  AC@3 %.2f  time to detect %@  time to correct top-1 %@\n", ac1, ac3,
                       timeToDetectS.map { String(format: "%.1f s", $0) } ?? "never", timeToTop1S.map { String(format: "%.1f s", $0) } ?? "never")
+        if let e = timeToTop1AfterEvidenceS { out += String(format: "             time to correct top-1 after its first kernel event %.1f s\n", e) }
         out += "  baseline   \(list(baseline))  AC@1 \(String(format: "%.2f", baselineAc1))  AC@3 \(String(format: "%.2f", baselineAc3))\n"
         return out
     }
@@ -146,6 +152,7 @@ public struct BenchReport: Sendable {
         public var ac3: Double
         public var timeToDetectS: Double?
         public var timeToTop1S: Double?
+        public var timeToTop1AfterEvidenceS: Double? = nil
         public var incidentsOnHealthy: Double?
         public var failedRuns: Int
     }
@@ -153,6 +160,16 @@ public struct BenchReport: Sendable {
     public var rows: [Row]
     public var baselineRows: [Row]
     public var notes: [String]
+    /// Every fault run's time to a correct top-1, from the fault's injection
+    /// and from the answer's first kernel event (for the medians).
+    public var top1Times: [Double] = []
+    public var top1TimesAfterEvidence: [Double] = []
+
+    public static func median(_ xs: [Double]) -> Double? {
+        guard !xs.isEmpty else { return nil }
+        let s = xs.sorted()
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+    }
 
     /// Averages one scenario's runs; `pick` chooses the engine's or the baseline's numbers.
     public static func row(name: String, reports: [RunReport], failed: Int, baseline: Bool) -> Row {
@@ -172,6 +189,7 @@ public struct BenchReport: Sendable {
         return Row(name: name, runs: reports.count, healthy: healthy, ac1: mean(ac1), ac3: mean(ac3),
                    timeToDetectS: baseline ? nil : meanOpt(reports.map(\.timeToDetectS)),
                    timeToTop1S: baseline ? nil : meanOpt(reports.map(\.timeToTop1S)),
+                   timeToTop1AfterEvidenceS: baseline ? nil : meanOpt(reports.map(\.timeToTop1AfterEvidenceS)),
                    incidentsOnHealthy: onHealthy, failedRuns: failed)
     }
 
@@ -198,6 +216,8 @@ public struct BenchReport: Sendable {
         guard case .object(var o) = BenchReport.rowsJSON(rows) else { return .null }
         o["baseline"] = BenchReport.rowsJSON(baselineRows)
         o["notes"] = .array(notes.map { .string($0) })
+        o["median_time_to_top1_s"] = BenchReport.median(top1Times).map { .double(($0 * 100).rounded() / 100) } ?? .null
+        o["median_time_to_top1_after_evidence_s"] = BenchReport.median(top1TimesAfterEvidence).map { .double(($0 * 100).rounded() / 100) } ?? .null
         return .object(o)
     }
 
@@ -216,6 +236,11 @@ public struct BenchReport: Sendable {
             return lines.joined(separator: "\n")
         }
         var out = table("tapio (server incidents)", rows) + "\n\n" + table("baseline (most recent OOM/exit/drop on the failing path)", baselineRows) + "\n"
+        if let m = BenchReport.median(top1Times) {
+            out += String(format: "\nmedian time to a correct top-1 over %d fault runs: %.2f s after the fault's injection", top1Times.count, m)
+            if let e = BenchReport.median(top1TimesAfterEvidence) { out += String(format: ", %.2f s after the answer's first kernel event", e) }
+            out += "\n"
+        }
         out += "\nFALSE+: incidents that page, per run, on a healthy scenario; on a faulty one, incidents opened before the fault.\n"
         for n in notes { out += "note: \(n)\n" }
         return out

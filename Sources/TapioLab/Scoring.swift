@@ -30,6 +30,13 @@ public enum Scoring {
         return Double(top.intersection(want).count) / Double(min(k, want.count))
     }
 
+    /// The first kernel event of a reported cause: the earliest `first_seen`
+    /// of that entity and kind among `incidents`.
+    public static func firstEvidenceNs(of cause: RankedCause, in incidents: [QueryIncident]) -> Int64? {
+        incidents.flatMap(\.rootCauses).filter { $0.entity == cause.entity && $0.kind == cause.kind }
+            .compactMap { RFC3339.parseNs($0.firstSeen) }.min()
+    }
+
     /// True when the first reported cause is one of the expected ones.
     public static func topOneCorrect(expected: [Cause], reported: [RankedCause]) -> Bool {
         guard let first = reported.first else { return false }

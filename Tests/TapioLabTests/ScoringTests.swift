@@ -42,6 +42,27 @@ final class ScoringTests: XCTestCase {
         XCTAssertEqual(r[1].confidence, 0.5)
     }
 
+    /// Time to a correct top-1 is also taken from the answer's first kernel
+    /// event: the earliest `first_seen` of that entity and kind in any incident.
+    func testTheFirstEvidenceOfAnAnswerIsItsEarliestFirstSeen() throws {
+        let list = try incidents("""
+            {"incidents": [
+              {"id": "inc-1", "opened_at": "2026-01-01T00:00:10Z",
+               "root_causes": [{"entity": "redis", "kind": "oom_kill", "confidence": 0.9, "first_seen": "2026-01-01T00:00:08.5Z"},
+                               {"entity": "api", "kind": "crash", "confidence": 0.2, "first_seen": "2026-01-01T00:00:01Z"}]},
+              {"id": "inc-2", "opened_at": "2026-01-01T00:00:12Z",
+               "root_causes": [{"entity": "redis", "kind": "oom_kill", "confidence": 0.8, "first_seen": "2026-01-01T00:00:07.25Z"}]}
+            ]}
+            """)
+        let oom = RankedCause(entity: "redis", kind: "oom_kill", confidence: 0.9)
+        XCTAssertEqual(Scoring.firstEvidenceNs(of: oom, in: list), RFC3339.parseNs("2026-01-01T00:00:07.25Z"))
+        XCTAssertNil(Scoring.firstEvidenceNs(of: RankedCause(entity: "redis", kind: "crash", confidence: 1), in: list))
+        // A fault run never answered right counts as the slowest in the median.
+        XCTAssertEqual(BenchReport.median([3, 1, .infinity]), 3)
+        XCTAssertEqual(BenchReport.median([1, 2, 4, 10]), 3)
+        XCTAssertNil(BenchReport.median([]))
+    }
+
     /// Incidents as a server answers them (fields older servers lacked read as their defaults).
     private func incidents(_ text: String) throws -> [QueryIncident] {
         try QueryCoding.decode(IncidentsAnswer.self, from: Array(text.utf8)).incidents
