@@ -164,7 +164,10 @@ final class CrashCountersTests: XCTestCase {
         outbox.startSpooler()
         for pid in 1...95 { outbox.add(event(UInt32(pid))) }
         XCTAssertTrue(eventually(timeout: 10) {
-            ((try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? []).filter { $0.hasSuffix(".batch") }.count == 9
+            // Records in the spool's segment files.
+            ((try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? []).filter { $0.hasPrefix("segment-") && $0.hasSuffix(".spool") }
+                .flatMap { name in [UInt8](FileManager.default.contents(atPath: spool + "/" + name) ?? Data()).withUnsafeBytes { SpoolRecord.scan($0) } }
+                .filter(\.intact).count == 9
         }, "the spooler sealed and wrote nine whole batches")
         XCTAssertEqual(outbox.pendingEvents, 5, "the rest waits for its batch to fill or its delay to pass")
         outbox.sealIfDue(nowNs: 0, force: true)
