@@ -207,6 +207,9 @@ extension IngestReplica: HTTPStatusSource {
         let snaps = registry.snapshot()
         byName["tapio_node_connected"] = snaps.map { .init([("node", $0.record.node)], $0.connected ? 1 : 0) }
         byName["tapio_node_events_received_total"] = snaps.map { .init([("node", $0.record.node)], $0.record.eventsReceived) }
+        // The clock estimate the replica sends with each batch, as role all exports it.
+        byName["tapio_node_clock_offset_seconds"] = snaps.map { .init([("node", $0.record.node)], Double($0.record.clockOffsetNs) / 1e9) }
+        byName["tapio_node_clock_error_seconds"] = snaps.map { .init([("node", $0.record.node)], Double($0.record.clockErrorNs) / 1e9) }
         var text = MetricsText()
         for name in byName.keys.sorted() {
             let family = Self.families[name] ?? MetricsCatalog.family(name)

@@ -128,6 +128,11 @@ final class DistributedModeTests: XCTestCase {
         let throughB = try ingestB.metrics()
         for agent in agents {
             XCTAssertEqual(RoleTests.value(throughB, "tapio_node_connected{node=\"\(agent.node)\"}"), 1, "\(agent.node) is connected to ingest B")
+            // The clock estimate it places the agent's batches with (loopback: within a second).
+            let offset = RoleTests.value(throughB, "tapio_node_clock_offset_seconds{node=\"\(agent.node)\"}")
+            XCTAssertNotNil(offset, "ingest B exports \(agent.node)'s clock offset")
+            XCTAssertLessThan(abs(offset ?? 99), 1)
+            XCTAssertNotNil(RoleTests.value(throughB, "tapio_node_clock_error_seconds{node=\"\(agent.node)\"}"))
         }
         XCTAssertGreaterThan(RoleTests.value(throughB, "tapio_server_batches_total") ?? 0, 0)
         phase("ingest A killed: the agents went on through ingest B (acked batches \(beforeIngestKill) → \(acked()), "
