@@ -233,7 +233,7 @@ extension Agent {
         m.add("tapio_agent_batches_acked_total", .counter, "Batches the server acknowledged as durable.", stats.ackedBatches)
         m.add("tapio_agent_unacknowledged_batches", .gauge, "Batches kept for (re)sending until acknowledged.", stats.unacknowledged)
         m.add("tapio_agent_outbox_memory_bytes", .gauge, "Bytes of batches kept in memory for sending.", stats.memoryBytes)
-        m.add("tapio_agent_spool_bytes", .gauge, "Bytes of batches kept in the spool directory.", stats.spoolBytes)
+        m.add("tapio_agent_spool_bytes", .gauge, "Bytes the spool takes on disk: unacknowledged batches and the acknowledged records still in their segments.", stats.spoolBytes)
         m.add("tapio_agent_connected", .gauge, "1 while a session with the server is open (hello acknowledged).", status.connected ? 1 : 0)
         m.add("tapio_agent_connects_total", .counter, "Sessions with the server opened.", status.connects)
         m.add("tapio_agent_connect_failures_total", .counter, "Connection attempts and sessions that failed.", status.connectFailures)
