@@ -61,10 +61,6 @@ public struct CorrelationEngine: Sendable {
     private var maxSeenNs: Int64 = .min
     private var series: [SeriesKey: Series] = [:]
     private var touched: Set<SeriesKey> = []
-    /// Series with events in the open bucket since its last early decision
-    /// (`decideEarly`). Not in checkpoints: a restored engine decides its
-    /// open bucket at its end.
-    private var unsettled: Set<SeriesKey> = []
     private var currentBucket: Int64?
     private var firstBucket: Int64 = 0
     private var openIncidents: [IncidentState] = []
@@ -303,7 +299,6 @@ public struct CorrelationEngine: Sendable {
         s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
         series[key] = s
         touched.insert(key)
-        if bucket == currentBucket { unsettled.insert(key) }
         statistics.series = series.count
     }
 
@@ -602,18 +597,19 @@ public struct CorrelationEngine: Sendable {
     /// bucket's count and level only grow as events arrive, and its
     /// threshold rests on closed buckets alone, so what fires now fires at
     /// the close as well, which confirms the symptom (`record`).
+    /// Once per pass over the series in play (`touched`), not per event: the
+    /// ingest path pays nothing for it.
     private mutating func decideEarly(_ b: Int64, mark: Int64) {
-        guard !unsettled.isEmpty else { return }
-        let keys = unsettled.sorted()
-        unsettled.removeAll()
-        guard b >= firstBucket + Int64(configuration.warmupBuckets) else { return }
+        guard b >= firstBucket + Int64(configuration.warmupBuckets), !touched.isEmpty else { return }
         let inIncidents = Set(openIncidents.flatMap(\.symptoms.keys))
         var fired: [(Series, BucketVerdict)] = []
-        for key in keys where !inIncidents.contains(key) {
-            guard var s = series[key], s.buckets.last?.index == b else { continue }
-            if let v = s.close(b, threshold: configuration.threshold(key.kind), mayFire: true), v.firing { fired.append((series[key]!, v)) }
+        for key in touched where !inIncidents.contains(key) {
+            guard let s = series[key], s.buckets.last?.index == b else { continue }
+            var trial = s
+            if let v = trial.close(b, threshold: configuration.threshold(key.kind), mayFire: true), v.firing { fired.append((s, v)) }
         }
         guard !fired.isEmpty else { return }
+        fired.sort { $0.0.key < $1.0.key }
         let before = Set(openIncidents.map(\.id))
         var changed = Set<String>()
         for (s, v) in fired {
