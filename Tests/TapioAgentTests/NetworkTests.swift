@@ -74,11 +74,12 @@ final class NetworkTests: XCTestCase {
                     s.close()
                 """)
         }
-        var refused: UInt32 = 0, rstSent: UInt32 = 0, rstReceived: UInt32 = 0, noSocket: UInt32 = 0
+        var refused: UInt32 = 0, rstSent: UInt32 = 0, rstReceived: UInt32 = 0, noSocket: UInt32 = 0, refusedEvents = 0
         for e in events {
             switch e.detail {
             case .tcpConnect(let f, .refused, _, let error, let n) where f.destination == IPAddress(serverIP) && f.destinationPort == 7001:
                 refused += n
+                refusedEvents += 1
                 XCTAssertEqual(error, ECONNREFUSED)
                 XCTAssertEqual(e.comm, "python3")
             case .tcpReset(let f, let sent, _, let n) where involvesServer(f):
@@ -92,7 +93,9 @@ final class NetworkTests: XCTestCase {
         XCTAssertEqual(rstSent, 20)
         XCTAssertEqual(rstReceived, 20)
         XCTAssertEqual(noSocket, 20)
-        XCTAssertLessThan(events.filter { $0.kind == .tcpConnect }.count, 20)
+        // This test's attempts only: other connects on the host (a lab
+        // running beside it) are none of its business.
+        XCTAssertLessThan(refusedEvents, 20, "20 refused attempts come in fewer events")
     }
 
     func testFirewallDropGivesTimeoutsAndNetfilterDrops() throws {
