@@ -153,6 +153,9 @@ final class CoreProtocolTests: NATSTestCase {
             $0.reconnectWait = .milliseconds(250)
         }
         server.kill9()
+        // Once the client knows the connection is gone (a publish written
+        // before it noticed fails as lost with the connection instead).
+        XCTAssertTrue(eventually(timeout: 10) { client.connectedServer == nil }, "the client noticed the server went away")
         do {
             try await client.publish("x", string: "while the server is down")
             XCTFail("a publish succeeded with no server")
