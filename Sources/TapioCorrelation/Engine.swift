@@ -694,7 +694,7 @@ public struct CorrelationEngine: Sendable {
     /// Whether an incident may be shown: unless its leading candidate is a
     /// listener closed on purpose, at once; otherwise once the restart grace
     /// has passed without the listener coming back, or when a symptom that
-    /// began before the restart settled goes on after it. A symptom that
+    /// began between the stop and the restart settling goes on after it. A symptom that
     /// begins after (a load spike 25 s later, while the restart's incident
     /// waits out its quiet period) is another episode, not the restart
     /// failing: it paged `listener_closed` for a restart that had worked.
@@ -703,7 +703,12 @@ public struct CorrelationEngine: Sendable {
         let b = configuration.bucketNs
         if let r = stop.reopenedNs, r - stop.closedNs <= configuration.restartGraceNs {
             let settled = (floorDiv(r, b) + 2) * b
-            return symptoms.values.contains { $0.sinceNs < settled && $0.lastNs > settled }
+            // One the stop can have caused: it began after the stop (less
+            // the lag of aggregates stamped with their interval's start). A
+            // symptom already there before the stop (a load spike that the
+            // restart happened to overlap) says nothing about the restart.
+            let stopped = stop.closedNs - configuration.eventCauseLagNs
+            return symptoms.values.contains { $0.sinceNs >= stopped && $0.sinceNs < settled && $0.lastNs > settled }
         }
         return end >= stop.closedNs + configuration.restartGraceNs
     }
