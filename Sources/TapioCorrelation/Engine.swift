@@ -580,7 +580,10 @@ public struct CorrelationEngine: Sendable {
         if b % 30 == 0 {
             let horizonNs = end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs
             causes.prune(before: horizonNs)
-            graph.forget(seenBeforeNs: end - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
+            // Unseen for long by the newest event, not by the clock: a log
+            // replayed days later (a restart, a recording) keeps its graph
+            // while no event says time went on without the edge.
+            graph.forget(seenBeforeNs: min(end, maxSeenNs) - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
             cpuUsage.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             deliveries.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
             // A series silent for a long time forgets its baseline (it would have decayed to zero).

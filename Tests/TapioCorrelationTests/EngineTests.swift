@@ -223,6 +223,19 @@ final class EngineTests: XCTestCase {
         XCTAssertTrue(aged.hasEdge("api", "redis"))
     }
 
+    /// A log replayed days after it was written (a restart after a long
+    /// stop, a lab recording) and then advanced pass by pass to the present
+    /// keeps the graph its events built: no event says the edges went unused.
+    func testAnOldLogAdvancedToThePresentKeepsItsGraph() {
+        var c = SyntheticCluster()
+        c.healthy(until: 60)
+        var engine = c.engine()
+        XCTAssertTrue(engine.graph.hasEdge("api", "redis"))
+        let now = SyntheticCluster.ns(60) + 10 * 86_400_000_000_000
+        for pass in 0..<400 { engine.advance(toNs: now + Int64(pass) * 250_000_000) }
+        XCTAssertTrue(engine.graph.hasEdge("api", "redis"), "forgotten by the wall clock alone")
+    }
+
     func testBrierScoreOfTopOneConfidences() {
         func rc(_ e: String, _ k: CauseKind, _ p: Double) -> RootCause {
             RootCause(entity: e, kind: k, confidence: p, factors: [], firstSeenNs: 0, evidence: [], nodes: [], inferred: false)
