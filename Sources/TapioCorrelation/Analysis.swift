@@ -229,7 +229,7 @@ struct Analysis {
             }
         }
 
-        func relation(_ c: Candidate, _ s: SymptomState) -> (String, Double)? {
+        func relation(_ c: Candidate, _ s: SymptomState, _ keys: inout AddressKeys?) -> (String, Double)? {
             let e = c.entity
             if c.kind == .noisyNeighbour || c.nodeShortage {
                 if s.edgeTo == nil && s.key.observer == e { return ("self", 0.9) }
@@ -238,7 +238,10 @@ struct Analysis {
                 return nil
             }
             if let to = s.edgeTo {
-                if to == e { return ("direct", addressMatch(c, s) ? 1.0 : 0.8) }
+                if to == e {
+                    if keys == nil { keys = addressKeys(c) }
+                    return ("direct", addressMatch(c, keys!, s) ? 1.0 : 0.8)
+                }
                 if let d = depth(to, e) { return ("cascade", 0.75 * pow(0.95, Double(d - 1))) }
                 if engine.graph.hasEdge(to, e) { return ("graph", 0.4) }
                 if c.kind == .dnsFailure, engine.topology.service(ofName: e) == to { return ("dns", 0.6) }
@@ -251,8 +254,11 @@ struct Analysis {
         }
 
         func links(_ c: Candidate) -> [Link] {
-            symptoms.compactMap { s in
-                guard let (rel, topo) = relation(c, s) else { return nil }
+            // A candidate's addresses and ports, gathered from its events
+            // once for all its symptoms rather than once per symptom.
+            var keys: AddressKeys?
+            return symptoms.compactMap { s in
+                guard let (rel, topo) = relation(c, s, &keys) else { return nil }
                 // A closed listener is felt by those who talk to it as
                 // connections refused or broken, never as a slower answer or
                 // retransmitted segments: nothing reaches a closed port. (A
@@ -590,16 +596,29 @@ struct Analysis {
             let a = Double(allowance)
             let v = gap >= -(a + onsetSlack) ? exp(-max(0, gap - a) / Double(cfg.timeDecayNs)) : 0.2 * exp(-(-gap - a - onsetSlack) / 1e9)
             best = max(best, v)
+            if best >= 1 { break }  // nothing is closer than at once
         }
         return best
     }
 
-    private func addressMatch(_ c: Candidate, _ s: SymptomState) -> Bool {
-        let addrs = c.addresses
+    /// What identifies a candidate on the wire: its events' addresses and
+    /// ports (with the ports its entity listened on, for kinds that stop a server).
+    struct AddressKeys {
+        var addresses: Set<String>
+        var ports: Set<UInt16>
+    }
+
+    private func addressKeys(_ c: Candidate) -> AddressKeys {
         var ports = c.ports
         if [.oomKill, .crash, .crashLoop, .listenerClosed, .diskFull].contains(c.kind) {
             ports.formUnion(engine.topology.listenPorts[c.entity] ?? [])
         }
+        return AddressKeys(addresses: c.addresses, ports: ports)
+    }
+
+    private func addressMatch(_ c: Candidate, _ keys: AddressKeys, _ s: SymptomState) -> Bool {
+        let addrs = keys.addresses
+        let ports = keys.ports
         for e in s.events {
             guard let f = flowOf(e.event) else { continue }
             if let d = f.destination?.description, addrs.contains(d) { return true }

@@ -65,14 +65,13 @@ struct Series: Sendable, Codable {
 
     mutating func observe(bucket: Int64, count: Double, level: Double?, event: ObservedEvent, keepEvents: Int) {
         if buckets.last?.index != bucket { buckets.append(Bucket(index: bucket)) }
-        var b = buckets.removeLast()
-        b.count += count
+        let i = buckets.count - 1
+        buckets[i].count += count
         if let level {
-            b.level = b.samples == 0 ? level : max(b.level, level)
-            b.samples += 1
+            buckets[i].level = buckets[i].samples == 0 ? level : max(buckets[i].level, level)
+            buckets[i].samples += 1
         }
-        if b.events.count < keepEvents { b.events.append(event) }
-        buckets.append(b)
+        if buckets[i].events.count < keepEvents { buckets[i].events.append(event) }
         lastTouched = bucket
     }
 

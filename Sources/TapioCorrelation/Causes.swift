@@ -25,29 +25,114 @@ enum Signal: String, Sendable, Comparable, Codable {
     static func < (a: Signal, b: Signal) -> Bool { a.rawValue < b.rawValue }
 }
 
+/// A cause event, immutable once made and kept in one shared box: the
+/// analysis filters, groups and sorts cause events on every pass over an
+/// incident, and a copy then costs one reference instead of one per field.
 struct CauseEvent: Sendable, Codable {
-    var signal: Signal
-    var entity: String
+    private final class Storage: Sendable {
+        let signal: Signal
+        let entity: String
+        let quality: Double
+        let observed: ObservedEvent
+        let addresses: Set<String>
+        let port: UInt16
+        let summary: String
+        let serverEndpoint: Endpoint?
+        let clientAddress: IPAddress?
+        let netfilter: Bool
+
+        init(signal: Signal, entity: String, quality: Double, observed: ObservedEvent, addresses: Set<String>, port: UInt16, summary: String,
+             serverEndpoint: Endpoint?, clientAddress: IPAddress?) {
+            self.signal = signal
+            self.entity = entity
+            self.quality = quality
+            self.observed = observed
+            self.addresses = addresses
+            self.port = port
+            self.summary = summary
+            self.serverEndpoint = serverEndpoint
+            self.clientAddress = clientAddress
+            if case .packetDrop(let reason, _, _, _, _, _) = observed.event.detail {
+                netfilter = isNetfilterReason(reason)
+            } else {
+                netfilter = false
+            }
+        }
+    }
+
+    private let storage: Storage
+
+    var signal: Signal { storage.signal }
+    var entity: String { storage.entity }
     /// How the entity was resolved (metadata factor).
-    var quality: Double
-    var observed: ObservedEvent
+    var quality: Double { storage.quality }
+    var observed: ObservedEvent { storage.observed }
     /// Addresses that identify the cause on the wire: the pod's IPs, a
     /// listener's address, a dropped packet's endpoints.
-    var addresses: Set<String>
+    var addresses: Set<String> { storage.addresses }
     /// A listener's port, a dropped packet's destination port; 0 unknown.
-    var port: UInt16
-    var summary: String
+    var port: UInt16 { storage.port }
+    var summary: String { storage.summary }
     /// For a dropped packet: its server end and its client's address.
-    var serverEndpoint: Endpoint? = nil
-    var clientAddress: IPAddress? = nil
+    var serverEndpoint: Endpoint? { storage.serverEndpoint }
+    var clientAddress: IPAddress? { storage.clientAddress }
 
-    var timeNs: Int64 { observed.timeNs }
-    /// Dropped by netfilter (an iptables/nftables rule).
-    var netfilter: Bool {
-        if case .packetDrop(let reason, _, _, _, _, _) = observed.event.detail { return reason.uppercased().contains("NETFILTER") }
-        return false
+    init(signal: Signal, entity: String, quality: Double, observed: ObservedEvent, addresses: Set<String>, port: UInt16, summary: String,
+         serverEndpoint: Endpoint? = nil, clientAddress: IPAddress? = nil) {
+        storage = Storage(signal: signal, entity: entity, quality: quality, observed: observed, addresses: addresses, port: port, summary: summary,
+                          serverEndpoint: serverEndpoint, clientAddress: clientAddress)
     }
-    var node: String { observed.node }
+
+    var timeNs: Int64 { storage.observed.timeNs }
+    /// Dropped by netfilter (an iptables/nftables rule).
+    var netfilter: Bool { storage.netfilter }
+    var node: String { storage.observed.node }
+
+    // The checkpoint's shape of the struct this was before.
+    private enum CodingKeys: String, CodingKey { case signal, entity, quality, observed, addresses, port, summary, serverEndpoint, clientAddress }
+
+    init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(signal: try c.decode(Signal.self, forKey: .signal), entity: try c.decode(String.self, forKey: .entity),
+                  quality: try c.decode(Double.self, forKey: .quality), observed: try c.decode(ObservedEvent.self, forKey: .observed),
+                  addresses: try c.decode(Set<String>.self, forKey: .addresses), port: try c.decode(UInt16.self, forKey: .port),
+                  summary: try c.decode(String.self, forKey: .summary),
+                  serverEndpoint: try c.decodeIfPresent(Endpoint.self, forKey: .serverEndpoint),
+                  clientAddress: try c.decodeIfPresent(IPAddress.self, forKey: .clientAddress))
+    }
+
+    func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(signal, forKey: .signal)
+        try c.encode(entity, forKey: .entity)
+        try c.encode(quality, forKey: .quality)
+        try c.encode(observed, forKey: .observed)
+        try c.encode(addresses, forKey: .addresses)
+        try c.encode(port, forKey: .port)
+        try c.encode(summary, forKey: .summary)
+        try c.encodeIfPresent(serverEndpoint, forKey: .serverEndpoint)
+        try c.encodeIfPresent(clientAddress, forKey: .clientAddress)
+    }
+}
+
+/// Whether a drop reason names netfilter: `reason.uppercased()` contains
+/// NETFILTER. Kernel drop reasons are ASCII, searched as bytes; anything
+/// else goes the Foundation way, as before.
+func isNetfilterReason(_ reason: String) -> Bool {
+    let found: Bool? = reason.utf8.withContiguousStorageIfAvailable { bytes -> Bool? in
+        guard bytes.allSatisfy({ $0 < 0x80 }) else { return nil }
+        let needle: [UInt8] = Array("NETFILTER".utf8)
+        guard bytes.count >= needle.count else { return false }
+        outer: for start in 0...(bytes.count - needle.count) {
+            for k in 0..<needle.count {
+                let b = bytes[start + k]
+                if (b >= 0x61 && b <= 0x7a ? b - 0x20 : b) != needle[k] { continue outer }
+            }
+            return true
+        }
+        return false
+    } ?? nil
+    return found ?? reason.uppercased().contains("NETFILTER")
 }
 
 /// Recent cause events per entity, bounded by count and age.

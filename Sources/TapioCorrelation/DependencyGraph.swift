@@ -90,48 +90,83 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         }
     }
 
-    private(set) var edgeMap: [String: Edge] = [:]
+    /// An edge's key: its two ends, hashed as they are (no string built
+    /// per event to look an edge up).
+    struct EdgeKey: Hashable, Sendable {
+        var client: String
+        var server: String
+
+        init(_ client: String, _ server: String) {
+            self.client = client
+            self.server = server
+        }
+
+        /// The key as checkpoints hold it, and the order edges are listed in.
+        var text: String { client + "\u{1}" + server }
+    }
+
+    private(set) var edgeMap: [EdgeKey: Edge] = [:]
     /// DNS name → the service its answers pointed to.
     public private(set) var names: [String: String] = [:]
 
     public init() {}
 
-    private static func key(_ client: String, _ server: String) -> String { client + "\u{1}" + server }
+    private enum CodingKeys: String, CodingKey { case edgeMap, names }
+
+    /// The checkpoint's shape of before: edges keyed `client U+0001 server`.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let byText = try c.decode([String: Edge].self, forKey: .edgeMap)
+        edgeMap = Dictionary(byText.values.map { (EdgeKey($0.client, $0.server), $0) }, uniquingKeysWith: { a, _ in a })
+        names = try c.decode([String: String].self, forKey: .names)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(Dictionary(uniqueKeysWithValues: edgeMap.map { ($0.key.text, $0.value) }), forKey: .edgeMap)
+        try c.encode(names, forKey: .names)
+    }
 
     /// Every edge, sorted by client then server.
     public var edges: [Edge] {
-        edgeMap.keys.sorted().map { edgeMap[$0]! }
+        edgeMap.map { ($0.key.text, $0.value) }.sorted { $0.0 < $1.0 }.map(\.1)
     }
 
-    public func edge(client: String, server: String) -> Edge? { edgeMap[DependencyGraph.key(client, server)] }
+    public func edge(client: String, server: String) -> Edge? { edgeMap[EdgeKey(client, server)] }
 
-    public func hasEdge(_ client: String, _ server: String) -> Bool { edgeMap[DependencyGraph.key(client, server)] != nil }
+    public func hasEdge(_ client: String, _ server: String) -> Bool { edgeMap[EdgeKey(client, server)] != nil }
 
     /// Servers `client` depends on.
     public func dependencies(of client: String) -> [String] {
-        edges.filter { $0.client == client }.map(\.server)
+        edgeMap.filter { $0.key.client == client }.map { ($0.key.text, $0.key.server) }.sorted { $0.0 < $1.0 }.map(\.1)
     }
 
+    /// The position of the edge `client` → `server`, created when new.
+    private mutating func slot(client: String, server: String, timeNs: Int64) -> Dictionary<EdgeKey, Edge>.Index {
+        let k = EdgeKey(client, server)
+        if let i = edgeMap.index(forKey: k) { return i }
+        edgeMap[k] = Edge(client: client, server: server, firstSeenNs: timeNs, lastSeenNs: timeNs)
+        return edgeMap.index(forKey: k)!
+    }
+
+    // The edge is changed in place: copied out of the map and back, its
+    // histograms (64 counters each), failures and ports were copied per event.
     mutating func connect(client: String, server: String, port: UInt16, outcome: ConnectOutcome, latencyNs: UInt64, count: UInt32, timeNs: Int64) {
-        let k = DependencyGraph.key(client, server)
-        var e = edgeMap[k] ?? Edge(client: client, server: server, firstSeenNs: timeNs, lastSeenNs: timeNs)
+        let i = slot(client: client, server: server, timeNs: timeNs)
         let n = UInt64(max(count, 1))
-        e.connects += n
-        if outcome.isFailure { e.failures[outcome.name, default: 0] += n } else { e.connectLatency.add(latencyNs, weight: 1) }
-        if port != 0 { e.ports.insert(port) }
-        e.firstSeenNs = min(e.firstSeenNs, timeNs)
-        e.lastSeenNs = max(e.lastSeenNs, timeNs)
-        edgeMap[k] = e
+        edgeMap.values[i].connects += n
+        if outcome.isFailure { edgeMap.values[i].failures[outcome.name, default: 0] += n } else { edgeMap.values[i].connectLatency.add(latencyNs, weight: 1) }
+        if port != 0 { edgeMap.values[i].ports.insert(port) }
+        edgeMap.values[i].firstSeenNs = min(edgeMap.values[i].firstSeenNs, timeNs)
+        edgeMap.values[i].lastSeenNs = max(edgeMap.values[i].lastSeenNs, timeNs)
     }
 
     mutating func response(client: String, server: String, port: UInt16, meanNs: UInt64, responses: UInt32, timeNs: Int64) {
-        let k = DependencyGraph.key(client, server)
-        var e = edgeMap[k] ?? Edge(client: client, server: server, firstSeenNs: timeNs, lastSeenNs: timeNs)
-        e.responseLatency.add(meanNs, weight: UInt64(max(responses, 1)))
-        if port != 0 { e.ports.insert(port) }
-        e.firstSeenNs = min(e.firstSeenNs, timeNs)
-        e.lastSeenNs = max(e.lastSeenNs, timeNs)
-        edgeMap[k] = e
+        let i = slot(client: client, server: server, timeNs: timeNs)
+        edgeMap.values[i].responseLatency.add(meanNs, weight: UInt64(max(responses, 1)))
+        if port != 0 { edgeMap.values[i].ports.insert(port) }
+        edgeMap.values[i].firstSeenNs = min(edgeMap.values[i].firstSeenNs, timeNs)
+        edgeMap.values[i].lastSeenNs = max(edgeMap.values[i].lastSeenNs, timeNs)
     }
 
     /// A smoothed RTT sample of the path `client` → `server` (either end's
@@ -142,17 +177,15 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
     /// wire, not in the server) — and then does not learn from it; nil
     /// otherwise, or while fewer than `rule.minSamples` were learned.
     mutating func roundTrip(client: String, server: String, srttUs: UInt32, responseMeanNs: UInt64, rule: SlowPathRule) -> Double? {
-        let k = DependencyGraph.key(client, server)
-        guard var e = edgeMap[k], srttUs > 0 else { return nil }
-        var b = e.roundTrip ?? RoundTripBaseline()
+        guard srttUs > 0, let i = edgeMap.index(forKey: EdgeKey(client, server)) else { return nil }
+        var b = edgeMap.values[i].roundTrip ?? RoundTripBaseline()
         let us = Double(srttUs)
         if b.samples >= rule.minSamples, us >= rule.floorUs, us >= rule.factor * b.meanUs,
            us * 1000 >= rule.shareOfResponse * Double(responseMeanNs) {
             return b.meanUs
         }
         b.learn(us)
-        e.roundTrip = b
-        edgeMap[k] = e
+        edgeMap.values[i].roundTrip = b
         return nil
     }
 
@@ -166,8 +199,8 @@ public struct DependencyGraph: Sendable, Equatable, Codable {
         let before = edgeMap.count
         edgeMap = edgeMap.filter { $0.value.lastSeenNs >= seenBeforeNs }
         if edgeMap.count > maxEdges {
-            let newest = edgeMap.sorted { ($0.value.lastSeenNs, $0.key) > ($1.value.lastSeenNs, $1.key) }.prefix(maxEdges * 3 / 4)
-            edgeMap = Dictionary(uniqueKeysWithValues: newest.map { ($0.key, $0.value) })
+            let newest = edgeMap.map { ($0.value.lastSeenNs, $0.key.text, $0.key) }.sorted { ($0.0, $0.1) > ($1.0, $1.1) }.prefix(maxEdges * 3 / 4)
+            edgeMap = Dictionary(uniqueKeysWithValues: newest.map { ($0.2, edgeMap[$0.2]!) })
         }
         return before - edgeMap.count
     }

@@ -189,6 +189,10 @@ public struct CorrelationEngine: Sendable {
     }
 
     public mutating func ingest(_ events: [ObservedEvent]) {
+        // Room for a whole log at once (a replay) instead of doubling up to
+        // it; geometric still, so that batch after batch stays linear.
+        let need = pending.count + events.count
+        if need > pending.capacity { pending.reserveCapacity(max(need, 2 * pending.capacity)) }
         for e in events { ingest(e) }
     }
 
@@ -201,17 +205,20 @@ public struct CorrelationEngine: Sendable {
         // Positions are sorted, not the events: moving an event costs
         // reference counting on its fields, moving an index nothing. The
         // index breaks ties, as a stable sort of the events would.
+        // Each position carries its event's time, so that only equal times
+        // look at the events themselves (the same total order as before).
         let events = pending
-        var order = Array(events.indices)
-        order.sort { i, j in
+        var order = events.indices.map { (timeNs: events[$0].timeNs, index: $0) }
+        order.sort { x, y in
+            if x.timeNs != y.timeNs { return x.timeNs < y.timeNs }
+            let (i, j) = (x.index, y.index)
             let (a, b) = (events[i], events[j])
-            if a.timeNs != b.timeNs { return a.timeNs < b.timeNs }
             if ObservedEvent.precedes(a, b) { return true }
             return !ObservedEvent.precedes(b, a) && i < j
         }
-        let split = order.firstIndex { events[$0].timeNs > mark } ?? order.count
-        for i in order[..<split] { process(events[i]) }
-        pending = order[split...].map { events[$0] }
+        let split = order.firstIndex { $0.timeNs > mark } ?? order.count
+        for o in order[..<split] { process(events[o.index]) }
+        pending = order[split...].map { events[$0.index] }
         statistics.pending = pending.count
         if var b = currentBucket {
             while (b + 1) * configuration.bucketNs <= mark {
@@ -295,11 +302,23 @@ public struct CorrelationEngine: Sendable {
 
     private mutating func observe(_ key: SeriesKey, from: String?, to: String?, bucket: Int64?, count: Double, level: Double? = nil, event: ObservedEvent) {
         guard let bucket else { return }
-        var s = series[key] ?? Series(key: key, edgeFrom: from, edgeTo: to, bucket: bucket, quietBuckets: bucket - firstBucket)
-        s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
-        series[key] = s
-        touched.insert(key)
-        statistics.series = series.count
+        // In place: copying the series out of the dictionary and back made
+        // its buckets (and their events) a copy-on-write copy per event.
+        // One hash of the key when the series exists.
+        let wasTouched: Bool
+        if let i = series.index(forKey: key) {
+            // Touched in this (still open) bucket already: the key is in
+            // `touched` (a close removes only keys idle for a whole window).
+            wasTouched = series.values[i].lastTouched == bucket
+            series.values[i].observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
+        } else {
+            wasTouched = false
+            var s = Series(key: key, edgeFrom: from, edgeTo: to, bucket: bucket, quietBuckets: bucket - firstBucket)
+            s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
+            series[key] = s
+            statistics.series = series.count
+        }
+        if !wasTouched { touched.insert(key) }
     }
 
     private mutating func addCause(_ signal: Signal, _ ref: EntityRef, _ e: ObservedEvent, addresses: Set<String> = [], port: UInt16 = 0,
@@ -475,7 +494,7 @@ public struct CorrelationEngine: Sendable {
             let serverPort = srcIsClient ? flow.destinationPort : flow.sourcePort
             let endpoint = Endpoint(srcIsClient ? flow.destination : flow.source, serverPort)
             let clientAddress = srcIsClient ? flow.source : flow.destination
-            if upper.contains("NETFILTER") {
+            if isNetfilterReason(reason) {
                 if let endpoint { deliveries.watch(endpoint, bucket: floorDiv(e.timeNs, configuration.bucketNs)) }
                 // The agent zeroes the client port of dropped connection
                 // attempts (SYNs); a segment of an established flow keeps both
