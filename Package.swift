@@ -120,6 +120,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -197,7 +199,8 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
-        .testTarget(name: "TapioClickHouseTests", dependencies: ["TapioClickHouse", "TapioStore", "TapioQueryAPI", "TapioWire", "TapioTestSupport"]),
+        .testTarget(name: "TapioClickHouseTests", dependencies: ["TapioClickHouse", "TapioStore", "TapioQueryAPI", "TapioWire", "TapioTestSupport",
+                                                              .product(name: "NIOSSL", package: "swift-nio-ssl")]),
         .testTarget(name: "TapioLabTests", dependencies: ["TapioLab", "TapioTestSupport", "TapioQueryAPI"]),
         .testTarget(name: "EndToEndTests", dependencies: ["TapioClient", "TapioWire", "TapioTestSupport"]),
     ]

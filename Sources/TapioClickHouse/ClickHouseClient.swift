@@ -1,5 +1,5 @@
-// A small ClickHouse client over its HTTP interface, on NIOHTTP1: every
-// statement is a POST, answers are bytes (the statement names the format),
+// A small ClickHouse client over its HTTP interface (plain or HTTPS), on
+// NIOHTTP1 and NIOSSL: every statement is a POST, answers are bytes (the statement names the format),
 // and ClickHouse's own error text comes back as a typed error. It speaks
 // only what ClickHouse 18.16 (Debian 12) and current servers both accept
 // (docs/clickhouse.md).
@@ -8,6 +8,8 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
+import NIOTLS
 import Synchronization
 
 /// How the client reaches and talks to one ClickHouse server.
@@ -22,8 +24,16 @@ public struct ClickHouseConfiguration: Sendable {
     }
 
     public var host: String
-    /// The HTTP interface's port (`http_port`, 8123 by default).
+    /// The HTTP interface's port (`http_port`, 8123 by default; `https_port`,
+    /// 8443 by default, with `tls`).
     public var port: Int
+    /// HTTPS: TLS on every connection with these settings (trust roots,
+    /// client certificate); nil is plain HTTP.
+    public var tls: TLSConfiguration?
+    /// The name the server's certificate is checked against (and SNI); nil:
+    /// `host` when it is a name. An IP entry of the certificate for the
+    /// address connected to is accepted too (NIOSSL's rule).
+    public var tlsServerHostname: String?
     public var credentials: Credentials
     /// The database statements run in; nil: the user's default.
     public var database: String?
@@ -52,6 +62,9 @@ public struct ClickHouseConfiguration: Sendable {
         (self.connectTimeout, self.requestTimeout, self.maxResponseBytes) = (connectTimeout, requestTimeout, maxResponseBytes)
         (self.maxIdleConnections, self.idleTimeout, self.maxStatementBytes) = (maxIdleConnections, idleTimeout, maxStatementBytes)
     }
+
+    /// `http` or `https`, as an operator reads it in logs.
+    public var scheme: String { tls == nil ? "http" : "https" }
 }
 
 /// What can go wrong talking to ClickHouse, said in words.
@@ -59,6 +72,8 @@ public enum ClickHouseError: Error, CustomStringConvertible, Equatable {
     /// ClickHouse refused or failed the statement: its error code and message.
     case server(status: Int, code: Int?, message: String, statement: String)
     case connect(host: String, port: Int, reason: String)
+    /// The TLS settings cannot be used (a key that does not match its certificate, …).
+    case tlsConfiguration(String)
     case timedOut(after: Duration, statement: String)
     case responseTooLarge(limit: Int, statement: String)
     case statementTooLarge(bytes: Int, limit: Int, statement: String)
@@ -71,6 +86,7 @@ public enum ClickHouseError: Error, CustomStringConvertible, Equatable {
             let what = code.map { "ClickHouse error \($0)" } ?? "ClickHouse answered HTTP \(status)"
             return "\(what): \(message) (statement: \(Self.short(statement)))"
         case .connect(let host, let port, let reason): return "cannot connect to ClickHouse at \(host):\(port): \(reason)"
+        case .tlsConfiguration(let why): return "the TLS settings for ClickHouse cannot be used: \(why)"
         case .timedOut(let after, let statement): return "ClickHouse did not answer within \(after) (statement: \(Self.short(statement)))"
         case .responseTooLarge(let limit, let statement):
             return "ClickHouse's answer is larger than the limit of \(limit) bytes (statement: \(Self.short(statement)))"
@@ -113,6 +129,8 @@ public final class ClickHouseClient: Sendable {
     private let ownsGroup: Bool
     private let logger: Logger
     private let idle = Mutex<[(channel: Channel, since: ContinuousClock.Instant)]>([])
+    /// Made once from `configuration.tls`; a failure is every statement's error.
+    private let sslContext: Result<NIOSSLContext, ClickHouseError>?
     private let opened = Atomic<Int>(0)
 
     /// Connections opened so far (the rest of the statements reused one).
@@ -124,6 +142,9 @@ public final class ClickHouseClient: Sendable {
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.ownsGroup = group == nil
         self.logger = logger
+        self.sslContext = configuration.tls.map { tls in
+            Result { try NIOSSLContext(configuration: tls) }.mapError { ClickHouseError.tlsConfiguration("\($0)") }
+        }
     }
 
     /// Closes idle connections and, if the client made it, its event loop.
@@ -226,13 +247,15 @@ public final class ClickHouseClient: Sendable {
             case .closed: throw ClickHouseError.connectionClosed(statement: statement)
             case .timedOut: throw ClickHouseError.timedOut(after: configuration.requestTimeout, statement: statement)
             case .tooLarge: throw ClickHouseError.responseTooLarge(limit: configuration.maxResponseBytes, statement: statement)
+            case .tls(let why): throw ClickHouseError.connect(host: configuration.host, port: configuration.port, reason: "TLS: \(why)")
             }
         } catch let error as ClickHouseError {
             channel.close(promise: nil)
             throw error
         } catch {
             channel.close(promise: nil)
-            throw ClickHouseError.connect(host: configuration.host, port: configuration.port, reason: "\(error)")
+            let tls = error is NIOSSLError || error is BoringSSLError
+            throw ClickHouseError.connect(host: configuration.host, port: configuration.port, reason: tls ? "TLS: \(error)" : "\(error)")
         }
     }
 
@@ -252,22 +275,47 @@ public final class ClickHouseClient: Sendable {
             if let reusable { return (reusable, true) }
         }
         let timeout = configuration.connectTimeout
+        let context = try sslContext?.get()
+        let serverHostname = configuration.tlsServerHostname ?? (Self.isIPAddress(configuration.host) ? nil : configuration.host)
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.milliseconds(Int64(timeout.components.seconds) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let context {
+                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: serverHostname))
+                        try channel.pipeline.syncOperations.addHandler(TLSHandshakeWaiter(promise: channel.eventLoop.makePromise()))
+                    }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(ResponseHandler())
                 }
             }
+        let channel: Channel
         do {
-            let channel = try await bootstrap.connect(host: configuration.host, port: configuration.port).get()
-            opened.add(1, ordering: .relaxed)
-            return (channel, false)
+            channel = try await bootstrap.connect(host: configuration.host, port: configuration.port).get()
         } catch {
             throw ClickHouseError.connect(host: configuration.host, port: configuration.port, reason: "\(error)")
         }
+        if context != nil {
+            // A refused certificate is this connection's error, in TLS's words,
+            // not a write on a channel the handshake already closed.
+            let handshake = try await channel.eventLoop.submit {
+                try channel.pipeline.syncOperations.handler(type: TLSHandshakeWaiter.self).promise.futureResult
+            }.get()
+            let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000
+                                                                        + timeout.components.attoseconds / 1_000_000_000)) {
+                channel.close(promise: nil)
+            }
+            defer { timer.cancel() }
+            do {
+                try await handshake.get()
+            } catch {
+                channel.close(promise: nil)
+                throw ClickHouseError.connect(host: configuration.host, port: configuration.port, reason: "TLS: \(error)")
+            }
+        }
+        opened.add(1, ordering: .relaxed)
+        return (channel, false)
     }
 
     private func release(_ channel: Channel) {
@@ -277,6 +325,13 @@ public final class ClickHouseClient: Sendable {
             return true
         }
         if !kept { channel.close(promise: nil) }
+    }
+
+    /// An IPv4 or IPv6 literal (no SNI for those; the certificate is checked
+    /// against the address).
+    static func isIPAddress(_ host: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
     }
 
     /// ClickHouse's own `max_query_size` (256 KiB).
@@ -302,6 +357,36 @@ public final class ClickHouseClient: Sendable {
     }
 }
 
+/// Completes its promise when the TLS handshake in front of it has
+/// completed, or fails it with the handshake's error (or a close before it).
+final class TLSHandshakeWaiter: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let promise: EventLoopPromise<Void>
+
+    init(promise: EventLoopPromise<Void>) {
+        self.promise = promise
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { promise.succeed(()) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.eof)
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.ioOnClosedChannel)
+    }
+}
+
 /// One request at a time on a connection: writes it, gathers the answer
 /// within the size limit, completes the request's promise.
 final class ResponseHandler: ChannelDuplexHandler {
@@ -323,6 +408,8 @@ final class ResponseHandler: ChannelDuplexHandler {
         case closed
         case timedOut
         case tooLarge
+        /// The TLS handshake or a TLS record failed: NIOSSL's words.
+        case tls(String)
     }
 
     private var pending: Request?
@@ -374,8 +461,12 @@ final class ResponseHandler: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if let request = pending {
             pending = nil
-            // A reset before any answer is what a closed keep-alive connection gives.
-            request.promise.fail(answered ? Failure.closed : Failure.closedBeforeAnswer)
+            if error is NIOSSLError || error is BoringSSLError {
+                request.promise.fail(Failure.tls("\(error)"))
+            } else {
+                // A reset before any answer is what a closed keep-alive connection gives.
+                request.promise.fail(answered ? Failure.closed : Failure.closedBeforeAnswer)
+            }
         }
         context.close(promise: nil)
     }

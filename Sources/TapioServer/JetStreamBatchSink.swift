@@ -427,26 +427,10 @@ struct PublishError: Error, CustomStringConvertible {
 }
 
 extension NATSIngestConfiguration {
-    /// TLS towards NATS from a directory in the cert-manager layout: `ca.crt`
-    /// verifies the servers; `tls.crt` and `tls.key`, when both are there,
-    /// are the client certificate for servers that verify clients.
+    /// TLS towards NATS from a directory in the cert-manager layout
+    /// (`ClientTLSDirectory`).
     public static func tls(directory: String) throws -> TLSConfiguration {
-        var config = TLSConfiguration.makeClientConfiguration()
-        let ca = directory + "/ca.crt", cert = directory + "/tls.crt", key = directory + "/tls.key"
-        guard FileManager.default.isReadableFile(atPath: ca) else {
-            throw NATSError.tlsMismatch("cannot read \(ca): the NATS TLS directory needs the CA that signed the NATS servers' certificates")
-        }
-        config.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))
-        switch (FileManager.default.isReadableFile(atPath: cert), FileManager.default.isReadableFile(atPath: key)) {
-        case (true, true):
-            config.certificateChain = try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) }
-            config.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
-        case (false, false):
-            break
-        default:
-            throw NATSError.tlsMismatch("\(directory) has only one of tls.crt and tls.key: give both for a client certificate, or neither")
-        }
-        return config
+        try ClientTLSDirectory.configuration(directory: directory, servers: "the NATS servers")
     }
 
     /// The NATS client's settings: these servers, TLS, credentials, the

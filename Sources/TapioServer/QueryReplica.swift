@@ -32,6 +32,8 @@ public struct NATSQueryConfiguration: Sendable {
     /// ClickHouse's HTTP interface.
     public var clickhouseHost = "127.0.0.1"
     public var clickhousePort = 8123
+    /// HTTPS to ClickHouse with these settings; nil: plain HTTP.
+    public var clickhouseTLS: TLSConfiguration?
     /// A user and password (sent as ClickHouse's X-ClickHouse-User/-Key headers); none: ClickHouse's `default` user.
     public var clickhouseUser: String?
     public var clickhousePassword: String?
@@ -52,6 +54,7 @@ public struct NATSQueryConfiguration: Sendable {
 
     var clickhouse: ClickHouseConfiguration {
         var c = ClickHouseConfiguration(host: clickhouseHost, port: clickhousePort)
+        c.tls = clickhouseTLS
         if let user = clickhouseUser { c.credentials = .headers(user: user, password: clickhousePassword ?? "") }
         c.database = clickhouseDatabase
         return c
@@ -139,7 +142,7 @@ public final class QueryReplica: Sendable {
         self.correlation = CorrelationService(configuration: engine, archive: board, logger: logger)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
         var chLogger = logger
-        chLogger[metadataKey: "clickhouse"] = "\(settings.clickhouseHost):\(settings.clickhousePort)"
+        chLogger[metadataKey: "clickhouse"] = "\(settings.clickhouse.scheme)://\(settings.clickhouseHost):\(settings.clickhousePort)"
         self.store = try ClickHouseEventStore(client: ClickHouseClient(configuration: settings.clickhouse, group: group, logger: chLogger),
                                               table: settings.clickhouseTable)
     }
@@ -179,7 +182,7 @@ public final class QueryReplica: Sendable {
             logger.info("tapio-server query replica listening", metadata: [
                 "role": "query", "holder": "\(settings.holder)", "query": "\(query.localAddress!)",
                 "metrics": "\(metricsAddress.map { "\($0)" } ?? "off")", "stream": "\(settings.nats.stream)",
-                "clickhouse": "\(settings.clickhouseHost):\(settings.clickhousePort)", "table": "\(settings.clickhouseTable)",
+                "clickhouse": "\(settings.clickhouse.scheme)://\(settings.clickhouseHost):\(settings.clickhousePort)", "table": "\(settings.clickhouseTable)",
                 "nats": "\(settings.nats.servers.map { "\($0)" }.joined(separator: ","))",
             ])
             return BoundAddresses(query: query.localAddress!, metrics: metricsAddress)
@@ -529,7 +532,7 @@ public final class QueryReplica: Sendable {
     }
 
     private var roleLine: String {
-        "role: query (\(settings.holder)), stream \(settings.nats.stream) consumer \(settings.durableName), clickhouse \(settings.clickhouseHost):\(settings.clickhousePort) table \(settings.clickhouseTable)"
+        "role: query (\(settings.holder)), stream \(settings.nats.stream) consumer \(settings.durableName), clickhouse \(settings.clickhouse.scheme)://\(settings.clickhouseHost):\(settings.clickhousePort) table \(settings.clickhouseTable)"
     }
 }
 

@@ -11,6 +11,8 @@ public final class ClickHouseTestServer {
     public let directory: String
     public let httpPort: Int
     public let tcpPort: Int
+    /// The HTTPS interface's port, when started with a TLS directory.
+    public let httpsPort: Int?
     /// A user with a password, for the authentication tests.
     public static let user = "tapio"
     public static let password = "s3cret 'with' \\ quotes"
@@ -27,13 +29,40 @@ public final class ClickHouseTestServer {
         throw XCTSkip(why)
     }
 
-    public init() throws {
+    /// `tlsDirectory` (tls.crt, tls.key, ca.crt): also serve HTTPS on
+    /// `httpsPort` with that certificate; `verifyClients`: HTTPS only for
+    /// clients with a certificate `ca.crt` signed.
+    public init(tlsDirectory: String? = nil, verifyClients: Bool = false) throws {
         let binary = try Self.binary()
         directory = try TestSupport.temporaryDirectory("tapio-clickhouse")
-        httpPort = TestSupport.freePort()
-        var tcp = TestSupport.freePort()
-        while tcp == httpPort { tcp = TestSupport.freePort() }
-        tcpPort = tcp
+        var taken: Set<Int> = []
+        func port() -> Int {
+            var p = TestSupport.freePort()
+            while taken.contains(p) { p = TestSupport.freePort() }
+            taken.insert(p)
+            return p
+        }
+        httpPort = port()
+        tcpPort = port()
+        httpsPort = tlsDirectory == nil ? nil : port()
+        var https = ""
+        if let tls = tlsDirectory, let httpsPort {
+            // Poco's settings as 18.16 reads them: strict verification asks
+            // for a client certificate and refuses a handshake without one.
+            https = """
+                  <https_port>\(httpsPort)</https_port>
+                  <openSSL><server>
+                    <certificateFile>\(tls)/tls.crt</certificateFile>
+                    <privateKeyFile>\(tls)/tls.key</privateKeyFile>
+                    <caConfig>\(tls)/ca.crt</caConfig>
+                    <verificationMode>\(verifyClients ? "strict" : "none")</verificationMode>
+                    <loadDefaultCAFile>false</loadDefaultCAFile>
+                    <cacheSessions>true</cacheSessions>
+                    <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+                    <preferServerCiphers>true</preferServerCiphers>
+                  </server></openSSL>
+                """
+        }
         for sub in ["data", "tmp", "user_files", "format_schemas"] {
             try FileManager.default.createDirectory(atPath: "\(directory)/\(sub)", withIntermediateDirectories: true)
         }
@@ -44,6 +73,7 @@ public final class ClickHouseTestServer {
               <listen_host>127.0.0.1</listen_host>
               <http_port>\(httpPort)</http_port>
               <tcp_port>\(tcpPort)</tcp_port>
+            \(https)
               <path>\(directory)/data/</path>
               <tmp_path>\(directory)/tmp/</tmp_path>
               <user_files_path>\(directory)/user_files/</user_files_path>

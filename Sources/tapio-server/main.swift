@@ -248,8 +248,10 @@ struct Serve: ParsableCommand {
     var leaseTimeout: Double = 5
     @Option(help: "Role correlate: seconds between the active engine's checkpoints to JetStream (each with the stream sequence it covers).")
     var checkpointInterval: Double = 10
-    @Option(help: ArgumentHelp("Role query: ClickHouse's HTTP interface, http://HOST:PORT (plain HTTP; the client has no TLS yet: keep ClickHouse on a trusted network).", valueName: "url"))
+    @Option(help: ArgumentHelp("Role query: ClickHouse's HTTP interface, http://HOST:PORT (port 8123 if none) or https://HOST:PORT (HTTPS, port 8443 if none; the server's certificate is verified with --clickhouse-tls-dir's ca.crt, else the system's trust store).", valueName: "url"))
     var clickhouse: String?
+    @Option(help: "Role query: directory with ca.crt (verifies ClickHouse's certificate) and optionally tls.crt and tls.key (a client certificate, for a ClickHouse that verifies clients); needs an https:// --clickhouse.")
+    var clickhouseTlsDir: String?
     @Option(help: "Role query: ClickHouse user (sent with --clickhouse-password-file in ClickHouse's X-ClickHouse-User/-Key headers); default: ClickHouse's default user.")
     var clickhouseUser: String?
     @Option(help: "Role query: file holding the ClickHouse user's password (trailing newlines ignored).")
@@ -356,7 +358,7 @@ struct Serve: ParsableCommand {
             throw ValidationError("--data-dir is not used in role query: events are kept in ClickHouse, incidents in JetStream")
         }
         if role != .query {
-            let given = [("--clickhouse", clickhouse != nil), ("--clickhouse-user", clickhouseUser != nil),
+            let given = [("--clickhouse", clickhouse != nil), ("--clickhouse-tls-dir", clickhouseTlsDir != nil), ("--clickhouse-user", clickhouseUser != nil),
                          ("--clickhouse-password-file", clickhousePasswordFile != nil), ("--clickhouse-database", clickhouseDatabase != nil)].filter(\.1).map(\.0)
             if !given.isEmpty { throw ValidationError("\(given.joined(separator: ", ")): for --role query only (this is --role \(role.rawValue))") }
         }
@@ -534,16 +536,31 @@ extension Serve {
 
     /// ClickHouse from the flags (role query).
     func clickhouseSettings(_ settings: inout NATSQueryConfiguration) throws {
-        guard let url = clickhouse else { throw ValidationError("--role query needs --clickhouse http://HOST:PORT (ClickHouse's HTTP interface)") }
-        guard url.hasPrefix("http://") else {
-            throw ValidationError("--clickhouse: '\(url)' is not http://HOST:PORT (the client speaks plain HTTP; there is no TLS to ClickHouse yet)")
+        guard let url = clickhouse else { throw ValidationError("--role query needs --clickhouse http://HOST:PORT or https://HOST:PORT (ClickHouse's HTTP interface)") }
+        let https = url.hasPrefix("https://")
+        guard https || url.hasPrefix("http://") else {
+            throw ValidationError("--clickhouse: '\(url)' is neither http://HOST:PORT nor https://HOST:PORT")
         }
-        var rest = String(url.dropFirst("http://".count))
+        var rest = String(url.dropFirst(https ? "https://".count : "http://".count))
         while rest.hasSuffix("/") { rest.removeLast() }
-        guard !rest.contains("/"), !rest.contains("@") else { throw ValidationError("--clickhouse: give http://HOST:PORT only (no path, no credentials in the URL), got '\(url)'") }
-        if !rest.contains(":") { rest += ":8123" }
+        guard !rest.contains("/"), !rest.contains("@") else {
+            throw ValidationError("--clickhouse: give \(https ? "https" : "http")://HOST:PORT only (no path, no credentials in the URL), got '\(url)'")
+        }
+        // A port is there unless the text ends in a bare name or a bracketed IPv6 address.
+        if !rest.contains(":") || rest.hasSuffix("]") { rest += https ? ":8443" : ":8123" }
         let (host, port) = try parseHostPort(rest)
         (settings.clickhouseHost, settings.clickhousePort) = (host, port)
+        switch (https, clickhouseTlsDir) {
+        case (false, _?): throw ValidationError("--clickhouse-tls-dir needs an https:// --clickhouse (got '\(url)')")
+        case (false, nil): settings.clickhouseTLS = nil
+        case (true, nil): settings.clickhouseTLS = ClientTLSDirectory.systemTrust
+        case (true, let dir?):
+            do {
+                settings.clickhouseTLS = try ClientTLSDirectory.configuration(directory: dir, servers: "the ClickHouse servers")
+            } catch {
+                throw ValidationError("--clickhouse-tls-dir: \(error)")
+            }
+        }
         switch (clickhouseUser, clickhousePasswordFile) {
         case (nil, nil): break
         case (let user?, let file):

@@ -217,13 +217,65 @@ final class QueryRoleTests: XCTestCase {
         XCTAssertTrue(q.process.isRunning)
     }
 
+    /// `--clickhouse https://…` with `--clickhouse-tls-dir`: the replica
+    /// writes and answers over HTTPS, verifying ClickHouse's certificate;
+    /// one that trusts another CA writes nothing and says why.
+    func testAQueryReplicaWritesAndAnswersOverHTTPSAndRefusesAnUntrustedClickHouse() async throws {
+        let server = try NATSTestServer(name: "n0", directory: directory)
+        try server.start()
+        nats = [server]
+        let clickhouse = try ClickHouseTestServer(tlsDirectory: pki + "/server")
+        self.clickhouse = clickhouse
+        let httpsPort = try XCTUnwrap(clickhouse.httpsPort)
+        // Only the CA, as an operator's secret for a ClickHouse that does not verify clients.
+        let trust = directory + "/clickhouse-ca"
+        try FileManager.default.createDirectory(atPath: trust, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: pki + "/server/ca.crt", toPath: trust + "/ca.crt")
+        let ingest = try IngestReplicaProcess(index: 0, directory: directory, pki: pki, nats: [server.url], streamReplicas: 1)
+        processes.append(ingest.process)
+        try ingest.waitUntilReady()
+        let q = try QueryReplicaProcess(name: "tls", directory: directory, pki: pki, nats: [server.url], clickhousePort: httpsPort,
+                                        clickhouseURL: "https://127.0.0.1:\(httpsPort)", extra: ["--clickhouse-tls-dir", trust])
+        processes.append(q.process)
+        try q.waitUntilReady()
+        XCTAssertTrue(try q.http("/readyz").body.contains("clickhouse https://127.0.0.1:\(httpsPort)"))
+
+        let raw = try RawAgent(port: ingest.ingestPort, tls: AgentTLSFiles(directory: pki + "/nodes/node-c"), node: "node-c", epoch: UInt64(wallClockNs()))
+        let t0 = wallClockNs() - 10_000_000_000
+        for sequence in UInt64(1)...5 {
+            try raw.send(raw.batch(sequence, events: (0..<4).map { i in
+                TapioEvent(kind: .processExec, timeNs: t0 + Int64(sequence) * 1_000_000 + Int64(i), pid: UInt32(sequence) * 10 + UInt32(i),
+                           comm: "job", detail: .exec(filename: "/bin/job"))
+            }))
+        }
+        try ackedThrough(raw, 5)
+        raw.close()
+        XCTAssertTrue(eventually(timeout: 30) { ((try? q.client().events(["node": "node-c", "limit": "100"]).events.count) ?? 0) == 20 },
+                      "the 20 events were written to and read from ClickHouse over HTTPS\n\(q.process.log.suffix(2000))")
+        XCTAssertEqual((q.metric("tapio_query_insert_failures_total") ?? 0), 0)
+
+        // A replica that trusts another CA: nothing is written, and it says why.
+        let otherPKI = try TestSupport.makePKI(in: directory + "/other", nodes: ["n1"])
+        let wary = try QueryReplicaProcess(name: "wary", directory: directory, pki: pki, nats: [server.url], clickhousePort: httpsPort,
+                                           clickhouseURL: "https://127.0.0.1:\(httpsPort)", extra: ["--clickhouse-tls-dir", otherPKI + "/server"])
+        processes.append(wary.process)
+        XCTAssertTrue(eventually(timeout: 30) { wary.process.log.contains("TLS") && wary.process.log.uppercased().contains("CERTIFICATE") },
+                      "the refused handshake is logged in words\n\(wary.process.log.suffix(2000))")
+        XCTAssertTrue(wary.process.isRunning, "a ClickHouse it cannot trust is a problem to report, not a crash")
+    }
+
     func testFlagsThatCannotWorkAreRefusedInWords() throws {
         let binary = try TestSupport.product("tapio-server")
         let base = ["--role", "query", "--tls-dir", pki + "/server"]
         for (args, words) in [
             (base + ["--clickhouse", "http://127.0.0.1:8123"], "needs at least one --nats"),
             (base + ["--nats", "nats://127.0.0.1:4222"], "needs --clickhouse"),
-            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "https://ch:8443"], "no TLS to ClickHouse"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "ftp://ch:21"], "neither http://HOST:PORT nor https://HOST:PORT"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--clickhouse-tls-dir", pki + "/server"],
+             "--clickhouse-tls-dir needs an https:// --clickhouse"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "https://ch:8443", "--clickhouse-tls-dir", directory + "/none"],
+             "--clickhouse-tls-dir: cannot read \(directory)/none/ca.crt"),
+            (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "https://ch/x"], "give https://HOST:PORT only"),
             (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--clickhouse-table", "x; DROP"], "not a plain identifier"),
             (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--data-dir", directory], "not used in role query"),
             (base + ["--nats", "nats://127.0.0.1:4222", "--clickhouse", "http://ch:8123", "--webhook", "http://x/"], "no engine runs here"),

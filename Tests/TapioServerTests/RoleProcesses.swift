@@ -104,12 +104,13 @@ final class CorrelateReplicaProcess: QueryingRoleProcess {
 /// One `tapio-server --role query` process, its unacknowledged batches
 /// delivered again after 5 s.
 final class QueryReplicaProcess: QueryingRoleProcess {
-    init(name: String, directory: String, pki: String, nats: [String], clickhousePort: Int, extra: [String] = []) throws {
+    /// `clickhouseURL`: instead of `http://127.0.0.1:<clickhousePort>` (an https:// one, say).
+    init(name: String, directory: String, pki: String, nats: [String], clickhousePort: Int, clickhouseURL: String? = nil, extra: [String] = []) throws {
         let queryPort = TestSupport.freePort()
         let metricsPort = TestSupport.freePort()
         var arguments = ["--role", "query", "--tls-dir", pki + "/server",
                          "--query-listen", "127.0.0.1:\(queryPort)", "--metrics-listen", "127.0.0.1:\(metricsPort)",
-                         "--clickhouse", "http://127.0.0.1:\(clickhousePort)", "--query-ack-wait", "5", "--log-level", "info"]
+                         "--clickhouse", clickhouseURL ?? "http://127.0.0.1:\(clickhousePort)", "--query-ack-wait", "5", "--log-level", "info"]
         for url in nats { arguments += ["--nats", url] }
         try super.init(role: "query", arguments: arguments + extra, pki: pki, metricsPort: metricsPort, queryPort: queryPort,
                        logPath: directory + "/query-\(name).log")
