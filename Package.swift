@@ -164,7 +164,7 @@ let package = Package(
         ),
 
         // The fault lab: nodes from network namespaces and cgroups, real services, faults, scoring.
-        .target(name: "TapioLab", dependencies: ["TapioClient", "TapioWire", "TapioQueryAPI"]),
+        .target(name: "TapioLab", dependencies: ["TapioClient", "TapioWire", "TapioQueryAPI", "TapioLocalServers"]),
         .executableTarget(
             name: "tapio-lab",
             dependencies: [
@@ -175,7 +175,9 @@ let package = Package(
         ),
 
         // Shared by the tests only: processes, certificates, the BPF skip rule.
-        .target(name: "TapioTestSupport", dependencies: ["TapioClient"]),
+        // Config files of private nats-server/clickhouse-server instances on loopback (tests, the lab).
+        .target(name: "TapioLocalServers"),
+        .target(name: "TapioTestSupport", dependencies: ["TapioClient", "TapioLocalServers"]),
 
         .testTarget(name: "TapioWireTests", dependencies: ["TapioWire", "TapioTestSupport"]),
         .testTarget(name: "TapioAttributionTests", dependencies: ["TapioAttribution", "TapioWire", "TapioTestSupport"], resources: [.copy("Fixtures")]),

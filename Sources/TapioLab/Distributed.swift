@@ -1,5 +1,6 @@
 import Foundation
 import TapioClient
+import TapioLocalServers
 import TapioQueryAPI
 
 /// The lab's distributed mode (`tapio-lab run --distributed`): instead of one
@@ -49,41 +50,13 @@ extension LabRun {
         // ClickHouse: its own config, users and data in the run directory;
         // nothing of the system's installation is read or touched.
         let chDir = plan.runDirectory + "/clickhouse"
-        for sub in ["data", "tmp", "user_files", "format_schemas"] { try Shell.mkdir(chDir + "/" + sub) }
         let chHTTP = LabRun.freePort()
         var chTCP = LabRun.freePort()
         while chTCP == chHTTP || chTCP == natsPort { chTCP = LabRun.freePort() }
-        try Shell.write("""
-            <?xml version="1.0"?>
-            <yandex>
-              <logger><level>warning</level><log>\(logs)/clickhouse-server.log</log><errorlog>\(logs)/clickhouse-server.err.log</errorlog><console>0</console></logger>
-              <listen_host>127.0.0.1</listen_host>
-              <http_port>\(chHTTP)</http_port>
-              <tcp_port>\(chTCP)</tcp_port>
-              <path>\(chDir)/data/</path>
-              <tmp_path>\(chDir)/tmp/</tmp_path>
-              <user_files_path>\(chDir)/user_files/</user_files_path>
-              <format_schema_path>\(chDir)/format_schemas/</format_schema_path>
-              <users_config>\(chDir)/users.xml</users_config>
-              <default_profile>default</default_profile>
-              <default_database>default</default_database>
-              <timezone>UTC</timezone>
-              <mark_cache_size>268435456</mark_cache_size>
-              <max_concurrent_queries>16</max_concurrent_queries>
-              <keep_alive_timeout>3</keep_alive_timeout>
-            </yandex>
-
-            """, to: chDir + "/config.xml")
-        try Shell.write("""
-            <?xml version="1.0"?>
-            <yandex>
-              <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
-              <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-              <quotas><default></default></quotas>
-            </yandex>
-
-            """, to: chDir + "/users.xml")
-        _ = try startInfra("clickhouse-server", [LabRun.distributedBinary("clickhouse-server")!, "--config-file=\(chDir)/config.xml"], stopOrder: 3)
+        var chConfig = ClickHouseLocalConfig(directory: chDir, httpPort: chHTTP, tcpPort: chTCP)
+        (chConfig.logDirectory, chConfig.logFileName, chConfig.errorLogFileName) = (logs, "clickhouse-server.log", "clickhouse-server.err.log")
+        try chConfig.write()
+        _ = try startInfra("clickhouse-server", [LabRun.distributedBinary("clickhouse-server")!, "--config-file=\(chConfig.configPath)"], stopOrder: 3)
 
         try waitFor("nats-server", timeout: 20, log: "nats-server.log") { LabRun.portOpen(natsPort) }
         // ClickHouse binds its HTTP port once its tables are loaded.

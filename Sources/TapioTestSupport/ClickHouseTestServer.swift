@@ -1,11 +1,11 @@
 import Foundation
+import TapioLocalServers
 import XCTest
 
 /// Debian's clickhouse-server (package clickhouse-server, 18.16), started by
-/// a test on free loopback ports with a config, users file and data
-/// directory the test writes in a temporary directory: nothing of the
-/// system's installation (/etc/clickhouse-server, /var/lib/clickhouse, its
-/// service) is read or touched. Killed at the end of the test, also when
+/// a test on free loopback ports from a `ClickHouseLocalConfig` in a
+/// temporary directory: nothing of the system's installation is read or
+/// touched. Killed at the end of the test, also when
 /// it fails (and killed by `ChildProcess` if nobody stops it).
 public final class ClickHouseTestServer {
     public let directory: String
@@ -45,63 +45,10 @@ public final class ClickHouseTestServer {
         httpPort = port()
         tcpPort = port()
         httpsPort = tlsDirectory == nil ? nil : port()
-        var https = ""
-        if let tls = tlsDirectory, let httpsPort {
-            // Poco's settings as 18.16 reads them: strict verification asks
-            // for a client certificate and refuses a handshake without one.
-            https = """
-                  <https_port>\(httpsPort)</https_port>
-                  <openSSL><server>
-                    <certificateFile>\(tls)/tls.crt</certificateFile>
-                    <privateKeyFile>\(tls)/tls.key</privateKeyFile>
-                    <caConfig>\(tls)/ca.crt</caConfig>
-                    <verificationMode>\(verifyClients ? "strict" : "none")</verificationMode>
-                    <loadDefaultCAFile>false</loadDefaultCAFile>
-                    <cacheSessions>true</cacheSessions>
-                    <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
-                    <preferServerCiphers>true</preferServerCiphers>
-                  </server></openSSL>
-                """
-        }
-        for sub in ["data", "tmp", "user_files", "format_schemas"] {
-            try FileManager.default.createDirectory(atPath: "\(directory)/\(sub)", withIntermediateDirectories: true)
-        }
-        let config = """
-            <?xml version="1.0"?>
-            <yandex>
-              <logger><level>warning</level><log>\(directory)/server.log</log><errorlog>\(directory)/error.log</errorlog><console>0</console></logger>
-              <listen_host>127.0.0.1</listen_host>
-              <http_port>\(httpPort)</http_port>
-              <tcp_port>\(tcpPort)</tcp_port>
-            \(https)
-              <path>\(directory)/data/</path>
-              <tmp_path>\(directory)/tmp/</tmp_path>
-              <user_files_path>\(directory)/user_files/</user_files_path>
-              <format_schema_path>\(directory)/format_schemas/</format_schema_path>
-              <users_config>\(directory)/users.xml</users_config>
-              <default_profile>default</default_profile>
-              <default_database>default</default_database>
-              <timezone>UTC</timezone>
-              <mark_cache_size>268435456</mark_cache_size>
-              <max_concurrent_queries>16</max_concurrent_queries>
-              <keep_alive_timeout>3</keep_alive_timeout>
-            </yandex>
-            """
-        let password = Self.password.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
-        let users = """
-            <?xml version="1.0"?>
-            <yandex>
-              <profiles><default><max_memory_usage>2000000000</max_memory_usage></default><readonly><readonly>1</readonly></readonly></profiles>
-              <users>
-                <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
-                <\(Self.user)><password>\(password)</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></\(Self.user)>
-                <\(Self.reader)><password></password><networks><ip>127.0.0.1</ip></networks><profile>readonly</profile><quota>default</quota></\(Self.reader)>
-              </users>
-              <quotas><default></default></quotas>
-            </yandex>
-            """
-        try config.write(toFile: "\(directory)/config.xml", atomically: true, encoding: .utf8)
-        try users.write(toFile: "\(directory)/users.xml", atomically: true, encoding: .utf8)
+        var config = ClickHouseLocalConfig(directory: directory, httpPort: httpPort, tcpPort: tcpPort)
+        (config.httpsPort, config.tlsDirectory, config.verifyClients) = (httpsPort, tlsDirectory, verifyClients)
+        config.users = [.init(name: "default"), .init(name: Self.user, password: Self.password), .init(name: Self.reader, profile: "readonly")]
+        try config.write()
         try launch(binary)
     }
 
