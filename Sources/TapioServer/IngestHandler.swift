@@ -305,7 +305,8 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                     if !outcome.room { handler.waitForEngine(context: context) }
                 }
                 // The store counted the batch in the node's row; this is the live view.
-                if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored, nowNs: wallClockNs()),
+                if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored,
+                                                                               epoch: batch.epoch, drops: batch.drops, nowNs: wallClockNs()),
                    record.batchesReceived % 64 == 1 {
                     handler.persist(record)
                 }

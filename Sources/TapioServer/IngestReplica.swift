@@ -210,6 +210,11 @@ extension IngestReplica: HTTPStatusSource {
         // The clock estimate the replica sends with each batch, as role all exports it.
         byName["tapio_node_clock_offset_seconds"] = snaps.map { .init([("node", $0.record.node)], Double($0.record.clockOffsetNs) / 1e9) }
         byName["tapio_node_clock_error_seconds"] = snaps.map { .init([("node", $0.record.node)], Double($0.record.clockErrorNs) / 1e9) }
+        // The agents' own drop counters as their batches carried them; the
+        // replica keeps no history, so this is what it has seen since it started.
+        byName["tapio_node_dropped_events_total"] = snaps.flatMap { s in
+            s.drops.map { .init([("node", s.record.node), ("kind", $0.kind.name), ("reason", $0.reason)], Int64(clamping: $0.count)) }
+        }
         var text = MetricsText()
         for name in byName.keys.sorted() {
             let family = Self.families[name] ?? MetricsCatalog.family(name)
@@ -231,5 +236,6 @@ extension IngestReplica: HTTPStatusSource {
         "tapio_server_nats_reconnects_total": .init(kind: .counter, help: "NATS connections made after the first (another server of the list, or the same again).", unlabelled: true),
         "tapio_server_ready": .init(kind: .gauge, help: "1 while /readyz answers 200 (listening, NATS connected, the stream ready).", unlabelled: true),
         "tapio_server_healthy": .init(kind: .gauge, help: "1 while /healthz answers 200 (the replica serves).", unlabelled: true),
+        "tapio_node_dropped_events_total": .init(kind: .counter, help: "Events the node's agent could not deliver, by kind and reason, as the agent's batches to this replica reported them (summed over the agent's runs since the replica started; a node that moved between replicas is reported by each: take the max).", unlabelled: false),
     ]
 }

@@ -11,6 +11,45 @@ public final class NodeRegistry: Sendable {
         var record: NodeRecord
         var connections: Int
         var clock: ClockEstimator
+        var drops = DropTally()
+    }
+
+    /// The drop counters the node's batches carried: per agent run (epoch)
+    /// the highest of each cumulative counter, summed over runs. The last
+    /// `keptEpochs` runs are kept apart (a late batch of one still counts
+    /// once); older ones are folded into `retired`.
+    struct DropTally {
+        static let keptEpochs = 8
+        struct Key: Hashable { var kind: EventKind; var reason: String }
+        var byEpoch: [(epoch: UInt64, counts: [Key: UInt64])] = []
+        var retired: [Key: UInt64] = [:]
+
+        mutating func add(epoch: UInt64, _ drops: [DropCount]) {
+            guard !drops.isEmpty else { return }
+            let i: Int
+            if let found = byEpoch.firstIndex(where: { $0.epoch == epoch }) {
+                i = found
+            } else {
+                byEpoch.append((epoch, [:]))
+                byEpoch.sort { $0.epoch < $1.epoch }
+                while byEpoch.count > Self.keptEpochs {
+                    for (k, v) in byEpoch.removeFirst().counts { retired[k, default: 0] &+= v }
+                }
+                guard let added = byEpoch.firstIndex(where: { $0.epoch == epoch }) else { return }  // older than every kept run
+                i = added
+            }
+            for d in drops {
+                let key = Key(kind: d.kind, reason: d.reason)
+                byEpoch[i].counts[key] = max(byEpoch[i].counts[key] ?? 0, d.count)
+            }
+        }
+
+        var total: [DropCount] {
+            var sum = retired
+            for run in byEpoch { for (k, v) in run.counts { sum[k, default: 0] &+= v } }
+            return sum.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
+                .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
+        }
     }
 
     private let entries: Mutex<[String: Entry]>
@@ -69,10 +108,12 @@ public final class NodeRegistry: Sendable {
         entries.withLock { $0[node]?.clock.correction }
     }
 
-    /// Counts a stored (or duplicate) batch; returns the record to persist.
-    public func received(node: String, events: Int, duplicate: Bool, nowNs: Int64) -> NodeRecord? {
+    /// Counts a stored (or duplicate) batch and the drop counters it
+    /// carried (cumulative per agent run); returns the record to persist.
+    public func received(node: String, events: Int, duplicate: Bool, epoch: UInt64 = 0, drops: [DropCount] = [], nowNs: Int64) -> NodeRecord? {
         entries.withLock { e in
             guard var entry = e[node] else { return nil }
+            entry.drops.add(epoch: epoch, drops)
             if duplicate {
                 entry.record.duplicateBatches += 1
             } else {
@@ -89,11 +130,13 @@ public final class NodeRegistry: Sendable {
         public var record: NodeRecord
         public var connected: Bool
         public var clockSamples: Int
+        /// The drops the node's batches carried since this process started, summed over the agent's runs.
+        public var drops: [DropCount]
     }
 
     public func snapshot() -> [Snapshot] {
         entries.withLock { e in
-            e.values.map { Snapshot(record: $0.record, connected: $0.connections > 0, clockSamples: $0.clock.samples.count) }
+            e.values.map { Snapshot(record: $0.record, connected: $0.connections > 0, clockSamples: $0.clock.samples.count, drops: $0.drops.total) }
                 .sorted { $0.record.node < $1.record.node }
         }
     }

@@ -51,7 +51,10 @@ final class IngestRoleTests: XCTestCase {
         // Batch 30 holds an event an hour ahead: set aside by the server, counted in the message.
         try agent.sendInventory(Inventory(pods: [PodInfo(uid: "u1", name: "web-1", namespace: "shop", node: "", ips: ["10.1.0.7"])]))
         let anHourAhead = wallClockNs() + 3600 * 1_000_000_000
-        let batches = (1...30).map { agent.batch(UInt64($0), events: $0 == 30 ? [event(30, comm: "raw-30", time: anHourAhead)] : nil) }
+        // Batches 10 and 25 carry the agent's drop counters (cumulative in its run).
+        let drops: [Int: [DropCount]] = [10: [DropCount(kind: .dns, reason: "ringbuf_full", count: 7)],
+                                         25: [DropCount(kind: .dns, reason: "ringbuf_full", count: 12), DropCount(kind: .processExec, reason: "queue_full", count: 3)]]
+        let batches = (1...30).map { agent.batch(UInt64($0), events: $0 == 30 ? [event(30, comm: "raw-30", time: anHourAhead)] : nil, drops: drops[$0] ?? []) }
         for b in batches { try agent.send(b) }
         let acks = try agent.acks(30, timeoutMs: 20_000)
         XCTAssertEqual(Set(acks.map(\.sequence)), Set(1...30), "acks for every batch, exactly those")
@@ -86,9 +89,14 @@ final class IngestRoleTests: XCTestCase {
         XCTAssertTrue(metrics.contains("tapio_server_duplicate_batches_total 0\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_events_future_total 1\n"), metrics)
         XCTAssertTrue(metrics.contains("tapio_server_nats_connected 1\n"), metrics)
+        // The agent's drops, visible where its batches arrived: the highest of each counter.
+        XCTAssertTrue(metrics.contains("tapio_node_dropped_events_total{node=\"node-a\",kind=\"dns\",reason=\"ringbuf_full\"} 12\n"), metrics)
+        XCTAssertTrue(metrics.contains("tapio_node_dropped_events_total{node=\"node-a\",kind=\"process_exec\",reason=\"queue_full\"} 3\n"), metrics)
         let otherMetrics = try other.metrics()
         XCTAssertTrue(otherMetrics.contains("tapio_server_batches_total 0\n"), otherMetrics)
         XCTAssertTrue(otherMetrics.contains("tapio_server_duplicate_batches_total 10\n"), otherMetrics)
+        XCTAssertTrue(otherMetrics.contains("tapio_node_dropped_events_total{node=\"node-a\",kind=\"dns\",reason=\"ringbuf_full\"} 12\n"),
+                      "the resent batch 25 reports the same counters: \(otherMetrics)")
         // SIGTERM: a graceful stop.
         XCTAssertEqual(replica.process.stop(signal: SIGTERM, timeout: 15), 0, replica.process.log.suffix(2000).description)
         XCTAssertTrue(replica.process.log.contains("tapio-server ingest replica stopped"))
