@@ -102,6 +102,7 @@ struct Topology: Sendable, Codable {
         // not a Foundation search.
         // A prefixed one (containerd://…) is cut after its first "://" by
         // bytes too: no Foundation search either (it was 5 % of a replay).
+        guard id.utf8.withContiguousStorageIfAvailable({ $0.contains(UInt8(ascii: ":")) }) ?? id.utf8.contains(UInt8(ascii: ":")) else { return id }
         let cut: Int?? = id.utf8.withContiguousStorageIfAvailable { b -> Int?? in
             guard b.allSatisfy({ $0 < 0x80 }) else { return .none }  // not ASCII: as before
             guard b.count >= 3 else { return .some(nil) }
@@ -162,8 +163,7 @@ struct Topology: Sendable, Codable {
         if let a = localAddress, let p = byIP[a.description] {
             return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
         }
-        let comm = ev.comm.isEmpty ? "host" : ev.comm
-        return EntityRef(name: "\(comm)@\(e.node)", quality: 0.3, pod: nil, isService: false)
+        return EntityRef(name: (ev.comm.isEmpty ? "host" : ev.comm) + "@" + e.node, quality: 0.3, pod: nil, isService: false)
     }
 
     /// The entity behind a peer address: its pod's service, else the DNS name
@@ -179,7 +179,9 @@ struct Topology: Sendable, Codable {
 
     /// The service a DNS name points to (through its last answer), if any.
     func service(ofName name: String) -> String? {
-        for ip in (addressesByName[name] ?? []).sorted() {
+        guard let ips = addressesByName[name] else { return nil }
+        if ips.count == 1 { return byIP[ips[0]]?.service }  // nothing to sort
+        for ip in ips.sorted() {
             if let p = byIP[ip] { return p.service }
         }
         return nil
@@ -192,8 +194,10 @@ struct Topology: Sendable, Codable {
         // rather than growing them without bound.
         if addressesByName[name] == nil, addressesByName.count >= limit { addressesByName.removeAll(keepingCapacity: true) }
         if nameByIP.count + ips.count > limit { nameByIP.removeAll(keepingCapacity: true) }
-        addressesByName[name] = ips
-        for ip in ips { nameByIP[ip] = name }
+        // The same answer as last time (the usual case) changes nothing but
+        // what the bound above may have cleared: no writes then.
+        if addressesByName[name] != ips { addressesByName[name] = ips }
+        for ip in ips where nameByIP[ip] != name { nameByIP[ip] = name }
     }
 
     mutating func sawEntity(_ entity: String, node: String) {
