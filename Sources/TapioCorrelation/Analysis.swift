@@ -267,6 +267,13 @@ struct Analysis {
                 // further up a cascade keep their link.
                 if c.kind == .listenerClosed, rel == "direct" || rel == "graph",
                    ![.connectRefused, .connectErrors, .resets].contains(s.key.kind) { return nil }
+                // Lost and retransmitted segments belong to the path they
+                // were sent on: a failure further along a cascade slows or
+                // fails the answers that come back over that path, it does not
+                // make its segments go missing. (A replica scaled down behind
+                // the frontend once paged for the frontend's retransmits to a
+                // slow client on its other side.)
+                if rel == "cascade", [.retransmits, .packetDrops].contains(s.key.kind) { return nil }
                 return Link(symptom: s, relation: rel, topology: topo, time: c.inferred ? 0.5 : proximity(c, s), prior: cfg.priors.prior(c.kind, s.key.kind))
             }
         }

@@ -237,6 +237,37 @@ final class FalsePageTests: XCTestCase {
         assertNothingPages(engine)
     }
 
+    /// A replica behind the frontend starts slow (its first answers, and the
+    /// frontend's to its clients, take 40 ms) and is scaled down 6 s later
+    /// (its listener closed, SIGTERM) while a slow client on the frontend's
+    /// other side makes the frontend retransmit to it. Segments lost on the client's path are not
+    /// explained by a listener closed further along a cascade: no link
+    /// between them, nothing pages (a 30-minute soak once paged
+    /// `listener_closed` 0.51 for exactly this).
+    func testRetransmitsToAClientAreNotExplainedByAListenerClosedBehindTheServer() {
+        var c = SyntheticCluster()
+        c.healthy(until: 100, skip: ["frontend>cart"])
+        for t in stride(from: 0.0, to: 100, by: 0.5) {
+            c.connect(t + 0.02, "worker", "frontend", .established, count: 2)
+            c.served(t + 0.03, "frontend", "worker", ms: t >= 24 && t < 26 ? 40 : 4)
+            if t < 30 {
+                c.connect(t + 0.05, "frontend", "cart", .established, count: 2)
+                c.latency(t + 0.06, "frontend", "cart", ms: t >= 24 && t < 26 ? 40 : 3)
+            }
+        }
+        c.listen(30, "cart", open: false)
+        c.exit(30.05, "cart", signal: SIGTERM)
+        for t in stride(from: 30.5, to: 50, by: 0.5) {
+            c.add(t + 0.07, "frontend", .tcpRetransmit,
+                  .tcpRetransmit(flow: c.flow("worker", "frontend", serverSide: true), count: 12, intervalNs: 500_000_000))
+        }
+        let engine = c.engine()
+        let links = engine.incidents.flatMap(\.links).filter { $0.causeKind == .listenerClosed && $0.symptomKind == .retransmits }
+        XCTAssertEqual(links.map { "\($0.causeEntity) -> \($0.symptomEntity)/\($0.symptomPeer ?? "") \($0.relation)" }, [],
+                       "\(engine.incidents.map { "\($0.title): \($0.rootCauses.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })" })")
+        assertNothingPages(engine)
+    }
+
     /// A process starts on the api's node and sleeps while the api slows
     /// down; nothing on the node is short of CPU or memory. The slowdown is
     /// kept as an observation (a latency symptom with an inferred cause),
