@@ -410,8 +410,8 @@ public struct CorrelationEngine: Sendable {
             topology.sawEntity(me.name, node: e.node)
             addCause(.oomKill, me, e)
         case .tcpConnect(let flow, let outcome, let latencyNs, _, let count):
-            let client = topology.entity(of: e, localAddress: flow.source)
-            let server = topology.entity(address: flow.destination)
+            let client = topology.resolve(of: e, localAddress: flow.source)
+            let server = topology.resolve(address: flow.destination)
             topology.sawEntity(client.name, node: e.node)
             topology.sawServerPort(flow.destinationPort)
             if outcome == .established, let k = Endpoint(flow.destination, flow.destinationPort) {
@@ -440,12 +440,12 @@ public struct CorrelationEngine: Sendable {
             }
             if !open {
                 var addrs = Set<String>()
-                if let a = address, !a.isUnspecified { addrs.insert(a.description) }
+                if let a = address, !a.isUnspecified { addrs.insert(topology.text(of: a)) }
                 addCause(.listenerClosed, me, e, addresses: addrs, port: port)
             }
         case .tcpReset(let flow, let sent, let state, let count):
-            let local = topology.entity(of: e, localAddress: flow.source)
-            let remote = topology.entity(address: flow.destination)
+            let local = topology.resolve(of: e, localAddress: flow.source)
+            let remote = topology.resolve(address: flow.destination)
             topology.sawEntity(local.name, node: e.node)
             let localIsServer = resetRoles(local: local, remote: remote, flow: flow, sent: sent, state: state)
             // Who reset: the client end hanging up (a client that gave up, a
@@ -460,15 +460,15 @@ public struct CorrelationEngine: Sendable {
             observe(SeriesKey(observer: local.name, kind: .resets, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
         case .tcpRetransmit(let flow, let count, _):
-            let local = topology.entity(of: e, localAddress: flow.source)
-            let remote = topology.entity(address: flow.destination)
+            let local = topology.resolve(of: e, localAddress: flow.source)
+            let remote = topology.resolve(address: flow.destination)
             topology.sawEntity(local.name, node: e.node)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
             observe(SeriesKey(observer: local.name, kind: .retransmits, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
         case .tcpLatency(let flow, let srttUs, let responses, let total, _, _):
-            let local = topology.entity(of: e, localAddress: flow.source)
-            let remote = topology.entity(address: flow.destination)
+            let local = topology.resolve(of: e, localAddress: flow.source)
+            let remote = topology.resolve(address: flow.destination)
             topology.sawEntity(local.name, node: e.node)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
             if flow.destinationPort == 0 && flow.sourcePort != 0 {
@@ -491,7 +491,7 @@ public struct CorrelationEngine: Sendable {
                graph.roundTrip(client: c.name, server: s.name, srttUs: srttUs, responseMeanNs: meanNs, rule: configuration.slowPath) != nil {
                 let serverAddress = localServes ? flow.source : flow.destination
                 var addrs = Set<String>()
-                if let a = serverAddress { addrs.insert(a.description) }
+                if let a = serverAddress { addrs.insert(topology.text(of: a)) }
                 addCause(.networkLatency, s, e, addresses: addrs, port: serverPort,
                          serverEndpoint: Endpoint(serverAddress, serverPort), clientAddress: localServes ? flow.destination : flow.source)
             }
@@ -499,13 +499,13 @@ public struct CorrelationEngine: Sendable {
             observe(SeriesKey(observer: local.name, kind: .latency, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: 1, level: Double(meanNs) / 1e6, event: e)
         case .packetDrop(let reason, let count, let flow, _, _, _):
-            let src = flow.source.map { topology.entity(address: $0) } ?? topology.entity(of: e)
-            let dst = topology.entity(address: flow.destination)
+            let src = flow.source != nil ? topology.resolve(address: flow.source) : topology.entity(of: e)
+            let dst = topology.resolve(address: flow.destination)
             let (c, s) = orient(local: src, remote: dst, flow: flow)
             let upper = reason.uppercased()
             var addrs = Set<String>()
-            if let a = flow.source { addrs.insert(a.description) }
-            if let a = flow.destination { addrs.insert(a.description) }
+            if let a = flow.source { addrs.insert(topology.text(of: a)) }
+            if let a = flow.destination { addrs.insert(topology.text(of: a)) }
             let srcIsClient = c.name == src.name
             let serverPort = srcIsClient ? flow.destinationPort : flow.sourcePort
             let endpoint = Endpoint(srcIsClient ? flow.destination : flow.source, serverPort)

@@ -59,6 +59,26 @@ struct Topology: Sendable, Codable {
     /// server end of measured flows. Which end of a connection is the server
     /// when the kernel's record does not say (a reset's flow keeps both ports).
     private(set) var serverPorts: Set<UInt16> = []
+    /// Addresses' text, remembered: the engine looks addresses up by their
+    /// text on every network event and every DNS answer, and formatting
+    /// them was about 9 % of a replay. Not part of checkpoints.
+    private var addressTexts: [IPAddress: String] = [:]
+    static let maxAddressTexts = 65_536
+
+    // Checkpoints hold what they held before the remembered texts.
+    private enum CodingKeys: String, CodingKey {
+        case podsByNode, byIP, byContainer, byNamespacedName, byName, nameByIP, addressesByName, entityNodes, ownerByIP, listenPorts, serverPorts
+    }
+
+    /// `address.description`, remembered (bounded: a flood of addresses
+    /// starts the memo afresh).
+    mutating func text(of address: IPAddress) -> String {
+        if let t = addressTexts[address] { return t }
+        let t = address.description
+        if addressTexts.count >= Topology.maxAddressTexts { addressTexts.removeAll(keepingCapacity: true) }
+        addressTexts[address] = t
+        return t
+    }
 
     mutating func replace(node: String, pods: [PodInfo]) {
         podsByNode[node] = pods
@@ -147,6 +167,24 @@ struct Topology: Sendable, Codable {
     /// pod, else `<comm>@<node>`; for a socket event without attribution,
     /// the owner of its local address.
     func entity(of e: ObservedEvent, localAddress: IPAddress? = nil) -> EntityRef {
+        if let r = attributed(e) { return r }
+        if let a = localAddress, let p = byIP[a.description] {
+            return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
+        }
+        return host(e)
+    }
+
+    /// `entity(of:localAddress:)` with the address's text remembered.
+    mutating func resolve(of e: ObservedEvent, localAddress: IPAddress?) -> EntityRef {
+        if let r = attributed(e) { return r }
+        if let a = localAddress, let p = byIP[text(of: a)] {
+            return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
+        }
+        return host(e)
+    }
+
+    /// The event's pod (through its container or its pod's name), if it names one.
+    private func attributed(_ e: ObservedEvent) -> EntityRef? {
         let ev = e.event
         if !ev.containerId.isEmpty, let p = byContainer[Topology.shortContainerId(ev.containerId)] {
             return EntityRef(name: p.service, quality: 1, pod: p, isService: true)
@@ -160,9 +198,12 @@ struct Topology: Sendable, Codable {
             }
             return EntityRef(name: ev.pod, quality: 0.6, pod: nil, isService: false)
         }
-        if let a = localAddress, let p = byIP[a.description] {
-            return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
-        }
+        return nil
+    }
+
+    /// A process no pod claims: `<comm>@<node>`.
+    private func host(_ e: ObservedEvent) -> EntityRef {
+        let ev = e.event
         return EntityRef(name: (ev.comm.isEmpty ? "host" : ev.comm) + "@" + e.node, quality: 0.3, pod: nil, isService: false)
     }
 
@@ -170,7 +211,16 @@ struct Topology: Sendable, Codable {
     /// that answered it, else the address itself.
     func entity(address: IPAddress?) -> EntityRef {
         guard let a = address else { return EntityRef(name: "unknown", quality: 0, pod: nil, isService: false) }
-        let text = a.description
+        return entity(addressText: a.description)
+    }
+
+    /// `entity(address:)` with the address's text remembered.
+    mutating func resolve(address: IPAddress?) -> EntityRef {
+        guard let a = address else { return EntityRef(name: "unknown", quality: 0, pod: nil, isService: false) }
+        return entity(addressText: text(of: a))
+    }
+
+    private func entity(addressText text: String) -> EntityRef {
         if let p = byIP[text] { return EntityRef(name: p.service, quality: 1, pod: p, isService: true) }
         if let o = ownerByIP[text] { return EntityRef(name: o, quality: 0.6, pod: nil, isService: false) }
         if let n = nameByIP[text] { return EntityRef(name: n, quality: 0.5, pod: nil, isService: false) }
@@ -189,7 +239,9 @@ struct Topology: Sendable, Codable {
 
     mutating func learnAnswer(name: String, answers: [IPAddress], limit: Int = .max) {
         guard !answers.isEmpty else { return }
-        let ips = answers.map(\.description)
+        var ips: [String] = []
+        ips.reserveCapacity(answers.count)
+        for a in answers { ips.append(text(of: a)) }
         // A flood of distinct names or addresses starts the maps afresh
         // rather than growing them without bound.
         if addressesByName[name] == nil, addressesByName.count >= limit { addressesByName.removeAll(keepingCapacity: true) }
@@ -208,10 +260,10 @@ struct Topology: Sendable, Codable {
     /// of a measured flow); addresses in the inventory keep their pod.
     mutating func sawServer(_ entity: String, address: IPAddress?, limit: Int = .max) {
         guard let a = address, !a.isUnspecified else { return }
-        let text = a.description
-        if byIP[text] == nil && ownerByIP[text] != entity {
-            if ownerByIP[text] == nil, ownerByIP.count >= limit { ownerByIP.removeAll(keepingCapacity: true) }
-            ownerByIP[text] = entity
+        let t = text(of: a)
+        if byIP[t] == nil && ownerByIP[t] != entity {
+            if ownerByIP[t] == nil, ownerByIP.count >= limit { ownerByIP.removeAll(keepingCapacity: true) }
+            ownerByIP[t] = entity
         }
     }
 

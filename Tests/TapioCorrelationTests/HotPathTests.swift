@@ -60,6 +60,27 @@ final class HotPathTests: XCTestCase {
         XCTAssertEqual(back.dependencies(of: "api"), ["db", "redis"])
     }
 
+    /// Remembered address texts are the addresses' own, and checkpoints
+    /// hold the topology as before, without them.
+    func testAddressTextsAreRememberedOutsideCheckpoints() throws {
+        var t = Topology()
+        for text in ["10.0.1.10", "0.0.0.0", "255.255.255.255", "fd00::1", "::ffff:10.0.0.1"] {
+            let a = try XCTUnwrap(IPAddress(text))
+            XCTAssertEqual(t.text(of: a), a.description)
+            XCTAssertEqual(t.text(of: a), a.description)
+        }
+        for i in 0...(Topology.maxAddressTexts + 10) {
+            let a = try XCTUnwrap(IPAddress("10.\((i >> 16) & 255).\((i >> 8) & 255).\(i & 255)"))
+            XCTAssertEqual(t.text(of: a), a.description)
+        }
+        t.sawServer("redis", address: IPAddress("10.0.3.10"))
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: JSONEncoder().encode(t)) as? [String: Any])
+        XCTAssertEqual(Set(object.keys), ["podsByNode", "byIP", "byContainer", "byNamespacedName", "byName", "nameByIP", "addressesByName",
+                                          "entityNodes", "ownerByIP", "listenPorts", "serverPorts"])
+        let back = try JSONDecoder().decode(Topology.self, from: JSONEncoder().encode(t))
+        XCTAssertEqual(back.ownerByIP, ["10.0.3.10": "redis"])
+    }
+
     /// An engine checkpointed halfway and restored goes on to the same
     /// incidents as one that never stopped (cause events, series and the
     /// graph through their coded forms).
