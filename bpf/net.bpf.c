@@ -97,7 +97,14 @@ struct {
 struct conn_state {
 	__u64 request_ts_ns; /* 0: not waiting for a response */
 	__u8 role;           /* enum tapio_net_role */
-	__u8 _pad[7];
+	__u8 _pad;
+	/* The connection's ports when it was registered (host order): a socket
+	 * freed without a CLOSE transition seen here leaves its entry behind,
+	 * and the next socket at that address (any pod's, any namespace's) would
+	 * be measured with its role. */
+	__u16 sport;
+	__u16 dport;
+	__u8 _pad2[2];
 };
 
 struct {
@@ -685,6 +692,8 @@ int handle_latency_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		return 0;
 	if (!tapio_sk_scope(sk, &cgroup_id) || !tapio_netns_ok(tapio_sk_netns(sk)))
 		return 0;
+	state.sport = ctx->sport;
+	state.dport = ctx->dport;
 	bpf_map_update_elem(&conns, &skey, &state, BPF_ANY);
 	return 0;
 }
@@ -697,8 +706,11 @@ static __always_inline void tapio_latency_response(struct sock *sk, __u8 role, _
 	__u64 srtt, *busy;
 	__u32 gen;
 
-	tapio_sk_scope(sk, &key.cgroup_id);
+	if (!tapio_sk_scope(sk, &key.cgroup_id))
+		return;
 	key.netns = tapio_sk_netns(sk);
+	if (!tapio_netns_ok(key.netns))
+		return;
 	key.tag = role;
 	tapio_sk_tuple(sk, &key.family, key.saddr, &key.sport, key.daddr, &key.dport);
 	if (role == TAPIO_NET_ROLE_CLIENT)
@@ -746,6 +758,13 @@ static __always_inline void tapio_latency_io(struct trace_event_raw_sock_msg_len
 	state = bpf_map_lookup_elem(&conns, &skey);
 	if (!state)
 		return;
+	/* Another connection at a registered socket's address: the entry is
+	 * stale (its socket went without a CLOSE seen here). */
+	if (BPF_CORE_READ(sk, __sk_common.skc_num) != state->sport ||
+	    bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) != state->dport) {
+		bpf_map_delete_elem(&conns, &skey);
+		return;
+	}
 	now = bpf_ktime_get_ns();
 	asks = (state->role == TAPIO_NET_ROLE_CLIENT) == send;
 	if (asks) {
