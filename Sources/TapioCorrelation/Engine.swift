@@ -347,12 +347,24 @@ public struct CorrelationEngine: Sendable {
     }
 
     /// Orders the two ends of a flow as client → server: a zero port is the
-    /// ephemeral (client) side; otherwise the dependency graph decides, and
-    /// the local side is the client by default.
+    /// ephemeral (client) side; otherwise a port seen serving (listened on,
+    /// connected to) is the server's, then the dependency graph decides, then
+    /// the port outside the kernel's ephemeral range; the local side is the
+    /// client when nothing tells. The ports come before the graph: the graph
+    /// learns edges from these very flows, so one flow read the wrong way
+    /// round (a server's segments to a client's port) made an edge back, and
+    /// with edges both ways every later flow read the local side as the
+    /// client — redis's drops towards the api then named the api.
     private func orient(local: EntityRef, remote: EntityRef, flow: Flow) -> (client: EntityRef, server: EntityRef) {
         if flow.sourcePort == 0 && flow.destinationPort != 0 { return (local, remote) }
         if flow.destinationPort == 0 && flow.sourcePort != 0 { return (remote, local) }
-        if graph.hasEdge(remote.name, local.name) && !graph.hasEdge(local.name, remote.name) { return (remote, local) }
+        let ports = topology.serverPorts
+        let localServes = ports.contains(flow.sourcePort), remoteServes = ports.contains(flow.destinationPort)
+        if localServes != remoteServes { return localServes ? (remote, local) : (local, remote) }
+        let toLocal = graph.hasEdge(remote.name, local.name), toRemote = graph.hasEdge(local.name, remote.name)
+        if toLocal != toRemote { return toLocal ? (remote, local) : (local, remote) }
+        let localEphemeral = Self.ephemeralPorts.contains(flow.sourcePort), remoteEphemeral = Self.ephemeralPorts.contains(flow.destinationPort)
+        if localEphemeral != remoteEphemeral { return localEphemeral ? (local, remote) : (remote, local) }
         return (local, remote)
     }
 

@@ -140,6 +140,37 @@ final class RuleTests: XCTestCase {
         XCTAssertTrue(inc.symptoms.contains { $0.kind == .latency && $0.entity == "api" })
     }
 
+    /// The same drops after a latency sample read the wrong way round (the
+    /// api's client socket measured as a server, its server port zeroed: a
+    /// stale socket entry in an agent) taught the graph an edge redis → api.
+    /// Redis's port is the one seen serving, so its drops towards the api's
+    /// port are still redis's: the graph's edges both ways do not hand the
+    /// drops to the api (a bandwidth-limit lab run once tied api/packet_loss
+    /// with redis/packet_loss).
+    func testAFlowIsOrientedByTheServingPortEvenWithGraphEdgesBothWays() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        // node3's agent: the api's socket as if it served (server port zeroed), unattributed.
+        let reversed = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 40010, destinationPort: 0)
+        c.add(29, "redis", .tcpLatency, .tcpLatency(flow: reversed, srttUs: 200, responses: 1, responseNsTotal: 100_000, responseNsMax: 100_000,
+                                                   intervalNs: 1_000_000_000), pid: 0, attributed: false, comm: "")
+        c.healthy(from: 30, until: 45, skip: ["api>redis"])
+        var t = 30.0
+        while t < 45 {
+            let reply = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 6379, destinationPort: 40000 + UInt16(t))
+            c.add(t, "redis", .packetDrop, .packetDrop(reason: "QDISC_DROP", count: 20, flow: reply, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000))
+            c.add(t + 0.02, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 15, intervalNs: 500_000_000))
+            c.connect(t + 0.03, "api", "redis", .established, count: 4)
+            c.latency(t + 0.04, "api", "redis", ms: 80)
+            t += 0.5
+        }
+        guard let (inc, rc) = top(c) else { return }
+        XCTAssertEqual("\(rc.entity)/\(rc.kind.rawValue)", "redis/packet_loss")
+        XCTAssertFalse(inc.rootCauses.contains { $0.entity == "api" && $0.kind == .packetLoss },
+                       "\(inc.rootCauses.map { "\($0.entity)/\($0.kind.rawValue) \($0.confidence)" })")
+        XCTAssertFalse(inc.symptoms.contains { $0.entity == "redis" && $0.kind == .packetDrops }, "the drops are the api's symptom towards redis")
+    }
+
     /// A deep queue on redis's way out (tbf): round trips from microseconds
     /// to 300 ms, redis itself answering in 50 µs as before.
     func testASlowPathWhileTheServerAnswersFastIsNetworkLatency() {
