@@ -104,7 +104,8 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     public var maxGraphEdges: Int = 50_000
     /// Addresses remembered by the name that answered them or the entity
     /// seen serving on them, each map; past it, that map starts afresh
-    /// (traffic and answers teach it again).
+    /// (traffic and answers teach it again). Also the most entities whose
+    /// nodes are remembered (host processes go first).
     public var maxLearnedAddresses: Int = 262_144
     /// Cause events kept per entity (older ones dropped first).
     public var maxCauseEventsPerEntity: Int = 512

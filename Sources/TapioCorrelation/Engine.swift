@@ -155,6 +155,8 @@ public struct CorrelationEngine: Sendable {
 
     /// (client, name) pairs whose last answer is remembered now.
     public var dnsAnswersRemembered: Int { dnsAnswered.count }
+    /// Entities whose nodes the engine remembers (bounded by `maxLearnedAddresses`).
+    public var entitiesRemembered: Int { topology.entityNodes.count }
 
     /// Past `maxDNSAnswerEntries`: answers older than a minute go, and when
     /// that is not enough (a flood of distinct names), the oldest go until a
@@ -401,14 +403,14 @@ public struct CorrelationEngine: Sendable {
         let ev = e.event
         switch ev.detail {
         case .none:
-            topology.sawEntity(topology.entity(of: e).name, node: e.node)
+            topology.sawEntity(topology.entity(of: e).name, node: e.node, limit: configuration.maxLearnedAddresses)
         case .exec:
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             addCause(.workloadStart, me, e)
         case .exit(let code, let signal, _):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             // SIGTERM and SIGINT are requests to stop (a rollout, a scale-down,
             // an operator): exits by them are churn, not crashes.
             let stopRequested = signal == SIGTERM || signal == SIGINT
@@ -419,12 +421,12 @@ public struct CorrelationEngine: Sendable {
             }
         case .oomKill:
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             addCause(.oomKill, me, e)
         case .tcpConnect(let flow, let outcome, let latencyNs, _, let count):
             let client = topology.resolve(of: e, localAddress: flow.source)
             let server = topology.resolve(address: flow.destination)
-            topology.sawEntity(client.name, node: e.node)
+            topology.sawEntity(client.name, node: e.node, limit: configuration.maxLearnedAddresses)
             topology.sawServerPort(flow.destinationPort)
             if outcome == .established, let k = Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
@@ -444,7 +446,7 @@ public struct CorrelationEngine: Sendable {
             }
         case .tcpListen(let address, let port, let open):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             topology.sawListener(me.name, port: port)
             if open {
                 topology.sawServer(me.name, address: address, limit: configuration.maxLearnedAddresses)
@@ -458,7 +460,7 @@ public struct CorrelationEngine: Sendable {
         case .tcpReset(let flow, let sent, let state, let count):
             let local = topology.resolve(of: e, localAddress: flow.source)
             let remote = topology.resolve(address: flow.destination)
-            topology.sawEntity(local.name, node: e.node)
+            topology.sawEntity(local.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let localIsServer = resetRoles(local: local, remote: remote, flow: flow, sent: sent, state: state)
             // Who reset: the client end hanging up (a client that gave up, a
             // proxy whose own client left) is no failure of the server; the
@@ -474,14 +476,14 @@ public struct CorrelationEngine: Sendable {
         case .tcpRetransmit(let flow, let count, _):
             let local = topology.resolve(of: e, localAddress: flow.source)
             let remote = topology.resolve(address: flow.destination)
-            topology.sawEntity(local.name, node: e.node)
+            topology.sawEntity(local.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
             observe(SeriesKey(observer: local.name, kind: .retransmits, peer: remote.name), from: c.name, to: s.name, bucket: bucket,
                     count: Double(max(count, 1)), event: e)
         case .tcpLatency(let flow, let srttUs, let responses, let total, _, _):
             let local = topology.resolve(of: e, localAddress: flow.source)
             let remote = topology.resolve(address: flow.destination)
-            topology.sawEntity(local.name, node: e.node)
+            topology.sawEntity(local.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let (c, s) = orient(local: local, remote: remote, flow: flow)
             if flow.destinationPort == 0 && flow.sourcePort != 0 {
                 topology.sawServer(local.name, address: flow.source, limit: configuration.maxLearnedAddresses)
@@ -540,7 +542,7 @@ public struct CorrelationEngine: Sendable {
                     count: Double(max(count, 1)), event: e)
         case .dns(let name, _, let rcode, let latencyNs, _, _, _, let answers):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let answeredKey = me.name + "\u{0}" + name
             if rcode == 0 {
                 topology.learnAnswer(name: name, answers: answers, limit: configuration.maxLearnedAddresses)
@@ -562,7 +564,7 @@ public struct CorrelationEngine: Sendable {
             }
         case .cpuThrottle(let periods, let throttled, _, _, _, let usage):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let ratio = periods == 0 ? 0 : Double(throttled) / Double(periods)
             if let usage, case .cpuThrottle(_, _, _, let intervalNs, let cgroup, _) = ev.detail {
                 // What a pod consumed and what the node had (its root's
@@ -597,12 +599,12 @@ public struct CorrelationEngine: Sendable {
             }
         case .memoryPressure(_, _, let usage, let limit, let psi, _, _):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             let full = limit > 0 && Double(usage) >= configuration.memoryPressureCauseUsage * Double(limit)
             if Double(psi) / 10 >= configuration.memoryPressureCausePsi || full { addCause(me.pod == nil ? .nodeContention : .memoryPressure, me, e) }
         case .ioError(let error, _, let count, _):
             let me = topology.entity(of: e)
-            topology.sawEntity(me.name, node: e.node)
+            topology.sawEntity(me.name, node: e.node, limit: configuration.maxLearnedAddresses)
             if error == 28 || error == 122 { addCause(.diskFull, me, e) }  // ENOSPC, EDQUOT
             observe(SeriesKey(observer: me.name, kind: .ioErrors, peer: ""), from: nil, to: nil, bucket: bucket, count: Double(max(count, 1)), event: e)
         }

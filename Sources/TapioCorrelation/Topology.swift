@@ -252,8 +252,17 @@ struct Topology: Sendable, Codable {
         for ip in ips where nameByIP[ip] != name { nameByIP[ip] = name }
     }
 
-    mutating func sawEntity(_ entity: String, node: String) {
-        if entityNodes[entity]?.contains(node) != true { entityNodes[entity, default: []].insert(node) }
+    /// `limit`: the most entities kept. An exec storm of random process
+    /// names (`<comm>@<node>` each) would otherwise grow the map for ever:
+    /// past it the entities no pod claims go first (their next event brings
+    /// them back), then everything (the inventory brings the pods back).
+    mutating func sawEntity(_ entity: String, node: String, limit: Int = .max) {
+        if entityNodes[entity]?.contains(node) == true { return }
+        if entityNodes[entity] == nil, entityNodes.count >= limit {
+            entityNodes = entityNodes.filter { !$0.key.contains("@") }
+            if entityNodes.count >= limit { entityNodes.removeAll(keepingCapacity: true) }
+        }
+        entityNodes[entity, default: []].insert(node)
     }
 
     /// `entity` serves on `address` (a listener bound to it, the server end

@@ -128,6 +128,24 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(engine.incidents.map(\.title), [])
     }
 
+    /// An exec storm of distinct process names outside any pod (each one an
+    /// entity `<comm>@<node>`): what the engine remembers of entities stays
+    /// bounded, the pods are still known, nothing opens.
+    func testAStormOfDistinctHostProcessesStaysBounded() {
+        var c = SyntheticCluster()
+        c.healthy(until: 40)
+        for i in 0..<5_000 {
+            c.add(20 + Double(i) / 500, "worker", .processExec, .exec(filename: "/tmp/job-\(i)"), pid: 10_000 + UInt32(i), attributed: false,
+                  comm: "job-\(i)")
+        }
+        var configuration = CorrelationConfiguration()
+        configuration.maxLearnedAddresses = 1_000
+        let engine = c.engine(configuration: configuration)
+        XCTAssertLessThanOrEqual(engine.entitiesRemembered, 1_000)
+        XCTAssertGreaterThan(engine.entitiesRemembered, 0)
+        XCTAssertEqual(engine.incidents.map(\.title), [])
+    }
+
     /// The real thing next to it: the DNS server stays down for 15 s, so the
     /// retries go unanswered too. The timeouts are a DNS failure.
     func testDNSQueriesThatRetriesDoNotAnswerAreADNSFailure() {
