@@ -119,20 +119,23 @@ final class RuleTests: XCTestCase {
         XCTAssertEqual(rc.kind, .packetLoss)
     }
 
-    func testQdiscDropsExplainRetransmitsAndLatency() {
-        var c = SyntheticCluster()
-        c.healthy(until: 30)
-        c.healthy(from: 30, until: 45, skip: ["api>redis"])
-        var t = 30.0
-        while t < 45 {
-            // tbf on redis's node drops its replies; api retransmits and waits.
-            let reply = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 6379, destinationPort: 40000)
+    /// tbf on redis's node drops its replies (to the api's `clientPort(t)`);
+    /// the api retransmits and waits. Healthy traffic otherwise.
+    func qdiscDropsRedisReplies(_ c: inout SyntheticCluster, from: Double, until: Double, clientPort: (Double) -> UInt16 = { _ in 40000 }) {
+        c.healthy(from: from, until: until, skip: ["api>redis"])
+        for t in stride(from: from, to: until, by: 0.5) {
+            let reply = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 6379, destinationPort: clientPort(t))
             c.add(t, "redis", .packetDrop, .packetDrop(reason: "QDISC_DROP", count: 20, flow: reply, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000))
             c.add(t + 0.02, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 15, intervalNs: 500_000_000))
             c.connect(t + 0.03, "api", "redis", .established, count: 4)
             c.latency(t + 0.04, "api", "redis", ms: 80)
-            t += 0.5
         }
+    }
+
+    func testQdiscDropsExplainRetransmitsAndLatency() {
+        var c = SyntheticCluster()
+        c.healthy(until: 30)
+        qdiscDropsRedisReplies(&c, from: 30, until: 45)
         guard let (inc, rc) = top(c) else { return }
         XCTAssertEqual(rc.entity, "redis")
         XCTAssertEqual(rc.kind, .packetLoss)
@@ -154,16 +157,7 @@ final class RuleTests: XCTestCase {
         let reversed = Flow(source: IPAddress("10.0.2.10"), destination: IPAddress("10.0.3.10"), sourcePort: 40010, destinationPort: 0)
         c.add(29, "redis", .tcpLatency, .tcpLatency(flow: reversed, srttUs: 200, responses: 1, responseNsTotal: 100_000, responseNsMax: 100_000,
                                                    intervalNs: 1_000_000_000), pid: 0, attributed: false, comm: "")
-        c.healthy(from: 30, until: 45, skip: ["api>redis"])
-        var t = 30.0
-        while t < 45 {
-            let reply = Flow(source: IPAddress("10.0.3.10"), destination: IPAddress("10.0.2.10"), sourcePort: 6379, destinationPort: 40000 + UInt16(t))
-            c.add(t, "redis", .packetDrop, .packetDrop(reason: "QDISC_DROP", count: 20, flow: reply, ipProtocol: 6, ifindex: 2, intervalNs: 500_000_000))
-            c.add(t + 0.02, "api", .tcpRetransmit, .tcpRetransmit(flow: c.flow("api", "redis"), count: 15, intervalNs: 500_000_000))
-            c.connect(t + 0.03, "api", "redis", .established, count: 4)
-            c.latency(t + 0.04, "api", "redis", ms: 80)
-            t += 0.5
-        }
+        qdiscDropsRedisReplies(&c, from: 30, until: 45, clientPort: { 40000 + UInt16($0) })
         guard let (inc, rc) = top(c) else { return }
         XCTAssertEqual("\(rc.entity)/\(rc.kind.rawValue)", "redis/packet_loss")
         XCTAssertFalse(inc.rootCauses.contains { $0.entity == "api" && $0.kind == .packetLoss },
