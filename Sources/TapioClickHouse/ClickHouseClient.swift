@@ -231,8 +231,7 @@ public final class ClickHouseClient: Sendable {
 
     private func send(head: HTTPRequestHead, body: [UInt8], on channel: Channel, statement: String) async throws -> Response {
         let promise = channel.eventLoop.makePromise(of: Response.self)
-        let timeout = TimeAmount.nanoseconds(Int64(configuration.requestTimeout.components.seconds) * 1_000_000_000
-            + configuration.requestTimeout.components.attoseconds / 1_000_000_000)
+        let timeout = Self.timeAmount(configuration.requestTimeout)
         let request = ResponseHandler.Request(head: head, body: body, limit: configuration.maxResponseBytes, promise: promise)
         channel.writeAndFlush(request).cascadeFailure(to: promise)
         // Failing the promise is enough: the catch below closes the connection.
@@ -278,7 +277,7 @@ public final class ClickHouseClient: Sendable {
         let context = try sslContext?.get()
         let serverHostname = configuration.tlsServerHostname ?? (Self.isIPAddress(configuration.host) ? nil : configuration.host)
         let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.milliseconds(Int64(timeout.components.seconds) * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+            .connectTimeout(Self.timeAmount(timeout))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -302,8 +301,7 @@ public final class ClickHouseClient: Sendable {
             let handshake = try await channel.eventLoop.submit {
                 try channel.pipeline.syncOperations.handler(type: TLSHandshakeWaiter.self).promise.futureResult
             }.get()
-            let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000
-                                                                        + timeout.components.attoseconds / 1_000_000_000)) {
+            let timer = channel.eventLoop.scheduleTask(in: Self.timeAmount(timeout)) {
                 channel.close(promise: nil)
             }
             defer { timer.cancel() }
@@ -325,6 +323,10 @@ public final class ClickHouseClient: Sendable {
             return true
         }
         if !kept { channel.close(promise: nil) }
+    }
+
+    static func timeAmount(_ d: Duration) -> TimeAmount {
+        .nanoseconds(Int64(d.components.seconds) * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
     }
 
     /// An IPv4 or IPv6 literal (no SNI for those; the certificate is checked

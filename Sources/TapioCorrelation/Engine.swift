@@ -348,44 +348,20 @@ public struct CorrelationEngine: Sendable {
                    limit: configuration.maxCauseEventsPerEntity)
     }
 
-    /// Orders the two ends of a flow as client → server: a zero port is the
-    /// ephemeral (client) side; otherwise a port seen serving (listened on,
-    /// connected to) is the server's, then the dependency graph decides, then
-    /// the port outside the kernel's ephemeral range; the local side is the
-    /// client when nothing tells. The ports come before the graph: the graph
-    /// learns edges from these very flows, so one flow read the wrong way
-    /// round (a server's segments to a client's port) made an edge back, and
-    /// with edges both ways every later flow read the local side as the
-    /// client — redis's drops towards the api then named the api.
-    private func orient(local: EntityRef, remote: EntityRef, flow: Flow) -> (client: EntityRef, server: EntityRef) {
-        if flow.sourcePort == 0 && flow.destinationPort != 0 { return (local, remote) }
-        if flow.destinationPort == 0 && flow.sourcePort != 0 { return (remote, local) }
-        let ports = topology.serverPorts
-        let localServes = ports.contains(flow.sourcePort), remoteServes = ports.contains(flow.destinationPort)
-        if localServes != remoteServes { return localServes ? (remote, local) : (local, remote) }
-        let toLocal = graph.hasEdge(remote.name, local.name), toRemote = graph.hasEdge(local.name, remote.name)
-        if toLocal != toRemote { return toLocal ? (remote, local) : (local, remote) }
-        let localEphemeral = Self.ephemeralPorts.contains(flow.sourcePort), remoteEphemeral = Self.ephemeralPorts.contains(flow.destinationPort)
-        if localEphemeral != remoteEphemeral { return localEphemeral ? (local, remote) : (remote, local) }
-        return (local, remote)
-    }
-
-    /// Whether the local end of a reset's connection is its server, nil
-    /// when nothing tells. The agent zeroes the ephemeral (client) port where
-    /// it knows it: a reset received while connecting, a reset sent for a
-    /// segment no connection owns. In the latter it assumes the segment's
-    /// sender started the connection, which is wrong when a client's kernel
-    /// answers a server's late segment after the client gave up: there the
-    /// local port decides — a port something serves on is the server's.
-    /// With both ports kept, the port seen serving is the server's, else the
-    /// dependency graph decides, else the port outside the kernel's
-    /// ephemeral range.
-    private func resetRoles(local: EntityRef, remote: EntityRef, flow: Flow, sent: Bool, state: UInt32) -> Bool? {
-        let ports = topology.serverPorts
-        // TCP_LISTEN (10) or no socket (0): the tuple is the incoming segment's, reversed.
-        if sent && (state == 0 || state == 10) { return ports.contains(flow.sourcePort) }
+    /// Whether the local end of a flow is its server, nil when nothing
+    /// tells: a zero port is the ephemeral (client) side, which the agent
+    /// zeroes where it knows it; with both ports kept, a port seen serving
+    /// (listened on, connected to) is the server's, then the dependency graph
+    /// decides, then the port outside the kernel's ephemeral range. The ports
+    /// come before the graph: the graph learns edges from these very flows,
+    /// so one flow read the wrong way round (a server's segments to a
+    /// client's port) made an edge back, and with edges both ways every later
+    /// flow read the local side as the client — redis's drops towards the
+    /// api then named the api.
+    private func localServes(local: EntityRef, remote: EntityRef, flow: Flow) -> Bool? {
         if flow.sourcePort == 0 && flow.destinationPort != 0 { return false }
         if flow.destinationPort == 0 && flow.sourcePort != 0 { return true }
+        let ports = topology.serverPorts
         let localServes = ports.contains(flow.sourcePort), remoteServes = ports.contains(flow.destinationPort)
         if localServes != remoteServes { return localServes }
         let toLocal = graph.hasEdge(remote.name, local.name), toRemote = graph.hasEdge(local.name, remote.name)
@@ -395,6 +371,25 @@ public struct CorrelationEngine: Sendable {
         let localEphemeral = Self.ephemeralPorts.contains(flow.sourcePort), remoteEphemeral = Self.ephemeralPorts.contains(flow.destinationPort)
         if localEphemeral != remoteEphemeral { return remoteEphemeral }
         return nil
+    }
+
+    /// The two ends of a flow as client → server (`localServes`); the local
+    /// side is the client when nothing tells.
+    private func orient(local: EntityRef, remote: EntityRef, flow: Flow) -> (client: EntityRef, server: EntityRef) {
+        localServes(local: local, remote: remote, flow: flow) == true ? (remote, local) : (local, remote)
+    }
+
+    /// Whether the local end of a reset's connection is its server, nil
+    /// when nothing tells (`localServes`). A reset sent for a segment no
+    /// connection owns carries the incoming segment's tuple, reversed, and
+    /// the agent assumes the segment's sender started the connection, which
+    /// is wrong when a client's kernel answers a server's late segment after
+    /// the client gave up: there the local port decides — a port something
+    /// serves on is the server's.
+    private func resetRoles(local: EntityRef, remote: EntityRef, flow: Flow, sent: Bool, state: UInt32) -> Bool? {
+        // TCP_LISTEN (10) or no socket (0): the tuple is the incoming segment's, reversed.
+        if sent && (state == 0 || state == 10) { return topology.serverPorts.contains(flow.sourcePort) }
+        return localServes(local: local, remote: remote, flow: flow)
     }
 
     static let ephemeralPorts: ClosedRange<UInt16> = 32768...60999

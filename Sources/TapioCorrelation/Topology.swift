@@ -167,17 +167,17 @@ struct Topology: Sendable, Codable {
     /// pod, else `<comm>@<node>`; for a socket event without attribution,
     /// the owner of its local address.
     func entity(of e: ObservedEvent, localAddress: IPAddress? = nil) -> EntityRef {
-        if let r = attributed(e) { return r }
-        if let a = localAddress, let p = byIP[a.description] {
-            return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
-        }
-        return host(e)
+        entity(of: e, localAddressText: localAddress?.description)
     }
 
     /// `entity(of:localAddress:)` with the address's text remembered.
     mutating func resolve(of e: ObservedEvent, localAddress: IPAddress?) -> EntityRef {
+        entity(of: e, localAddressText: localAddress.map { text(of: $0) })
+    }
+
+    private func entity(of e: ObservedEvent, localAddressText: String?) -> EntityRef {
         if let r = attributed(e) { return r }
-        if let a = localAddress, let p = byIP[text(of: a)] {
+        if let a = localAddressText, let p = byIP[a] {
             return EntityRef(name: p.service, quality: 0.8, pod: p, isService: true)
         }
         return host(e)

@@ -446,5 +446,5 @@ extension NATSIngestConfiguration {
     }
 
     /// The default TLS of a `tls://` server when no directory is given: the system's trust store.
-    public static var systemTLS: TLSConfiguration { TLSConfiguration.makeClientConfiguration() }
+    public static var systemTLS: TLSConfiguration { ClientTLSDirectory.systemTrust }
 }
