@@ -104,10 +104,16 @@ public struct CorrelationEngine: Sendable {
         public let description: String
     }
 
-    /// The engine's state as bytes (JSON).
-    public func checkpoint() throws -> [UInt8] {
+    /// The engine's state as bytes (JSON). `omittingPending`: without the
+    /// events buffered after the watermark, which at a high rate are most of
+    /// the state (a second and a half of every node's events); whoever
+    /// restores such a checkpoint feeds them again from the log, as they are
+    /// when taken right after `advance`: every event ingested so far that is
+    /// dated after `watermarkNs` (docs/storage.md, "Engine checkpoints").
+    public func checkpoint(omittingPending: Bool = false) throws -> [UInt8] {
         let state = State(graph: graph, statistics: statistics, watermarkNs: watermarkNs, topology: topology, causes: causes, cpuUsage: cpuUsage,
-                          deliveries: deliveries, dnsAnswered: dnsAnswered, pending: pending, maxSeenNs: maxSeenNs, series: series, touched: touched,
+                          deliveries: deliveries, dnsAnswered: dnsAnswered, pending: omittingPending ? [] : pending, maxSeenNs: maxSeenNs,
+                          series: series, touched: touched,
                           currentBucket: currentBucket, firstBucket: firstBucket, openIncidents: openIncidents,
                           resolvedIncidents: resolvedIncidents, aliases: aliases)
         return Array(try JSONEncoder().encode(state))

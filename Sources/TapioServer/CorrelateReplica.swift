@@ -747,7 +747,7 @@ public final class CorrelateReplica: Sendable {
             return
         }
         do {
-            let (position, bytes) = try correlation.checkpointBytes()
+            let (position, bytes) = try await correlation.checkpointBytes()
             let (last, slot) = state.withLock { ($0.checkpointSequence, $0.nextSlot) }
             guard position > last || (final && position > 0 && position != last) else { return }
             let started = monotonicNs()

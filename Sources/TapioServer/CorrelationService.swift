@@ -83,6 +83,18 @@ public final class CorrelationService: Sendable {
     /// batches reach the engine in log order (`submit` from the storage
     /// thread), so everything up to it is in the engine's state.
     private let position = Mutex<Int64>(0)
+    /// Batches taken whose events may still wait in the engine for the
+    /// watermark; a checkpoint leaves those events out, and a restore takes
+    /// them from the log again (`WaitingBatches`). Changed on the engine's
+    /// thread (and by `restore`/`adopt` before it starts).
+    private let waiting = Mutex(WaitingBatches())
+    /// After a restore from a checkpoint that left waiting events out: the
+    /// batches up to `throughPosition` were taken before it, so of theirs
+    /// only the events dated after the checkpoint's watermark are fed again.
+    private let replaySkip = Mutex<(throughPosition: Int64, watermarkNs: Int64)?>(nil)
+    /// Checkpoints asked for from other threads (role `correlate`), taken by
+    /// the engine's thread right after its next pass.
+    private let checkpointRequests = Mutex<[CheckedContinuation<(copy: CorrelationEngine, position: Int64, resumeAfter: Int64), Never>]>([])
     /// How the last `restore` went: from the checkpoint or the log, and how
     /// many batches of the log it replayed.
     public var lastRestore: (source: String, batchesReplayed: Int) { restored.withLock { $0 } }
@@ -127,20 +139,27 @@ public final class CorrelationService: Sendable {
             var byNode: [String: [PodInfo]] = [:]
             for p in try store.pods() { byNode[p.node, default: []].append(p) }
             for node in byNode.keys.sorted() { e.updateInventory(node: node, pods: byNode[node]!) }
-            var after = restored.position
+            var after = restored.resumeAfter
+            var waits = WaitingBatches()
+            let skip = restored.lastTaken > restored.resumeAfter ? (throughPosition: restored.lastTaken, watermarkNs: e.watermarkNs) : nil
             while true {
                 let page = try store.batches(afterId: after, limit: 2000)
                 for r in page {
-                    e.ingest(Self.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events)
+                    var events = Self.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
+                    if let skip, r.id <= skip.throughPosition { events.removeAll { $0.timeNs <= skip.watermarkNs } }
+                    e.ingest(events)
+                    waits.taken(position: r.id, events: events)
                     after = r.id
                 }
                 replayed += page.count
                 if page.count < 2000 { break }
             }
             e.advance(toNs: nowNs)
+            waits.passed(watermarkNs: e.watermarkNs)
             let statistics = e.statistics
             engine.withLock { $0 = e }
-            position.withLock { $0 = after }
+            waiting.withLock { $0 = waits }
+            position.withLock { $0 = max(after, restored.lastTaken) }
             published.withLock { $0 = statistics }
             from = "checkpoint"
         } else {
@@ -149,6 +168,12 @@ public final class CorrelationService: Sendable {
                 log.feed(&e)
                 e.advance(toNs: nowNs)
                 return e.statistics
+            }
+            // Which batches hold the events still waiting is not kept here:
+            // until they pass the watermark a checkpoint resumes from the
+            // log's start (and skips what the engine already processed).
+            if statistics.pending > 0 {
+                waiting.withLock { $0.taken(position: 1, newestNs: nowNs &+ max(0, maxFutureSkewNs)) }
             }
             position.withLock { $0 = max($0, log.lastBatchId) }
             published.withLock { $0 = statistics }
@@ -173,50 +198,108 @@ public final class CorrelationService: Sendable {
     /// `nowNs`, and returns its position: the engine continues after it.
     @discardableResult
     public func adopt(checkpoint bytes: [UInt8], nowNs: Int64) throws -> Int64 {
-        guard let at = Self.checkpointPosition(bytes) else { throw CheckpointFile.Damaged(description: "checkpoint too short (\(bytes.count) bytes)") }
-        var e = try CorrelationEngine(checkpoint: Array(bytes[8...]), configuration: configuration.engine)
+        guard let parts = Self.checkpointParts(bytes) else { throw CheckpointFile.Damaged(description: "checkpoint too short (\(bytes.count) bytes)") }
+        var e = try CorrelationEngine(checkpoint: Array(parts.state), configuration: configuration.engine)
+        let watermarkNs = e.watermarkNs
         e.advance(toNs: nowNs)
         let statistics = e.statistics
         engine.withLock { $0 = e }
+        let at = parts.resumeAfter
         position.withLock { $0 = at }
+        // The stream delivers again from `at + 1`: of the batches up to the
+        // last one taken, only events after the watermark are fed.
+        replaySkip.withLock { $0 = parts.lastTaken > at ? (parts.lastTaken, watermarkNs) : nil }
+        waiting.withLock { $0 = WaitingBatches() }
         published.withLock { $0 = statistics }
         try rememberArchived()
         restored.withLock { $0 = ("checkpoint", 0) }
         return at
     }
 
-    /// The engine's state now with the position it covers, in
-    /// `checkpointPosition`'s form (a copy taken under the engine's lock,
-    /// encoded on the caller's thread).
-    public func checkpointBytes() throws -> (position: Int64, bytes: [UInt8]) {
-        let (copy, at) = engine.withLock { e in (e, position.withLock { $0 }) }
-        return (at, Self.positioned(at, try copy.checkpoint()))
+    /// The engine's state with the position to resume after, in
+    /// `checkpointParts`' form: a copy taken right after a pass (by the
+    /// engine's thread when it runs, at its next pass), encoded on the
+    /// caller's thread.
+    public func checkpointBytes() async throws -> (position: Int64, bytes: [UInt8]) {
+        let taken = await withCheckedContinuation { c in
+            // Asked under the thread's lock, so that `stop` answers every
+            // request it did not see the thread answer.
+            let queued = thread.withLock { t -> Bool in
+                guard t.done != nil else { return false }
+                checkpointRequests.withLock { $0.append(c) }
+                return true
+            }
+            if !queued { c.resume(returning: checkpointCopy()) }
+        }
+        return (taken.resumeAfter, Self.positioned(resumeAfter: taken.resumeAfter, lastTaken: taken.position,
+                                                   try taken.copy.checkpoint(omittingPending: true)))
+    }
+
+    /// The engine, the last position it took and the position a restore
+    /// resumes after (before the oldest batch whose events still wait).
+    /// Only right after a pass: then every event that waits is one taken
+    /// so far and dated after the watermark.
+    private func checkpointCopy() -> (copy: CorrelationEngine, position: Int64, resumeAfter: Int64) {
+        engine.withLock { e in
+            let at = position.withLock { $0 }
+            return (e, at, waiting.withLock { $0.resumeAfter(lastTaken: at) })
+        }
+    }
+
+    /// Answers the checkpoints asked for since the last pass; on the
+    /// engine's thread, right after a pass.
+    private func answerCheckpointRequests() {
+        let asked = checkpointRequests.withLock { r -> [CheckedContinuation<(copy: CorrelationEngine, position: Int64, resumeAfter: Int64), Never>] in
+            defer { r.removeAll() }
+            return r
+        }
+        guard !asked.isEmpty else { return }
+        let taken = checkpointCopy()
+        for c in asked { c.resume(returning: taken) }
     }
 
     /// The position of the last batch the engine took (a store batch id in
     /// role `all`, a stream sequence in role `correlate`).
     public var logPosition: Int64 { position.withLock { $0 } }
 
-    static func positioned(_ at: Int64, _ state: [UInt8]) -> [UInt8] {
-        (0..<8).map { UInt8(truncatingIfNeeded: at >> (8 * Int64($0))) } + state
+    /// A checkpoint: the position a restore resumes after (8 bytes,
+    /// little-endian); when the engine had taken batches after it (their
+    /// waiting events are left out of the state), `skipMarker` and the last
+    /// position taken; then the engine's state.
+    static func positioned(resumeAfter: Int64, lastTaken: Int64, _ state: [UInt8]) -> [UInt8] {
+        func le(_ v: Int64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (8 * Int64($0))) } }
+        return le(resumeAfter) + (lastTaken > resumeAfter ? skipMarker + le(lastTaken) : []) + state
     }
 
-    /// A checkpoint's log position: its first 8 bytes, little-endian (the
-    /// engine's state follows); nil when there is nothing after them.
+    static let skipMarker = Array("TAPSKIP1".utf8)
+
+    /// A checkpoint's log position, the one a restore resumes after: its
+    /// first 8 bytes, little-endian; nil when there is nothing after them.
     public static func checkpointPosition(_ bytes: [UInt8]) -> Int64? {
+        checkpointParts(bytes)?.resumeAfter
+    }
+
+    /// `positioned`'s parts. A checkpoint of before waiting events were left
+    /// out has no marker: the engine took nothing after its position.
+    static func checkpointParts(_ bytes: [UInt8]) -> (resumeAfter: Int64, lastTaken: Int64, state: ArraySlice<UInt8>)? {
+        func le(_ from: Int) -> Int64 { bytes[from..<from + 8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) } }
         guard bytes.count > 8 else { return nil }
-        return bytes[0..<8].enumerated().reduce(Int64(0)) { $0 | Int64($1.element) << (8 * Int64($1.offset)) }
+        let resumeAfter = le(0)
+        if bytes.count > 24, Array(bytes[8..<16]) == skipMarker {
+            return (resumeAfter, max(resumeAfter, le(16)), bytes[24...])
+        }
+        return (resumeAfter, resumeAfter, bytes[8...])
     }
 
     /// The checkpoint's engine and log position; nil (and a warning) when
     /// there is none or it cannot be used.
-    private func loadCheckpoint() -> (engine: CorrelationEngine, position: Int64)? {
+    private func loadCheckpoint() -> (engine: CorrelationEngine, resumeAfter: Int64, lastTaken: Int64)? {
         guard let path = configuration.checkpointPath else { return nil }
         do {
             guard let bytes = try CheckpointFile.read(path) else { return nil }
-            guard let position = Self.checkpointPosition(bytes) else { throw CheckpointFile.Damaged(description: "\(path): too short") }
-            let engine = try CorrelationEngine(checkpoint: Array(bytes[8...]), configuration: configuration.engine)
-            return (engine, position)
+            guard let parts = Self.checkpointParts(bytes) else { throw CheckpointFile.Damaged(description: "\(path): too short") }
+            let engine = try CorrelationEngine(checkpoint: Array(parts.state), configuration: configuration.engine)
+            return (engine, parts.resumeAfter, parts.lastTaken)
         } catch {
             logger.warning("engine checkpoint not used; replaying the recent log instead", metadata: ["error": "\(error)"])
             return nil
@@ -226,7 +309,8 @@ public final class CorrelationService: Sendable {
     /// Writes the engine's state and log position, taken now on the
     /// caller's thread (a copy: the engine is a value), encoded and written
     /// on the checkpoint queue; skipped while the previous one is written.
-    /// `wait`: on the caller's thread, at stop.
+    /// `wait`: on the caller's thread, at stop. Only right after a pass
+    /// (`checkpointCopy`).
     func checkpoint(wait: Bool = false) {
         guard let path = configuration.checkpointPath else { return }
         let free = checkpointing.withLock { busy -> Bool in
@@ -235,16 +319,17 @@ public final class CorrelationService: Sendable {
             return true
         }
         guard free else { return }
-        let (copy, at) = engine.withLock { e in (e, position.withLock { $0 }) }
+        let (copy, at, resumeAfter) = checkpointCopy()
         let logger = self.logger
         let work: @Sendable () -> Void = { [self] in
             defer { checkpointing.withLock { $0 = false } }
             do {
                 let started = monotonicNs()
-                let bytes = Self.positioned(at, try copy.checkpoint())
+                let bytes = Self.positioned(resumeAfter: resumeAfter, lastTaken: at, try copy.checkpoint(omittingPending: true))
                 let written = try CheckpointFile.write(bytes, to: path)
                 logger.info("engine checkpoint written", metadata: [
-                    "position": "\(at)", "bytes": "\(written)", "seconds": "\(Double(monotonicNs() - started) / 1e9)"])
+                    "position": "\(at)", "resume_after": "\(resumeAfter)", "bytes": "\(written)",
+                    "seconds": "\(Double(monotonicNs() - started) / 1e9)"])
             } catch {
                 logger.error("engine checkpoint failed", metadata: ["error": "\(error)"])
             }
@@ -334,6 +419,7 @@ public final class CorrelationService: Sendable {
         feed.stop()
         done.wait()
         thread.withLock { $0.done = nil }
+        answerCheckpointRequests()
     }
 
     private func run(onPass: @Sendable () -> Void) {
@@ -344,14 +430,25 @@ public final class CorrelationService: Sendable {
             let (items, stopping) = feed.take(untilMonotonicNs: nextPass)
             for item in items {
                 switch item {
-                case .events(let events, let batchId):
+                case .events(var events, let batchId):
+                    let count = events.count
+                    if batchId > 0, let skip = replaySkip.withLock({ $0 }) {
+                        if batchId <= skip.throughPosition {
+                            events.removeAll { $0.timeNs <= skip.watermarkNs }
+                        } else {
+                            replaySkip.withLock { $0 = nil }
+                        }
+                    }
                     let s = engine.withLock { e in
                         e.ingest(events)
-                        if batchId > 0 { position.withLock { $0 = batchId } }
+                        if batchId > 0 {
+                            position.withLock { $0 = max($0, batchId) }
+                            waiting.withLock { $0.taken(position: batchId, events: events) }
+                        }
                         return e.statistics
                     }
                     published.withLock { $0 = s }
-                    feed.taken(events: events.count)
+                    feed.taken(events: count)
                 case .inventory(let node, let pods):
                     engine.withLock { $0.updateInventory(node: node, pods: pods) }
                 }
@@ -360,6 +457,7 @@ public final class CorrelationService: Sendable {
             let now = monotonicNs()
             if now >= nextPass {
                 tick(nowNs: wallClockNs())
+                answerCheckpointRequests()
                 onPass()
                 nextPass = max(nextPass + interval, monotonicNs())
                 if now >= nextCheckpoint {
@@ -369,7 +467,9 @@ public final class CorrelationService: Sendable {
             }
         }
         tick(nowNs: wallClockNs())
-        // The next start reads this one and replays nothing after it.
+        answerCheckpointRequests()
+        // The next start reads this one and replays only the batches whose
+        // events still wait for the watermark.
         checkpoint(wait: true)
     }
 
@@ -378,6 +478,7 @@ public final class CorrelationService: Sendable {
     func tick(nowNs: Int64) {
         let (incidents, statistics) = engine.withLock { e in
             e.advance(toNs: nowNs)
+            waiting.withLock { $0.passed(watermarkNs: e.watermarkNs) }
             return (e.incidents, e.statistics)
         }
         published.withLock { $0 = statistics }
@@ -571,5 +672,48 @@ final class EngineFeed: @unchecked Sendable {
         stopping = true
         condition.signal()
         condition.unlock()
+    }
+}
+
+/// The batches the engine took whose events may still wait for its
+/// watermark, oldest first, each with its newest event's time. A checkpoint
+/// leaves waiting events out of the engine's state (at a high rate they are
+/// most of it: a second and a half of every node's events) and records the
+/// position before the oldest such batch; a restore feeds the log again from
+/// there, skipping in the batches taken before the checkpoint the events the
+/// engine had already processed (those up to its watermark).
+struct WaitingBatches {
+    private var batches: [(position: Int64, newestNs: Int64)] = []
+    private var head = 0
+
+    mutating func taken(position: Int64, events: [ObservedEvent]) {
+        guard var newest = events.first?.timeNs else { return }
+        for e in events where e.timeNs > newest { newest = e.timeNs }
+        taken(position: position, newestNs: newest)
+    }
+
+    mutating func taken(position: Int64, newestNs: Int64) {
+        batches.append((position, newestNs))
+    }
+
+    /// The engine processed everything up to `watermarkNs`: batches at the
+    /// front with nothing after it no longer hold waiting events. (A batch
+    /// behind one that still waits is kept until that one passes: resuming
+    /// earlier costs a little replay, never an event.)
+    mutating func passed(watermarkNs: Int64) {
+        while head < batches.count, batches[head].newestNs <= watermarkNs { head += 1 }
+        if head == batches.count {
+            batches.removeAll(keepingCapacity: true)
+            head = 0
+        } else if head > 4096, head * 2 > batches.count {
+            batches.removeFirst(head)
+            head = 0
+        }
+    }
+
+    /// Where a restore resumes: after the position before the oldest batch
+    /// still waiting, or after `lastTaken` when none waits.
+    func resumeAfter(lastTaken: Int64) -> Int64 {
+        head < batches.count ? min(lastTaken, batches[head].position - 1) : lastTaken
     }
 }
