@@ -33,6 +33,10 @@ struct Candidate: Sendable {
 struct Analysis {
     let engine: CorrelationEngine
     var cfg: CorrelationConfiguration { engine.configuration }
+    /// What this analysis read of the engine's state (every read goes
+    /// through the accessors below): what `Evaluation` checks before it
+    /// answers an incident again without evaluating it.
+    let reads = EvaluationReads()
 
     private struct Link {
         var symptom: SymptomState
@@ -43,7 +47,7 @@ struct Analysis {
     }
 
     func evaluate(_ inc: IncidentState, at end: Int64) -> Incident {
-        let symptoms = inc.symptoms.values.sorted { ($0.sinceNs, $0.key) < ($1.sinceNs, $1.key) }
+        let symptoms = Analysis.sorted(inc.symptoms)
         let detected = symptoms.map(\.sinceNs).min() ?? inc.openedNs
         let from = detected - cfg.causeLookbackNs
         // A cause comes before what it explains: one that began after the
@@ -90,13 +94,13 @@ struct Analysis {
 
         // Observed candidates on the paths and one hop further down the graph.
         var examine = pathEntities.union(selfObservers)
-        for t in symptoms.compactMap(\.edgeTo) { examine.formUnion(engine.graph.dependencies(of: t)) }
+        for t in symptoms.compactMap(\.edgeTo) { examine.formUnion(dependencies(of: t)) }
         var candidates: [Candidate] = []
         for e in examine.sorted() {
             // A listener closed after the last symptom began (the next
             // rolling restart, 30 s later) is not why these symptoms began:
             // with it, the restart that did explain them looked unfinished.
-            let all = engine.causes.events(of: e, from: from, to: end).filter { c in
+            let all = causeEvents(of: e, from: from, to: end, end: end).filter { c in
                 c.signal != .listenerClosed || c.timeNs <= min(end, lastOnset + cfg.eventCauseLagNs + err(c.observed.errorNs) + symptomClock)
             }
             candidates += structured(all.filter { ![.workloadStart, .listenerOpened, .nodeContention, .cpuUsage, .cpuPressure].contains($0.signal) },
@@ -134,14 +138,14 @@ struct Analysis {
             // not a victim (it may be the neighbour).
             if s.edgeTo == nil && !pathEntities.contains(s.key.observer) { continue }
             let v = s.edgeTo ?? s.key.observer
-            var nodes = engine.topology.nodes(of: v)
+            var nodes = entityNodes(of: v)
             if s.key.observer == v { nodes.formUnion(s.events.map(\.node)) }
             victimNodes[v, default: []].formUnion(nodes)
             for n in nodes { victimOnset[n] = min(victimOnset[n] ?? .max, s.sinceNs) }
         }
         let victims = Set(victimNodes.keys)
         for node in victimOnset.keys.sorted() {
-            let onNode = (engine.causes.entitiesByNode[node] ?? []).sorted()
+            let onNode = causeEntities(onNode: node).sorted()
             let lo = max(from, victimOnset[node]! - cfg.starvationLeadNs)
             // Starvation: the node itself short of CPU or memory (a cgroup
             // above the pods throttled or under pressure), or a victim on it
@@ -154,10 +158,10 @@ struct Analysis {
             // On a host without pods there is no cgroup above pods: a
             // throttled cgroup there is a service held to its own quota (a
             // sibling), which starves nobody.
-            let podsHere = engine.topology.hasPods(node: node)
-            let nodeEvents = onNode.flatMap { engine.causes.events(of: $0, from: from, to: until) }.filter { $0.node == node }
+            let podsHere = hasPods(node: node)
+            let nodeEvents = onNode.flatMap { causeEvents(of: $0, from: from, to: until, end: end) }.filter { $0.node == node }
             let contentionAll = nodeEvents.filter { podsHere && $0.signal == .nodeContention }
-            let victimEvents = victims.sorted().flatMap { engine.causes.events(of: $0, from: from, to: until) }.filter { $0.node == node }
+            let victimEvents = victims.sorted().flatMap { causeEvents(of: $0, from: from, to: until, end: end) }.filter { $0.node == node }
             let stalls = victimEvents.filter { $0.signal == .memoryPressure && memoryStall($0) }
             // CPU pressure (where the agent reports it): a victim waiting for
             // a CPU while not throttled by its own quota, or the node's root
@@ -187,7 +191,7 @@ struct Analysis {
                 // started before the shortage and still running.
                 let usage = cpuShort ? cpuConsumption(node: node, excluding: pathEntities.union(victims),
                                                       from: first - slack, to: last + slack, lookback: from) : nil
-                let neighbours = Set(onNode).union(usage == nil ? [] : engine.cpuUsage.pods(of: node)).sorted()
+                let neighbours = Set(onNode).union(usage == nil ? [] : cpuUsage.pods(of: node)).sorted()
                 for x in neighbours where !pathEntities.contains(x) && !victims.contains(x) {
                     // What the neighbour consumed meanwhile, for the
                     // resource the victim lacked: CPU it used (where usage is
@@ -197,8 +201,8 @@ struct Analysis {
                     // before the starvation began and still ran when it last
                     // showed.
                     let consumed = usage?.consumers.contains(x) == true
-                        ? engine.cpuUsage.samples(node: node, pod: x).filter { $0.timeNs >= from && $0.timeNs <= until } : []
-                    let evs = consumed + engine.causes.events(of: x, from: from, to: until).filter { c in
+                        ? usageSamples(node: node, pod: x, end: end).filter { $0.timeNs >= from && $0.timeNs <= until } : []
+                    let evs = consumed + causeEvents(of: x, from: from, to: until, end: end).filter { c in
                         guard c.node == node else { return false }
                         let during = c.timeNs >= first - slack && c.timeNs <= last + slack
                         switch c.signal {
@@ -208,7 +212,7 @@ struct Analysis {
                             // Where usage is known, a start is no evidence of
                             // consuming CPU; for memory it stays as it was.
                             guard usage == nil || memoryShort, c.timeNs <= first + slack else { return false }
-                            let exit = engine.causes.exitTime(node: c.node, pid: c.observed.event.pid)
+                            let exit = exitTime(node: c.node, pid: c.observed.event.pid)
                             return exit == nil || exit! >= last - slack
                         default: return false
                         }
@@ -243,8 +247,8 @@ struct Analysis {
                     return ("direct", addressMatch(c, keys!, s) ? 1.0 : 0.8)
                 }
                 if let d = depth(to, e) { return ("cascade", 0.75 * pow(0.95, Double(d - 1))) }
-                if engine.graph.hasEdge(to, e) { return ("graph", 0.4) }
-                if c.kind == .dnsFailure, engine.topology.service(ofName: e) == to { return ("dns", 0.6) }
+                if hasEdge(to, e) { return ("graph", 0.4) }
+                if c.kind == .dnsFailure, service(ofName: e) == to { return ("dns", 0.6) }
                 if s.edgeFrom == e, [.firewallDrop, .packetLoss].contains(c.kind) { return ("client_side", 0.6) }
                 return nil
             }
@@ -356,13 +360,7 @@ struct Analysis {
 
         var out = Incident(id: inc.id, status: .open, title: "", openedNs: inc.openedNs, updatedNs: end, detectedNs: detected)
         out.mergedIds = inc.mergedIds
-        out.symptoms = symptoms.map { s in
-            let k = s.key.kind
-            let unit = cfg.bucketNs
-            let baseline = k.isLevel ? s.baseline : s.baseline * 1e9 / Double(unit)
-            return Symptom(entity: s.key.observer, kind: k, peer: s.key.peer.isEmpty ? nil : s.key.peer, sinceNs: s.sinceNs, lastNs: s.lastNs,
-                           count: Int64(s.count.rounded()), baseline: baseline, active: s.lastNs == end)
-        }
+        out.symptoms = Analysis.shown(symptoms, at: end, configuration: cfg)
         out.rootCauses = kept.map(\.0)
         out.links = kept.flatMap(\.1).sorted { a, b in
             if a.confidence != b.confidence { return a.confidence > b.confidence }
@@ -415,14 +413,33 @@ struct Analysis {
         for e in unique {
             nodes.insert(e.0.node)
             let ev = e.0.event
+            // Both read the inventory alone (`Evaluation` checks its stamp).
             if !ev.pod.isEmpty { pods.insert(ev.pod) } else if let p = engine.topology.entity(of: e.0).pod { pods.insert(p.info.name) }
             if let dst = flowOf(ev)?.destination, let p = engine.topology.pod(ip: dst.description) { pods.insert(p.name) }
         }
         var named = Set(symptoms.map(\.key.observer)).union(symptoms.compactMap(\.edgeTo))
         if let top = out.rootCauses.first { named.insert(top.entity) }
-        for n in named where engine.topology.isService(n) { services.insert(n) }
+        for n in named where engine.topology.isService(n) { services.insert(n) }  // the inventory
         out.affected = Incident.Affected(nodes: nodes.sorted(), pods: pods.sorted(), services: services.sorted())
         return out
+    }
+
+    /// The symptoms as the incident shows them, in the analysis' order.
+    /// Their counts and last times go nowhere else in an evaluation
+    /// (`Evaluation` sets them again when it reuses one).
+    static func shown(_ sorted: [SymptomState], at end: Int64, configuration cfg: CorrelationConfiguration) -> [Symptom] {
+        sorted.map { s in
+            let k = s.key.kind
+            let unit = cfg.bucketNs
+            let baseline = k.isLevel ? s.baseline : s.baseline * 1e9 / Double(unit)
+            return Symptom(entity: s.key.observer, kind: k, peer: s.key.peer.isEmpty ? nil : s.key.peer, sinceNs: s.sinceNs, lastNs: s.lastNs,
+                           count: Int64(s.count.rounded()), baseline: baseline, active: s.lastNs == end)
+        }
+    }
+
+    /// The order the analysis takes symptoms in.
+    static func sorted(_ symptoms: [SeriesKey: SymptomState]) -> [SymptomState] {
+        symptoms.values.sorted { ($0.sinceNs, $0.key) < ($1.sinceNs, $1.key) }
     }
 
     /// An entity's cause events as candidates: the deepest of OOM kill,
@@ -449,7 +466,7 @@ struct Analysis {
             if let last = l.last {
                 let ports = Set(l.map(\.port))
                 listenerReopenedNs = opened.first { $0.timeNs > last.timeNs && ports.contains($0.port) }?.timeNs
-                if !crashedAfter, l.allSatisfy({ engine.causes.closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }) {
+                if !crashedAfter, l.allSatisfy({ closedOnPurpose(node: $0.node, pid: $0.observed.event.pid) }) {
                     c.plannedStop = PlannedStop(closedNs: last.timeNs, reopenedNs: listenerReopenedNs)
                 }
             }
@@ -522,6 +539,7 @@ struct Analysis {
         let servers = Set(drops.compactMap(\.serverEndpoint)).sorted()
         let clients = Set(drops.compactMap(\.clientAddress))
         guard !servers.isEmpty else { return nil }
+        reads.deliveries = true
         if servers.contains(where: { engine.deliveries.delivered(server: $0, from: from, to: to, clients: clients) }) { return .fraction }
         if !servers.contains(where: { engine.deliveries.delivered(server: $0, from: from, to: to, clients: nil) }) { return .everything }
         return nil
@@ -551,7 +569,7 @@ struct Analysis {
     /// average while it was the largest consumer apart from `excluding` (the
     /// victims and the failing paths).
     private func cpuConsumption(node: String, excluding: Set<String>, from: Int64, to: Int64, lookback: Int64) -> CPUConsumption? {
-        let log = engine.cpuUsage
+        let log = cpuUsage
         let lo = floorDiv(from, cfg.bucketNs), hi = floorDiv(to, cfg.bucketNs)
         guard log.reports(node: node, from: floorDiv(lookback, cfg.bucketNs), to: hi) else { return nil }
         let total = log.node(node, from: lo, to: hi)
@@ -618,7 +636,7 @@ struct Analysis {
     private func addressKeys(_ c: Candidate) -> AddressKeys {
         var ports = c.ports
         if [.oomKill, .crash, .crashLoop, .listenerClosed, .diskFull].contains(c.kind) {
-            ports.formUnion(engine.topology.listenPorts[c.entity] ?? [])
+            ports.formUnion(listenPorts(of: c.entity) ?? [])
         }
         return AddressKeys(addresses: c.addresses, ports: ports)
     }

@@ -144,15 +144,21 @@ struct CauseStore: Sendable, Codable {
     /// was asked to stop (SIGTERM, SIGINT) or exited with 0.
     private(set) var exits: [String: ProcessExit] = [:]
 
-    struct ProcessExit: Sendable, Codable {
+    struct ProcessExit: Sendable, Equatable, Codable {
         var timeNs: Int64
         var planned: Bool
     }
 
-    mutating func add(_ c: CauseEvent, limit: Int) {
+    /// Returns whether the entity is new among the node's entities with causes.
+    @discardableResult
+    mutating func add(_ c: CauseEvent, limit: Int) -> Bool {
         // In place: the list is never copied out of the dictionary.
         Self.insert(c, into: &byEntity[c.entity, default: []], limit: limit)
-        if entitiesByNode[c.node]?.contains(c.entity) != true { entitiesByNode[c.node, default: []].insert(c.entity) }
+        if entitiesByNode[c.node]?.contains(c.entity) != true {
+            entitiesByNode[c.node, default: []].insert(c.entity)
+            return true
+        }
+        return false
     }
 
     private static func insert(_ c: CauseEvent, into list: inout [CauseEvent], limit: Int) {
@@ -177,6 +183,8 @@ struct CauseStore: Sendable, Codable {
 
     func exitTime(node: String, pid: UInt32) -> Int64? { exits["\(node)/\(pid)"]?.timeNs }
 
+    func processExit(node: String, pid: UInt32) -> ProcessExit? { exits["\(node)/\(pid)"] }
+
     /// Whether a process closed its listener on purpose: it was still running
     /// (it closed the socket itself, a graceful shutdown) or it exited on a
     /// stop request. A crash, an OOM kill or SIGKILL is not on purpose.
@@ -188,9 +196,13 @@ struct CauseStore: Sendable, Codable {
         (byEntity[entity] ?? []).filter { $0.timeNs >= from && $0.timeNs <= to }
     }
 
-    mutating func prune(before t: Int64) {
+    /// Returns whether any entity's cause events changed.
+    @discardableResult
+    mutating func prune(before t: Int64) -> Bool {
+        var changed = false
         for k in byEntity.keys.sorted() {
             let kept = byEntity[k]!.filter { $0.timeNs >= t }
+            if kept.count != byEntity[k]!.count { changed = true }
             if kept.isEmpty { byEntity[k] = nil } else if kept.count != byEntity[k]!.count { byEntity[k] = kept }
         }
         for (node, ents) in entitiesByNode {
@@ -198,6 +210,7 @@ struct CauseStore: Sendable, Codable {
             entitiesByNode[node] = kept.isEmpty ? nil : kept
         }
         exits = exits.filter { $0.value.timeNs >= t }
+        return changed
     }
 }
 

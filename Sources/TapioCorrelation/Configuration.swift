@@ -17,6 +17,18 @@ public struct CorrelationConfiguration: Sendable, Equatable {
     /// already fires (`CorrelationEngine.decideEarly`), instead of only at
     /// the bucket's end. The same symptoms either way; only sooner.
     public var decideWithinBucket = true
+    /// Answer an open incident from its last evaluation when nothing it
+    /// depends on changed since (Reuse.swift); off evaluates every open
+    /// incident at every bucket's close, as before. The same answers either way.
+    var reuseEvaluations = true
+    /// Check every such reuse against a fresh evaluation and stop the
+    /// process on a difference: on in debug builds (the tests), where it
+    /// costs what evaluating every time did; off in release builds.
+    #if DEBUG
+    var checkReuse = true
+    #else
+    var checkReuse = false
+    #endif
     /// Buckets after the first event during which baselines learn and no
     /// symptom fires.
     public var warmupBuckets: Int = 5

@@ -66,6 +66,12 @@ public struct CorrelationEngine: Sendable {
     private var openIncidents: [IncidentState] = []
     private var resolvedIncidents: [Incident] = []
     private var aliases: [String: String] = [:]
+    /// Each open incident's last evaluation and the stamps of what it read
+    /// (Reuse.swift). Not part of checkpoints.
+    private var evaluations: [String: Evaluation] = [:]
+    private var stamps = ChangeStamps()
+    /// Evaluations answered from the last one (not part of checkpoints).
+    private(set) var reusedEvaluations = 0
 
     public init(configuration: CorrelationConfiguration = CorrelationConfiguration()) {
         self.configuration = configuration
@@ -155,7 +161,7 @@ public struct CorrelationEngine: Sendable {
     /// prunes), the graph forgets its least recently seen edges at once.
     private mutating func boundGraph(nowNs: Int64) {
         if graph.edgeCount > configuration.maxGraphEdges {
-            graph.forget(seenBeforeNs: nowNs - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
+            if graph.forget(seenBeforeNs: nowNs - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges) > 0 { stamps.edgesForgotten() }
         }
     }
 
@@ -196,6 +202,7 @@ public struct CorrelationEngine: Sendable {
     /// Replaces what is known of `node`'s pods (its agent's inventory).
     public mutating func updateInventory(node: String, pods: [PodInfo]) {
         topology.replace(node: node, pods: pods)
+        stamps.inventoryChanged()
     }
 
     public mutating func ingest(_ event: ObservedEvent) {
@@ -349,9 +356,10 @@ public struct CorrelationEngine: Sendable {
                                    serverEndpoint: Endpoint? = nil, clientAddress: IPAddress? = nil) {
         var addrs = addresses
         if let p = ref.pod { addrs.formUnion(p.info.ips) }
-        causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
-                              summary: summarize(e, entity: ref.name), serverEndpoint: serverEndpoint, clientAddress: clientAddress),
-                   limit: configuration.maxCauseEventsPerEntity)
+        let newOnNode = causes.add(CauseEvent(signal: signal, entity: ref.name, quality: ref.quality, observed: e, addresses: addrs, port: port,
+                                              summary: summarize(e, entity: ref.name), serverEndpoint: serverEndpoint, clientAddress: clientAddress),
+                                   limit: configuration.maxCauseEventsPerEntity)
+        stamps.causeAdded(entity: ref.name, node: e.node, newOnNode: newOnNode)
     }
 
     /// Whether the local end of a flow is its server, nil when nothing
@@ -431,8 +439,11 @@ public struct CorrelationEngine: Sendable {
             topology.sawServerPort(flow.destinationPort)
             if outcome == .established, let k = Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
+                if bucket == nil { stamps.deliveriesChanged() }  // late: see Reuse.swift
             }
+            let edges = graph.edgeCount
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
+            if graph.edgeCount != edges { stamps.edgeAdded(client: client.name) }
             boundGraph(nowNs: e.timeNs)
             let kind: SymptomKind?
             switch outcome {
@@ -496,10 +507,13 @@ public struct CorrelationEngine: Sendable {
             if responses > 0, let k = localServes ? Endpoint(flow.source, flow.sourcePort) : Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: localServes ? flow.destination : flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs),
                                count: UInt64(responses))
+                if bucket == nil { stamps.deliveriesChanged() }  // late: see Reuse.swift
             }
             let meanNs = responses > 0 ? total / UInt64(responses) : UInt64(srttUs) * 1000
             let serverPort = c.name == local.name ? flow.destinationPort : flow.sourcePort
+            let edges = graph.edgeCount
             graph.response(client: c.name, server: s.name, port: serverPort, meanNs: meanNs, responses: responses, timeNs: e.timeNs)
+            if graph.edgeCount != edges { stamps.edgeAdded(client: c.name) }
             // The path itself slow: round trips far above their usual while
             // the answers take hardly longer than the round trips.
             if responses > 0, c.name != s.name,
@@ -575,7 +589,9 @@ public struct CorrelationEngine: Sendable {
                 let b = floorDiv(e.timeNs, configuration.bucketNs)
                 if root {
                     cpuUsage.addNode(e.node, bucket: b, usageNs: usage.usageNs, intervalNs: intervalNs)
+                    stamps.cpuUsageChanged()
                 } else if me.pod != nil {
+                    stamps.cpuUsageChanged()
                     cpuUsage.addPod(CauseEvent(signal: .cpuUsage, entity: me.name, quality: me.quality, observed: e, addresses: Set(me.pod!.info.ips), port: 0,
                                                summary: summarize(e, entity: me.name)),
                                     bucket: b, cgroup: cgroup, usageNs: usage.usageNs, gapNs: configuration.starvationGapNs)
@@ -631,13 +647,17 @@ public struct CorrelationEngine: Sendable {
         resolveIncidents(end: end)
         if b % 30 == 0 {
             let horizonNs = end - configuration.causeLookbackNs - configuration.crashLoopWindowNs - configuration.quietPeriodNs
-            causes.prune(before: horizonNs)
+            if causes.prune(before: horizonNs) { stamps.causesPruned() }
             // Unseen for long by the newest event, not by the clock: a log
             // replayed days later (a restart, a recording) keeps its graph
             // while no event says time went on without the edge.
-            graph.forget(seenBeforeNs: min(end, maxSeenNs) - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges)
+            if graph.forget(seenBeforeNs: min(end, maxSeenNs) - configuration.forgetEdgeAfterNs, maxEdges: configuration.maxGraphEdges) > 0 {
+                stamps.edgesForgotten()
+            }
             cpuUsage.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
+            stamps.cpuUsageChanged()
             deliveries.prune(beforeBucket: floorDiv(horizonNs, configuration.bucketNs))
+            stamps.deliveriesChanged()
             // A series silent for a long time forgets its baseline (it would have decayed to zero).
             let horizon = b - Int64(configuration.forgetSeriesAfterNs / configuration.bucketNs)
             for key in series.keys.sorted() where !touched.contains(key) && series[key]!.lastTouched < horizon { series[key] = nil }
@@ -718,7 +738,7 @@ public struct CorrelationEngine: Sendable {
 
     private mutating func refresh(_ i: Int, end: Int64) {
         var inc = openIncidents[i]
-        var fresh = Analysis(engine: self).evaluate(inc, at: end)
+        var fresh = evaluate(inc, at: end)
         // A restart explains an incident led by its planned stop whether the
         // stop's symptoms opened it or joined one already shown (an
         // observation still open): such an incident pages only when a new one
@@ -744,6 +764,23 @@ public struct CorrelationEngine: Sendable {
         }
         if !inc.published { inc.published = publishable(fresh, inc.symptoms, end: end) }
         openIncidents[i] = inc
+    }
+
+    /// `Analysis.evaluate`, or the incident's last evaluation when nothing
+    /// it depends on changed since (Reuse.swift).
+    private mutating func evaluate(_ inc: IncidentState, at end: Int64) -> Incident {
+        if configuration.reuseEvaluations, let last = evaluations[inc.id], let again = last.reuse(for: inc, at: end, stamps: stamps, causes: causes, topology: topology, configuration: configuration) {
+            if configuration.checkReuse {
+                let fresh = Analysis(engine: self).evaluate(inc, at: end)
+                precondition(again == fresh, "incident \(inc.id) reused at \(end) differs from its evaluation")
+            }
+            reusedEvaluations += 1
+            return again
+        }
+        let analysis = Analysis(engine: self)
+        let fresh = analysis.evaluate(inc, at: end)
+        evaluations[inc.id] = Evaluation(inc, fresh, at: end, reads: analysis.reads, stamps: stamps)
+        return fresh
     }
 
     /// Whether an incident may be shown: unless its leading candidate is a
@@ -813,6 +850,10 @@ public struct CorrelationEngine: Sendable {
             }
         }
         openIncidents = keep
+        if evaluations.count > openIncidents.count {
+            let open = Set(openIncidents.map(\.id))
+            evaluations = evaluations.filter { open.contains($0.key) }
+        }
         if resolvedIncidents.count > configuration.maxResolvedIncidents {
             resolvedIncidents.removeFirst(resolvedIncidents.count - configuration.maxResolvedIncidents)
         }
