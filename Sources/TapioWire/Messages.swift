@@ -405,9 +405,8 @@ public struct EventBatch: Sendable, Equatable {
     }
 
     /// Counts the events of an encoded batch from its top-level fields alone,
-    /// without allocating: a batch is refused on its size before protobuf-c
-    /// builds one structure per event. Throws on a truncated or invalid
-    /// top-level encoding.
+    /// without allocating. Throws on a truncated or invalid top-level
+    /// encoding. (`decode(_:maxEvents:)` counts in its own first pass.)
     public static func eventCount(encoded bytes: [UInt8]) throws -> Int {
         var i = 0
         var count = 0
@@ -442,15 +441,21 @@ public struct EventBatch: Sendable, Equatable {
         return count
     }
 
-    /// Decodes a batch after checking, without allocating, that it holds at
-    /// most `maxEvents` events.
+    /// Decodes a batch after checking that it holds at most `maxEvents`
+    /// events (counted in a first pass over its top-level fields, before any
+    /// event is built).
     public static func decode(_ bytes: [UInt8], maxEvents: Int) throws -> EventBatch {
-        let n = try eventCount(encoded: bytes)
-        guard n <= maxEvents else { throw MessageDecodeError("batch of \(n) events exceeds the limit of \(maxEvents)") }
-        return try decode(bytes)
+        try bytes.withUnsafeBytes { try decodeDirect($0, maxEvents: maxEvents) }
     }
 
+    /// Decodes a batch straight from its bytes (`EventBatchDecoder.swift`).
     public static func decode(_ bytes: [UInt8]) throws -> EventBatch {
+        try bytes.withUnsafeBytes { try decodeDirect($0, maxEvents: .max) }
+    }
+
+    /// The same through protobuf-c's unpack, as the server decoded batches
+    /// before `decodeDirect`: the reference its tests compare it with.
+    static func decodeWithProtobufC(_ bytes: [UInt8]) throws -> EventBatch {
         try unpackMessage(bytes, name: "EventBatch", unpack: { tapio__v1__event_batch__unpack(nil, $0, $1) }, free: { tapio__v1__event_batch__free_unpacked($0, nil) }) { m in
             let strings = (0..<m.n_strings).map { swiftString(m.strings[$0]) }
             func address(_ b: ProtobufCBinaryData) throws -> IPAddress? {

@@ -24,8 +24,20 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible, Comparable
 
     /// From 4 or 16 bytes in memory (a decoded message), without copying them first.
     public init?(bytes: UnsafeBufferPointer<UInt8>) {
-        guard bytes.count == 4 || bytes.count == 16 else { return nil }
-        self.init(unchecked: bytes)
+        guard let start = bytes.baseAddress else { return nil }
+        let raw = UnsafeRawPointer(start)
+        switch bytes.count {
+        case 4:
+            high = UInt64(UInt32(bigEndian: raw.loadUnaligned(as: UInt32.self))) << 32
+            low = 0
+            isIPv4 = true
+        case 16:
+            high = UInt64(bigEndian: raw.loadUnaligned(as: UInt64.self))
+            low = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            isIPv4 = false
+        default:
+            return nil
+        }
     }
 
     private init<C: Collection>(unchecked bytes: C) where C.Element == UInt8 {
