@@ -291,6 +291,9 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                                                              maxFutureSkewNs: server.configuration.limits.maxFutureSkew.nanoseconds)
         let serverDrops = future == 0 ? [] : [DropCount(kind: .unspecified, reason: CorrelationService.futureDropReason, count: UInt64(future))]
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        // What the answer needs of the batch, so that its events are let go
+        // of where the sink is done with them, not kept for the ack.
+        let (epoch, sequence, count, drops) = (batch.epoch, batch.sequence, batch.events.count, batch.drops)
         server.sink.append(BatchAppend(batch: batch, payload: payload, clock: correction, receivedNs: receivedNs, serverDrops: serverDrops),
                            observed: observed, eventLoop: context.eventLoop).whenComplete { result in
             let (handler, context) = loopBound.value
@@ -300,19 +303,19 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
                 let stored = outcome.stored
                 handler.server.metrics.add(stored ? "tapio_server_batches_total" : "tapio_server_duplicate_batches_total")
                 if stored {
-                    handler.server.metrics.add("tapio_server_events_total", Int64(batch.events.count))
+                    handler.server.metrics.add("tapio_server_events_total", Int64(count))
                     if future > 0 { handler.server.metrics.add("tapio_server_events_future_total", Int64(future)) }
                     if !outcome.room { handler.waitForEngine(context: context) }
                 }
                 // The store counted the batch in the node's row; this is the live view.
-                if let record = handler.server.registry.received(node: node, events: batch.events.count, duplicate: !stored,
-                                                                               epoch: batch.epoch, drops: batch.drops, nowNs: wallClockNs()),
+                if let record = handler.server.registry.received(node: node, events: count, duplicate: !stored,
+                                                                               epoch: epoch, drops: drops, nowNs: wallClockNs()),
                    record.batchesReceived % 64 == 1 {
                     handler.persist(record)
                 }
                 // Exactly this batch is durable (stored now or before).
                 if context.channel.isActive {
-                    let ack = Ack(epoch: batch.epoch, sequence: batch.sequence)
+                    let ack = Ack(epoch: epoch, sequence: sequence)
                     context.writeAndFlush(handler.wrapOutboundOut(Frame(type: .ack, payload: ack.encoded())), promise: nil)
                 }
                 if handler.pendingStores < Int(handler.server.configuration.limits.windowBatches) {
@@ -322,7 +325,7 @@ final class IngestHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .failure(let error):
                 // Not acknowledged: the agent keeps the batch and resends it;
                 // the hello-ack after reconnecting ends before it.
-                handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "epoch": "\(batch.epoch)", "sequence": "\(batch.sequence)"])
+                handler.logger.error("storing a batch failed", metadata: ["error": "\(error)", "epoch": "\(epoch)", "sequence": "\(sequence)"])
                 handler.reject(context: context, .storageFailed, "storage failed; resend later", metric: "storage")
             }
         }
