@@ -1,3 +1,4 @@
+import CTapioBPF
 import Foundation
 import TapioWire
 
@@ -153,8 +154,12 @@ public final class CrashCounters: @unchecked Sendable {
         base.storeBytes(of: old &+ n, toByteOffset: offset, as: UInt64.self)
     }
 
-    /// One event handed to the outbox (callers serialize: the outbox's lock).
-    func read(_ kind: EventKind) { add(1, at: Self.readOffset + 8 * slot(kind)) }
+    /// One event read: counted before it is handed to the outbox. An atomic
+    /// add, so that the ring-buffer reader counts without the outbox's lock
+    /// (every other update is made under it).
+    func read(_ kind: EventKind) {
+        tapio_counter_add((base + Self.readOffset + 8 * slot(kind)).assumingMemoryBound(to: UInt64.self), 1)
+    }
 
     /// Events now kept (durable) or counted as dropped; `sign` −1 takes back
     /// an earlier accounting (a batch sealed again).
@@ -210,10 +215,12 @@ struct KindCounts: Sendable {
 
     init() {}
 
-    init<S: Sequence>(_ events: S) where S.Element == TapioEvent {
-        for e in events {
-            let i = Int(e.kind.rawValue) < CrashCounters.kinds ? Int(e.kind.rawValue) : 0
-            counts[i] &+= 1
+    /// Reads each event's kind in place (a loop over the events themselves
+    /// would copy every event, strings retained and released, per batch).
+    init(_ events: ArraySlice<TapioEvent>) {
+        for index in events.indices {
+            let raw = Int(events[index].kind.rawValue)
+            counts[raw < CrashCounters.kinds ? raw : 0] &+= 1
         }
     }
 }

@@ -76,6 +76,9 @@ public final class KernelSource: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
     private var clock: MonotonicToWall
+    /// The reader thread's memo of comm strings (`convert` only, on that
+    /// one thread: no access checks needed).
+    @exclusivity(unchecked) private var comms = CommMemo()
     private let logger: Logger
     private let eventCount = Atomic<UInt64>(0)
     private let ownCount = Atomic<UInt64>(0)
@@ -229,12 +232,46 @@ public final class KernelSource: @unchecked Sendable {
         finished.wait()
     }
 
+    /// The reader's state during its passes.
     fileprivate final class PollContext {
         let source: KernelSource
         let outbox: Outbox
+        /// Events converted and not yet handed to the outbox, each counted
+        /// as read already. Handed over as one group (one lock, and kept as
+        /// it is: its events are not copied again) when it holds a batch's
+        /// worth, at a critical event, when stopping, or after a pass once
+        /// its first event has waited `holdNs`.
+        var converted: [TapioEvent] = []
+        /// A batch's worth (the outbox's events per batch, read again at every hand-over).
+        var group: Int
+        /// When the first event of `converted` was added (monotonic).
+        var heldSinceNs: Int64 = 0
+        let holdNs: Int64
+
         init(source: KernelSource, outbox: Outbox) {
             self.source = source
             self.outbox = outbox
+            group = max(1, outbox.eventsPerBatch)
+            // A quarter of the batch delay: a quiet node's events still
+            // reach a batch about as soon as before.
+            holdNs = max(0, outbox.limits.maxDelayNs / 4)
+            converted.reserveCapacity(group)
+        }
+
+        /// Whether `converted` holds a critical event.
+        var critical = false
+
+        func handOver() {
+            guard !converted.isEmpty else { return }
+            outbox.add(contentsOf: &converted, critical: critical)
+            critical = false
+            group = max(1, outbox.eventsPerBatch)
+            converted.reserveCapacity(group)
+        }
+
+        /// After a step of a pass: hands over a group held long enough (all when stopping).
+        func handOverIfDue(stopping: Bool, nowNs: Int64) {
+            if stopping || nowNs - heldSinceNs >= holdNs { handOver() }
         }
     }
 
@@ -266,6 +303,7 @@ public final class KernelSource: @unchecked Sendable {
                                          stopping: stopping, nowNs: now)
                 if orc < 0 { logger.error("kernel object failed", metadata: ["object": "\(object.name)", "errno": "\(-orc)"]) }
             }
+            context.handOverIfDue(stopping: stopping, nowNs: monotonicNs())
             if now - lastHarvestNs >= configuration.intervalNs || stopping {
                 harvest(into: context)
                 lastHarvestNs = now
@@ -354,17 +392,24 @@ public final class KernelSource: @unchecked Sendable {
         return event
     }
 
+    /// A ring-buffer record as an event. Reads the record in place (the
+    /// header's fields and only the kind's part of the union), never the
+    /// whole 320-byte record as one value: at ring-buffer rate that copy
+    /// was a tenth of the reader's time.
     fileprivate func convert(_ record: UnsafePointer<tapio_event>) -> TapioEvent? {
-        let r = record.pointee
-        guard let kind = EventKind(rawValue: r.kind) else { return nil }
+        guard let kind = EventKind(rawValue: record.pointee.kind) else { return nil }
+        let union = UnsafeRawPointer(record) + unionOffset
         var detail = TapioEvent.Detail.none
+        var netns: UInt32 = 0
         switch kind {
         case .processExec:
             detail = .exec(filename: cString(record, offset: unionOffset, size: Int(TAPIO_PATH_LEN)))
         case .processExit:
-            detail = .exit(exitCode: r.u.exit.exit_code, signal: r.u.exit.signal, coreDumped: r.u.exit.core_dumped != 0)
+            let x = union.load(as: tapio_exit_info.self)
+            detail = .exit(exitCode: x.exit_code, signal: x.signal, coreDumped: x.core_dumped != 0)
         case .tcpConnect, .tcpListen, .tcpReset:
-            let t = r.u.tcp
+            let t = union.load(as: tapio_tcp_info.self)
+            netns = t.netns
             let flow = Flow(source: IPAddress(family: t.family, raw: withUnsafeBytes(of: t.saddr) { Array($0) }),
                             destination: IPAddress(family: t.family, raw: withUnsafeBytes(of: t.daddr) { Array($0) }),
                             sourcePort: t.sport, destinationPort: t.dport)
@@ -378,7 +423,8 @@ public final class KernelSource: @unchecked Sendable {
                 detail = .tcpReset(flow: flow, sent: t.direction == 1, state: UInt32(t.state), count: max(1, t.count))
             }
         case .dns:
-            let d = r.u.dns
+            let d = union.load(as: tapio_dns_info.self)
+            netns = d.netns
             var answers: [IPAddress] = []
             let families = withUnsafeBytes(of: d.answer_families) { Array($0) }
             let raw = withUnsafeBytes(of: d.answers) { Array($0) }
@@ -390,27 +436,44 @@ public final class KernelSource: @unchecked Sendable {
                           latencyNs: d.latency_ns, server: IPAddress(family: d.family, raw: withUnsafeBytes(of: d.server) { Array($0) }),
                           serverPort: d.server_port, id: d.id, answers: answers)
         case .oomKill:
-            let o = r.u.oom
+            let o = union.load(as: tapio_oom_info.self)
             detail = .oomKill(victimPid: o.victim_pid, victimComm: cString(record, offset: unionOffset + MemoryLayout<tapio_oom_info>.offset(of: \.victim_comm)!, size: Int(TAPIO_COMM_LEN)), victimUid: o.victim_uid,
                               totalVmKb: o.total_vm_kb, anonRssKb: o.anon_rss_kb, fileRssKb: o.file_rss_kb)
         default:
             break
         }
-        let netns: UInt32
-        switch kind {
-        case .tcpConnect, .tcpListen, .tcpReset: netns = r.u.tcp.netns
-        case .dns: netns = r.u.dns.netns
-        default: netns = 0
-        }
-        var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: r.ts_ns)), pid: r.pid, ppid: r.ppid, uid: r.uid,
-                               comm: cString(record, offset: MemoryLayout<tapio_event>.offset(of: \.comm)!, size: Int(TAPIO_COMM_LEN)), cgroupId: r.cgroup_id,
+        var event = TapioEvent(kind: kind, timeNs: clock.wall(fromMonotonic: Int64(bitPattern: record.pointee.ts_ns)), pid: record.pointee.pid,
+                               ppid: record.pointee.ppid, uid: record.pointee.uid, comm: comms.comm(of: record), cgroupId: record.pointee.cgroup_id,
                                netns: netns, detail: detail)
         if isOwn(event) { return nil }
         eventCount.add(1, ordering: .relaxed)
-        enrich(&event, r.mem_cgroup_id)
+        enrich(&event, record.pointee.mem_cgroup_id)
         return event
     }
 }
+
+/// The reader's recent comms: a record's 16 comm bytes, compared as two
+/// words, give back the String made for the same bytes before, instead of
+/// a new one validated byte by byte (most records come from few processes).
+/// Direct-mapped; used by the ring-buffer reader's thread only.
+struct CommMemo {
+    private static let slots = 64
+    private var keys = [(UInt64, UInt64)](repeating: (0, 0), count: CommMemo.slots)
+    private var values = [String?](repeating: nil, count: CommMemo.slots)
+
+    mutating func comm(of record: UnsafePointer<tapio_event>) -> String {
+        let raw = UnsafeRawPointer(record) + commOffset
+        let key = (raw.loadUnaligned(as: UInt64.self), raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        let slot = Int(truncatingIfNeeded: ((key.0 ^ (key.1 &* 31)) &* 0x9E37_79B9_7F4A_7C15) >> 58)
+        if let known = values[slot], keys[slot] == key { return known }
+        let made = cString(record, offset: commOffset, size: Int(TAPIO_COMM_LEN))
+        keys[slot] = key
+        values[slot] = made
+        return made
+    }
+}
+
+private let commOffset = MemoryLayout<tapio_event>.offset(of: \tapio_event.comm)!
 
 /// Where the per-kind union starts; union members all start there (Swift
 /// imports them as computed properties, which have no key-path offset).
@@ -440,12 +503,26 @@ private func kernelEventCallback(_ ctx: UnsafeMutableRawPointer?, _ record: Unsa
 }
 
 extension KernelSource.PollContext {
+    /// Counted as read before the callback returns, that is before the ring
+    /// buffer lets go of the record: a kill at any point after finds it in
+    /// the crash counters.
     func deliver(_ record: UnsafePointer<tapio_event>) {
-        if let event = source.convert(record) { outbox.add(event) }
+        guard let event = source.convert(record) else { return }
+        keep(event)
     }
 
     func deliver(aggregate: UnsafePointer<tapio_aggregate>) {
-        if let event = source.convert(aggregate: aggregate) { outbox.add(event) }
+        guard let event = source.convert(aggregate: aggregate) else { return }
+        keep(event)
+    }
+
+    private func keep(_ event: consuming TapioEvent) {
+        outbox.countRead(event.kind)
+        let isCritical = event.isCritical
+        if converted.isEmpty { heldSinceNs = monotonicNs() }
+        converted.append(event)
+        critical = critical || isCritical
+        if isCritical || converted.count >= group { handOver() }
     }
 }
 

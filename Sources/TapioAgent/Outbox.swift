@@ -92,7 +92,7 @@ public final class Outbox: Sendable {
     }
 
     struct State {
-        var pending: [TapioEvent] = []
+        var pending = PendingEvents()
         var entries: [Entry] = []
         var nextSequence: UInt64 = 1
         var memoryBytes = 0
@@ -195,6 +195,8 @@ public final class Outbox: Sendable {
     /// What the crash counters of a previous process said, when it did not stop cleanly.
     public let recovered: CrashCounters.Snapshot?
     private let state = Mutex(State())
+    /// The crash counters, for `countRead` (set once, before any reader runs).
+    private let readTally = ReadTally()
     private let changed = NSCondition()
     private let spoolerWake = DispatchSemaphore(value: 0)
     private let spoolerDone = DispatchSemaphore(value: 0)
@@ -245,6 +247,7 @@ public final class Outbox: Sendable {
             do {
                 let counters = try state.withLock { s in try CrashCounters(path: dir + "/counters", epoch: epoch, drops: s.drops) }
                 state.withLock { $0.counters = counters }
+                readTally.counters = counters
             } catch {
                 // The agent still runs; what a crash loses is then not counted.
                 state.withLock { $0.countersProblem = "\(error)" }
@@ -291,17 +294,50 @@ public final class Outbox: Sendable {
         let writes = state.withLock { s -> [SpoolWrite]? in
             s.pending.append(event)
             s.counters?.read(event.kind)
-            guard s.pending.count >= maxEvents(s) || event.isCritical else { return nil }
-            // With a spooler the reader only asks it to seal, unless it falls
-            // far behind (then the reader seals, which slows it, as before).
-            if s.background, s.sealing || s.pending.count < 8 * maxEvents(s) {
-                if event.isCritical { s.sealAllRequested = true }
-                requestSeal(&s)
-                return nil
-            }
-            return handOff(seal(&s), &s)
+            return added(critical: event.isCritical, &s)
         }
         if let writes { finishSeal(writes) }
+    }
+
+    /// Counts one event as read in the crash counters, without the lock: the
+    /// ring-buffer reader counts each event as it converts it, before the
+    /// ring buffer lets go of its record, and hands them over with
+    /// `add(contentsOf:)` a group at a time.
+    public func countRead(_ kind: EventKind) {
+        readTally.counters?.read(kind)
+    }
+
+    /// Adds a group of events already counted with `countRead`, with one
+    /// lock for the group, and leaves `events` empty. The group is kept as
+    /// it is (no copy of its events): one of `eventsPerBatch` events is
+    /// sealed as a batch of its own.
+    /// `critical`: whether one of them is (`TapioEvent.isCritical`): the
+    /// caller knows, having made them, and asking each event again here
+    /// would copy it.
+    public func add(contentsOf events: inout [TapioEvent], critical: Bool) {
+        guard !events.isEmpty else { return }
+        let writes = state.withLock { s -> [SpoolWrite]? in
+            s.pending.append(group: &events)
+            return added(critical: critical, &s)
+        }
+        if let writes { finishSeal(writes) }
+    }
+
+    /// Events per batch now (the server may announce fewer): the size of
+    /// the groups the ring-buffer reader hands over.
+    public var eventsPerBatch: Int { state.withLock { maxEvents($0) } }
+
+    /// After events were added: a full batch or a critical event seals.
+    private func added(critical: Bool, _ s: inout State) -> [SpoolWrite]? {
+        guard s.pending.count >= maxEvents(s) || critical else { return nil }
+        // With a spooler the reader only asks it to seal, unless it falls
+        // far behind (then the reader seals, which slows it, as before).
+        if s.background, s.sealing || s.pending.count < 8 * maxEvents(s) {
+            if critical { s.sealAllRequested = true }
+            requestSeal(&s)
+            return nil
+        }
+        return handOff(seal(&s, all: critical), &s)
     }
 
     private func requestSeal(_ s: inout State) {
@@ -316,53 +352,43 @@ public final class Outbox: Sendable {
     /// batches and re-seals wait), so the sequences it encodes are the next
     /// ones. Returns whether it sealed anything.
     private func sealInBackground() -> Bool {
-        let job = state.withLock { s -> (events: [TapioEvent], sequence: UInt64, drops: [DropKey: UInt64], perBatch: Int, maxBytes: Int)? in
+        let job = state.withLock { s -> (batches: [[TapioEvent]], sequence: UInt64, drops: [DropKey: UInt64], maxBytes: Int)? in
             guard !s.pending.isEmpty, s.sealRequested || !s.background, !s.sealing else { return nil }
             let all = s.sealAllRequested || !s.background
             s.sealRequested = false
             s.sealAllRequested = false
             // Whole batches only, unless all was asked for: the rest waits for
             // its batch to fill or its delay to pass.
-            let take = all ? s.pending.count : s.pending.count - s.pending.count % maxEvents(s)
-            guard take > 0 else { return nil }
-            // O(1) for the events taken (the array is handed over), a copy of the short rest.
-            var events = s.pending
-            s.pending = Array(events[take...])
-            s.pending.reserveCapacity(maxEvents(s))
-            events.removeLast(events.count - take)
-            s.sealingEvents = events.count
-            return (events, s.nextSequence, s.drops, maxEvents(s), maxPayloadBytes(s))
+            let batches = s.pending.takeBatches(perBatch: maxEvents(s), all: all)
+            guard !batches.isEmpty else { return nil }
+            s.sealingEvents = batches.reduce(0) { $0 + $1.count }
+            return (batches, s.nextSequence, s.drops, maxPayloadBytes(s))
         }
         guard let job else { return false }
         let counts = job.drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
             .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
-        var built: [(events: ArraySlice<TapioEvent>, bytes: [UInt8])] = []
+        var built: [(events: [TapioEvent], bytes: [UInt8])] = []
         var tooLarge: [EventKind] = []
-        func encode(_ chunk: ArraySlice<TapioEvent>) {
-            let bytes = EventBatch(node: node, epoch: epoch, sequence: job.sequence + UInt64(built.count), events: Array(chunk), drops: counts).encoded()
+        func encode(_ events: [TapioEvent]) {
+            let bytes = EventBatch(node: node, epoch: epoch, sequence: job.sequence + UInt64(built.count), events: events, drops: counts).encoded()
             if bytes.count > job.maxBytes {
-                if chunk.count == 1 {
-                    tooLarge.append(chunk.first!.kind)
+                if events.count == 1 {
+                    tooLarge.append(events[0].kind)
                     return
                 }
-                let middle = chunk.startIndex + chunk.count / 2
-                encode(chunk[..<middle])
-                encode(chunk[middle...])
+                let middle = events.count / 2
+                encode(Array(events[..<middle]))
+                encode(Array(events[middle...]))
                 return
             }
-            built.append((chunk, bytes))
+            built.append((events, bytes))
         }
-        var start = 0
-        while start < job.events.count {
-            let end = min(start + max(1, job.perBatch), job.events.count)
-            encode(job.events[start..<end])
-            start = end
-        }
+        for batch in job.batches { encode(batch) }
         let writes = state.withLock { s -> [SpoolWrite] in
             s.sealingEvents = 0
             if s.nextSequence != job.sequence {
                 // Cannot happen (nothing else seals meanwhile); if it did, seal again under the lock.
-                sealEvents(job.events, &s)
+                for batch in job.batches { sealEvents(batch, &s) }
             } else {
                 for kind in tooLarge {
                     s.count(1, "batch_too_large", kind: kind)
@@ -370,7 +396,7 @@ public final class Outbox: Sendable {
                 }
                 for b in built {
                     s.entries.append(Entry(epoch: epoch, sequence: s.nextSequence, events: b.events.count, payloadBytes: b.bytes.count,
-                                           memory: b.bytes, drops: job.drops, kinds: KindCounts(b.events)))
+                                           memory: b.bytes, drops: job.drops, kinds: KindCounts(b.events[...])))
                     s.memoryBytes += b.bytes.count
                     s.nextSequence += 1
                     s.sealedBatches += 1
@@ -458,8 +484,8 @@ public final class Outbox: Sendable {
     /// one per `maxDelayNs`.
     public func sealIfDue(nowNs: Int64, force: Bool = false) {
         let writes = state.withLock { s -> [SpoolWrite]? in
-            if let first = s.pending.first {
-                let (waited, overflow) = nowNs.subtractingReportingOverflow(first.timeNs)
+            if let firstNs = s.pending.firstTimeNs {
+                let (waited, overflow) = nowNs.subtractingReportingOverflow(firstNs)
                 guard force || overflow || waited >= limits.maxDelayNs else { return nil }
                 if s.background {
                     s.sealAllRequested = true
@@ -527,12 +553,11 @@ public final class Outbox: Sendable {
         (s.serverMaxEvents > 0 && e.events > s.serverMaxEvents) || (s.serverMaxPayloadBytes > 0 && e.payloadBytes > s.serverMaxPayloadBytes)
     }
 
-    /// Seals the pending events into as many batches as the limits need and
-    /// returns the spool writes to do outside the lock.
-    private func seal(_ s: inout State) -> [SpoolWrite] {
-        let events = s.pending
-        s.pending.removeAll(keepingCapacity: true)
-        sealEvents(events, &s)
+    /// Seals the pending events (whole batches only unless `all`) into as
+    /// many batches as the limits need and returns the spool writes to do
+    /// outside the lock.
+    private func seal(_ s: inout State, all: Bool = true) -> [SpoolWrite] {
+        for batch in s.pending.takeBatches(perBatch: maxEvents(s), all: all) { sealEvents(batch, &s) }
         // Reserved writes first: a batch about to reach the spool is not dropped for lack of memory.
         let writes = reserveSpoolWrites(&s)
         enforceMemoryLimit(&s)
@@ -547,11 +572,15 @@ public final class Outbox: Sendable {
         var sealed: [Entry] = []
         var reuse = replacing?.sequence
         let perBatch = maxEvents(s)
-        var start = 0
-        while start < events.count {
-            let end = min(start + perBatch, events.count)
-            sealChunk(events[start..<end], &s, into: &sealed, reusing: &reuse)
-            start = end
+        if events.count <= perBatch {
+            sealChunk(events, &s, into: &sealed, reusing: &reuse)
+        } else {
+            var start = 0
+            while start < events.count {
+                let end = min(start + perBatch, events.count)
+                sealChunk(Array(events[start..<end]), &s, into: &sealed, reusing: &reuse)
+                start = end
+            }
         }
         s.entries.insert(contentsOf: sealed, at: replacing?.index ?? s.entries.count)
         // Not at the end: the next reservation must look further back.
@@ -561,25 +590,25 @@ public final class Outbox: Sendable {
     /// One batch, halved until it fits the byte budget. A single event larger
     /// than the budget on its own is dropped and counted. Without events, a
     /// batch of the drop counts only.
-    private func sealChunk(_ events: ArraySlice<TapioEvent>, _ s: inout State, into sealed: inout [Entry], reusing: inout UInt64?) {
+    private func sealChunk(_ events: [TapioEvent], _ s: inout State, into sealed: inout [Entry], reusing: inout UInt64?) {
         let sequence = reusing ?? s.nextSequence
         let drops = s.drops
         let counts = drops.map { DropCount(kind: $0.key.kind, reason: $0.key.reason, count: $0.value) }
             .sorted { ($0.kind.rawValue, $0.reason) < ($1.kind.rawValue, $1.reason) }
-        let bytes = EventBatch(node: node, epoch: epoch, sequence: sequence, events: Array(events), drops: counts).encoded()
+        let bytes = EventBatch(node: node, epoch: epoch, sequence: sequence, events: events, drops: counts).encoded()
         if bytes.count > maxPayloadBytes(s), !events.isEmpty {
             if events.count == 1 {
                 s.count(1, "batch_too_large", kind: events.first!.kind)
                 s.counters?.account(events.first!.kind, 1)
                 return
             }
-            let middle = events.startIndex + events.count / 2
-            sealChunk(events[..<middle], &s, into: &sealed, reusing: &reusing)
-            sealChunk(events[middle...], &s, into: &sealed, reusing: &reusing)
+            let middle = events.count / 2
+            sealChunk(Array(events[..<middle]), &s, into: &sealed, reusing: &reusing)
+            sealChunk(Array(events[middle...]), &s, into: &sealed, reusing: &reusing)
             return
         }
         sealed.append(Entry(epoch: epoch, sequence: sequence, events: events.count, payloadBytes: bytes.count, memory: bytes, drops: drops,
-                            kinds: events.isEmpty ? nil : KindCounts(events)))
+                            kinds: events.isEmpty ? nil : KindCounts(events[...])))
         s.memoryBytes += bytes.count
         s.sealedDrops = drops
         if reusing != nil {
@@ -1014,6 +1043,91 @@ public final class Outbox: Sendable {
         _ = changed.wait(until: Date(timeIntervalSinceNow: timeoutSeconds))
         changed.unlock()
     }
+}
+
+/// Events read and not sealed yet, oldest first, in the groups they came
+/// in: a group the ring-buffer reader hands over (`Outbox.add(contentsOf:)`,
+/// a batch's worth) is kept as it is, and one that makes a whole batch is
+/// sealed as it is, without a copy of each event. Single events
+/// (`Outbox.add`) go into a group of their own kind.
+struct PendingEvents {
+    private var groups: [[TapioEvent]] = []
+    /// The last group takes single events (it is not a handed-over group).
+    private var lastOpen = false
+    private(set) var count = 0
+
+    var isEmpty: Bool { count == 0 }
+    /// The oldest pending event's time (no group is ever empty).
+    var firstTimeNs: Int64? { groups.first?.first?.timeNs }
+
+    mutating func append(_ event: TapioEvent) {
+        if !lastOpen || groups.isEmpty {
+            groups.append([])
+            lastOpen = true
+        }
+        groups[groups.count - 1].append(event)
+        count += 1
+    }
+
+    /// Takes the group over (`group` is left empty).
+    mutating func append(group: inout [TapioEvent]) {
+        guard !group.isEmpty else { return }
+        count += group.count
+        groups.append(group)
+        group = []
+        lastOpen = false
+    }
+
+    /// Takes the oldest events as batches of `perBatch` events: whole
+    /// batches only, unless `all` (then the last batch may hold fewer). A
+    /// group that is a batch on its own, where a batch starts, is taken as
+    /// it is; other events are copied into their batch. The rest stays.
+    mutating func takeBatches(perBatch: Int, all: Bool) -> [[TapioEvent]] {
+        let per = max(1, perBatch)
+        var left = all ? count : count - count % per
+        guard left > 0 else { return [] }
+        count -= left
+        var batches: [[TapioEvent]] = []
+        var current: [TapioEvent] = []
+        var taken = 0
+        var rest: [TapioEvent] = []
+        while taken < groups.count, left > 0 {
+            let group = groups[taken]
+            taken += 1
+            if current.isEmpty, group.count <= left, group.count == per || group.count == left && group.count < per {
+                batches.append(group)
+                left -= group.count
+                continue
+            }
+            var i = 0
+            while i < group.count, left > 0 {
+                if current.isEmpty { current.reserveCapacity(min(per, left)) }
+                current.append(group[i])
+                i += 1
+                left -= 1
+                if current.count == per {
+                    batches.append(current)
+                    current = []
+                }
+            }
+            if i < group.count { rest = Array(group[i...]) }
+        }
+        if !current.isEmpty { batches.append(current) }
+        groups.removeFirst(taken)
+        if !rest.isEmpty {
+            groups.insert(rest, at: 0)
+            if groups.count == 1 { lastOpen = false }
+        }
+        if groups.isEmpty { lastOpen = false }
+        return batches
+    }
+}
+
+/// The crash counters as `Outbox.countRead` reaches them without the
+/// outbox's lock: set once in the outbox's init, before any reader runs,
+/// never changed after (counting is an atomic add into the mapped file).
+private final class ReadTally: @unchecked Sendable {
+    var counters: CrashCounters?
 }
 
 /// glibc's malloc_trim (in <malloc.h>, which the Glibc module leaves out).

@@ -159,6 +159,48 @@ final class CrashCountersTests: XCTestCase {
         XCTAssertEqual(drops(restarted), ["unspecified/spool_full": 30], "from carried-drops, not twice")
     }
 
+    func testEventsCountedAsReadAndNotYetHandedOverAreReportedByTheNextStart() throws {
+        do {
+            let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
+            // As the ring-buffer reader does: each event counted as it is
+            // read, then handed over a group at a time.
+            var group: [TapioEvent] = []
+            for pid in 1...10 {
+                outbox.countRead(.processExec)
+                group.append(event(UInt32(pid)))
+            }
+            outbox.add(contentsOf: &group, critical: false)
+            XCTAssertTrue(group.isEmpty, "the group is taken over")
+            // Read and counted, killed before the hand-over.
+            for _ in 1...4 { outbox.countRead(.processExit) }
+            XCTAssertEqual(try spooledEvents(outbox), 10, "the group was a whole batch, sealed and spooled")
+        }
+        let restarted = try Outbox(node: "n", epoch: 6, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
+        XCTAssertEqual(drops(restarted), ["process_exit/agent_killed": 4])
+        XCTAssertEqual(try spooledEvents(restarted), 10)
+    }
+
+    func testGroupsHandedOverWithTheSpoolerRunningAreAllAccountedForAtAStop() throws {
+        let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
+        outbox.startSpooler()
+        var pid: UInt32 = 0
+        for size in [10, 3, 10, 7, 25, 1, 10] {
+            var group: [TapioEvent] = []
+            for _ in 0..<size {
+                pid += 1
+                outbox.countRead(.processExec)
+                group.append(event(pid))
+            }
+            outbox.add(contentsOf: &group, critical: false)
+            outbox.add(event(1000 + pid))
+        }
+        outbox.sealIfDue(nowNs: 0, force: true)
+        outbox.stopSpooler()
+        XCTAssertEqual(outbox.spoolRemaining(), 0)
+        XCTAssertEqual(outbox.closeCrashCounters(), [:], "every event read is in a batch on disk")
+        XCTAssertEqual(try spooledEvents(outbox), Int(pid) + 7)
+    }
+
     func testTheSpoolerThreadSealsAndWritesWhatTheReaderAppends() throws {
         let outbox = try Outbox(node: "n", epoch: 5, limits: limits(events: 10), spoolDirectory: spool, stateDirectory: dir)
         outbox.startSpooler()

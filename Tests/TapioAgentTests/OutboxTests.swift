@@ -27,6 +27,36 @@ final class OutboxTests: XCTestCase {
         XCTAssertEqual(sequences, [1, 2, 3])
     }
 
+    func testGroupsAndSingleEventsAreSealedOnceEachInOrderInWholeBatches() throws {
+        var limits = Outbox.Limits()
+        limits.maxEvents = 10
+        limits.maxDelayNs = 1_000_000_000_000
+        let outbox = try Outbox(node: "n", epoch: 1, limits: limits, spoolDirectory: nil)
+        var pid: UInt32 = 0
+        // Groups that are a batch on their own, smaller, larger, and single
+        // events between them: batches fill across them in order.
+        for size in [10, 4, 10, 10, 23, 0, 1, 10, 6] {
+            var group: [TapioEvent] = []
+            for _ in 0..<size {
+                pid += 1
+                group.append(exitEvent(pid))
+            }
+            outbox.add(contentsOf: &group, critical: false)
+            if size % 2 == 0 {
+                pid += 1
+                outbox.add(exitEvent(pid))
+            }
+        }
+        XCTAssertEqual(outbox.pendingEvents, Int(pid) % 10, "whole batches sealed, the rest waits")
+        outbox.sealIfDue(nowNs: 0, force: true)
+        let all = try outbox.sealedPayloadsForTesting().map { try EventBatch.decode($0) }
+        XCTAssertEqual(all.flatMap(\.events).map(\.pid), Array(1...pid))
+        XCTAssertEqual(all.map(\.events.count), Array(repeating: 10, count: Int(pid) / 10) + [Int(pid) % 10])
+        var oom = [exitEvent(pid + 1, kind: .oomKill)]
+        outbox.add(contentsOf: &oom, critical: true)
+        XCTAssertEqual(outbox.unacknowledged, all.count + 1, "a group with an OOM kill goes out at once")
+    }
+
     func testUnacknowledgedBatchesSurviveARestartThroughTheSpool() throws {
         let spool = try TestSupport.temporaryDirectory("tapio-spool")
         do {

@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "tapio_events.h"
+#include "tapio_counters.h"
 
 #ifdef __cplusplus
 extern "C" {
