@@ -22,10 +22,17 @@ const volatile __u32 cgroup_root_level = 0;
 const volatile __u32 kinds_disabled_mask = 0;
 /* Adaptive wakeup: while fewer than wakeup_bytes wait in the ring, records
  * are submitted without waking the reader (it drains them on its own timer,
- * docs/architecture.md); at or above the mark each record wakes it. 0 keeps
- * the kernel's default (a wakeup whenever the reader has caught up), which
- * at high rates costs one reader wakeup per record. */
+ * docs/architecture.md); at or above the mark every TAPIO_WAKEUP_EVERY-th
+ * record of a CPU wakes it. 0 keeps the kernel's default (a wakeup whenever
+ * the reader has caught up), which at high rates costs one reader wakeup
+ * per record. */
 const volatile __u64 wakeup_bytes = 0;
+
+/* Past the mark, one record in this many (per CPU) forces a wakeup. A
+ * forced wakeup queues irq_work (a self-IPI, on a VM an exit) whenever none
+ * is pending: forcing it on every record made each system call of a busy
+ * process several microseconds slower while the reader was behind. */
+#define TAPIO_WAKEUP_EVERY 64
 
 /* 1 MiB in the object; the loaders size it (4 MiB for process and dns by
  * default, --ring-buffer): a power of two, a multiple of the page size. */
@@ -33,6 +40,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* Records submitted past the wakeup mark, per CPU (one slot). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} past_mark SEC(".maps");
 
 /* Events lost in the kernel, at kind * TAPIO_DROP_REASON_MAX + reason. */
 struct {
@@ -84,14 +99,24 @@ static __always_inline struct tapio_event *tapio_reserve(__u32 kind)
 	return event;
 }
 
-/* Submits a reserved record, waking the reader only past the fill mark. */
+/* Submits a reserved record, waking the reader only past the fill mark,
+ * and there with one record in TAPIO_WAKEUP_EVERY of each CPU: the reader,
+ * once woken, drains the ring whole, and its read interval bounds the wait
+ * of whatever no wakeup announced. */
 static __always_inline void tapio_submit(void *event)
 {
 	__u64 flags = 0;
 
-	if (wakeup_bytes)
-		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
-										: BPF_RB_NO_WAKEUP;
+	if (wakeup_bytes) {
+		flags = BPF_RB_NO_WAKEUP;
+		if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes) {
+			__u32 key = 0;
+			__u64 *n = bpf_map_lookup_elem(&past_mark, &key);
+
+			if (!n || (*n)++ % TAPIO_WAKEUP_EVERY == 0)
+				flags = BPF_RB_FORCE_WAKEUP;
+		}
+	}
 	bpf_ringbuf_submit(event, flags);
 }
 
