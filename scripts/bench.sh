@@ -292,3 +292,11 @@ done
 # the engine alone (scripts/bench-ingest.sh: its own server and PKI). Runs
 # with BENCH=ingest, and when BENCH is unset.
 if [ -z "${BENCH:-}" ] || [[ ",$BENCH," == *",ingest,"* ]]; then "$(dirname "$0")/bench-ingest.sh" "$bin" "$duration"; fi
+
+# restart: the server's restart after a long run (scripts/bench-restart.sh:
+# BENCH_RESTART_SECONDS of load at BENCH_RESTART_RATE events/s, an hour at
+# 100 000 by default, then a SIGTERM and a kill -9 restart). Runs only with
+# BENCH=restart.
+if [[ ",${BENCH:-}," == *",restart,"* ]]; then
+	"$(dirname "$0")/bench-restart.sh" "$bin" "${BENCH_RESTART_SECONDS:-3600}" "${BENCH_RESTART_RATE:-100000}"
+fi
