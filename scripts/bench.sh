@@ -23,7 +23,8 @@
 #
 # Usage: scripts/bench.sh BIN_DIR [CLIENTS=4] [SECONDS=10]
 # BENCH=connect,events,dns,exec,ingest picks the sections (default: all, in
-# that order; ingest is scripts/bench-ingest.sh, at the end). BENCH_TOOLS is
+# that order; ingest is scripts/bench-ingest.sh, at the end; restart,
+# scripts/bench-restart.sh, an hour long, only when named). BENCH_TOOLS is
 # where `make bench-tools` put bench/'s programs (default .build-bench).
 # BENCH_STORM_THREADS: getppid threads (default 1). BENCH_DNS_QPS,
 # BENCH_EXEC_WORKERS: see above. BENCH_DRAIN_SECONDS: how long a section waits
