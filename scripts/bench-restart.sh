@@ -43,7 +43,7 @@ listen=127.0.0.1:17711 query=127.0.0.1:17712 metrics=17713
 "$bin/tapio" certs init --dir "$work/pki" --nodes "$nodes" >/dev/null
 start_server() {
 	"$bin/tapio-server" --data-dir "$data" --tls-dir "$work/pki/server" --listen "$listen" \
-		--query-listen "$query" --metrics-listen "127.0.0.1:$metrics" 2>>"$work/server.log" &
+		--query-listen "$query" --metrics-listen "127.0.0.1:$metrics" >/dev/null 2>>"$work/server.log" &
 	server=$!
 	pids+=($server)
 }
@@ -62,7 +62,8 @@ d = json.load(open(sys.argv[1]))
 for i in sorted(d["incidents"], key=lambda i: i["id"]):
     c = i.get("topCause") or {}
     print(i["id"], i["status"], c.get("kind", "-"), c.get("entity", "-"), "%.2f" % c.get("confidence", 0))' "$1"; }
-# Times of a start on the same data: to /readyz, then to an answered query.
+# Times of a start on the same data: to /readyz, then to an answered query,
+# in $times (not printed: the server started here must stay this shell's).
 restart() {
 	local r0 r1 r2
 	r0=$(date +%s.%N)
@@ -71,7 +72,7 @@ restart() {
 	r1=$(date +%s.%N)
 	incidents "$work/$1.json"
 	r2=$(date +%s.%N)
-	awk -v a="$r0" -v b="$r1" -v c="$r2" 'BEGIN {printf "%.2f %.2f", b - a, c - a}'
+	times=$(awk -v a="$r0" -v b="$r1" -v c="$r2" 'BEGIN {printf "%.2f %.2f", b - a, c - a}')
 }
 
 start_server
@@ -102,7 +103,8 @@ kill -TERM "$server"
 wait "$server" || true
 s1=$(date +%s.%N)
 kill "$sampler" 2>/dev/null || true
-graceful=$(restart after)
+restart after
+graceful=$times
 
 # The crash: load again, kill -9 in the middle of it, start again.
 incidents "$work/before-crash-load.json"
@@ -114,7 +116,8 @@ incidents "$work/before-crash.json"
 kill -KILL "$server"
 wait "$server" 2>/dev/null || true
 wait "$g" 2>/dev/null || true
-crash=$(restart after-crash)
+restart after-crash
+crash=$times
 replayed=$(grep 'correlation engine restored' "$work/server.log" | tail -n 1 | grep -o 'batches_replayed=[0-9]*\|from=[a-z]*' | tr '\n' ' ' || true)
 
 summary "$work/before.json" >"$work/before.txt"
