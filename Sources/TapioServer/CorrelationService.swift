@@ -88,10 +88,9 @@ public final class CorrelationService: Sendable {
     /// them from the log again (`WaitingBatches`). Changed on the engine's
     /// thread (and by `restore`/`adopt` before it starts).
     private let waiting = Mutex(WaitingBatches())
-    /// After a restore from a checkpoint that left waiting events out: the
-    /// batches up to `throughPosition` were taken before it, so of theirs
-    /// only the events dated after the checkpoint's watermark are fed again.
-    private let replaySkip = Mutex<(throughPosition: Int64, watermarkNs: Int64)?>(nil)
+    /// After adopting a checkpoint that left waiting events out: what the
+    /// stream delivers again of the batches taken before it (`ReplaySkip`).
+    private let replaySkip = Mutex<ReplaySkip?>(nil)
     /// Checkpoints asked for from other threads (role `correlate`), taken by
     /// the engine's thread right after its next pass.
     private let checkpointRequests = Mutex<[CheckedContinuation<(copy: CorrelationEngine, position: Int64, resumeAfter: Int64), Never>]>([])
@@ -141,12 +140,12 @@ public final class CorrelationService: Sendable {
             for node in byNode.keys.sorted() { e.updateInventory(node: node, pods: byNode[node]!) }
             var after = restored.resumeAfter
             var waits = WaitingBatches()
-            let skip = restored.lastTaken > restored.resumeAfter ? (throughPosition: restored.lastTaken, watermarkNs: e.watermarkNs) : nil
+            let skip = ReplaySkip(resumeAfter: restored.resumeAfter, lastTaken: restored.lastTaken, watermarkNs: e.watermarkNs)
             while true {
                 let page = try store.batches(afterId: after, limit: 2000)
                 for r in page {
                     var events = Self.observed(r.batch, clock: r.clock, receivedNs: r.receivedNs, maxFutureSkewNs: maxFutureSkewNs).events
-                    if let skip, r.id <= skip.throughPosition { events.removeAll { $0.timeNs <= skip.watermarkNs } }
+                    skip?.removeProcessed(from: &events, position: r.id)
                     e.ingest(events)
                     waits.taken(position: r.id, events: events)
                     after = r.id
@@ -208,7 +207,7 @@ public final class CorrelationService: Sendable {
         position.withLock { $0 = at }
         // The stream delivers again from `at + 1`: of the batches up to the
         // last one taken, only events after the watermark are fed.
-        replaySkip.withLock { $0 = parts.lastTaken > at ? (parts.lastTaken, watermarkNs) : nil }
+        replaySkip.withLock { $0 = ReplaySkip(resumeAfter: at, lastTaken: parts.lastTaken, watermarkNs: watermarkNs) }
         waiting.withLock { $0 = WaitingBatches() }
         published.withLock { $0 = statistics }
         try rememberArchived()
@@ -434,7 +433,7 @@ public final class CorrelationService: Sendable {
                     let count = events.count
                     if batchId > 0, let skip = replaySkip.withLock({ $0 }) {
                         if batchId <= skip.throughPosition {
-                            events.removeAll { $0.timeNs <= skip.watermarkNs }
+                            skip.removeProcessed(from: &events, position: batchId)
                         } else {
                             replaySkip.withLock { $0 = nil }
                         }
@@ -715,5 +714,29 @@ struct WaitingBatches {
     /// still waiting, or after `lastTaken` when none waits.
     func resumeAfter(lastTaken: Int64) -> Int64 {
         head < batches.count ? min(lastTaken, batches[head].position - 1) : lastTaken
+    }
+}
+
+/// What a restore from a checkpoint that left waiting events out feeds
+/// again of the batches the engine had taken before it (those up to
+/// `throughPosition`): only their events dated after the checkpoint's
+/// watermark; the others the engine had processed.
+struct ReplaySkip: Sendable {
+    let throughPosition: Int64
+    let watermarkNs: Int64
+
+    /// nil when the checkpoint left nothing out (it resumes after the last
+    /// batch taken).
+    init?(resumeAfter: Int64, lastTaken: Int64, watermarkNs: Int64) {
+        guard lastTaken > resumeAfter else { return nil }
+        throughPosition = lastTaken
+        self.watermarkNs = watermarkNs
+    }
+
+    /// Removes from the events of the batch at `position` those the engine
+    /// had already processed.
+    func removeProcessed(from events: inout [ObservedEvent], position: Int64) {
+        guard position <= throughPosition else { return }
+        events.removeAll { $0.timeNs <= watermarkNs }
     }
 }

@@ -61,9 +61,9 @@ final class CheckpointResumeTests: XCTestCase {
             let passEvery = 4
             let middle = (batches.count / 2 / passEvery) * passEvery
             guard middle > 0 else { continue }
-            func feed(_ engine: inout CorrelationEngine, _ waits: inout WaitingBatches, position p: Int, skip: (through: Int, watermarkNs: Int64)?) {
+            func feed(_ engine: inout CorrelationEngine, _ waits: inout WaitingBatches, position p: Int, skip: ReplaySkip?) {
                 var events = batches[p - 1].map { log.events[$0] }
-                if let skip, p <= skip.through { events.removeAll { $0.timeNs <= skip.watermarkNs } }
+                skip?.removeProcessed(from: &events, position: Int64(p))
                 engine.ingest(events)
                 waits.taken(position: Int64(p), events: events)
                 if p % passEvery == 0 {
@@ -84,7 +84,7 @@ final class CheckpointResumeTests: XCTestCase {
             let parts = try XCTUnwrap(CorrelationService.checkpointParts(bytes))
             var restored = try CorrelationEngine(checkpoint: Array(parts.state))
             var restoredWaits = WaitingBatches()
-            let skip = (through: Int(parts.lastTaken), watermarkNs: restored.watermarkNs)
+            let skip = ReplaySkip(resumeAfter: parts.resumeAfter, lastTaken: parts.lastTaken, watermarkNs: restored.watermarkNs)
             for p in Int(parts.resumeAfter + 1)...batches.count { feed(&restored, &restoredWaits, position: p, skip: skip) }
             restored.finish()
 
