@@ -48,9 +48,14 @@ public final class CorrelationService: Sendable {
         /// How often the engine processes events up to its watermark.
         public var tickIntervalNs: Int64 = 250_000_000
         /// Where the engine's checkpoint is kept (nil: none; the server
-        /// uses `<data-dir>/engine.checkpoint`), and how often it is taken.
+        /// uses `<data-dir>/engine.checkpoint`), and how often it is taken:
+        /// every `checkpointIntervalNs`, and sooner once the engine has
+        /// taken `checkpointEveryEvents` events since the last one. A start
+        /// after a crash replays what came after the checkpoint, so the
+        /// count bounds that replay whatever the rate.
         public var checkpointPath: String?
-        public var checkpointIntervalNs: Int64 = 30_000_000_000
+        public var checkpointIntervalNs: Int64 = 10_000_000_000
+        public var checkpointEveryEvents = 1_000_000
         public init() {}
     }
 
@@ -307,17 +312,20 @@ public final class CorrelationService: Sendable {
 
     /// Writes the engine's state and log position, taken now on the
     /// caller's thread (a copy: the engine is a value), encoded and written
-    /// on the checkpoint queue; skipped while the previous one is written.
-    /// `wait`: on the caller's thread, at stop. Only right after a pass
+    /// on the checkpoint queue; skipped (false) while the previous one is
+    /// written. `wait`: after the previous one, on the caller's thread, at stop. Only right after a pass
     /// (`checkpointCopy`).
-    func checkpoint(wait: Bool = false) {
-        guard let path = configuration.checkpointPath else { return }
+    @discardableResult
+    func checkpoint(wait: Bool = false) -> Bool {
+        guard let path = configuration.checkpointPath else { return false }
+        // At stop, the one being written finishes first and this one follows.
+        if wait { checkpointQueue.sync {} }
         let free = checkpointing.withLock { busy -> Bool in
             if busy { return false }
             busy = true
             return true
         }
-        guard free else { return }
+        guard free else { return false }
         let (copy, at, resumeAfter) = checkpointCopy()
         let logger = self.logger
         let work: @Sendable () -> Void = { [self] in
@@ -334,6 +342,7 @@ public final class CorrelationService: Sendable {
             }
         }
         if wait { checkpointQueue.sync(execute: work) } else { checkpointQueue.async(execute: work) }
+        return true
     }
 
     /// The drop reason under which events dated too far ahead are counted.
@@ -425,6 +434,7 @@ public final class CorrelationService: Sendable {
         let interval = configuration.tickIntervalNs
         var nextPass = monotonicNs() + interval
         var nextCheckpoint = monotonicNs() + configuration.checkpointIntervalNs
+        var takenSinceCheckpoint = 0
         while true {
             let (items, stopping) = feed.take(untilMonotonicNs: nextPass)
             for item in items {
@@ -448,6 +458,7 @@ public final class CorrelationService: Sendable {
                     }
                     published.withLock { $0 = s }
                     feed.taken(events: count)
+                    takenSinceCheckpoint &+= count
                 case .inventory(let node, let pods):
                     engine.withLock { $0.updateInventory(node: node, pods: pods) }
                 }
@@ -459,9 +470,10 @@ public final class CorrelationService: Sendable {
                 answerCheckpointRequests()
                 onPass()
                 nextPass = max(nextPass + interval, monotonicNs())
-                if now >= nextCheckpoint {
-                    checkpoint()
+                // One still being written is not waited for: the next pass tries again.
+                if now >= nextCheckpoint || takenSinceCheckpoint >= configuration.checkpointEveryEvents, checkpoint() {
                     nextCheckpoint = now + configuration.checkpointIntervalNs
+                    takenSinceCheckpoint = 0
                 }
             }
         }

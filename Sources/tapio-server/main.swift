@@ -246,7 +246,7 @@ struct Serve: ParsableCommand {
     var natsPublishTimeout: Double = 5
     @Option(help: "Role correlate: seconds without a renewal after which a standby takes the engine lease over (a leader that could not renew for this long publishes nothing until it can).")
     var leaseTimeout: Double = 5
-    @Option(help: "Role correlate: seconds between the active engine's checkpoints to JetStream (each with the stream sequence it covers).")
+    @Option(help: "Seconds between the engine's checkpoints: role all to <data-dir>/engine.checkpoint (also after every million events, so a start after a crash replays little at any rate), role correlate to JetStream (each with the stream sequence it covers).")
     var checkpointInterval: Double = 10
     @Option(help: ArgumentHelp("Role query: ClickHouse's HTTP interface, http://HOST:PORT (port 8123 if none) or https://HOST:PORT (HTTPS, port 8443 if none; the server's certificate is verified with --clickhouse-tls-dir's ca.crt, else the system's trust store).", valueName: "url"))
     var clickhouse: String?
@@ -411,13 +411,17 @@ struct Serve: ParsableCommand {
         // A check that has not completed for four intervals (and at least 20 s) is stuck.
         operations.storeCheckStaleAfter = .milliseconds(max(20_000, Int64(storeCheckInterval * 4000)))
         config.alerting = try alertingConfiguration()
+        guard checkpointInterval >= 1, checkpointInterval <= 3600 else {
+            throw ValidationError("--checkpoint-interval must be between 1 and 3600 seconds, got \(checkpointInterval)")
+        }
+        config.correlation.checkpointIntervalNs = Int64(checkpointInterval * 1e9)
 
         // Taken before the server starts: a SIGTERM right after it says it
         // is listening (a quick rollout, a test) is not lost.
         let termination = TerminationSignal()
         signal(SIGPIPE, SIG_IGN)
         if let nats, role == .correlate {
-            for (name, seconds) in [("--lease-timeout", leaseTimeout), ("--checkpoint-interval", checkpointInterval)] where !(seconds >= 1 && seconds <= 3600) {
+            for (name, seconds) in [("--lease-timeout", leaseTimeout)] where !(seconds >= 1 && seconds <= 3600) {
                 throw ValidationError("\(name) must be between 1 and 3600 seconds, got \(seconds)")
             }
             let holder = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"

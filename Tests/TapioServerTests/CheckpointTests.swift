@@ -1,7 +1,7 @@
 import Foundation
 import Logging
 import TapioCorrelation
-import TapioServer
+@testable import TapioServer
 import TapioStore
 import TapioTestSupport
 import TapioWire
@@ -51,6 +51,31 @@ final class CheckpointTests: XCTestCase {
         XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: bytes))
         XCTAssertThrowsError(try CheckpointFile.read(path)) { error in
             XCTAssertTrue("\(error)".contains("damaged"), "\(error)")
+        }
+    }
+
+    /// At a high rate the interval alone would leave a crash to replay
+    /// millions of events: a checkpoint also follows every
+    /// `checkpointEveryEvents` events taken (here every batch; the interval,
+    /// an hour, never comes).
+    func testACheckpointFollowsEnoughEventsWhateverTheInterval() throws {
+        let harness = try ServerHarness { c in
+            c.correlation.checkpointIntervalNs = 3_600_000_000_000
+            c.correlation.checkpointEveryEvents = 1
+        }
+        defer { harness.server.shutdown() }
+        let checkpoint = harness.dir + "/data/engine.checkpoint"
+        // The last batch the checkpoint covers (its events may still wait
+        // for the watermark, so it resumes before them).
+        func position() -> Int64? {
+            guard let bytes = try? CheckpointFile.read(checkpoint) else { return nil }
+            return CorrelationService.checkpointParts(bytes)?.lastTaken
+        }
+        let agent = try RawAgent(harness: harness, node: "node-a", epoch: 7)
+        for seq: UInt64 in 1...2 {
+            try agent.send(agent.batch(seq))
+            XCTAssertEqual(try agent.acks(1).map(\.sequence), [seq])
+            XCTAssertTrue(eventually { position() == Int64(seq) }, "a checkpoint after batch \(seq): \(String(describing: position()))")
         }
     }
 
