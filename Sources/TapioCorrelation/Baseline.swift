@@ -36,6 +36,28 @@ struct Series: Sendable, Codable {
         var events: [ObservedEvent] = []
         /// Part of a window that fired: never learned.
         var fired = false
+        /// Kinds with attempts: every attempt, failed or not.
+        var attempts: Double = 0
+        /// Fired within the bucket (`Engine.decideEarly`): its close fires
+        /// whatever share the rest of the bucket brings, as the early
+        /// decision promised.
+        var firedEarly = false
+
+        init(index: Int64) { self.index = index }
+
+        // Checkpoints written before attempts were counted still load.
+        enum CodingKeys: String, CodingKey { case index, count, level, samples, events, fired, attempts, firedEarly }
+        init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            index = try c.decode(Int64.self, forKey: .index)
+            count = try c.decode(Double.self, forKey: .count)
+            level = try c.decode(Double.self, forKey: .level)
+            samples = try c.decode(Int.self, forKey: .samples)
+            events = try c.decode([ObservedEvent].self, forKey: .events)
+            fired = try c.decode(Bool.self, forKey: .fired)
+            attempts = try c.decodeIfPresent(Double.self, forKey: .attempts) ?? 0
+            firedEarly = try c.decodeIfPresent(Bool.self, forKey: .firedEarly) ?? false
+        }
     }
 
     let key: SeriesKey
@@ -49,11 +71,22 @@ struct Series: Sendable, Codable {
     var lastLearned: Int64?
     var firing = false
     var lastTouched: Int64 = .min
+    /// Kinds with attempts: the failed share per bucket, learned like the
+    /// count (buckets without attempts teach nothing).
+    var shareMean: Double = 0
+    var shareLearned: Int = 0
+    /// The bucket the series began in: its attempts before the first
+    /// failure were not counted, so its share teaches nothing.
+    var shareFrom: Int64 = .min
 
     /// `quietBuckets`: buckets the engine has watched before this series'
     /// first event, in which it was zero (counts learn them as zeros, so a
     /// first failure is not its own baseline).
-    init(key: SeriesKey, edgeFrom: String?, edgeTo: String?, bucket: Int64, quietBuckets: Int64) {
+    /// `succeededBefore` (kinds with attempts): the engine saw this pair's
+    /// attempts succeed before the first failure, so the quiet buckets
+    /// count as a failed share of 0 (a name that stops resolving is not its
+    /// own baseline); otherwise the share is learned from the next bucket on.
+    init(key: SeriesKey, edgeFrom: String?, edgeTo: String?, bucket: Int64, quietBuckets: Int64, succeededBefore: Bool = false) {
         self.key = key
         self.edgeFrom = edgeFrom
         self.edgeTo = edgeTo
@@ -61,18 +94,70 @@ struct Series: Sendable, Codable {
             learned = Int(min(quietBuckets, 1_000_000))
             lastLearned = bucket - 1
         }
+        if key.kind.hasAttempts {
+            shareFrom = bucket
+            if succeededBefore && quietBuckets > 0 { shareLearned = Int(min(quietBuckets, 1_000_000)) }
+        }
+    }
+
+    enum CodingKeys: String, CodingKey { case key, edgeFrom, edgeTo, buckets, mean, variance, learned, lastLearned, firing, lastTouched, shareMean, shareLearned, shareFrom }
+    init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        key = try c.decode(SeriesKey.self, forKey: .key)
+        edgeFrom = try c.decodeIfPresent(String.self, forKey: .edgeFrom)
+        edgeTo = try c.decodeIfPresent(String.self, forKey: .edgeTo)
+        buckets = try c.decode([Bucket].self, forKey: .buckets)
+        mean = try c.decode(Double.self, forKey: .mean)
+        variance = try c.decode(Double.self, forKey: .variance)
+        learned = try c.decode(Int.self, forKey: .learned)
+        lastLearned = try c.decodeIfPresent(Int64.self, forKey: .lastLearned)
+        firing = try c.decode(Bool.self, forKey: .firing)
+        lastTouched = try c.decode(Int64.self, forKey: .lastTouched)
+        shareMean = try c.decodeIfPresent(Double.self, forKey: .shareMean) ?? 0
+        shareLearned = try c.decodeIfPresent(Int.self, forKey: .shareLearned) ?? 0
+        shareFrom = try c.decodeIfPresent(Int64.self, forKey: .shareFrom) ?? .min
     }
 
     mutating func observe(bucket: Int64, count: Double, level: Double?, event: ObservedEvent, keepEvents: Int) {
         if buckets.last?.index != bucket { buckets.append(Bucket(index: bucket)) }
         let i = buckets.count - 1
         buckets[i].count += count
+        if key.kind.hasAttempts { buckets[i].attempts += count }
         if let level {
             buckets[i].level = buckets[i].samples == 0 ? level : max(buckets[i].level, level)
             buckets[i].samples += 1
         }
         if buckets[i].events.count < keepEvents { buckets[i].events.append(event) }
         lastTouched = bucket
+    }
+
+    /// Attempts that did not fail (kinds with attempts), in `bucket`: the
+    /// series' event count and activity are unchanged.
+    mutating func succeeded(bucket: Int64, count: Double) {
+        if buckets.last?.index != bucket {
+            // An attempt in a bucket before the newest (events of a pass
+            // come in time order, so rarely) goes to its own bucket if kept.
+            if let i = buckets.lastIndex(where: { $0.index == bucket }) {
+                buckets[i].attempts += count
+                return
+            }
+            guard buckets.last.map({ $0.index < bucket }) ?? true else { return }
+            buckets.append(Bucket(index: bucket))
+        }
+        buckets[buckets.count - 1].attempts += count
+    }
+
+    /// The early decision fired in `bucket`: its close fires too.
+    mutating func firedEarly(in bucket: Int64) {
+        if let i = buckets.lastIndex(where: { $0.index == bucket }) { buckets[i].firedEarly = true }
+    }
+
+    private mutating func learnShare(_ b: Bucket, alpha: Double) {
+        guard key.kind.hasAttempts, b.attempts > 0, b.index > shareFrom else { return }
+        let share = min(1, b.count / b.attempts)
+        let a = max(alpha, 1 / Double(shareLearned + 1))
+        shareMean += a * (share - shareMean)
+        shareLearned += 1
     }
 
     private mutating func learn(_ x: Double, alpha: Double) {
@@ -107,15 +192,28 @@ struct Series: Sendable, Codable {
         let leaving = index - w
         while let first = buckets.first, first.index <= leaving {
             learnZeros(until: first.index - 1, alpha: t.alpha)
-            if !first.fired { learn(first.count, alpha: t.alpha) }
+            if !first.fired {
+                learn(first.count, alpha: t.alpha)
+                learnShare(first, alpha: t.alpha)
+            }
             lastLearned = first.index
             buckets.removeFirst()
         }
         learnZeros(until: leaving, alpha: t.alpha)
-        let sum = buckets.reduce(0) { $0 + ($1.index <= index ? $1.count : 0) }
+        var sum = 0.0, attempts = 0.0, early = false
+        for b in buckets where b.index <= index {
+            sum += b.count
+            attempts += b.attempts
+            if b.index == index && b.firedEarly { early = true }
+        }
         let mu = mean * Double(w)
         let sd = (variance * Double(w)).squareRoot()
-        let fire = mayFire && sum >= t.floor && sum > t.factor * mu && sum > mu + t.deviations * sd
+        var fire = mayFire && sum >= t.floor && sum > t.factor * mu && sum > mu + t.deviations * sd
+        // More traffic at the same failed share is no symptom. A share not
+        // learned yet (a first failure) does not hold a symptom back.
+        if fire, !early, key.kind.hasAttempts, shareLearned > 0, attempts > 0 {
+            fire = min(1, sum / attempts) >= t.shareFactor * shareMean + t.shareRise
+        }
         if fire { for i in buckets.indices { buckets[i].fired = true } }
         firing = fire
         return BucketVerdict(firing: fire, count: sum, baseline: mean, value: sum, events: buckets.flatMap(\.events))

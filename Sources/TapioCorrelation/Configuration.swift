@@ -152,13 +152,21 @@ public struct SymptomThreshold: Sendable, Equatable {
     /// Buckets summed for counts (levels use one bucket).
     public var windowBuckets: Int
     public var alpha: Double
+    /// Kinds with attempts (`SymptomKind.hasAttempts`): the window's failed
+    /// share must also reach `shareFactor` × its baseline share +
+    /// `shareRise` (a share from 0 to 1).
+    public var shareFactor: Double
+    public var shareRise: Double
 
-    public init(floor: Double, factor: Double = 3, deviations: Double = 4, windowBuckets: Int = 1, alpha: Double = 0.05) {
+    public init(floor: Double, factor: Double = 3, deviations: Double = 4, windowBuckets: Int = 1, alpha: Double = 0.05,
+                shareFactor: Double = 1.5, shareRise: Double = 0.01) {
         self.floor = floor
         self.factor = factor
         self.deviations = deviations
         self.windowBuckets = windowBuckets
         self.alpha = alpha
+        self.shareFactor = shareFactor
+        self.shareRise = shareRise
     }
 
     public static let defaults: [SymptomKind: SymptomThreshold] = [

@@ -331,6 +331,8 @@ public struct CorrelationEngine: Sendable {
         classify(e, bucket: late ? nil : b)
     }
 
+    private static let connectFailureKinds: [SymptomKind] = [.connectRefused, .connectTimeout, .connectErrors]
+
     private mutating func observe(_ key: SeriesKey, from: String?, to: String?, bucket: Int64?, count: Double, level: Double? = nil, event: ObservedEvent) {
         guard let bucket else { return }
         // In place: copying the series out of the dictionary and back made
@@ -344,7 +346,13 @@ public struct CorrelationEngine: Sendable {
             series.values[i].observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
         } else {
             wasTouched = false
-            var s = Series(key: key, edgeFrom: from, edgeTo: to, bucket: bucket, quietBuckets: bucket - firstBucket)
+            var succeededBefore = false
+            if key.kind == .dnsErrors {
+                succeededBefore = dnsAnswered[key.observer + "\u{0}" + key.peer] != nil
+            } else if key.kind.hasAttempts, let from, let to, let edge = graph.edge(client: from, server: to) {
+                succeededBefore = edge.connects > edge.failureCount
+            }
+            var s = Series(key: key, edgeFrom: from, edgeTo: to, bucket: bucket, quietBuckets: bucket - firstBucket, succeededBefore: succeededBefore)
             s.observe(bucket: bucket, count: count, level: level, event: event, keepEvents: 2)
             series[key] = s
             statistics.series = series.count
@@ -440,6 +448,14 @@ public struct CorrelationEngine: Sendable {
             if outcome == .established, let k = Endpoint(flow.destination, flow.destinationPort) {
                 deliveries.add(server: k, client: flow.source, bucket: floorDiv(e.timeNs, configuration.bucketNs), count: UInt64(max(count, 1)))
                 if bucket == nil { stamps.deliveriesChanged() }  // late: see Reuse.swift
+            }
+            if outcome == .established, let bucket, !series.isEmpty {
+                // The attempts of the pair's failure series (those that exist: a pair that never failed has none).
+                for kind in Self.connectFailureKinds {
+                    if let i = series.index(forKey: SeriesKey(observer: client.name, kind: kind, peer: server.name)) {
+                        series.values[i].succeeded(bucket: bucket, count: Double(max(count, 1)))
+                    }
+                }
             }
             let edges = graph.edgeCount
             graph.connect(client: client.name, server: server.name, port: flow.destinationPort, outcome: outcome, latencyNs: latencyNs, count: count, timeNs: e.timeNs)
@@ -566,6 +582,9 @@ public struct CorrelationEngine: Sendable {
                 func raise(_ t: inout Int64, to new: Int64) { if t < new { t = new } }
                 raise(&dnsAnswered[answeredKey, default: .min], to: e.timeNs)
                 if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(nowNs: e.timeNs) }
+                if let bucket, let i = series.index(forKey: SeriesKey(observer: me.name, kind: .dnsErrors, peer: name)) {
+                    series.values[i].succeeded(bucket: bucket, count: 1)
+                }
             } else if rcode == -1, let answered = dnsAnswered[answeredKey], answered >= e.timeNs - Int64(clamping: latencyNs) {
                 // A query that got no answer (its event comes at the agent's
                 // timeout, `latencyNs` after it was sent), while the same
@@ -685,6 +704,7 @@ public struct CorrelationEngine: Sendable {
         }
         guard !fired.isEmpty else { return }
         fired.sort { $0.0.key < $1.0.key }
+        for (s, _) in fired { series[s.key]?.firedEarly(in: b) }
         let before = Set(openIncidents.map(\.id))
         var changed = Set<String>()
         for (s, v) in fired {

@@ -98,6 +98,15 @@ public enum SymptomKind: String, Sendable, CaseIterable, Comparable, Codable {
     /// A level (latency, throttled share) rather than a count per window.
     public var isLevel: Bool { self == .latency || self == .throttling }
 
+    /// A count of failed attempts whose successes the engine sees too
+    /// (lookups answered, connections established): its series also counts
+    /// every attempt, and fires only when the failed share rises, not when
+    /// more traffic brings more failures at the same share
+    /// (docs/correlation.md, "Symptoms").
+    public var hasAttempts: Bool {
+        self == .dnsErrors || self == .connectRefused || self == .connectTimeout || self == .connectErrors
+    }
+
     /// The unit of `Symptom.baseline`.
     public var baselineUnit: String {
         switch self {

@@ -146,6 +146,90 @@ final class FalsePageTests: XCTestCase {
         XCTAssertEqual(engine.incidents.map(\.title), [])
     }
 
+    /// Steady lookups with a steady share of NXDOMAIN answers (a search-path
+    /// expansion tried first, 1 query in 10), then five times the traffic
+    /// for 30 s (a deploy's warm-up, a batch job): five times the NXDOMAIN
+    /// answers, at the same share. More traffic is no DNS failure: nothing
+    /// opens. (The ingest benchmark's steady 2 % NXDOMAIN paged
+    /// `dns_failure` three times in an hour when its rate swung.)
+    func testMoreTrafficWithTheSameShareOfNXDOMAINIsNoDNSFailure() {
+        var c = SyntheticCluster()
+        c.healthy(until: 150)
+        func lookups(from: Double, until: Double, perSecond: Int) {
+            let step = 1 / Double(perSecond)
+            var i = 0
+            for t in stride(from: from, to: until, by: step) {
+                if i % 10 == 0 {
+                    c.dns(t, "api", name: "cdn.example.com.shop.svc", rcode: 3)
+                } else {
+                    c.dns(t, "api", name: "cdn.example.com.shop.svc", rcode: 0, answer: "10.9.0.1")
+                }
+                i += 1
+            }
+        }
+        lookups(from: 0, until: 60, perSecond: 20)
+        lookups(from: 60, until: 90, perSecond: 100)
+        lookups(from: 90, until: 150, perSecond: 20)
+        let engine = c.engine()
+        XCTAssertEqual(engine.incidents.map(\.title), [])
+        assertNothingPages(engine)
+        XCTAssertTrue(c.engine(configuration: Self.countsOnly).incidents.contains { $0.pages }, "counted alone, the surge pages")
+    }
+
+    /// Symptom thresholds without the failed-share condition.
+    static var countsOnly: CorrelationConfiguration {
+        var c = CorrelationConfiguration()
+        for k in SymptomKind.allCases where k.hasAttempts {
+            c.thresholds[k]?.shareFactor = 0
+            c.thresholds[k]?.shareRise = 0
+        }
+        return c
+    }
+
+    /// The same for connections: the api is refused by db one time in ten
+    /// (its connection limit at peaks), then opens five times as many
+    /// connections for 30 s at the same share. Nothing opens.
+    func testMoreConnectionsWithTheSameShareRefusedAreNoSymptom() {
+        var c = SyntheticCluster()
+        c.healthy(until: 150, skip: ["api>db"])
+        func connections(from: Double, until: Double, perSecond: Int) {
+            var i = 0
+            for t in stride(from: from, to: until, by: 1 / Double(perSecond)) {
+                c.connect(t, "api", "db", i % 10 == 0 ? .refused : .established)
+                i += 1
+            }
+        }
+        connections(from: 0, until: 60, perSecond: 20)
+        connections(from: 60, until: 90, perSecond: 100)
+        connections(from: 90, until: 150, perSecond: 20)
+        let engine = c.engine()
+        XCTAssertEqual(engine.incidents.map(\.title), [])
+        assertNothingPages(engine)
+        XCTAssertFalse(c.engine(configuration: Self.countsOnly).incidents.isEmpty, "counted alone, the surge opens an incident")
+    }
+
+    /// The real thing next to it: the name stops resolving (every answer
+    /// NXDOMAIN) at the same traffic: a DNS failure that pages.
+    func testANameThatStopsResolvingAtTheSameTrafficIsADNSFailure() {
+        var c = SyntheticCluster()
+        c.healthy(until: 150)
+        var i = 0
+        for t in stride(from: 0.0, to: 150, by: 0.05) {
+            let failing = t >= 60 && t < 90
+            if i % 10 == 0 || failing {
+                c.dns(t, "api", name: "cdn.example.com.shop.svc", rcode: 3)
+            } else {
+                c.dns(t, "api", name: "cdn.example.com.shop.svc", rcode: 0, answer: "10.9.0.1")
+            }
+            i += 1
+        }
+        let engine = c.engine()
+        let top = engine.incidents.first?.rootCauses.first
+        XCTAssertEqual(top?.kind, .dnsFailure, "\(engine.incidents.map(\.title))")
+        XCTAssertEqual(top?.entity, "cdn.example.com.shop.svc")
+        XCTAssertTrue(engine.incidents.first?.pages ?? false, "\(engine.incidents.map(\.title))")
+    }
+
     /// The real thing next to it: the DNS server stays down for 15 s, so the
     /// retries go unanswered too. The timeouts are a DNS failure.
     func testDNSQueriesThatRetriesDoNotAnswerAreADNSFailure() {
