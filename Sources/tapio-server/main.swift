@@ -335,6 +335,12 @@ struct Serve: ParsableCommand {
     var logLevel = "info"
 
     func run() throws {
+        // Events are allocated on the event loops and freed on the engine's
+        // thread; with glibc's default of up to 8 arenas per core the freed
+        // memory stays spread over them (a 15 s full-rate ingest peaked at
+        // 580 MiB with the default, 490 MiB with 2). MALLOC_ARENA_MAX, when
+        // set, still decides.
+        if ProcessInfo.processInfo.environment["MALLOC_ARENA_MAX"] == nil { limitMallocArenas(2) }
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -657,4 +663,14 @@ final class TerminationSignal {
     func wait() {
         done.wait()
     }
+}
+
+/// glibc's `mallopt(M_ARENA_MAX, n)` (malloc.h is outside Swift's Glibc
+/// module); before the server's threads start. Nothing on a C library
+/// without it.
+func limitMallocArenas(_ n: Int32) {
+    typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+    let M_ARENA_MAX: Int32 = -8
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") else { return }
+    _ = unsafeBitCast(symbol, to: Mallopt.self)(M_ARENA_MAX, n)
 }

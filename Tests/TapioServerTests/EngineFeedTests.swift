@@ -12,19 +12,21 @@ import XCTest
 /// the engine; a full queue tells the caller to stop reading and calls back
 /// once there is room; nothing queued is lost, and stopping drains it.
 final class EngineFeedTests: XCTestCase {
-    private func events(_ n: Int, node: String = "node-a") -> [ObservedEvent] {
+    /// `n` events dated `ageNs` ago (negative: ahead).
+    private func events(_ n: Int, node: String = "node-a", ageNs: Int64 = 10_000_000_000) -> [ObservedEvent] {
         let now = wallClockNs()
         return (0..<n).map { i in
-            ObservedEvent(node: node, agentEvent: TapioEvent(kind: .processExec, timeNs: now - 10_000_000_000 + Int64(i), pid: UInt32(100 + i), comm: "sh",
+            ObservedEvent(node: node, agentEvent: TapioEvent(kind: .processExec, timeNs: now - ageNs + Int64(i), pid: UInt32(100 + i), comm: "sh",
                                                              detail: .exec(filename: "/bin/sh")),
                           clockOffsetNs: 0, clockErrorNs: 1000)
         }
     }
 
-    private func service(queueEvents: Int) throws -> CorrelationService {
+    private func service(queueEvents: Int, maxPendingEvents: Int = 786_432) throws -> CorrelationService {
         let dir = try TestSupport.temporaryDirectory("tapio-feed")
         var config = CorrelationService.Configuration()
         config.queueEvents = queueEvents
+        config.maxPendingEvents = maxPendingEvents
         return CorrelationService(configuration: config, store: try SegmentEventStore(directory: dir), logger: Logger(label: "test"))
     }
 
@@ -41,6 +43,26 @@ final class EngineFeedTests: XCTestCase {
         XCTAssertTrue(eventually(timeout: 10) { calls.withLock { $0 } == 2 && s.queueDepth == 0 }, "both waiting callers are told once there is room")
         s.stop()
         XCTAssertEqual(s.statistics.processed, 130, "every queued event reached the engine; none dropped")
+    }
+
+    /// An engine holding `maxPendingEvents` events that wait for its
+    /// watermark takes nothing more until a pass has processed some: what
+    /// arrives stays queued (so a full queue stops connections reading)
+    /// instead of piling up in the engine; nothing is lost.
+    func testAnEngineFullOfWaitingEventsLeavesTheRestQueued() throws {
+        let s = try service(queueEvents: 1_000, maxPendingEvents: 100)
+        s.start()
+        // Dated 4 s ahead: they wait for the watermark (now − 1.5 s) for 5.5 s.
+        XCTAssertTrue(s.submit(events(150, ageNs: -4_000_000_000)) {})
+        XCTAssertTrue(eventually(timeout: 5) { s.queueDepth == 0 && s.statistics.pending == 150 }, "the first batch is taken")
+        XCTAssertTrue(s.submit(events(60, ageNs: -4_000_000_000)) {})
+        // Several passes (every 250 ms), none of which can process anything yet.
+        Thread.sleep(forTimeInterval: 1)
+        XCTAssertEqual(s.queueDepth, 60, "over the limit the engine takes nothing more")
+        XCTAssertEqual(s.statistics.pending, 150)
+        XCTAssertTrue(eventually(timeout: 30) { s.statistics.processed == 210 }, "once the watermark passes, everything: \(s.statistics.processed)")
+        s.stop()
+        XCTAssertEqual(s.queueDepth, 0)
     }
 
     func testStoppingDrainsTheQueueIntoTheEngine() throws {
