@@ -132,19 +132,26 @@ struct Series: Sendable, Codable {
     }
 
     /// Attempts that did not fail (kinds with attempts), in `bucket`: the
-    /// series' event count and activity are unchanged.
-    mutating func succeeded(bucket: Int64, count: Double) {
-        if buckets.last?.index != bucket {
-            // An attempt in a bucket before the newest (events of a pass
-            // come in time order, so rarely) goes to its own bucket if kept.
-            if let i = buckets.lastIndex(where: { $0.index == bucket }) {
-                buckets[i].attempts += count
-                return
-            }
-            guard buckets.last.map({ $0.index < bucket }) ?? true else { return }
-            buckets.append(Bucket(index: bucket))
+    /// series' event count and activity are unchanged. A bucket with only
+    /// successes is kept only while it is the newest: once a later bucket
+    /// begins (events come in time order) and no window still to be closed
+    /// reaches it (`window`, the kind's window in buckets), its share (0) is
+    /// learned and it is dropped, as a bucket of zero failures it teaches
+    /// the count baseline nothing a gap does not. So a pair that failed once
+    /// and then talks for an hour keeps one bucket, not 1 800.
+    mutating func succeeded(bucket: Int64, count: Double, window: Int, alpha: Double) {
+        if let last = buckets.last, last.index >= bucket {
+            // This bucket, or (rarely: a pass's events come in time order) an older one if kept.
+            if let i = buckets.lastIndex(where: { $0.index == bucket }) { buckets[i].attempts += count }
+            return
         }
-        buckets[buckets.count - 1].attempts += count
+        if let last = buckets.last, last.count == 0, last.samples == 0, last.index <= bucket - Int64(max(window, 1)) {
+            if !last.fired { learnShare(last, alpha: alpha) }
+            buckets.removeLast()
+        }
+        var b = Bucket(index: bucket)
+        b.attempts = count
+        buckets.append(b)
     }
 
     /// The early decision fired in `bucket`: its close fires too.

@@ -169,6 +169,9 @@ public struct CorrelationEngine: Sendable {
     public var dnsAnswersRemembered: Int { dnsAnswered.count }
     /// Entities whose nodes the engine remembers (bounded by `maxLearnedAddresses`).
     public var entitiesRemembered: Int { topology.entityNodes.count }
+    /// Buckets held over all series (bounded by the windows in play, not by
+    /// how long a pair keeps succeeding after a failure).
+    public var seriesBucketsRemembered: Int { series.values.reduce(0) { $0 + $1.buckets.count } }
 
     /// Past `maxDNSAnswerEntries`: answers older than a minute go, and when
     /// that is not enough (a flood of distinct names), the oldest go until a
@@ -453,7 +456,8 @@ public struct CorrelationEngine: Sendable {
                 // The attempts of the pair's failure series (those that exist: a pair that never failed has none).
                 for kind in Self.connectFailureKinds {
                     if let i = series.index(forKey: SeriesKey(observer: client.name, kind: kind, peer: server.name)) {
-                        series.values[i].succeeded(bucket: bucket, count: Double(max(count, 1)))
+                        let t = configuration.threshold(kind)
+                        series.values[i].succeeded(bucket: bucket, count: Double(max(count, 1)), window: t.windowBuckets, alpha: t.alpha)
                     }
                 }
             }
@@ -583,7 +587,8 @@ public struct CorrelationEngine: Sendable {
                 raise(&dnsAnswered[answeredKey, default: .min], to: e.timeNs)
                 if dnsAnswered.count > configuration.maxDNSAnswerEntries { pruneDNSAnswers(nowNs: e.timeNs) }
                 if let bucket, let i = series.index(forKey: SeriesKey(observer: me.name, kind: .dnsErrors, peer: name)) {
-                    series.values[i].succeeded(bucket: bucket, count: 1)
+                    let t = configuration.threshold(.dnsErrors)
+                    series.values[i].succeeded(bucket: bucket, count: 1, window: t.windowBuckets, alpha: t.alpha)
                 }
             } else if rcode == -1, let answered = dnsAnswered[answeredKey], answered >= e.timeNs - Int64(clamping: latencyNs) {
                 // A query that got no answer (its event comes at the agent's

@@ -208,6 +208,26 @@ final class FalsePageTests: XCTestCase {
         XCTAssertFalse(c.engine(configuration: Self.countsOnly).incidents.isEmpty, "counted alone, the surge opens an incident")
     }
 
+    /// Pairs that failed once (a restart) and then succeed for ten minutes:
+    /// their series keep a bucket or two each, not one per bucket of
+    /// successes (a checkpoint holds every bucket), and the failed share
+    /// they learn is near 0, so a failure after fires.
+    func testPairsThatFailedOnceKeepFewBucketsWhileTheySucceed() {
+        var c = SyntheticCluster()
+        c.healthy(until: 630, skip: ["api>db"])
+        c.dns(20, "api", name: "db.shop.svc", rcode: 3)
+        c.connect(20.5, "api", "db", .refused)
+        for t in stride(from: 0.0, to: 600, by: 0.1) {
+            c.connect(t, "api", "db", .established)
+            c.dns(t + 0.01, "api", name: "db.shop.svc", rcode: 0, answer: "10.0.3.20")
+        }
+        for t in stride(from: 600.0, to: 630, by: 0.1) { c.connect(t, "api", "db", .refused) }
+        let engine = c.engine()
+        XCTAssertLessThanOrEqual(engine.seriesBucketsRemembered, 10, "buckets held")
+        XCTAssertTrue(engine.incidents.contains { $0.symptoms.contains { $0.kind == .connectRefused } },
+                      "the refusals after ten minutes of successes: \(engine.incidents.map(\.title))")
+    }
+
     /// The real thing next to it: the name stops resolving (every answer
     /// NXDOMAIN) at the same traffic: a DNS failure that pages.
     func testANameThatStopsResolvingAtTheSameTrafficIsADNSFailure() {
