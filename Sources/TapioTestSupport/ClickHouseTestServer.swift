@@ -55,14 +55,17 @@ public final class ClickHouseTestServer {
     private func launch(_ binary: String) throws {
         let process = try ChildProcess(binary, ["--config-file=\(directory)/config.xml"], logPath: "\(directory)/stdout.log")
         self.process = process
-        // The HTTP port is bound once the server has loaded its tables and is ready.
+        // The HTTP port is bound once the server has loaded its tables and
+        // is ready; the HTTPS listener comes after it, not at once (a test
+        // that connected right away was refused under load).
         let httpPort = self.httpPort
-        let up = eventually(timeout: 60) { !process.isRunning || Self.accepts(port: httpPort) }
+        let ports = [httpPort] + (httpsPort.map { [$0] } ?? [])
+        let up = eventually(timeout: 60) { !process.isRunning || ports.allSatisfy { Self.accepts(port: $0) } }
         guard up, process.isRunning else {
             let log = (try? String(contentsOfFile: "\(directory)/error.log", encoding: .utf8)) ?? process.log
             process.stop(signal: SIGKILL)
             self.process = nil
-            throw TestSupportError("clickhouse-server did not start on 127.0.0.1:\(httpPort): \(log.suffix(2000))")
+            throw TestSupportError("clickhouse-server did not start on 127.0.0.1:\(ports.map(String.init).joined(separator: ", ")): \(log.suffix(2000))")
         }
     }
 
